@@ -1,0 +1,24 @@
+"""a3mod: post-training analytical low-rank compression (A3) of transformer LLMs.
+
+    model = a3mod.apply(model, passes=a3mod.a3_passes(0.2), calib=a3mod.calibration_data(tok))
+    a3mod.save(model, "out/");  model = a3mod.load("out/");  print(a3mod.report(model))
+"""
+__version__ = "0.1.0"
+
+from .api import apply
+from .arch import ARCHS, ArchSpec, supported_types
+from .calib import Stats, calibration_data, collect
+from .checkpoint import load, save
+from .errors import A3ModError, CalibrationError, CheckpointError, RatioError, UnsupportedModelError
+from .loading import load_pretrained
+from .modules import ReducedHeadAttention, ReducedMLP
+from .passes import A3MLP, A3OV, A3QK, a3_passes, pass_from_dict, pass_to_dict
+from .ppl import eval_tokens, perplexity
+from .report import Report, report
+
+__all__ = [
+    "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
+    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "pass_to_dict", "pass_from_dict",
+    "ReducedHeadAttention", "ReducedMLP", "ARCHS", "ArchSpec", "supported_types",
+    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError",
+]

@@ -1,0 +1,164 @@
+"""Calibration: token windows from local text, and one forward pass that collects the A3 statistics.
+
+Statistics per decoder layer (sums over calibration tokens, float64; divide by `n` for moments):
+  q  (H, d_h, d_h)    queries (pre-RoPE, with bias)        -> QK whitened SVD / RoPE pair scores (diagonal)
+  k  (Hkv, d_h, d_h)  keys (pre-RoPE, with bias)
+  v  (Hkv, d_h, d_h), v1 (Hkv, d_h)  values and their sum   -> OV for GQA (bias removed via the first moment)
+  o  (H, d_h, d_h),  o1 (H, d_h)     per-head attention output entering o_proj -> OV for MHA
+  h2 (d_i,)           squared MLP intermediate activations   -> MLP CUR
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import LayerView, layer_views
+from .errors import CalibrationError
+from .paths import dataset_file
+
+STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
+
+
+# ------------------------------------------------------------------------------------------- data
+def read_text(source: str) -> str:
+    """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', or a file path."""
+    path = dataset_file(source)
+    rows = [l if l.strip() else "" for l in path.read_text(encoding="utf-8").splitlines()]
+    return "\n\n".join(rows)
+
+
+def calibration_data(tokenizer, source: str = "wikitext2", n_samples: int = 128, seq_len: int = 2048,
+                     seed: int = 0) -> Tensor:
+    """`n_samples` random windows of `seq_len` tokens from a local text source, (n_samples, seq_len) int64.
+
+    `source`: 'wikitext2' (WikiText-2 in the assets dir, the split staged for calibration) or a text file path.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"n_samples={n_samples}, seq_len={seq_len}: need n_samples >= 1 and seq_len >= 2")
+    ids = tokenizer(read_text(source), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < seq_len + 1:
+        raise CalibrationError(f"calibration source {source!r} has {ids.numel()} tokens, fewer than "
+                               f"seq_len={seq_len}; use a shorter seq_len or more text")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+# ------------------------------------------------------------------------------------------ stats
+@dataclass
+class Stats:
+    """Calibration statistics of every decoder layer. `layers[i][name]` are float64 sums over `n` tokens."""
+
+    n: int
+    layers: list[dict[str, Tensor]] = field(default_factory=list)
+
+    def moment(self, i: int, name: str) -> Tensor:
+        return self.layers[i][name] / self.n
+
+    def save(self, path: str | os.PathLike) -> None:
+        flat = {f"{i}.{k}": t.contiguous() for i, d in enumerate(self.layers) for k, t in d.items()}
+        save_file(flat, str(path), metadata={"n": str(self.n), "layers": str(len(self.layers))})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Stats":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        flat = load_file(str(path))
+        layers = [dict() for _ in range(int(meta["layers"]))]
+        for key, t in flat.items():
+            i, name = key.split(".", 1)
+            layers[int(i)][name] = t
+        return cls(int(meta["n"]), layers)
+
+    def check(self, min_tokens: int = 1) -> None:
+        """Raise CalibrationError on too few tokens or non-finite statistics."""
+        if self.n < min_tokens:
+            raise CalibrationError(f"only {self.n} calibration tokens; need at least {min_tokens}")
+        for i, d in enumerate(self.layers):
+            for k, t in d.items():
+                if not torch.isfinite(t).all():
+                    raise CalibrationError(f"layer {i} statistic {k!r} has NaN/inf values "
+                                           f"(overflowing activations? try float32 or fewer tokens per window)")
+
+
+def _outer(x: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """x (..., heads*d) -> (sum of per-head outer products (heads, d, d), sum (heads, d)), float64."""
+    z = x.reshape(-1, heads, x.shape[-1] // heads).double().transpose(0, 1)     # (heads, N, d)
+    return z.mT @ z, z.sum(1)
+
+
+def _add(d: dict, name: str, t: Tensor) -> None:
+    d[name] = d[name] + t if name in d else t
+
+
+def _hooks(view: LayerView, acc: dict[str, Tensor]) -> list:
+    d = view.dims
+    hs = []
+
+    def on_qkv(q, k, v):
+        _add(acc, "q", _outer(q, d.heads)[0])
+        _add(acc, "k", _outer(k, d.kv_heads)[0])
+        vv, v1 = _outer(v, d.kv_heads)
+        _add(acc, "v", vv)
+        _add(acc, "v1", v1)
+
+    mods = view.qkv_modules()
+    if len(mods) == 1:
+        sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
+        hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*out.split(sizes, dim=-1))))
+    else:
+        got: dict[int, Tensor] = {}
+
+        def make(j):
+            def hook(m, i, out):
+                got[j] = out
+                if len(got) == 3:
+                    on_qkv(got[0], got[1], got[2])
+                    got.clear()
+            return hook
+        hs += [m.register_forward_hook(make(j)) for j, m in enumerate(mods)]
+
+    def on_o(m, inp):
+        oo, o1 = _outer(inp[0], d.heads)
+        _add(acc, "o", oo)
+        _add(acc, "o1", o1)
+
+    def on_down(m, inp):
+        _add(acc, "h2", inp[0].reshape(-1, inp[0].shape[-1]).double().pow(2).sum(0))
+
+    hs.append(view.o_module().register_forward_pre_hook(on_o))
+    hs.append(view.down_module().register_forward_pre_hook(on_down))
+    return hs
+
+
+@torch.no_grad()
+def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool = True) -> Stats:
+    """Run `calib` (n, T) token ids through `model` once and return the A3 statistics of every layer."""
+    if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+        raise CalibrationError(f"calib must be an integer tensor (n_samples, seq_len), got "
+                               f"{type(calib).__name__} {getattr(calib, 'shape', '')}")
+    views = layer_views(model)
+    accs: list[dict[str, Tensor]] = [dict() for _ in views]
+    handles = [h for v, a in zip(views, accs) for h in _hooks(v, a)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating", disable=not progress, unit="batch"):
+            model(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stats = Stats(int(calib.numel()), accs)
+    stats.check(min_tokens=max(v.dims.head_dim for v in views) + 1)
+    return stats

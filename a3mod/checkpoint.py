@@ -1,0 +1,159 @@
+"""Save / load compressed models: safetensors + HF config + an `a3mod.json` sidecar. No pickle.
+
+The sidecar describes every reduced module (dims, biases, kept RoPE dims, kept MLP neurons), so `load`
+builds the skeleton on the meta device, swaps in reduced modules, and assigns the weights: no calibration.
+Output goes to a temporary sibling directory that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .arch import get_path, spec_for
+from .errors import CheckpointError
+from .modules import ReducedHeadAttention, ReducedMLP
+from .rewrite import set_child
+
+SIDECAR = "a3mod.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+def is_a3mod_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / SIDECAR).is_file()
+
+
+def _describe(model: nn.Module) -> dict:
+    spec = spec_for(model)
+    layers = {}
+    for i, layer in enumerate(get_path(model, spec.layers)):
+        attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
+        entry = {}
+        if isinstance(attn, ReducedHeadAttention):
+            entry["attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
+                                 kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim, qk_dim=attn.qk_dim,
+                                 vo_dim=attn.vo_dim, rot_dim=attn.rot_dim, scaling=attn.scaling,
+                                 bias={n: getattr(attn, f"{n}_proj").bias is not None for n in "qkvo"},
+                                 sliding_window=attn.sliding_window, is_causal=attn.is_causal,
+                                 dropout=attn.attention_dropout, rope_index=attn.rope_index.tolist())
+        if isinstance(mlp, ReducedMLP):
+            entry["mlp"] = dict(hidden=mlp.up_proj.in_features, inter=mlp.inter, orig_inter=mlp.orig_inter,
+                                act=mlp.act, gated=mlp.gate_proj is not None, up_bias=mlp.up_proj.bias is not None,
+                                down_bias=mlp.down_proj.bias is not None, kept=mlp.kept)
+        if entry:
+            layers[str(i)] = entry
+    info = getattr(model, "a3mod_info", {})
+    from . import __version__
+    return {"format": FORMAT, "a3mod_version": __version__, "model_type": model.config.model_type,
+            "passes": info.get("passes", []), "calib_tokens": info.get("calib_tokens"),
+            "orig_layer_params": info.get("orig_layer_params"), "layers": layers}
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write `model` (compressed or not) to `out_dir` atomically. Returns the path."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output dir {str(out)!r} exists; pass overwrite=True (CLI: --overwrite) or another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "a3mod": str(FORMAT)})
+        (tmp / SIDECAR).write_text(json.dumps(_describe(model), indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
+    spec = spec_for(model)
+    layers = get_path(model, spec.layers)
+    for key, entry in side["layers"].items():
+        i = int(key)
+        if not 0 <= i < len(layers):
+            raise CheckpointError(f"sidecar names layer {i}, the model has {len(layers)} layers")
+        if "attn" in entry:
+            a = dict(entry["attn"])
+            idx = torch.tensor(a.pop("rope_index"), dtype=torch.long).reshape(a["kv_heads"], a["rot_dim"])
+            attn = ReducedHeadAttention(model.config, i, device=device, dtype=dtype, **a)
+            attn.rope_index = idx.to(device if device != "meta" else "cpu")
+            attn.sidecar_rope_index = idx
+            set_child(layers[i], spec.attn, attn)
+        if "mlp" in entry:
+            m = dict(entry["mlp"])
+            kept = m.pop("kept")
+            mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
+                             orig_inter=m["orig_inter"], device=device, dtype=dtype)
+            mlp.kept = kept
+            set_child(layers[i], spec.mlp, mlp)
+
+
+def _materialize_buffers(model: nn.Module, device) -> None:
+    """Non-persistent buffers (e.g. rotary inv_freq) are not in the file: rebuild their modules from config."""
+    for name, mod in list(model.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            try:
+                fresh = type(mod)(config=model.config)
+            except TypeError as e:
+                raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
+            set_child(model, name, fresh.to(device))
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved by `a3mod.save`: meta skeleton, reduced modules from the sidecar, weights assigned."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    p = Path(path)
+    if not is_a3mod_checkpoint(p):
+        raise CheckpointError(f"{str(p)!r} is not an a3mod checkpoint (no {SIDECAR})")
+    side = json.loads((p / SIDECAR).read_text())
+    if side.get("format") != FORMAT:
+        raise CheckpointError(f"{SIDECAR} format {side.get('format')!r}; this a3mod reads format {FORMAT}")
+    config = AutoConfig.from_pretrained(p)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _reduced_modules(model, side, "meta", None)
+    sd = load_file(str(p / WEIGHTS), device=device)
+    expected = model.state_dict()
+    for k, t in sd.items():
+        if k not in expected:
+            raise CheckpointError(f"weight {k!r} in {WEIGHTS} has no place in the model the sidecar describes")
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"weight {k!r} has shape {tuple(t.shape)} in {WEIGHTS} but the sidecar "
+                                  f"describes {tuple(expected[k].shape)}")
+    if dtype is not None:
+        sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    still = [k for k in missing if get_path_tensor(model, k).is_meta]
+    if still:
+        raise CheckpointError(f"{WEIGHTS} lacks {len(still)} weights the model needs, e.g. {still[:3]}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, ReducedHeadAttention) and not torch.equal(mod.rope_index.cpu(), mod.sidecar_rope_index):
+            raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
+    _materialize_buffers(model, device)
+    if (p / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(p)
+    model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
+    model.eval()
+    return model
+
+
+def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    mod_path, _, name = key.rpartition(".")
+    return getattr(get_path(model, mod_path) if mod_path else model, name)

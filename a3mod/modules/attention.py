@@ -1,0 +1,115 @@
+"""ReducedHeadAttention: attention with separate (reduced) q/k and v/o head dims and per-group RoPE.
+
+Shapes: B batch, T tokens, H query heads, Hkv key/value heads, g = H / Hkv, r_qk / r_vo head dims.
+The softmax scale stays the original 1/sqrt(d_h) (passed explicitly to every backend). RoPE: the reduced
+q/k head is in rotate_half layout over its first `rot_dim` dims; `rope_index[j]` says which dims of the
+original rotary cos/sin (as the model's rotary embedding produces them) KV group j kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+_DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
+                "position_ids", "cache_position")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **_):
+    """q (B,H,T,r_qk), k (B,Hkv,S,r_qk), v (B,Hkv,S,r_vo) -> out (B,T,H,r_vo), weights (B,H,T,S)."""
+    g = module.num_key_value_groups
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if mask is not None:
+        w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
+    w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    w = nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+class ReducedHeadAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                 qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
+                 sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if not 0 <= rot_dim <= qk_dim or rot_dim % 2:
+            raise ValueError(f"rot_dim {rot_dim} must be even and within [0, qk_dim={qk_dim}]")
+        kw = dict(device=device, dtype=dtype)
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.num_key_value_heads = heads, kv_heads
+        self.num_key_value_groups = heads // kv_heads
+        self.head_dim, self.qk_dim, self.vo_dim, self.rot_dim = head_dim, qk_dim, vo_dim, rot_dim
+        self.scaling, self.sliding_window, self.is_causal, self.attention_dropout = scaling, sliding_window, is_causal, dropout
+        self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=bias["q"], **kw)
+        self.k_proj = nn.Linear(hidden, kv_heads * qk_dim, bias=bias["k"], **kw)
+        self.v_proj = nn.Linear(hidden, kv_heads * vo_dim, bias=bias["v"], **kw)
+        self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw)
+        idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
+        self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
+        self._rope_key = None
+
+    # ------------------------------------------------------------------------------------------ RoPE
+    def _rope_tables(self, cos: torch.Tensor, sin: torch.Tensor):
+        """cos/sin (B,T,R) -> per-group tables (B,Hkv|1,T,rot) gathered at the kept dims."""
+        key = (self.rope_index.data_ptr(), self.rope_index._version)
+        if key != self._rope_key:       # one shared index (e.g. full rank) needs no per-group gather
+            self._rope_key = key
+            self._rope_shared = bool((self.rope_index == self.rope_index[:1]).all())
+            self._rope_identity = self._rope_shared and self.rot_dim == cos.shape[-1] and bool(
+                (self.rope_index[0] == torch.arange(self.rot_dim, device=self.rope_index.device)).all())
+        if self._rope_identity:
+            return cos[:, None], sin[:, None]
+        if self._rope_shared:
+            i = self.rope_index[0]
+            return cos[..., i][:, None], sin[..., i][:, None]
+        return cos[..., self.rope_index].transpose(1, 2), sin[..., self.rope_index].transpose(1, 2)
+
+    def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rot_dim
+        if r == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        xr, xp = x[..., :r], x[..., r:]
+        return torch.cat([xr * cos + rotate_half(xr) * sin, xp], dim=-1)
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
+        q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)      # (B,H,T,r_qk)
+        k = self.k_proj(hidden_states).view(B, T, Hkv, self.qk_dim).transpose(1, 2)    # (B,Hkv,T,r_qk)
+        v = self.v_proj(hidden_states).view(B, T, Hkv, self.vo_dim).transpose(1, 2)    # (B,Hkv,T,r_vo)
+        if self.rot_dim:
+            if position_embeddings is None:
+                raise ValueError("this attention uses RoPE but was called without position_embeddings (cos, sin)")
+            cos, sin = self._rope_tables(*position_embeddings)                         # (B,Hkv|1,T,rot)
+            k = self._apply_rope(k, cos, sin)
+            if cos.shape[1] == 1:
+                q = self._apply_rope(q, cos, sin)
+            else:  # each query head uses its KV group's table: (B,Hkv,g,T,r_qk)
+                q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
+        attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
+        extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
+        out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
+                              dropout=self.attention_dropout if self.training else 0.0,
+                              sliding_window=self.sliding_window, **extra)
+        return self.o_proj(out.reshape(B, T, H * self.vo_dim)), weights                 # (B,T,d_m)
+
+    def extra_repr(self) -> str:
+        rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"
+        return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
+                f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale=1/sqrt({self.head_dim})"
+                if abs(self.scaling - self.head_dim ** -0.5) < 1e-12 else
+                f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
+                f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={self.scaling:g}")

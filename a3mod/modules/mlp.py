@@ -1,0 +1,33 @@
+"""ReducedMLP: a (gated) MLP whose intermediate width is whatever its Linear children say."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class ReducedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
+
+    def __init__(self, hidden: int, inter: int, act: str, gated: bool, up_bias: bool, down_bias: bool,
+                 orig_inter: int | None = None, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden, inter, bias=up_bias, **kw) if gated else None
+        self.up_proj = nn.Linear(hidden, inter, bias=up_bias, **kw)
+        self.down_proj = nn.Linear(inter, hidden, bias=down_bias, **kw)
+        self.act = act
+        self.act_fn = ACT2FN[act]
+        self.orig_inter = orig_inter or inter
+        self.kept: list[int] | None = None          # original neuron indices (None: all, in order)
+
+    @property
+    def inter(self) -> int:
+        return self.up_proj.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act_fn(self.up_proj(x))
+        return self.down_proj(h)
+
+    def extra_repr(self) -> str:
+        return f"intermediate {self.orig_inter} -> {self.inter}, act={self.act}, gated={self.gate_proj is not None}"

@@ -1,0 +1,117 @@
+"""The A3 passes: QK (whitened SVD / RoPE pair selection), OV (joint whitened SVD), MLP (CUR)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import solvers
+from ..rewrite import LayerWork
+from .base import check_ratio_rank, handler, kept_dim, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3QK:
+    """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed."""
+    ratio: float | None = None
+    rank: int | None = None
+
+    def __post_init__(self):
+        check_ratio_rank("A3QK", self.ratio, self.rank)
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3OV:
+    """Shrink the value/output head dim: ratio = fraction of v_proj + o_proj parameters removed."""
+    ratio: float | None = None
+    rank: int | None = None
+
+    def __post_init__(self):
+        check_ratio_rank("A3OV", self.ratio, self.rank)
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3MLP:
+    """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
+    ratio: float | None = None
+    rank: int | None = None
+
+    def __post_init__(self):
+        check_ratio_rank("A3MLP", self.ratio, self.rank)
+
+
+def a3_passes(ratio: float) -> list:
+    """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP."""
+    return [A3QK(ratio=ratio), A3OV(ratio=ratio), A3MLP(ratio=ratio)]
+
+
+def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """E[(z - b)(z - b)^T] from the sums of z z^T (s2) and z (s1); b (..., d) or None."""
+    g = s2 / n
+    if bias is None:
+        return g
+    m = s1 / n
+    return g - bias[..., :, None] * m[..., None, :] - m[..., :, None] * bias[..., None, :] + bias[..., :, None] * bias[..., None, :]
+
+
+@handler(A3QK)
+def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
+    a, d = work.attn, work.view.dims
+    full = a.wq.shape[-1]
+    if a.rot_dim:
+        r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2)
+        if a.rot_dim != full:
+            raise NotImplementedError("partial rotary QK compression is not supported yet (issue: architectures)")
+        p = a.perm
+        q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
+        k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
+        idx, _ = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r)         # (Hkv, r)
+        qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
+        a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
+        a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
+        a.rope_index = a.rope_index.gather(-1, idx)
+        a.rot_dim = r
+        return
+    r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 1)
+    gq, gk = st["q"] / n, st["k"] / n
+    if d.groups == 1:
+        a.wq, a.wk, _ = solvers.qk_whitened_svd(a.wq, a.wk, gq, gk, r)
+    else:
+        wq = a.wq.view(d.kv_heads, d.groups, *a.wq.shape[1:])
+        wq, a.wk, _ = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
+        a.wq = wq.reshape(d.heads, *wq.shape[2:])
+
+
+@handler(A3OV)
+def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
+    a, d = work.attn, work.view.dims
+    full = a.wv.shape[-1]
+    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 else 1)
+    bv = a.wv[:, -1] if a.v_bias else None                                           # (Hkv, d_h)
+    if bv is not None:  # softmax rows sum to 1: the value bias passes through as b_v W_o; fold it into o
+        fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)
+        a.bo = fold if a.bo is None else a.bo + fold
+        a.wv, a.v_bias = a.wv[:, :-1], False
+    wo = a.wo.view(-1, d.groups if d.groups > 1 else 1, full, d.hidden)
+    if d.groups == 1:   # MHA: whiten with the per-head attention output (softmax-weighted values)
+        g = _centered(st["o"], st["o1"], n, bv)
+    else:               # GQA: whiten with the group's values
+        g = _centered(st["v"], st["v1"], n, bv)
+    a.wv, wo_r, _ = solvers.ov_joint(a.wv, wo, g, r)
+    a.wo = wo_r.reshape(d.heads, r, d.hidden)
+
+
+@handler(A3MLP)
+def apply_mlp(cfg: A3MLP, work: LayerWork, st: dict, n: int) -> None:
+    m = work.mlp
+    full = m.up[0].shape[0]
+    r = kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1)
+    idx, _ = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
+    rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
+    m.gate = None if m.gate is None else rows(m.gate)
+    m.up = rows(m.up)
+    m.down = (m.down[0][:, idx], m.down[1])
+    m.kept = m.kept[idx]

@@ -1,0 +1,58 @@
+"""Pass configs: small frozen dataclasses, one registered handler each, JSON round-trip."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from ..errors import A3ModError, RatioError
+
+PASS_TYPES: dict[str, type] = {}
+HANDLERS: dict[type, Callable] = {}
+
+
+def register_pass(cls):
+    """Class decorator: make a config dataclass known by name (for JSON round-trip)."""
+    PASS_TYPES[cls.__name__] = cls
+    return cls
+
+
+def handler(cls):
+    """Function decorator: the handler that applies config `cls` to one layer's work."""
+    def deco(fn):
+        HANDLERS[cls] = fn
+        return fn
+    return deco
+
+
+def pass_to_dict(p) -> dict:
+    return {"type": type(p).__name__, **dataclasses.asdict(p)}
+
+
+def pass_from_dict(d: dict):
+    d = dict(d)
+    name = d.pop("type", None)
+    if name not in PASS_TYPES:
+        raise A3ModError(f"unknown pass type {name!r}; known: {sorted(PASS_TYPES)}")
+    return PASS_TYPES[name](**d)
+
+
+def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:
+    if (ratio is None) == (rank is None):
+        raise RatioError(f"{name}: give exactly one of ratio= or rank= (got ratio={ratio}, rank={rank})")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise RatioError(f"{name}: ratio={ratio!r} is outside [0, 1) (the fraction of parameters removed)")
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise RatioError(f"{name}: rank={rank!r} must be a positive integer")
+
+
+def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int) -> int:
+    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple (at least one multiple), or `rank`."""
+    if rank is not None:
+        if rank > full:
+            raise RatioError(f"{name}: rank={rank} exceeds the full dimension {full}")
+        if rank % multiple:
+            raise RatioError(f"{name}: rank={rank} must be a multiple of {multiple} here"
+                             + (" (RoPE keeps whole pairs)" if multiple == 2 else ""))
+        return rank
+    r = int(round((1.0 - ratio) * full / multiple)) * multiple
+    return max(multiple, min(full, r))

@@ -1,0 +1,46 @@
+"""Paper-style token perplexity: concatenated text, non-overlapping windows, loss on every position but the first."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .calib import read_text
+from .errors import A3ModError
+
+
+def eval_tokens(tokenizer, source: str = "wikitext2-test") -> Tensor:
+    """All token ids of an evaluation text ('wikitext2-test' = WikiText-2 raw test, "\\n\\n".join(rows))."""
+    return tokenizer(read_text(source), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: int = 1,
+               max_windows: int | None = None, progress: bool = True) -> dict:
+    """exp(mean NLL) over floor(len/seq_len) non-overlapping windows (optionally the first `max_windows`).
+
+    Returns {"ppl", "nll", "tokens", "windows", "seq_len"}; `tokens` counts the scored positions.
+    """
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise A3ModError(f"evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    windows = ids[: n * seq_len].view(n, seq_len)
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(range(0, n, batch_size), desc=f"perplexity ({n}x{seq_len})", disable=not progress, unit="batch"):
+            x = windows[b:b + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()       # (B, T-1, V)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                               reduction="sum")
+            nll += loss.item()
+            count += x[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n, "seq_len": seq_len}

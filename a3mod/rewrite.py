@@ -1,0 +1,140 @@
+"""Per-layer working copy of the weights that passes transform, and the compact modules built from it.
+
+`LayerWork.from_view` reads a decoder layer (through its adapter) into float64 per-head weights in
+`x @ W` form, with each bias as an extra input row. Passes edit the work; `build` makes a
+`ReducedHeadAttention` and a `ReducedMLP` from it; `a3mod.apply` swaps them into the layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .arch import LayerView, get_path
+from .modules import ReducedHeadAttention, ReducedMLP
+
+
+def _aug(w: Tensor, b: Tensor | None) -> Tensor:
+    """(out, in) weight + bias -> (in [+1], out) float64, bias as the last input row."""
+    w = w.detach().double().t()
+    return torch.cat([w, b.detach().double()[None]], 0) if b is not None else w
+
+
+def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
+    """Column order that puts a head into rotate_half layout (identity unless the layout is interleaved)."""
+    p = torch.arange(head_dim)
+    if layout == "interleaved" and rot_dim:
+        p[:rot_dim] = torch.cat([torch.arange(0, rot_dim, 2), torch.arange(1, rot_dim, 2)])
+    return p
+
+
+@dataclass
+class AttnWork:
+    wq: Tensor            # (H, d_in[+1], r_qk)   query heads, bias row last if q_bias
+    wk: Tensor            # (Hkv, d_in[+1], r_qk)
+    wv: Tensor            # (Hkv, d_in[+1], r_vo)
+    wo: Tensor            # (H, r_vo, d_m)
+    bo: Tensor | None     # (d_m,)
+    rope_index: Tensor    # (Hkv, rot) original rotary dims kept per KV group (rotate_half order)
+    rot_dim: int          # rotary dims in the reduced head (first rot_dim columns)
+    q_bias: bool
+    k_bias: bool
+    v_bias: bool
+    perm: Tensor          # column order applied to the original heads (for mapping statistics)
+
+
+@dataclass
+class MlpWork:
+    gate: tuple[Tensor, Tensor | None] | None   # (W (d_i, d_m), b) float64 or None
+    up: tuple[Tensor, Tensor | None]
+    down: tuple[Tensor, Tensor | None]          # (W (d_m, d_i), b)
+    kept: Tensor                                 # original neuron indices, ascending
+
+
+@dataclass
+class LayerWork:
+    view: LayerView
+    attn: AttnWork
+    mlp: MlpWork
+
+    @classmethod
+    def from_view(cls, v: LayerView) -> "LayerWork":
+        d = v.dims
+        (wq, bq), (wk, bk), (wv, bv) = v.qkv_params()
+        wo, bo = v.o_params()
+        perm = rope_perm(d.head_dim, d.rot_dim, d.rope)
+
+        def heads(w, b, n):  # (out, in) -> (n, in[+1], d_h) with columns in rotate_half order
+            a = _aug(w, b)
+            return a.view(a.shape[0], n, d.head_dim).permute(1, 0, 2)
+
+        attn = AttnWork(
+            wq=heads(wq, bq, d.heads)[..., perm], wk=heads(wk, bk, d.kv_heads)[..., perm],
+            wv=heads(wv, bv, d.kv_heads), wo=wo.detach().double().t().reshape(d.heads, d.head_dim, d.hidden),
+            bo=None if bo is None else bo.detach().double(),
+            rope_index=perm[: d.rot_dim].repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
+            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm)
+        gate, up, down = v.mlp_params()
+        f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
+        mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]))
+        return cls(v, attn, mlp)
+
+    # ------------------------------------------------------------------------------------ install
+    def build(self, config, dtype: torch.dtype, device) -> tuple[ReducedHeadAttention, ReducedMLP]:
+        a, d, v = self.attn, self.view.dims, self.view
+        kw = dict(device=device, dtype=dtype)
+        old = v.attn
+        dropout = getattr(old, "attention_dropout", None)
+        if dropout is None:
+            dropout = getattr(getattr(old, "attn_dropout", None), "p", 0.0)
+        attn = ReducedHeadAttention(
+            config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
+            qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
+            scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
+            bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
+            sliding_window=getattr(old, "sliding_window", None), is_causal=getattr(old, "is_causal", True),
+            dropout=float(dropout or 0.0), **kw)
+        with torch.no_grad():
+            _load_heads(attn.q_proj, a.wq, a.q_bias)
+            _load_heads(attn.k_proj, a.wk, a.k_bias)
+            _load_heads(attn.v_proj, a.wv, a.v_bias)
+            attn.o_proj.weight.copy_(a.wo.reshape(-1, d.hidden).t())
+            if a.bo is not None:
+                attn.o_proj.bias.copy_(a.bo)
+            attn.rope_index = a.rope_index.to(device=device, dtype=torch.long).contiguous()
+        m = self.mlp
+        mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
+                         m.down[1] is not None, orig_inter=_orig_inter(v), **kw)
+        with torch.no_grad():
+            for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
+                if lin is None:
+                    continue
+                w, b = wb
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+        mlp.kept = m.kept.tolist()
+        attn.train(old.training)
+        mlp.train(v.mlp.training)
+        return attn, mlp
+
+
+def _orig_inter(v: LayerView) -> int:
+    return v.mlp_params()[1][0].shape[0]
+
+
+def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:
+    """(n, d_in[+1], r) per-head work -> Linear weight (n*r, d_in) and bias."""
+    n, _, r = w.shape
+    flat = w.permute(1, 0, 2).reshape(w.shape[1], n * r)       # (d_in[+1], n*r)
+    if has_bias:
+        lin.weight.copy_(flat[:-1].t())
+        lin.bias.copy_(flat[-1])
+    else:
+        lin.weight.copy_(flat.t())
+
+
+def set_child(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, new)
