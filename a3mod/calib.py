@@ -30,7 +30,8 @@ STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
 def read_text(source: str) -> str:
     """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', or a file path."""
     path = dataset_file(source)
-    rows = [l if l.strip() else "" for l in path.read_text(encoding="utf-8").splitlines()]
+    with open(path, encoding="utf-8", newline="") as f:   # rows keep their "\n", as in HF `datasets`
+        rows = [l if l.strip() else "" for l in f.readlines()]
     return "\n\n".join(rows)
 
 

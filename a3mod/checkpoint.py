@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import get_path, spec_for
@@ -56,6 +56,19 @@ def _describe(model: nn.Module) -> dict:
             "orig_layer_params": info.get("orig_layer_params"), "layers": layers}
 
 
+def _dedup(sd: dict) -> tuple[dict, dict]:
+    """Tensors sharing storage (tied embeddings) are written once; aliases maps each dropped key to the kept one."""
+    seen, tensors, aliases = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = t.detach().contiguous()
+    return tensors, aliases
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `model` (compressed or not) to `out_dir` atomically. Returns the path."""
     out = Path(out_dir)
@@ -67,10 +80,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "a3mod": str(FORMAT)})
-        (tmp / SIDECAR).write_text(json.dumps(_describe(model), indent=1))
+        tensors, aliases = _dedup(model.state_dict())
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "a3mod": str(FORMAT)})
+        (tmp / SIDECAR).write_text(json.dumps({**_describe(model), "aliases": aliases}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.iterdir()]:      # mkdtemp makes 0700; give the usual permissions
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -129,6 +147,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         model = AutoModelForCausalLM.from_config(config)
     _reduced_modules(model, side, "meta", None)
     sd = load_file(str(p / WEIGHTS), device=device)
+    for k, src in side.get("aliases", {}).items():
+        if src not in sd:
+            raise CheckpointError(f"{SIDECAR} says {k!r} is tied to {src!r}, which {WEIGHTS} lacks")
+        sd[k] = sd[src]
     expected = model.state_dict()
     for k, t in sd.items():
         if k not in expected:

