@@ -153,9 +153,10 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    body = getattr(model, "base_model", model)      # the decoder stack without lm_head: logits are not needed
     try:
         for b in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating", disable=not progress, unit="batch"):
-            model(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
+            body(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -10,37 +10,32 @@ from ..rewrite import LayerWork
 from .base import check_ratio_rank, handler, kept_dim, register_pass
 
 
+@dataclass(frozen=True)
+class _RatioOrRank:
+    """Give exactly one: `ratio` (fraction of the component's parameters removed) or `rank` (kept dim)."""
+    ratio: float | None = None
+    rank: int | None = None
+
+    def __post_init__(self):
+        check_ratio_rank(type(self).__name__, self.ratio, self.rank)
+
+
 @register_pass
 @dataclass(frozen=True)
-class A3QK:
+class A3QK(_RatioOrRank):
     """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed."""
-    ratio: float | None = None
-    rank: int | None = None
-
-    def __post_init__(self):
-        check_ratio_rank("A3QK", self.ratio, self.rank)
 
 
 @register_pass
 @dataclass(frozen=True)
-class A3OV:
+class A3OV(_RatioOrRank):
     """Shrink the value/output head dim: ratio = fraction of v_proj + o_proj parameters removed."""
-    ratio: float | None = None
-    rank: int | None = None
-
-    def __post_init__(self):
-        check_ratio_rank("A3OV", self.ratio, self.rank)
 
 
 @register_pass
 @dataclass(frozen=True)
-class A3MLP:
+class A3MLP(_RatioOrRank):
     """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
-    ratio: float | None = None
-    rank: int | None = None
-
-    def __post_init__(self):
-        check_ratio_rank("A3MLP", self.ratio, self.rank)
 
 
 def a3_passes(ratio: float) -> list:
