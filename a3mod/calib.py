@@ -27,12 +27,23 @@ STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
 
 
 # ------------------------------------------------------------------------------------------- data
+_WIKITEXT_ESCAPES = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
+
+
 def read_text(source: str) -> str:
-    """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', or a file path."""
+    """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', or a file path.
+
+    Rows are joined with blank lines ("\n\n".join(rows), rows keeping their "\n", as in HF `datasets`).
+    The tokenized WikiText-2 split used for 'wikitext2' has its @-@ / @,@ / @.@ escapes undone.
+    """
     path = dataset_file(source)
-    with open(path, encoding="utf-8", newline="") as f:   # rows keep their "\n", as in HF `datasets`
+    with open(path, encoding="utf-8", newline="") as f:
         rows = [l if l.strip() else "" for l in f.readlines()]
-    return "\n\n".join(rows)
+    text = "\n\n".join(rows)
+    if source == "wikitext2":
+        for k, v in _WIKITEXT_ESCAPES.items():
+            text = text.replace(k, v)
+    return text
 
 
 def calibration_data(tokenizer, source: str = "wikitext2", n_samples: int = 128, seq_len: int = 2048,

@@ -62,7 +62,7 @@ def _check_full_rank_equivalence(config, seed: int) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=12)
+@settings(max_examples=25)
 @given(data=st.data(), seed=st.integers(0, 1000))
 def test_full_rank_reproduces_logits(family, data, seed):
     _check_full_rank_equivalence(data.draw(configs(family)), seed)
@@ -104,7 +104,13 @@ def test_full_rank_keeps_dims(family):
         if a.rot_dim:
             assert a.rope_index.tolist() == [list(range(8))] * a.num_key_value_heads
     assert all(m.inter == m.orig_inter == 64 for m in mlp_modules(model))
-    assert a3mod.report(model).params == params_before
+    # the value bias is folded into o_proj's bias (softmax rows sum to 1); nothing else changes
+    if family == "qwen2":     # v bias (2 KV heads x 8) removed, o bias (hidden 32) created, per layer
+        assert a3mod.report(model).params == params_before + 2 * (32 - 16)
+    elif family == "gpt2":    # v bias (4 heads x 8) removed, o bias existed
+        assert a3mod.report(model).params == params_before - 2 * 32
+    else:
+        assert a3mod.report(model).params == params_before
 
 
 def _greedy(model, prompt, use_cache):
@@ -206,3 +212,36 @@ def test_only_mlp_pass_leaves_attention_dims():
         assert torch.equal(m.up_proj.weight, old.up_proj.weight[m.kept])
         assert torch.equal(m.gate_proj.weight, old.gate_proj.weight[m.kept])
         assert torch.equal(m.down_proj.weight, old.down_proj.weight[:, m.kept])
+
+
+# ------------------------------------------------------------------------------ sliding window (Mistral)
+def _windowed_attention(module, q, k, v, mask, scaling=None, sliding_window=None, dropout=0.0, **_):
+    """A backend that, like flash-attention, takes the window as an argument rather than from the mask."""
+    t, s = q.shape[-2], k.shape[-2]
+    i = torch.arange(t)[:, None] + (s - t)
+    j = torch.arange(s)[None]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= (i - j) < sliding_window
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    w = ((q @ k.transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (w @ v).transpose(1, 2).contiguous(), w
+
+
+@pytest.mark.xfail(reason="BUG: rewrite.LayerWork.build reads sliding_window from the attention module; "
+                          "MistralAttention keeps it only in config, so the reduced attention passes "
+                          "sliding_window=None to backends that take the window as an argument", strict=True)
+def test_mistral_sliding_window_reaches_attention_backend():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("a3mod_test_windowed", _windowed_attention)
+    model = tiny_model("mistral", kv_heads=2, sliding_window=4)
+    ids = input_ids(1, 12)
+    model.set_attn_implementation("eager")
+    ref = logits(model, ids)
+    model.set_attn_implementation("a3mod_test_windowed")
+    assert_close_logits(logits(model, ids), ref)          # the backend itself is faithful
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=calib_ids(), progress=False)
+    assert_close_logits(logits(model, ids), ref)
+    assert [a.sliding_window for a in attn_modules(model)] == [4, 4]
