@@ -55,11 +55,11 @@ def calibration_data(tokenizer, source: str = "wikitext2", n_samples: int = 128,
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"n_samples={n_samples}, seq_len={seq_len}: need n_samples >= 1 and seq_len >= 2")
     ids = tokenizer(read_text(source), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() < seq_len + 1:
+    if ids.numel() < seq_len:
         raise CalibrationError(f"calibration source {source!r} has {ids.numel()} tokens, fewer than "
                                f"seq_len={seq_len}; use a shorter seq_len or more text")
     rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n_samples)]
+    starts = [rng.randrange(0, ids.numel() - seq_len + 1) for _ in range(n_samples)]
     return torch.stack([ids[s:s + seq_len] for s in starts])
 
 

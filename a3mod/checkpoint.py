@@ -42,11 +42,12 @@ def _describe(model: nn.Module) -> dict:
                                  vo_dim=attn.vo_dim, rot_dim=attn.rot_dim, scaling=attn.scaling,
                                  bias={n: getattr(attn, f"{n}_proj").bias is not None for n in "qkvo"},
                                  sliding_window=attn.sliding_window, is_causal=attn.is_causal,
-                                 dropout=attn.attention_dropout, rope_index=attn.rope_index.tolist())
+                                 dropout=attn.attention_dropout, out_dropout=attn.out_dropout,
+                                 rope_index=attn.rope_index.tolist())
         if isinstance(mlp, ReducedMLP):
             entry["mlp"] = dict(hidden=mlp.up_proj.in_features, inter=mlp.inter, orig_inter=mlp.orig_inter,
                                 act=mlp.act, gated=mlp.gate_proj is not None, up_bias=mlp.up_proj.bias is not None,
-                                down_bias=mlp.down_proj.bias is not None, kept=mlp.kept)
+                                down_bias=mlp.down_proj.bias is not None, dropout=mlp.dropout, kept=mlp.kept)
         if entry:
             layers[str(i)] = entry
     info = getattr(model, "a3mod_info", {})
@@ -105,20 +106,27 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
         i = int(key)
         if not 0 <= i < len(layers):
             raise CheckpointError(f"sidecar names layer {i}, the model has {len(layers)} layers")
-        if "attn" in entry:
-            a = dict(entry["attn"])
-            idx = torch.tensor(a.pop("rope_index"), dtype=torch.long).reshape(a["kv_heads"], a["rot_dim"])
-            attn = ReducedHeadAttention(model.config, i, device=device, dtype=dtype, **a)
-            attn.rope_index = idx.to(device if device != "meta" else "cpu")
-            attn.sidecar_rope_index = idx
-            set_child(layers[i], spec.attn, attn)
-        if "mlp" in entry:
-            m = dict(entry["mlp"])
-            kept = m.pop("kept")
-            mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
-                             orig_inter=m["orig_inter"], device=device, dtype=dtype)
-            mlp.kept = kept
-            set_child(layers[i], spec.mlp, mlp)
+        try:
+            if "attn" in entry:
+                a = dict(entry["attn"])
+                idx = torch.tensor(a.pop("rope_index"), dtype=torch.long)
+                if idx.numel() != a["kv_heads"] * a["rot_dim"]:
+                    raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
+                                     f"{a['kv_heads']} x {a['rot_dim']}")
+                idx = idx.reshape(a["kv_heads"], a["rot_dim"])
+                attn = ReducedHeadAttention(model.config, i, device=device, dtype=dtype, **a)
+                attn.rope_index = idx.to(device if device != "meta" else "cpu")
+                attn.sidecar_rope_index = idx
+                set_child(layers[i], spec.attn, attn)
+            if "mlp" in entry:
+                m = dict(entry["mlp"])
+                kept = m.pop("kept")
+                mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
+                                 orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), device=device, dtype=dtype)
+                mlp.kept = kept
+                set_child(layers[i], spec.mlp, mlp)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{SIDECAR} layer {i} is inconsistent: {e}") from e
 
 
 def _materialize_buffers(model: nn.Module, device) -> None:

@@ -93,8 +93,8 @@ class LayerWork:
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
             scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
-            sliding_window=getattr(old, "sliding_window", None), is_causal=getattr(old, "is_causal", True),
-            dropout=float(dropout or 0.0), **kw)
+            sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)), is_causal=getattr(old, "is_causal", True),
+            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, "resid_dropout"), **kw)
         with torch.no_grad():
             _load_heads(attn.q_proj, a.wq, a.q_bias)
             _load_heads(attn.k_proj, a.wk, a.k_bias)
@@ -105,7 +105,8 @@ class LayerWork:
             attn.rope_index = a.rope_index.to(device=device, dtype=torch.long).contiguous()
         m = self.mlp
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
-                         m.down[1] is not None, orig_inter=_orig_inter(v), **kw)
+                         m.down[1] is not None, orig_inter=_orig_inter(v),
+                         dropout=_dropout_p(v.mlp, "dropout"), **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
                 if lin is None:
@@ -118,6 +119,11 @@ class LayerWork:
         attn.train(old.training)
         mlp.train(v.mlp.training)
         return attn, mlp
+
+
+def _dropout_p(mod: nn.Module, name: str) -> float:
+    d = getattr(mod, name, None)
+    return float(d.p) if isinstance(d, nn.Dropout) else 0.0
 
 
 def _orig_inter(v: LayerView) -> int:

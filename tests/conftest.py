@@ -18,7 +18,7 @@ transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
 settings.register_profile(
-    "a3mod", derandomize=True, deadline=None, max_examples=15, print_blob=True,
+    "a3mod", derandomize=True, database=None, deadline=None, max_examples=15, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile("a3mod")
 
@@ -58,8 +58,18 @@ def tiny_config(family: str, *, hidden: int = 32, heads: int = 4, kv_heads: int 
 
 
 def model_from_config(config, seed: int = 0):
+    """Random weights; biases and norm scales (zero / one after HF init) are randomised too, so that every
+    bias path (q/k/v biases, value-bias folding, centred statistics) is exercised."""
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    std = getattr(config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 2 * std)
+            elif p.dim() == 1:                      # RMSNorm / LayerNorm scales
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
 
 
 def tiny_model(family: str, seed: int = 0, impl: str | None = None, **kw):

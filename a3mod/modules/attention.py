@@ -36,7 +36,7 @@ class ReducedHeadAttention(nn.Module):
     def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
-                 device=None, dtype=None):
+                 out_dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -48,6 +48,7 @@ class ReducedHeadAttention(nn.Module):
         self.num_key_value_groups = heads // kv_heads
         self.head_dim, self.qk_dim, self.vo_dim, self.rot_dim = head_dim, qk_dim, vo_dim, rot_dim
         self.scaling, self.sliding_window, self.is_causal, self.attention_dropout = scaling, sliding_window, is_causal, dropout
+        self.out_dropout = out_dropout        # dropout on the output (GPT-2's resid_dropout); train mode only
         self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=bias["q"], **kw)
         self.k_proj = nn.Linear(hidden, kv_heads * qk_dim, bias=bias["k"], **kw)
         self.v_proj = nn.Linear(hidden, kv_heads * vo_dim, bias=bias["v"], **kw)
@@ -104,7 +105,8 @@ class ReducedHeadAttention(nn.Module):
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
-        return self.o_proj(out.reshape(B, T, H * self.vo_dim)), weights                 # (B,T,d_m)
+        out = self.o_proj(out.reshape(B, T, H * self.vo_dim))                           # (B,T,d_m)
+        return nn.functional.dropout(out, self.out_dropout, self.training), weights
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -10,7 +10,7 @@ class ReducedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
 
     def __init__(self, hidden: int, inter: int, act: str, gated: bool, up_bias: bool, down_bias: bool,
-                 orig_inter: int | None = None, device=None, dtype=None):
+                 orig_inter: int | None = None, dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.gate_proj = nn.Linear(hidden, inter, bias=up_bias, **kw) if gated else None
@@ -19,6 +19,7 @@ class ReducedMLP(nn.Module):
         self.act = act
         self.act_fn = ACT2FN[act]
         self.orig_inter = orig_inter or inter
+        self.dropout = dropout                       # on the output (GPT-2's resid_pdrop); train mode only
         self.kept: list[int] | None = None          # original neuron indices (None: all, in order)
 
     @property
@@ -27,7 +28,7 @@ class ReducedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act_fn(self.up_proj(x))
-        return self.down_proj(h)
+        return nn.functional.dropout(self.down_proj(h), self.dropout, self.training)
 
     def extra_repr(self) -> str:
         return f"intermediate {self.orig_inter} -> {self.inter}, act={self.act}, gated={self.gate_proj is not None}"

@@ -18,6 +18,10 @@ class _RatioOrRank:
 
     def __post_init__(self):
         check_ratio_rank(type(self).__name__, self.ratio, self.rank)
+        if self.ratio is not None:              # plain Python numbers (numpy scalars JSON-round-trip badly)
+            object.__setattr__(self, "ratio", float(self.ratio))
+        if self.rank is not None:
+            object.__setattr__(self, "rank", int(self.rank))
 
 
 @register_pass
@@ -84,7 +88,7 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
 def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wv.shape[-1]
-    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 else 1)
+    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1)
     bv = a.wv[:, -1] if a.v_bias else None                                           # (Hkv, d_h)
     if bv is not None:  # softmax rows sum to 1: the value bias passes through as b_v W_o; fold it into o
         fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)

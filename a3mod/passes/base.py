@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable
 
 from ..errors import A3ModError, RatioError
@@ -39,9 +40,10 @@ def pass_from_dict(d: dict):
 def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:
     if (ratio is None) == (rank is None):
         raise RatioError(f"{name}: give exactly one of ratio= or rank= (got ratio={ratio}, rank={rank})")
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+    if ratio is not None and not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool)
+                                  and 0.0 <= ratio < 1.0):
         raise RatioError(f"{name}: ratio={ratio!r} is outside [0, 1) (the fraction of parameters removed)")
-    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+    if rank is not None and not (isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank >= 1):
         raise RatioError(f"{name}: rank={rank!r} must be a positive integer")
 
 

@@ -1,0 +1,107 @@
+"""CLI smoke tests on a tiny llama saved to disk with an offline tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import a3mod
+from a3mod.cli import main
+
+from conftest import make_tokenizer, tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama", kv_heads=2).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _eval_args(text_file):
+    return ["--eval-source", text_file, "--eval-seq-len", "16"]
+
+
+def test_compress_then_load_and_eval(tmp_path, model_dir, text_file, capsys):
+    out = str(tmp_path / "out")
+    rc = main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", out, "--calib", text_file,
+               "--n-samples", "4", "--calib-seq-len", "16", *_eval_args(text_file)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "a3mod report: llama" in printed and f"saved to {out}" in printed
+    result = json.loads((tmp_path / "out" / "compress_result.json").read_text())
+    assert result["calib_tokens"] == 64
+    assert result["ppl_before"]["windows"] == result["ppl_after"]["windows"] > 0
+    assert 0.1 <= result["report"]["ratio"] <= 0.3
+    model = a3mod.load(out)
+    assert all(isinstance(layer.self_attn, a3mod.ReducedHeadAttention) for layer in model.model.layers)
+    assert [p["ratio"] for p in model.a3mod_info["passes"]] == [0.2, 0.2, 0.2]
+    # the checkpoint carries the tokenizer and evaluates to the perplexity measured after compression
+    rc = main(["eval", "ppl", "--model", out, *_eval_args(text_file), "--json", str(tmp_path / "ppl.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "ppl.json").read_text())
+    assert res["ppl"] == pytest.approx(result["ppl_after"]["ppl"], rel=1e-5)
+    assert res["windows"] == result["ppl_after"]["windows"]
+    # report subcommand
+    capsys.readouterr()
+    assert main(["report", "--model", out, "--json", str(tmp_path / "rep.json")]) == 0
+    assert "a3mod report: llama" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["params"] == result["report"]["params"]
+
+
+def test_compress_with_overrides_and_stats_file(tmp_path, model_dir, text_file):
+    stats = str(tmp_path / "stats.safetensors")
+    args = ["compress", "--model", model_dir, "--ratio", "0.25", "--mlp-ratio", "0.5", "--calib", text_file,
+            "--n-samples", "4", "--calib-seq-len", "16", "--stats", stats, "--no-eval"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "stats.safetensors").is_file()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0          # second run reuses the statistics
+    a, b = a3mod.load(tmp_path / "a"), a3mod.load(tmp_path / "b")
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+    assert [layer.mlp.inter for layer in a.model.layers] == [32, 32]
+    assert [layer.self_attn.qk_dim for layer in a.model.layers] == [6, 6]
+    result = json.loads((tmp_path / "a" / "compress_result.json").read_text())
+    assert "ppl_before" not in result
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1.0"])
+def test_bad_ratio_exit_code(tmp_path, model_dir, text_file, capsys, ratio):
+    rc = main(["compress", "--model", model_dir, "--ratio", ratio, "--out", str(tmp_path / "out"),
+               "--calib", text_file, "--n-samples", "4", "--calib-seq-len", "16", "--no-eval"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "a3mod: error:" in err and f"ratio={float(ratio)!r}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_exit_code(tmp_path, model_dir, text_file, capsys):
+    (tmp_path / "out").mkdir()
+    rc = main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(tmp_path / "out"),
+               "--calib", text_file, "--no-eval"])
+    assert rc == 2
+    assert "exists" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_calibration_too_short_exit_code(tmp_path, model_dir, text_file, capsys):
+    rc = main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(tmp_path / "out"),
+               "--calib", text_file, "--n-samples", "2", "--calib-seq-len", "100000", "--no-eval"])
+    assert rc == 2
+    assert "seq_len=100000" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_argparse_rejects_non_numbers(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", "x", "--ratio", "abc", "--out", "y"])
+    assert e.value.code == 2
+    assert "'abc'" in capsys.readouterr().err
+
+
+def test_eval_plain_hf_folder(model_dir, text_file, capsys):
+    assert main(["eval", "ppl", "--model", model_dir, *_eval_args(text_file), "--eval-windows", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["windows"] == 2 and res["tokens"] == 30 and res["ppl"] > 1
