@@ -63,12 +63,17 @@ def test_round_trip_is_bit_exact(tmp_path, family, kw):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     for a, b in zip(attn_modules(loaded), attn_modules(model)):
         assert isinstance(a, ReducedHeadAttention)
-        assert (a.qk_dim, a.vo_dim, a.rot_dim, a.scaling, a.sliding_window) == \
-               (b.qk_dim, b.vo_dim, b.rot_dim, b.scaling, b.sliding_window)
+        assert (a.qk_dim, a.vo_dim, a.rot_dim, a.scaling, a.sliding_window, a.attention_dropout, a.out_dropout) == \
+               (b.qk_dim, b.vo_dim, b.rot_dim, b.scaling, b.sliding_window, b.attention_dropout, b.out_dropout)
         assert torch.equal(a.rope_index, b.rope_index)
     for a, b in zip(mlp_modules(loaded), mlp_modules(model)):
         assert isinstance(a, ReducedMLP)
-        assert (a.inter, a.orig_inter, a.kept, a.act) == (b.inter, b.orig_inter, b.kept, b.act)
+        assert (a.inter, a.orig_inter, a.kept, a.act, a.dropout) == (b.inter, b.orig_inter, b.kept, b.act, b.dropout)
+    if family == "gpt2":       # GPT-2's resid_pdrop (default 0.1) survives as output dropout
+        assert [(a.out_dropout, m.dropout) for a, m in zip(attn_modules(loaded), mlp_modules(loaded))] == \
+               [(0.1, 0.1)] * 2
+    if family == "mistral":
+        assert [a.sliding_window for a in attn_modules(loaded)] == [8, 8]
     assert loaded.a3mod_info == model.a3mod_info
     assert a3mod.report(loaded).to_dict() == a3mod.report(model).to_dict()
     # no weights left on the meta device, rotary buffers rebuilt
@@ -300,3 +305,15 @@ def test_resave_a_loaded_model(tmp_path):
     assert json.loads((tmp_path / "a" / "a3mod.json").read_text()) == \
         json.loads((tmp_path / "b" / "a3mod.json").read_text())
     assert_same_state(a3mod.load(tmp_path / "b"), model)
+
+
+@pytest.mark.xfail(reason="BUG: checkpoint.save with overwrite=True onto an existing *file* builds the whole "
+                          "checkpoint, then shutil.rmtree(out) raises NotADirectoryError instead of the "
+                          "CheckpointError ('a bad output path') that errors.py promises", strict=True)
+def test_save_over_a_file(tmp_path):
+    target = tmp_path / "ckpt"
+    target.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="ckpt"):
+        a3mod.save(compressed("gpt2"), target, overwrite=True)
+    assert target.read_text() == "not a directory"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]

@@ -430,14 +430,8 @@ def _windowed_attention(module, q, k, v, mask, scaling=None, sliding_window=None
     return (w @ v).transpose(1, 2).contiguous(), w
 
 
-MISTRAL_WINDOW_BUG = pytest.mark.xfail(
-    reason="BUG: rewrite.LayerWork.build reads sliding_window from the attention module; MistralAttention "
-           "keeps it only in config, so the reduced attention passes sliding_window=None to backends that "
-           "take the window as an argument (flash-attention style)", strict=True)
-
-
 @pytest.mark.parametrize("family,kw", [
-    ("mistral", dict(sliding_window=4)),
+    ("mistral", dict(sliding_window=4)),          # MistralAttention keeps the window only in its config
     ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
 ])
 def test_sliding_window_reaches_attention_backend(family, kw):
