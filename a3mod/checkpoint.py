@@ -73,6 +73,8 @@ def _dedup(sd: dict) -> tuple[dict, dict]:
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `model` (compressed or not) to `out_dir` atomically. Returns the path."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {str(out)!r} is a file, not a directory; choose another path")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output dir {str(out)!r} exists; pass overwrite=True (CLI: --overwrite) or another path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +123,8 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
             if "mlp" in entry:
                 m = dict(entry["mlp"])
                 kept = m.pop("kept")
+                if kept is not None and not all(0 <= k < m["orig_inter"] for k in kept):
+                    raise ValueError(f"mlp 'kept' has neuron indices outside [0, orig_inter={m['orig_inter']})")
                 mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
                                  orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), device=device, dtype=dtype)
                 mlp.kept = kept
@@ -174,6 +178,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     if still:
         raise CheckpointError(f"{WEIGHTS} lacks {len(still)} weights the model needs, e.g. {still[:3]}")
     for name, mod in model.named_modules():
+        if isinstance(mod, ReducedMLP) and mod.kept is not None and len(mod.kept) != mod.inter:
+            raise CheckpointError(f"{SIDECAR}: {name} 'kept' lists {len(mod.kept)} neurons, {name}.up_proj.weight "
+                                  f"has {mod.inter}")
         if isinstance(mod, ReducedHeadAttention) and not torch.equal(mod.rope_index.cpu(), mod.sidecar_rope_index):
             raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
     _materialize_buffers(model, device)

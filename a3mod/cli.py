@@ -164,7 +164,8 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .errors import A3ModError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
+    if os.environ.get("A3MOD_ONLINE") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
     args = _parser().parse_args(argv)
     try:
         return {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)

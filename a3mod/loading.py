@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import A3ModError
+
 
 def _gguf(path: Path) -> tuple[str, dict]:
     """(dir or id to load from, extra kwargs) for GGUF inputs."""
@@ -31,6 +33,9 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.float32, device: str =
         return model, tok
     src, kw = _gguf(p)
     local = p.exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not p.exists() and (local or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise A3ModError(f"model path {path!r} does not exist (and hub ids are off: HF_HUB_OFFLINE=1; "
+                         f"set A3MOD_ONLINE=1 for the `a3mod` CLI to reach a hub)")
     tok = AutoTokenizer.from_pretrained(src, local_files_only=local, **kw)
     if (p / "tokenizer.json").exists() or (p.is_file() and (p.parent / "tokenizer.json").exists()):
         tok = AutoTokenizer.from_pretrained(str(p if p.is_dir() else p.parent), local_files_only=True)

@@ -27,16 +27,6 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ROPE_FAMILIES = ("llama", "mistral", "qwen2")
 
 
-def pytest_addoption(parser):
-    """Accept `-n0` (as in `pytest -n0`) when pytest-xdist is not installed, so one command works everywhere."""
-    try:
-        import xdist  # noqa: F401
-    except ImportError:
-        # pytest reserves lowercase short options for itself and plugins; xdist registers -n the same way
-        parser.getgroup("xdist")._addoption("-n", "--numprocesses", dest="numprocesses", default="0",
-                                            help="ignored: pytest-xdist is not installed, tests run in one process")
-
-
 # ------------------------------------------------------------------------------------------ models
 def tiny_config(family: str, *, hidden: int = 32, heads: int = 4, kv_heads: int | None = None,
                 head_dim: int | None = None, layers: int = 2, inter: int = 64, init: float = 0.1, **extra):

@@ -307,9 +307,6 @@ def test_resave_a_loaded_model(tmp_path):
     assert_same_state(a3mod.load(tmp_path / "b"), model)
 
 
-@pytest.mark.xfail(reason="BUG: checkpoint.save with overwrite=True onto an existing *file* builds the whole "
-                          "checkpoint, then shutil.rmtree(out) raises NotADirectoryError instead of the "
-                          "CheckpointError ('a bad output path') that errors.py promises", strict=True)
 def test_save_over_a_file(tmp_path):
     target = tmp_path / "ckpt"
     target.write_text("not a directory")
@@ -317,3 +314,16 @@ def test_save_over_a_file(tmp_path):
         a3mod.save(compressed("gpt2"), target, overwrite=True)
     assert target.read_text() == "not a directory"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+@pytest.mark.parametrize("edit", ["drop_one", "out_of_range"])
+def test_sidecar_kept_neurons_mismatch(saved_llama, edit):
+    def change(s):
+        kept = s["layers"]["1"]["mlp"]["kept"]
+        if edit == "drop_one":
+            kept.pop()
+        else:
+            kept[-1] = 64
+    edit_sidecar(saved_llama, change)
+    with pytest.raises(CheckpointError, match=r"layers\.1|layer 1"):
+        a3mod.load(saved_llama)

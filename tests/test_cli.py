@@ -107,9 +107,6 @@ def test_eval_plain_hf_folder(model_dir, text_file, capsys):
     assert res["windows"] == 2 and res["tokens"] == 30 and res["ppl"] > 1
 
 
-@pytest.mark.xfail(reason="BUG: loading.load_pretrained passes a missing local path on to transformers, which "
-                          "raises OSError ('Repo id must be in the form ...') with HF_HUB_OFFLINE=1; cli.main only "
-                          "catches A3ModError, so the CLI dies with a traceback instead of exit code 2", strict=True)
 def test_missing_model_path_exit_code(tmp_path, text_file, capsys):
     missing = str(tmp_path / "no-such-model")
     rc = main(["eval", "ppl", "--model", missing, *_eval_args(text_file)])
