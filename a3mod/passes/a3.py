@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import solvers
+from ..errors import UnsupportedModelError
 from ..rewrite import LayerWork
 from .base import check_ratio_rank, handler, kept_dim, register_pass
 
@@ -63,7 +64,8 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
     if a.rot_dim:
         r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2)
         if a.rot_dim != full:
-            raise NotImplementedError("partial rotary QK compression is not supported yet (issue: architectures)")
+            raise UnsupportedModelError(f"A3QK: partial rotary (rotary dims {a.rot_dim} of head dim {full}) is not "
+                                        "supported yet; use A3OV/A3MLP only for this model")
         p = a.perm
         q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
