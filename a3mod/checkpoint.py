@@ -101,9 +101,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     return out
 
 
-def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
+def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
+    """Swap in the reduced modules the sidecar describes; returns the sidecar's kept RoPE dims by module name."""
     spec = spec_for(model)
     layers = get_path(model, spec.layers)
+    rope = {}
     for key, entry in side["layers"].items():
         i = int(key)
         if not 0 <= i < len(layers):
@@ -117,8 +119,7 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
                                      f"{a['kv_heads']} x {a['rot_dim']}")
                 idx = idx.reshape(a["kv_heads"], a["rot_dim"])
                 attn = ReducedHeadAttention(model.config, i, device=device, dtype=dtype, **a)
-                attn.rope_index = idx.to(device if device != "meta" else "cpu")
-                attn.sidecar_rope_index = idx
+                rope[f"{spec.layers}.{i}.{spec.attn}"] = idx
                 set_child(layers[i], spec.attn, attn)
             if "mlp" in entry:
                 m = dict(entry["mlp"])
@@ -131,6 +132,7 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> None:
                 set_child(layers[i], spec.mlp, mlp)
         except (ValueError, TypeError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{SIDECAR} layer {i} is inconsistent: {e}") from e
+    return rope
 
 
 def _materialize_buffers(model: nn.Module, device) -> None:
@@ -157,7 +159,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     config = AutoConfig.from_pretrained(p)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    _reduced_modules(model, side, "meta", None)
+    rope = _reduced_modules(model, side, "meta", None)
     sd = load_file(str(p / WEIGHTS), device=device)
     for k, src in side.get("aliases", {}).items():
         if src not in sd:
@@ -181,7 +183,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         if isinstance(mod, ReducedMLP) and mod.kept is not None and len(mod.kept) != mod.inter:
             raise CheckpointError(f"{SIDECAR}: {name} 'kept' lists {len(mod.kept)} neurons, {name}.up_proj.weight "
                                   f"has {mod.inter}")
-        if isinstance(mod, ReducedHeadAttention) and not torch.equal(mod.rope_index.cpu(), mod.sidecar_rope_index):
+        if name in rope and not torch.equal(mod.rope_index.cpu(), rope[name]):
             raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
     _materialize_buffers(model, device)
     if (p / "generation_config.json").exists():

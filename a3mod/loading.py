@@ -36,9 +36,9 @@ def load_pretrained(path: str, dtype: torch.dtype = torch.float32, device: str =
     if not p.exists() and (local or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise A3ModError(f"model path {path!r} does not exist (and hub ids are off: HF_HUB_OFFLINE=1; "
                          f"set A3MOD_ONLINE=1 for the `a3mod` CLI to reach a hub)")
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=local, **kw)
-    if (p / "tokenizer.json").exists() or (p.is_file() and (p.parent / "tokenizer.json").exists()):
-        tok = AutoTokenizer.from_pretrained(str(p if p.is_dir() else p.parent), local_files_only=True)
+    # a tokenizer.json beside a GGUF is used as is; otherwise the tokenizer comes from the checkpoint itself
+    tok_kw = {} if kw and (Path(src) / "tokenizer.json").exists() else kw
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=local, **tok_kw)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kw).to(device)
     model.eval()
     return model, tok

@@ -50,6 +50,7 @@ class MlpWork:
     up: tuple[Tensor, Tensor | None]
     down: tuple[Tensor, Tensor | None]          # (W (d_m, d_i), b)
     kept: Tensor                                 # original neuron indices, ascending
+    orig: int                                    # original intermediate width
 
 
 @dataclass
@@ -77,7 +78,8 @@ class LayerWork:
             q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm)
         gate, up, down = v.mlp_params()
         f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
-        mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]))
+        mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]),
+                      up[0].shape[0])
         return cls(v, attn, mlp)
 
     # ------------------------------------------------------------------------------------ install
@@ -105,7 +107,7 @@ class LayerWork:
             attn.rope_index = a.rope_index.to(device=device, dtype=torch.long).contiguous()
         m = self.mlp
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
-                         m.down[1] is not None, orig_inter=_orig_inter(v),
+                         m.down[1] is not None, orig_inter=m.orig,
                          dropout=_dropout_p(v.mlp, "dropout"), **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
@@ -124,10 +126,6 @@ class LayerWork:
 def _dropout_p(mod: nn.Module, name: str) -> float:
     d = getattr(mod, name, None)
     return float(d.p) if isinstance(d, nn.Dropout) else 0.0
-
-
-def _orig_inter(v: LayerView) -> int:
-    return v.mlp_params()[1][0].shape[0]
 
 
 def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:
