@@ -7,55 +7,94 @@ from tqdm.auto import tqdm
 from .arch import layer_views
 from .calib import Stats, collect
 from .errors import A3ModError, CalibrationError
-from .modules import ReducedHeadAttention
-from .passes import HANDLERS, pass_to_dict
+from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
+from .passes.base import needs
 from .report import linear_param_count
 from .rewrite import LayerWork, set_child
+
+COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention)
 
 
 def _check_passes(passes) -> list:
     passes = list(passes)
     if not passes:
         raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2) or [A3QK(ratio=..), A3OV(..), A3MLP(..)]")
+    known = {**HANDLERS, **MODEL_HANDLERS}
     for p in passes:
-        if type(p) not in HANDLERS:
-            raise A3ModError(f"{p!r} is not a pass config; known: {sorted(t.__name__ for t in HANDLERS)}")
+        if type(p) not in known:
+            raise A3ModError(f"{p!r} is not a pass config; known: {sorted(t.__name__ for t in known)}")
     names = [type(p).__name__ for p in passes]
     if len(set(names)) != len(names):
         raise A3ModError(f"each pass may appear once, got {names}")
+    whole = [n for p, n in zip(passes, names) if type(p) in MODEL_HANDLERS]
+    if whole and len(passes) > 1:
+        raise A3ModError(f"{whole[0]} rewrites every linear itself; give it alone, not with {names}")
     return passes
+
+
+def _stats_for(model, passes, calib, stats, progress) -> Stats | None:
+    want = {k for p in passes for k in needs(p)}
+    if not want:
+        return stats
+    if stats is None:
+        if calib is None:
+            raise CalibrationError(f"{[type(p).__name__ for p in passes]} need calibration: pass calib= (token ids) "
+                                   f"or stats= (from a3mod.collect(model, calib, kinds={sorted(want)}))")
+        return collect(model, calib, progress=progress, kinds=sorted(want))
+    missing = want - stats.kinds
+    if missing:
+        if calib is None:
+            raise CalibrationError(f"stats lack the {sorted(missing)} statistics these passes need; collect them "
+                                   f"with a3mod.collect(model, calib, kinds={sorted(want)}) or pass calib= too")
+        stats.merge(collect(model, calib, progress=progress, kinds=sorted(missing)))
+    return stats
 
 
 def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | None = None,
           progress: bool = True) -> nn.Module:
     """Compress `model` in place and return it.
 
-    passes: A3 pass configs (A3QK, A3OV, A3MLP), each with its own ratio or rank.
+    passes: A3 pass configs (A3QK, A3OV, A3MLP), each with its own ratio or rank; or one baseline
+            (PlainSVD, SVDLLM, ASVD).
     calib:  (n_samples, seq_len) token ids (see `calibration_data`), or
-    stats:  statistics from `collect(model, calib)`, to apply several ratios without recalibrating.
+    stats:  statistics from `collect(model, calib, kinds=...)`, to apply several ratios without recalibrating.
     The whole model is solved first and only then rewritten, so an error leaves it untouched.
     """
     passes = _check_passes(passes)
     views = layer_views(model)
-    if any(isinstance(v.attn, ReducedHeadAttention) for v in views):
-        raise A3ModError("model is already compressed by a3mod; apply all A3 passes in one call to the original")
-    if stats is None:
-        if calib is None:
-            raise CalibrationError("apply needs calib= (token ids) or stats= (from a3mod.collect)")
-        stats = collect(model, calib, progress=progress)
-    stats.check(min_tokens=views[0].dims.head_dim + 1)
-    if len(stats.layers) != len(views):
-        raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
+    if any(isinstance(m, COMPACT) for v in views for m in v.layer.modules()):
+        raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
+    stats = _stats_for(model, passes, calib, stats, progress)
+    if stats is not None:
+        stats.check(min_tokens=views[0].dims.head_dim + 1)
+        if len(stats.layers) != len(views):
+            raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
     orig = [linear_param_count(v.layer) for v in views]
-    built = []
+    if type(passes[0]) in MODEL_HANDLERS:
+        swaps = MODEL_HANDLERS[type(passes[0])](passes[0], model, views, stats, calib, progress)
+    else:
+        swaps = _a3_swaps(model, views, passes, stats, progress)
+    for i, path, new in swaps:
+        set_child(views[i].layer, path, new)
+    model.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
+                        "orig_layer_params": orig}
+    return model
+
+
+def _a3_swaps(model, views, passes, stats, progress) -> list:
+    out = []
     for v in tqdm(views, desc="solving", disable=not progress, unit="layer"):
         work = LayerWork.from_view(v)
         for p in passes:
             HANDLERS[type(p)](p, work, stats.layers[v.index], stats.n)
-        built.append((work, work.build(model.config, v.o_module().weight.dtype, v.o_module().weight.device)))
-    for work, (attn, mlp) in built:
-        set_child(work.view.layer, work.view.spec.attn, attn)
-        set_child(work.view.layer, work.view.spec.mlp, mlp)
-    model.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n,
-                        "orig_layer_params": orig}
-    return model
+        o = v.o_module()
+        attn, mlp = work.build(model.config, o.weight.dtype, o.weight.device)
+        out += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
+    return out
+
+
+def compact_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every a3mod module inside `model`'s decoder layers, by full name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, COMPACT)}
+

@@ -32,6 +32,7 @@ class ArchSpec:
     norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
     conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
+    rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
 
 
 _LLAMA = ArchSpec(layers="model.layers", attn="self_attn", mlp="mlp", q="q_proj", k="k_proj", v="v_proj",
@@ -43,7 +44,7 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,               # q/k/v biases, o without bias; read from the modules themselves
     "gpt2": ArchSpec(layers="transformer.h", attn="attn", mlp="mlp", q=None, k=None, v=None, qkv="c_attn",
                      o="c_proj", gate=None, up="c_fc", down="c_proj", act="activation_function",
-                     norms=("ln_1", "ln_2"), rope=None, conv1d=True),
+                     norms=("ln_1", "ln_2"), rope=None, conv1d=True, rotary=None),
 }
 
 
@@ -137,8 +138,23 @@ class LayerView:
     def down_module(self) -> nn.Module:
         return getattr(self.mlp, self.spec.down)
 
+    def linear_groups(self) -> dict[str, list[str]]:
+        """Projection paths (relative to the layer) grouped by the input they share.
+
+        attn_in: q/k/v (or the fused qkv), attn_out: o, mlp_in: gate/up, mlp_mid: down.
+        """
+        s = self.spec
+        a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: f"{s.mlp}.{n}")
+        return {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)], "attn_out": [a(s.o)],
+                "mlp_in": [m(s.gate), m(s.up)] if s.gate else [m(s.up)], "mlp_mid": [m(s.down)]}
+
     def act_name(self, config) -> str:
         return getattr(config, self.spec.act)
+
+
+def out_features(mod: nn.Module) -> int:
+    """Output width of an nn.Linear, a GPT-2 Conv1D or any module with `out_features`."""
+    return mod.nf if type(mod).__name__ == "Conv1D" else mod.out_features
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:

@@ -6,6 +6,10 @@ Statistics per decoder layer (sums over calibration tokens, float64; divide by `
   v  (Hkv, d_h, d_h), v1 (Hkv, d_h)  values and their sum   -> OV for GQA (bias removed via the first moment)
   o  (H, d_h, d_h),  o1 (H, d_h)     per-head attention output entering o_proj -> OV for MHA
   h2 (d_i,)           squared MLP intermediate activations   -> MLP CUR
+Optional kinds for the per-linear baselines, for each input group g of `LayerView.linear_groups`
+(attn_in, attn_out, mlp_in, mlp_mid):
+  x2.g (d_in, d_in)   Gram matrix X^T X of the group's input   -> SVD-LLM whitening      (kind "gram")
+  xa.g (d_in,)        sum of |x| per input channel             -> ASVD scaling           (kind "absmean")
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import LayerView, layer_views
+from .arch import LayerView, get_path, layer_views
 from .errors import CalibrationError
 from .paths import dataset_file
 
 STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
+KINDS = ("a3", "gram", "absmean")
+_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) that marks each kind as present
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -70,12 +76,28 @@ class Stats:
 
     n: int
     layers: list[dict[str, Tensor]] = field(default_factory=list)
+    extra: dict[str, Tensor] = field(default_factory=dict)     # derived tables cached by passes (ASVD sensitivity)
+
+    @property
+    def kinds(self) -> set[str]:
+        """Which statistic kinds (see KINDS) these stats hold."""
+        keys = self.layers[0].keys() if self.layers else ()
+        return {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
+
+    def merge(self, other: "Stats") -> None:
+        """Add the statistics of `other` (same tokens, other kinds) to these."""
+        if other.n != self.n or len(other.layers) != len(self.layers):
+            raise CalibrationError(f"cannot merge stats over {other.n} tokens / {len(other.layers)} layers into "
+                                   f"stats over {self.n} tokens / {len(self.layers)} layers")
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.update(theirs)
 
     def moment(self, i: int, name: str) -> Tensor:
         return self.layers[i][name] / self.n
 
     def save(self, path: str | os.PathLike) -> None:
         flat = {f"{i}.{k}": t.contiguous() for i, d in enumerate(self.layers) for k, t in d.items()}
+        flat.update({f"extra.{k}": t.contiguous() for k, t in self.extra.items()})
         save_file(flat, str(path), metadata={"n": str(self.n), "layers": str(len(self.layers))})
 
     @classmethod
@@ -86,10 +108,14 @@ class Stats:
             meta = f.metadata()
         flat = load_file(str(path))
         layers = [dict() for _ in range(int(meta["layers"]))]
+        extra = {}
         for key, t in flat.items():
             i, name = key.split(".", 1)
-            layers[int(i)][name] = t
-        return cls(int(meta["n"]), layers)
+            if i == "extra":
+                extra[name] = t
+            else:
+                layers[int(i)][name] = t
+        return cls(int(meta["n"]), layers, extra)
 
     def check(self, min_tokens: int = 1) -> None:
         """Raise CalibrationError on too few tokens or non-finite statistics."""
@@ -112,9 +138,26 @@ def _add(d: dict, name: str, t: Tensor) -> None:
     d[name] = d[name] + t if name in d else t
 
 
-def _hooks(view: LayerView, acc: dict[str, Tensor]) -> list:
-    d = view.dims
+def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
+    """Per input group (shared by its projections): Gram matrix X^T X and/or sum |x| of the input."""
     hs = []
+    for group, paths in view.linear_groups().items():
+        def hook(m, inp, group=group):
+            x = inp[0].reshape(-1, inp[0].shape[-1])
+            if "gram" in kinds:   # products in the compute dtype (fp32 at least), accumulated in float64
+                xf = x if x.dtype == torch.float64 else x.float()
+                _add(acc, f"x2.{group}", (xf.mT @ xf).double())
+            if "absmean" in kinds:
+                _add(acc, f"xa.{group}", x.double().abs().sum(0))
+        hs.append(get_path(view.layer, paths[0]).register_forward_pre_hook(hook))
+    return hs
+
+
+def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
+    d = view.dims
+    hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
+    if "a3" not in kinds:
+        return hs
 
     def on_qkv(q, k, v):
         _add(acc, "q", _outer(q, d.heads)[0])
@@ -153,14 +196,22 @@ def _hooks(view: LayerView, acc: dict[str, Tensor]) -> list:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool = True) -> Stats:
-    """Run `calib` (n, T) token ids through `model` once and return the A3 statistics of every layer."""
+def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool = True,
+            kinds=("a3",)) -> Stats:
+    """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
+
+    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD); see the module docstring.
+    """
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise CalibrationError(f"kinds={kinds!r}: choose one or more of {KINDS}")
     if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
         raise CalibrationError(f"calib must be an integer tensor (n_samples, seq_len), got "
                                f"{type(calib).__name__} {getattr(calib, 'shape', '')}")
     views = layer_views(model)
     accs: list[dict[str, Tensor]] = [dict() for _ in views]
-    handles = [h for v, a in zip(views, accs) for h in _hooks(v, a)]
+    handles = [h for v, a in zip(views, accs) for h in _hooks(v, a, kinds)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

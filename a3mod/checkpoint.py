@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import get_path, spec_for
 from .errors import CheckpointError
-from .modules import ReducedHeadAttention, ReducedMLP
+from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .rewrite import set_child
 
 SIDECAR = "a3mod.json"
@@ -44,6 +44,20 @@ def _describe(model: nn.Module) -> dict:
                                  sliding_window=attn.sliding_window, is_causal=attn.is_causal,
                                  dropout=attn.attention_dropout, out_dropout=attn.out_dropout,
                                  rope_index=attn.rope_index.tolist())
+        if isinstance(attn, LatentKVAttention):
+            entry["latent_attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
+                                        kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
+                                        k_rank=attn.k_proj.rank, v_rank=attn.v_proj.rank, rot_dim=attn.rot_dim,
+                                        scaling=attn.scaling, is_causal=attn.is_causal, dropout=attn.attention_dropout,
+                                        out_dropout=attn.out_dropout,
+                                        bias={"q": attn.q_proj.bias is not None, "k": attn.k_proj.bias is not None,
+                                              "v": attn.v_proj.bias is not None, "o": attn.o_proj.bias is not None})
+        inside = spec.attn + "." if isinstance(attn, LatentKVAttention) else None      # described above
+        lin = {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
+               for n, m in layer.named_modules()
+               if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
+        if lin:
+            entry["linears"] = lin
         if isinstance(mlp, ReducedMLP):
             entry["mlp"] = dict(hidden=mlp.up_proj.in_features, inter=mlp.inter, orig_inter=mlp.orig_inter,
                                 act=mlp.act, gated=mlp.gate_proj is not None, up_bias=mlp.up_proj.bias is not None,
@@ -130,7 +144,13 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                                  orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), device=device, dtype=dtype)
                 mlp.kept = kept
                 set_child(layers[i], spec.mlp, mlp)
-        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            if "latent_attn" in entry:
+                set_child(layers[i], spec.attn, LatentKVAttention(model.config, i, device=device, dtype=dtype,
+                                                                  **entry["latent_attn"]))
+            for path, lr in entry.get("linears", {}).items():
+                get_path(layers[i], path)          # the path must exist in the skeleton
+                set_child(layers[i], path, LowRankLinear(**lr, device=device, dtype=dtype))
+        except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
             raise CheckpointError(f"{SIDECAR} layer {i} is inconsistent: {e}") from e
     return rope
 
@@ -186,6 +206,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         if name in rope and not torch.equal(mod.rope_index.cpu(), rope[name]):
             raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
     _materialize_buffers(model, device)
+    latent = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
+    if latent and spec_for(model).rotary and latent[0].rot_dim:
+        for m in latent:
+            m.attach_rotary(get_path(model, spec_for(model).rotary))
     if (p / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(p)
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}

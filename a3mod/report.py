@@ -34,6 +34,9 @@ class LayerRow:
     mlp_orig: int
     params: int
     params_orig: int
+    kv_elems: int = 0        # elements cached per token (K + V, or the latents of a LatentKVAttention)
+    kv_elems_orig: int = 0
+    lowrank: int = 0         # linears stored as two low-rank factors (baselines)
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Report:
         return 1.0 - self.params / self.params_orig
 
     def kv_bytes_per_token(self, orig: bool = False) -> int:
-        return sum(r.kv_heads * (2 * r.head_dim if orig else r.qk_dim + r.vo_dim) for r in self.rows) * self.dtype_bytes
+        return sum(r.kv_elems_orig if orig else r.kv_elems for r in self.rows) * self.dtype_bytes
 
     def flops_per_token(self, orig: bool = False) -> int:
         """Decoder-layer FLOPs for one token at `context` positions: 2 * linear params + attention scores/mix."""
@@ -72,12 +75,13 @@ class Report:
                 "layers": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
-        head = f"{'layer':>5} {'heads':>7} {'qk':>9} {'vo':>9} {'mlp':>11} {'params':>21}"
+        head = f"{'layer':>5} {'heads':>7} {'qk':>9} {'vo':>9} {'mlp':>11} {'kv/token':>11} {'low-rank':>8} {'params':>21}"
         lines = [f"a3mod report: {self.model_type}, decoder-layer linear parameters (embeddings/lm_head excluded)",
                  head, "-" * len(head)]
         for r in self.rows:
             lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {r.head_dim:>3}->{r.qk_dim:<4} "
                          f"{r.head_dim:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
+                         f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
                          f"{r.params_orig:>10,}->{r.params:<10,}")
         kv0, kv1 = self.kv_bytes_per_token(True), self.kv_bytes_per_token()
         f0, f1 = self.flops_per_token(True), self.flops_per_token()
@@ -90,7 +94,8 @@ class Report:
 
 def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
-    from .modules import ReducedHeadAttention, ReducedMLP
+    from .arch import out_features
+    from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 
     spec = spec_for(model)
     d = dims_of(model.config, spec)
@@ -102,9 +107,12 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         if isinstance(mlp, ReducedMLP):
             mi, mo = mlp.inter, mlp.orig_inter
         else:
-            w = getattr(mlp, spec.up).weight
-            mi = mo = w.shape[1] if spec.conv1d else w.shape[0]
+            mi = mo = out_features(getattr(mlp, spec.up))
+        kv0 = 2 * d.kv_heads * d.head_dim
+        kv = attn.kv_elems_per_token if isinstance(attn, LatentKVAttention) else d.kv_heads * (qk + vo)
+        lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         n = linear_param_count(layer)
-        rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n))
+        rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
+                             kv, kv0, lowrank))
     p = next(model.parameters())
     return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context)

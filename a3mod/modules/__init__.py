@@ -1,5 +1,7 @@
-"""Compact modules that replace a layer's attention and MLP. Plain nn.Linear children; no passes imported."""
+"""Compact modules that replace a layer's attention, MLP or linears. Plain nn.Linear children; no passes imported."""
 from .attention import ReducedHeadAttention
+from .latent_kv import LatentKVAttention
+from .lowrank import LowRankLinear
 from .mlp import ReducedMLP
 
-__all__ = ["ReducedHeadAttention", "ReducedMLP"]
+__all__ = ["ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention"]

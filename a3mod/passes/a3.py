@@ -16,6 +16,7 @@ class _RatioOrRank:
     """Give exactly one: `ratio` (fraction of the component's parameters removed) or `rank` (kept dim)."""
     ratio: float | None = None
     rank: int | None = None
+    NEEDS = ("a3",)
 
     def __post_init__(self):
         check_ratio_rank(type(self).__name__, self.ratio, self.rank)

@@ -8,7 +8,9 @@ from typing import Callable
 from ..errors import A3ModError, RatioError
 
 PASS_TYPES: dict[str, type] = {}
-HANDLERS: dict[type, Callable] = {}
+HANDLERS: dict[type, Callable] = {}         # per-layer handlers (A3): fn(cfg, work, layer_stats, n_tokens)
+MODEL_HANDLERS: dict[type, Callable] = {}   # whole-model handlers (baselines): fn(cfg, model, views, stats, calib,
+                                            #   progress) -> list of (layer index, path in layer, new module)
 
 
 def register_pass(cls):
@@ -25,6 +27,19 @@ def handler(cls):
     return deco
 
 
+def model_handler(cls):
+    """Function decorator: the handler that applies config `cls` to a whole model (returns the replacements)."""
+    def deco(fn):
+        MODEL_HANDLERS[cls] = fn
+        return fn
+    return deco
+
+
+def needs(p) -> tuple[str, ...]:
+    """Calibration statistic kinds (a3mod.calib.KINDS) a pass reads."""
+    return tuple(getattr(type(p), "NEEDS", ()))
+
+
 def pass_to_dict(p) -> dict:
     return {"type": type(p).__name__, **dataclasses.asdict(p)}
 
@@ -34,7 +49,7 @@ def pass_from_dict(d: dict):
     name = d.pop("type", None)
     if name not in PASS_TYPES:
         raise A3ModError(f"unknown pass type {name!r}; known: {sorted(PASS_TYPES)}")
-    return PASS_TYPES[name](**d)
+    return PASS_TYPES[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:

@@ -1,0 +1,80 @@
+"""Low-rank factorizations of one linear layer, the baselines: plain SVD, ASVD, SVD-LLM.
+
+Pure float64 tensor functions, no transformers. Weights are (out, in) as in nn.Linear; every function
+returns factors (B (out, r), A (r, in)) with W ~ B @ A (A applied first), sqrt(Sigma) split on both.
+See "Baselines" in ../shared/docs/method.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ASVD_EPS = 1e-6
+
+
+def rank_for_keep(out_f: int, in_f: int, keep: float) -> int:
+    """Rank whose two factors hold `keep` x the (out x in) weight's parameters: floor(keep*m*n/(m+n)), >= 1."""
+    return max(1, min(min(out_f, in_f), int(keep * out_f * in_f / (out_f + in_f))))
+
+
+def _split(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+def svd_factors(w: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Plain truncated SVD of W (no activation information): minimises ||W - BA||_F."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return _split(u, s, vh, r)
+
+
+def asvd_scale(abs_mean: Tensor, alpha: float) -> Tensor:
+    """ASVD input-channel scale S = (mean |x|)^alpha + eps, (in,)."""
+    return abs_mean.double().pow(alpha) + ASVD_EPS
+
+
+def asvd_svd(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of W diag(S) (computed once, truncated at any rank by `asvd_truncate`)."""
+    return torch.linalg.svd(w.double() * scale[None], full_matrices=False)
+
+
+def asvd_truncate(svd: tuple[Tensor, Tensor, Tensor], scale: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Rank-r factors of W from the SVD of W diag(S), with the scaling undone on A: A = sqrt(S_r) V_r^T / S."""
+    b, a = _split(*svd, r)
+    return b, a / scale[None]
+
+
+def asvd_factors(w: Tensor, abs_mean: Tensor, alpha: float, r: int) -> tuple[Tensor, Tensor]:
+    """ASVD: truncated SVD of W diag(mean|x|^alpha + eps), scaling undone. alpha=0 is plain SVD."""
+    scale = asvd_scale(abs_mean, alpha)
+    return asvd_truncate(asvd_svd(w, scale), scale, r)
+
+
+def whitening(gram: Tensor) -> Tensor:
+    """Lower Cholesky factor L of X^T X = L L^T (float64); eigenvalue shift when not positive definite."""
+    g = gram.double()
+    g = (g + g.mT) / 2
+    l, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0 and bool(torch.isfinite(l).all()):
+        return l
+    lam_min = torch.linalg.eigvalsh(g)[0]
+    scale = g.diagonal().mean().abs().clamp_min(1e-30)
+    shift = (-lam_min).clamp_min(0) + 1e-6 * scale
+    for _ in range(8):
+        l, info = torch.linalg.cholesky_ex(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+        if int(info) == 0:
+            return l
+        shift = shift * 10
+    raise torch.linalg.LinAlgError("input Gram matrix is not positive definite even after an eigenvalue shift")
+
+
+def svdllm_factors(w: Tensor, gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """SVD-LLM: truncated SVD of W L (X^T X = L L^T), A = sqrt(S_r) V_r^T L^-1.
+
+    Minimises ||(W - BA) X^T||_F over rank-r BA for the calibration inputs X (rows = tokens).
+    """
+    l = whitening(gram)
+    u, s, vh = torch.linalg.svd(w.double() @ l, full_matrices=False)
+    b, a = _split(u, s, vh, r)
+    a = torch.linalg.solve_triangular(l, a, upper=False, left=False)      # a @ L^-1
+    return b, a

@@ -1,0 +1,206 @@
+"""The low-rank baselines: PlainSVD, SVDLLM, ASVD. Each replaces decoder-layer linears by `LowRankLinear`s.
+
+`ratio` means what it means for A3: the fraction of decoder-layer linear parameters removed (uniform: every
+linear keeps rank floor((1-ratio) m n / (m+n))). `rank` gives every linear that rank (capped at min(m, n);
+at the cap the factorization is exact). ASVD adds sensitivity-based rank search and a KV-cache mode.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import factorize as fz
+from ..arch import LayerView, get_path, linear_params
+from ..errors import A3ModError, RatioError, UnsupportedModelError
+from ..modules import LatentKVAttention, LowRankLinear
+from ..rewrite import _dropout_p
+from .a3 import _RatioOrRank
+from .base import model_handler, register_pass
+from .search import Target, asvd_ranks, targets_of
+
+
+@register_pass
+@dataclass(frozen=True)
+class PlainSVD(_RatioOrRank):
+    """Truncated SVD of every decoder-layer linear, no activation information (the floor to beat)."""
+    NEEDS = ()
+
+
+@register_pass
+@dataclass(frozen=True)
+class SVDLLM(_RatioOrRank):
+    """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
+    NEEDS = ("gram",)
+
+
+_ASVD_PROBE = dict(probe_samples=4, probe_seq_len=512)
+
+
+@register_pass
+@dataclass(frozen=True)
+class ASVD:
+    """ASVD: SVD of W diag(mean|x|^alpha), scaling undone; ranks by perplexity sensitivity.
+
+    Give one of: ratio (fraction of decoder-layer linear params removed), rank (every linear), or
+    kv_ratio (KV-cache mode: only k/v are factorized and the cache stores their rank-r latents;
+    kv_ratio = fraction of the KV cache removed). rank_search (with ratio or kv_ratio): per-layer ranks
+    from calibration perplexity probes on the first probe_samples x probe_seq_len calibration tokens;
+    otherwise uniform ranks.
+    """
+    ratio: float | None = None
+    rank: int | None = None
+    kv_ratio: float | None = None
+    alpha: float = 0.5
+    rank_search: bool = True
+    probe_samples: int = _ASVD_PROBE["probe_samples"]
+    probe_seq_len: int = _ASVD_PROBE["probe_seq_len"]
+    NEEDS = ("absmean",)
+
+    def __post_init__(self):
+        given = [n for n in ("ratio", "rank", "kv_ratio") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise RatioError(f"ASVD: give exactly one of ratio=, rank=, kv_ratio= (got {given or 'none'})")
+        if self.kv_ratio is None:
+            _RatioOrRank(self.ratio, self.rank)                      # same checks as every other pass
+        elif not (_real(self.kv_ratio) and 0.0 < self.kv_ratio < 1.0):
+            raise RatioError(f"ASVD: kv_ratio={self.kv_ratio!r} is outside (0, 1) (the fraction of the KV cache removed)")
+        if not (_real(self.alpha) and self.alpha >= 0):
+            raise A3ModError(f"ASVD: alpha={self.alpha!r} must be a number >= 0 (0 = plain SVD, 0.5 = the paper's)")
+        for n in ("probe_samples", "probe_seq_len"):
+            v = getattr(self, n)
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= (1 if n == "probe_samples" else 2)):
+                raise A3ModError(f"ASVD: {n}={v!r} must be an integer >= {1 if n == 'probe_samples' else 2}")
+        if not isinstance(self.rank_search, bool):
+            raise A3ModError(f"ASVD: rank_search={self.rank_search!r} must be True or False")
+        for n in ("ratio", "kv_ratio", "alpha"):
+            if getattr(self, n) is not None:
+                object.__setattr__(self, n, float(getattr(self, n)))
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+# ------------------------------------------------------------------------------------------ ranks
+def _uniform_ranks(cfg, targets: list[Target]) -> list[int]:
+    if getattr(cfg, "kv_ratio", None) is not None:
+        return [max(1, int((1.0 - cfg.kv_ratio) * t.out_f)) for t in targets]
+    if cfg.rank is not None:
+        return [min(cfg.rank, t.out_f, t.in_f) for t in targets]
+    return [fz.rank_for_keep(t.out_f, t.in_f, 1.0 - cfg.ratio) for t in targets]
+
+
+def _weight(view: LayerView, t: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w, b = linear_params(get_path(view.layer, t.path), view.spec.conv1d)
+    return w[t.rows], (None if b is None else b[t.rows])
+
+
+def _factor_all(cfg, views, targets, ranks, factor_fn) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [factor_fn(views[t.layer], t, *_weight(views[t.layer], t), r) for t, r in zip(targets, ranks)]
+
+
+def _lowrank(b: torch.Tensor, a: torch.Tensor, bias, like: torch.Tensor) -> LowRankLinear:
+    m = LowRankLinear(a.shape[1], a.shape[0], b.shape[0], bias is not None, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        m.in_proj.weight.copy_(a)
+        m.out_proj.weight.copy_(b)
+        if bias is not None:
+            m.out_proj.bias.copy_(bias)
+    return m
+
+
+def _replace_linears(views, targets, factors) -> list:
+    out = []
+    for t, (b, a) in zip(targets, factors):
+        mod = get_path(views[t.layer].layer, t.path)
+        lr = _lowrank(b, a, _weight(views[t.layer], t)[1], mod.weight)
+        lr.train(mod.training)
+        out.append((t.layer, t.path, lr))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- handlers
+@model_handler(PlainSVD)
+def apply_plain(cfg: PlainSVD, model, views, stats, calib, progress):
+    targets = targets_of(views, kv=False)
+    ranks = _uniform_ranks(cfg, targets)
+    return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks,
+                                                        lambda v, t, w, b, r: fz.svd_factors(w, r)))
+
+
+@model_handler(SVDLLM)
+def apply_svdllm(cfg: SVDLLM, model, views, stats, calib, progress):
+    targets = targets_of(views, kv=False)
+    ranks = _uniform_ranks(cfg, targets)
+    fn = lambda v, t, w, b, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
+    return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks, fn))
+
+
+@model_handler(ASVD)
+def apply_asvd(cfg: ASVD, model, views, stats, calib, progress):
+    kv = cfg.kv_ratio is not None
+    if kv:
+        _check_kv_mode(model, views)
+    targets = targets_of(views, kv=kv)
+    scale = lambda t: fz.asvd_scale(stats.layers[t.layer][f"xa.{t.group}"] / stats.n, cfg.alpha)  # noqa: E731
+    if cfg.rank is None and cfg.rank_search:
+        ranks = asvd_ranks(cfg, model, views, targets, scale, stats, calib, progress)
+    else:
+        ranks = _uniform_ranks(cfg, targets)
+    keep = [i for i, r in enumerate(ranks) if r is not None]          # rank None: the search left it dense
+    targets, ranks = [targets[i] for i in keep], [ranks[i] for i in keep]
+    fn = lambda v, t, w, b, r: fz.asvd_factors(w, stats.layers[t.layer][f"xa.{t.group}"] / stats.n, cfg.alpha, r)  # noqa: E731
+    factors = _factor_all(cfg, views, targets, ranks, fn)
+    if not kv:
+        return _replace_linears(views, targets, factors)
+    by_layer: dict[int, dict[str, tuple]] = {}
+    for t, f in zip(targets, factors):
+        by_layer.setdefault(t.layer, {})[t.role] = f
+    rotary = get_path(model, views[0].spec.rotary) if views[0].spec.rotary and views[0].dims.rot_dim else None
+    return [(i, views[i].spec.attn, _latent_attention(model.config, views[i], f["k"], f["v"], rotary))
+            for i, f in sorted(by_layer.items())]
+
+
+def _check_kv_mode(model, views) -> None:
+    c, d = model.config, views[0].dims
+    if getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", True):
+        raise UnsupportedModelError(f"ASVD kv_ratio= (KV-cache mode) does not support sliding-window attention "
+                                    f"(config.sliding_window={c.sliding_window}); use ratio= instead")
+    if d.rope not in (None, "rotate_half"):
+        raise UnsupportedModelError(f"ASVD KV-cache mode supports rotate_half RoPE or no RoPE, not {d.rope!r}")
+
+
+def _latent_attention(config, v: LayerView, fk, fv, rotary) -> LatentKVAttention:
+    d, old = v.dims, v.attn
+    (wq, bq), (_, bk), (_, bv) = v.qkv_params()
+    wo, bo = v.o_params()
+    dropout = getattr(old, "attention_dropout", None)
+    if dropout is None:
+        dropout = getattr(getattr(old, "attn_dropout", None), "p", 0.0)
+    attn = LatentKVAttention(
+        config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
+        k_rank=fk[1].shape[0], v_rank=fv[1].shape[0], rot_dim=d.rot_dim,
+        scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
+        bias=dict(q=bq is not None, k=bk is not None, v=bv is not None, o=bo is not None),
+        is_causal=getattr(old, "is_causal", True), dropout=float(dropout or 0.0),
+        out_dropout=_dropout_p(old, "resid_dropout"), device=wq.device, dtype=wq.dtype)
+    with torch.no_grad():
+        for lin, (w, b) in ((attn.q_proj, (wq, bq)), (attn.o_proj, (wo, bo))):
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        for lr, (b_, a_), bias in ((attn.k_proj, fk, bk), (attn.v_proj, fv, bv)):
+            lr.in_proj.weight.copy_(a_)
+            lr.out_proj.weight.copy_(b_)
+            if bias is not None:
+                lr.out_proj.bias.copy_(bias)
+    attn.attach_rotary(rotary)
+    attn.train(old.training)
+    return attn
+
+
+def is_factorized(module: nn.Module) -> bool:
+    return isinstance(module, (LowRankLinear, LatentKVAttention))
