@@ -10,6 +10,7 @@ import time
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METHODS = ("a3", "asvd", "svd-llm", "svd")
 
 
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
@@ -38,11 +39,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="calibrate, compress, report, save; perplexity before and after",
-                       description="Calibrate on local text, compress with uniform A3 at --ratio, print the report, "
-                       "measure perplexity before and after, and save an a3mod checkpoint to --out.")
+                       description="Calibrate on local text, compress with --method at --ratio (uniform A3 by "
+                       "default, or a baseline: ASVD, SVD-LLM, plain SVD), print the report, measure perplexity "
+                       "before and after, and save an a3mod checkpoint to --out.")
     _add_model(c)
-    c.add_argument("--ratio", type=float, required=True,
-                   help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2)")
+    c.add_argument("--method", default="a3", choices=sorted(METHODS),
+                   help="a3 (default): A3 QK/OV/MLP; asvd: activation-aware SVD with sensitivity rank search; "
+                        "svd-llm: whitened SVD; svd: plain truncated SVD")
+    c.add_argument("--ratio", type=float, default=None,
+                   help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2); the same "
+                        "count for every method")
+    c.add_argument("--kv-ratio", type=float, default=None,
+                   help="asvd only, instead of --ratio: KV-cache mode, factorize k/v only and cache their rank-r "
+                        "latents; the fraction of the KV cache removed, in (0, 1)")
+    c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
+    c.add_argument("--no-rank-search", action="store_true",
+                   help="asvd: uniform ranks instead of the perplexity-sensitivity search")
+    c.add_argument("--probe-samples", type=int, default=4, help="asvd search: probe windows (default 4)")
+    c.add_argument("--probe-seq-len", type=int, default=512, help="asvd search: probe length (default 512)")
     c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
     c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
     c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
@@ -99,31 +113,36 @@ def cmd_compress(args) -> int:
     from .calib import Stats, calibration_data, collect
     from .checkpoint import save
     from .errors import CheckpointError
-    from .passes import A3MLP, A3OV, A3QK
+    from .passes.base import needs
     from .report import report
 
     if os.path.exists(args.out) and not args.overwrite:
         raise CheckpointError(f"output dir {args.out!r} exists; pass --overwrite or another --out")
-    pick = lambda x: args.ratio if x is None else x  # noqa: E731
-    passes = [A3QK(ratio=pick(args.qk_ratio)), A3OV(ratio=pick(args.ov_ratio)), A3MLP(ratio=pick(args.mlp_ratio))]
+    passes = _passes(args)
     path, model, tok = _load(args)
     result = {"model": path, "passes": [repr(p) for p in passes], "timings_s": {}}
     if not args.no_eval:
         result["ppl_before"] = _ppl(model, tok, args)
         print(f"perplexity before: {result['ppl_before']['ppl']:.4f}", file=sys.stderr)
     t = time.perf_counter()
-    if args.stats and os.path.exists(args.stats):
-        stats = Stats.load(args.stats)
-    else:
-        calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
-        stats = collect(model, calib, batch_size=args.batch_size)
-        if args.stats:
-            stats.save(args.stats)
+    calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
+    want = sorted({k for p in passes for k in needs(p)})
+    stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
+    missing = sorted(set(want) - (stats.kinds if stats else set()))
+    if missing:
+        fresh = collect(model, calib, batch_size=args.batch_size, kinds=missing)
+        if stats is None:
+            stats = fresh
+        else:
+            stats.merge(fresh)
     result["timings_s"]["calibration"] = time.perf_counter() - t
-    result["calib_tokens"] = stats.n
+    result["calib_tokens"] = stats.n if stats else 0
     t = time.perf_counter()
-    apply(model, passes, stats=stats)
+    apply(model, passes, calib=calib, stats=stats)
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
+    if args.stats and stats is not None:      # also keeps tables passes cached on the stats (ASVD sensitivity)
+        stats.save(args.stats + ".tmp")
+        os.replace(args.stats + ".tmp", args.stats)
     rep = report(model, context=args.eval_seq_len)
     print(rep)
     result["report"] = rep.to_dict()
@@ -139,6 +158,27 @@ def cmd_compress(args) -> int:
               f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
     print(f"saved to {out}")
     return 0
+
+
+def _passes(args) -> list:
+    from .errors import RatioError
+    from .passes import A3MLP, A3OV, A3QK, ASVD, SVDLLM, PlainSVD
+
+    if args.kv_ratio is not None and args.method != "asvd":
+        raise RatioError(f"--kv-ratio is ASVD's KV-cache mode; use it with --method asvd, not {args.method!r}")
+    if args.method == "asvd":
+        if (args.ratio is None) == (args.kv_ratio is None):
+            raise RatioError("--method asvd needs exactly one of --ratio and --kv-ratio")
+        return [ASVD(ratio=args.ratio, kv_ratio=args.kv_ratio, alpha=args.alpha, rank_search=not args.no_rank_search,
+                     probe_samples=args.probe_samples, probe_seq_len=args.probe_seq_len)]
+    if args.ratio is None:
+        raise RatioError(f"--method {args.method} needs --ratio (fraction of decoder-layer linear params removed)")
+    if args.method == "a3":
+        pick = lambda x: args.ratio if x is None else x  # noqa: E731
+        return [A3QK(ratio=pick(args.qk_ratio)), A3OV(ratio=pick(args.ov_ratio)), A3MLP(ratio=pick(args.mlp_ratio))]
+    if any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
+        raise RatioError(f"--qk/--ov/--mlp-ratio are A3 options; --method {args.method} takes only --ratio")
+    return [{"svd-llm": SVDLLM, "svd": PlainSVD}[args.method](ratio=args.ratio)]
 
 
 def cmd_eval(args) -> int:

@@ -6,15 +6,23 @@ See "Baselines" in ../shared/docs/method.md.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 ASVD_EPS = 1e-6
 
 
-def rank_for_keep(out_f: int, in_f: int, keep: float) -> int:
-    """Rank whose two factors hold `keep` x the (out x in) weight's parameters: floor(keep*m*n/(m+n)), >= 1."""
-    return max(1, min(min(out_f, in_f), int(keep * out_f * in_f / (out_f + in_f))))
+def floor(x: float) -> int:
+    """floor, forgiving float round-off just below a whole number (0.7 * 20 = 13.999999999999998 -> 14)."""
+    return math.floor(x + 1e-9)
+
+
+def rank_for_keep(out_f: int, in_f: int, keep: float, bias: int = 0) -> int:
+    """Largest rank whose factors (+ the `bias` entries) hold at most `keep` x the layer's m*n + bias parameters:
+    floor((keep (m n + bias) - bias) / (m + n)), clamped to [1, min(m, n)]. bias=0 is method.md's formula."""
+    return max(1, min(min(out_f, in_f), floor((keep * (out_f * in_f + bias) - bias) / (out_f + in_f))))
 
 
 def _split(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor]:

@@ -112,3 +112,46 @@ def test_missing_model_path_exit_code(tmp_path, text_file, capsys):
     rc = main(["eval", "ppl", "--model", missing, *_eval_args(text_file)])
     assert rc == 2
     assert missing in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,extra,kind", [
+    ("svd", ["--ratio", "0.3"], a3mod.LowRankLinear),
+    ("svd-llm", ["--ratio", "0.3"], a3mod.LowRankLinear),
+    ("asvd", ["--ratio", "0.3", "--probe-samples", "2", "--probe-seq-len", "8"], a3mod.LowRankLinear),
+    ("asvd", ["--kv-ratio", "0.5", "--no-rank-search"], a3mod.LatentKVAttention),
+])
+def test_compress_baselines(tmp_path, model_dir, text_file, method, extra, kind):
+    out, stats = str(tmp_path / "out"), str(tmp_path / "stats.safetensors")
+    args = ["compress", "--model", model_dir, "--method", method, *extra, "--out", out, "--calib", text_file,
+            "--n-samples", "4", "--calib-seq-len", "16", "--stats", stats, *_eval_args(text_file)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "compress_result.json").read_text())
+    model = a3mod.load(out)
+    assert any(isinstance(m, kind) for m in model.modules())
+    rep = a3mod.report(model)
+    if "--kv-ratio" in extra:
+        assert rep.kv_bytes_per_token() <= 0.5 * rep.kv_bytes_per_token(orig=True)
+    else:
+        assert 0.3 <= rep.ratio < 0.4 and result["report"]["ratio"] == pytest.approx(rep.ratio)
+    # the stats file keeps what the passes cached (ASVD's sensitivity table) for the next run
+    if method == "svd":       # plain SVD reads no statistics: none are collected or written
+        assert not (tmp_path / "stats.safetensors").exists()
+        return
+    saved = a3mod.Stats.load(stats)
+    assert {"svd-llm": "gram", "asvd": "absmean"}[method] in saved.kinds
+    if method == "asvd" and "--ratio" in extra:
+        assert any(k.startswith("asvd:params") for k in saved.extra)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "svd"], "needs --ratio"),
+    (["--method", "a3", "--kv-ratio", "0.5", "--ratio", "0.2"], "--kv-ratio"),
+    (["--method", "asvd", "--ratio", "0.2", "--kv-ratio", "0.5"], "exactly one"),
+    (["--method", "svd-llm", "--ratio", "0.2", "--mlp-ratio", "0.5"], "A3 options"),
+    (["--method", "asvd", "--ratio", "0.2", "--alpha", "-1"], "alpha=-1"),
+])
+def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
+    rc = main(["compress", "--model", model_dir, *argv, "--out", str(tmp_path / "o"), "--no-eval"])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -27,7 +27,7 @@ def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **_):
     w = torch.matmul(q, k.transpose(2, 3)) * scaling
     if mask is not None:
         w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
-    w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    w = nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
     w = nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 

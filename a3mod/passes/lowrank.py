@@ -18,7 +18,7 @@ from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..modules import LatentKVAttention, LowRankLinear
 from ..rewrite import _dropout_p
 from .a3 import _RatioOrRank
-from .base import model_handler, register_pass
+from .base import check_ratio_rank, model_handler, register_pass
 from .search import Target, asvd_ranks, targets_of
 
 
@@ -64,7 +64,7 @@ class ASVD:
         if len(given) != 1:
             raise RatioError(f"ASVD: give exactly one of ratio=, rank=, kv_ratio= (got {given or 'none'})")
         if self.kv_ratio is None:
-            _RatioOrRank(self.ratio, self.rank)                      # same checks as every other pass
+            check_ratio_rank("ASVD", self.ratio, self.rank)          # same checks as every other pass
         elif not (_real(self.kv_ratio) and 0.0 < self.kv_ratio < 1.0):
             raise RatioError(f"ASVD: kv_ratio={self.kv_ratio!r} is outside (0, 1) (the fraction of the KV cache removed)")
         if not (_real(self.alpha) and self.alpha >= 0):
@@ -75,9 +75,10 @@ class ASVD:
                 raise A3ModError(f"ASVD: {n}={v!r} must be an integer >= {1 if n == 'probe_samples' else 2}")
         if not isinstance(self.rank_search, bool):
             raise A3ModError(f"ASVD: rank_search={self.rank_search!r} must be True or False")
-        for n in ("ratio", "kv_ratio", "alpha"):
-            if getattr(self, n) is not None:
-                object.__setattr__(self, n, float(getattr(self, n)))
+        for n, cast in (("ratio", float), ("kv_ratio", float), ("alpha", float), ("rank", int),
+                        ("probe_samples", int), ("probe_seq_len", int)):
+            if getattr(self, n) is not None:            # plain Python numbers (numpy scalars break JSON)
+                object.__setattr__(self, n, cast(getattr(self, n)))
 
 
 def _real(x) -> bool:
@@ -85,12 +86,13 @@ def _real(x) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ ranks
-def _uniform_ranks(cfg, targets: list[Target]) -> list[int]:
+def _uniform_ranks(cfg, views, targets: list[Target]) -> list[int]:
     if getattr(cfg, "kv_ratio", None) is not None:
-        return [max(1, int((1.0 - cfg.kv_ratio) * t.out_f)) for t in targets]
+        return [max(1, fz.floor((1.0 - cfg.kv_ratio) * t.out_f)) for t in targets]
     if cfg.rank is not None:
         return [min(cfg.rank, t.out_f, t.in_f) for t in targets]
-    return [fz.rank_for_keep(t.out_f, t.in_f, 1.0 - cfg.ratio) for t in targets]
+    bias = lambda t: 0 if _weight(views[t.layer], t)[1] is None else t.out_f  # noqa: E731  (biases count too)
+    return [fz.rank_for_keep(t.out_f, t.in_f, 1.0 - cfg.ratio, bias(t)) for t in targets]
 
 
 def _weight(view: LayerView, t: Target) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,7 +128,7 @@ def _replace_linears(views, targets, factors) -> list:
 @model_handler(PlainSVD)
 def apply_plain(cfg: PlainSVD, model, views, stats, calib, progress):
     targets = targets_of(views, kv=False)
-    ranks = _uniform_ranks(cfg, targets)
+    ranks = _uniform_ranks(cfg, views, targets)
     return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks,
                                                         lambda v, t, w, b, r: fz.svd_factors(w, r)))
 
@@ -134,7 +136,7 @@ def apply_plain(cfg: PlainSVD, model, views, stats, calib, progress):
 @model_handler(SVDLLM)
 def apply_svdllm(cfg: SVDLLM, model, views, stats, calib, progress):
     targets = targets_of(views, kv=False)
-    ranks = _uniform_ranks(cfg, targets)
+    ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda v, t, w, b, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks, fn))
 
@@ -149,7 +151,7 @@ def apply_asvd(cfg: ASVD, model, views, stats, calib, progress):
     if cfg.rank is None and cfg.rank_search:
         ranks = asvd_ranks(cfg, model, views, targets, scale, stats, calib, progress)
     else:
-        ranks = _uniform_ranks(cfg, targets)
+        ranks = _uniform_ranks(cfg, views, targets)
     keep = [i for i, r in enumerate(ranks) if r is not None]          # rank None: the search left it dense
     targets, ranks = [targets[i] for i in keep], [ranks[i] for i in keep]
     fn = lambda v, t, w, b, r: fz.asvd_factors(w, stats.layers[t.layer][f"xa.{t.group}"] / stats.n, cfg.alpha, r)  # noqa: E731

@@ -12,6 +12,7 @@ The sensitivity table is cached on the Stats object (and saved with it), keyed b
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +106,7 @@ def _set_rows(mod: nn.Module, rows: slice, w: torch.Tensor, conv1d: bool) -> Non
 
 def _candidate_ranks(t: Target, kv: bool) -> list[int]:
     if kv:
-        return [max(1, int(c * t.out_f)) for c in KV_CANDIDATES]
+        return [max(1, fz.floor(c * t.out_f)) for c in KV_CANDIDATES]
     return [fz.rank_for_keep(t.out_f, t.in_f, c) for c in PARAM_CANDIDATES]
 
 
@@ -176,8 +177,10 @@ def asvd_ranks(cfg, model, views, targets, scale_fn, stats, calib, progress) -> 
             raise CalibrationError("ASVD rank_search probes calibration perplexity: pass calib= (token ids) too, "
                                    "or rank_search=False")
         ids = calib[: cfg.probe_samples, : cfg.probe_seq_len].to(next(model.parameters()).device)
+        t0 = time.perf_counter()
         table = sensitivity(model, views, targets, scale_fn, ids, kv, progress)
         stats.extra[key] = table
+        stats.extra[key + ":seconds"] = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     cands = [_candidate_ranks(t, kv) for t in targets]
     cost = [(1 if kv else t.out_f + t.in_f) for t in targets]           # budget units per rank
     full = [(t.out_f if kv else None) for t in targets]

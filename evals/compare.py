@@ -1,0 +1,193 @@
+"""Baselines side by side: original, A3, ASVD, SVD-LLM and plain SVD on the same model, data and seed.
+
+For every real model in the assets dir and every ratio: WikiText-2 token perplexity (paper protocol on
+the first --eval-windows test windows), achieved ratio of decoder-layer linear params removed (the same
+count for every method), KV bytes/token, compression wall time and prefill tokens/s. Calibration runs
+once per model (all statistic kinds in one pass); every method and ratio reuses it. ASVD's sensitivity
+probes also run once per model (cached on the statistics) and their time is added to every ASVD row.
+Writes compare.json, compare.md and compare.png to --out, and with --update-readme the README table
+between the `<!-- compare-results -->` markers.
+
+    python evals/compare.py --ratios 0.1 0.2 0.3 --n-samples 32 --eval-windows 16 --update-readme
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import a3mod
+from a3mod.paths import assets_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {
+    "A3": lambda r, a: a3mod.a3_passes(r),
+    "ASVD": lambda r, a: [a3mod.ASVD(ratio=r, probe_samples=a.probe_samples, probe_seq_len=a.probe_seq_len)],
+    "SVD-LLM": lambda r, a: [a3mod.SVDLLM(ratio=r)],
+    "SVD": lambda r, a: [a3mod.PlainSVD(ratio=r)],
+}
+
+
+def asset_models() -> list[Path]:
+    root = assets_dir()
+    if root is None or not (root / "models").is_dir():
+        sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
+    return sorted(p for p in (root / "models").iterdir() if p.is_dir())
+
+
+@torch.no_grad()
+def prefill_tps(model, seq_len: int, reps: int) -> float:
+    """Median tokens/s of a (1, seq_len) forward without cache, after one warm-up."""
+    x = torch.randint(10, 1000, (1, seq_len))
+    model(input_ids=x, use_cache=False)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        model(input_ids=x, use_cache=False)
+        times.append(time.perf_counter() - t)
+    return seq_len / statistics.median(times)
+
+
+def run_model(path: Path, args) -> list[dict]:
+    model, tok = a3mod.load_pretrained(str(path))
+    model.eval()
+    ids = a3mod.eval_tokens(tok, "wikitext2-test")
+    ev = lambda m: a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows)["ppl"]  # noqa: E731
+
+    def row(m, method, target, compress_s):
+        rep = a3mod.report(m, context=args.eval_seq_len)
+        r = {"model": path.name, "model_type": m.config.model_type, "method": method, "ratio_target": target,
+             "ratio": rep.ratio, "params": rep.params, "kv_bytes_per_token": rep.kv_bytes_per_token(),
+             "compress_s": compress_s, "prefill_tps": prefill_tps(m, args.prefill_len, args.prefill_reps),
+             "ppl": ev(m)}
+        print(r, flush=True)
+        return r
+
+    rows = [row(model, "original", 0.0, None)]
+    calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=args.seed)
+    t = time.perf_counter()
+    stats = a3mod.collect(model, calib, kinds=("a3", "gram", "absmean"))
+    calib_s = time.perf_counter() - t
+    print(f"calibration (all statistics, {calib.numel():,} tokens): {calib_s:.1f} s", flush=True)
+    for method in args.methods:
+        for r in args.ratios:
+            m = copy.deepcopy(model)
+            cached = set(stats.extra)
+            t = time.perf_counter()
+            a3mod.apply(m, METHODS[method](r, args), calib=calib, stats=stats)
+            solve_s = time.perf_counter() - t
+            # every row pays the shared calibration; ASVD rows also pay the (once-per-model) sensitivity probes,
+            # which only the first ASVD row's solve time includes
+            search_s = sum(float(v) for k, v in stats.extra.items() if k.endswith(":seconds"))
+            reused = search_s if method == "ASVD" and cached == set(stats.extra) else 0.0
+            rows.append({**row(m, method, r, calib_s + solve_s + reused), "calib_s": calib_s, "solve_s": solve_s,
+                         "search_s": search_s if method == "ASVD" else None})
+            del m
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"WikiText-2 token perplexity, {meta['eval']}; calibration {meta['calib']}; {meta['probe']}; "
+             f"{meta['machine']}, fp32. Ratio = decoder-layer linear params removed (the same count for every method). "
+             f"Compress s = shared calibration pass + solve (+ ASVD's sensitivity probes). Prefill: 1 x "
+             f"{meta['args']['prefill_len']} tokens, no cache.", "",
+             "| model | method | target | achieved ratio | params | KV bytes/token | ppl | dPPL | compress s | prefill tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["model"]: r["ppl"] for r in rows if r["method"] == "original"}
+    for r in rows:
+        cs = "-" if r["compress_s"] is None else f"{r['compress_s']:.0f}"
+        d = r["ppl"] - base[r["model"]]
+        lines.append(f"| {r['model']} | {r['method']} | {r['ratio_target']:.0%} | {100 * r['ratio']:.2f}% | "
+                     f"{r['params']:,} | {r['kv_bytes_per_token']:,} | {r['ppl']:.2f} | {d:+.2f} | {cs} | "
+                     f"{r['prefill_tps']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        rr = [r for r in rows if r["model"] == name]
+        base = next(r["ppl"] for r in rr if r["method"] == "original")
+        ax.axhline(base, color="k", ls="--", lw=1, label="original")
+        for method in [m for m in METHODS if any(r["method"] == m for r in rr)]:
+            pts = sorted((100 * r["ratio"], r["ppl"]) for r in rr if r["method"] == method)
+            ax.plot(*zip(*pts), "o-", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder-layer linear params removed (%)")
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_title(name, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def update_readme(md: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if "<!-- compare-results -->" not in text:
+        sys.exit("README has no <!-- compare-results --> markers")
+    readme.write_text(re.sub(r"(<!-- compare-results -->\n).*?(<!-- /compare-results -->)",
+                             lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--n-samples", type=int, default=32, help="calibration windows (paper: 128)")
+    ap.add_argument("--calib-seq-len", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probe-samples", type=int, default=4, help="ASVD sensitivity probe windows")
+    ap.add_argument("--probe-seq-len", type=int, default=512, help="ASVD sensitivity probe length")
+    ap.add_argument("--eval-seq-len", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=None, help="first N test windows only (default: all)")
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
+    ap.add_argument("--update-readme", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    rows = []
+    for path in asset_models():
+        try:
+            rows += run_model(path, args)
+        except a3mod.UnsupportedModelError as e:
+            print(f"skip {path.name}: {e}", file=sys.stderr)
+    ev = (f"first {args.eval_windows} x {args.eval_seq_len}-token windows of the test split"
+          if args.eval_windows else f"full test split in {args.eval_seq_len}-token windows")
+    meta = {"eval": ev, "calib": f"{args.n_samples} x {args.calib_seq_len} tokens of WikiText-2 validation, "
+                                 f"seed {args.seed}",
+            "probe": f"ASVD probes {args.probe_samples} x {args.probe_seq_len} calibration tokens",
+            "machine": f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}", "args": vars(args)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(rows, meta)
+    (out / "compare.md").write_text(md)
+    plot(rows, out / "compare.png")
+    print(md)
+    if args.update_readme:
+        update_readme(md)
+
+
+if __name__ == "__main__":
+    main()
