@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import factorize as fz
 from ..arch import LayerView, get_path, linear_params
@@ -100,8 +101,10 @@ def _weight(view: LayerView, t: Target) -> tuple[torch.Tensor, torch.Tensor | No
     return w[t.rows], (None if b is None else b[t.rows])
 
 
-def _factor_all(cfg, views, targets, ranks, factor_fn) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [factor_fn(views[t.layer], t, *_weight(views[t.layer], t), r) for t, r in zip(targets, ranks)]
+def _factor_all(views, targets, ranks, factor_fn, progress, name) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """factor_fn(target, W (out, in), rank) -> (B, A) for every target, with a progress bar."""
+    return [factor_fn(t, _weight(views[t.layer], t)[0], r)
+            for t, r in tqdm(list(zip(targets, ranks)), desc=name, disable=not progress, unit="linear")]
 
 
 def _lowrank(b: torch.Tensor, a: torch.Tensor, bias, like: torch.Tensor) -> LowRankLinear:
@@ -129,16 +132,16 @@ def _replace_linears(views, targets, factors) -> list:
 def apply_plain(cfg: PlainSVD, model, views, stats, calib, progress):
     targets = targets_of(views, kv=False)
     ranks = _uniform_ranks(cfg, views, targets)
-    return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks,
-                                                        lambda v, t, w, b, r: fz.svd_factors(w, r)))
+    fn = lambda t, w, r: fz.svd_factors(w, r)  # noqa: E731
+    return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "plain SVD"))
 
 
 @model_handler(SVDLLM)
 def apply_svdllm(cfg: SVDLLM, model, views, stats, calib, progress):
     targets = targets_of(views, kv=False)
     ranks = _uniform_ranks(cfg, views, targets)
-    fn = lambda v, t, w, b, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
-    return _replace_linears(views, targets, _factor_all(cfg, views, targets, ranks, fn))
+    fn = lambda t, w, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
+    return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "SVD-LLM"))
 
 
 @model_handler(ASVD)
@@ -154,8 +157,8 @@ def apply_asvd(cfg: ASVD, model, views, stats, calib, progress):
         ranks = _uniform_ranks(cfg, views, targets)
     keep = [i for i, r in enumerate(ranks) if r is not None]          # rank None: the search left it dense
     targets, ranks = [targets[i] for i in keep], [ranks[i] for i in keep]
-    fn = lambda v, t, w, b, r: fz.asvd_factors(w, stats.layers[t.layer][f"xa.{t.group}"] / stats.n, cfg.alpha, r)  # noqa: E731
-    factors = _factor_all(cfg, views, targets, ranks, fn)
+    fn = lambda t, w, r: fz.asvd_factors(w, stats.layers[t.layer][f"xa.{t.group}"] / stats.n, cfg.alpha, r)  # noqa: E731
+    factors = _factor_all(views, targets, ranks, fn, progress, "ASVD")
     if not kv:
         return _replace_linears(views, targets, factors)
     by_layer: dict[int, dict[str, tuple]] = {}
