@@ -1,0 +1,16 @@
+"""Evaluation with the lm-evaluation-harness (optional: `pip install a3mod[eval]`), offline, from local files.
+
+    results = a3mod.evals.evaluate(model, tasks=["wikitext_local"], tokenizer=tok)
+"""
+from __future__ import annotations
+
+
+def evaluate(model, tasks, **kwargs) -> dict:
+    """See `a3mod.evals.harness.evaluate` (imported lazily: lm-eval is an optional dependency)."""
+    try:
+        from .harness import evaluate as _evaluate
+    except ImportError as e:
+        from ..errors import A3ModError
+
+        raise A3ModError(f"lm-eval is not installed ({e}); pip install 'a3mod[eval]'") from e
+    return _evaluate(model, tasks, **kwargs)
