@@ -32,6 +32,14 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
 
 
+def _add_lm_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}limit", type=float, default=None,
+                   help="lm-eval: only the first N documents of each task (or a fraction if < 1)")
+    p.add_argument(f"--{prefix}num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument(f"--{prefix}max-length", type=int, default=None,
+                   help="lm-eval: context length of the model wrapper (default: the model's)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="a3mod", description="Analytical low-rank compression (A3) of transformer LLMs: closed-form QK/OV/MLP "
@@ -70,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", default=None,
                    help="statistics file: loaded if it exists (no calibration), else written after calibrating")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    c.add_argument("--eval", dest="extra_eval", default=None, metavar="lm-eval:TASKS",
+                   help="also run lm-evaluation-harness tasks on the compressed model, e.g. "
+                        "lm-eval:wikitext_local,piqa_local (scores go into the report and compress_result.json)")
+    _add_lm_eval(c, prefix="lm-eval-")
     _add_eval(c)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -78,6 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(pp)
     _add_eval(pp)
     pp.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+    le = esub.add_parser("lm-eval", help="lm-evaluation-harness tasks (offline: local task configs and data)",
+                         description="Run lm-eval tasks on a model. Local tasks: wikitext_local (lm-eval's word/byte "
+                         "perplexity of whole WikiText-2 test pages, not the paper-style token perplexity of `eval "
+                         "ppl`) and <task>_local for data written by `a3mod prepare-eval-data` (data dir: "
+                         "$A3MOD_EVAL_DATA, default <assets>/data).")
+    _add_model(le)
+    le.add_argument("--tasks", required=True, help="comma-separated task names, e.g. wikitext_local,piqa_local")
+    _add_lm_eval(le)
+    le.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    le.add_argument("--json", default=None, help="also write lm-eval's results to this JSON file")
+
+    pe = sub.add_parser("prepare-eval-data", help="on a connected machine: download the data of the local lm-eval tasks",
+                        description="Write <out>/<task>/<split>.jsonl for piqa, arc_easy, arc_challenge, hellaswag, "
+                        "winogrande, boolq, openbookqa, lambada (from the HF datasets lm-eval's own task configs "
+                        "name). Copy <out> to the offline machine and set A3MOD_EVAL_DATA to it.")
+    pe.add_argument("--out", required=True, help="output directory")
+    pe.add_argument("--tasks", default=None, help="comma-separated subset (default: all)")
 
     r = sub.add_parser("report", help="per-layer dims, params, FLOPs and KV bytes of a model")
     _add_model(r)
@@ -148,6 +178,9 @@ def cmd_compress(args) -> int:
     result["report"] = rep.to_dict()
     if not args.no_eval:
         result["ppl_after"] = _ppl(model, tok, args)
+    if args.extra_eval:
+        result["lm_eval"] = _lm_eval(model, tok, _lm_eval_tasks(args.extra_eval), args.batch_size, args.lm_eval_limit,
+                                     args.lm_eval_num_fewshot, args.lm_eval_max_length)
     t = time.perf_counter()
     out = save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     result["timings_s"]["save"] = time.perf_counter() - t
@@ -158,6 +191,29 @@ def cmd_compress(args) -> int:
               f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
     print(f"saved to {out}")
     return 0
+
+
+def _lm_eval_tasks(spec: str) -> list[str]:
+    from .errors import A3ModError
+
+    kind, _, tasks = spec.partition(":")
+    if kind != "lm-eval" or not tasks.strip(","):
+        raise A3ModError(f"--eval {spec!r}: expected lm-eval:TASK[,TASK...], e.g. lm-eval:wikitext_local")
+    return [t for t in tasks.split(",") if t]
+
+
+def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> dict:
+    """Run lm-eval, print its table, return {task: {metric: value}} (JSON-safe)."""
+    from .evals import evaluate
+
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    res = evaluate(model, tasks, tokenizer=tok, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
+                   max_length=max_length, log_samples=False)
+    from lm_eval.utils import make_table
+
+    print(make_table(res))
+    clean = lambda v: v if isinstance(v, (int, float, str)) or v is None else str(v)  # noqa: E731
+    return {t: {k: clean(v) for k, v in m.items()} for t, m in res["results"].items()}
 
 
 def _passes(args) -> list:
@@ -190,6 +246,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    path, model, tok = _load(args)
+    scores = _lm_eval(model, tok, _lm_eval_tasks("lm-eval:" + args.tasks), args.batch_size, args.limit,
+                      args.num_fewshot, args.max_length)
+    if args.json:
+        _write_json(args.json, {"model": path, "results": scores})
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .evals.prepare import prepare
+
+    prepare(args.out, [t for t in (args.tasks or "").split(",") if t])
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import report
 
@@ -208,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
     args = _parser().parse_args(argv)
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+        if args.cmd == "eval":
+            return {"ppl": cmd_eval, "lm-eval": cmd_lm_eval}[args.what](args)
+        return {"compress": cmd_compress, "report": cmd_report, "prepare-eval-data": cmd_prepare}[args.cmd](args)
     except A3ModError as e:
         print(f"a3mod: error: {e}", file=sys.stderr)
         return 2
