@@ -13,13 +13,13 @@ from .checkpoint import load, save
 from .errors import A3ModError, CalibrationError, CheckpointError, RatioError, UnsupportedModelError
 from .loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
-from .passes import A3MLP, A3OV, A3QK, ASVD, SVDLLM, PlainSVD, a3_passes, pass_from_dict, pass_to_dict
+from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, Allocate, SVDLLM, PlainSVD, a3_passes, pass_from_dict, pass_to_dict
 from .ppl import eval_tokens, perplexity
 from .report import Report, report
 
 __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
-    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
+    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
     "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError",
 ]

@@ -1,4 +1,9 @@
-"""The A3 passes: QK (whitened SVD / RoPE pair selection), OV (joint whitened SVD), MLP (CUR)."""
+"""The A3 passes: QK (whitened SVD / RoPE pair selection), OV (joint whitened SVD), MLP (CUR).
+
+Each handler edits the layer's work in place and returns (loss, unit): the closed-form loss of the
+component (summed over heads) for every number of kept units, loss[k] for k = 0..full/unit, where a
+unit is `unit` kept dims (2 under RoPE: whole pairs). `Allocate` reads these curves.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,21 +75,22 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
         p = a.perm
         q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
-        idx, _ = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r)         # (Hkv, r)
+        idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r)      # (Hkv, r)
         qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
         a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
         a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
         a.rope_index = a.rope_index.gather(-1, idx)
         a.rot_dim = r
-        return
+        return loss.sum(0), 2                          # per kept pair
     r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 1)
     gq, gk = st["q"] / n, st["k"] / n
     if d.groups == 1:
-        a.wq, a.wk, _ = solvers.qk_whitened_svd(a.wq, a.wk, gq, gk, r)
+        a.wq, a.wk, loss = solvers.qk_whitened_svd(a.wq, a.wk, gq, gk, r)
     else:
         wq = a.wq.view(d.kv_heads, d.groups, *a.wq.shape[1:])
-        wq, a.wk, _ = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
+        wq, a.wk, loss = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
         a.wq = wq.reshape(d.heads, *wq.shape[2:])
+    return loss.sum(0), 1
 
 
 @handler(A3OV)
@@ -102,8 +108,9 @@ def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
         g = _centered(st["o"], st["o1"], n, bv)
     else:               # GQA: whiten with the group's values
         g = _centered(st["v"], st["v1"], n, bv)
-    a.wv, wo_r, _ = solvers.ov_joint(a.wv, wo, g, r)
+    a.wv, wo_r, loss = solvers.ov_joint(a.wv, wo, g, r)
     a.wo = wo_r.reshape(d.heads, r, d.hidden)
+    return loss.sum(0), 1
 
 
 @handler(A3MLP)
@@ -111,9 +118,10 @@ def apply_mlp(cfg: A3MLP, work: LayerWork, st: dict, n: int) -> None:
     m = work.mlp
     full = m.up[0].shape[0]
     r = kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1)
-    idx, _ = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
+    idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)
     m.up = rows(m.up)
     m.down = (m.down[0][:, idx], m.down[1])
     m.kept = m.kept[idx]
+    return loss, 1

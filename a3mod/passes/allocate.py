@@ -1,0 +1,169 @@
+"""A3-mix: per-layer (and optionally per-component) ranks from the closed-form losses, under a parameter budget.
+
+Every A3 handler returns its component's loss for every number of kept units (one spectrum or one sorted
+score list), so allocation needs no perplexity probes. Losses are normalised per layer and component by
+their value at zero kept units (the component's whole output energy), which makes layers and components
+comparable. The curves are convex (tail sums of sorted non-negative values), so greedy removal of the
+cheapest unit is optimal for the separable problem.
+
+across="layers" (default): each component (QK, OV, MLP) removes exactly as many units as uniform A3 at
+`budget` would, moved between layers; the parameter count equals uniform A3's exactly, and identical layers
+get uniform ranks. across="all": units also move between components, by loss increase per parameter,
+until at least uniform A3's parameter count is removed (overshoot below one unit).
+"""
+from __future__ import annotations
+
+import heapq
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import A3ModError, RatioError
+from ..rewrite import LayerWork
+from .a3 import A3MLP, A3OV, A3QK
+from .base import HANDLERS, kept_dim, model_handler, register_pass
+
+COMPONENTS = ("qk", "ov", "mlp")
+_PASS = {"qk": A3QK, "ov": A3OV, "mlp": A3MLP}
+
+
+@register_pass
+@dataclass(frozen=True)
+class Allocate:
+    """Mixed-rank A3 removing `budget` (fraction of decoder-layer linear params, as uniform A3's ratio)."""
+    budget: float
+    across: str = "layers"
+    NEEDS = ("a3",)
+
+    def __post_init__(self):
+        if not (isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool) and 0 <= self.budget < 1):
+            raise RatioError(f"Allocate: budget={self.budget!r} is outside [0, 1) (the fraction of parameters removed)")
+        if self.across not in ("layers", "all"):
+            raise A3ModError(f"Allocate: across={self.across!r}; allowed: 'layers', 'all'")
+        object.__setattr__(self, "budget", float(self.budget))
+
+
+@dataclass
+class Curve:
+    """One layer-component: normalised loss for k = 0..units kept units of `step` dims each."""
+    layer: int
+    comp: str
+    step: int
+    loss: torch.Tensor       # (units + 1,), loss[units] = 0
+    cost: int                # parameters per unit
+    uniform: int             # units uniform A3 keeps
+
+    @property
+    def units(self) -> int:
+        return self.loss.numel() - 1
+
+
+def _step(comp: str, full: int, rope: bool) -> int:
+    """The rank granularity uniform A3 uses for the component (kept_dim's multiple)."""
+    if comp == "qk":
+        return 2 if rope else 1
+    if comp == "ov":
+        return 2 if full % 2 == 0 else 1
+    return 8 if full >= 512 else 1
+
+
+def curves(views, stats, budget: float) -> list[Curve]:
+    """Loss curves of every layer and component (one full-rank solve each)."""
+    out = []
+    for v in views:
+        work = LayerWork.from_view(v)
+        d, a, m = v.dims, work.attn, work.mlp
+        full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1], "mlp": m.up[0].shape[0]}
+        cost = {"qk": d.heads * (d.hidden + a.q_bias) + d.kv_heads * (d.hidden + a.k_bias),
+                "ov": d.kv_heads * d.hidden + d.heads * d.hidden,
+                "mlp": (2 if m.gate is not None else 1) * (d.hidden + (m.up[1] is not None)) + d.hidden}
+        for comp in COMPONENTS:
+            step = _step(comp, full[comp], bool(a.rot_dim))
+            loss, unit = HANDLERS[_PASS[comp]](_PASS[comp](rank=full[comp]), work, stats.layers[v.index], stats.n)
+            loss = loss[:: step // unit].double()                          # per allocation unit
+            loss = loss / loss[0] if loss[0] > 0 else torch.zeros_like(loss)
+            uni = kept_dim(comp, full[comp], budget, None, step) // step
+            out.append(Curve(v.index, comp, step, loss, cost[comp] * step, uni))
+    return out
+
+
+def allocate(cs: list[Curve], across: str) -> list[int]:
+    """Kept units per curve: greedy removal of the unit with the smallest loss increase (per parameter if across='all')."""
+    kept = [c.units for c in cs]
+    groups = [[i for i, c in enumerate(cs) if c.comp == comp] for comp in COMPONENTS] if across == "layers" \
+        else [list(range(len(cs)))]
+    for g in groups:
+        per_param = across == "all"
+        goal = sum((cs[i].units - cs[i].uniform) * (cs[i].cost if per_param else 1) for i in g)
+
+        def key(i):  # loss increase of removing one more unit (rounded: equal up to round-off is a tie);
+            c = cs[i]  # ties go to the curve keeping the most units, so identical curves shrink in turn
+            return round(float(c.loss[kept[i] - 1] - c.loss[kept[i]]) / (c.cost if per_param else 1), 12), -kept[i], i
+
+        heap = [key(i) for i in g if kept[i] > 1]
+        heapq.heapify(heap)
+        removed = 0
+        while removed < goal and heap:
+            i = heapq.heappop(heap)[-1]
+            kept[i] -= 1
+            removed += cs[i].cost if per_param else 1
+            if kept[i] > 1:
+                heapq.heappush(heap, key(i))
+    return kept
+
+
+@model_handler(Allocate)
+def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
+    cs = curves(views, stats, cfg.budget)
+    kept = allocate(cs, cfg.across)
+    ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
+    swaps = []
+    for v in views:
+        work = LayerWork.from_view(v)
+        for comp in COMPONENTS:
+            HANDLERS[_PASS[comp]](_PASS[comp](rank=ranks[v.index, comp]), work, stats.layers[v.index], stats.n)
+        o = v.o_module()
+        attn, mlp = work.build(model.config, o.weight.dtype, o.weight.device)
+        swaps += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
+    return swaps
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3KV:
+    """Attention-only A3 for a KV-cache budget: QK and OV shrink so the cache loses `kv_ratio` of its bytes.
+
+    mixed=False: every layer keeps the same q/k and v/o head dims (uniform A3QK + A3OV at kv_ratio).
+    mixed=True: per-layer, per-component dims from the closed-form losses, removing the same number of
+    cached elements as uniform (greedy by normalised loss increase per cached element).
+    """
+    kv_ratio: float
+    mixed: bool = False
+    NEEDS = ("a3",)
+
+    def __post_init__(self):
+        if not (isinstance(self.kv_ratio, numbers.Real) and not isinstance(self.kv_ratio, bool)
+                and 0 <= self.kv_ratio < 1):
+            raise RatioError(f"A3KV: kv_ratio={self.kv_ratio!r} is outside [0, 1) (the fraction of the KV cache removed)")
+        if not isinstance(self.mixed, bool):
+            raise A3ModError(f"A3KV: mixed={self.mixed!r} must be True or False")
+        object.__setattr__(self, "kv_ratio", float(self.kv_ratio))
+
+
+@model_handler(A3KV)
+def apply_a3kv(cfg: A3KV, model, views, stats, calib, progress):
+    cs = [c for c in curves(views, stats, cfg.kv_ratio) if c.comp in ("qk", "ov")]
+    for c in cs:                                  # budget unit: cached elements per token
+        c.cost = views[c.layer].dims.kv_heads * c.step
+    kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]
+    ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
+    swaps = []
+    for v in views:
+        work = LayerWork.from_view(v)
+        for comp in ("qk", "ov"):
+            HANDLERS[_PASS[comp]](_PASS[comp](rank=ranks[v.index, comp]), work, stats.layers[v.index], stats.n)
+        o = v.o_module()
+        attn, _ = work.build(model.config, o.weight.dtype, o.weight.device)
+        swaps.append((v.index, v.spec.attn, attn))
+    return swaps

@@ -1,0 +1,144 @@
+"""Mixed-rank allocation (Allocate) and the KV-budget pass (A3KV)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import a3mod
+from a3mod.passes.allocate import Curve, allocate
+
+from conftest import calib_ids, input_ids, tiny_model
+
+FAMS = [("llama", dict(kv_heads=2, layers=3)), ("gpt2", dict(layers=3)), ("qwen2", dict(kv_heads=2, layers=3))]
+
+
+def _stats(model):
+    return a3mod.collect(model, calib_ids(8, 32), progress=False)
+
+
+def _apply(model, passes, stats):
+    return a3mod.apply(copy.deepcopy(model), passes, stats=stats, progress=False)
+
+
+@pytest.mark.parametrize("fam,kw", FAMS)
+@pytest.mark.parametrize("budget", [0.1, 0.2, 0.3])
+def test_allocate_layers_matches_uniform_param_count(fam, kw, budget):
+    base = tiny_model(fam, **kw)
+    st_ = _stats(base)
+    uni = a3mod.report(_apply(base, a3mod.a3_passes(budget), st_))
+    mix = a3mod.report(_apply(base, [a3mod.Allocate(budget=budget)], st_))
+    assert mix.params == uni.params                       # exactly the same count
+    for comp in ("qk_dim", "vo_dim", "mlp_dim"):          # each component removes what uniform removes
+        assert sum(getattr(r, comp) for r in mix.rows) == sum(getattr(r, comp) for r in uni.rows)
+
+
+@pytest.mark.parametrize("fam,kw", FAMS)
+def test_allocate_all_meets_budget_within_one_unit(fam, kw):
+    base = tiny_model(fam, **kw)
+    st_ = _stats(base)
+    uni = a3mod.report(_apply(base, a3mod.a3_passes(0.3), st_))
+    m = _apply(base, [a3mod.Allocate(budget=0.3, across="all")], st_)
+    mix = a3mod.report(m)
+    d = kw.get("hidden", 32)
+    biggest_unit = 2 * (4 + 4) * (d + 1) + 8 * 3 * (d + 1)      # generous bound on one unit's parameters
+    assert uni.params - biggest_unit < mix.params <= uni.params
+    logits = m(input_ids()).logits
+    assert torch.isfinite(logits).all()
+
+
+def _curve(layer, comp, loss, uniform, cost=1):
+    return Curve(layer, comp, 1, torch.tensor(loss, dtype=torch.float64), cost, uniform)
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=8), st.integers(1, 7), st.integers(2, 6))
+def test_identical_layers_get_uniform_ranks(increments, uniform, layers):
+    """Identical loss curves in every layer -> every layer keeps exactly uniform's units."""
+    inc = sorted(increments, reverse=True)                 # convex: largest loss increments first
+    loss = [sum(inc[k:]) for k in range(len(inc) + 1)]     # loss[k] for k kept units, loss[-1] = 0
+    uniform = min(uniform, len(inc))
+    cs = [_curve(i, c, loss, uniform) for i in range(layers) for c in ("qk", "ov", "mlp")]
+    assert allocate(cs, "layers") == [uniform] * len(cs)
+
+
+def test_allocate_moves_units_to_where_they_matter():
+    """A layer whose spectrum is flat keeps more than one whose energy sits in few units."""
+    flat = [1.0 - k / 8 for k in range(9)]
+    peaked = [1.0, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.001, 0.0]
+    cs = [_curve(0, "qk", flat, 4), _curve(1, "qk", peaked, 4)]
+    kept = allocate(cs, "layers")
+    assert sum(kept) == 8 and kept[0] > kept[1]
+
+
+def test_identical_model_layers_give_uniform_model():
+    """Same weights and same statistics in every layer: Allocate builds exactly uniform A3."""
+    base = tiny_model("llama", kv_heads=2, layers=3)
+    with torch.no_grad():
+        for layer in base.model.layers[1:]:
+            layer.load_state_dict(base.model.layers[0].state_dict())
+    st_ = _stats(base)
+    st_.layers = [{k: t.clone() for k, t in st_.layers[0].items()} for _ in st_.layers]
+    uni = _apply(base, a3mod.a3_passes(0.3), st_)
+    mix = _apply(base, [a3mod.Allocate(budget=0.3)], st_)
+    x = input_ids()
+    torch.testing.assert_close(mix(x).logits, uni(x).logits)
+    assert [(r.qk_dim, r.vo_dim, r.mlp_dim) for r in a3mod.report(mix).rows] == \
+        [(r.qk_dim, r.vo_dim, r.mlp_dim) for r in a3mod.report(uni).rows]
+
+
+@pytest.mark.parametrize("fam,kw", FAMS)
+@pytest.mark.parametrize("kv", [0.25, 0.5])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a3kv_cache_budget_and_accounting(fam, kw, kv, mixed):
+    base = tiny_model(fam, **kw)
+    m = _apply(base, [a3mod.A3KV(kv_ratio=kv, mixed=mixed)], _stats(base))
+    rep = a3mod.report(m)
+    assert rep.kv_bytes_per_token() <= (1 - kv) * rep.kv_bytes_per_token(orig=True) + 1e-9
+    assert all(r.mlp_dim == r.mlp_orig for r in rep.rows)          # attention only
+    out = m(input_ids(1, 10), use_cache=True)
+    cached = sum(l.keys[0, :, 0].numel() + l.values[0, :, 0].numel() for l in out.past_key_values.layers)
+    assert cached * m.dtype.itemsize == rep.kv_bytes_per_token()     # the report counts what the cache holds
+    ids = input_ids(1, 6)
+    g1 = m.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    g2 = m.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(g1, g2)
+
+
+def test_a3kv_uniform_equals_a3qk_plus_a3ov():
+    base = tiny_model("llama", kv_heads=2)
+    st_ = _stats(base)
+    a = _apply(base, [a3mod.A3KV(kv_ratio=0.5)], st_)
+    b = _apply(base, [a3mod.A3QK(ratio=0.5), a3mod.A3OV(ratio=0.5)], st_)
+    x = input_ids()
+    torch.testing.assert_close(a(x).logits, b(x).logits)
+
+
+def test_allocate_save_load_and_json(tmp_path):
+    base = tiny_model("qwen2", kv_heads=2, layers=3)
+    m = _apply(base, [a3mod.Allocate(budget=0.3, across="all")], _stats(base))
+    a3mod.save(m, tmp_path / "m")
+    m2 = a3mod.load(tmp_path / "m")
+    x = input_ids()
+    torch.testing.assert_close(m2(x).logits, m(x).logits)
+    for p in (a3mod.Allocate(budget=0.2), a3mod.Allocate(budget=0.3, across="all"), a3mod.A3KV(kv_ratio=0.5, mixed=True)):
+        assert a3mod.pass_from_dict(a3mod.pass_to_dict(p)) == p
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: a3mod.Allocate(budget=1.0), "budget=1.0"),
+    (lambda: a3mod.Allocate(budget=-0.1), "budget=-0.1"),
+    (lambda: a3mod.Allocate(budget=0.2, across="heads"), "across='heads'"),
+    (lambda: a3mod.A3KV(kv_ratio=1.5), "kv_ratio=1.5"),
+    (lambda: a3mod.A3KV(kv_ratio=0.5, mixed="yes"), "mixed='yes'"),
+])
+def test_errors(make, needle):
+    with pytest.raises(a3mod.A3ModError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+def test_allocate_cannot_mix_with_a3_passes():
+    with pytest.raises(a3mod.A3ModError, match="alone"):
+        a3mod.apply(tiny_model("llama"), [a3mod.Allocate(budget=0.2), a3mod.A3MLP(ratio=0.2)], calib=calib_ids())
