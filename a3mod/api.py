@@ -10,6 +10,8 @@ from .errors import A3ModError, CalibrationError
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
 from .passes.base import needs
+from .quant import QUANT_HANDLERS, is_quantized, quant_swaps, split_quant
+from .quant.base import handler_for
 from .report import linear_param_count
 from .rewrite import LayerWork, set_child
 
@@ -20,7 +22,7 @@ def _check_passes(passes) -> list:
     passes = list(passes)
     if not passes:
         raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2) or [A3QK(ratio=..), A3OV(..), A3MLP(..)]")
-    known = {**HANDLERS, **MODEL_HANDLERS}
+    known = {**HANDLERS, **MODEL_HANDLERS, **QUANT_HANDLERS}
     for p in passes:
         if type(p) not in known:
             raise A3ModError(f"{p!r} is not a pass config; known: {sorted(t.__name__ for t in known)}")
@@ -53,18 +55,39 @@ def _stats_for(model, passes, calib, stats, progress) -> Stats | None:
 
 def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | None = None,
           progress: bool = True) -> nn.Module:
-    """Compress `model` in place and return it.
+    """Compress (and/or quantize) `model` in place and return it.
 
     passes: A3 pass configs (A3QK, A3OV, A3MLP), each with its own ratio or rank; or one baseline
-            (PlainSVD, SVDLLM, ASVD).
+            (PlainSVD, SVDLLM, ASVD); optionally followed by one quantization pass (BnbInt8, Bnb4bit, HQQ),
+            which may also be given alone (then the model may already be compressed, e.g. from a3mod.load).
     calib:  (n_samples, seq_len) token ids (see `calibration_data`), or
     stats:  statistics from `collect(model, calib, kinds=...)`, to apply several ratios without recalibrating.
-    The whole model is solved first and only then rewritten, so an error leaves it untouched.
+    The whole model is solved (and quantized) first and only then rewritten, so an error leaves it untouched.
     """
-    passes = _check_passes(passes)
+    passes, quant = split_quant(passes)
+    if passes or quant is None:
+        passes = _check_passes(passes)
+    if quant is not None:
+        handler_for(quant)                      # its library is installed, before any solving
     views = layer_views(model)
+    swaps, info = (_compress(model, views, passes, calib, stats, progress) if passes
+                   else ([], _info_so_far(model, views)))
+    qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
+    for i, path, new in swaps + qswaps:
+        set_child(views[i].layer, path, new)
+    if quant is not None:
+        info["passes"] = [*info["passes"], pass_to_dict(quant)]
+    model.a3mod_info = info
+    return model
+
+
+def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
+    """The compact modules the compression passes make (not yet swapped in) and the model's new a3mod_info."""
     if any(isinstance(m, COMPACT) for v in views for m in v.layer.modules()):
         raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
+    if any(is_quantized(m) for v in views for m in v.layer.modules()):
+        raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
+                         "quantization pass, in one call)")
     stats = _stats_for(model, passes, calib, stats, progress)
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)
@@ -75,11 +98,19 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
         swaps = MODEL_HANDLERS[type(passes[0])](passes[0], model, views, stats, calib, progress)
     else:
         swaps = _a3_swaps(model, views, passes, stats, progress)
-    for i, path, new in swaps:
-        set_child(views[i].layer, path, new)
-    model.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
-                        "orig_layer_params": orig}
-    return model
+    info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
+            "orig_layer_params": orig}
+    return swaps, info
+
+
+def _info_so_far(model, views) -> dict:
+    """a3mod_info of a model a quantization pass alone is applied to (compressed before, or not at all)."""
+    info = dict(getattr(model, "a3mod_info", None) or {})
+    info.setdefault("passes", [])
+    info.setdefault("calib_tokens", 0)
+    if info.get("orig_layer_params") is None:
+        info["orig_layer_params"] = [linear_param_count(v.layer) for v in views]
+    return info
 
 
 def _a3_swaps(model, views, passes, stats, progress) -> list:

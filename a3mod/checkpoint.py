@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,11 +20,13 @@ from torch import nn
 from .arch import get_path, spec_for
 from .errors import CheckpointError
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+from .quant import io as quant_io
 from .rewrite import set_child
 
 SIDECAR = "a3mod.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
+QUANT_FORMAT = 2       # written when the model holds quantized linears (older readers refuse it)
 
 
 def is_a3mod_checkpoint(path: str | os.PathLike) -> bool:
@@ -58,6 +61,9 @@ def _describe(model: nn.Module) -> dict:
                if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
         if lin:
             entry["linears"] = lin
+        quantized = quant_io.layer_entry(layer)
+        if quantized:
+            entry["quantized"] = quantized
         if isinstance(mlp, ReducedMLP):
             entry["mlp"] = dict(hidden=mlp.up_proj.in_features, inter=mlp.inter, orig_inter=mlp.orig_inter,
                                 act=mlp.act, gated=mlp.gate_proj is not None, up_bias=mlp.up_proj.bias is not None,
@@ -65,10 +71,12 @@ def _describe(model: nn.Module) -> dict:
         if entry:
             layers[str(i)] = entry
     info = getattr(model, "a3mod_info", {})
+    quant = quant_io.model_entry(model)
     from . import __version__
-    return {"format": FORMAT, "a3mod_version": __version__, "model_type": model.config.model_type,
-            "passes": info.get("passes", []), "calib_tokens": info.get("calib_tokens"),
-            "orig_layer_params": info.get("orig_layer_params"), "layers": layers}
+    return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
+            "model_type": model.config.model_type, "passes": info.get("passes", []),
+            "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
+            "layers": layers, **({"quant": quant} if quant else {})}
 
 
 def _dedup(sd: dict) -> tuple[dict, dict]:
@@ -81,6 +89,11 @@ def _dedup(sd: dict) -> tuple[dict, dict]:
         else:
             seen[key] = k
             tensors[k] = t.detach().contiguous()
+    # different tensors in one storage (views of a larger buffer): safetensors refuses them, so copy those
+    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in tensors.values())
+    for k, t in tensors.items():
+        if storages[(t.device, t.untyped_storage().data_ptr())] > 1:
+            tensors[k] = t.clone()
     return tensors, aliases
 
 
@@ -174,8 +187,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     if not is_a3mod_checkpoint(p):
         raise CheckpointError(f"{str(p)!r} is not an a3mod checkpoint (no {SIDECAR})")
     side = json.loads((p / SIDECAR).read_text())
-    if side.get("format") != FORMAT:
-        raise CheckpointError(f"{SIDECAR} format {side.get('format')!r}; this a3mod reads format {FORMAT}")
+    if side.get("format") not in (FORMAT, QUANT_FORMAT):
+        raise CheckpointError(f"{SIDECAR} format {side.get('format')!r}; this a3mod reads formats {FORMAT} and "
+                              f"{QUANT_FORMAT}")
     config = AutoConfig.from_pretrained(p)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -185,6 +199,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         if src not in sd:
             raise CheckpointError(f"{SIDECAR} says {k!r} is tied to {src!r}, which {WEIGHTS} lacks")
         sd[k] = sd[src]
+    quantized = quant_io.restore(model, spec_for(model).layers, side, sd, device, dtype)   # takes their tensors
     expected = model.state_dict()
     for k, t in sd.items():
         if k not in expected:
@@ -196,7 +211,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
-    still = [k for k in missing if get_path_tensor(model, k).is_meta]
+    still = [k for k in missing if not k.startswith(quantized) and get_path_tensor(model, k).is_meta]
     if still:
         raise CheckpointError(f"{WEIGHTS} lacks {len(still)} weights the model needs, e.g. {still[:3]}")
     for name, mod in model.named_modules():

@@ -13,13 +13,37 @@ from torch import nn
 from .arch import dims_of, get_path, spec_for
 
 
+def _linear_sizes(m: nn.Module) -> tuple[int, int] | None:
+    """(weight, bias) element counts of a linear layer, counted logically: a quantized linear (bitsandbytes,
+    HQQ) as the float in x out weight it stands for. None for modules that are not linear layers."""
+    if type(m).__name__ == "Conv1D":
+        return m.weight.numel(), (m.bias.numel() if m.bias is not None else 0)
+    if isinstance(m, nn.Linear) or type(m).__name__ == "HQQLinear":
+        bias = getattr(m, "bias", None)
+        return m.in_features * m.out_features, (bias.numel() if bias is not None else 0)
+    return None
+
+
 def linear_param_count(module: nn.Module) -> int:
-    """Weights + biases of the nn.Linear (and GPT-2 Conv1D) modules inside `module`."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
-            n += sum(p.numel() for p in m.parameters(recurse=False))
-    return n
+    """Weights + biases of the nn.Linear (and GPT-2 Conv1D, and quantized linear) modules inside `module`."""
+    return sum(sum(s) for m in module.modules() if (s := _linear_sizes(m)) is not None)
+
+
+def _storage(model: nn.Module, spec) -> tuple[int, int, int]:
+    """(bytes of the state dict as a3mod.save writes it, bytes of the decoder-layer linear weights with their
+    quantization metadata (biases excluded), their logical weight count)."""
+    from .checkpoint import _dedup
+
+    tensors, _ = _dedup(model.state_dict())
+    owners, weights = [], 0
+    for i, layer in enumerate(get_path(model, spec.layers)):
+        for n, m in layer.named_modules():
+            if (s := _linear_sizes(m)) is not None:
+                owners.append(f"{spec.layers}.{i}.{n}.")
+                weights += s[0]
+    owners, biases = tuple(owners), {o + "bias" for o in owners}
+    lin = sum(t.nbytes for k, t in tensors.items() if k.startswith(owners) and k not in biases)
+    return sum(t.nbytes for t in tensors.values()), lin, weights
 
 
 @dataclass
@@ -37,6 +61,7 @@ class LayerRow:
     kv_elems: int = 0        # elements cached per token (K + V, or the latents of a LatentKVAttention)
     kv_elems_orig: int = 0
     lowrank: int = 0         # linears stored as two low-rank factors (baselines)
+    quantized: int = 0       # quantized linears (BnbInt8, Bnb4bit, HQQ)
 
 
 @dataclass
@@ -45,6 +70,14 @@ class Report:
     rows: list[LayerRow]
     dtype_bytes: int
     context: int
+    model_bytes: int = 0             # every state-dict tensor (tied weights once, quantization metadata included)
+    linear_weight_bytes: int = 0     # decoder-layer linear weights + their quantization metadata (no biases)
+    linear_weights: int = 0          # their logical element count (in x out per linear)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per decoder-layer linear weight, quantization metadata included (32 for plain fp32)."""
+        return 8 * self.linear_weight_bytes / self.linear_weights if self.linear_weights else 0.0
 
     @property
     def params(self) -> int:
@@ -72,6 +105,7 @@ class Report:
                 "ratio": self.ratio, "kv_bytes_per_token": self.kv_bytes_per_token(),
                 "kv_bytes_per_token_orig": self.kv_bytes_per_token(True), "flops_per_token": self.flops_per_token(),
                 "flops_per_token_orig": self.flops_per_token(True), "context": self.context,
+                "model_bytes": self.model_bytes, "bits_per_param": self.bits_per_param,
                 "layers": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
@@ -88,7 +122,9 @@ class Report:
         lines += ["-" * len(head),
                   f"params        {self.params_orig:,} -> {self.params:,}  (removed {100 * self.ratio:.4f}%)",
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
-                  f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})"]
+                  f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})",
+                  f"storage       {self.model_bytes:,} bytes (state dict, tied weights once); decoder-layer linear "
+                  f"weights {self.bits_per_param:.3f} bits/param ({sum(r.quantized for r in self.rows)} quantized)"]
         return "\n".join(lines)
 
 
@@ -96,6 +132,7 @@ def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
     from .arch import out_features
     from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+    from .quant import is_quantized
 
     spec = spec_for(model)
     d = dims_of(model.config, spec)
@@ -111,8 +148,10 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         kv0 = 2 * d.kv_heads * d.head_dim
         kv = attn.kv_elems_per_token if isinstance(attn, LatentKVAttention) else d.kv_heads * (qk + vo)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
+        quantized = sum(is_quantized(m) for m in layer.modules())
         n = linear_param_count(layer)
         rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
-                             kv, kv0, lowrank))
+                             kv, kv0, lowrank, quantized))
     p = next(model.parameters())
-    return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context)
+    return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context,
+                  *_storage(model, spec))
