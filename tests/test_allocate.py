@@ -142,3 +142,27 @@ def test_errors(make, needle):
 def test_allocate_cannot_mix_with_a3_passes():
     with pytest.raises(a3mod.A3ModError, match="alone"):
         a3mod.apply(tiny_model("llama"), [a3mod.Allocate(budget=0.2), a3mod.A3MLP(ratio=0.2)], calib=calib_ids())
+
+
+@pytest.mark.parametrize("min_keep", [0.5, 0.8, 1.0])
+def test_min_keep_floor(min_keep):
+    peaked = [1.0, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.001, 0.0]
+    flat = [1.0 - k / 8 for k in range(9)]
+    cs = [_curve(0, "mlp", flat, 4), _curve(1, "mlp", peaked, 4)]
+    kept = allocate(cs, "layers", min_keep)
+    assert sum(kept) == 8 and min(kept) >= max(1, -(-min_keep * 4 // 1))
+    if min_keep == 1.0:
+        assert kept == [4, 4]
+
+
+def test_allocate_options_validated():
+    with pytest.raises(a3mod.A3ModError, match="min_keep=2"):
+        a3mod.Allocate(budget=0.2, min_keep=2)
+    with pytest.raises(a3mod.A3ModError, match="normalize='l2'"):
+        a3mod.Allocate(budget=0.2, normalize="l2")
+    base = tiny_model("llama", kv_heads=2, layers=3)
+    st_ = _stats(base)
+    uni = a3mod.report(_apply(base, a3mod.a3_passes(0.3), st_))
+    for kw in (dict(normalize="absolute"), dict(min_keep=0.9), dict(across="all", normalize="absolute")):
+        rep = a3mod.report(_apply(base, [a3mod.Allocate(budget=0.3, **kw)], st_))
+        assert rep.params <= uni.params and torch.isfinite(torch.tensor(rep.ratio))

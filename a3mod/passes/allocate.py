@@ -14,6 +14,7 @@ until at least uniform A3's parameter count is removed (overshoot below one unit
 from __future__ import annotations
 
 import heapq
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -34,14 +35,21 @@ class Allocate:
     """Mixed-rank A3 removing `budget` (fraction of decoder-layer linear params, as uniform A3's ratio)."""
     budget: float
     across: str = "layers"
+    normalize: str = "relative"
+    min_keep: float = 0.0          # every layer-component keeps at least this fraction of uniform A3's units
     NEEDS = ("a3",)
 
     def __post_init__(self):
+        if not (isinstance(self.min_keep, numbers.Real) and not isinstance(self.min_keep, bool) and 0 <= self.min_keep <= 1):
+            raise RatioError(f"Allocate: min_keep={self.min_keep!r} is outside [0, 1] (fraction of uniform's units kept)")
+        if self.normalize not in ("relative", "absolute"):
+            raise A3ModError(f"Allocate: normalize={self.normalize!r}; allowed: 'relative', 'absolute'")
         if not (isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool) and 0 <= self.budget < 1):
             raise RatioError(f"Allocate: budget={self.budget!r} is outside [0, 1) (the fraction of parameters removed)")
         if self.across not in ("layers", "all"):
             raise A3ModError(f"Allocate: across={self.across!r}; allowed: 'layers', 'all'")
         object.__setattr__(self, "budget", float(self.budget))
+        object.__setattr__(self, "min_keep", float(self.min_keep))
 
 
 @dataclass
@@ -68,7 +76,7 @@ def _step(comp: str, full: int, rope: bool) -> int:
     return 8 if full >= 512 else 1
 
 
-def curves(views, stats, budget: float) -> list[Curve]:
+def curves(views, stats, budget: float, normalize: str = "relative") -> list[Curve]:
     """Loss curves of every layer and component (one full-rank solve each)."""
     out = []
     for v in views:
@@ -82,15 +90,17 @@ def curves(views, stats, budget: float) -> list[Curve]:
             step = _step(comp, full[comp], bool(a.rot_dim))
             loss, unit = HANDLERS[_PASS[comp]](_PASS[comp](rank=full[comp]), work, stats.layers[v.index], stats.n)
             loss = loss[:: step // unit].double()                          # per allocation unit
-            loss = loss / loss[0] if loss[0] > 0 else torch.zeros_like(loss)
+            if normalize == "relative":
+                loss = loss / loss[0] if loss[0] > 0 else torch.zeros_like(loss)
             uni = kept_dim(comp, full[comp], budget, None, step) // step
             out.append(Curve(v.index, comp, step, loss, cost[comp] * step, uni))
     return out
 
 
-def allocate(cs: list[Curve], across: str) -> list[int]:
+def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
     """Kept units per curve: greedy removal of the unit with the smallest loss increase (per parameter if across='all')."""
     kept = [c.units for c in cs]
+    floor = [max(1, math.ceil(min_keep * c.uniform)) for c in cs]
     groups = [[i for i, c in enumerate(cs) if c.comp == comp] for comp in COMPONENTS] if across == "layers" \
         else [list(range(len(cs)))]
     for g in groups:
@@ -99,24 +109,25 @@ def allocate(cs: list[Curve], across: str) -> list[int]:
 
         def key(i):  # loss increase of removing one more unit (rounded: equal up to round-off is a tie);
             c = cs[i]  # ties go to the curve keeping the most units, so identical curves shrink in turn
-            return round(float(c.loss[kept[i] - 1] - c.loss[kept[i]]) / (c.cost if per_param else 1), 12), -kept[i], i
+            delta = float(c.loss[kept[i] - 1] - c.loss[kept[i]]) / (c.cost if per_param else 1)
+            return float(f"{delta:.10g}"), -kept[i], i
 
-        heap = [key(i) for i in g if kept[i] > 1]
+        heap = [key(i) for i in g if kept[i] > floor[i]]
         heapq.heapify(heap)
         removed = 0
         while removed < goal and heap:
             i = heapq.heappop(heap)[-1]
             kept[i] -= 1
             removed += cs[i].cost if per_param else 1
-            if kept[i] > 1:
+            if kept[i] > floor[i]:
                 heapq.heappush(heap, key(i))
     return kept
 
 
 @model_handler(Allocate)
 def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
-    cs = curves(views, stats, cfg.budget)
-    kept = allocate(cs, cfg.across)
+    cs = curves(views, stats, cfg.budget, cfg.normalize)
+    kept = allocate(cs, cfg.across, cfg.min_keep)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
     for v in views:
