@@ -51,7 +51,8 @@ def run_model(path: Path, args) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    metrics = [(t, m) for t, ms in rows[0]["scores"].items() for m in ms if not m.endswith("_stderr,none")]
+    metrics = [(t, m) for t, ms in rows[0]["scores"].items() for m in ms
+               if not m.endswith("_stderr,none") and m != "sample_len"]
     head = " | ".join(f"{t} {m.split(',')[0]}" for t, m in metrics)
     lines = [f"lm-eval {meta['lm_eval']} through a3mod's local tasks, {meta['limit']}; max_length {meta['max_length']}; "
              f"{meta['machine']}, fp32. wikitext_local numbers are lm-eval's word/byte perplexity of whole pages, "
@@ -61,6 +62,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         vals = " | ".join(f"{r['scores'][t][m]:.4f}" for t, m in metrics)
         lines.append(f"| {r['model']} | {r['method']} | {100 * r['ratio']:.2f}% | {vals} | {r['eval_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def update_readme(md: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if "<!-- lm-eval-results -->" not in text:
+        sys.exit("README has no <!-- lm-eval-results --> markers")
+    readme.write_text(re.sub(r"(<!-- lm-eval-results -->\n).*?(<!-- /lm-eval-results -->)",
+                             lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
 
 
 def main() -> None:
@@ -73,7 +83,16 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048, help="lm-eval context length (default 2048)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
     ap.add_argument("--update-readme", action="store_true")
+    ap.add_argument("--render", action="store_true", help="only re-render md/README from the existing lm_eval.json")
     args = ap.parse_args()
+    if args.render:
+        data = json.loads((Path(args.out) / "lm_eval.json").read_text())
+        md = markdown(data["rows"], data["meta"])
+        (Path(args.out) / "lm_eval.md").write_text(md)
+        print(md)
+        if args.update_readme:
+            update_readme(md)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lm_eval
@@ -94,12 +113,7 @@ def main() -> None:
     (out / "lm_eval.md").write_text(md)
     print(md)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        if "<!-- lm-eval-results -->" not in text:
-            sys.exit("README has no <!-- lm-eval-results --> markers")
-        readme.write_text(re.sub(r"(<!-- lm-eval-results -->\n).*?(<!-- /lm-eval-results -->)",
-                                 lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
+        update_readme(md)
 
 
 if __name__ == "__main__":
