@@ -338,3 +338,17 @@ def test_nf4_rows_not_a_multiple_of_the_blocksize(in_features):
     x = torch.randn(8, in_features)
     rel = ((q(x) - lin(x)).norm() / lin(x).norm()).item()
     assert rel < 0.13
+
+
+@pytest.mark.xfail(strict=False, reason="KNOWN DEFECT: bitsandbytes' CPU dequantize_4bit mis-blocks 2-D quant states "
+                   "whose rows are not a multiple of the blocksize; weights with outlier columns lose ~50%")
+def test_nf4_outlier_columns_rows_not_a_multiple_of_the_blocksize():
+    torch.manual_seed(0)
+    lin = nn.Linear(1232, 96)
+    with torch.no_grad():
+        lin.weight[:, ::97] *= 30.0                      # a few outlier input columns, as in real down_proj weights
+    from a3mod.quant.base import handler_for
+    cfg = a3mod.Bnb4bit(quant_type="nf4")
+    q = handler_for(cfg).quantize(cfg, lin)
+    x = torch.randn(8, 1232)
+    assert ((q(x) - lin(x)).norm() / lin(x).norm()).item() < 0.13
