@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,16 +20,8 @@ from pathlib import Path
 import torch
 
 import a3mod
-from a3mod.paths import assets_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def asset_models() -> list[Path]:
-    root = assets_dir()
-    if root is None or not (root / "models").is_dir():
-        sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
-    return sorted(p for p in (root / "models").iterdir() if p.is_dir())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -96,16 +85,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def update_readme(md: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = re.sub(r"(<!-- core-results -->\n).*?(<!-- /core-results -->)", lambda m: m.group(1) + md + m.group(2),
-                 text, flags=re.S)
-    if new == text and "<!-- core-results -->" not in text:
-        sys.exit("README has no <!-- core-results --> markers")
-    readme.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -124,19 +103,12 @@ def main() -> None:
             rows += run_model(path, args)
         except a3mod.UnsupportedModelError as e:
             print(f"skip {path.name}: {e}", file=sys.stderr)
-    ev = (f"first {args.eval_windows} x {args.eval_seq_len}-token windows of the test split"
-          if args.eval_windows else f"full test split in {args.eval_seq_len}-token windows")
-    meta = {"eval": ev, "calib": f"{args.n_samples} x {args.calib_seq_len} tokens of WikiText-2 validation, seed 0",
-            "machine": f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}", "args": vars(args)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "core.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = {"eval": eval_desc(args), "calib": f"{args.n_samples} x {args.calib_seq_len} tokens of WikiText-2 "
+            "validation, seed 0", "machine": machine(), "args": vars(args)}
     md = markdown(rows, meta)
-    (out / "core.md").write_text(md)
-    plot(rows, out / "core.png")
-    print(md)
+    plot(rows, write_results(args.out, "core", meta, rows, md) / "core.png")
     if args.update_readme:
-        update_readme(md)
+        update_readme(md, "core-results")
 
 
 if __name__ == "__main__":

@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 import a3mod
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "evals"))
-from bench_core import asset_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, asset_models, machine, update_readme, write_results  # noqa: E402
 
 
 def scores(model, tok, args) -> dict:
@@ -64,15 +60,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(md: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if "<!-- lm-eval-results -->" not in text:
-        sys.exit("README has no <!-- lm-eval-results --> markers")
-    readme.write_text(re.sub(r"(<!-- lm-eval-results -->\n).*?(<!-- /lm-eval-results -->)",
-                             lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["wikitext_local"])
@@ -88,10 +75,9 @@ def main() -> None:
     if args.render:
         data = json.loads((Path(args.out) / "lm_eval.json").read_text())
         md = markdown(data["rows"], data["meta"])
-        (Path(args.out) / "lm_eval.md").write_text(md)
-        print(md)
+        write_results(args.out, "lm_eval", data["meta"], data["rows"], md)
         if args.update_readme:
-            update_readme(md)
+            update_readme(md, "lm-eval-results")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -104,16 +90,12 @@ def main() -> None:
         except a3mod.UnsupportedModelError as e:
             print(f"skip {path.name}: {e}", file=sys.stderr)
     meta = {"lm_eval": lm_eval.__version__, "limit": f"first {args.limit} documents" if args.limit else "all documents",
-            "max_length": args.max_length, "machine": f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}",
+            "max_length": args.max_length, "machine": machine(),
             "args": vars(args)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lm_eval.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(rows, meta)
-    (out / "lm_eval.md").write_text(md)
-    print(md)
+    write_results(args.out, "lm_eval", meta, rows, md)
     if args.update_readme:
-        update_readme(md)
+        update_readme(md, "lm-eval-results")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,9 +22,8 @@ import torch
 
 import a3mod
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "evals"))
-from bench_core import asset_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -103,23 +99,12 @@ def main() -> None:
             rows += run_model(path, args)
         except a3mod.UnsupportedModelError as e:
             print(f"skip {path.name}: {e}", file=sys.stderr)
-    ev = (f"first {args.eval_windows} x {args.eval_seq_len}-token windows of the test split"
-          if args.eval_windows else f"full test split in {args.eval_seq_len}-token windows")
-    meta = {"eval": ev, "calib": f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation tokens, seed 0",
-            "machine": f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}", "args": vars(args)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = {"eval": eval_desc(args), "calib": f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation "
+            "tokens, seed 0", "machine": machine(), "args": vars(args)}
     md = markdown(rows, meta)
-    (out / "mix.md").write_text(md)
-    print(md)
+    write_results(args.out, "mix", meta, rows, md)
     if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        if "<!-- mix-results -->" not in text:
-            sys.exit("README has no <!-- mix-results --> markers")
-        readme.write_text(re.sub(r"(<!-- mix-results -->\n).*?(<!-- /mix-results -->)",
-                                 lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
+        update_readme(md, "mix-results")
 
 
 if __name__ == "__main__":

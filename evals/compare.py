@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -26,22 +23,15 @@ from pathlib import Path
 import torch
 
 import a3mod
-from a3mod.paths import assets_dir
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "A3": lambda r, a: a3mod.a3_passes(r),
     "ASVD": lambda r, a: [a3mod.ASVD(ratio=r, probe_samples=a.probe_samples, probe_seq_len=a.probe_seq_len)],
     "SVD-LLM": lambda r, a: [a3mod.SVDLLM(ratio=r)],
     "SVD": lambda r, a: [a3mod.PlainSVD(ratio=r)],
 }
-
-
-def asset_models() -> list[Path]:
-    root = assets_dir()
-    if root is None or not (root / "models").is_dir():
-        sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
-    return sorted(p for p in (root / "models").iterdir() if p.is_dir())
 
 
 @torch.no_grad()
@@ -143,15 +133,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def update_readme(md: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if "<!-- compare-results -->" not in text:
-        sys.exit("README has no <!-- compare-results --> markers")
-    readme.write_text(re.sub(r"(<!-- compare-results -->\n).*?(<!-- /compare-results -->)",
-                             lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -176,21 +157,14 @@ def main() -> None:
             rows += run_model(path, args)
         except a3mod.UnsupportedModelError as e:
             print(f"skip {path.name}: {e}", file=sys.stderr)
-    ev = (f"first {args.eval_windows} x {args.eval_seq_len}-token windows of the test split"
-          if args.eval_windows else f"full test split in {args.eval_seq_len}-token windows")
-    meta = {"eval": ev, "calib": f"{args.n_samples} x {args.calib_seq_len} tokens of WikiText-2 validation, "
+    meta = {"eval": eval_desc(args), "calib": f"{args.n_samples} x {args.calib_seq_len} tokens of WikiText-2 validation, "
                                  f"seed {args.seed}",
             "probe": f"ASVD probes {args.probe_samples} x {args.probe_seq_len} calibration tokens",
-            "machine": f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}", "args": vars(args)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            "machine": machine(), "args": vars(args)}
     md = markdown(rows, meta)
-    (out / "compare.md").write_text(md)
-    plot(rows, out / "compare.png")
-    print(md)
+    plot(rows, write_results(args.out, "compare", meta, rows, md) / "compare.png")
     if args.update_readme:
-        update_readme(md)
+        update_readme(md, "compare-results")
 
 
 if __name__ == "__main__":
