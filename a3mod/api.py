@@ -9,11 +9,12 @@ from .calib import Stats, collect
 from .errors import A3ModError, CalibrationError
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
+from .passes.a3 import build_layer
 from .passes.base import needs
 from .quant import QUANT_HANDLERS, is_quantized, quant_swaps, split_quant
 from .quant.base import handler_for
 from .report import linear_param_count
-from .rewrite import LayerWork, set_child
+from .rewrite import set_child
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention)
 
@@ -116,11 +117,7 @@ def _info_so_far(model, views) -> dict:
 def _a3_swaps(model, views, passes, stats, progress) -> list:
     out = []
     for v in tqdm(views, desc="solving", disable=not progress, unit="layer"):
-        work = LayerWork.from_view(v)
-        for p in passes:
-            HANDLERS[type(p)](p, work, stats.layers[v.index], stats.n)
-        o = v.o_module()
-        attn, mlp = work.build(model.config, o.weight.dtype, o.weight.device)
+        attn, mlp = build_layer(model, v, passes, stats)
         out += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -49,6 +49,17 @@ class A3MLP(_RatioOrRank):
     """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
 
 
+def build_layer(model, view, passes, stats):
+    """Run A3 passes (configs with per-layer handlers) on one layer; returns its new (attention, MLP)."""
+    from .base import HANDLERS
+
+    work = LayerWork.from_view(view)
+    for p in passes:
+        HANDLERS[type(p)](p, work, stats.layers[view.index], stats.n)
+    o = view.o_module()
+    return work.build(model.config, o.weight.dtype, o.weight.device)
+
+
 def a3_passes(ratio: float) -> list:
     """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP."""
     return [A3QK(ratio=ratio), A3OV(ratio=ratio), A3MLP(ratio=ratio)]

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import A3ModError, RatioError
 from ..rewrite import LayerWork
-from .a3 import A3MLP, A3OV, A3QK
+from .a3 import A3MLP, A3OV, A3QK, build_layer
 from .base import HANDLERS, kept_dim, model_handler, register_pass
 
 COMPONENTS = ("qk", "ov", "mlp")
@@ -131,11 +131,7 @@ def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
     for v in views:
-        work = LayerWork.from_view(v)
-        for comp in COMPONENTS:
-            HANDLERS[_PASS[comp]](_PASS[comp](rank=ranks[v.index, comp]), work, stats.layers[v.index], stats.n)
-        o = v.o_module()
-        attn, mlp = work.build(model.config, o.weight.dtype, o.weight.device)
+        attn, mlp = build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS], stats)
         swaps += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
     return swaps
 
@@ -169,12 +165,5 @@ def apply_a3kv(cfg: A3KV, model, views, stats, calib, progress):
         c.cost = views[c.layer].dims.kv_heads * c.step
     kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
-    swaps = []
-    for v in views:
-        work = LayerWork.from_view(v)
-        for comp in ("qk", "ov"):
-            HANDLERS[_PASS[comp]](_PASS[comp](rank=ranks[v.index, comp]), work, stats.layers[v.index], stats.n)
-        o = v.o_module()
-        attn, _ = work.build(model.config, o.weight.dtype, o.weight.device)
-        swaps.append((v.index, v.spec.attn, attn))
-    return swaps
+    return [(v.index, v.spec.attn, build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")],
+                                               stats)[0]) for v in views]
