@@ -103,11 +103,45 @@ def int8_restore(cfg: BnbInt8, state: dict, *, in_features, out_features, bias, 
 
 
 # ------------------------------------------------------------------------------------------ 4-bit
-def _fourbit_module(cfg: Bnb4bit, in_f: int, out_f: int, bias) -> nn.Module:
-    from bitsandbytes.nn import Linear4bit
+def _flat_linear4bit_class():
+    """`Linear4bit` whose CPU forward dequantizes the weight as the flat tensor it was quantized as.
 
-    m = Linear4bit(in_f, out_f, bias=bias is not None, compress_statistics=cfg.compress_statistics,
-                   quant_type=cfg.quant_type, device="meta")
+    bitsandbytes 0.50's CPU dequantize_4bit / gemm_4bit kernels take `quant_state.shape` (out, in) and start a
+    new absmax block at every row, while the format (and quantize_4bit, and the CUDA kernels) block the flat
+    tensor: when `in % blocksize != 0` (e.g. A3's 576 x 1232 down_proj) every row after the first reads the
+    wrong scales (relative error 0.5 instead of 0.09 on weights with outlier columns). Dequantizing with the
+    shape (1, out*in) makes the kernel block the flat tensor; then it is an ordinary linear. Other devices use
+    the library's forward unchanged.
+    """
+    global _FLAT4
+    if _FLAT4 is None:
+        import copy
+
+        import bitsandbytes.functional as F
+        from bitsandbytes.nn import Linear4bit
+
+        class FlatLinear4bit(Linear4bit):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                qs = self.weight.quant_state
+                if x.device.type != "cpu" or qs.shape[1] % qs.blocksize == 0:
+                    return super().forward(x)
+                flat = copy.copy(qs)
+                flat.shape = torch.Size((1, qs.shape[0] * qs.shape[1]))
+                w = F.dequantize_4bit(self.weight.data.view(-1, 1), flat).view(qs.shape)        # (out, in)
+                dt = self.compute_dtype or x.dtype
+                b = None if self.bias is None else self.bias.to(dt)
+                return nn.functional.linear(x.to(dt), w.to(dt), b).to(x.dtype)
+
+        _FLAT4 = FlatLinear4bit
+    return _FLAT4
+
+
+_FLAT4 = None
+
+
+def _fourbit_module(cfg: Bnb4bit, in_f: int, out_f: int, bias) -> nn.Module:
+    m = _flat_linear4bit_class()(in_f, out_f, bias=bias is not None, compress_statistics=cfg.compress_statistics,
+                                 quant_type=cfg.quant_type, device="meta")
     # bitsandbytes' AVX512-BF16 CPU path repacks the weight on the first forward (needs out % 32 == 0, computes in
     # bf16, and re-quantizes the statistics lossily when saved): use the portable dequantize + matmul path.
     m.support_avx512bf16_for_cpu = False
@@ -124,7 +158,8 @@ def fourbit_quantize(cfg: Bnb4bit, lin: nn.Linear) -> nn.Module:
     m = _fourbit_module(cfg, lin.in_features, lin.out_features, lin.bias)
     # Quantize the flattened weight: bitsandbytes 0.50's CPU quantize_4bit mis-blocks 2-D tensors whose rows are
     # not a multiple of the blocksize (relative error 0.25-0.56 instead of 0.09 for nf4, e.g. A3's 576 x 1232
-    # down_proj); the blocks of the flat tensor are the ones the format defines.
+    # down_proj); the blocks of the flat tensor are the ones the format defines (see FlatLinear4bit for the
+    # matching dequantize).
     packed, qs = F.quantize_4bit(w.reshape(-1).contiguous(), blocksize=cfg.blocksize,
                                  compress_statistics=cfg.compress_statistics, quant_type=cfg.quant_type)
     qs.shape = torch.Size(w.shape)
