@@ -17,11 +17,12 @@ from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, Allocate, SVDLLM, PlainSVD, a
 from .ppl import eval_tokens, perplexity
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError
 from .report import Report, report
+from .stream import compress_streaming
 
 __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
     "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
-    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError",
+    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "compress_streaming",
     "BnbInt8", "Bnb4bit", "HQQ", "QuantizationError",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import LayerView, get_path, layer_views
 from .errors import CalibrationError
 from .paths import dataset_file
@@ -194,13 +196,24 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
     return hs
 
 
-@torch.no_grad()
-def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool = True,
-            kinds=("a3",)) -> Stats:
-    """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
+@contextmanager
+def recording(views: list[LayerView], kinds=("a3",)):
+    """Attach the statistic hooks to `views` while the block runs; yields one accumulator dict per view.
 
-    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD); see the module docstring.
+    Whatever runs through those layers meanwhile (the whole model in `collect`, one layer at a time in
+    `a3mod.stream`) adds to the sums, so both paths share the statistics code.
     """
+    accs: list[dict[str, Tensor]] = [dict() for _ in views]
+    handles = [h for v, a in zip(views, accs) for h in _hooks(v, a, kinds)]
+    try:
+        yield accs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_request(calib, kinds) -> tuple:
+    """Validated `kinds` tuple; CalibrationError on unknown kinds or a calib that is not (n, T) token ids."""
     kinds = tuple(kinds)
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
@@ -208,20 +221,33 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     if not isinstance(calib, Tensor) or calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
         raise CalibrationError(f"calib must be an integer tensor (n_samples, seq_len), got "
                                f"{type(calib).__name__} {getattr(calib, 'shape', '')}")
+    return kinds
+
+
+@torch.no_grad()
+def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool = True,
+            kinds=("a3",)) -> Stats:
+    """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
+
+    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD); see the module docstring.
+    Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
+    slice of the windows (`a3mod.distributed.shard`) and the sums are all-reduced: every rank returns the
+    statistics of all windows.
+    """
+    kinds = check_request(calib, kinds)
+    calib = distributed.shard(calib)
     views = layer_views(model)
-    accs: list[dict[str, Tensor]] = [dict() for _ in views]
-    handles = [h for v, a in zip(views, accs) for h in _hooks(v, a, kinds)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     body = getattr(model, "base_model", model)      # the decoder stack without lm_head: logits are not needed
     try:
-        for b in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating", disable=not progress, unit="batch"):
-            body(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
+        with recording(views, kinds) as accs:
+            for b in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating", disable=not progress,
+                          unit="batch"):
+                body(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    stats = Stats(int(calib.numel()), accs)
+    stats = Stats(distributed.all_reduce_stats(accs, int(calib.numel())), accs)
     stats.check(min_tokens=max(v.dims.head_dim for v in views) + 1)
     return stats

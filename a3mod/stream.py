@@ -1,0 +1,474 @@
+"""Layer-by-layer (streaming) A3 compression of a safetensors checkpoint: one decoder layer in memory at a time.
+
+    a3mod.compress_streaming("hf-folder/", "out/", a3mod.a3_passes(0.2), calib)   # -> a normal a3mod checkpoint
+
+1. The model is a skeleton on the meta device; the source tensors are read from the safetensors shards by
+   name (`safe_open`, only the tensors asked for).
+2. Capture: the weights the forward needs before the first layer (embeddings; not lm_head) are loaded and each
+   batch of calibration windows runs through the model with every decoder layer's `forward` replaced by a
+   recorder: layer 0's hidden states for every batch, and every layer's other arguments (position embeddings,
+   masks; per layer, since some families give layers different masks) once per batch shape. They are freed.
+3. Per layer: load its original tensors, run every batch through it with `calib.recording`'s statistic hooks
+   attached, keep the outputs as the next layer's inputs. Every layer thus sees the activations of the
+   *original* model, exactly like `a3mod.collect`, so the statistics (and the compressed model) are the same
+   as the in-memory path's. Solve and build the compact modules (`passes.a3.build_layer`), write the layer's
+   tensors and sidecar entry to the work dir, free it.
+4. Assemble: one model.safetensors streamed tensor by tensor (non-layer tensors from the source, layers from
+   the work dir), config, generation config, a3mod.json (the format of `a3mod.save`); a temporary directory is
+   renamed to `out_dir`, then the work dir is removed.
+
+Resume: the work dir `<out_dir's parent>/.<out_dir name>.a3mod-work` keeps every finished layer and the hidden
+states at the last layer boundaries; re-running with the same arguments continues after the last finished
+layer. Different arguments are refused (CheckpointError naming them) unless `restart=True`.
+Distributed (see `a3mod.distributed`): every rank passes the full calib and the same arguments, runs its slice
+of the windows, the statistics are all-reduced per layer, layer i is solved and written by rank i % world_size,
+rank 0 assembles; the work dir (and out_dir) must be on a filesystem every rank sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .arch import get_path, layer_views, spec_for
+from .calib import Stats, check_request, recording
+from .checkpoint import FORMAT, SIDECAR, WEIGHTS, _describe, _materialize_buffers
+from .errors import A3ModError, CheckpointError, UnsupportedModelError
+from .passes import A3MLP, A3OV, A3QK, pass_to_dict
+from .passes.a3 import build_layer
+from .report import linear_param_count
+from .rewrite import set_child
+
+STREAM_PASSES = (A3QK, A3OV, A3MLP)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+# ------------------------------------------------------------------------------------------- source
+class _Source:
+    """The tensors of an HF safetensors folder (one file or shards), read by name without loading the rest."""
+
+    def __init__(self, src: Path, prefix: str):
+        self.files: dict[str, Path] = {}
+        for f in sorted(src.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                self.files.update({k: f for k in h.keys()})
+        self.prefix = prefix + "." if prefix else ""
+
+    def name(self, key: str) -> str | None:
+        """The file's name of model key `key` (with or without the base model prefix, as hub files vary)."""
+        if key in self.files:
+            return key
+        if self.prefix and key.startswith(self.prefix) and key[len(self.prefix):] in self.files:
+            return key[len(self.prefix):]
+        return None
+
+    def read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
+        """{key: tensor} for model keys (floating tensors cast to `dtype`); one file opened at a time."""
+        names = {k: self.name(k) for k in keys}
+        lost = [k for k, n in names.items() if n is None]
+        if lost:
+            raise CheckpointError(f"the source checkpoint lacks {len(lost)} tensors the model needs, e.g. {lost[:3]}")
+        out = {}
+        for f in sorted({self.files[n] for n in names.values()}):
+            with safe_open(str(f), "pt", device=str(device)) as h:
+                for k, n in names.items():
+                    if self.files[n] == f:
+                        t = h.get_tensor(n)
+                        out[k] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+
+def _fingerprint(src: Path) -> dict:
+    files = {f.name: f.stat().st_size for f in sorted(src.glob("*.safetensors"))}
+    return {"src": str(src.resolve()), "files": files,
+            "config_sha256": hashlib.sha256((src / "config.json").read_bytes()).hexdigest()}
+
+
+# ------------------------------------------------------------------------------------ hidden states
+class _Store:
+    """Hidden states between layers, per batch b: `get(j, b)` = inputs of layer j. In memory (a resume
+    checkpoint is one file per layer boundary in the work dir), or with `offload` one safetensors file per
+    batch under offload_dir/r<rank>_in<j>/ (those files are then the checkpoint)."""
+
+    def __init__(self, work: Path, offload: Path | None, rank: int):
+        self.work, self.offload, self.rank, self.mem = work, offload, rank, {}
+
+    def _dir(self, j: int) -> Path:
+        return self.offload / f"r{self.rank}_in{j:04d}"
+
+    def _file(self, j: int) -> Path:
+        return self.work / f"hidden_r{self.rank}_in{j:04d}.safetensors"
+
+    def get(self, j: int, b: int) -> Tensor:
+        return self.mem[b] if self.offload is None else load_file(str(self._dir(j) / f"b{b:05d}.safetensors"))["h"]
+
+    def put(self, j: int, b: int, t: Tensor) -> None:
+        if self.offload is None:
+            self.mem[b] = t
+        else:
+            self._dir(j).mkdir(parents=True, exist_ok=True)
+            save_file({"h": t.contiguous()}, str(self._dir(j) / f"b{b:05d}.safetensors"))
+
+    def has(self, j: int) -> bool:
+        return (self._dir(j) / "done").exists() if self.offload is not None else self._file(j).exists()
+
+    def commit(self, j: int) -> None:
+        """Inputs of layer j are complete: make them the resume checkpoint; drop those of layer j - 2."""
+        if self.offload is None:
+            tmp = self._file(j).with_suffix(".tmp")
+            save_file({f"b{b}": t.contiguous() for b, t in self.mem.items()}, str(tmp))
+            os.replace(tmp, self._file(j))
+        else:
+            (self._dir(j) / "done").write_text("")
+        self.drop(j - 2)
+
+    def drop(self, j: int) -> None:
+        if j < 0:
+            return
+        if self.offload is None:
+            self._file(j).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self._dir(j), ignore_errors=True)
+
+    def restore(self, j: int) -> None:
+        if self.offload is None:
+            self.mem = {int(k[1:]): t for k, t in load_file(str(self._file(j))).items()}
+
+
+# ------------------------------------------------------------------------------------------ capture
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layers: nn.ModuleList, ids: Tensor) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) every decoder layer receives when `ids` runs through the model (layers not executed:
+    each passes its hidden states on unchanged; the run stops after the last one)."""
+    seen: list = [None] * len(layers)
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            seen[i] = (args, kwargs)
+            if i == len(layers) - 1:
+                raise _Stop
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        getattr(model, "base_model", model)(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return seen
+
+
+def _with_hidden(call: tuple[tuple, dict], h: Tensor) -> tuple[tuple, dict]:
+    args, kwargs = call
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+# -------------------------------------------------------------------------------------------- output
+def _write_safetensors(path: Path, plan: list, metadata: dict) -> None:
+    """Write a safetensors file tensor by tensor. plan: [(name, dtype, shape, getter () -> tensor)]."""
+    header, off = {"__metadata__": metadata}, 0
+    for name, dt, shape, _ in plan:
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, dt, shape, get in plan:
+            t = get()
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _layer_getter(f: Path, k: str):
+    def get():
+        with safe_open(str(f), "pt") as h:
+            return h.get_tensor(k)
+    return get
+
+
+def _layer_plan(f: Path) -> list:
+    with safe_open(str(f), "pt") as h:
+        return [(k, _TORCH_DTYPES[h.get_slice(k).get_dtype()], tuple(h.get_slice(k).get_shape()), _layer_getter(f, k))
+                for k in h.keys()]
+
+
+def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, Tensor]], dict[str, str], int]:
+    """Non-layer tensors of the (meta) skeleton in state-dict order, each once; tied aliases (like `_dedup`); how
+    many of them precede the decoder layers in the state dict."""
+    seen, keep, aliases, at = {}, [], {}, None
+    for k, t in skel.state_dict(keep_vars=True).items():
+        if k.startswith(layers_path + "."):
+            at = len(keep) if at is None else at
+            continue
+        if id(t) in seen:
+            aliases[k] = seen[id(t)]
+        else:
+            seen[id(t)] = k
+            keep.append((k, t))
+    return keep, aliases, len(keep) if at is None else at
+
+
+# --------------------------------------------------------------------------------------------- main
+def _check_passes(passes) -> list:
+    passes = list(passes)
+    if not passes:
+        raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2)")
+    names = [type(p).__name__ for p in passes]
+    bad = [n for p, n in zip(passes, names) if not isinstance(p, STREAM_PASSES)]
+    if bad:
+        raise A3ModError(f"compress_streaming runs the per-layer A3 passes {[t.__name__ for t in STREAM_PASSES]}; "
+                         f"{bad} need the whole model or are not supported here (baselines ASVD/SVDLLM/PlainSVD, "
+                         f"Allocate, A3KV, quantization): use a3mod.apply on a loaded model")
+    if len(set(names)) != len(names):
+        raise A3ModError(f"each pass may appear once, got {names}")
+    return passes
+
+
+def work_dir(out_dir: str | os.PathLike) -> Path:
+    """Where `compress_streaming` keeps finished layers and resume state for `out_dir`."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.a3mod-work"
+
+
+def _run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: int) -> dict:
+    c = calib.contiguous()
+    return {"source": _fingerprint(src), "passes": [pass_to_dict(p) for p in passes],
+            "calib": {"shape": list(c.shape), "sha256": hashlib.sha256(c.cpu().numpy().tobytes()).hexdigest()},
+            "dtype": str(dtype), "batch_size": batch_size, "world_size": world}
+
+
+def _open_work(work: Path, key: dict, restart: bool) -> None:
+    """Rank 0: create the work dir, or check that the one there belongs to this run."""
+    run = work / "run.json"
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if run.exists():
+        old = json.loads(run.read_text())
+        diff = [k for k in key if old.get(k) != key[k]]
+        if diff:
+            raise CheckpointError(
+                f"work dir {str(work)!r} holds an interrupted run with different {', '.join(diff)} "
+                f"(was {[old.get(k) for k in diff]}, now {[key[k] for k in diff]}); rerun with the same "
+                f"arguments to resume, or pass restart=True (CLI: --restart) to start over")
+        return
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / "run.json").write_text(json.dumps(key, indent=1))
+
+
+def _layer_file(work: Path, i: int, ext: str) -> Path:
+    return work / f"layer_{i:04d}.{ext}"
+
+
+def _resume_point(work: Path, n_layers: int, world: int, offload: Path | None) -> int:
+    """First layer to compute: after the longest prefix of finished layers whose inputs every rank still has."""
+    done = 0
+    while done < n_layers and _layer_file(work, done, "json").exists():
+        done += 1
+    if done == n_layers:
+        return done
+    for k in range(done, 0, -1):
+        if all(_Store(work, offload, r).has(k) for r in range(world)):
+            return k
+    return 0
+
+
+def _write_layer(work: Path, i: int, layer: nn.Module, prefix: str, meta: dict) -> None:
+    """The compressed layer's tensors, then its sidecar entry (the marker that layer i is finished)."""
+    tensors = {f"{prefix}{k}": t.detach().cpu().contiguous() for k, t in layer.state_dict().items()}
+    tmp = _layer_file(work, i, "tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, _layer_file(work, i, "safetensors"))
+    _layer_file(work, i, "jtmp").write_text(json.dumps(meta))
+    os.replace(_layer_file(work, i, "jtmp"), _layer_file(work, i, "json"))
+
+
+def _layer_entry(config, spec, layer: nn.Module) -> dict | None:
+    """The sidecar entry `a3mod.save` writes for this (compressed) layer."""
+    shell = nn.Module()
+    shell.config = config
+    parent, _, name = spec.layers.rpartition(".")
+    holder = shell
+    for part in parent.split(".") if parent else []:
+        setattr(holder, part, nn.Module())
+        holder = getattr(holder, part)
+    setattr(holder, name, nn.ModuleList([layer]))
+    return _describe(shell)["layers"].get("0")
+
+
+@torch.no_grad()
+def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, passes, calib: Tensor, *,
+                       batch_size: int = 1, offload_dir: str | os.PathLike | None = None,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer=None,
+                       overwrite: bool = False, restart: bool = False, progress: bool = True) -> Path:
+    """Compress the HF safetensors checkpoint in `src_dir` with A3 passes, one decoder layer in memory at a time,
+    and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` + `a3mod.save` would give; `a3mod.load` opens it).
+
+    passes: A3QK / A3OV / A3MLP configs (each once). calib: (n, T) token ids (every rank passes all of them).
+    batch_size: windows per forward. offload_dir: keep the calibration hidden states in files there (one per
+    batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
+    tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    passes = _check_passes(passes)
+    check_request(calib, ("a3",))
+    src, out = Path(src_dir), Path(out_dir)
+    if out.exists() and not (out.is_dir() and overwrite):
+        raise CheckpointError(f"output dir {str(out)!r} exists; pass overwrite=True (CLI: --overwrite) or another path")
+    if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
+        raise A3ModError(f"{str(src)!r} is not an HF folder with config.json and *.safetensors; streaming reads "
+                         f"those (convert other formats once: a3mod.load_pretrained(path) then save_pretrained)")
+    rank, world = distributed.rank_world()
+    config = AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    skel.eval()
+    spec = spec_for(skel)
+    layers = get_path(skel, spec.layers)
+    nonlayer, aliases, layers_at = _nonlayer_keys(skel, spec.layers)
+    source = _Source(src, skel.base_model_prefix)
+    work, offload = work_dir(out), Path(offload_dir) if offload_dir is not None else None
+    if rank == 0:
+        _open_work(work, _run_key(src, passes, calib, dtype, batch_size, world), restart)
+    distributed.barrier()
+    start = distributed.broadcast_object(_resume_point(work, len(layers), world, offload) if rank == 0 else None)
+    shard = distributed.shard(calib)
+    batches = [shard[b:b + batch_size] for b in range(0, shard.shape[0], batch_size)]
+    store = _Store(work, offload, rank)
+    calls = _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) if start < len(layers) else {}
+    n_local = int(shard.numel())
+    for i in tqdm(range(start, len(layers)), desc="streaming", disable=not progress or rank != 0, unit="layer"):
+        _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device)
+    distributed.barrier()
+    if rank == 0:
+        gen = (GenerationConfig.from_pretrained(src) if (src / "generation_config.json").exists()
+               else GenerationConfig.from_model_config(config))
+        _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype)
+        shutil.rmtree(work, ignore_errors=True)
+    for j in range(len(layers)):
+        store.drop(j)
+    distributed.barrier()
+    return out
+
+
+def _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) -> dict:
+    """Load the non-layer weights the forward needs, capture each layer's arguments per batch shape (and, when
+    starting at layer 0, layer 0's inputs for every batch), free them; restore the hidden states otherwise."""
+    head = {id(p) for p in skel.get_output_embeddings().parameters()} if skel.get_output_embeddings() else set()
+    tied = {id(p) for p in skel.get_input_embeddings().parameters()}
+    keys = [k for k, t in nonlayer if id(t) not in head or id(t) in tied]
+    skel.load_state_dict(source.read(keys, dtype, device), strict=False, assign=True)
+    _materialize_buffers(skel, device)
+    calls: dict[tuple, list] = {}
+    for b, ids in enumerate(batches):
+        if start > 0 and tuple(ids.shape) in calls:
+            continue
+        seen = _capture(skel, layers, ids.to(device))
+        if start == 0:
+            args, kw = seen[0]
+            store.put(0, b, (args[0] if args else kw["hidden_states"]).to("cpu"))
+        calls.setdefault(tuple(ids.shape), [_with_hidden(c, None) for c in seen])
+    if start > 0:
+        store.restore(start)
+    skel.to("meta")         # free them again (the output reads non-layer tensors from the source)
+    return calls
+
+
+def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device) -> None:
+    """Statistics of original layer i over every batch (outputs kept as layer i+1's inputs), all-reduced;
+    on the layer's owner rank solve, build and write the compressed layer. Layer i is freed afterwards."""
+    layer = layers[i]
+    prefix = f"{spec.layers}.{i}."
+    sd = source.read([prefix + k for k in layer.state_dict()], dtype, device)
+    layer.load_state_dict({k[len(prefix):]: t for k, t in sd.items()}, strict=True, assign=True)
+    del sd
+    if any(t.is_meta for t in [*layer.parameters(), *layer.buffers()]):
+        raise UnsupportedModelError(f"layer {i} has tensors that are neither in the checkpoint nor rebuildable "
+                                    f"(non-persistent buffers); streaming does not support this model type yet")
+    view = layer_views(skel)[i]
+    orig = linear_param_count(layer)
+    with recording([view]) as (acc,):
+        for b, ids in enumerate(batches):
+            args, kw = _with_hidden(calls[tuple(ids.shape)][i], store.get(i, b).to(device))
+            h = layer(*args, **kw)
+            if i + 1 < len(layers):
+                store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
+    n = distributed.all_reduce_stats([acc], n_local)
+    if distributed.rank_world()[0] == distributed.owner(i):
+        stats = Stats(n, [dict() for _ in layers])
+        stats.layers[i] = acc
+        stats.check(min_tokens=view.dims.head_dim + 1)
+        swaps = build_layer(skel, view, passes, stats)
+        old = [(path, get_path(layer, path)) for path, _ in swaps]
+        for path, new in swaps:
+            set_child(layer, path, new)
+        _write_layer(work, i, layer, prefix, {"entry": _layer_entry(skel.config, spec, layer),
+                                              "orig_layer_params": orig, "calib_tokens": n})
+        for path, mod in old:
+            set_child(layer, path, mod)
+    if i + 1 < len(layers):
+        store.commit(i + 1)
+    layers[i] = layer.to("meta")
+
+
+def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype) -> None:
+    """Write the a3mod checkpoint (the format of `a3mod.save`) from the work dir, atomically."""
+    n_layers = len(get_path(skel, spec.layers))
+    metas = [json.loads(_layer_file(work, i, "json").read_text()) for i in range(n_layers)]
+    plan = [(k, t.dtype, tuple(t.shape), lambda k=k: source.read([k], dtype)[k]) for k, t in nonlayer]
+    layer_plan = [e for i in range(n_layers) for e in _layer_plan(_layer_file(work, i, "safetensors"))]
+    plan[layers_at:layers_at] = layer_plan
+    skel.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": None,
+                       "orig_layer_params": [m["orig_layer_params"] for m in metas]}
+    side = _describe(skel)
+    side["calib_tokens"] = metas[0]["calib_tokens"]
+    side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        skel.config.save_pretrained(tmp)
+        gen.save_pretrained(tmp)
+        _write_safetensors(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
+        (tmp / SIDECAR).write_text(json.dumps({**side, "aliases": aliases}, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [tmp, *tmp.iterdir()]:
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
