@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from .arch import layer_views
 from .calib import Stats, collect
 from .errors import A3ModError, CalibrationError
-from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
 from .passes.a3 import build_layer
 from .passes.base import needs
@@ -16,7 +16,7 @@ from .quant.base import handler_for
 from .report import linear_param_count
 from .rewrite import set_child
 
-COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention)
+COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
 
 
 def _check_passes(passes) -> list:
@@ -117,8 +117,7 @@ def _info_so_far(model, views) -> dict:
 def _a3_swaps(model, views, passes, stats, progress) -> list:
     out = []
     for v in tqdm(views, desc="solving", disable=not progress, unit="layer"):
-        attn, mlp = build_layer(model, v, passes, stats)
-        out += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
+        out += [(v.index, path, new) for path, new in build_layer(model, v, passes, stats)]
     return out
 
 

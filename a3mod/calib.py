@@ -169,8 +169,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
 
     mods = view.qkv_modules()
     if len(mods) == 1:
-        sizes = [d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim]
-        hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*out.split(sizes, dim=-1))))
+        hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*view.split_qkv(out))))
     else:
         got: dict[int, Tensor] = {}
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .arch import get_path, spec_for
 from .errors import CheckpointError
-from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from .quant import io as quant_io
 from .rewrite import set_child
 
@@ -40,13 +40,15 @@ def _describe(model: nn.Module) -> dict:
         attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
         entry = {}
         if isinstance(attn, ReducedHeadAttention):
-            entry["attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
+            entry["attn"] = dict(hidden=attn.q_proj.in_features, heads=attn.num_heads,
                                  kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim, qk_dim=attn.qk_dim,
                                  vo_dim=attn.vo_dim, rot_dim=attn.rot_dim, scaling=attn.scaling,
-                                 bias={n: getattr(attn, f"{n}_proj").bias is not None for n in "qkvo"},
+                                 bias={n: getattr(getattr(attn, f"{n}_proj"), "bias", None) is not None
+                                       for n in "qkvo"},
                                  sliding_window=attn.sliding_window, is_causal=attn.is_causal,
                                  dropout=attn.attention_dropout, out_dropout=attn.out_dropout,
-                                 rope_index=attn.rope_index.tolist())
+                                 rope_index=attn.rope_index.tolist(),
+                                 **({"out_proj": False} if attn.o_proj is None else {}))
         if isinstance(attn, LatentKVAttention):
             entry["latent_attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
                                         kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
@@ -61,6 +63,11 @@ def _describe(model: nn.Module) -> dict:
                if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
         if lin:
             entry["linears"] = lin
+        narrow = {n: dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
+                          orig_in=m.orig_in, orig_out=m.orig_out, kept=m.kept)
+                  for n, m in layer.named_modules() if isinstance(m, NarrowLinear)}
+        if narrow:
+            entry["narrow"] = narrow
         quantized = quant_io.layer_entry(layer)
         if quantized:
             entry["quantized"] = quantized
@@ -74,7 +81,7 @@ def _describe(model: nn.Module) -> dict:
     quant = quant_io.model_entry(model)
     from . import __version__
     return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
-            "model_type": model.config.model_type, "passes": info.get("passes", []),
+            "model_type": model.config.model_type, "model_class": type(model).__name__, "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {})}
 
@@ -160,6 +167,9 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
             if "latent_attn" in entry:
                 set_child(layers[i], spec.attn, LatentKVAttention(model.config, i, device=device, dtype=dtype,
                                                                   **entry["latent_attn"]))
+            for path, nl in entry.get("narrow", {}).items():
+                get_path(layers[i], path)          # the path must exist in the skeleton
+                set_child(layers[i], path, NarrowLinear(**nl, device=device, dtype=dtype))
             for path, lr in entry.get("linears", {}).items():
                 get_path(layers[i], path)          # the path must exist in the skeleton
                 set_child(layers[i], path, LowRankLinear(**lr, device=device, dtype=dtype))
@@ -169,19 +179,48 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
 
 
 def _materialize_buffers(model: nn.Module, device) -> None:
-    """Non-persistent buffers (e.g. rotary inv_freq) are not in the file: rebuild their modules from config."""
+    """Non-persistent buffers (rotary inv_freq, BERT's position_ids) are not in the file: take them from a fresh
+    module built from the config (the module itself, with its loaded weights, stays)."""
     for name, mod in list(model.named_modules()):
-        if any(b.is_meta for b in mod.buffers(recurse=False)):
+        meta = [n for n, b in mod.named_buffers(recurse=False) if b.is_meta]
+        if meta:
             try:
                 fresh = type(mod)(config=model.config)
             except TypeError as e:
-                raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
-            set_child(model, name, fresh.to(device))
+                if not _init_buffers(model, mod, meta, device):
+                    raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
+                continue
+            for n in meta:
+                mod._buffers[n] = getattr(fresh, n).to(device)
+
+
+def _init_buffers(model: nn.Module, mod: nn.Module, names: list[str], device) -> bool:
+    """Buffers of a module not built from the config (Gemma's scaled embedding: `embed_scale`): the model's own
+    `_init_weights` fills them, as in `from_pretrained`, with the loaded parameters marked initialized so they
+    stay. Returns False when the model has no `_init_weights` or it left a buffer on the meta device."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return False
+    for n in names:
+        mod._buffers[n] = torch.empty_like(mod._buffers[n], device=device)
+    params = list(mod.parameters(recurse=False))
+    flags = [p.__dict__.get("_is_hf_initialized") for p in params]
+    for p in params:
+        p._is_hf_initialized = True
+    try:
+        init(mod)
+    finally:
+        for p, f in zip(params, flags):
+            if f is None:
+                del p._is_hf_initialized
+            else:
+                p._is_hf_initialized = f
+    return not any(mod._buffers[n].is_meta for n in names)
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved by `a3mod.save`: meta skeleton, reduced modules from the sidecar, weights assigned."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     p = Path(path)
     if not is_a3mod_checkpoint(p):
@@ -192,7 +231,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
                               f"{QUANT_FORMAT}")
     config = AutoConfig.from_pretrained(p)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = _skeleton(side.get("model_class"), config)
     rope = _reduced_modules(model, side, "meta", None)
     sd = load_file(str(p / WEIGHTS), device=device)
     for k, src in side.get("aliases", {}).items():
@@ -230,6 +269,18 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
     model.eval()
     return model
+
+
+def _skeleton(class_name: str | None, config) -> nn.Module:
+    """The transformers class the sidecar names (BertModel, OPTForCausalLM, ...) built from `config`;
+    AutoModelForCausalLM for sidecars that name none or a class outside transformers."""
+    import transformers
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    cls = getattr(transformers, class_name, None) if class_name else None
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        return cls._from_config(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from .arch import LayerView, get_path
-from .modules import ReducedHeadAttention, ReducedMLP
+from .errors import UnsupportedModelError
+from .modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
 
 
 def _aug(w: Tensor, b: Tensor | None) -> Tensor:
@@ -83,29 +84,43 @@ class LayerWork:
         return cls(v, attn, mlp)
 
     # ------------------------------------------------------------------------------------ install
-    def build(self, config, dtype: torch.dtype, device) -> tuple[ReducedHeadAttention, ReducedMLP]:
+    def build(self, config, dtype: torch.dtype, device, mlp: bool = True) -> list[tuple[str, nn.Module]]:
+        """The compact modules as (path in the layer, module) swaps: the attention (and, for BERT, its
+        output projection), then, if `mlp`, the MLP (a ReducedMLP, or narrower linears on the layer)."""
         a, d, v = self.attn, self.view.dims, self.view
         kw = dict(device=device, dtype=dtype)
         old = v.attn
         dropout = getattr(old, "attention_dropout", None)
-        if dropout is None:
-            dropout = getattr(getattr(old, "attn_dropout", None), "p", 0.0)
+        if dropout is None:      # GPT-2: attn_dropout (nn.Dropout); OPT / BERT: dropout (float / nn.Dropout)
+            dropout = _dropout_p(old, "attn_dropout") or _dropout_p(old, "dropout")
         attn = ReducedHeadAttention(
             config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
             scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)), is_causal=getattr(old, "is_causal", True),
-            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, "resid_dropout"), **kw)
+            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, "resid_dropout"),
+            out_proj=not v.spec.o_from_layer, **kw)
         with torch.no_grad():
             _load_heads(attn.q_proj, a.wq, a.q_bias)
             _load_heads(attn.k_proj, a.wk, a.k_bias)
             _load_heads(attn.v_proj, a.wv, a.v_bias)
-            attn.o_proj.weight.copy_(a.wo.reshape(-1, d.hidden).t())
+            o = attn.o_proj if attn.o_proj is not None else NarrowLinear(
+                d.heads * a.wv.shape[-1], d.hidden, a.bo is not None, d.heads * d.head_dim, d.hidden, **kw)
+            o.weight.copy_(a.wo.reshape(-1, d.hidden).t())
             if a.bo is not None:
-                attn.o_proj.bias.copy_(a.bo)
+                o.bias.copy_(a.bo)
             attn.rope_index = a.rope_index.to(device=device, dtype=torch.long).contiguous()
-        m = self.mlp
+        attn.train(old.training)
+        swaps = [(v.spec.attn, attn)]
+        if attn.o_proj is None:                         # BERT: the output projection follows the attention module
+            swaps.append((v.spec.o, o.train(v.o_module().training)))
+        return swaps + (self._mlp_swaps(config, kw) if mlp else [])
+
+    def _mlp_swaps(self, config, kw) -> list[tuple[str, nn.Module]]:
+        m, v, d = self.mlp, self.view, self.view.dims
+        if not v.spec.mlp:
+            return self._narrow_mlp(kw)
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
                          m.down[1] is not None, orig_inter=m.orig,
                          dropout=_dropout_p(v.mlp, "dropout"), **kw)
@@ -118,14 +133,34 @@ class LayerWork:
                 if b is not None:
                     lin.bias.copy_(b)
         mlp.kept = m.kept.tolist()
-        attn.train(old.training)
         mlp.train(v.mlp.training)
-        return attn, mlp
+        return [(v.spec.mlp, mlp)]
+
+    def _narrow_mlp(self, kw) -> list[tuple[str, nn.Module]]:
+        """An MLP whose linears live on the layer (OPT, BERT): up / down become narrower linears in place,
+        so the layer's own activation, dropout, residual and norms keep running."""
+        m, v = self.mlp, self.view
+        if m.gate is not None or v.spec.conv1d:
+            raise UnsupportedModelError("an MLP on the layer itself must be non-gated nn.Linear up/down "
+                                        f"(spec gate={v.spec.gate!r}, conv1d={v.spec.conv1d})")
+        (wu, bu), (wd, bd) = m.up, m.down                 # (r, d_m), (d_m, r)
+        kept = m.kept.tolist()
+        up = NarrowLinear(wu.shape[1], wu.shape[0], bu is not None, wu.shape[1], m.orig, kept, **kw)
+        down = NarrowLinear(wd.shape[1], wd.shape[0], bd is not None, m.orig, wd.shape[0], kept, **kw)
+        with torch.no_grad():
+            for lin, (w, b) in ((up, m.up), (down, m.down)):
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
+        old_up, old_down = get_path(v.layer, v.spec.up), v.down_module()
+        return [(v.spec.up, up.train(old_up.training)), (v.spec.down, down.train(old_down.training))]
 
 
 def _dropout_p(mod: nn.Module, name: str) -> float:
     d = getattr(mod, name, None)
-    return float(d.p) if isinstance(d, nn.Dropout) else 0.0
+    if isinstance(d, nn.Dropout):
+        return float(d.p)
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
 
 def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:

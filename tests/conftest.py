@@ -47,11 +47,12 @@ def tiny_config(family: str, *, hidden: int = 32, heads: int = 4, kv_heads: int 
     return cls(**kw)
 
 
-def model_from_config(config, seed: int = 0):
+def model_from_config(config, seed: int = 0, auto=None):
     """Random weights; biases and norm scales (zero / one after HF init) are randomised too, so that every
-    bias path (q/k/v biases, value-bias folding, centred statistics) is exercised."""
+    bias path (q/k/v biases, value-bias folding, centred statistics) is exercised. `auto`: the Auto class
+    (default AutoModelForCausalLM; AutoModel / AutoModelForMaskedLM for encoders)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = (auto or transformers.AutoModelForCausalLM).from_config(config).eval()
     std = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():
         for name, p in model.named_parameters():

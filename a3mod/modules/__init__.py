@@ -3,5 +3,6 @@ from .attention import ReducedHeadAttention
 from .latent_kv import LatentKVAttention
 from .lowrank import LowRankLinear
 from .mlp import ReducedMLP
+from .narrow import NarrowLinear
 
-__all__ = ["ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention"]
+__all__ = ["ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "NarrowLinear"]

@@ -36,7 +36,7 @@ class ReducedHeadAttention(nn.Module):
     def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
-                 out_dropout: float = 0.0, device=None, dtype=None):
+                 out_dropout: float = 0.0, out_proj: bool = True, device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -52,7 +52,9 @@ class ReducedHeadAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=bias["q"], **kw)
         self.k_proj = nn.Linear(hidden, kv_heads * qk_dim, bias=bias["k"], **kw)
         self.v_proj = nn.Linear(hidden, kv_heads * vo_dim, bias=bias["v"], **kw)
-        self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw)
+        # out_proj=False: the output projection lives outside this module (BERT's attention.output.dense);
+        # forward then returns the concatenated head outputs (B,T,H*r_vo)
+        self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw) if out_proj else None
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key = None
@@ -83,6 +85,9 @@ class ReducedHeadAttention(nn.Module):
     # --------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, **kwargs):
+        if past_key_values is None:                      # GPT-NeoX passes its cache as `layer_past`
+            past_key_values = kwargs.pop("layer_past", None)
+        kwargs.pop("layer_past", None)
         B, T, _ = hidden_states.shape
         H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
         q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)      # (B,H,T,r_qk)
@@ -105,11 +110,15 @@ class ReducedHeadAttention(nn.Module):
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
-        out = self.o_proj(out.reshape(B, T, H * self.vo_dim))                           # (B,T,d_m)
+        out = out.reshape(B, T, H * self.vo_dim)                                         # (B,T,H*r_vo)
+        if self.o_proj is None:
+            return out, weights
+        out = self.o_proj(out)                                                           # (B,T,d_m)
         return nn.functional.dropout(out, self.out_dropout, self.training), weights
 
     def extra_repr(self) -> str:
-        rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"
+        rope = (f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope") + (
+            ", output projection outside" if self.o_proj is None else "")
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
                 f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale=1/sqrt({self.head_dim})"
                 if abs(self.scaling - self.head_dim ** -0.5) < 1e-12 else

@@ -49,15 +49,16 @@ class A3MLP(_RatioOrRank):
     """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
 
 
-def build_layer(model, view, passes, stats):
-    """Run A3 passes (configs with per-layer handlers) on one layer; returns its new (attention, MLP)."""
+def build_layer(model, view, passes, stats, mlp: bool = True):
+    """Run A3 passes (configs with per-layer handlers) on one layer; returns its compact modules as
+    (path in the layer, module) swaps (`LayerWork.build`); mlp=False: attention only."""
     from .base import HANDLERS
 
     work = LayerWork.from_view(view)
     for p in passes:
         HANDLERS[type(p)](p, work, stats.layers[view.index], stats.n)
     o = view.o_module()
-    return work.build(model.config, o.weight.dtype, o.weight.device)
+    return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
 
 def a3_passes(ratio: float) -> list:
@@ -81,8 +82,7 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
     if a.rot_dim:
         r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2)
         if a.rot_dim != full:
-            raise UnsupportedModelError(f"A3QK: partial rotary (rotary dims {a.rot_dim} of head dim {full}) is not "
-                                        "supported yet; use A3OV/A3MLP only for this model")
+            return _apply_qk_partial(work, st, n, r)
         p = a.perm
         q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
@@ -102,6 +102,45 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
         wq, a.wk, loss = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
         a.wq = wq.reshape(d.heads, *wq.shape[2:])
     return loss.sum(0), 1
+
+
+def rot_share(m: int, rot: int, full: int) -> int:
+    """Rotary dims among `m` kept q/k dims of a partial-rotary head (`rot` of `full` rotate): in proportion,
+    even (whole pairs), and no more non-rotary dims than exist."""
+    r = 2 * int(m * rot / full / 2 + 0.5)             # half up: ties keep a rotary pair
+    lo = max(0, m - (full - rot))
+    return max(lo + lo % 2, min(r, rot, m - m % 2))
+
+
+def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
+    """Partial rotary (GPT-NeoX rotary_pct, Phi partial_rotary_factor): the scores are a rotary part plus a
+    position-free part. The first gets pair selection, the second the whitened SVD; the `r` kept dims are
+    split between them in proportion (`rot_share`). The reduced head is [kept pairs | SVD dims]."""
+    a, d = work.attn, work.view.dims
+    full, rot, p = a.wq.shape[-1], a.rot_dim, a.perm
+    r_rot = rot_share(r, rot, full)
+    q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p][:, :rot].reshape(d.kv_heads, d.groups, rot)
+    k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p][:, :rot]
+    idx, loss_rot = solvers.qk_rope_select(q2, k2, rot, "rotate_half", r_rot)   # (Hkv, r_rot), (Hkv, rot/2+1)
+    qidx = idx.repeat_interleave(d.groups, 0)
+    wq_rot = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
+    wk_rot = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
+    # the position-free dims: whitened SVD on their own (d_h - rot) x (d_h - rot) moments
+    pp = p[rot:]
+    gq, gk = st["q"][:, pp][:, :, pp] / n, st["k"][:, pp][:, :, pp] / n
+    wq, wk, dp = a.wq[..., rot:], a.wk[..., rot:], full - rot
+    if d.groups == 1:
+        wq_p, wk_p, loss_p = solvers.qk_whitened_svd(wq, wk, gq, gk, r - r_rot)
+    else:
+        wq_p, wk_p, loss_p = solvers.qk_whitened_svd_gqa(
+            wq.reshape(d.kv_heads, d.groups, *wq.shape[1:]), wk, gq.reshape(d.kv_heads, d.groups, dp, dp), gk,
+            r - r_rot)
+        wq_p = wq_p.reshape(d.heads, *wq_p.shape[2:])
+    a.wq, a.wk = torch.cat([wq_rot, wq_p], -1), torch.cat([wk_rot, wk_p], -1)
+    a.rope_index, a.rot_dim = a.rope_index.gather(-1, idx), r_rot
+    lr, lp = loss_rot.sum(0), loss_p.sum(0)
+    shares = [rot_share(m, rot, full) for m in range(0, full + 1, 2)]
+    return torch.stack([lr[s // 2] + lp[m - s] for m, s in zip(range(0, full + 1, 2), shares)]), 2
 
 
 @handler(A3OV)

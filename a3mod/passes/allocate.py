@@ -131,8 +131,8 @@ def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
     for v in views:
-        attn, mlp = build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS], stats)
-        swaps += [(v.index, v.spec.attn, attn), (v.index, v.spec.mlp, mlp)]
+        swaps += [(v.index, path, new) for path, new in
+                  build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS], stats)]
     return swaps
 
 
@@ -165,5 +165,5 @@ def apply_a3kv(cfg: A3KV, model, views, stats, calib, progress):
         c.cost = views[c.layer].dims.kv_heads * c.step
     kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
-    return [(v.index, v.spec.attn, build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")],
-                                               stats)[0]) for v in views]
+    return [(v.index, path, new) for v in views for path, new in
+            build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")], stats, mlp=False)]

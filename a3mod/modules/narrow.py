@@ -1,0 +1,35 @@
+"""NarrowLinear: a plain nn.Linear that stands in for a wider one of the original model.
+
+Used where the linear lives outside any module a3mod replaces: the MLP of OPT (fc1/fc2 on the decoder
+layer) and BERT (intermediate.dense / output.dense), and BERT's attention output projection
+(attention.output.dense, after the self-attention module). The layer's own forward keeps running
+(activation, dropout, residual, LayerNorm); only the widths change.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class NarrowLinear(nn.Linear):
+    """nn.Linear (in_features, out_features) cut from an original (orig_in, orig_out) linear.
+
+    kept: the original indices kept along the narrowed side (MLP neurons, ascending), or None when the
+    narrow side is a new basis (A3OV's reduced value dims entering an output projection).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, orig_in: int, orig_out: int,
+                 kept: list[int] | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if in_features > orig_in or out_features > orig_out:
+            raise ValueError(f"NarrowLinear ({in_features} -> {out_features}) is wider than the original "
+                             f"({orig_in} -> {orig_out})")
+        if kept is not None:
+            bound = orig_out if len(kept) == out_features else orig_in if len(kept) == in_features else None
+            if bound is None or not all(0 <= k < bound for k in kept):
+                raise ValueError(f"NarrowLinear kept={kept!r} must list in_features or out_features original "
+                                 f"indices, within the original width")
+        self.orig_in, self.orig_out, self.kept = orig_in, orig_out, kept
+
+    def extra_repr(self) -> str:
+        return (f"in_features {self.orig_in} -> {self.in_features}, out_features {self.orig_out} -> "
+                f"{self.out_features}, bias={self.bias is not None}")
