@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import layer_views
 from .calib import Stats, collect
 from .errors import A3ModError, CalibrationError
@@ -117,7 +118,7 @@ def _info_so_far(model, views) -> dict:
 def _a3_swaps(model, views, passes, stats, progress) -> list:
     out = []
     for v in tqdm(views, desc="solving", disable=not progress, unit="layer"):
-        out += [(v.index, path, new) for path, new in build_layer(model, v, passes, stats)]
+        out += [(v.index, path, new) for path, new in distributed.solve(build_layer, model, v, passes, stats)]
     return out
 
 

@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="calibrate, compress, report, save; perplexity before and after",
                        description="Calibrate on local text, compress with --method at --ratio (uniform A3 by "
                        "default, or a baseline: ASVD, SVD-LLM, plain SVD), print the report, measure perplexity "
-                       "before and after, and save an a3mod checkpoint to --out.")
+                       "before and after, and save an a3mod checkpoint to --out. Large models: --stream (layer by "
+                       "layer, resumable). Data-parallel calibration: `torchrun --nproc-per-node N -m a3mod.cli "
+                       "compress ...` (each rank runs 1/N of the windows, statistics are summed, the solves split; "
+                       "gloo on CPU, nccl with --device cuda; rank 0 evaluates and saves).")
     _add_model(c)
     c.add_argument("--method", default="a3", choices=sorted(METHODS),
                    help="a3 (default): A3 QK/OV/MLP; asvd: activation-aware SVD with sensitivity rank search; "
@@ -78,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", default=None,
                    help="statistics file: loaded if it exists (no calibration), else written after calibrating")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    c.add_argument("--stream", action="store_true",
+                   help="A3 only: compress layer by layer from an HF safetensors folder (--model), one decoder layer "
+                        "in memory at a time (a3mod.compress_streaming); no perplexity before, the one after loads "
+                        "the output. Resumable: re-running the same command after an interruption continues after "
+                        "the last finished layer (kept in <out>'s sibling .<name>.a3mod-work); other arguments are "
+                        "refused unless --restart")
+    c.add_argument("--offload-dir", default=None,
+                   help="--stream: keep the calibration hidden states in files in this directory, not in memory")
+    c.add_argument("--restart", action="store_true",
+                   help="--stream: discard an interrupted run's work dir and start over instead of resuming")
     c.add_argument("--eval", dest="extra_eval", default=None, metavar="lm-eval:TASKS",
                    help="also run lm-evaluation-harness tasks on the compressed model, e.g. "
                         "lm-eval:wikitext_local,piqa_local (scores go into the report and compress_result.json)")
@@ -139,6 +152,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def cmd_compress(args) -> int:
+    from . import distributed
     from .api import apply
     from .calib import Stats, calibration_data, collect
     from .checkpoint import save
@@ -149,6 +163,11 @@ def cmd_compress(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise CheckpointError(f"output dir {args.out!r} exists; pass --overwrite or another --out")
     passes = _passes(args)
+    distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
+    if distributed.rank_world()[0] != 0:
+        args.no_eval, args.extra_eval = True, None
+    if args.stream:
+        return _compress_stream(args, passes)
     path, model, tok = _load(args)
     result = {"model": path, "passes": [repr(p) for p in passes], "timings_s": {}}
     if not args.no_eval:
@@ -170,6 +189,8 @@ def cmd_compress(args) -> int:
     t = time.perf_counter()
     apply(model, passes, calib=calib, stats=stats)
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
+    if distributed.rank_world()[0] != 0:
+        return 0
     if args.stats and stats is not None:      # also keeps tables passes cached on the stats (ASVD sensitivity)
         stats.save(args.stats + ".tmp")
         os.replace(args.stats + ".tmp", args.stats)
@@ -189,6 +210,45 @@ def cmd_compress(args) -> int:
         b, a = result["ppl_before"], result["ppl_after"]
         print(f"\nWikiText-2 token perplexity ({a['windows']} x {a['seq_len']} tokens): "
               f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
+    print(f"saved to {out}")
+    return 0
+
+
+def _compress_stream(args, passes) -> int:
+    """`compress --stream`: a3mod.compress_streaming on an HF safetensors folder, then report (and perplexity)."""
+    from transformers import AutoTokenizer
+
+    from . import distributed
+    from .calib import calibration_data
+    from .checkpoint import load
+    from .errors import A3ModError
+    from .paths import default_model
+    from .report import report
+    from .stream import compress_streaming
+
+    if args.method != "a3" or args.stats:
+        raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
+                         f"{args.method!r} (baselines need the whole model) nor --stats")
+    path = args.model or default_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    result = {"model": path, "passes": [repr(p) for p in passes], "stream": True, "timings_s": {}}
+    t = time.perf_counter()
+    calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
+    out = compress_streaming(path, args.out, passes, calib, batch_size=args.batch_size, offload_dir=args.offload_dir,
+                             dtype=DTYPES[args.dtype], device=args.device, tokenizer=tok, overwrite=args.overwrite,
+                             restart=args.restart)
+    result["timings_s"]["calibrate_solve_write"] = time.perf_counter() - t
+    if distributed.rank_world()[0] != 0:
+        return 0
+    model = load(out, device=args.device, dtype=DTYPES[args.dtype])
+    result["calib_tokens"] = model.a3mod_info["calib_tokens"]
+    rep = report(model, context=args.eval_seq_len)
+    print(rep)
+    result["report"] = rep.to_dict()
+    if not args.no_eval:
+        result["ppl_after"] = _ppl(model, tok, args)
+        print(f"WikiText-2 token perplexity after: {result['ppl_after']['ppl']:.4f}")
+    _write_json(str(out / "compress_result.json"), result)
     print(f"saved to {out}")
     return 0
 

@@ -154,3 +154,24 @@ def test_refuses_whole_model_passes_and_existing_output(tmp_path):
         a3mod.compress_streaming(src, tmp_path / "taken", a3mod.a3_passes(0.2), calib, progress=False)
     with pytest.raises(A3ModError, match="not an HF folder"):
         a3mod.compress_streaming(tmp_path / "taken", tmp_path / "out", a3mod.a3_passes(0.2), calib, progress=False)
+
+
+def test_cli_stream_matches_cli_in_memory(tmp_path, text_file, capsys):
+    from a3mod.cli import main
+
+    from conftest import make_tokenizer
+
+    src = saved_source(tmp_path, "llama")
+    make_tokenizer().save_pretrained(src)
+    common = ["--model", str(src), "--ratio", "0.3", "--calib", text_file, "--n-samples", "4", "--calib-seq-len",
+              "16", "--eval-source", text_file, "--eval-seq-len", "16"]
+    assert main(["compress", *common, "--out", str(tmp_path / "mem")]) == 0
+    assert main(["compress", "--stream", "--offload-dir", str(tmp_path / "off"), *common,
+                 "--out", str(tmp_path / "str")]) == 0
+    assert "a3mod report: llama" in capsys.readouterr().out
+    assert_same_checkpoint(tmp_path / "str", tmp_path / "mem", rel=0.0)
+    mem, st = (json.loads((tmp_path / d / "compress_result.json").read_text()) for d in ("mem", "str"))
+    assert st["ppl_after"]["ppl"] == pytest.approx(mem["ppl_after"]["ppl"], rel=1e-6)
+    assert st["report"] == mem["report"] and st["calib_tokens"] == 64
+    assert main(["compress", "--stream", "--method", "svd", *common, "--out", str(tmp_path / "x")]) == 2
+    assert "--stream runs the A3 passes" in capsys.readouterr().err
