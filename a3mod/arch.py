@@ -37,6 +37,11 @@ class ArchSpec:
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
     conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
     rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
+    qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
+                                   # Qwen3), "all" (over the whole projection output H*d_h, OLMo-2) or None
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")     # the q/k norm modules, from the attention module
+    softcap: str | None = None     # attention-module attribute holding the logit softcap or None (Gemma-2)
+    dropouts: tuple[str, str] = ("resid_dropout", "dropout")  # output dropout of attention / MLP (module or float)
 
 
 _LLAMA = ArchSpec(layers="model.layers", attn="self_attn", mlp="mlp", q="q_proj", k="k_proj", v="v_proj",
@@ -53,6 +58,12 @@ ARCHS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(layers="transformer.h", attn="attn", mlp="mlp", q=None, k=None, v=None, qkv="c_attn",
                      o="c_proj", gate=None, up="c_fc", down="c_proj", act="activation_function",
                      norms=("ln_1", "ln_2"), rope=None, conv1d=True, rotary=None),
+    "qwen3": replace(_LLAMA, qk_norm="head"),          # per-head RMSNorm on q/k; sliding window per layer_types
+    "olmo2": replace(_LLAMA, qk_norm="all", norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    "gemma": _LLAMA,               # head_dim independent of hidden; (1+w) RMSNorm, scaled embeddings: outside A3
+    "gemma2": replace(_LLAMA, act="hidden_activation", softcap="attn_logit_softcapping"),
+    "starcoder2": replace(_LLAMA, gate=None, up="c_fc", down="c_proj",   # biases from use_bias; LayerNorm
+                          dropouts=("residual_dropout", "residual_dropout")),
     "phi3": replace(_LLAMA, q=None, k=None, v=None, qkv="qkv_proj", gate=None, gate_up="gate_up_proj"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", attn="attention", mlp="mlp", q=None, k=None, v=None,
                          qkv="query_key_value", qkv_layout="per_head", o="dense", up="dense_h_to_4h",
@@ -182,6 +193,15 @@ class LayerView:
     def qkv_modules(self) -> list[nn.Module]:
         s = self.spec
         return [getattr(self.attn, s.qkv)] if s.qkv else [getattr(self.attn, n) for n in (s.q, s.k, s.v)]
+
+    def qk_norm_modules(self) -> tuple[nn.Module, nn.Module] | None:
+        """(q_norm, k_norm) of a qk-norm family, else None."""
+        return tuple(getattr(self.attn, n) for n in self.spec.qk_norm_names) if self.spec.qk_norm else None
+
+    def softcap(self) -> float | None:
+        """Attention logit softcap (tanh capping of the scores) or None."""
+        s = self.spec.softcap
+        return None if s is None else getattr(self.attn, s)
 
     def o_module(self) -> nn.Module:
         return get_path(self.layer if self.spec.o_from_layer else self.attn, self.spec.o)

@@ -48,7 +48,9 @@ def _describe(model: nn.Module) -> dict:
                                  sliding_window=attn.sliding_window, is_causal=attn.is_causal,
                                  dropout=attn.attention_dropout, out_dropout=attn.out_dropout,
                                  rope_index=attn.rope_index.tolist(),
-                                 **({"out_proj": False} if attn.o_proj is None else {}))
+                                 **({"out_proj": False} if attn.o_proj is None else {}),
+                                 **({"qk_norm": attn.qk_norm} if attn.qk_norm else {}),
+                                 **({"softcap": attn.softcap} if attn.softcap is not None else {}))
         if isinstance(attn, LatentKVAttention):
             entry["latent_attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
                                         kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
@@ -152,6 +154,9 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                     raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
                                      f"{a['kv_heads']} x {a['rot_dim']}")
                 idx = idx.reshape(a["kv_heads"], a["rot_dim"])
+                if a.get("qk_norm"):     # the skeleton's own q/k norm modules (their weights come with the file)
+                    old = get_path(layers[i], spec.attn)
+                    a["q_norm"], a["k_norm"] = (getattr(old, n) for n in spec.qk_norm_names)
                 attn = ReducedHeadAttention(model.config, i, device=device, dtype=dtype, **a)
                 rope[f"{spec.layers}.{i}.{spec.attn}"] = idx
                 set_child(layers[i], spec.attn, attn)

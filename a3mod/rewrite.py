@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ class AttnWork:
     k_bias: bool
     v_bias: bool
     perm: Tensor          # column order applied to the original heads (for mapping statistics)
+    qk_norm: str | None = None   # q/k norm before RoPE ("head" / "all"): QK must stay at the full head dim
 
 
 @dataclass
@@ -76,7 +78,7 @@ class LayerWork:
             wv=heads(wv, bv, d.kv_heads), wo=wo.detach().double().t().reshape(d.heads, d.head_dim, d.hidden),
             bo=None if bo is None else bo.detach().double(),
             rope_index=perm[: d.rot_dim].repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
-            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm)
+            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm)
         gate, up, down = v.mlp_params()
         f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
         mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]),
@@ -99,8 +101,9 @@ class LayerWork:
             scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)), is_causal=getattr(old, "is_causal", True),
-            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, "resid_dropout"),
-            out_proj=not v.spec.o_from_layer, **kw)
+            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, v.spec.dropouts[0]), softcap=v.softcap(),
+            out_proj=not v.spec.o_from_layer,
+            **_qk_norm_args(a, v), **kw)
         with torch.no_grad():
             _load_heads(attn.q_proj, a.wq, a.q_bias)
             _load_heads(attn.k_proj, a.wk, a.k_bias)
@@ -123,7 +126,7 @@ class LayerWork:
             return self._narrow_mlp(kw)
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
                          m.down[1] is not None, orig_inter=m.orig,
-                         dropout=_dropout_p(v.mlp, "dropout"), **kw)
+                         dropout=_dropout_p(v.mlp, v.spec.dropouts[1]), **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
                 if lin is None:
@@ -157,10 +160,19 @@ class LayerWork:
 
 
 def _dropout_p(mod: nn.Module, name: str) -> float:
+    """Dropout probability held by `mod.<name>`: an nn.Dropout (GPT-2) or a plain float (StarCoder2)."""
     d = getattr(mod, name, None)
     if isinstance(d, nn.Dropout):
         return float(d.p)
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
+
+
+def _qk_norm_args(a: AttnWork, v: LayerView) -> dict:
+    """Copies of the q/k norm modules for a qk-norm layer (its QK part is kept at the full head dim)."""
+    if not a.qk_norm:
+        return {}
+    q_norm, k_norm = v.qk_norm_modules()
+    return dict(qk_norm=a.qk_norm, q_norm=copy.deepcopy(q_norm), k_norm=copy.deepcopy(k_norm))
 
 
 def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:

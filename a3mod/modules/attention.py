@@ -4,6 +4,8 @@ Shapes: B batch, T tokens, H query heads, Hkv key/value heads, g = H / Hkv, r_qk
 The softmax scale stays the original 1/sqrt(d_h) (passed explicitly to every backend). RoPE: the reduced
 q/k head is in rotate_half layout over its first `rot_dim` dims; `rope_index[j]` says which dims of the
 original rotary cos/sin (as the model's rotary embedding produces them) KV group j kept.
+qk-norm (Qwen3 per head, OLMo-2 over the whole projection): the norm modules run on q/k before RoPE; a norm needs
+the whole head, so such layers keep qk_dim = head_dim. softcap (Gemma-2): passed to the backend as `softcap`.
 """
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, **_):
-    """q (B,H,T,r_qk), k (B,Hkv,S,r_qk), v (B,Hkv,S,r_vo) -> out (B,T,H,r_vo), weights (B,H,T,S)."""
+def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, softcap=None, **_):
+    """q (B,H,T,r_qk), k (B,Hkv,S,r_qk), v (B,Hkv,S,r_vo) -> out (B,T,H,r_vo), weights (B,H,T,S).
+
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma-2)."""
     g = module.num_key_value_groups
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
     if mask is not None:
         w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
     w = nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
@@ -36,12 +42,19 @@ class ReducedHeadAttention(nn.Module):
     def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
-                 out_dropout: float = 0.0, out_proj: bool = True, device=None, dtype=None):
+                 out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
+                 device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         if not 0 <= rot_dim <= qk_dim or rot_dim % 2:
             raise ValueError(f"rot_dim {rot_dim} must be even and within [0, qk_dim={qk_dim}]")
+        if qk_norm not in (None, "head", "all"):
+            raise ValueError(f"qk_norm={qk_norm!r}; allowed: None, 'head' (per head), 'all' (whole projection)")
+        if qk_norm and (q_norm is None or k_norm is None or qk_dim != head_dim):
+            raise ValueError(f"qk_norm={qk_norm!r} needs q_norm and k_norm modules and the full head dim "
+                             f"(qk_dim={qk_dim}, head_dim={head_dim}): a norm over a head cannot run on a reduced head")
         kw = dict(device=device, dtype=dtype)
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.num_key_value_heads = heads, kv_heads
@@ -55,6 +68,8 @@ class ReducedHeadAttention(nn.Module):
         # out_proj=False: the output projection lives outside this module (BERT's attention.output.dense);
         # forward then returns the concatenated head outputs (B,T,H*r_vo)
         self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw) if out_proj else None
+        self.qk_norm, self.softcap = qk_norm, softcap      # the norms are applied before RoPE, at full head dim
+        self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key = None
@@ -90,8 +105,13 @@ class ReducedHeadAttention(nn.Module):
         kwargs.pop("layer_past", None)
         B, T, _ = hidden_states.shape
         H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
-        q = self.q_proj(hidden_states).view(B, T, H, self.qk_dim).transpose(1, 2)      # (B,H,T,r_qk)
-        k = self.k_proj(hidden_states).view(B, T, Hkv, self.qk_dim).transpose(1, 2)    # (B,Hkv,T,r_qk)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, H, self.qk_dim).transpose(1, 2)                                 # (B,H,T,r_qk)
+        k = k.view(B, T, Hkv, self.qk_dim).transpose(1, 2)                               # (B,Hkv,T,r_qk)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(hidden_states).view(B, T, Hkv, self.vo_dim).transpose(1, 2)    # (B,Hkv,T,r_vo)
         if self.rot_dim:
             if position_embeddings is None:
@@ -107,6 +127,8 @@ class ReducedHeadAttention(nn.Module):
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
+        if self.softcap is not None:
+            extra["softcap"] = self.softcap
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
@@ -117,10 +139,11 @@ class ReducedHeadAttention(nn.Module):
         return nn.functional.dropout(out, self.out_dropout, self.training), weights
 
     def extra_repr(self) -> str:
-        rope = (f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope") + (
+        rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"
+        scale = (f"1/sqrt({self.head_dim})" if abs(self.scaling - self.head_dim ** -0.5) < 1e-12
+                 else f"{self.scaling:g}")
+        extra = (f", qk-norm {self.qk_norm} (q/k kept at full head dim)" if self.qk_norm else "") + (
+            f", softcap={self.softcap:g}" if self.softcap is not None else "") + (
             ", output projection outside" if self.o_proj is None else "")
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
-                f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale=1/sqrt({self.head_dim})"
-                if abs(self.scaling - self.head_dim ** -0.5) < 1e-12 else
-                f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
-                f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={self.scaling:g}")
+                f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={scale}{extra}")

@@ -79,6 +79,9 @@ def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | N
 def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wq.shape[-1]
+    if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
+        kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if a.rot_dim else 1)      # still validate the request
+        return torch.zeros(full // (2 if a.rot_dim else 1) + 1, dtype=torch.float64), 2 if a.rot_dim else 1
     if a.rot_dim:
         r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2)
         if a.rot_dim != full:

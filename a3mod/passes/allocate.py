@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import A3ModError, RatioError
+from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..rewrite import LayerWork
 from .a3 import A3MLP, A3OV, A3QK, build_layer
 from .base import HANDLERS, kept_dim, model_handler, register_pass
@@ -79,6 +79,9 @@ def _step(comp: str, full: int, rope: bool) -> int:
 def curves(views, stats, budget: float, normalize: str = "relative") -> list[Curve]:
     """Loss curves of every layer and component (one full-rank solve each)."""
     out = []
+    if views and views[0].spec.qk_norm:
+        raise UnsupportedModelError(f"Allocate / A3KV: {views[0].spec.qk_norm!r} qk-norm layers keep q/k at the full "
+                                    "head dim, which these budgets do not model yet; use a3mod.a3_passes(ratio)")
     for v in views:
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp

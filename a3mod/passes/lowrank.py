@@ -171,6 +171,9 @@ def apply_asvd(cfg: ASVD, model, views, stats, calib, progress):
 
 def _check_kv_mode(model, views) -> None:
     c, d = model.config, views[0].dims
+    if views[0].spec.qk_norm or views[0].softcap() is not None:
+        raise UnsupportedModelError(f"ASVD KV-cache mode does not support qk-norm ({views[0].spec.qk_norm}) or "
+                                    f"attention logit softcap ({views[0].softcap()}); use ratio= instead")
     if getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", True):
         raise UnsupportedModelError(f"ASVD kv_ratio= (KV-cache mode) does not support sliding-window attention "
                                     f"(config.sliding_window={c.sliding_window}); use ratio= instead")
