@@ -15,7 +15,7 @@ from .loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, Allocate, SVDLLM, PlainSVD, a3_passes, pass_from_dict, pass_to_dict
 from .ppl import eval_tokens, perplexity
-from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError
+from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
 from .stream import compress_streaming
 
@@ -24,5 +24,5 @@ __all__ = [
     "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
     "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "compress_streaming",
-    "BnbInt8", "Bnb4bit", "HQQ", "QuantizationError",
+    "BnbInt8", "Bnb4bit", "HQQ", "QuantizationError", "quantized_cache", "cache_bytes",
 ]

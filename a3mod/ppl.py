@@ -18,11 +18,18 @@ def eval_tokens(tokenizer, source: str = "wikitext2-test") -> Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: int = 1,
-               max_windows: int | None = None, progress: bool = True) -> dict:
+               max_windows: int | None = None, progress: bool = True, cache=None, chunk: int = 128) -> dict:
     """exp(mean NLL) over floor(len/seq_len) non-overlapping windows (optionally the first `max_windows`).
 
+    cache: optional factory () -> transformers Cache (e.g. `lambda: a3mod.quantized_cache(model)`): each window
+    is then fed `chunk` tokens at a time through a fresh cache, so every chunk attends to the earlier tokens as
+    the cache stores them (quantized beyond its residual window). batch_size is 1 then.
     Returns {"ppl", "nll", "tokens", "windows", "seq_len"}; `tokens` counts the scored positions.
     """
+    if cache is not None:
+        batch_size = 1
+        if not (isinstance(chunk, int) and chunk >= 1):
+            raise A3ModError(f"chunk={chunk!r} must be a positive integer (tokens fed per step through the cache)")
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
@@ -36,7 +43,7 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: i
     try:
         for b in tqdm(range(0, n, batch_size), desc=f"perplexity ({n}x{seq_len})", disable=not progress, unit="batch"):
             x = windows[b:b + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()       # (B, T-1, V)
+            logits = _logits(model, x, cache, chunk)[:, :-1]                          # (B, T-1, V)
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                reduction="sum")
             nll += loss.item()
@@ -44,3 +51,13 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: i
     finally:
         model.train(was_training)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n, "seq_len": seq_len}
+
+
+def _logits(model: nn.Module, x: Tensor, cache, chunk: int) -> Tensor:
+    """(B, T, V) float logits of `x`, in one forward or `chunk` tokens at a time through `cache()`."""
+    if cache is None:
+        return model(input_ids=x, use_cache=False).logits.float()
+    c, out = cache(), []
+    for s in range(0, x.shape[1], chunk):
+        out.append(model(input_ids=x[:, s:s + chunk], past_key_values=c, use_cache=True).logits.float())
+    return torch.cat(out, 1)
