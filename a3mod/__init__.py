@@ -10,7 +10,8 @@ from .api import apply
 from .arch import ARCHS, ArchSpec, supported_types
 from .calib import Stats, calibration_data, collect
 from .checkpoint import load, save
-from .errors import A3ModError, CalibrationError, CheckpointError, RatioError, UnsupportedModelError
+from .discover import Discovery, LayerDiscovery, discover
+from .errors import A3ModError, CalibrationError, CheckpointError, DiscoveryError, RatioError, UnsupportedModelError
 from .loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, Allocate, SVDLLM, PlainSVD, a3_passes, pass_from_dict, pass_to_dict
@@ -23,6 +24,7 @@ __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
     "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
-    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "compress_streaming",
+    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "DiscoveryError",
+    "discover", "Discovery", "LayerDiscovery", "compress_streaming",
     "BnbInt8", "Bnb4bit", "HQQ", "QuantizationError", "quantized_cache", "cache_bytes",
 ]

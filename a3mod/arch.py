@@ -81,11 +81,14 @@ def supported_types() -> list[str]:
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
-    """The adapter for `model`, or an `UnsupportedModelError` listing the supported types."""
+    """The adapter for `model`; a model type without one gets the spec graph discovery builds (`discover.py`),
+    or a `DiscoveryError` (an `UnsupportedModelError`) listing the supported types and what discovery missed."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype not in ARCHS:
-        raise UnsupportedModelError(
-            f"model_type {mtype!r} has no a3mod architecture adapter; supported: {', '.join(supported_types())}")
+    if mtype not in ARCHS:         # no adapter: read the roles from the layer's computation graph
+        from .discover import discovered_spec
+
+        return discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "
+                                      f"{', '.join(supported_types())})")
     return _for_base_model(model, ARCHS[mtype])
 
 

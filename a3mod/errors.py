@@ -9,6 +9,10 @@ class UnsupportedModelError(A3ModError):
     """The model type has no architecture adapter."""
 
 
+class DiscoveryError(UnsupportedModelError):
+    """Graph discovery could not explain a layer (says what it found and what is missing)."""
+
+
 class RatioError(A3ModError):
     """A compression ratio or rank outside what the component allows."""
 
