@@ -65,9 +65,8 @@ def _describe(model: nn.Module) -> dict:
                if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
         if lin:
             entry["linears"] = lin
-        narrow = {n: dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
-                          orig_in=m.orig_in, orig_out=m.orig_out, kept=m.kept)
-                  for n, m in layer.named_modules() if isinstance(m, NarrowLinear)}
+        narrow = {n: _narrow_entry(m) for n, m in layer.named_modules()
+                  if isinstance(m, NarrowLinear) or getattr(m, "a3mod_narrow", None) is not None}
         if narrow:
             entry["narrow"] = narrow
         quantized = quant_io.layer_entry(layer)
@@ -86,6 +85,13 @@ def _describe(model: nn.Module) -> dict:
             "model_type": model.config.model_type, "model_class": type(model).__name__, "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {})}
+
+
+def _narrow_entry(m: nn.Module) -> dict:
+    """Sidecar entry of a NarrowLinear, or of the quantized linear that replaced one (its `a3mod_narrow`)."""
+    in_f, out_f = quant_io.linear_shape(m)
+    info = m.narrow_info() if isinstance(m, NarrowLinear) else m.a3mod_narrow
+    return dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None, **info)
 
 
 def _dedup(sd: dict) -> tuple[dict, dict]:
@@ -244,6 +250,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
             raise CheckpointError(f"{SIDECAR} says {k!r} is tied to {src!r}, which {WEIGHTS} lacks")
         sd[k] = sd[src]
     quantized = quant_io.restore(model, spec_for(model).layers, side, sd, device, dtype)   # takes their tensors
+    _remember_narrow(model, side)
     expected = model.state_dict()
     for k, t in sd.items():
         if k not in expected:
@@ -274,6 +281,16 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
     model.eval()
     return model
+
+
+def _remember_narrow(model: nn.Module, side: dict) -> None:
+    """Quantized linears restored in place of a NarrowLinear keep its original dims (for report and re-save)."""
+    layers = get_path(model, spec_for(model).layers)
+    for key, entry in side["layers"].items():
+        for path, nl in entry.get("narrow", {}).items():
+            m = get_path(layers[int(key)], path)
+            if not isinstance(m, NarrowLinear):
+                m.a3mod_narrow = {k: nl[k] for k in ("orig_in", "orig_out", "kept")}
 
 
 def _skeleton(class_name: str | None, config) -> nn.Module:

@@ -145,7 +145,7 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         else:    # the original MLP, or narrowed linears on the layer (NarrowLinear: OPT, BERT)
             up = get_path(mlp, spec.gate_up or spec.up)
             mi = out_features(up) // (2 if spec.gate_up else 1)
-            mo = getattr(up, "orig_out", mi)
+            mo = getattr(up, "orig_out", None) or getattr(up, "a3mod_narrow", {}).get("orig_out", mi)
         kv0 = 2 * d.kv_heads * d.head_dim
         kv = attn.kv_elems_per_token if isinstance(attn, LatentKVAttention) else d.kv_heads * (qk + vo)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())

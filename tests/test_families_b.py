@@ -55,8 +55,10 @@ def config_b(family: str, *, head_dim: int = 8, heads: int = 4, kv_heads: int | 
 
 
 def _auto(config, head: str | None):
+    """Encoders: BertModel, or with head "mlm" BertForMaskedLM, "causal" BertLMHeadModel (is_decoder)."""
     if config.model_type in ("bert", "roberta"):
-        return transformers.AutoModelForMaskedLM if head == "mlm" else transformers.AutoModel
+        return {"mlm": transformers.AutoModelForMaskedLM, "causal": transformers.AutoModelForCausalLM}.get(
+            head, transformers.AutoModel)
     return None
 
 
@@ -337,3 +339,51 @@ def test_allocate_and_a3kv_run(family):
         rep = a3mod.report(model)
         assert lo <= rep.ratio <= hi, (passes, rep.ratio)
         assert torch.isfinite(fc.outputs(model, input_ids())).all()
+
+
+def test_bert_decoder_and_cross_attention():
+    """BERT as a causal decoder (is_decoder) caches like any decoder; with cross-attention (an
+    EncoderDecoderCache) the self-attention is reduced and the cross-attention stays as it is."""
+    fc.full_rank_reproduces_outputs(factory("bert", head="causal", is_decoder=True))
+    fc.cached_generate_matches_uncached(factory("bert", head="causal", is_decoder=True), 0.3, impls=("eager",))
+    model = factory("bert", head="causal", is_decoder=True, add_cross_attention=True)()
+    enc, ids = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0)), input_ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, encoder_hidden_states=enc, use_cache=False).logits
+        a3mod.apply(model, a3mod.a3_passes(0.0), calib=calib_ids(), progress=False)
+        full = model(input_ids=ids, encoder_hidden_states=enc, use_cache=False).logits
+        out = model(input_ids=ids[:, :6], encoder_hidden_states=enc, use_cache=True)
+        step = model(input_ids=ids[:, 6:], encoder_hidden_states=enc, past_key_values=out.past_key_values).logits
+    assert_close_logits(full, ref)
+    assert_close_logits(torch.cat([out.logits, step], 1), full, rel=1e-5)
+    assert not isinstance(model.bert.encoder.layer[0].crossattention.self, ReducedHeadAttention)
+
+
+# ---------------------------------------------------------------------------- baselines / quantization
+@pytest.mark.parametrize("family", FAMILIES_B)
+def test_baselines_and_quantized_round_trip(family, tmp_path):
+    """The SVD baselines factorize every projection (fused, layer-level and BERT's three "dense" ones);
+    A3 + HQQ saves and loads, narrowed linears included."""
+    pytest.importorskip("hqq")
+    make = factory(family, **_kw_for(family))
+    for i, passes in enumerate(([a3mod.SVDLLM(ratio=0.2)], [*a3mod.a3_passes(0.3), a3mod.HQQ(nbits=4, group_size=8)])):
+        model = make()
+        a3mod.apply(model, passes, calib=calib_ids(), progress=False)
+        rep = a3mod.report(model)
+        assert 0.15 <= rep.ratio <= 0.35 and (rep.rows[0].lowrank > 0) == (i == 0)
+        loaded = a3mod.load(a3mod.save(model, tmp_path / str(i)))
+        ids = input_ids()
+        assert torch.equal(fc.outputs(loaded, ids), fc.outputs(model, ids))
+        assert a3mod.report(loaded).to_dict() == rep.to_dict()
+
+
+@pytest.mark.parametrize("family,passes,match", [
+    ("bert", [a3mod.ASVD(ratio=0.2)], "not a causal LM"),
+    ("gpt_neox", [a3mod.ASVD(kv_ratio=0.5)], "KV-cache mode"),
+    ("bert", [a3mod.ASVD(kv_ratio=0.5)], "KV-cache mode"),
+])
+def test_unsupported_baseline_modes_raise(family, passes, match):
+    model = factory(family)()
+    with pytest.raises(a3mod.UnsupportedModelError, match=match):
+        a3mod.apply(model, passes, calib=calib_ids(), progress=False)
+    assert not any(isinstance(m, NarrowLinear) for m in model.modules())

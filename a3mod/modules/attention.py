@@ -103,6 +103,7 @@ class ReducedHeadAttention(nn.Module):
         if past_key_values is None:                      # GPT-NeoX passes its cache as `layer_past`
             past_key_values = kwargs.pop("layer_past", None)
         kwargs.pop("layer_past", None)
+        past_key_values = getattr(past_key_values, "self_attention_cache", past_key_values)   # EncoderDecoderCache
         B, T, _ = hidden_states.shape
         H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)

@@ -30,6 +30,10 @@ class NarrowLinear(nn.Linear):
                                  f"indices, within the original width")
         self.orig_in, self.orig_out, self.kept = orig_in, orig_out, kept
 
+    def narrow_info(self) -> dict:
+        """What a quantized replacement must remember to be rebuilt (a3mod.save): original dims, kept indices."""
+        return dict(orig_in=self.orig_in, orig_out=self.orig_out, kept=self.kept)
+
     def extra_repr(self) -> str:
         return (f"in_features {self.orig_in} -> {self.in_features}, out_features {self.orig_out} -> "
                 f"{self.out_features}, bias={self.bias is not None}")

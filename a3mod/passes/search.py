@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import factorize as fz
 from ..arch import LayerView, get_path, linear_params
-from ..errors import CalibrationError, RatioError
+from ..errors import CalibrationError, RatioError, UnsupportedModelError
 from ..report import linear_param_count
 
 PARAM_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # kept fraction of a linear's parameters
@@ -35,7 +35,7 @@ class Target:
     path: str            # module path in the layer
     rows: slice          # output rows of the (out, in) weight (a fused qkv's k or v block), or all
     group: str           # input group (for statistics): attn_in, attn_out, mlp_in, mlp_mid
-    role: str            # q, k, v, qkv, o, gate, up, down
+    role: str            # q, k, v, qkv, o, gate, up, gate_up, down
     out_f: int
     in_f: int
 
@@ -45,12 +45,17 @@ def targets_of(views: list[LayerView], kv: bool) -> list[Target]:
     out = []
     for v in views:
         s, d = v.spec, v.dims
-        roles = {s.q: "q", s.k: "k", s.v: "v", s.qkv: "qkv", s.o: "o", s.gate: "gate", s.up: "up", s.down: "down"}
+        if kv and (s.qkv_layout != "blocks" or s.o_from_layer):
+            raise UnsupportedModelError(f"KV-cache mode: the {v.layer.__class__.__name__} layout (fused qkv "
+                                        f"{s.qkv_layout!r}, o outside the attention: {s.o_from_layer}) is not "
+                                        "supported; use ASVD(ratio=...) or A3KV")
+        a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: f"{s.mlp}.{n}" if s.mlp else n)
+        roles = {a(s.q): "q", a(s.k): "k", a(s.v): "v", a(s.qkv): "qkv", m(s.gate): "gate", m(s.up): "up",
+                 m(s.gate_up): "gate_up"}                  # by path in the layer (BERT has three "dense")
         for group, paths in v.linear_groups().items():
             for path in paths:
                 w, _ = linear_params(get_path(v.layer, path), s.conv1d)
-                role = roles[path.rsplit(".", 1)[1]] if group != "mlp_mid" else "down"
-                role = "o" if group == "attn_out" else role
+                role = {"attn_out": "o", "mlp_mid": "down"}.get(group) or roles[path]
                 if not kv:
                     out.append(Target(v.index, path, slice(None), group, role, w.shape[0], w.shape[1]))
                 elif group == "attn_in":
@@ -67,6 +72,9 @@ class Prober:
     """Mean NLL of `model` on `ids` with some weights temporarily changed; earlier layers replay."""
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor):
+        if not getattr(model, "can_generate", lambda: True)():
+            raise UnsupportedModelError(f"ASVD's sensitivity probes measure next-token perplexity; "
+                                        f"{type(model).__name__} is not a causal LM (use SVDLLM / PlainSVD / A3)")
         self.model, self.layers, self.ids = model, layers, ids
         self.outs: list = [None] * len(layers)
         hooks = [l.register_forward_hook(self._keeper(i)) for i, l in enumerate(layers)]

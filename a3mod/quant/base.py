@@ -127,5 +127,7 @@ def quant_swaps(cfg, views: list[LayerView], swaps: list, progress: bool = True)
             q = h.quantize(cfg, as_linear(m))
             q.train(m.training)
             q.a3mod_quant = cfg
+            if hasattr(m, "narrow_info"):        # a NarrowLinear (OPT/BERT MLP, BERT o): remembered for save/load
+                q.a3mod_narrow = m.narrow_info()
             out.append((i, p, q))
     return out
