@@ -27,6 +27,7 @@ with `torch.export` (non-strict). It then follows the dataflow of the exported A
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -810,11 +811,11 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _attr_holding(mod: nn.Module | None, value: float) -> str | None:
-    """The name of a numeric attribute of `mod` equal to `value`."""
-    for name, val in vars(mod or object()).items():
-        if isinstance(val, (int, float)) and not isinstance(val, bool) and abs(val - value) <= 1e-9 * abs(value):
-            return name
-    return None
+    """The numeric attribute of `mod` equal to `value` (names with "cap", then floats, first)."""
+    hits = [(name, val) for name, val in vars(mod or object()).items() if isinstance(val, (int, float))
+            and not isinstance(val, bool) and abs(val - value) <= 1e-9 * abs(value)]
+    hits.sort(key=lambda nv: ("cap" not in nv[0].lower(), not isinstance(nv[1], float)))
+    return hits[0][0] if hits else None
 
 
 def _down_node(g: _Graph, m: _Mlp) -> fx.Node:
@@ -896,6 +897,7 @@ class _Capture:
     def close(self):
         for h in self.handles:
             h.remove()
+        self.handles = []
 
 
 def _run(model: nn.Module, ids: torch.Tensor) -> None:
@@ -906,17 +908,16 @@ def _run(model: nn.Module, ids: torch.Tensor) -> None:
             model(input_ids=ids)
 
 
-def _with_sdpa(model: nn.Module):
-    """Switch to sdpa attention when the model supports it; returns the implementation to restore."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_attn_implementation", None)
-    if old != "sdpa" and hasattr(model, "set_attn_implementation"):
-        try:
-            model.set_attn_implementation("sdpa")
-        except (ValueError, ImportError, AttributeError):
-            return None
-        return old
-    return None
+def _switch_attention(model: nn.Module, impl: str | None):
+    """Switch to attention implementation `impl` when the model supports it; returns the one to restore."""
+    old = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is None or old == impl or not hasattr(model, "set_attn_implementation"):
+        return None
+    try:
+        model.set_attn_implementation(impl)
+    except (ValueError, ImportError, AttributeError):   # e.g. Gemma-2 refuses sdpa: the graph keeps eager
+        return None
+    return old
 
 
 def _rotary_path(cap: _Capture, kwargs: dict) -> str | None:
@@ -935,10 +936,12 @@ def _export(layer: nn.Module, index: int, args, kwargs):
                              f"{type(e).__name__}: {msg[:300]}") from e
 
 
-def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7) -> Discovery:
+def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
+             attn_implementation: str | None = "sdpa") -> Discovery:
     """Describe every decoder layer of `model` from its computation graph (see the module docstring).
 
-    One forward pass on `seq_len` tokens captures each layer's inputs; one layer per distinct structure is
+    One forward pass on `seq_len` tokens captures each layer's inputs (with `attn_implementation` while it
+    runs, when the model supports it; None keeps the model's own); one layer per distinct structure is
     exported (`all_layers=True` exports every layer). Raises `DiscoveryError` naming what was found and what
     is missing when a layer cannot be explained.
     """
@@ -947,26 +950,24 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7) ->
     groups: dict[tuple, int] = {}
     rep = {i: (i if all_layers else groups.setdefault(_signature(layer), i)) for i, layer in enumerate(layers)}
     wanted = sorted(set(rep.values()))
+    config = getattr(model, "config", None)
     was_training = model.training
-    restore = _with_sdpa(model)
+    restore = _switch_attention(model, attn_implementation)
     cap = _Capture(model, path, layers, wanted)
-    try:
+    try:                        # the export re-runs the layers: same implementation and mode as the capture
         model.eval()
         _run(model, _sample_ids(model, seq_len))
+        cap.close()
+        missing = [i for i in wanted if i not in cap.calls]
+        if missing:
+            raise DiscoveryError(f"layers {missing} of {path} were not called by a forward pass on input_ids")
+        described = {i: _describe(_Graph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
+                     for i in wanted}
     finally:
         cap.close()
         model.train(was_training)
         if restore is not None:
             model.set_attn_implementation(restore)
-    missing = [i for i in wanted if i not in cap.calls]
-    if missing:
-        raise DiscoveryError(f"layers {missing} of {path} were not called by a forward pass on input_ids")
-    config = getattr(model, "config", None)
-    described = {}
-    for i in wanted:
-        args, kwargs = cap.calls[i]
-        ep = _export(layers[i], i, args, kwargs)
-        described[i] = _describe(_Graph(ep, i), i, layers[i], config)
     out = tuple(described[i] if rep[i] == i else dataclasses.replace(described[rep[i]], index=i, same_as=rep[i])
                 for i in range(len(layers)))
     rotary = _rotary_path(cap, cap.calls[wanted[0]][1])
@@ -1009,7 +1010,7 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
     return [
         f"  attention  {d.attention_kind} ({d.heads} heads, {d.kv_heads} kv heads, head_dim {d.head_dim}"
         + (f", v head_dim {d.v_head_dim}" if d.v_head_dim != d.head_dim else "") + f"), {d.attention_op}, "
-        + ("causal, " if d.causal else "") + f"scale {d.scale:.6g}" + "".join(f", {e}" for e in extra),
+        + {True: "causal, ", None: "masked, ", False: "unmasked, "}[d.causal] + f"scale {d.scale:.6g}" + "".join(f", {e}" for e in extra),
         f"  q/k/v      {qkv}",
         f"  positions  {rope}",
         f"  output     {d.o.describe()}",
@@ -1147,7 +1148,7 @@ def discovered_spec(model: nn.Module, context: str = ""):
     if key is not None and key in _SPECS:
         return _SPECS[key]
     try:
-        result = discover(model)
+        result = discover(_probe(model) if _on_meta(model) else model)
         spec = result.to_spec()
         _check_dims(model, spec, result.layers[0])
     except DiscoveryError as e:
@@ -1155,6 +1156,28 @@ def discovered_spec(model: nn.Module, context: str = ""):
     if key is not None:
         _SPECS[key] = spec
     return spec
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _probe(model: nn.Module) -> nn.Module:
+    """A CPU stand-in for a meta-device skeleton (as `a3mod.load` builds): the same modules with only the first
+    decoder layer, random weights. Discovery only needs the graph, not the values."""
+    path, _ = _find_layers(model)
+    probe = copy.deepcopy(model)                       # meta tensors: no memory
+    parent, _, name = path.rpartition(".")
+    owner = probe.get_submodule(parent) if parent else probe
+    setattr(owner, name, nn.ModuleList(list(getattr(owner, name))[:1]))
+    probe.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(probe.parameters()) + list(probe.buffers()):
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02)
+            else:
+                t.zero_()
+    return probe.eval()
 
 
 def _cache_key(model: nn.Module):
