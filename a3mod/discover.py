@@ -872,11 +872,15 @@ def _sample_ids(model: nn.Module, seq_len: int) -> torch.Tensor:
     return (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
 
 
+class _Stop(Exception):
+    """Raised by the capture hook once every wanted layer has its inputs: the rest of the forward is skipped."""
+
+
 class _Capture:
     """Forward pre-hooks on the layers (their args/kwargs) and output hooks on every module outside them."""
 
     def __init__(self, model, layers_path, layers, wanted):
-        self.calls, self.outputs, self.handles = {}, {}, []
+        self.calls, self.outputs, self.handles, self.wanted = {}, {}, [], set(wanted)
         for i in wanted:
             self.handles.append(layers[i].register_forward_pre_hook(self._pre(i), with_kwargs=True))
         for name, mod in model.named_modules():
@@ -886,6 +890,8 @@ class _Capture:
     def _pre(self, i):
         def hook(mod, args, kwargs):
             self.calls.setdefault(i, (args, kwargs))
+            if self.wanted <= set(self.calls):
+                raise _Stop
         return hook
 
     def _post(self, name):
@@ -903,9 +909,12 @@ class _Capture:
 def _run(model: nn.Module, ids: torch.Tensor) -> None:
     with torch.no_grad():
         try:
-            model(input_ids=ids, use_cache=False)
-        except TypeError:
-            model(input_ids=ids)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except TypeError:                  # models without a use_cache argument
+                model(input_ids=ids)
+        except _Stop:
+            pass
 
 
 def _switch_attention(model: nn.Module, impl: str | None):
