@@ -177,8 +177,8 @@ class LayerDiscovery:
     def intermediate(self) -> int:
         return len(self.up.channels)
 
-    def summary(self) -> str:
-        return "\n".join(_layer_lines(self))
+    def summary(self, evidence: bool = False) -> str:
+        return "\n".join(_layer_lines(self) + ([f"  how        {e}" for e in self.found] if evidence else []))
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,9 @@ class Discovery:
     exported: int                    # how many layers were exported (the rest share their structure)
     seconds: float
 
-    def summary(self) -> str:
-        return _summary(self)
+    def summary(self, evidence: bool = False) -> str:
+        """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
+        return _summary(self, evidence)
 
     def __str__(self) -> str:
         return self.summary()
@@ -754,8 +755,8 @@ def _dropout_after(g: _Graph, n: fx.Node) -> str | None:
 # ----------------------------------------------------------------------------------------- layer
 def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery:
     a = _find_attention(g)
-    found = [f"attention op: {a.kind} ({a.node.target})" + (f"; {a.count} attention ops, the first is described"
-                                                            if a.count > 1 else "")]
+    found = [f"attention op: {a.node.target}" + (f" ({a.count} attention ops; the first is described)"
+                                                  if a.count > 1 else "")]
     q, k, v = (_projection(g, a.q, "query"), _projection(g, a.k, "key", a.k_transposed),
                _projection(g, a.v, "value"))
     heads, head_dim = q.heads.shape
@@ -764,7 +765,7 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
         raise g.err(f"{heads} query heads, {krows.shape[0]} key heads, {vrows.shape[0]} value heads: not a "
                     "grouping a3mod knows (each KV head serving consecutive query heads)")
     layout = _qkv_layout(q, k, v, q.heads, krows, vrows)
-    found.append(f"q/k/v from {q.lin.path}/{k.lin.path}/{v.lin.path} ({layout or 'separate'})")
+    found += [f"{what} <- {p.lin.path} via {_ops(p.trace)}" for what, p in (("query", q), ("key", k), ("value", v))]
     rq, rk = _rope(g, q, q.heads), _rope(g, k, krows)
     if rq != rk:
         raise g.err(f"query RoPE {rq} and key RoPE {rk} differ")
@@ -783,6 +784,11 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
     _check_o(g, a, o, vrows.shape[1])
     m = _mlp(g, o)
     parallel = o.node not in g.ancestors(m.inputs[0].node)
+    found += [f"attention output -> {o.path} (head-major concat)",
+              f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
+              f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
+              f"({', '.join(m.act_ops) or 'none'})",
+              f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}"]
     first = next(iter(g.user_inputs), None)
     attn_mod = _submodule(layer, _common_parent([q.lin.path, k.lin.path, v.lin.path]))
     scaling = getattr(attn_mod, "scaling", None)
@@ -820,6 +826,10 @@ def _attr_holding(mod: nn.Module | None, value: float) -> str | None:
 
 def _down_node(g: _Graph, m: _Mlp) -> fx.Node:
     return next(n for n, lin in g.linears.items() if lin.path == m.down.module)
+
+
+def _ops(tr: _Trace) -> str:
+    return ", ".join(dict.fromkeys(_opname(n) for n in tr.nodes[1:] if not _opname(n).startswith("_assert")))
 
 
 def _role(lin: _Lin, rows: torch.Tensor) -> Role:
@@ -1030,7 +1040,7 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
     ]
 
 
-def _summary(r: Discovery) -> str:
+def _summary(r: Discovery, evidence: bool = False) -> str:
     first = r.layers[0]
     lines = [f"{r.model_type or '?'}: {len(r.layers)} x {first.layer_class} at {r.layers_path}, hidden {first.hidden}"
              + (f", rotary module {r.rotary}" if r.rotary else "")
@@ -1043,7 +1053,7 @@ def _summary(r: Discovery) -> str:
         shown.add(key)
         same = [e.index for e in r.layers if (e.same_as if e.same_as is not None else e.index) == key]
         lines.append(f"layers {_ranges(same)}:")
-        lines += _layer_lines(d)
+        lines.append(d.summary(evidence))
     return "\n".join(lines)
 
 
@@ -1157,7 +1167,7 @@ def discovered_spec(model: nn.Module, context: str = ""):
     if key is not None and key in _SPECS:
         return _SPECS[key]
     try:
-        result = discover(_probe(model) if _on_meta(model) else model)
+        result = discover(_stand_in(model))
         spec = result.to_spec()
         _check_dims(model, spec, result.layers[0])
     except DiscoveryError as e:
@@ -1167,8 +1177,19 @@ def discovered_spec(model: nn.Module, context: str = ""):
     return spec
 
 
-def _on_meta(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
+def _stand_in(model: nn.Module) -> nn.Module:
+    """What to discover: the model itself, or for a meta-device skeleton (as `a3mod.load` builds) or a model
+    already holding a3mod's compact modules (not traceable, and not the original roles) a small CPU probe of
+    the original architecture."""
+    compact = any(type(m).__module__.startswith("a3mod.") for m in model.modules())
+    if compact:
+        try:
+            with torch.device("meta"):
+                model = type(model)(model.config)
+        except Exception as e:             # noqa: BLE001 - any constructor failure: say what happened
+            raise DiscoveryError(f"the model holds a3mod's compact modules and {type(model).__name__}(config) "
+                                 f"could not rebuild the original to discover it: {e}") from e
+    return _probe(model) if compact or any(p.is_meta for p in model.parameters()) else model
 
 
 def _probe(model: nn.Module) -> nn.Module:

@@ -185,6 +185,10 @@ def test_summary_reads_like_an_architecture_card(capsys):
     for fact in ("GQA (4 heads, 2 kv heads", "SiLUActivation(mlp.gate_proj) * mlp.up_proj -> mlp.down_proj",
                  "pre-attn input_layernorm", "sequential", "biases     none", "layers 0-1:"):
         assert fact in llama, fact
+    how = a3mod.discover(tiny_model("llama", kv_heads=2)).summary(evidence=True)
+    for fact in ("attention op: aten.scaled_dot_product_attention", "query <- self_attn.q_proj via view, transpose",
+                 "neg, cat", "down = mlp.down_proj", "activation SiLUActivation (silu)"):
+        assert fact in how, fact
 
 
 def test_all_layers_exports_each_layer():
@@ -248,6 +252,18 @@ def test_discovered_spec_on_meta_skeleton_matches():
     with torch.device("meta"):
         skeleton = MyLlamaForCausalLM(cfg)
     assert discovery.discovered_spec(skeleton) == real
+
+
+def test_compressed_unknown_model_rediscovers_its_original():
+    """With the cache empty (a fresh process), a compressed model is described by a probe of its original."""
+    model = model_from_config(_custom("phi", hidden_size=48, num_attention_heads=6))
+    before = discovery.discovered_spec(model)
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=torch.randint(0, VOCAB, (2, 16)), progress=False)
+    discovery._SPECS.clear()
+    assert spec_for(model) == before
+    assert 0.2 < a3mod.report(model).ratio < 0.4
+    with pytest.raises(DiscoveryError, match="torch.export could not trace"):
+        a3mod.discover(model)               # the compact attention itself is not exportable
 
 
 def test_config_disagreeing_with_graph_is_refused():
