@@ -786,8 +786,8 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
     parallel = o.node not in g.ancestors(m.inputs[0].node)
     found += [f"attention output -> {o.path} (head-major concat)",
               f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
-              f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
-              f"({', '.join(m.act_ops) or 'none'})",
+              (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
+               f"({', '.join(m.act_ops) or 'none'})"),
               f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}"]
     first = next(iter(g.user_inputs), None)
     attn_mod = _submodule(layer, _common_parent([q.lin.path, k.lin.path, v.lin.path]))
@@ -949,7 +949,7 @@ def _rotary_path(cap: _Capture, kwargs: dict) -> str | None:
 def _export(layer: nn.Module, index: int, args, kwargs):
     try:
         return torch.export.export(layer, tuple(args), dict(kwargs), strict=False)
-    except Exception as e:                   # noqa: BLE001 - any tracing failure is a discovery failure
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiscoveryError(f"layer {index} ({type(layer).__name__}): torch.export could not trace it: "
                              f"{type(e).__name__}: {msg[:300]}") from e
@@ -1186,7 +1186,7 @@ def _stand_in(model: nn.Module) -> nn.Module:
         try:
             with torch.device("meta"):
                 model = type(model)(model.config)
-        except Exception as e:             # noqa: BLE001 - any constructor failure: say what happened
+        except Exception as e:
             raise DiscoveryError(f"the model holds a3mod's compact modules and {type(model).__name__}(config) "
                                  f"could not rebuild the original to discover it: {e}") from e
     return _probe(model) if compact or any(p.is_meta for p in model.parameters()) else model

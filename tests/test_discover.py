@@ -13,17 +13,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import family_checks as fc
 import pytest
 import torch
 import transformers
+from conftest import VOCAB, model_from_config, tiny_model
 from torch import nn
 
 import a3mod
 from a3mod import DiscoveryError, UnsupportedModelError
 from a3mod.arch import ARCHS, ArchSpec, layer_views, spec_for
-
-import family_checks as fc
-from conftest import VOCAB, model_from_config, tiny_model
 
 discovery = sys.modules["a3mod.discover"]      # the module (a3mod.discover is the function)
 _C = dict(vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
@@ -124,7 +123,7 @@ def test_eager_graph_reads_like_sdpa(kv):
     sdpa = a3mod.discover(model).layers[0]
     assert (eager.attention_op, sdpa.attention_op) == ("eager", "sdpa")
     assert model.config._attn_implementation == "eager"          # restored
-    same = lambda d: dataclasses.replace(d, attention_op="", causal=None, found=())  # noqa: E731
+    same = lambda d: dataclasses.replace(d, attention_op="", causal=None, found=())
     assert same(eager) == same(sdpa)
     assert eager.scale == pytest.approx(8 ** -0.5)
 
@@ -232,7 +231,7 @@ def _custom(kind: str, **kw):
 def test_unknown_model_type_compressed_from_discovery(kind, tmp_path):
     """GQA Llama and partial-rotary, parallel-residual Phi under model types no adapter knows."""
     cfg = _custom(kind)
-    make = lambda: model_from_config(cfg)  # noqa: E731
+    make = lambda: model_from_config(cfg)
     assert cfg.model_type not in ARCHS
     spec = spec_for(make())
     assert spec.layers == "model.layers" and spec.rotary == "model.rotary_emb"
