@@ -22,7 +22,7 @@ states at the last layer boundaries; re-running with the same arguments continue
 layer. Different arguments are refused (CheckpointError naming them) unless `restart=True`.
 Distributed (see `a3mod.distributed`): every rank passes the full calib and the same arguments, runs its slice
 of the windows, the statistics are all-reduced per layer, layer i is solved and written by rank i % world_size,
-rank 0 assembles; the work dir (and out_dir) must be on a filesystem every rank sees.
+rank 0 assembles; the work dir, out_dir and offload_dir must be on a filesystem every rank sees.
 """
 from __future__ import annotations
 
@@ -365,6 +365,8 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     shard = distributed.shard(calib)
     batches = [shard[b:b + batch_size] for b in range(0, shard.shape[0], batch_size)]
     store = _Store(work, offload, rank)
+    for j in range(0 if start == 0 else start + 1, len(layers) + 1):
+        store.drop(j)          # hidden states a crashed or restarted run left beyond the resume point
     calls = _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) if start < len(layers) else {}
     n_local = int(shard.numel())
     for i in tqdm(range(start, len(layers)), desc="streaming", disable=not progress or rank != 0, unit="layer"):

@@ -63,6 +63,9 @@ def assert_same_checkpoint(a, b, rel=1e-6):
     ("llama", True, dict(tie_word_embeddings=True)),
     ("gpt2", True, dict()),
     ("qwen2", False, dict()),
+    # layers 1-2 slide (window 8 < 16 calibration tokens), layer 0 does not: per-layer masks must be captured
+    ("qwen2", False, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    ("mistral", False, dict(sliding_window=8)),
 ])
 def test_streaming_equals_in_memory(tmp_path, family, shard, kw):
     src = saved_source(tmp_path, family, shard, **kw)
