@@ -2,8 +2,10 @@
 
 Part 1: uniform A3 vs A3-mix (`Allocate`, across layers and across layers + components) at each --ratios,
 at the same parameter count (across="layers" matches uniform's count exactly).
-Part 2: KV-cache budgets: A3KV (uniform and mixed) vs ASVD's KV mode at each --kv-ratios; KV bytes/token
-from the report and measured from the cache of a 1 x 64-token forward.
+Part 2: KV-cache budgets: A3KV (uniform and mixed) vs ASVD's KV mode at each --kv-ratios, and KV-cache
+quantization (--kv-quant, a3mod.quantized_cache) stacked on the original and on A3KV. KV bytes/token from the
+report and measured in the cache (after a 1 x 64 forward; quantized caches after one whole window fed in
+--kv-chunk chunks, scored the same way, so the codes, scales and unquantized residual are all counted).
 WikiText-2 token perplexity as in bench_core. Writes mix.json / mix.md and, with --update-readme, the
 README table between `<!-- mix-results -->` markers.
 
@@ -27,11 +29,16 @@ from common import ROOT, asset_models, eval_desc, machine, update_readme, write_
 
 
 @torch.no_grad()
-def cached_bytes(model) -> int:
-    """Bytes per token the KV cache really holds after a 1 x 64 forward."""
-    out = model(input_ids=torch.randint(10, 1000, (1, 64)), use_cache=True)
-    return sum(l.keys[0, :, 0].numel() * l.keys.element_size() + l.values[0, :, 0].numel() * l.values.element_size()
-               for l in out.past_key_values.layers)
+def cached_bytes(model, make_cache, window: torch.Tensor, chunk: int) -> float:
+    """Bytes per token the KV cache really holds: after a 1 x 64 forward (plain cache), or after one whole
+    evaluation window fed `chunk` tokens at a time (quantized cache: codes, scales, unquantized residual)."""
+    if make_cache is None:
+        out = model(input_ids=window[None, :64], use_cache=True)
+        return a3mod.cache_bytes(out.past_key_values) / 64
+    cache = make_cache()
+    for s in range(0, window.numel(), chunk):
+        model(input_ids=window[None, s:s + chunk], past_key_values=cache, use_cache=True)
+    return a3mod.cache_bytes(cache) / window.numel()
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -39,31 +46,50 @@ def run_model(path: Path, args) -> list[dict]:
     model.eval()
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=0)
-    stats = a3mod.collect(model, calib, kinds=("a3", "absmean"))
+    kinds = ("a3",) if args.skip_asvd else ("a3", "absmean")
+    cached = Path(args.stats_cache) / f"{path.name}-{args.n_samples}x{args.calib_seq_len}.safetensors" \
+        if args.stats_cache else None
+    stats = a3mod.Stats.load(cached) if cached and cached.exists() else None
+    if stats is None or set(kinds) - stats.kinds:
+        stats = a3mod.collect(model, calib, kinds=kinds)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            stats.save(cached)
     rows = []
 
-    def run(part, method, target, passes):
+    def run(part, method, target, passes, kvq=None):
         m = copy.deepcopy(model) if passes else model
         t = time.perf_counter()
         if passes:
             a3mod.apply(m, passes, calib=calib, stats=stats)
+        solve_s = time.perf_counter() - t
         rep = a3mod.report(m, context=args.eval_seq_len)
+        cache = None if kvq is None else (lambda: a3mod.quantized_cache(m, kvq[0], kvq[1], residual_length=args.kv_residual))
+        ppl = a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows, cache=cache,
+                               chunk=args.kv_chunk)["ppl"]
         rows.append({"model": path.name, "part": part, "method": method, "target": target, "ratio": rep.ratio,
                      "params": rep.params, "kv_bytes_per_token": rep.kv_bytes_per_token(),
-                     "kv_bytes_measured": cached_bytes(m), "solve_s": time.perf_counter() - t,
-                     "ppl": a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows)["ppl"]})
+                     "kv_bytes_measured": cached_bytes(m, cache, ids[:args.eval_seq_len], args.kv_chunk),
+                     "solve_s": solve_s, "ppl": ppl})
         print(rows[-1], flush=True)
 
     run("params", "original", 0.0, None)
-    for r in args.ratios:
+    for r in ([] if args.skip_mix else args.ratios):
         run("params", "A3 uniform", r, a3mod.a3_passes(r))
         run("params", "A3-mix (layers)", r, [a3mod.Allocate(budget=r)])
         run("params", "A3-mix (layers+components)", r, [a3mod.Allocate(budget=r, across="all")])
     for kv in args.kv_ratios:
         run("kv", "A3KV uniform", kv, [a3mod.A3KV(kv_ratio=kv)])
         run("kv", "A3KV mixed", kv, [a3mod.A3KV(kv_ratio=kv, mixed=True)])
-        run("kv", "ASVD KV mode", kv, [a3mod.ASVD(kv_ratio=kv, probe_samples=args.probe_samples,
-                                                  probe_seq_len=args.probe_seq_len)])
+        if not args.skip_asvd:
+            run("kv", "ASVD KV mode", kv, [a3mod.ASVD(kv_ratio=kv, probe_samples=args.probe_samples,
+                                                      probe_seq_len=args.probe_seq_len)])
+    for spec in args.kv_quant:
+        backend, _, bits = spec.partition(":")
+        kvq = (backend, int(bits or 8))
+        run("kv", f"original + {spec} KV cache", 0.0, None, kvq)
+        for kv in args.kv_ratios:
+            run("kv", f"A3KV + {spec} KV cache", kv, [a3mod.A3KV(kv_ratio=kv)], kvq)
     return rows
 
 
@@ -73,10 +99,35 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| model | budget | method | target | achieved param ratio | params | KV bytes/token | ppl |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        kv = f"{r['kv_bytes_per_token']:,} / {r['kv_bytes_measured']:,}"
+        kv = f"{r['kv_bytes_per_token']:,} / {r['kv_bytes_measured']:,.0f}"
         lines.append(f"| {r['model']} | {r['part']} | {r['method']} | {r['target']:.0%} | {100 * r['ratio']:.2f}% | "
                      f"{r['params']:,} | {kv} | {r['ppl']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Left: perplexity vs params removed (uniform vs mix). Right: perplexity vs measured KV bytes/token."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, part, x, xlabel in ((a, "params", "ratio", "decoder-layer params removed"),
+                                (b, "kv", "kv_bytes_measured", "KV-cache bytes / token (measured)")):
+        pts = [r for r in rows if r["part"] == part or r["method"] == "original"]
+        for method in dict.fromkeys(r["method"] for r in pts):
+            rs = sorted((r for r in pts if r["method"] == method), key=lambda r: r[x])
+            ax.plot([r[x] for r in rs], [r["ppl"] for r in rs], "o-", label=method)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -87,6 +138,13 @@ def main() -> None:
     ap.add_argument("--calib-seq-len", type=int, default=2048)
     ap.add_argument("--probe-samples", type=int, default=1)
     ap.add_argument("--probe-seq-len", type=int, default=256)
+    ap.add_argument("--kv-quant", nargs="*", default=["hqq:4", "hqq:2"],
+                    help="KV-cache quantizations stacked on the original and on A3KV: backend[:bits] (hqq:4, fp8)")
+    ap.add_argument("--kv-residual", type=int, default=128, help="tokens kept unquantized in the KV cache")
+    ap.add_argument("--kv-chunk", type=int, default=128, help="tokens per forward when scoring through a cache")
+    ap.add_argument("--stats-cache", default=None, help="folder to keep / reuse the calibration statistics in")
+    ap.add_argument("--skip-asvd", action="store_true", help="leave out ASVD's KV mode (its probes are slow)")
+    ap.add_argument("--skip-mix", action="store_true", help="leave out the A3-mix vs uniform part")
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
@@ -102,7 +160,7 @@ def main() -> None:
     meta = {"eval": eval_desc(args), "calib": f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation "
             "tokens, seed 0", "machine": machine(), "args": vars(args)}
     md = markdown(rows, meta)
-    write_results(args.out, "mix", meta, rows, md)
+    plot(rows, write_results(args.out, "mix", meta, rows, md) / "mix.png")
     if args.update_readme:
         update_readme(md, "mix-results")
 
