@@ -75,7 +75,10 @@ def test_two_ranks_equal_one_process(tmp_path):
     _model().save_pretrained(tmp_path / "src")
     make_tokenizer().save_pretrained(tmp_path / "src")
     write_text(tmp_path / "text")
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    # fork: the ranks inherit the imported modules (spawn re-imports torch + transformers, ~10 s a rank on 2 cores);
+    # safe because conftest pins torch to one thread before any op, so there is no OpenMP pool to inherit
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
 
     calib = calib_ids(6, 16)
     model = _model()
