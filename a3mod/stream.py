@@ -427,7 +427,7 @@ def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_l
                 store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
     n = distributed.all_reduce_stats([acc], n_local)
     if distributed.rank_world()[0] == distributed.owner(i):
-        stats = Stats(n, [dict() for _ in layers])
+        stats = Stats(n, [{} for _ in layers])
         stats.layers[i] = acc
         stats.check(min_tokens=view.dims.head_dim + 1)
         swaps = build_layer(skel, view, passes, stats)

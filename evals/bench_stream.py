@@ -72,7 +72,7 @@ def run(mode: str, args, out: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--src", args.src, "--out", out, "--ratio", str(args.ratio),
            "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
     t = time.perf_counter()
-    p = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True)
+    p = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, check=False)
     if p.returncode:
         sys.exit(f"{mode} failed:\n{p.stderr[-3000:]}")
     line = next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))
