@@ -25,7 +25,7 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, update_readme, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -46,15 +46,7 @@ def run_model(path: Path, args) -> list[dict]:
     model.eval()
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=0)
-    kinds = ("a3",) if args.skip_asvd else ("a3", "absmean")
-    cached = Path(args.stats_cache) / f"{path.name}-{args.n_samples}x{args.calib_seq_len}.safetensors" \
-        if args.stats_cache else None
-    stats = a3mod.Stats.load(cached) if cached and cached.exists() else None
-    if stats is None or set(kinds) - stats.kinds:
-        stats = a3mod.collect(model, calib, kinds=kinds)
-        if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            stats.save(cached)
+    stats = cached_stats(model, calib, ("a3",) if args.skip_asvd else ("a3", "absmean"), args.stats_cache, path.name)
     rows = []
 
     def run(part, method, target, passes, kvq=None):

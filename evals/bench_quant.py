@@ -20,7 +20,7 @@ from pathlib import Path
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -28,7 +28,7 @@ def run_model(path: Path, args) -> list[dict]:
     model.eval()
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=0)
-    stats = a3mod.collect(model, calib)
+    stats = cached_stats(model, calib, ("a3",), args.stats_cache, path.name)
     rows = []
 
     def run(method, passes):
@@ -55,6 +55,7 @@ def run_model(path: Path, args) -> list[dict]:
     s = args.stack_ratio
     run(f"A3 {s:.0%} + HQQ 4-bit g{args.group_size}", [*a3mod.a3_passes(s), a3mod.HQQ(nbits=4, group_size=args.group_size)])
     run(f"A3 {s:.0%} + bnb nf4", [*a3mod.a3_passes(s), a3mod.Bnb4bit(quant_type="nf4")])
+    run("bnb nf4", [a3mod.Bnb4bit(quant_type="nf4")])
     return rows
 
 
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
+    ap.add_argument("--stats-cache", default=None, help="folder to keep / reuse the calibration statistics in")
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

