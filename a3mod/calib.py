@@ -130,9 +130,18 @@ class Stats:
 
 
 def _outer(x: Tensor, heads: int) -> tuple[Tensor, Tensor]:
-    """x (..., heads*d) -> (sum of per-head outer products (heads, d, d), sum (heads, d)), float64."""
-    z = x.reshape(-1, heads, x.shape[-1] // heads).double().transpose(0, 1)     # (heads, N, d)
+    """x (..., heads*d) -> (sum of per-head outer products (heads, d, d), sum (heads, d)), float64.
+
+    One contiguous float64 copy in (heads, N, d) layout (transpose, then convert), so the batched matmul
+    reads plain row-major blocks: half the time of a strided (N, heads, d) view, the same numbers.
+    """
+    z = x.reshape(-1, heads, x.shape[-1] // heads).transpose(0, 1).double()     # (heads, N, d) contiguous
     return z.mT @ z, z.sum(1)
+
+
+def _sq_sum(x: Tensor) -> Tensor:
+    """x (..., d) -> sum of x**2 over every leading dim, (d,) float64 (exact squares of fp32 values)."""
+    return x.reshape(-1, x.shape[-1]).double().square_().sum(0)     # in place: no second N x d buffer
 
 
 def _add(d: dict, name: str, t: Tensor) -> None:
@@ -149,7 +158,7 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
                 xf = x if x.dtype == torch.float64 else x.float()
                 _add(acc, f"x2.{group}", (xf.mT @ xf).double())
             if "absmean" in kinds:
-                _add(acc, f"xa.{group}", x.double().abs().sum(0))
+                _add(acc, f"xa.{group}", x.abs().sum(0, dtype=torch.float64))   # |x| exact, float64 sums
         hs.append(get_path(view.layer, paths[0]).register_forward_pre_hook(hook))
     return hs
 
@@ -188,7 +197,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         _add(acc, "o1", o1)
 
     def on_down(m, inp):
-        _add(acc, "h2", inp[0].reshape(-1, inp[0].shape[-1]).double().pow(2).sum(0))
+        _add(acc, "h2", _sq_sum(inp[0]))
 
     hs.append(view.o_module().register_forward_pre_hook(on_o))
     hs.append(view.down_module().register_forward_pre_hook(on_down))
