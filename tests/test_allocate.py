@@ -166,3 +166,38 @@ def test_allocate_options_validated():
     for kw in (dict(normalize="absolute"), dict(min_keep=0.9), dict(across="all", normalize="absolute")):
         rep = a3mod.report(_apply(base, [a3mod.Allocate(budget=0.3, **kw)], st_))
         assert rep.params <= uni.params and torch.isfinite(torch.tensor(rep.ratio))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 7.0, 1e4])
+def test_uniform_normalisation_ignores_each_layers_scale(scale):
+    """normalize='uniform' divides every curve by its value at uniform's rank: scaling one layer's statistics
+    (its output energy) leaves the allocation unchanged; 'absolute' moves units towards the scaled layer."""
+    from a3mod.arch import layer_views
+    from a3mod.passes.allocate import curves
+
+    base = tiny_model("llama", kv_heads=2, layers=3)
+    st_ = _stats(base)
+    scaled = copy.deepcopy(st_)
+    scaled.layers[1] = {k: t * scale for k, t in scaled.layers[1].items()}   # every moment of layer 1 scaled
+    views = layer_views(base)
+    ref = allocate(curves(views, st_, 0.3, "uniform"), "layers")
+    assert allocate(curves(views, scaled, 0.3, "uniform"), "layers") == ref
+    if scale > 1:
+        moved = allocate(curves(views, scaled, 0.3, "absolute"), "layers")
+        assert moved != ref
+
+
+def test_uniform_normalisation_is_robust_to_outlier_units():
+    """A layer whose energy sits in one huge unit (a massive activation) is not emptied: relative normalisation
+    sees its bulk as free and cuts it to the bone, uniform normalisation keeps it near uniform's rank."""
+    bulk = [1.0 - k / 8 for k in range(9)]                               # 8 equal units
+    outlier = [1000.0 + v for v in bulk[1:]]                              # + one unit holding 1000x the energy
+    outlier = [outlier[0] + 1.0] + outlier                                # loss[0] = everything
+    outlier = [v - outlier[-1] for v in outlier]                          # loss[units] = 0, 9 units
+    def norm(loss, ref):
+        return [v / ref for v in loss]
+    u = 5
+    rel = allocate([_curve(0, "mlp", norm(bulk, bulk[0]), u), _curve(1, "mlp", norm(outlier, outlier[0]), u)], "layers")
+    uni = allocate([_curve(0, "mlp", norm(bulk, bulk[u]), u), _curve(1, "mlp", norm(outlier, outlier[u]), u)], "layers")
+    assert rel[1] <= 2 and sum(rel) == 2 * u
+    assert abs(uni[1] - u) <= 1 and sum(uni) == 2 * u
