@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ def run_model(path: Path, args) -> list[dict]:
     rows = []
 
     def run(method, passes):
+        if args.only and not re.search(args.only, method):
+            return
         m = copy.deepcopy(model)
         t = time.perf_counter()
         try:
@@ -91,6 +95,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge(path: Path, new: list[dict], meta: dict) -> list[dict]:
+    """The rows of an earlier full run at `path` with the re-run methods replaced (new methods appended)."""
+    old = json.loads(path.read_text())
+    if (old["meta"]["eval"], old["meta"]["calib"]) != (meta["eval"], meta["calib"]):
+        sys.exit(f"{path} was made with {old['meta']['eval']!r} / {old['meta']['calib']!r}, not "
+                 f"{meta['eval']!r} / {meta['calib']!r}: run without --only")
+    fresh = {(r["model"], r["method"]): r for r in new}
+    rows = [fresh.pop((r["model"], r["method"]), r) for r in old["rows"]]
+    meta["merged"] = f"rows {sorted(m for _, m in {(r['model'], r['method']) for r in new})} re-run on {machine()}"
+    return rows + list(fresh.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -102,6 +118,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
     ap.add_argument("--stats-cache", default=None, help="folder to keep / reuse the calibration statistics in")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="re-run only the methods matching REGEX and merge them into the existing <out>/quant.json "
+                         "(which must come from the same evaluation and calibration settings)")
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,6 +132,8 @@ def main() -> None:
             print(f"skip {path.name}: {e}", file=sys.stderr)
     meta = {"eval": eval_desc(args), "calib": f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation "
             "tokens, seed 0", "machine": machine(), "args": vars(args)}
+    if args.only:
+        rows = merge(Path(args.out) / "quant.json", rows, meta)
     md = markdown(rows, meta)
     plot(rows, write_results(args.out, "quant", meta, rows, md) / "quant.png")
     if args.update_readme:
