@@ -64,6 +64,10 @@ def timed(fn) -> tuple[T, object]:
     return T(time.perf_counter() - t, time.process_time() - c), out
 
 
+def say(step: str, t: T) -> None:
+    print(f"{step}: {t.wall:.2f} s (CPU {t.cpu:.2f} s)", flush=True)
+
+
 @torch.no_grad()
 def forward_only(model, calib: torch.Tensor) -> None:
     """What `collect` runs, without its hooks: the body (no lm_head), one window at a time, no cache."""
@@ -88,16 +92,20 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
     rows = []
     targets = targets_of(views, kv=False)
     t, gram = timed(lambda: a3mod.collect(model, calib, progress=False, kinds=("gram",)))
+    say("SVD-LLM collect", t)
     rows.append(("SVD-LLM: collect (forward + X^T X per input group)", t, "a forward pass of its own"))
     cfg = SVDLLM(ratio=args.ratio)
     t, _ = timed(lambda: MODEL_HANDLERS[SVDLLM](cfg, model, views, gram, calib, False))
+    say("SVD-LLM solve", t)
     rows.append(("SVD-LLM: solve (Cholesky + SVD per linear)", t, f"{len(targets)} linears"))
     gram = None                                    # free the Gram matrices before the next pass
     t, absm = timed(lambda: a3mod.collect(model, calib, progress=False, kinds=("absmean",)))
+    say("ASVD collect", t)
     rows.append(("ASVD: collect (forward + sum of abs per input channel)", t, "a forward pass of its own"))
     cfg = ASVD(ratio=args.ratio, probe_samples=args.probe_samples, probe_seq_len=args.probe_seq_len)
     scale = lambda t: fz.asvd_scale(absm.layers[t.layer][f"xa.{t.group}"] / absm.n, cfg.alpha)  # as apply_asvd
     t, _ = timed(lambda: asvd_ranks(cfg, model, views, targets, scale, absm, calib, False))
+    say("ASVD rank search", t)
     rows.append(("ASVD: rank search (sensitivity probes + threshold search)", t,
                  (f"{len(targets)} linears x {len(PARAM_CANDIDATES)} sizes, probes {args.probe_samples} x "
                   f"{args.probe_seq_len} tokens")))
@@ -106,16 +114,17 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
     return rows
 
 
+
 def run_model(name: str, model, tok, calib: torch.Tensor, args) -> list[dict]:
     model.eval()
     passes = a3mod.a3_passes(args.ratio)
     fwd = []
     for _ in range(args.forward_reps):                     # noisy shared machine: the min of a few runs
         fwd.append(timed(lambda: forward_only(model, calib))[0])
-        print(f"forward: {fwd[-1].wall:.2f} s (CPU {fwd[-1].cpu:.2f} s)", flush=True)
+        say("forward", fwd[-1])
     f = T(min(x.wall for x in fwd), min(x.cpu for x in fwd))
     t_collect, stats = timed(lambda: a3mod.collect(model, calib, progress=False, kinds=("a3",)))
-    print(f"collect: {t_collect.wall:.2f} s (CPU {t_collect.cpu:.2f} s)", flush=True)
+    say("collect", t_collect)
     views = layer_views(model)
     base = [] if args.skip_baselines else baselines(model, views, calib, args)
     t_solve, (swaps, info) = timed(lambda: api._compress(model, views, passes, None, stats, False))
