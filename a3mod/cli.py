@@ -10,7 +10,7 @@ import time
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-METHODS = ("a3", "asvd", "svd-llm", "svd")
+METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
 
 
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
@@ -55,14 +55,19 @@ def _parser() -> argparse.ArgumentParser:
                        "gloo on CPU, nccl with --device cuda; rank 0 evaluates and saves).")
     _add_model(c)
     c.add_argument("--method", default="a3", choices=sorted(METHODS),
-                   help="a3 (default): A3 QK/OV/MLP; asvd: activation-aware SVD with sensitivity rank search; "
-                        "svd-llm: whitened SVD; svd: plain truncated SVD")
+                   help="a3 (default): A3 QK/OV/MLP, the same ratio in every layer; a3-mix: A3 with per-layer ranks "
+                        "from the closed-form losses at the same parameter count (Allocate); asvd: activation-aware "
+                        "SVD with sensitivity rank search; svd-llm: whitened SVD; svd: plain truncated SVD")
     c.add_argument("--ratio", type=float, default=None,
                    help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2); the same "
                         "count for every method")
     c.add_argument("--kv-ratio", type=float, default=None,
-                   help="asvd only, instead of --ratio: KV-cache mode, factorize k/v only and cache their rank-r "
-                        "latents; the fraction of the KV cache removed, in (0, 1)")
+                   help="instead of --ratio: the fraction of the KV cache to remove, in (0, 1). a3 / a3-mix: "
+                        "attention-only A3 (A3KV; a3-mix picks per-layer dims); asvd: KV-cache mode, factorize k/v "
+                        "only and cache their rank-r latents")
+    c.add_argument("--across", default="layers", choices=("layers", "all"),
+                   help="a3-mix: move ranks between layers only (same count per component as uniform, default) "
+                        "or also between QK, OV and MLP")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
     c.add_argument("--no-rank-search", action="store_true",
                    help="asvd: uniform ranks instead of the perplexity-sensitivity search")
@@ -280,8 +285,14 @@ def _passes(args) -> list:
     from .errors import RatioError
     from .passes import A3MLP, A3OV, A3QK, ASVD, SVDLLM, PlainSVD
 
-    if args.kv_ratio is not None and args.method != "asvd":
-        raise RatioError(f"--kv-ratio is ASVD's KV-cache mode; use it with --method asvd, not {args.method!r}")
+    from .passes import A3KV, Allocate
+
+    if args.kv_ratio is not None and args.method not in ("asvd", "a3", "a3-mix"):
+        raise RatioError(f"--kv-ratio is for --method a3, a3-mix or asvd, not {args.method!r}")
+    if args.method in ("a3", "a3-mix") and args.kv_ratio is not None:
+        if args.ratio is not None or any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
+            raise RatioError("--kv-ratio (A3KV, attention only) takes no --ratio / --qk/--ov/--mlp-ratio")
+        return [A3KV(kv_ratio=args.kv_ratio, mixed=args.method == "a3-mix")]
     if args.method == "asvd":
         if (args.ratio is None) == (args.kv_ratio is None):
             raise RatioError("--method asvd needs exactly one of --ratio and --kv-ratio")
@@ -294,6 +305,8 @@ def _passes(args) -> list:
         return [A3QK(ratio=pick(args.qk_ratio)), A3OV(ratio=pick(args.ov_ratio)), A3MLP(ratio=pick(args.mlp_ratio))]
     if any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
         raise RatioError(f"--qk/--ov/--mlp-ratio are A3 options; --method {args.method} takes only --ratio")
+    if args.method == "a3-mix":
+        return [Allocate(budget=args.ratio, across=args.across)]
     return [{"svd-llm": SVDLLM, "svd": PlainSVD}[args.method](ratio=args.ratio)]
 
 

@@ -155,3 +155,26 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--method", "a3-mix", "--ratio", "0.2"], [a3mod.Allocate(budget=0.2)]),
+    (["--method", "a3-mix", "--ratio", "0.3", "--across", "all"], [a3mod.Allocate(budget=0.3, across="all")]),
+    (["--method", "a3", "--kv-ratio", "0.5"], [a3mod.A3KV(kv_ratio=0.5)]),
+    (["--method", "a3-mix", "--kv-ratio", "0.25"], [a3mod.A3KV(kv_ratio=0.25, mixed=True)]),
+])
+def test_compress_mix_and_kv_passes(argv, want):
+    from a3mod.cli import _parser, _passes
+    args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    assert _passes(args) == want
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--method", "a3", "--kv-ratio", "0.5", "--ratio", "0.2"], "takes no --ratio"),
+    (["--method", "svd", "--kv-ratio", "0.5"], "not 'svd'"),
+])
+def test_compress_kv_ratio_errors(argv, msg):
+    from a3mod.cli import _parser, _passes
+    args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    with pytest.raises(a3mod.RatioError, match=msg):
+        _passes(args)
