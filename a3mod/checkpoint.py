@@ -130,13 +130,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
         (tmp / SIDECAR).write_text(json.dumps({**_describe(model), "aliases": aliases}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.iterdir()]:      # mkdtemp makes 0700; give the usual permissions
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -308,3 +302,15 @@ def _skeleton(class_name: str | None, config) -> nn.Module:
 def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:
     mod_path, _, name = key.rpartition(".")
     return getattr(get_path(model, mod_path) if mod_path else model, name)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Give a finished temporary checkpoint dir the usual permissions (mkdtemp makes 0700) and rename it to `out`,
+    replacing an existing `out`."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in [tmp, *tmp.iterdir()]:
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

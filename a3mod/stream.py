@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .arch import get_path, layer_views, spec_for
 from .calib import Stats, check_request, recording
-from .checkpoint import FORMAT, SIDECAR, WEIGHTS, _describe, _materialize_buffers
+from .checkpoint import FORMAT, SIDECAR, WEIGHTS, _describe, _materialize_buffers, publish
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
 from .passes import A3MLP, A3OV, A3QK, pass_to_dict
 from .passes.a3 import build_layer
@@ -464,13 +464,7 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
         (tmp / SIDECAR).write_text(json.dumps({**side, "aliases": aliases}, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in [tmp, *tmp.iterdir()]:
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,7 +21,7 @@ import torch
 
 import a3mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -65,12 +65,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in sorted({r["model"] for r in rows}):

@@ -25,7 +25,7 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, cached_stats, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -99,12 +99,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Left: perplexity vs params removed (uniform vs mix). Right: perplexity vs measured KV bytes/token."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, part, x, xlabel in ((a, "params", "ratio", "decoder-layer params removed"),

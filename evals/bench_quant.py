@@ -22,7 +22,7 @@ from pathlib import Path
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, cached_stats, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -76,11 +76,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:

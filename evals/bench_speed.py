@@ -49,7 +49,7 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, machine, update_readme, write_results
+from common import ROOT, asset_models, machine, pyplot, update_readme, write_results
 
 DECODE = "decode"
 # wall time, or the process's CPU time (robust against other jobs on a shared machine with --threads 1; with more
@@ -329,12 +329,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], impls: list[str], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(impls), figsize=(6 * len(impls), 3.8), squeeze=False, sharey=True)

@@ -116,3 +116,15 @@ def cached_stats(model, calib, kinds, cache_dir: str | None, name: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)
     return stats
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    return plt

@@ -24,7 +24,7 @@ import torch
 
 import a3mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
 
 METHODS = {
     "A3": lambda r, a: a3mod.a3_passes(r),
@@ -107,12 +107,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
