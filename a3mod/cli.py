@@ -168,6 +168,8 @@ def cmd_compress(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise CheckpointError(f"output dir {args.out!r} exists; pass --overwrite or another --out")
     passes = _passes(args)
+    if args.extra_eval:
+        _lm_eval_tasks(args.extra_eval)          # a malformed --eval fails before any loading or calibration
     distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
     if distributed.rank_world()[0] != 0:
         args.no_eval, args.extra_eval = True, None
