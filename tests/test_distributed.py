@@ -113,3 +113,50 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert two.keys() == one.keys()
     for k in one:
         _close(two[k], one[k], 1e-6, k)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _resume_rank(rank: int, port: int, tmp: str) -> None:
+    """Both ranks are killed as layer 2 starts; the rerun continues there on both ranks."""
+    from a3mod import stream
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD)
+    try:
+        calib, one_layer, ran = calib_ids(6, 16), stream._one_layer, []
+
+        def stop_at_2(skel, spec, layers, i, *a):
+            if i == 2:
+                raise _Interrupt(f"rank {rank} killed at layer 2")
+            one_layer(skel, spec, layers, i, *a)
+
+        stream._one_layer = stop_at_2
+        with pytest.raises(_Interrupt):
+            a3mod.compress_streaming(os.path.join(tmp, "src"), os.path.join(tmp, "out"), PASSES, calib,
+                                     progress=False)
+        torch.distributed.barrier()
+        assert not os.path.exists(os.path.join(tmp, "out"))
+        stream._one_layer = lambda skel, spec, layers, i, *a: ran.append(i) or one_layer(skel, spec, layers, i, *a)
+        a3mod.compress_streaming(os.path.join(tmp, "src"), os.path.join(tmp, "out"), PASSES, calib, progress=False)
+        assert ran == [2], ran                          # layers 0 (rank 0's) and 1 (rank 1's) were kept
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is needed")
+def test_two_ranks_resume_after_an_interruption(tmp_path):
+    _model().save_pretrained(tmp_path / "src")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_resume_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method=method)
+    calib = calib_ids(6, 16)
+    single = a3mod.compress_streaming(tmp_path / "src", tmp_path / "single", PASSES, calib, progress=False)
+    got, ref = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "out", single))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        _close(got[k], ref[k], 1e-6, k)
+    assert not (tmp_path / ".out.a3mod-work").exists()
