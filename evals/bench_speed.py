@@ -25,7 +25,8 @@ decode) slower than the original (speedup >= 1.00).
 
 Writes speed.json, speed.md and speed.png to --out; --update-readme replaces the README table between the
 `<!-- speed-results -->` markers. --profile writes speed_profile.txt: torch.profiler's top ops for one prefill
-of the original and of the most compressed A3 model, and the share of time spent inside the attention modules.
+(the first and the longest --shapes) of the original and of the most compressed A3 model, the share of time spent
+inside the attention modules, and the self time split into GEMMs and elementwise ops; --profile-only writes only that.
 --overhead runs only the overhead study on a random SmolLM2-shaped llama (no assets needed): original vs A3 at
 full rank (equal FLOPs, so any slowdown is overhead) and at 40 %, writes speed_overhead.txt.
 
@@ -43,6 +44,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+# Large CPU tensors on transparent huge pages (PyTorch's own switch, read once at the first allocation, so it is set
+# before torch is imported). Without it every fresh 9 x T x T eager score buffer is faulted in 4 KiB pages: at
+# T = 2048 the original's eager forward took 5.5 s in one process and 11 s in another on this machine. Every model
+# in a run gets the same allocator; --no-thp measures the default.
+THP = "--no-thp" not in sys.argv
+if THP:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
@@ -195,6 +204,9 @@ def measure(path: Path, args, device: torch.device, dtype: torch.dtype) -> list[
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     inputs = {s: torch.randint(10, vocab - 10, s, generator=gen).to(device) for s in args.shapes}
+    if args.profile_only:
+        profile(entries, args, device, [inputs[s] for s in profile_shapes(args.shapes)])
+        return []
     prompt = torch.randint(10, vocab - 10, (1, args.prompt_len), generator=gen).to(device)
     ctx_dec = args.prompt_len + args.decode_steps // 2
     rows = []
@@ -236,8 +248,14 @@ def measure(path: Path, args, device: torch.device, dtype: torch.dtype) -> list[
     for r in rows:
         r["model"] = path.name
     if args.profile:
-        profile(entries, args, device, inputs[args.shapes[0]])
+        profile(entries, args, device, [inputs[s] for s in profile_shapes(args.shapes)])
     return rows
+
+
+def profile_shapes(shapes: list[tuple]) -> list[tuple]:
+    """The first prefill shape and the longest one (where the T x T attention work weighs most)."""
+    longest = max(shapes, key=lambda s: (s[1], s[0]))
+    return [shapes[0]] + ([longest] if longest != shapes[0] else [])
 
 
 def _rows(entries, impl, shape, tokens, times, peaks) -> list[dict]:
@@ -280,7 +298,8 @@ def targets(rows: list[dict], shapes: list[str]) -> list[dict]:
 def markdown(rows: list[dict], meta: dict) -> str:
     a = meta["args"]
     shapes = [*a["shapes"], *([DECODE] if a["decode_steps"] else [])]
-    lines = [(f"{meta['machine']}, {meta['dtype']}, {a['threads']} threads, {a['clock']} clock; {a['rounds']} interleaved rounds after one "
+    thp = ", large CPU tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1)" if a.get("thp") else ""
+    lines = [(f"{meta['machine']}, {meta['dtype']}, {a['threads']} threads, {a['clock']} clock{thp}; {a['rounds']} interleaved rounds after one "
              f"warm-up, median per model; calibration {a['n_samples']} x {a['calib_seq_len']} WikiText-2 tokens. "
              f"Prefill BxT: forward without cache, last-position logits; decode: {a['decode_steps']} greedy steps "
              f"after a {a['prompt_len']}-token prompt (batch 1). Cells: speedup over the original / ideal "
@@ -397,23 +416,47 @@ def profile_table(model, x: torch.Tensor, device: torch.device, rows: int = 25) 
         model(input_ids=x, use_cache=False, **keeps_last_logits(model))
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    ops = prof.key_averages()
+    return op_classes(ops, key) + "\n\n" + ops.table(sort_by=key, row_limit=rows)
+
+
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+           "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
+           "aten::_efficient_attention_forward"}
+SCORE_OPS = {"aten::mul", "aten::add", "aten::_softmax", "aten::div", "aten::masked_fill", "aten::where",
+             "aten::tanh", "aten::copy_", "aten::sub"}
+
+
+def op_classes(ops, key: str) -> str:
+    """Self time split into GEMM/fused-attention kernels (the FLOPs the ideal counts) and elementwise ops (mul, add,
+    softmax, ...: for eager attention these include the T x T scale, mask and softmax passes, whose cost no
+    head-dim reduction changes)."""
+    tot = sum(getattr(o, key) for o in ops) or 1
+    mm = sum(getattr(o, key) for o in ops if o.key in MATMULS)
+    el = sum(getattr(o, key) for o in ops if o.key in SCORE_OPS)
+    return (f"self time: GEMM / fused attention {mm / 1e3:.1f} ms ({mm / tot:.1%}), elementwise + softmax "
+            f"{el / 1e3:.1f} ms ({el / tot:.1%}), other {(tot - mm - el) / 1e3:.1f} ms ({(tot - mm - el) / tot:.1%})")
 
 
 @torch.no_grad()
-def profile(entries: list[dict], args, device: torch.device, x: torch.Tensor, file: str = "speed_profile.txt",
+def profile(entries: list[dict], args, device: torch.device, xs: list[torch.Tensor], file: str = "speed_profile.txt",
             reps: int = 3, every: bool = False) -> str:
-    """Top ops of one prefill of the original and of the most compressed A3 model (every=True: of every entry),
-    plus attention time shares."""
+    """Top ops of one prefill per input in xs of the original and of the most compressed A3 model (every=True: of
+    every entry), plus attention time shares."""
     a3 = [e for e in entries if e["method"] == "A3"]
     chosen = entries if every else [entries[0]] + ([max(a3, key=lambda e: e["target"])] if a3 else [])
-    buf = [f"# torch.profiler, one prefill {shape_name(tuple(x.shape))}, {machine()}, {args.threads} threads", ""]
-    for impl in args.impls:
-        for e in chosen:
-            set_impl(e["model"], impl)
-            tot, att = attention_share(e["model"], x, reps, device, CLOCKS[args.clock])
-            buf += [(f"## {e['name']}, attention={impl}: forward {tot:.1f} ms, inside attention modules {att:.1f} ms "
-                    f"({att / tot:.1%}); median of {reps}"), "", profile_table(e["model"], x, device), ""]
+    shapes = ", ".join(shape_name(tuple(x.shape)) for x in xs)
+    thp = ", THP_MEM_ALLOC_ENABLE=1" if getattr(args, "thp", False) else ""
+    buf = [f"# torch.profiler, one prefill each of {shapes}, {machine()}, {args.threads} threads{thp}", ""]
+    for x in xs:
+        for impl in args.impls:
+            for e in chosen:
+                set_impl(e["model"], impl)
+                tot, att = attention_share(e["model"], x, reps, device, CLOCKS[args.clock])
+                buf += [(f"## {shape_name(tuple(x.shape))}, {e['name']}, attention={impl}: forward {tot:.1f} ms, "
+                         f"inside attention modules {att:.1f} ms ({att / tot:.1%}); median of {reps}"), "",
+                        profile_table(e["model"], x, device), ""]
     text = "\n".join(buf)
     out = Path(args.out) / file
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +522,7 @@ def overhead(args, device: torch.device, dtype: torch.dtype) -> None:
     print(text, flush=True)
     if args.profile:
         args.impls = args.impls[:1]
-        text += "\n" + profile(entries, args, device, torch.randint(10, 2038, args.shapes[0], generator=gen).to(device),
+        text += "\n" + profile(entries, args, device, [torch.randint(10, 2038, args.shapes[0], generator=gen).to(device)],
                                file="speed_overhead_profile.txt", reps=args.rounds, every=True)
     out = Path(args.out) / "speed_overhead.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -513,6 +556,12 @@ def main() -> None:
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall time (default) or process CPU time (use with --threads 1 on a shared machine)")
     ap.add_argument("--profile", action="store_true", help="also write speed_profile.txt (torch.profiler)")
+    ap.add_argument("--no-thp", dest="thp", action="store_false",
+                    help="do not put large CPU tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1 is the "
+                         "default here, for every model alike; without it eager attention's T x T buffers are "
+                         "page-faulted in 4 KiB pages and long prefills swing ~2x between processes)")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only speed_profile.txt (no timing rounds; speed.json/md/png are left as they are)")
     ap.add_argument("--overhead", action="store_true",
                     help="only the overhead study on a random SmolLM2-shaped llama (speed_overhead.txt)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
@@ -541,6 +590,8 @@ def main() -> None:
         except a3mod.UnsupportedModelError as e:
             print(f"skip {path.name}: {e}", file=sys.stderr)
         print(f"{path.name}: {time.perf_counter() - t:.0f} s", flush=True)
+    if args.profile_only:
+        return
     meta = {"machine": machine() + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "dtype": str(dtype).replace("torch.", ""), "args": {**vars(args), "shapes": [shape_name(s) for s in args.shapes]}}
     meta["targets"] = targets(rows, meta["args"]["shapes"])
