@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
     c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
     c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
+    c.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                   help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
+                        "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
     c.add_argument("--out", required=True, help="output directory (written atomically)")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--calib", default="wikitext2",
@@ -289,6 +292,9 @@ def _passes(args) -> list:
 
     from .passes import A3KV, Allocate
 
+    if args.multiple_of is not None and (args.method != "a3" or args.kv_ratio is not None):
+        raise RatioError(f"--multiple-of {args.multiple_of} rounds the dims of --method a3 with --ratio; "
+                         f"not of --method {args.method}" + (" --kv-ratio" if args.kv_ratio is not None else ""))
     if args.kv_ratio is not None and args.method not in ("asvd", "a3", "a3-mix"):
         raise RatioError(f"--kv-ratio is for --method a3, a3-mix or asvd, not {args.method!r}")
     if args.method in ("a3", "a3-mix") and args.kv_ratio is not None:
@@ -304,7 +310,9 @@ def _passes(args) -> list:
         raise RatioError(f"--method {args.method} needs --ratio (fraction of decoder-layer linear params removed)")
     if args.method == "a3":
         pick = lambda x: args.ratio if x is None else x  # noqa: E731
-        return [A3QK(ratio=pick(args.qk_ratio)), A3OV(ratio=pick(args.ov_ratio)), A3MLP(ratio=pick(args.mlp_ratio))]
+        m = args.multiple_of
+        return [A3QK(ratio=pick(args.qk_ratio), multiple_of=m), A3OV(ratio=pick(args.ov_ratio), multiple_of=m),
+                A3MLP(ratio=pick(args.mlp_ratio), multiple_of=m)]
     if any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
         raise RatioError(f"--qk/--ov/--mlp-ratio are A3 options; --method {args.method} takes only --ratio")
     if args.method == "a3-mix":

@@ -13,7 +13,7 @@ import torch
 from .. import solvers
 from ..errors import UnsupportedModelError
 from ..rewrite import LayerWork
-from .base import check_ratio_rank, handler, kept_dim, register_pass
+from .base import check_multiple, check_ratio_rank, handler, kept_dim, register_pass
 
 
 @dataclass(frozen=True)
@@ -31,21 +31,33 @@ class _RatioOrRank:
             object.__setattr__(self, "rank", int(self.rank))
 
 
+@dataclass(frozen=True)
+class _A3Dims(_RatioOrRank):
+    """multiple_of (with ratio): round the kept dim to a multiple of this as well (8 or 16 suit SIMD and
+    tensor-core kernels; CPU SDPA ran head dim 58 slower than 64). Default: whole RoPE pairs for q/k, even v/o
+    heads, multiples of 8 for MLPs of >= 512 neurons."""
+    multiple_of: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_multiple(type(self).__name__, self.multiple_of, self.rank)
+
+
 @register_pass
 @dataclass(frozen=True)
-class A3QK(_RatioOrRank):
+class A3QK(_A3Dims):
     """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed."""
 
 
 @register_pass
 @dataclass(frozen=True)
-class A3OV(_RatioOrRank):
+class A3OV(_A3Dims):
     """Shrink the value/output head dim: ratio = fraction of v_proj + o_proj parameters removed."""
 
 
 @register_pass
 @dataclass(frozen=True)
-class A3MLP(_RatioOrRank):
+class A3MLP(_A3Dims):
     """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
 
 
@@ -61,9 +73,10 @@ def build_layer(model, view, passes, stats, mlp: bool = True):
     return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
 
-def a3_passes(ratio: float) -> list:
-    """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP."""
-    return [A3QK(ratio=ratio), A3OV(ratio=ratio), A3MLP(ratio=ratio)]
+def a3_passes(ratio: float, multiple_of: int | None = None) -> list:
+    """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP (kept dims rounded to `multiple_of`)."""
+    return [A3QK(ratio=ratio, multiple_of=multiple_of), A3OV(ratio=ratio, multiple_of=multiple_of),
+            A3MLP(ratio=ratio, multiple_of=multiple_of)]
 
 
 def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -80,10 +93,10 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wq.shape[-1]
     if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
-        kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if a.rot_dim else 1)      # still validate the request
+        kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if a.rot_dim else 1, cfg.multiple_of)  # still validate the request
         return torch.zeros(full // (2 if a.rot_dim else 1) + 1, dtype=torch.float64), 2 if a.rot_dim else 1
     if a.rot_dim:
-        r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2)
+        r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2, cfg.multiple_of)
         if a.rot_dim != full:
             return _apply_qk_partial(work, st, n, r)
         p = a.perm
@@ -96,7 +109,7 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
         a.rope_index = a.rope_index.gather(-1, idx)
         a.rot_dim = r
         return loss.sum(0), 2                          # per kept pair
-    r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 1)
+    r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 1, cfg.multiple_of)
     gq, gk = st["q"] / n, st["k"] / n
     if d.groups == 1:
         a.wq, a.wk, loss = solvers.qk_whitened_svd(a.wq, a.wk, gq, gk, r)
@@ -150,7 +163,8 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
 def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wv.shape[-1]
-    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1)
+    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1,
+                 cfg.multiple_of)
     bv = a.wv[:, -1] if a.v_bias else None                                           # (Hkv, d_h)
     if bv is not None:  # softmax rows sum to 1: the value bias passes through as b_v W_o; fold it into o
         fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)
@@ -170,7 +184,7 @@ def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
 def apply_mlp(cfg: A3MLP, work: LayerWork, st: dict, n: int) -> None:
     m = work.mlp
     full = m.up[0].shape[0]
-    r = kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1)
+    r = kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1, cfg.multiple_of)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)

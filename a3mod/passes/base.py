@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Callable
 
@@ -62,8 +63,20 @@ def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:
         raise RatioError(f"{name}: rank={rank!r} must be a positive integer")
 
 
-def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int) -> int:
-    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple (at least one multiple), or `rank`."""
+def check_multiple(name: str, multiple_of: int | None, rank: int | None) -> None:
+    if multiple_of is None:
+        return
+    if not (isinstance(multiple_of, numbers.Integral) and not isinstance(multiple_of, bool) and multiple_of >= 1):
+        raise RatioError(f"{name}: multiple_of={multiple_of!r} must be a positive integer (or None)")
+    if rank is not None:
+        raise RatioError(f"{name}: multiple_of={multiple_of} rounds a ratio's kept dim; rank={rank} is used as "
+                         f"given (drop one of them)")
+
+
+def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int,
+             multiple_of: int | None = None) -> int:
+    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple of `multiple` (the structure's: RoPE
+    pairs, ...) and of `multiple_of` (the user's), at least one such multiple and at most `full`; or `rank`."""
     if rank is not None:
         if rank > full:
             raise RatioError(f"{name}: rank={rank} exceeds the full dimension {full}")
@@ -71,5 +84,7 @@ def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multip
             raise RatioError(f"{name}: rank={rank} must be a multiple of {multiple} here"
                              + (" (RoPE keeps whole pairs)" if multiple == 2 else ""))
         return rank
+    if multiple_of is not None:
+        multiple = math.lcm(multiple, int(multiple_of))
     r = int(round((1.0 - ratio) * full / multiple)) * multiple
-    return max(multiple, min(full, r))
+    return min(full, max(multiple, r))
