@@ -182,10 +182,11 @@ def build_models(path: Path, args, device: torch.device, dtype: torch.dtype) -> 
         out.append({"name": "original (copy)", "method": "original", "target": 0.0, "model": copy.deepcopy(model)})
     a3_ratio = {}
     for r in sorted(set(args.ratios) | set(args.svd_ratios)):
-        m = a3mod.apply(copy.deepcopy(model), a3mod.a3_passes(r), stats=stats, progress=False)
+        m = a3mod.apply(copy.deepcopy(model), a3mod.a3_passes(r, args.multiple_of), stats=stats, progress=False)
         a3_ratio[r] = a3mod.report(m).ratio
         if r in args.ratios:
-            out.append({"name": f"A3 {r:.0%}", "method": "A3", "target": r, "model": m})
+            x = f" (x{args.multiple_of})" if args.multiple_of else ""
+            out.append({"name": f"A3 {r:.0%}{x}", "method": "A3", "target": r, "model": m})
     for r in args.svd_ratios:      # the same decoder-layer parameter count as A3 at r (within one rank step)
         t = time.perf_counter()
         m = a3mod.apply(copy.deepcopy(model), [a3mod.SVDLLM(ratio=a3_ratio[r])], stats=stats, progress=False)
@@ -276,22 +277,40 @@ def _rows(entries, impl, shape, tokens, times, peaks) -> list[dict]:
 # ------------------------------------------------------------------------------------------ targets
 def targets(rows: list[dict], shapes: list[str]) -> list[dict]:
     """Issue 7's targets for every A3 ratio and backend: prefill >= 0.8 x ideal (20 % and 40 % only) and no step
-    slower than the original."""
+    slower than the original.
+    The verdict is strict; `noise` is how far the untouched copy of the original read from 1.00x on the same step
+    (None without --control), and `within_noise` says whether a miss is smaller than that."""
     out = []
+    copies = {(r["impl"], r["shape"]): r["speedup"] for r in rows if r["model_name"] == "original (copy)"}
+
+    def noise(r):
+        c = copies.get((r["impl"], r["shape"]))
+        return None if c is None else abs(1.0 - c)
+
     for impl in sorted({r["impl"] for r in rows}):
         for t in sorted({r["target"] for r in rows if r["method"] == "A3"}):
             rr = [r for r in rows if r["method"] == "A3" and r["target"] == t and r["impl"] == impl]
             pre = [r for r in rr if r["shape"] in shapes]
             if any(abs(t - v) < 1e-9 for v in (0.2, 0.4)) and pre:
                 worst = min(pre, key=lambda r: r["efficiency"])
+                n = noise(worst)
                 out.append({"target": "prefill >= 0.8 x ideal", "model": f"A3 {t:.0%}", "impl": impl,
                             "worst": f"{worst['efficiency']:.0%} of ideal ({worst['shape']})",
-                            "pass": worst["efficiency"] >= 0.8})
+                            "pass": worst["efficiency"] >= 0.8, "noise": n,
+                            "within_noise": n is not None and worst["efficiency"] * (1 + n) >= 0.8})
             if rr:
                 worst = min(rr, key=lambda r: r["speedup"])
+                n = noise(worst)
                 out.append({"target": "no step slower than the original", "model": f"A3 {t:.0%}", "impl": impl,
-                            "worst": f"{worst['speedup']:.2f}x ({worst['shape']})", "pass": worst["speedup"] >= 1.0})
+                            "worst": f"{worst['speedup']:.3f}x ({worst['shape']})", "pass": worst["speedup"] >= 1.0,
+                            "noise": n, "within_noise": n is not None and worst["speedup"] >= 1.0 - n})
     return out
+
+
+def verdict(t: dict) -> str:
+    if t["pass"]:
+        return "PASS"
+    return "**FAIL** (a smaller miss than the control copy's noise there)" if t["within_noise"] else "**FAIL**"
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -336,10 +355,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      + ("- | - | - |" if kv is None else
                         f"{r['kv_bytes_per_token_measured']:,.0f} | {kv / 2**20:.2f} MiB ({r['kv_tokens']} tokens) | "
                         f"{(r['param_bytes'] + kv) / 2**20:.1f} MiB |") + f" {peak} |")
-    lines += ["", "| target | model | backend | worst case | verdict |", "|---|---|---|---|---|"]
+    lines += ["", "| target | model | backend | worst case | control copy off by (same step) | verdict |",
+              "|---|---|---|---|---|---|"]
     for t in meta["targets"]:
-        lines.append(f"| {t['target']} | {t['model']} | {t['impl']} | {t['worst']} | "
-                     f"{'PASS' if t['pass'] else '**FAIL**'} |")
+        n = "-" if t.get("noise") is None else f"{t['noise']:.1%}"
+        lines.append(f"| {t['target']} | {t['model']} | {t['impl']} | {t['worst']} | {n} | {verdict(t)} |")
     noise = [r["speedup"] for r in rows if r["model_name"] == "original (copy)"]
     if noise:
         lines += ["", (f"Noise: the copy of the original read {min(noise):.2f}x to {max(noise):.2f}x of the original "
@@ -546,6 +566,8 @@ def main() -> None:
                          "each more round adds ~4 min)")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="do not time a copy of the original (the noise reference)")
+    ap.add_argument("--multiple-of", type=int, default=None, metavar="N",
+                    help="A3 kept dims rounded to multiples of N (a3_passes(r, multiple_of=N)); default: the library's")
     ap.add_argument("--n-samples", type=int, default=8, help="calibration windows")
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
