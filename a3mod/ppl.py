@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .calib import read_text
 from .errors import A3ModError
+from .hf_compat import cache_kwargs
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2-test") -> Tensor:
@@ -59,5 +60,5 @@ def _logits(model: nn.Module, x: Tensor, cache, chunk: int) -> Tensor:
         return model(input_ids=x, use_cache=False).logits.float()
     c, out = cache(), []
     for s in range(0, x.shape[1], chunk):
-        out.append(model(input_ids=x[:, s:s + chunk], past_key_values=c, use_cache=True).logits.float())
+        out.append(model(input_ids=x[:, s:s + chunk], use_cache=True, **cache_kwargs(model, c)).logits.float())
     return torch.cat(out, 1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import a3mod
+from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
@@ -34,10 +35,10 @@ def cached_bytes(model, make_cache, window: torch.Tensor, chunk: int) -> float:
     evaluation window fed `chunk` tokens at a time (quantized cache: codes, scales, unquantized residual)."""
     if make_cache is None:
         out = model(input_ids=window[None, :64], use_cache=True)
-        return a3mod.cache_bytes(out.past_key_values) / 64
+        return a3mod.cache_bytes(output_cache(out)) / 64
     cache = make_cache()
     for s in range(0, window.numel(), chunk):
-        model(input_ids=window[None, s:s + chunk], past_key_values=cache, use_cache=True)
+        model(input_ids=window[None, s:s + chunk], use_cache=True, **cache_kwargs(model, cache))
     return a3mod.cache_bytes(cache) / window.numel()
 
 

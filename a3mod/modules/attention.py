@@ -17,6 +17,15 @@ _DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "enco
                 "position_ids", "cache_position")
 
 
+def layer_cache(cache, past_key_values, kwargs: dict):
+    """The KV cache a decoder layer passed: `cache=` (transformers >= 5.24), `past_key_values=` (earlier) or
+    `layer_past=` (GPT-NeoX); an EncoderDecoderCache gives its self-attention part. Pops `layer_past`."""
+    for c in (cache, past_key_values, kwargs.pop("layer_past", None)):
+        if c is not None:
+            return getattr(c, "self_attention_cache", c)
+    return None
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -28,14 +37,30 @@ def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, softcap=None, *
     softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma-2)."""
     g = module.num_key_value_groups
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    w = torch.matmul(q, k.transpose(2, 3)) * scaling
-    if softcap is not None:
-        w = torch.tanh(w / softcap) * softcap
-    if mask is not None:
-        w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
+    if softcap is None and mask is not None and mask.dtype != torch.bool:
+        w = _masked_scores(q, k, mask, scaling)
+    else:
+        w = torch.matmul(q, k.transpose(2, 3)) * scaling
+        if softcap is not None:
+            w = torch.tanh(w / softcap) * softcap
+        if mask is not None:
+            w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
     w = nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
     w = nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * q k^T + mask, (B,H,T,S), as one GEMM accumulating into a copy of the additive mask: the scale rides
+    in the GEMM's alpha and the mask in its beta = 1, which saves the two T x S elementwise passes (* scaling,
+    + mask) that dominate eager attention's non-GEMM time at long context. q (B,H,T,r), k (B,H,S,r)."""
+    B, H, T, r = q.shape
+    S = k.shape[2]
+    w = torch.empty(B, H, T, S, dtype=torch.promote_types(q.dtype, mask.dtype), device=q.device)
+    w.copy_(mask[..., :S].expand(B, H, T, S))
+    w.view(B * H, T, S).baddbmm_(q.reshape(B * H, T, r).to(w.dtype), k.reshape(B * H, S, r).transpose(1, 2).to(w.dtype),
+                                 alpha=scaling)
+    return w
 
 
 def _gather_dims(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -108,11 +133,8 @@ class ReducedHeadAttention(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
-        if past_key_values is None:                      # GPT-NeoX passes its cache as `layer_past`
-            past_key_values = kwargs.pop("layer_past", None)
-        kwargs.pop("layer_past", None)
-        past_key_values = getattr(past_key_values, "self_attention_cache", past_key_values)   # EncoderDecoderCache
+                cache=None, past_key_values=None, **kwargs):
+        cache = layer_cache(cache, past_key_values, kwargs)
         B, T, _ = hidden_states.shape
         H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)
@@ -132,8 +154,8 @@ class ReducedHeadAttention(nn.Module):
                 q = self._apply_rope(q, cos, sin)
             else:  # each query head uses its KV group's table: (B,Hkv,g,T,r_qk)
                 q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}

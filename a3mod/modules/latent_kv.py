@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import _DROP_KWARGS, eager_attention, rotate_half
+from .attention import _DROP_KWARGS, eager_attention, layer_cache, rotate_half
 from .lowrank import LowRankLinear
 
 
@@ -54,14 +54,15 @@ class LatentKVAttention(nn.Module):
         return self.k_proj.rank + self.v_proj.rank
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                cache=None, past_key_values=None, **kwargs):
+        cache = layer_cache(cache, past_key_values, kwargs)
         B, T, _ = hidden_states.shape
         H, Hkv, d = self.num_heads, self.num_key_value_heads, self.head_dim
         q = self.q_proj(hidden_states).view(B, T, H, d).transpose(1, 2)                # (B,H,T,d_h)
         lk = self.k_proj.in_proj(hidden_states)[:, None]                              # (B,1,T,r_k)
         lv = self.v_proj.in_proj(hidden_states)[:, None]                              # (B,1,T,r_v)
-        if past_key_values is not None:
-            lk, lv = past_key_values.update(lk, lv, self.layer_idx)                  # (B,1,S,r)
+        if cache is not None:
+            lk, lv = cache.update(lk, lv, self.layer_idx)                  # (B,1,S,r)
         S = lk.shape[2]
         k = self.k_proj.out_proj(lk[:, 0]).view(B, S, Hkv, d).transpose(1, 2)        # (B,Hkv,S,d_h)
         v = self.v_proj.out_proj(lv[:, 0]).view(B, S, Hkv, d).transpose(1, 2)

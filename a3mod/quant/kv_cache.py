@@ -1,7 +1,7 @@
 """KV-cache quantization on top of A3's smaller cache: the two savings multiply.
 
     cache = a3mod.quantized_cache(model, backend="hqq", nbits=4)      # transformers Cache, one layer per layer
-    model.generate(ids, past_key_values=cache, max_new_tokens=...)
+    model.generate(ids, past_key_values=cache, max_new_tokens=...)   # `cache=` from transformers 5.24 on
     a3mod.cache_bytes(cache)                                           # bytes the cache really holds
 
 Backends (transformers' quantized cache layers; no kernels of our own):
