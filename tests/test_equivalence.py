@@ -401,3 +401,33 @@ def test_gpt2_residual_dropout_survives_in_train_mode():
     a3mod.apply(model, a3mod.a3_passes(0.0), calib=calib_ids(), progress=False)
     model.train()
     assert not torch.equal(logits(model, ids), logits(model, ids))
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), kv=st.sampled_from([1, 2, 3]), g=st.sampled_from([1, 2, 3]), T=st.integers(1, 9),
+       past=st.integers(0, 6), r=st.sampled_from([2, 5, 8]), mask=st.sampled_from(["float", "bool", None]),
+       softcap=st.sampled_from([None, 5.0]), seed=st.integers(0, 2**16))
+def test_eager_attention_matches_reference(B, kv, g, T, past, r, mask, softcap, seed):
+    """The eager path (scale and additive mask fused into one baddbmm when it can) equals the textbook
+    softmax(scale * q k^T [softcapped] + mask) v, for float, bool and no masks, GQA and a cache of `past` tokens."""
+    from types import SimpleNamespace
+
+    from a3mod.modules.attention import eager_attention
+    gen = torch.Generator().manual_seed(seed)
+    S, H, scale = T + past, kv * g, 0.37
+    q, k = torch.randn(B, H, T, r, generator=gen, dtype=torch.float64), torch.randn(B, kv, S, r, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, kv, S, r + 1, generator=gen, dtype=torch.float64)
+    keep = torch.ones(T, S, dtype=torch.bool).tril(past)[None, None].repeat(B, 1, 1, 1)       # causal, (B,1,T,S)
+    keep[0, 0, :, 0] = torch.rand(T, generator=gen) < 0.5 if S > 1 else True                  # padding-like holes
+    m = {"float": torch.zeros(B, 1, T, S, dtype=torch.float64).masked_fill(~keep, torch.finfo(torch.float64).min),
+         "bool": keep, None: None}[mask]
+    out, w = eager_attention(SimpleNamespace(num_key_value_groups=g, training=False), q, k, v, m, scale, softcap=softcap)
+    s = q @ k.repeat_interleave(g, 1).transpose(2, 3) * scale                                 # (B,H,T,S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+    ref_w = s.softmax(-1)
+    assert out.shape == (B, T, H, r + 1) and w.shape == (B, H, T, S)
+    torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, (ref_w @ v.repeat_interleave(g, 1)).transpose(1, 2), rtol=1e-12, atol=1e-12)
