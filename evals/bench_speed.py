@@ -452,7 +452,7 @@ def profile_table(model, x: torch.Tensor, device: torch.device, rows: int = 25) 
     return op_classes(ops, key) + "\n\n" + ops.table(sort_by=key, row_limit=rows)
 
 
-MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::baddbmm_", "aten::_scaled_dot_product_flash_attention_for_cpu",
            "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
            "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
            "aten::_efficient_attention_forward"}
