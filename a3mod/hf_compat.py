@@ -6,15 +6,21 @@ passes or reads a model-level cache goes through these two functions.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import nn
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls: type) -> str:
+    """The name a model class's forward takes its KV cache by (read once per class: calls sit on decode loops)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: nn.Module, cache) -> dict:
     """{"cache": cache} when model.forward takes `cache`, else {"past_key_values": cache}."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
+    return {_cache_arg(type(model)): cache}
 
 
 def output_cache(out):

@@ -144,9 +144,10 @@ def test_partial_rotary_detected():
     gptj = a3mod.discover(model)
     d = gptj.layers[0]
     assert (d.rope, d.rot_dim) == ("interleaved", 4)
-    if "position_embeddings" in inspect.signature(type(d_attn := model.transformer.h[0].attn).forward).parameters:
+    attn_cls = type(model.transformer.h[0].attn)
+    if "position_embeddings" in inspect.signature(attn_cls.forward).parameters:
         # transformers >= 5.24: cos/sin come from the model; interleaved partial RoPE has no adapter: a clear error
-        assert d.rope_source == "position_embeddings", d_attn
+        assert d.rope_source == "position_embeddings", attn_cls
         with pytest.raises(DiscoveryError, match="no a3mod architecture adapter"):
             a3mod.apply(model, a3mod.a3_passes(0.2), calib=torch.randint(0, 64, (1, 8)))
     else:       # earlier: GPT-J computes cos/sin inside the layer
