@@ -59,14 +59,17 @@ def asvd_factors(w: Tensor, abs_mean: Tensor, alpha: float, r: int) -> tuple[Ten
 
 
 def whitening(gram: Tensor) -> Tensor:
-    """Lower Cholesky factor L of X^T X = L L^T (float64); eigenvalue shift when not positive definite."""
+    """Lower Cholesky factor L of X^T X = L L^T (float64); eigenvalue shift when not positive definite.
+
+    A singular Gram can still factor in floating point with a pivot of round-off size (L^-1 then explodes):
+    a pivot L_ii^2 below 1e-12 x the mean diagonal counts as a failed factorization too."""
     g = gram.double()
     g = (g + g.mT) / 2
+    scale = g.diagonal().mean().abs().clamp_min(1e-30)
     l, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0 and bool(torch.isfinite(l).all()):
+    if int(info) == 0 and bool(torch.isfinite(l).all()) and bool((l.diagonal().square() > 1e-12 * scale).all()):
         return l
     lam_min = torch.linalg.eigvalsh(g)[0]
-    scale = g.diagonal().mean().abs().clamp_min(1e-30)
     shift = (-lam_min).clamp_min(0) + 1e-6 * scale
     for _ in range(8):
         l, info = torch.linalg.cholesky_ex(g + shift * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
