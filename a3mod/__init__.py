@@ -5,7 +5,7 @@
 """
 __version__ = "0.1.0"
 
-from . import evals  # noqa: F401  (a3mod.evals.evaluate; lm-eval is imported only when used)
+from . import evals, files, sidecar  # noqa: F401  (a3mod.evals.evaluate; lm-eval is imported only when used)
 from .api import apply
 from .arch import ARCHS, ArchSpec, supported_types
 from .calib import Stats, calibration_data, collect

@@ -46,6 +46,7 @@ def _stats_for(model, passes, calib, stats, progress) -> Stats | None:
             raise CalibrationError(f"{[type(p).__name__ for p in passes]} need calibration: pass calib= (token ids) "
                                    f"or stats= (from a3mod.collect(model, calib, kinds={sorted(want)}))")
         return collect(model, calib, progress=progress, kinds=sorted(want))
+    stats.check_origin(model, calib)
     missing = want - stats.kinds
     if missing:
         if calib is None:
@@ -66,6 +67,10 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     stats:  statistics from `collect(model, calib, kinds=...)`, to apply several ratios without recalibrating.
     The whole model is solved (and quantized) first and only then rewritten, so an error leaves it untouched.
     """
+    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
+        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
+    if stats is not None and not isinstance(stats, Stats):
+        raise CalibrationError(f"stats must be a3mod.Stats (from a3mod.collect or Stats.load), got {type(stats).__name__}")
     passes, quant = split_quant(passes)
     if passes or quant is None:
         passes = _check_passes(passes)

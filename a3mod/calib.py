@@ -13,13 +13,16 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -29,6 +32,7 @@ from .errors import CalibrationError
 from .paths import dataset_file
 
 STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
+STATS_FORMAT = 1
 KINDS = ("a3", "gram", "absmean")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) that marks each kind as present
 
@@ -73,11 +77,18 @@ def calibration_data(tokenizer, source: str = "wikitext2", n_samples: int = 128,
 # ------------------------------------------------------------------------------------------ stats
 @dataclass
 class Stats:
-    """Calibration statistics of every decoder layer. `layers[i][name]` are float64 sums over `n` tokens."""
+    """Calibration statistics of every decoder layer. `layers[i][name]` are float64 sums over `n` tokens.
+
+    `model` and `calib` fingerprint what they were collected on (a3mod.fingerprint: the model's config and sampled
+    weights; the token ids' sha256 and shape); `apply(stats=...)` refuses statistics of another model or, when
+    calib is given too, of other tokens. `source` records how the tokens were drawn (e.g. seed), when known."""
 
     n: int
     layers: list[dict[str, Tensor]] = field(default_factory=list)
     extra: dict[str, Tensor] = field(default_factory=dict)     # derived tables cached by passes (ASVD sensitivity)
+    model: str | None = None                                   # model_fingerprint of the model collected on
+    calib: dict | None = None                                  # tokens_fingerprint of the calibration ids
+    source: dict = field(default_factory=dict)                 # free-form: seed, text source, sample counts
 
     @property
     def kinds(self) -> set[str]:
@@ -86,37 +97,88 @@ class Stats:
         return {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
 
     def merge(self, other: "Stats") -> None:
-        """Add the statistics of `other` (same tokens, other kinds) to these."""
+        """Add the statistics of `other` (same model and tokens, other kinds) to these."""
         if other.n != self.n or len(other.layers) != len(self.layers):
             raise CalibrationError(f"cannot merge stats over {other.n} tokens / {len(other.layers)} layers into "
                                    f"stats over {self.n} tokens / {len(self.layers)} layers")
+        for what in ("model", "calib"):
+            a, b = getattr(self, what), getattr(other, what)
+            if a is not None and b is not None and a != b:
+                raise CalibrationError(f"cannot merge statistics of another {what} (fingerprints differ)")
         for mine, theirs in zip(self.layers, other.layers):
             mine.update(theirs)
 
     def moment(self, i: int, name: str) -> Tensor:
         return self.layers[i][name] / self.n
 
+    def check_origin(self, model=None, calib: Tensor | None = None) -> None:
+        """CalibrationError when these statistics were collected on another model or other tokens than given.
+        Statistics without fingerprints (files of a3mod before 0.2) pass with a warning."""
+        from .fingerprint import model_fingerprint, tokens_fingerprint
+
+        if self.model is None:
+            warnings.warn("a3mod: these statistics carry no model fingerprint (an older a3mod wrote them); cannot "
+                          "check they belong to this model", stacklevel=3)
+        elif model is not None and self.model != (fp := model_fingerprint(model)):
+            raise CalibrationError(f"these statistics were collected on another model (fingerprint {self.model[:12]}, "
+                                   f"this model {fp[:12]}: other weights or config); collect them on this model "
+                                   f"(CLI: --recompute-stats)")
+        if calib is not None and self.calib is not None and self.calib != (tf := tokens_fingerprint(calib)):
+            raise CalibrationError(f"these statistics were collected on other calibration tokens (shape "
+                                   f"{self.calib['shape']}, sha256 {self.calib['sha256'][:12]}; given: shape "
+                                   f"{tf['shape']}, sha256 {tf['sha256'][:12]}: another seed, source or sample "
+                                   f"count?); collect them again (CLI: --recompute-stats)")
+
     def save(self, path: str | os.PathLike) -> None:
+        """Write to `path` atomically (temporary sibling + rename); an existing file is replaced only when it is an
+        a3mod statistics file."""
+        from .files import atomic_write
+
+        p = Path(path)
+        if p.exists() and not _is_stats_file(p):
+            raise CalibrationError(f"{str(p)!r} exists and is not an a3mod statistics file; not replacing it")
         flat = {f"{i}.{k}": t.contiguous() for i, d in enumerate(self.layers) for k, t in d.items()}
         flat.update({f"extra.{k}": t.contiguous() for k, t in self.extra.items()})
-        save_file(flat, str(path), metadata={"n": str(self.n), "layers": str(len(self.layers))})
+        meta = {"a3mod_stats": str(STATS_FORMAT), "n": str(self.n), "layers": str(len(self.layers)),
+                **({"model": self.model} if self.model else {}),
+                **({"calib": json.dumps(self.calib, sort_keys=True)} if self.calib else {}),
+                **({"source": json.dumps(self.source, sort_keys=True)} if self.source else {})}
+        atomic_write(p, save(flat, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Stats":
-        from safetensors import safe_open
+        """Read a file written by `save`; CalibrationError for anything else (another model's weights, a truncated
+        file)."""
+        p = Path(path)
+        try:
+            flat = load(p.read_bytes())
+            from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        flat = load_file(str(path))
-        layers = [dict() for _ in range(int(meta["layers"]))]
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:          # safetensors raises its own error types for malformed files
+            raise CalibrationError(f"{str(p)!r} is not a readable a3mod statistics file ({str(e)[:160]})") from None
+        try:
+            n, n_layers = int(meta["n"]), int(meta["layers"])
+            calib = json.loads(meta["calib"]) if "calib" in meta else None
+            source = json.loads(meta["source"]) if "source" in meta else {}
+            if n < 0 or not 0 <= n_layers < 1 << 20:
+                raise ValueError("n / layers out of range")
+        except (KeyError, ValueError) as e:
+            raise CalibrationError(f"{str(p)!r} is not an a3mod statistics file (its metadata lacks a valid "
+                                   f"{e}); a3mod.Stats.save writes those") from None
+        layers = [dict() for _ in range(n_layers)]
         extra = {}
         for key, t in flat.items():
-            i, name = key.split(".", 1)
+            i, _, name = key.partition(".")
             if i == "extra":
                 extra[name] = t
-            else:
+            elif i.isdigit() and int(i) < n_layers and name and t.dtype == torch.float64:
                 layers[int(i)][name] = t
-        return cls(int(meta["n"]), layers, extra)
+            else:
+                raise CalibrationError(f"{str(p)!r}: tensor {key!r} ({t.dtype}) is not a statistic of layers "
+                                       f"0..{n_layers - 1}")
+        return cls(n, layers, extra, meta.get("model"), calib, source)
 
     def check(self, min_tokens: int = 1) -> None:
         """Raise CalibrationError on too few tokens or non-finite statistics."""
@@ -220,6 +282,33 @@ def recording(views: list[LayerView], kinds=("a3",)):
             h.remove()
 
 
+def _is_stats_file(p: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        return False
+    return "a3mod_stats" in meta or {"n", "layers"} <= set(meta)
+
+
+def check_token_ids(ids: Tensor, vocab: int | None, what: str = "calibration") -> None:
+    """CalibrationError when token ids fall outside [0, vocab): the embedding would raise an IndexError."""
+    if vocab is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise CalibrationError(f"{what} token ids span [{lo}, {hi}], outside the model's vocabulary [0, {vocab}); "
+                               f"was the text tokenized with this model's tokenizer?")
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    return n if n is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
 def check_request(calib, kinds) -> tuple:
     """Validated `kinds` tuple; CalibrationError on unknown kinds or a calib that is not (n, T) token ids."""
     kinds = tuple(kinds)
@@ -242,9 +331,15 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     slice of the windows (`a3mod.distributed.shard`) and the sums are all-reduced: every rank returns the
     statistics of all windows.
     """
+    from .fingerprint import model_fingerprint, tokens_fingerprint
+
     kinds = check_request(calib, kinds)
-    calib = distributed.shard(calib)
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise CalibrationError(f"batch_size={batch_size!r} must be a positive integer")
     views = layer_views(model)
+    check_token_ids(calib, vocab_size(model))
+    fingerprints = model_fingerprint(model), tokens_fingerprint(calib)
+    calib = distributed.shard(calib)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -256,6 +351,7 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
                 body(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
     finally:
         model.train(was_training)
-    stats = Stats(distributed.all_reduce_stats(accs, int(calib.numel())), accs)
+    stats = Stats(distributed.all_reduce_stats(accs, int(calib.numel())), accs, model=fingerprints[0],
+                  calib=fingerprints[1])
     stats.check(min_tokens=max(v.dims.head_dim for v in views) + 1)
     return stats

@@ -6,18 +6,16 @@ Output goes to a temporary sibling directory that is renamed into place only whe
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .arch import get_path, spec_for
+from .arch import dims_of, get_path, spec_for
+from . import files, sidecar, st_io
 from .errors import CheckpointError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from .quant import io as quant_io
@@ -112,34 +110,46 @@ def _dedup(sd: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` (compressed or not) to `out_dir` atomically. Returns the path."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {str(out)!r} is a file, not a directory; choose another path")
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output dir {str(out)!r} exists; pass overwrite=True (CLI: --overwrite) or another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+def model_sources(model: nn.Module) -> list[str]:
+    """Local folders the model was loaded from (`save` never replaces them)."""
+    return [s for s in {getattr(model, "name_or_path", None), getattr(model.config, "_name_or_path", None)} if s]
+
+
+def write_sidecar(tmp: Path, side: dict) -> None:
+    """The last file of a checkpoint: `side` plus the size and sha256 of every file already in `tmp`, sealed with
+    its own checksum (a3mod.sidecar), deterministic text."""
+    recorded = {f.name: {"bytes": f.stat().st_size, "sha256": files.sha256_file(f)}
+                for f in sorted(tmp.iterdir()) if f.is_file()}
+    (tmp / SIDECAR).write_text(sidecar.dumps(sidecar.seal({**side, "files": recorded})))
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` (compressed or not) to `out_dir`; returns its absolute path.
+
+    The folder is assembled next to `out_dir` and published atomically (a3mod.files): `out_dir` holds the old
+    checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
+    never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
+    compress_result.json), not covered by its checksums."""
+    sources = model_sources(model)
+    with files.staged_output(out_dir, overwrite, sources) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tensors, aliases = _dedup(model.state_dict())
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "a3mod": str(FORMAT)})
-        (tmp / SIDECAR).write_text(json.dumps({**_describe(model), "aliases": aliases}, indent=1))
+        st_io.write(tmp / WEIGHTS, st_io.plan_of(tensors), {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        write_sidecar(tmp, {**_describe(model), "aliases": aliases})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return files._resolved(out_dir)
 
 
 def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
     """Swap in the reduced modules the sidecar describes; returns the sidecar's kept RoPE dims by module name."""
     spec = spec_for(model)
+    dims = dims_of(model.config, spec)
     layers = get_path(model, spec.layers)
     rope = {}
     for key, entry in side["layers"].items():
@@ -154,6 +164,9 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                     raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
                                      f"{a['kv_heads']} x {a['rot_dim']}")
                 idx = idx.reshape(a["kv_heads"], a["rot_dim"])
+                if idx.numel() and int(idx.max()) >= dims.rot_dim:
+                    raise ValueError(f"rope_index holds {int(idx.max())}, outside the model's {dims.rot_dim} "
+                                     f"rotary dims")
                 if a.get("qk_norm"):     # the skeleton's own q/k norm modules (their weights come with the file)
                     old = get_path(layers[i], spec.attn)
                     a["q_norm"], a["k_norm"] = (getattr(old, n) for n in spec.qk_norm_names)
@@ -223,22 +236,58 @@ def _init_buffers(model: nn.Module, mod: nn.Module, names: list[str], device) ->
     return not any(mod._buffers[n].is_meta for n in names)
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model saved by `a3mod.save`: meta skeleton, reduced modules from the sidecar, weights assigned."""
-    from transformers import AutoConfig, GenerationConfig
-
-    p = Path(path)
+def read_sidecar(p: Path, verify: bool = True) -> dict:
+    """The validated sidecar of checkpoint folder `p`; with `verify`, every file it records must have its
+    recorded size and sha256 (sizes are always checked). CheckpointError naming the field or file otherwise."""
     if not is_a3mod_checkpoint(p):
         raise CheckpointError(f"{str(p)!r} is not an a3mod checkpoint (no {SIDECAR})")
-    side = json.loads((p / SIDECAR).read_text())
-    if side.get("format") not in (FORMAT, QUANT_FORMAT):
-        raise CheckpointError(f"{SIDECAR} format {side.get('format')!r}; this a3mod reads formats {FORMAT} and "
-                              f"{QUANT_FORMAT}")
-    config = AutoConfig.from_pretrained(p)
+    side = sidecar.parse((p / SIDECAR).read_bytes())
+    sidecar.check_seal(side)
+    sidecar.validate(side)
+    for name, rec in side.get("files", {}).items():
+        f = p / name
+        if not f.is_file():
+            raise CheckpointError(f"{str(p)!r} lacks {name}, which {SIDECAR} records")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(f"{name} in {str(p)!r} has {f.stat().st_size} bytes, {SIDECAR} records "
+                                  f"{rec['bytes']} (truncated or replaced)")
+        if verify and files.sha256_file(f) != rec["sha256"]:
+            raise CheckpointError(f"{name} in {str(p)!r} is corrupted or was modified: its sha256 differs from the "
+                                  f"one {SIDECAR} records (load(..., verify=False) skips this check)")
+    return side
+
+
+def _read_weights(p: Path, device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(p / WEIGHTS), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{WEIGHTS} in {str(p)!r} cannot be read as safetensors: {str(e)[:200]}") from None
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str | None = None,
+         verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by `a3mod.save`: meta skeleton, reduced modules from the sidecar, weights assigned.
+
+    The sidecar is validated before any module is built; `verify` (default) also checks the sha256 of every file
+    the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.loading.check_folder)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .loading import NO_CODE, as_dtype, check_folder
+
+    dtype = as_dtype(dtype)
+    p = Path(path)
+    side = read_sidecar(p, verify)
+    check_folder(p)
+    try:
+        config = AutoConfig.from_pretrained(p, **NO_CODE)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     with torch.device("meta"):
         model = _skeleton(side.get("model_class"), config)
     rope = _reduced_modules(model, side, "meta", None)
-    sd = load_file(str(p / WEIGHTS), device=device)
+    sd = _read_weights(p, device)
     for k, src in side.get("aliases", {}).items():
         if src not in sd:
             raise CheckpointError(f"{SIDECAR} says {k!r} is tied to {src!r}, which {WEIGHTS} lacks")
@@ -252,6 +301,11 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"weight {k!r} has shape {tuple(t.shape)} in {WEIGHTS} but the sidecar "
                                   f"describes {tuple(expected[k].shape)}")
+        if t.is_floating_point() != expected[k].is_floating_point() or t.dtype == torch.bool != (
+                expected[k].dtype == torch.bool):
+            raise CheckpointError(f"weight {k!r} is {t.dtype} in {WEIGHTS}; the model holds {expected[k].dtype} there")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"weight {k!r} in {WEIGHTS} has NaN or infinite values")
     if dtype is not None:
         sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
@@ -271,7 +325,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         for m in latent:
             m.attach_rotary(get_path(model, spec_for(model).rotary))
     if (p / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(p)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(p, **NO_CODE)
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"generation_config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
     model.eval()
     return model
@@ -302,15 +359,3 @@ def _skeleton(class_name: str | None, config) -> nn.Module:
 def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:
     mod_path, _, name = key.rpartition(".")
     return getattr(get_path(model, mod_path) if mod_path else model, name)
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Give a finished temporary checkpoint dir the usual permissions (mkdtemp makes 0700) and rename it to `out`,
-    replacing an existing `out`."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in [tmp, *tmp.iterdir()]:
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

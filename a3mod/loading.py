@@ -1,12 +1,61 @@
-"""Load any supported checkpoint: an a3mod output dir, an HF folder or hub id, a GGUF file or a folder with one."""
+"""Load any supported checkpoint: an a3mod output dir, an HF folder or hub id, a GGUF file or a folder with one.
+
+No code from a checkpoint ever runs: every transformers loader call passes `trust_remote_code=False`, and a local
+folder whose config.json (or tokenizer_config.json) has an `auto_map`, or a `model_type` this transformers does
+not know, is refused with a CheckpointError before transformers sees it. Weights are read only from safetensors
+(or GGUF, which transformers dequantizes); pickle files (`*.bin`, `*.pt`) are never opened.
+"""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-from .errors import A3ModError
+from .errors import A3ModError, CheckpointError
+
+NO_CODE = {"trust_remote_code": False}
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable JSON file: {str(e)[:200]}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def check_folder(folder: str | os.PathLike) -> None:
+    """Refuse (CheckpointError) a local model folder that would make transformers run code: an `auto_map` in
+    config.json or tokenizer_config.json, or a `model_type` this transformers has no built-in class for."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING   # built-in and registered types
+
+    p = Path(folder)
+    cfg = p / "config.json"
+    if cfg.is_file():
+        c = _read_json(cfg)
+        if "auto_map" in c:
+            raise CheckpointError(f"{str(cfg)!r} has an auto_map (custom modeling code: {sorted(c['auto_map'])}); "
+                                  f"a3mod never runs code from a checkpoint. If its model_type "
+                                  f"{c.get('model_type')!r} is built into transformers, remove auto_map")
+        mtype = c.get("model_type")
+        if not isinstance(mtype, str) or mtype not in CONFIG_MAPPING:
+            raise CheckpointError(f"{str(cfg)!r} has model_type {mtype!r}, which transformers "
+                                  f"{_tf_version()} has no built-in class for; a3mod does not run custom code")
+    tcfg = p / "tokenizer_config.json"
+    if tcfg.is_file() and "auto_map" in _read_json(tcfg):
+        raise CheckpointError(f"{str(tcfg)!r} has an auto_map (custom tokenizer code); a3mod never runs code from a "
+                              f"checkpoint")
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _gguf(path: Path) -> tuple[str, dict]:
@@ -20,25 +69,68 @@ def _gguf(path: Path) -> tuple[str, dict]:
     return str(path), {}
 
 
-def load_pretrained(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) from `path`. a3mod checkpoints reload their reduced modules without calibration."""
+def _weights_kwargs(path: Path, kw: dict) -> dict:
+    """safetensors only for local folders (GGUF aside): a folder holding only pickle weights is refused."""
+    if kw or not path.is_dir():
+        return kw
+    if any(path.glob("*.safetensors")):
+        return {"use_safetensors": True}
+    pickles = [f.name for pat in _PICKLES for f in path.glob(pat)]
+    if pickles:
+        raise CheckpointError(f"{str(path)!r} holds weights only as pickle files ({sorted(pickles)[:3]}); a3mod reads "
+                              f"safetensors or GGUF only (pickle can run code). Convert once where you trust the file")
+    return kw
+
+
+def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", verify: bool = True):
+    """(model, tokenizer) from `path`. a3mod checkpoints reload their reduced modules without calibration
+    (`verify`: check the checksums their sidecar records)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import is_a3mod_checkpoint, load
 
+    dtype = as_dtype(dtype)
     p = Path(path)
     if is_a3mod_checkpoint(p):
-        model = load(p, device=device, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(p))
-        return model, tok
+        model = load(p, device=device, dtype=dtype, verify=verify)
+        return model, _hf_call(AutoTokenizer.from_pretrained, str(p), **NO_CODE)
     src, kw = _gguf(p)
     local = p.exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
     if not p.exists() and (local or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise A3ModError(f"model path {path!r} does not exist (and hub ids are off: HF_HUB_OFFLINE=1; "
                          f"set A3MOD_ONLINE=1 for the `a3mod` CLI to reach a hub)")
+    if p.exists():
+        check_folder(src)
     # a tokenizer.json beside a GGUF is used as is; otherwise the tokenizer comes from the checkpoint itself
     tok_kw = {} if kw and (Path(src) / "tokenizer.json").exists() else kw
-    tok = AutoTokenizer.from_pretrained(src, local_files_only=local, **tok_kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=local, **kw).to(device)
+    tok = _hf_call(AutoTokenizer.from_pretrained, src, local_files_only=local, **tok_kw, **NO_CODE)
+    wkw = _weights_kwargs(Path(src), kw)
+    model = _hf_call(AutoModelForCausalLM.from_pretrained, src, dtype=dtype, local_files_only=local, **wkw,
+                     **NO_CODE).to(device)
     model.eval()
     return model, tok
+
+
+def _hf_call(fn, *args, **kwargs):
+    """A transformers loader call; its refusal to run custom code becomes a CheckpointError."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise CheckpointError(f"{args[0]!r} needs custom code to load; a3mod never runs code from a checkpoint "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        raise
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16", "bf16", "torch.float16", ...); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise A3ModError(f"dtype {dtype!r}; allowed: {sorted(DTYPES)} or a torch.dtype")
+    return DTYPES[name]

@@ -26,12 +26,12 @@ rank 0 assembles; the work dir, out_dir and offload_dir must be on a filesystem 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import get_path, layer_views, spec_for
-from .calib import Stats, check_request, recording
-from .checkpoint import FORMAT, SIDECAR, WEIGHTS, _describe, _materialize_buffers, publish
+from .calib import Stats, check_request, check_token_ids, recording
+from . import files, st_io
+from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, write_sidecar
+from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
 from .passes import A3MLP, A3OV, A3QK, pass_to_dict
 from .passes.a3 import build_layer
@@ -51,12 +53,6 @@ from .report import linear_param_count
 from .rewrite import set_child
 
 STREAM_PASSES = (A3QK, A3OV, A3MLP)
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
-
 # ------------------------------------------------------------------------------------------- source
 class _Source:
     """The tensors of an HF safetensors folder (one file or shards), read by name without loading the rest."""
@@ -93,8 +89,9 @@ class _Source:
 
 
 def _fingerprint(src: Path) -> dict:
-    files = {f.name: f.stat().st_size for f in sorted(src.glob("*.safetensors"))}
-    return {"src": str(src.resolve()), "files": files,
+    """The source folder as a resume must find it again: path, config bytes and each weight file's sampled digest
+    (a3mod.fingerprint.file_digest: size, header and 64 blocks of data)."""
+    return {"src": str(src.resolve()), "files": {f.name: file_digest(f) for f in sorted(src.glob("*.safetensors"))},
             "config_sha256": hashlib.sha256((src / "config.json").read_bytes()).hexdigest()}
 
 
@@ -104,8 +101,9 @@ class _Store:
     checkpoint is one file per layer boundary in the work dir), or with `offload` one safetensors file per
     batch under offload_dir/r<rank>_in<j>/ (those files are then the checkpoint)."""
 
-    def __init__(self, work: Path, offload: Path | None, rank: int):
-        self.work, self.offload, self.rank, self.mem = work, offload, rank, {}
+    def __init__(self, work: Path, offload: Path | None, rank: int, run_id: str = ""):
+        self.work, self.rank, self.mem, self.run_id = work, rank, {}, run_id
+        self.offload = offload / f"a3mod-run-{run_id}" if offload is not None else None   # one folder per run
 
     def _dir(self, j: int) -> Path:
         return self.offload / f"r{self.rank}_in{j:04d}"
@@ -114,14 +112,16 @@ class _Store:
         return self.work / f"hidden_r{self.rank}_in{j:04d}.safetensors"
 
     def get(self, j: int, b: int) -> Tensor:
-        return self.mem[b] if self.offload is None else load_file(str(self._dir(j) / f"b{b:05d}.safetensors"))["h"]
+        if self.offload is None:
+            return self.mem[b]
+        return _read_tagged(self._dir(j) / f"b{b:05d}.safetensors", self.run_id)["h"]
 
     def put(self, j: int, b: int, t: Tensor) -> None:
         if self.offload is None:
             self.mem[b] = t
         else:
             self._dir(j).mkdir(parents=True, exist_ok=True)
-            save_file({"h": t.contiguous()}, str(self._dir(j) / f"b{b:05d}.safetensors"))
+            save_file({"h": t.contiguous()}, str(self._dir(j) / f"b{b:05d}.safetensors"), metadata={"run": self.run_id})
 
     def has(self, j: int) -> bool:
         return (self._dir(j) / "done").exists() if self.offload is not None else self._file(j).exists()
@@ -130,7 +130,7 @@ class _Store:
         """Inputs of layer j are complete: make them the resume checkpoint; drop those of layer j - 2."""
         if self.offload is None:
             tmp = self._file(j).with_suffix(".tmp")
-            save_file({f"b{b}": t.contiguous() for b, t in self.mem.items()}, str(tmp))
+            save_file({f"b{b}": t.contiguous() for b, t in self.mem.items()}, str(tmp), metadata={"run": self.run_id})
             os.replace(tmp, self._file(j))
         else:
             (self._dir(j) / "done").write_text("")
@@ -146,7 +146,26 @@ class _Store:
 
     def restore(self, j: int) -> None:
         if self.offload is None:
-            self.mem = {int(k[1:]): t for k, t in load_file(str(self._file(j))).items()}
+            self.mem = {int(k[1:]): t for k, t in _read_tagged(self._file(j), self.run_id).items()}
+
+    def close(self) -> None:
+        """Remove this run's offload folder once it is empty."""
+        if self.offload is not None and self.offload.is_dir() and not any(self.offload.iterdir()):
+            self.offload.rmdir()
+
+
+def _read_tagged(f: Path, run_id: str) -> dict[str, Tensor]:
+    """A hidden-state file of this run (its metadata names the run), else CheckpointError."""
+    try:
+        with safe_open(str(f), "pt") as h:
+            tag = (h.metadata() or {}).get("run")
+    except Exception as e:      # truncated or not safetensors
+        raise CheckpointError(f"hidden-state file {str(f)!r} cannot be read ({str(e)[:120]}); rerun with restart=True "
+                              f"(CLI: --restart)") from None
+    if tag != run_id:
+        raise CheckpointError(f"hidden-state file {str(f)!r} belongs to another run ({tag!r}, this is {run_id!r}); "
+                              f"rerun with restart=True (CLI: --restart)")
+    return load_file(str(f))
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -188,38 +207,6 @@ def _with_hidden(call: tuple[tuple, dict], h: Tensor) -> tuple[tuple, dict]:
 
 
 # -------------------------------------------------------------------------------------------- output
-def _write_safetensors(path: Path, plan: list, metadata: dict) -> None:
-    """Write a safetensors file tensor by tensor. plan: [(name, dtype, shape, getter () -> tensor)]."""
-    header, off = {"__metadata__": metadata}, 0
-    for name, dt, shape, _ in plan:
-        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for name, dt, shape, get in plan:
-            t = get()
-            if t.dtype != dt or tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
-            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
-def _layer_getter(f: Path, k: str):
-    def get():
-        with safe_open(str(f), "pt") as h:
-            return h.get_tensor(k)
-    return get
-
-
-def _layer_plan(f: Path) -> list:
-    with safe_open(str(f), "pt") as h:
-        return [(k, _TORCH_DTYPES[h.get_slice(k).get_dtype()], tuple(h.get_slice(k).get_shape()), _layer_getter(f, k))
-                for k in h.keys()]
-
-
 def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, Tensor]], dict[str, str], int]:
     """Non-layer tensors of the (meta) skeleton in state-dict order, each once; tied aliases (like `_dedup`); how
     many of them precede the decoder layers in the state dict."""
@@ -265,13 +252,30 @@ def _run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: in
             "dtype": str(dtype), "batch_size": batch_size, "world_size": world}
 
 
+_WORK_FILES = re.compile(r"^(run\.json|layer_\d{4}\.(safetensors|json|tmp|jtmp)|hidden_r\d+_in\d{4}\.(safetensors|tmp))$")
+
+
+def _remove_work(work: Path) -> None:
+    """Delete a work dir, but only if everything in it is a file streaming writes (never a user's folder)."""
+    if not work.exists():
+        return
+    alien = [e.name for e in work.iterdir() if not (e.is_file() and _WORK_FILES.match(e.name))]
+    if alien or work.is_symlink():
+        raise CheckpointError(f"{str(work)!r} holds files a3mod streaming does not write ({alien[:3]}); it is not "
+                              f"removed. Move them away (or the folder) and rerun")
+    shutil.rmtree(work)
+
+
 def _open_work(work: Path, key: dict, restart: bool) -> None:
     """Rank 0: create the work dir, or check that the one there belongs to this run."""
     run = work / "run.json"
-    if restart and work.exists():
-        shutil.rmtree(work)
+    if restart:
+        _remove_work(work)
     if run.exists():
-        old = json.loads(run.read_text())
+        try:
+            old = json.loads(run.read_text())
+        except ValueError:
+            old = {}
         diff = [k for k in key if old.get(k) != key[k]]
         if diff:
             raise CheckpointError(
@@ -279,17 +283,16 @@ def _open_work(work: Path, key: dict, restart: bool) -> None:
                 f"(was {[old.get(k) for k in diff]}, now {[key[k] for k in diff]}); rerun with the same "
                 f"arguments to resume, or pass restart=True (CLI: --restart) to start over")
         return
-    if work.exists():
-        shutil.rmtree(work)
+    _remove_work(work)
     work.mkdir(parents=True)
-    (work / "run.json").write_text(json.dumps(key, indent=1))
+    files.atomic_write(work / "run.json", json.dumps(key, indent=1, sort_keys=True))
 
 
 def _layer_file(work: Path, i: int, ext: str) -> Path:
     return work / f"layer_{i:04d}.{ext}"
 
 
-def _resume_point(work: Path, n_layers: int, world: int, offload: Path | None) -> int:
+def _resume_point(work: Path, n_layers: int, world: int, offload: Path | None, run_id: str) -> int:
     """First layer to compute: after the longest prefix of finished layers whose inputs every rank still has."""
     done = 0
     while done < n_layers and _layer_file(work, done, "json").exists():
@@ -297,7 +300,7 @@ def _resume_point(work: Path, n_layers: int, world: int, offload: Path | None) -
     if done == n_layers:
         return done
     for k in range(done, 0, -1):
-        if all(_Store(work, offload, r).has(k) for r in range(world)):
+        if all(_Store(work, offload, r, run_id).has(k) for r in range(world)):
             return k
     return 0
 
@@ -338,33 +341,57 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
     tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .loading import NO_CODE, check_folder
 
     passes = _check_passes(passes)
     check_request(calib, ("a3",))
-    src, out = Path(src_dir), Path(out_dir)
-    if out.exists() and not (out.is_dir() and overwrite):
-        raise CheckpointError(f"output dir {str(out)!r} exists; pass overwrite=True (CLI: --overwrite) or another path")
+    src = Path(src_dir)
     if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
         raise A3ModError(f"{str(src)!r} is not an HF folder with config.json and *.safetensors; streaming reads "
                          f"those (convert other formats once: a3mod.load_pretrained(path) then save_pretrained)")
-    rank, world = distributed.rank_world()
-    config = AutoConfig.from_pretrained(src)
+    check_folder(src)
+    out = files.check_output_dir(out_dir, overwrite, [src])
+    config = AutoConfig.from_pretrained(src, **NO_CODE)
+    check_token_ids(calib, config.vocab_size)
     with torch.device("meta"):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
+    rank = distributed.rank_world()[0]
+    with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            files.recover(out)
+            files.check_output_dir(out, overwrite, [src])
+        _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite, restart,
+                progress)
+    return out
+
+
+def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite, restart,
+            progress) -> None:
+    from transformers import GenerationConfig
+
+    from .loading import NO_CODE
+
+    rank, world = distributed.rank_world()
     spec = spec_for(skel)
     layers = get_path(skel, spec.layers)
     nonlayer, aliases, layers_at = _nonlayer_keys(skel, spec.layers)
     source = _Source(src, skel.base_model_prefix)
     work, offload = work_dir(out), Path(offload_dir) if offload_dir is not None else None
+    run_id = None
     if rank == 0:
-        _open_work(work, _run_key(src, passes, calib, dtype, batch_size, world), restart)
+        key = _run_key(src, passes, calib, dtype, batch_size, world)
+        _open_work(work, key, restart)
+        run_id = hashlib.sha256(json.dumps([key, str(out)], sort_keys=True).encode()).hexdigest()[:16]
+    run_id = distributed.broadcast_object(run_id)
     distributed.barrier()
-    start = distributed.broadcast_object(_resume_point(work, len(layers), world, offload) if rank == 0 else None)
+    start = distributed.broadcast_object(_resume_point(work, len(layers), world, offload, run_id) if rank == 0
+                                         else None)
     shard = distributed.shard(calib)
     batches = [shard[b:b + batch_size] for b in range(0, shard.shape[0], batch_size)]
-    store = _Store(work, offload, rank)
+    store = _Store(work, offload, rank, run_id)
     for j in range(0 if start == 0 else start + 1, len(layers) + 1):
         store.drop(j)          # hidden states a crashed or restarted run left beyond the resume point
     calls = _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) if start < len(layers) else {}
@@ -373,14 +400,15 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
         _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device)
     distributed.barrier()
     if rank == 0:
-        gen = (GenerationConfig.from_pretrained(src) if (src / "generation_config.json").exists()
-               else GenerationConfig.from_model_config(config))
-        _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype)
-        shutil.rmtree(work, ignore_errors=True)
+        gen = (GenerationConfig.from_pretrained(src, **NO_CODE) if (src / "generation_config.json").exists()
+               else GenerationConfig.from_model_config(skel.config))
+        _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype,
+                  overwrite, src)
+        _remove_work(work)
     for j in range(len(layers)):
         store.drop(j)
+    store.close()
     distributed.barrier()
-    return out
 
 
 def _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) -> dict:
@@ -443,28 +471,23 @@ def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_l
     layers[i] = layer.to("meta")
 
 
-def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype) -> None:
+def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passes, gen, tokenizer, dtype,
+              overwrite, src) -> None:
     """Write the a3mod checkpoint (the format of `a3mod.save`) from the work dir, atomically."""
     n_layers = len(get_path(skel, spec.layers))
     metas = [json.loads(_layer_file(work, i, "json").read_text()) for i in range(n_layers)]
     plan = [(k, t.dtype, tuple(t.shape), lambda k=k: source.read([k], dtype)[k]) for k, t in nonlayer]
-    layer_plan = [e for i in range(n_layers) for e in _layer_plan(_layer_file(work, i, "safetensors"))]
+    layer_plan = [e for i in range(n_layers) for e in st_io.file_plan(_layer_file(work, i, "safetensors"))]
     plan[layers_at:layers_at] = layer_plan
     skel.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": None,
                        "orig_layer_params": [m["orig_layer_params"] for m in metas]}
     side = _describe(skel)
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with files.staged_output(out, overwrite, [src]) as tmp:
         skel.config.save_pretrained(tmp)
         gen.save_pretrained(tmp)
-        _write_safetensors(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
-        (tmp / SIDECAR).write_text(json.dumps({**side, "aliases": aliases}, indent=1))
+        st_io.write(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_sidecar(tmp, {**side, "aliases": aliases})

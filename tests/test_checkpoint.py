@@ -156,7 +156,7 @@ def test_existing_dir_without_overwrite_is_left_untouched(tmp_path):
 
 def test_overwrite_replaces_the_dir(tmp_path):
     out = tmp_path / "ckpt"
-    out.mkdir()
+    a3mod.save(compressed("llama"), out)                # an earlier a3mod checkpoint (with a file added to it)
     (out / "stale.txt").write_text("old")
     model = compressed("gpt2")
     a3mod.save(model, out, overwrite=True)
@@ -172,14 +172,13 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ck, "save_file", boom)
     parent = tmp_path / "runs"
     parent.mkdir()
     out = parent / "ckpt"
     if overwrite:
-        out.mkdir()
-        (out / "old.txt").write_text("previous result")
+        a3mod.save(compressed("gpt2"), out)            # a previous result
     before = snapshot(parent)
+    monkeypatch.setattr(ck.st_io, "write", boom)
     with pytest.raises(OSError, match="simulated"):
         a3mod.save(compressed("llama"), out, overwrite=overwrite)
     assert sorted(os.listdir(parent)) == (["ckpt"] if overwrite else [])   # no temp dirs left behind
@@ -197,7 +196,7 @@ def saved_llama(tmp_path):
 def edit_sidecar(path, fn) -> None:
     side = json.loads((path / "a3mod.json").read_text())
     fn(side)
-    (path / "a3mod.json").write_text(json.dumps(side))
+    (path / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(side)))     # still sealed: test the schema
 
 
 def test_load_without_sidecar(tmp_path, saved_llama):
@@ -230,7 +229,10 @@ def test_sidecar_vo_dim_mismatch(saved_llama):
 
 
 def test_sidecar_mlp_width_mismatch(saved_llama):
-    edit_sidecar(saved_llama, lambda s: s["layers"]["1"]["mlp"].update(inter=40))
+    edit_sidecar(saved_llama, lambda s: s["layers"]["1"]["mlp"].update(inter=40))     # the schema sees 'kept'
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.kept has 45 entries, expected 40"):
+        a3mod.load(saved_llama)
+    edit_sidecar(saved_llama, lambda s: s["layers"]["1"]["mlp"].update(kept=None))    # the weights disagree
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.(gate|up|down)_proj\.weight"):
         a3mod.load(saved_llama)
 
@@ -267,6 +269,9 @@ def test_weights_file_missing_a_tensor(saved_llama):
     sd = load_file(str(saved_llama / "model.safetensors"))
     del sd["model.layers.1.mlp.down_proj.weight"]
     save_file(sd, str(saved_llama / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"has \d+ bytes, a3mod.json records"):     # the recorded size
+        a3mod.load(saved_llama)
+    edit_sidecar(saved_llama, lambda s: s.pop("files"))       # a checkpoint without checksums (a3mod < 0.2)
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight"):
         a3mod.load(saved_llama)
 
@@ -275,6 +280,7 @@ def test_weights_file_with_unknown_tensor(saved_llama):
     sd = load_file(str(saved_llama / "model.safetensors"))
     sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
     save_file(sd, str(saved_llama / "model.safetensors"))
+    edit_sidecar(saved_llama, lambda s: s.pop("files"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.extra\.weight"):
         a3mod.load(saved_llama)
 

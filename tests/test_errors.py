@@ -177,6 +177,9 @@ def test_statistics_for_another_depth():
     model = tiny_model("llama", layers=2)
     stats = a3mod.collect(tiny_model("llama", layers=1), calib_ids(), progress=False)
     before = fingerprint(model)
+    with pytest.raises(CalibrationError, match="collected on another model"):
+        a3mod.apply(model, a3mod.a3_passes(0.2), stats=stats, progress=False)
+    stats.model = None                                  # no fingerprint (an old file): the depth check still holds
     with pytest.raises(CalibrationError, match="stats cover 1 layers, the model has 2"):
         a3mod.apply(model, a3mod.a3_passes(0.2), stats=stats, progress=False)
     assert_unchanged(model, before)

@@ -42,6 +42,8 @@ def _tensors(path):
     side = json.loads((path / "a3mod.json").read_text())
     t = load_file(str(path / "model.safetensors"))
     t.update({k: t[v] for k, v in side.pop("aliases").items()})
+    for k in ("files", "sha256"):        # checksums of bytes: compared through the tensors above
+        side.pop(k, None)
     return t, side
 
 

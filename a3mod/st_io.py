@@ -1,0 +1,72 @@
+"""A deterministic safetensors writer: the same tensors always give the same bytes.
+
+safetensors' own `save_file` keeps the metadata in a hash map, so its order (and the file's bytes) changes from
+run to run. Here the header lists metadata keys sorted and tensors by (element size descending, name) (which keeps
+every tensor aligned to its element size, as safetensors does), and the data is streamed tensor by tensor, so a
+checkpoint larger than memory can be written from getters (`a3mod.stream`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .errors import CheckpointError
+
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                     ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        ST_DTYPES[getattr(torch, _name)] = _code
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+
+Plan = list[tuple[str, torch.dtype, tuple, Callable[[], Tensor]]]     # (name, dtype, shape, getter)
+
+
+def plan_of(tensors: dict[str, Tensor]) -> Plan:
+    return [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
+
+
+def file_plan(f: Path) -> Plan:
+    """The tensors of an existing safetensors file, read one at a time when written."""
+    def getter(k):
+        def get():
+            with safe_open(str(f), "pt") as h:
+                return h.get_tensor(k)
+        return get
+
+    with safe_open(str(f), "pt") as h:
+        return [(k, TORCH_DTYPES[h.get_slice(k).get_dtype()], tuple(h.get_slice(k).get_shape()), getter(k))
+                for k in h.keys()]
+
+
+def write(path: str | Path, plan: Plan, metadata: dict[str, str]) -> None:
+    """Write the planned tensors to `path` (see the module docstring)."""
+    for name, dt, _, _ in plan:
+        if dt not in ST_DTYPES:
+            raise CheckpointError(f"{name}: dtype {dt} cannot be stored in safetensors")
+    size = lambda dt: torch.empty(0, dtype=dt).element_size()  # noqa: E731
+    plan = sorted(plan, key=lambda e: (-size(e[1]), e[0]))
+    header, off = {"__metadata__": dict(sorted(metadata.items()))}, 0
+    for name, dt, shape, _ in plan:
+        n = math.prod(shape) * size(dt)
+        header[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, dt, shape, get in plan:
+            t = get()
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
