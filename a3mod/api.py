@@ -10,7 +10,7 @@ from .calib import Stats, collect
 from .errors import A3ModError, CalibrationError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
-from .passes.a3 import build_layer
+from .passes.a3 import build_layer, preflight
 from .passes.base import needs
 from .quant import QUANT_HANDLERS, is_quantized, quant_swaps, split_quant
 from .quant.base import handler_for
@@ -95,6 +95,8 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
                          "quantization pass, in one call)")
+    if type(passes[0]) not in MODEL_HANDLERS:
+        preflight(passes, views)                 # kept dims fit every layer, before any calibration
     stats = _stats_for(model, passes, calib, stats, progress)
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)

@@ -6,11 +6,36 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a3mod's error format: `a3mod: error: ...` on stderr, exit status 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"a3mod: error: {self.prog}: {message}\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+POSITIVE, SEQ_LEN = _int_at_least(1), _int_at_least(2)
 
 
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
@@ -26,24 +51,25 @@ def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-source", default="wikitext2-test",
                    help="'wikitext2-test' (WikiText-2 raw test in the assets) or a text file (default: wikitext2-test)")
-    p.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window length (default 2048)")
-    p.add_argument("--eval-windows", type=int, default=None,
+    p.add_argument("--eval-seq-len", type=SEQ_LEN, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument("--eval-windows", type=POSITIVE, default=None,
                    help="score only the first N windows (default: all, the paper protocol)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--batch-size", type=POSITIVE, default=1, help="windows per forward pass (default 1)")
 
 
 def _add_lm_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}limit", type=float, default=None,
                    help="lm-eval: only the first N documents of each task (or a fraction if < 1)")
-    p.add_argument(f"--{prefix}num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
-    p.add_argument(f"--{prefix}max-length", type=int, default=None,
+    p.add_argument(f"--{prefix}num-fewshot", type=_int_at_least(0), default=None, help="lm-eval: few-shot examples")
+    p.add_argument(f"--{prefix}max-length", type=SEQ_LEN, default=None,
                    help="lm-eval: context length of the model wrapper (default: the model's)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="a3mod", description="Analytical low-rank compression (A3) of transformer LLMs: closed-form QK/OV/MLP "
         "reductions from calibration statistics; smaller weights, FLOPs and KV cache, no extra GEMMs.")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="calibrate, compress, report, save; perplexity before and after",
@@ -71,23 +97,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
     c.add_argument("--no-rank-search", action="store_true",
                    help="asvd: uniform ranks instead of the perplexity-sensitivity search")
-    c.add_argument("--probe-samples", type=int, default=4, help="asvd search: probe windows (default 4)")
-    c.add_argument("--probe-seq-len", type=int, default=512, help="asvd search: probe length (default 512)")
+    c.add_argument("--probe-samples", type=POSITIVE, default=4, help="asvd search: probe windows (default 4)")
+    c.add_argument("--probe-seq-len", type=SEQ_LEN, default=512, help="asvd search: probe length (default 512)")
     c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
     c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
     c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
-    c.add_argument("--multiple-of", type=int, default=None, metavar="N",
+    c.add_argument("--multiple-of", type=POSITIVE, default=None, metavar="N",
                    help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
                         "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
-    c.add_argument("--out", required=True, help="output directory (written atomically)")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--out", required=True,
+                   help="output directory (assembled beside it and renamed into place: it holds the old checkpoint "
+                        "or the new one, never a mix)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
+                        "home directory, or the source model)")
     c.add_argument("--calib", default="wikitext2",
                    help="calibration text: 'wikitext2' (assets; WikiText-2 validation) or a text file")
-    c.add_argument("--n-samples", type=int, default=128, help="calibration windows (default 128, the paper's)")
-    c.add_argument("--calib-seq-len", type=int, default=2048, help="calibration window length (default 2048)")
+    c.add_argument("--n-samples", type=POSITIVE, default=128, help="calibration windows (default 128, the paper's)")
+    c.add_argument("--calib-seq-len", type=SEQ_LEN, default=2048, help="calibration window length (default 2048)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
     c.add_argument("--stats", default=None,
-                   help="statistics file: loaded if it exists (no calibration), else written after calibrating")
+                   help="statistics file: loaded if it exists (no calibration), else written after calibrating. A "
+                        "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused")
+    c.add_argument("--recompute-stats", action="store_true",
+                   help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     c.add_argument("--stream", action="store_true",
                    help="A3 only: compress layer by layer from an HF safetensors folder (--model), one decoder layer "
@@ -120,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(le)
     le.add_argument("--tasks", required=True, help="comma-separated task names, e.g. wikitext_local,piqa_local")
     _add_lm_eval(le)
-    le.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    le.add_argument("--batch-size", type=POSITIVE, default=1, help="lm-eval batch size (default 1)")
     le.add_argument("--json", default=None, help="also write lm-eval's results to this JSON file")
 
     pe = sub.add_parser("prepare-eval-data", help="on a connected machine: download the data of the local lm-eval tasks",
@@ -136,11 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args):
+def _load(args, path: str | None = None):
     from .loading import load_pretrained
     from .paths import default_model
 
-    path = args.model or default_model()
+    path = path or args.model or default_model()
     print(f"loading {path}", file=sys.stderr)
     return path, *load_pretrained(path, dtype=DTYPES[args.dtype], device=args.device)
 
@@ -153,47 +186,108 @@ def _ppl(model, tok, args) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    from .files import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
-def cmd_compress(args) -> int:
-    from . import distributed
-    from .api import apply
-    from .calib import Stats, calibration_data, collect
-    from .checkpoint import save
-    from .errors import CheckpointError
-    from .passes.base import needs
-    from .report import report
+def _versions() -> dict:
+    import transformers
 
-    if os.path.exists(args.out) and not args.overwrite:
-        raise CheckpointError(f"output dir {args.out!r} exists; pass --overwrite or another --out")
+    from . import __version__
+
+    return {"a3mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _check_inputs(args) -> tuple:
+    """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
+    path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
+    from .calib import _is_stats_file
+    from .errors import CalibrationError
+    from .files import check_output_dir
+    from .paths import dataset_file, default_model
+
     passes = _passes(args)
     if args.extra_eval:
-        _lm_eval_tasks(args.extra_eval)          # a malformed --eval fails before any loading or calibration
-    distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
-    if distributed.rank_world()[0] != 0:
-        args.no_eval, args.extra_eval = True, None
-    if args.stream:
-        return _compress_stream(args, passes)
-    path, model, tok = _load(args)
-    result = {"model": path, "passes": [repr(p) for p in passes], "timings_s": {}}
+        _lm_eval_tasks(args.extra_eval)
+    dataset_file(args.calib)
     if not args.no_eval:
-        result["ppl_before"] = _ppl(model, tok, args)
-        print(f"perplexity before: {result['ppl_before']['ppl']:.4f}", file=sys.stderr)
-    t = time.perf_counter()
-    calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
-    want = sorted({k for p in passes for k in needs(p)})
+        dataset_file(args.eval_source)
+    path = args.model or default_model()
+    out = check_output_dir(args.out, args.overwrite, [path])
+    if args.stats and os.path.exists(args.stats) and not _is_stats_file(Path(args.stats)):
+        raise CalibrationError(f"--stats {args.stats!r} exists and is not an a3mod statistics file")
+    return passes, path, out
+
+
+def _stats(args, model, calib):
+    """(statistics for the passes, whether to write --stats): the file's if it belongs to this model and these
+    tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
+    from .calib import Stats, collect
+    from .errors import CalibrationError
+    from .passes.base import needs
+
+    want = sorted({k for p in _passes(args) for k in needs(p)})
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
+    if stats is not None:
+        try:
+            stats.check_origin(model, calib)
+        except CalibrationError as e:
+            if not args.recompute_stats:
+                raise
+            print(f"--recompute-stats: {e}", file=sys.stderr)
+            stats = None
     missing = sorted(set(want) - (stats.kinds if stats else set()))
     if missing:
         fresh = collect(model, calib, batch_size=args.batch_size, kinds=missing)
+        fresh.source = {"calib": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
+                        "seed": args.seed}
         if stats is None:
             stats = fresh
         else:
             stats.merge(fresh)
+    return stats, bool(args.stats) and (bool(missing) or not os.path.exists(args.stats))
+
+
+def cmd_compress(args) -> int:
+    import contextlib
+
+    from . import distributed
+    from .files import output_lock, recover
+
+    passes, path, out = _check_inputs(args)        # before any loading or calibration
+    distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
+    rank = distributed.rank_world()[0]
+    if rank != 0:
+        args.no_eval, args.extra_eval = True, None
+    with output_lock(out) if rank == 0 else contextlib.nullcontext():   # one writer per output, from the start
+        if rank == 0:
+            recover(out)
+        if args.stream:
+            return _compress_stream(args, passes)
+        return _compress(args, passes, path, out)
+
+
+def _compress(args, passes, path, out) -> int:
+    from . import distributed
+    from .api import apply
+    from .calib import calibration_data
+    from .checkpoint import save
+    from .report import report
+
+    _, model, tok = _load(args, path)
+    result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "argv": sys.argv[1:],
+              "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
+                              "seed": args.seed}, "versions": _versions(), "timings_s": {}}
+    t = time.perf_counter()
+    calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)   # a bad source: now
+    result["timings_s"]["tokenize_calibration"] = time.perf_counter() - t
+    if not args.no_eval:
+        result["ppl_before"] = _ppl(model, tok, args)
+        print(f"perplexity before: {result['ppl_before']['ppl']:.4f}", file=sys.stderr)
+    t = time.perf_counter()
+    stats, write_stats = _stats(args, model, calib)
     result["timings_s"]["calibration"] = time.perf_counter() - t
     result["calib_tokens"] = stats.n if stats else 0
     t = time.perf_counter()
@@ -201,9 +295,8 @@ def cmd_compress(args) -> int:
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
     if distributed.rank_world()[0] != 0:
         return 0
-    if args.stats and stats is not None:      # also keeps tables passes cached on the stats (ASVD sensitivity)
-        stats.save(args.stats + ".tmp")
-        os.replace(args.stats + ".tmp", args.stats)
+    if args.stats and stats is not None and (write_stats or stats.extra):   # also tables passes cached (ASVD)
+        stats.save(args.stats)
     rep = report(model, context=args.eval_seq_len)
     print(rep)
     result["report"] = rep.to_dict()
@@ -213,15 +306,20 @@ def cmd_compress(args) -> int:
         result["lm_eval"] = _lm_eval(model, tok, _lm_eval_tasks(args.extra_eval), args.batch_size, args.lm_eval_limit,
                                      args.lm_eval_num_fewshot, args.lm_eval_max_length)
     t = time.perf_counter()
-    out = save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    result["timings_s"]["save"] = None
+    save(model, out, tokenizer=tok, overwrite=args.overwrite,
+         extra_files={"compress_result.json": json.dumps(result, indent=1) + "\n"})
     result["timings_s"]["save"] = time.perf_counter() - t
-    _write_json(str(out / "compress_result.json"), result)
     if not args.no_eval:
         b, a = result["ppl_before"], result["ppl_after"]
-        print(f"\nWikiText-2 token perplexity ({a['windows']} x {a['seq_len']} tokens): "
+        print(f"\n{_eval_name(args)} token perplexity ({a['windows']} x {a['seq_len']} tokens): "
               f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
     print(f"saved to {out}")
     return 0
+
+
+def _eval_name(args) -> str:
+    return "WikiText-2" if args.eval_source == "wikitext2-test" else repr(args.eval_source)
 
 
 def _compress_stream(args, passes) -> int:
@@ -232,6 +330,7 @@ def _compress_stream(args, passes) -> int:
     from .calib import calibration_data
     from .checkpoint import load
     from .errors import A3ModError
+    from .loading import NO_CODE, check_folder
     from .paths import default_model
     from .report import report
     from .stream import compress_streaming
@@ -240,8 +339,12 @@ def _compress_stream(args, passes) -> int:
         raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
                          f"{args.method!r} (baselines need the whole model) nor --stats")
     path = args.model or default_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    result = {"model": path, "passes": [repr(p) for p in passes], "stream": True, "timings_s": {}}
+    check_folder(path)
+    tok = AutoTokenizer.from_pretrained(path, **NO_CODE)
+    result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "stream": True,
+              "argv": sys.argv[1:], "calibration": {"source": args.calib, "n_samples": args.n_samples,
+                                                   "seq_len": args.calib_seq_len, "seed": args.seed},
+              "versions": _versions(), "timings_s": {}}
     t = time.perf_counter()
     calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
     out = compress_streaming(path, args.out, passes, calib, batch_size=args.batch_size, offload_dir=args.offload_dir,
@@ -257,7 +360,7 @@ def _compress_stream(args, passes) -> int:
     result["report"] = rep.to_dict()
     if not args.no_eval:
         result["ppl_after"] = _ppl(model, tok, args)
-        print(f"WikiText-2 token perplexity after: {result['ppl_after']['ppl']:.4f}")
+        print(f"{_eval_name(args)} token perplexity after: {result['ppl_after']['ppl']:.4f}")
     _write_json(str(out / "compress_result.json"), result)
     print(f"saved to {out}")
     return 0
@@ -367,8 +470,13 @@ def main(argv: list[str] | None = None) -> int:
             return {"ppl": cmd_eval, "lm-eval": cmd_lm_eval}[args.what](args)
         return {"compress": cmd_compress, "report": cmd_report, "prepare-eval-data": cmd_prepare}[args.cmd](args)
     except A3ModError as e:
+        if args.debug:
+            raise
         print(f"a3mod: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("a3mod: interrupted (outputs are as they were: partial work is never published)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from .errors import CheckpointError
 
 SIDECAR = "a3mod.json"
 _STAGE, _OLD, _LOCK = ".a3mod-tmp-", ".a3mod-old-", ".a3mod-lock"
-_HELD: dict[str, list] = {}           # registry of output locks this process holds: path -> [fd, depth]
+_HELD: dict[str, list] = {}           # registry of output locks this process holds: path -> [fd, depth, pid]
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -57,15 +57,19 @@ def _is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def _check_parents(p: Path) -> None:
+    for anc in p.parents:
+        if anc.exists() and not anc.is_dir():
+            raise CheckpointError(f"output path {str(p)!r} lies under {str(anc)!r}, which is a file")
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Path:
     """The absolute output path, after refusing (CheckpointError, naming the path) every output a3mod may not
     write: an existing path without overwrite; a file; a path under a file; with overwrite, a folder that is not
     an a3mod checkpoint nor empty, the current directory or an ancestor, the home directory or an ancestor, a
     filesystem root, a symbolic link, or the source model's folder (or one containing it)."""
     p = _resolved(out)
-    for anc in p.parents:
-        if anc.exists() and not anc.is_dir():
-            raise CheckpointError(f"output path {str(p)!r} lies under {str(anc)!r}, which is a file")
+    _check_parents(p)
     if not os.path.lexists(p):
         return p
     if p.is_symlink():
@@ -105,17 +109,18 @@ def output_lock(out: str | os.PathLike):
     the process. CheckpointError at once when another process holds it."""
     p = _resolved(out)
     key = str(p)
-    if key in _HELD:
+    if key in _HELD and _HELD[key][2] == os.getpid():        # (a forked child inherits the registry, not the lock)
         _HELD[key][1] += 1
         try:
             yield p
         finally:
             _HELD[key][1] -= 1
         return
+    _check_parents(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     lock = p.parent / f".{p.name}{_LOCK}"
     fd = _acquire(lock, p)
-    _HELD[key] = [fd, 1]
+    _HELD[key] = [fd, 1, os.getpid()]
     try:
         yield p
     finally:
@@ -159,7 +164,7 @@ def _release(lock: Path, fd: int) -> None:
 
 
 def holds_lock(out: str | os.PathLike) -> bool:
-    return str(_resolved(out)) in _HELD
+    return _HELD.get(str(_resolved(out)), [None, 0, None])[2] == os.getpid()
 
 
 # ---------------------------------------------------------------------------------------------- publish

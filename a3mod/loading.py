@@ -100,6 +100,8 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device:
         raise A3ModError(f"model path {path!r} does not exist (and hub ids are off: HF_HUB_OFFLINE=1; "
                          f"set A3MOD_ONLINE=1 for the `a3mod` CLI to reach a hub)")
     if p.exists():
+        if p.is_dir() and not kw and not (p / "config.json").is_file():
+            raise CheckpointError(f"{str(p)!r} holds no config.json (nor a .gguf file): not a model folder")
         check_folder(src)
     # a tokenizer.json beside a GGUF is used as is; otherwise the tokenizer comes from the checkpoint itself
     tok_kw = {} if kw and (Path(src) / "tokenizer.json").exists() else kw
@@ -115,11 +117,12 @@ def _hf_call(fn, *args, **kwargs):
     """A transformers loader call; its refusal to run custom code becomes a CheckpointError."""
     try:
         return fn(*args, **kwargs)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise CheckpointError(f"{args[0]!r} needs custom code to load; a3mod never runs code from a checkpoint "
-                                  f"({str(e).splitlines()[0][:200]})") from None
-        raise
+                                  f"({first})") from None
+        raise CheckpointError(f"{args[0]!r} cannot be loaded by transformers: {first}") from e
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calib import read_text
+from .calib import check_token_ids, read_text, vocab_size
 from .errors import A3ModError
 from .hf_compat import cache_kwargs
 
@@ -27,6 +27,12 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: i
     the cache stores them (quantized beyond its residual window). batch_size is 1 then.
     Returns {"ppl", "nll", "tokens", "windows", "seq_len"}; `tokens` counts the scored positions.
     """
+    for name, v, lo in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows, 1)):
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+            raise A3ModError(f"{name}={v!r} must be an integer >= {lo}")
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise A3ModError(f"ids must be an integer tensor of token ids, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+    check_token_ids(ids, vocab_size(model), "evaluation")
     if cache is not None:
         batch_size = 1
         if not (isinstance(chunk, int) and chunk >= 1):

@@ -48,7 +48,7 @@ from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, write_
 from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
 from .passes import A3MLP, A3OV, A3QK, pass_to_dict
-from .passes.a3 import build_layer
+from .passes.a3 import build_layer, preflight
 from .report import linear_param_count
 from .rewrite import set_child
 
@@ -358,6 +358,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     with torch.device("meta"):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
+    preflight(passes, layer_views(skel))
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:

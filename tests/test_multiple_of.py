@@ -17,8 +17,12 @@ from conftest import assert_close_logits, attn_modules, calib_ids, input_ids, lo
 @given(full=st.integers(1, 512), ratio=st.floats(0.0, 0.99), structural=st.sampled_from([1, 2, 8]),
        multiple=st.sampled_from([None, 1, 2, 4, 8, 16, 64]))
 def test_kept_dim_is_the_nearest_common_multiple(full, ratio, structural, multiple):
-    r = kept_dim("X", full, ratio, None, structural, multiple)
     m = math.lcm(structural, multiple or 1)
+    if multiple is not None and m > full and ratio > 0:      # nothing could be removed: refused, not a silent no-op
+        with pytest.raises(a3mod.RatioError, match="nothing could be removed"):
+            kept_dim("X", full, ratio, None, structural, multiple)
+        return
+    r = kept_dim("X", full, ratio, None, structural, multiple)
     assert 1 <= r <= full
     if r != full:                                       # clipped to the full dim only
         assert r % m == 0

@@ -28,19 +28,21 @@ class A3ModLM(HFLM):
 
     def __init__(self, pretrained, tokenizer=None, device: str | None = None, dtype: str | torch.dtype = "float32",
                  **kwargs):
-        from ..loading import load_pretrained
+        from ..loading import NO_CODE, as_dtype, check_folder, load_pretrained
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if kwargs.pop("trust_remote_code", False) not in (False, "False", "false", None):
+            raise A3ModError("the a3mod model class never runs code from a checkpoint (trust_remote_code=True)")
         if isinstance(pretrained, str):
-            dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-            pretrained, tok = load_pretrained(pretrained, dtype=dt, device=device)
+            pretrained, tok = load_pretrained(pretrained, dtype=as_dtype(dtype), device=device)
             tokenizer = tokenizer if tokenizer is not None else tok
         if tokenizer is None:
             raise A3ModError("A3ModLM with a model object needs tokenizer= (a transformers tokenizer)")
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            check_folder(tokenizer)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, **NO_CODE)
         pretrained.eval()
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
 

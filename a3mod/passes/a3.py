@@ -79,6 +79,35 @@ def a3_passes(ratio: float, multiple_of: int | None = None) -> list:
             A3MLP(ratio=ratio, multiple_of=multiple_of)]
 
 
+def qk_kept(cfg: A3QK, full: int, rotary: bool) -> int:
+    """Kept q/k head dim: whole RoPE pairs under RoPE."""
+    return kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if rotary else 1, cfg.multiple_of)
+
+
+def ov_kept(cfg: A3OV, full: int) -> int:
+    """Kept v/o head dim: even for even heads (with a ratio)."""
+    return kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1, cfg.multiple_of)
+
+
+def mlp_kept(cfg: A3MLP, full: int) -> int:
+    """Kept MLP width: multiples of 8 from 512 neurons on."""
+    return kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1, cfg.multiple_of)
+
+
+def preflight(passes, views) -> None:
+    """Every kept dim the A3 passes would pick, computed from the shapes alone, so a rank or multiple_of that does
+    not fit any layer is a RatioError before calibration starts."""
+    for v in views:
+        d = v.dims
+        for p in passes:
+            if isinstance(p, A3QK):
+                qk_kept(p, d.head_dim, bool(d.rot_dim))
+            elif isinstance(p, A3OV):
+                ov_kept(p, d.head_dim)
+            elif isinstance(p, A3MLP):
+                mlp_kept(p, v.mlp_params()[1][0].shape[0])
+
+
 def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
     """E[(z - b)(z - b)^T] from the sums of z z^T (s2) and z (s1); b (..., d) or None."""
     g = s2 / n
@@ -93,10 +122,10 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wq.shape[-1]
     if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
-        kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if a.rot_dim else 1, cfg.multiple_of)  # still validate the request
+        qk_kept(cfg, full, bool(a.rot_dim))          # still validate the request
         return torch.zeros(full // (2 if a.rot_dim else 1) + 1, dtype=torch.float64), 2 if a.rot_dim else 1
     if a.rot_dim:
-        r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2, cfg.multiple_of)
+        r = qk_kept(cfg, full, True)
         if a.rot_dim != full:
             return _apply_qk_partial(work, st, n, r)
         p = a.perm
@@ -109,7 +138,7 @@ def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
         a.rope_index = a.rope_index.gather(-1, idx)
         a.rot_dim = r
         return loss.sum(0), 2                          # per kept pair
-    r = kept_dim("A3QK", full, cfg.ratio, cfg.rank, 1, cfg.multiple_of)
+    r = qk_kept(cfg, full, False)
     gq, gk = st["q"] / n, st["k"] / n
     if d.groups == 1:
         a.wq, a.wk, loss = solvers.qk_whitened_svd(a.wq, a.wk, gq, gk, r)
@@ -163,8 +192,7 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
 def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
     a, d = work.attn, work.view.dims
     full = a.wv.shape[-1]
-    r = kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1,
-                 cfg.multiple_of)
+    r = ov_kept(cfg, full)
     bv = a.wv[:, -1] if a.v_bias else None                                           # (Hkv, d_h)
     if bv is not None:  # softmax rows sum to 1: the value bias passes through as b_v W_o; fold it into o
         fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)
@@ -184,7 +212,7 @@ def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
 def apply_mlp(cfg: A3MLP, work: LayerWork, st: dict, n: int) -> None:
     m = work.mlp
     full = m.up[0].shape[0]
-    r = kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1, cfg.multiple_of)
+    r = mlp_kept(cfg, full)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)

@@ -86,5 +86,8 @@ def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multip
         return rank
     if multiple_of is not None:
         multiple = math.lcm(multiple, int(multiple_of))
+        if multiple > full and ratio > 0:
+            raise RatioError(f"{name}: multiple_of={multiple_of} makes every kept dim a multiple of {multiple}, more "
+                             f"than the full dimension {full}: nothing could be removed; use a smaller multiple_of")
     r = int(round((1.0 - ratio) * full / multiple)) * multiple
     return min(full, max(multiple, r))
