@@ -143,6 +143,7 @@ class Stats:
                 **({"model": self.model} if self.model else {}),
                 **({"calib": json.dumps(self.calib, sort_keys=True)} if self.calib else {}),
                 **({"source": json.dumps(self.source, sort_keys=True)} if self.source else {})}
+        meta["sha256"] = _stats_digest(flat, meta)
         atomic_write(p, save(flat, metadata=meta))
 
     @classmethod
@@ -158,6 +159,12 @@ class Stats:
                 meta = f.metadata() or {}
         except Exception as e:          # safetensors raises its own error types for malformed files
             raise CalibrationError(f"{str(p)!r} is not a readable a3mod statistics file ({str(e)[:160]})") from None
+        unknown = sorted(set(meta) - {"a3mod_stats", "n", "layers", "model", "calib", "source", "sha256"})
+        if unknown or ("a3mod_stats" in meta) != ("sha256" in meta):
+            raise CalibrationError(f"{str(p)!r} is not an a3mod statistics file or is corrupted (metadata keys "
+                                   f"{sorted(meta)})")
+        if "sha256" in meta and meta["sha256"] != _stats_digest(flat, meta):
+            raise CalibrationError(f"{str(p)!r} is corrupted: its checksum does not match its statistics")
         try:
             n, n_layers = int(meta["n"]), int(meta["layers"])
             calib = json.loads(meta["calib"]) if "calib" in meta else None
@@ -280,6 +287,18 @@ def recording(views: list[LayerView], kinds=("a3",)):
     finally:
         for h in handles:
             h.remove()
+
+
+def _stats_digest(flat: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every metadata entry but itself and every tensor (name, dtype, shape, bytes), in sorted order."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for k in sorted(flat):
+        t = flat[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _is_stats_file(p: Path) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 import a3mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

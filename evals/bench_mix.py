@@ -26,7 +26,7 @@ import a3mod
 from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

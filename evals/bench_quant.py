@@ -22,7 +22,7 @@ from pathlib import Path
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 
 
 def run_model(path: Path, args) -> list[dict]:
@@ -89,7 +89,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def merge(path: Path, new: list[dict], meta: dict) -> list[dict]:

@@ -61,7 +61,8 @@ import a3mod
 from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, machine, pyplot, update_readme, write_results
+from common import ROOT, asset_models, machine, pyplot, save_figure, update_readme, write_results
+from a3mod.files import atomic_write
 
 DECODE = "decode"
 # wall time, or the process's CPU time (robust against other jobs on a shared machine with --threads 1; with more
@@ -403,7 +404,7 @@ def plot(rows: list[dict], impls: list[str], path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ profiling
@@ -492,7 +493,7 @@ def profile(entries: list[dict], args, device: torch.device, xs: list[torch.Tens
     text = "\n".join(buf)
     out = Path(args.out) / file
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write(out, text)
     print(f"profile written to {out}", flush=True)
     return text
 
@@ -559,7 +560,7 @@ def overhead(args, device: torch.device, dtype: torch.dtype) -> None:
                                file="speed_overhead_profile.txt", reps=args.rounds, every=True)
     out = Path(args.out) / "speed_overhead.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write(out, text)
     print(f"written {out}")
 
 

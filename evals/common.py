@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from a3mod.files import atomic_write
 from a3mod.paths import assets_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,8 @@ def write_results(out: str | Path, name: str, meta: dict, rows: list[dict], md: 
     """<out>/<name>.json (meta + rows) and <out>/<name>.md; prints the markdown. Returns the directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / f"{name}.md").write_text(md)
+    atomic_write(out / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    atomic_write(out / f"{name}.md", md)
     print(md)
     return out
 
@@ -96,7 +97,7 @@ def update_readme(md: str, marker: str) -> None:
     text = readme.read_text()
     if f"<!-- {marker} -->" not in text:
         sys.exit(f"README has no <!-- {marker} --> markers")
-    readme.write_text(re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)",
+    atomic_write(readme, re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)",
                              lambda m: m.group(1) + md + m.group(2), text, flags=re.S))
 
 
@@ -116,6 +117,15 @@ def cached_stats(model, calib, kinds, cache_dir: str | None, name: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)
     return stats
+
+
+def save_figure(fig, path) -> None:
+    """fig.savefig to a temporary sibling renamed over `path` (never a half-written plot)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    atomic_write(path, buf.getvalue())
 
 
 def pyplot():

@@ -24,7 +24,7 @@ import torch
 
 import a3mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, pyplot, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 
 METHODS = {
     "A3": lambda r, a: a3mod.a3_passes(r),
@@ -126,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
