@@ -42,8 +42,8 @@ METHODS = {
 
 def load(path: Path):
     from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True, trust_remote_code=False)
     return model.eval(), tok
 
 

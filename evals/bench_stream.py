@@ -40,7 +40,7 @@ def worker(args) -> None:
     t_import = time.perf_counter() - t0
     res = {"mode": args.worker, "import_s": t_import}
     if args.worker != "import":
-        tok = AutoTokenizer.from_pretrained(args.src)
+        tok = AutoTokenizer.from_pretrained(args.src, trust_remote_code=False)
         calib = a3mod.calibration_data(tok, "wikitext2", n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
         passes = a3mod.a3_passes(args.ratio)
         t = time.perf_counter()
