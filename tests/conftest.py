@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+import tqdm
 import transformers
 from hypothesis import HealthCheck, settings
 
@@ -16,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 # Tiny matrices: intra-op threads only add synchronisation (10-100x slower on a loaded 2-core box).
 torch.set_num_threads(1)
+# No tqdm monitor thread: test_faults forks the test process, and a thread holding a lock at fork time would hang
+# the child.
+tqdm.tqdm.monitor_interval = 0
 
 settings.register_profile(
     "a3mod", derandomize=True, database=None, deadline=None, max_examples=15, print_blob=True,

@@ -74,7 +74,16 @@ def run(fn, k: int | None = None, delay: float | None = None) -> str:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while True:                       # a child that hangs (a lock held by another thread at fork) fails the test
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a forked writer hung for 120 s")
+        time.sleep(0.005)
     if os.WIFSIGNALED(status):
         return "killed"
     return "finished" if os.WEXITSTATUS(status) == 0 else "failed"

@@ -1,0 +1,42 @@
+"""The adapter table: `ArchSpec`s of the model families a3mod knows by name. The only place that knows module
+names of Hugging Face families; every other model type goes through graph discovery (a3mod.arch.discover)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .spec import ArchSpec
+
+_LLAMA = ArchSpec(layers="model.layers", attn="self_attn", mlp="mlp", q="q_proj", k="k_proj", v="v_proj",
+                  gate="gate_proj")
+
+_BERT = ArchSpec(layers="bert.encoder.layer", attn="attention.self", mlp="", q="query", k="key", v="value",
+                o="attention.output.dense", o_from_layer=True, up="intermediate.dense", down="output.dense",
+                norms=("attention.output.LayerNorm", "output.LayerNorm"), rope=None, rotary=None)   # encoder, post-norm
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,               # q/k/v biases, o without bias; read from the modules themselves
+    "gpt2": ArchSpec(layers="transformer.h", attn="attn", mlp="mlp", q=None, k=None, v=None, qkv="c_attn",
+                     o="c_proj", gate=None, up="c_fc", down="c_proj", act="activation_function",
+                     norms=("ln_1", "ln_2"), rope=None, conv1d=True, rotary=None),
+    "qwen3": replace(_LLAMA, qk_norm="head"),          # per-head RMSNorm on q/k; sliding window per layer_types
+    "olmo2": replace(_LLAMA, qk_norm="all", norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    "gemma": _LLAMA,               # head_dim independent of hidden; (1+w) RMSNorm, scaled embeddings: outside A3
+    "gemma2": replace(_LLAMA, act="hidden_activation", softcap="attn_logit_softcapping"),
+    "starcoder2": replace(_LLAMA, gate=None, up="c_fc", down="c_proj",   # biases from use_bias; LayerNorm
+                          dropouts=("residual_dropout", "residual_dropout")),
+    "phi3": replace(_LLAMA, q=None, k=None, v=None, qkv="qkv_proj", gate=None, gate_up="gate_up_proj"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", attn="attention", mlp="mlp", q=None, k=None, v=None,
+                         qkv="query_key_value", qkv_layout="per_head", o="dense", up="dense_h_to_4h",
+                         down="dense_4h_to_h", rotary="gpt_neox.rotary_emb"),   # partial rotary (rotary_pct)
+    "opt": ArchSpec(layers="model.decoder.layers", attn="self_attn", mlp="", q="q_proj", k="k_proj", v="v_proj",
+                    o="out_proj", up="fc1", down="fc2", act="activation_function",
+                    norms=("self_attn_layer_norm", "final_layer_norm"), rope=None, rotary=None),
+    "bert": _BERT,
+    "roberta": replace(_BERT, layers="roberta.encoder.layer"),
+}
+
+
+def supported_types() -> list[str]:
+    return sorted(ARCHS)

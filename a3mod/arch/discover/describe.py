@@ -1,0 +1,255 @@
+"""Discovery, part 3: one layer's `LayerDiscovery` from its graph, and `discover(model)`: capture each layer's
+inputs with one forward pass and export one layer of every distinct structure."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import fx, nn
+
+from ...errors import DiscoveryError
+from .graph import _Graph, _Lin, _Trace, _opname, _replay, _shape
+from .roles import _Attn, _Mlp, _act_config, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after, _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source
+from .types import Discovery, LayerDiscovery, Role, _common_parent
+
+# ----------------------------------------------------------------------------------------- layer
+def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery:
+    a = _find_attention(g)
+    found = [f"attention op: {a.node.target}" + (f" ({a.count} attention ops; the first is described)"
+                                                  if a.count > 1 else "")]
+    q, k, v = (_projection(g, a.q, "query"), _projection(g, a.k, "key", a.k_transposed),
+               _projection(g, a.v, "value"))
+    heads, head_dim = q.heads.shape
+    krows, vrows = _kv_groups(k.heads, heads), _kv_groups(v.heads, heads)
+    if heads % krows.shape[0] or krows.shape[0] != vrows.shape[0]:
+        raise g.err(f"{heads} query heads, {krows.shape[0]} key heads, {vrows.shape[0]} value heads: not a "
+                    "grouping a3mod knows (each KV head serving consecutive query heads)")
+    layout = _qkv_layout(q, k, v, q.heads, krows, vrows)
+    found += [f"{what} <- {p.lin.path} via {_ops(p.trace)}" for what, p in (("query", q), ("key", k), ("value", v))]
+    rq, rk = _rope(g, q, q.heads), _rope(g, k, krows)
+    if rq != rk:
+        raise g.err(f"query RoPE {rq} and key RoPE {rk} differ")
+    rope, rot = rq
+    qn, qscope = _qk_norm(g, q, heads, head_dim)
+    kn, kscope = _qk_norm(g, k, krows.shape[0], head_dim)
+    if (qn is None) != (kn is None) or qscope != kscope:
+        raise g.err(f"q norm {qn} ({qscope}) and k norm {kn} ({kscope}) do not match")
+    pre = float(torch.tensor(q.trace.scalars + k.trace.scalars, dtype=torch.float64).prod())
+    scale = (a.scale if a.scale is not None else head_dim ** -0.5) * pre
+    olins = g.consumers(a.out)
+    if len(olins) != 1:
+        raise g.err(f"expected one linear consuming the attention output, found "
+                    f"{[lin.path for lin in olins] or 'none'}")
+    o = olins[0]
+    _check_o(g, a, o, vrows.shape[1])
+    m = _mlp(g, o)
+    parallel = o.node not in g.ancestors(m.inputs[0].node)
+    found += [f"attention output -> {o.path} (head-major concat)",
+              f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
+              (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
+               f"({', '.join(m.act_ops) or 'none'})"),
+              f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}"]
+    first = next(iter(g.user_inputs), None)
+    attn_mod = _submodule(layer, _common_parent([q.lin.path, k.lin.path, v.lin.path]))
+    scaling = getattr(attn_mod, "scaling", None)
+    return LayerDiscovery(
+        index=index, layer_class=type(layer).__name__, hidden=_shape(first)[-1] if first is not None else o.out,
+        q=_role(q.lin, q.heads), k=_role(k.lin, krows), v=_role(v.lin, vrows),
+        o=Role(o.path, o.bias, o.conv1d, tuple(range(o.out)), o.out), qkv_layout=layout, heads=heads,
+        kv_heads=krows.shape[0], head_dim=head_dim, v_head_dim=vrows.shape[1], attention_op=a.kind,
+        causal=a.causal, scale=scale, softcap=a.softcap, rope=rope, rot_dim=rot,
+        rope_source=_rope_source(g, a.q, q.lin) if rope else None, q_norm=qn, k_norm=kn, qk_norm_scope=qscope,
+        gate=m.gate, up=m.up, down=m.down, gate_up_layout=m.fused, act=m.act,
+        act_config=_act_config(config, m.act, m.act_ops), input_norm=_norm_into(g, q.lin.x),
+        mlp_norm=_norm_into(g, m.inputs[0].x), attn_out_norm=_norm_after(g, o.node),
+        mlp_out_norm=_norm_after(g, _down_node(g, m)), output_norm=_norm_into(g, _layer_out(g)),
+        parallel_residual=parallel, attn_dropout_module=_dropout_after(g, o.node),
+        mlp_dropout_module=_dropout_after(g, _down_node(g, m)), found=tuple(found),
+        scaling_attr=float(scaling) if isinstance(scaling, (int, float)) else None,
+        softcap_attr=None if a.softcap is None else _attr_holding(attn_mod, a.softcap))
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _attr_holding(mod: nn.Module | None, value: float) -> str | None:
+    """The numeric attribute of `mod` equal to `value` (names with "cap", then floats, first)."""
+    hits = [(name, val) for name, val in vars(mod or object()).items() if isinstance(val, (int, float))
+            and not isinstance(val, bool) and abs(val - value) <= 1e-9 * abs(value)]
+    hits.sort(key=lambda nv: ("cap" not in nv[0].lower(), not isinstance(nv[1], float)))
+    return hits[0][0] if hits else None
+
+
+def _down_node(g: _Graph, m: _Mlp) -> fx.Node:
+    return next(n for n, lin in g.linears.items() if lin.path == m.down.module)
+
+
+def _ops(tr: _Trace) -> str:
+    return ", ".join(dict.fromkeys(_opname(n) for n in tr.nodes[1:] if not _opname(n).startswith("_assert")))
+
+
+def _role(lin: _Lin, rows: torch.Tensor) -> Role:
+    return Role(lin.path, lin.bias, lin.conv1d, tuple(rows.flatten().tolist()), lin.out)
+
+
+def _check_o(g: _Graph, a: _Attn, o: _Lin, dv: int) -> None:
+    """The output projection must read the heads concatenated head-major: input channel h*d_v + d."""
+    shape = _shape(a.out)
+    lead = int(torch.tensor(shape[:-2]).prod()) if len(shape) > 2 else 1
+    init = (torch.arange(lead)[:, None, None] * shape[-1] + torch.arange(shape[-1])).expand(
+        lead, shape[-2], shape[-1]).reshape(shape)
+    tr = _replay(g, a.out, init, o.x)
+    t = None if tr.value is None else tr.value.t
+    got = None if t is None else t.reshape(-1, t.shape[-1])[0].tolist()
+    if got != list(range(lead * shape[-1])):
+        raise g.err(f"{o.path} does not read the attention heads as a head-major concat (d_v {dv})")
+
+
+# ------------------------------------------------------------------------------------- the model
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest ModuleList of same-class blocks that contain linears."""
+    n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1 or not any(_is_linear(x) for x in mod[0].modules()):
+            continue
+        key = (len(mod) == n_cfg, len(mod), -name.count("."))
+        if best is None or key > best[0]:
+            best = (key, name, mod)
+    if best is None:
+        raise DiscoveryError(f"{type(model).__name__}: no ModuleList of repeated blocks with linear layers")
+    return best[1], best[2]
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _signature(layer: nn.Module) -> tuple:
+    return (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()),
+            tuple((n, type(m).__name__) for n, m in layer.named_modules()))
+
+
+def _sample_ids(model: nn.Module, seq_len: int) -> torch.Tensor:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once every wanted layer has its inputs: the rest of the forward is skipped."""
+
+
+class _Capture:
+    """Forward pre-hooks on the layers (their args/kwargs) and output hooks on every module outside them."""
+
+    def __init__(self, model, layers_path, layers, wanted):
+        self.calls, self.outputs, self.handles, self.wanted = {}, {}, [], set(wanted)
+        for i in wanted:
+            self.handles.append(layers[i].register_forward_pre_hook(self._pre(i), with_kwargs=True))
+        for name, mod in model.named_modules():
+            if name and not (name == layers_path or name.startswith(layers_path + ".")):
+                self.handles.append(mod.register_forward_hook(self._post(name)))
+
+    def _pre(self, i):
+        def hook(mod, args, kwargs):
+            self.calls.setdefault(i, (args, kwargs))
+            if self.wanted <= set(self.calls):
+                raise _Stop
+        return hook
+
+    def _post(self, name):
+        def hook(mod, args, out):
+            if isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out):
+                self.outputs.setdefault(name, out)
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        try:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except TypeError:                  # models without a use_cache argument
+                model(input_ids=ids)
+        except _Stop:
+            pass
+
+
+def _switch_attention(model: nn.Module, impl: str | None):
+    """Switch to attention implementation `impl` when the model supports it; returns the one to restore."""
+    old = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is None or old == impl or not hasattr(model, "set_attn_implementation"):
+        return None
+    try:
+        model.set_attn_implementation(impl)
+    except (ValueError, ImportError, AttributeError):   # e.g. Gemma-2 refuses sdpa: the graph keeps eager
+        return None
+    return old
+
+
+def _rotary_path(cap: _Capture, kwargs: dict) -> str | None:
+    pe = kwargs.get("position_embeddings")
+    if not isinstance(pe, (tuple, list)) or not pe or not isinstance(pe[0], torch.Tensor):
+        return None
+    return next((name for name, out in cap.outputs.items() if out[0] is pe[0]), None)
+
+
+def _export(layer: nn.Module, index: int, args, kwargs):
+    try:
+        return torch.export.export(layer, tuple(args), dict(kwargs), strict=False)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiscoveryError(f"layer {index} ({type(layer).__name__}): torch.export could not trace it: "
+                             f"{type(e).__name__}: {msg[:300]}") from e
+
+
+def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
+             attn_implementation: str | None = "sdpa") -> Discovery:
+    """Describe every decoder layer of `model` from its computation graph (see the module docstring).
+
+    One forward pass on `seq_len` tokens captures each layer's inputs (with `attn_implementation` while it
+    runs, when the model supports it; None keeps the model's own); one layer per distinct structure is
+    exported (`all_layers=True` exports every layer). Raises `DiscoveryError` naming what was found and what
+    is missing when a layer cannot be explained.
+    """
+    t0 = time.perf_counter()
+    path, layers = _find_layers(model)
+    groups: dict[tuple, int] = {}
+    rep = {i: (i if all_layers else groups.setdefault(_signature(layer), i)) for i, layer in enumerate(layers)}
+    wanted = sorted(set(rep.values()))
+    config = getattr(model, "config", None)
+    was_training = model.training
+    restore = _switch_attention(model, attn_implementation)
+    cap = _Capture(model, path, layers, wanted)
+    try:                        # the export re-runs the layers: same implementation and mode as the capture
+        model.eval()
+        _run(model, _sample_ids(model, seq_len))
+        cap.close()
+        missing = [i for i in wanted if i not in cap.calls]
+        if missing:
+            raise DiscoveryError(f"layers {missing} of {path} were not called by a forward pass on input_ids")
+        described = {i: _describe(_Graph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
+                     for i in wanted}
+    finally:
+        cap.close()
+        model.train(was_training)
+        if restore is not None:
+            model.set_attn_implementation(restore)
+    out = tuple(described[i] if rep[i] == i else dataclasses.replace(described[rep[i]], index=i, same_as=rep[i])
+                for i in range(len(layers)))
+    rotary = _rotary_path(cap, cap.calls[wanted[0]][1])
+    return Discovery(getattr(config, "model_type", None), path, rotary, out, len(wanted),
+                     time.perf_counter() - t0)

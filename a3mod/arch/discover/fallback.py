@@ -1,0 +1,180 @@
+"""Discovery, part 5: `Discovery.to_spec` (an `ArchSpec` from the roles) and the `arch.spec_for` fallback for model
+types without an adapter (`discovered_spec`, cached per model class and config)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import DiscoveryError
+from .describe import _find_layers, discover
+from .types import Discovery, LayerDiscovery
+
+# -------------------------------------------------------------------------------------- ArchSpec
+def _rel(path: str, parent: str) -> str:
+    return path[len(parent) + 1:] if parent and path.startswith(parent + ".") else path
+
+
+def _to_spec(r: Discovery):
+    from ..spec import ArchSpec
+
+    fields = {f.name for f in dataclasses.fields(ArchSpec)}
+    d = r.layers[0]
+    others = [e.index for e in r.layers if _spec_key(e) != _spec_key(d)]
+    if others:
+        raise DiscoveryError(f"layers {others} differ in structure from layer 0; an ArchSpec describes one layout")
+
+    def need(cond: bool, what: str, field: str):
+        if cond and field not in fields:
+            raise DiscoveryError(f"{r.model_type!r}: discovered {what}, which ArchSpec cannot express yet "
+                                 f"(no field {field!r})")
+
+    problems = []
+    if d.qkv_layout == "other":
+        problems.append(f"q/k/v channel layout of {d.q.module}/{d.k.module}/{d.v.module} is neither separate, "
+                        "[q|k|v] blocks nor per-head (H, 3, d_h)")
+    if d.rope == "other":
+        problems.append("RoPE pairs channels in a layout that is neither rotate_half nor interleaved")
+    if d.rope and d.rope_source != "position_embeddings":
+        problems.append("RoPE cos/sin are computed inside the layer, not passed in as position_embeddings")
+    if d.rope and r.rotary is None:
+        problems.append("no module of the model produces the layers' (cos, sin)")
+    if d.gate_up_layout not in (None, "[gate|up]"):
+        problems.append(f"fused gate/up layout {d.gate_up_layout}")
+    if d.v_head_dim != d.head_dim:
+        problems.append(f"value head dim {d.v_head_dim} != query/key head dim {d.head_dim}")
+    if d.act_config is None:
+        problems.append(f"no config attribute names the MLP activation {d.act}")
+    if abs((d.scaling_attr if d.scaling_attr is not None else d.head_dim ** -0.5) - d.scale) > 1e-6 * d.scale:
+        problems.append(f"score scale {d.scale:g} differs from the attention module's scaling "
+                        f"({d.scaling_attr if d.scaling_attr is not None else 'none, i.e. 1/sqrt(d_h)'})")
+    if d.softcap is not None and d.softcap_attr is None:
+        problems.append(f"no attribute of the attention module holds the softcap {d.softcap:g}")
+    if problems:
+        raise DiscoveryError(f"{r.model_type!r}: discovered the layer roles but they do not fit an ArchSpec: "
+                             + "; ".join(problems))
+    need(d.qkv_layout == "per_head", "a per-head fused q/k/v layout", "qkv_layout")
+    need(d.gate_up_layout is not None, "a fused gate_up projection", "gate_up")
+    need(d.q_norm is not None, "q/k norms", "qk_norm")
+    need(d.softcap is not None, "an attention logit softcap", "softcap")
+    attn = d.attn_module
+    mlp = d.mlp_module
+    kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=mlp, act=d.act_config, conv1d=d.q.conv1d,
+                              rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp))
+    if d.qkv_layout is None:
+        kw.update(q=_rel(d.q.module, attn), k=_rel(d.k.module, attn), v=_rel(d.v.module, attn), qkv=None)
+    else:
+        kw.update(q=None, k=None, v=None, qkv=_rel(d.q.module, attn))
+        if d.qkv_layout == "per_head":
+            kw["qkv_layout"] = "per_head"
+    if d.o.module.startswith(attn + ".") or not attn:
+        kw["o"] = _rel(d.o.module, attn)
+    else:
+        need(True, f"an output projection {d.o.module} outside the attention module {attn}", "o_from_layer")
+        kw.update(o=d.o.module, o_from_layer=True)
+    if d.gate_up_layout is not None:
+        kw.update(gate=None, gate_up=_rel(d.up.module, mlp))
+    else:
+        kw.update(gate=_rel(d.gate.module, mlp) if d.gate else None, up=_rel(d.up.module, mlp))
+    if d.q_norm:
+        kw.update(qk_norm=d.qk_norm_scope, qk_norm_names=(_rel(d.q_norm, attn), _rel(d.k_norm, attn)))
+    if d.softcap is not None:
+        kw["softcap"] = d.softcap_attr
+    norms = (d.input_norm or d.attn_out_norm, d.mlp_norm or d.mlp_out_norm)
+    if d.output_norm and not d.input_norm:
+        norms = (d.mlp_norm, d.output_norm)
+    if all(norms):
+        kw["norms"] = norms
+    drops = (d.attn_dropout_module, d.mlp_dropout_module)
+    if "dropouts" in fields and all(drops) and drops[0].startswith(attn + ".") and (
+            not mlp or drops[1].startswith(mlp + ".")):
+        kw["dropouts"] = (_rel(drops[0], attn), _rel(drops[1], mlp))
+    if any(not (c.conv1d == d.q.conv1d) for c in (d.k, d.v, d.o, d.up, d.down)):
+        raise DiscoveryError(f"{r.model_type!r}: projections mix nn.Linear and Conv1D weight layouts")
+    return ArchSpec(**{k: v for k, v in kw.items() if k in fields})
+
+
+def _spec_key(d: LayerDiscovery) -> tuple:
+    return (d.q.module, d.k.module, d.v.module, d.o.module, d.qkv_layout, d.rope, d.rot_dim, d.q_norm,
+            d.gate and d.gate.module, d.up.module, d.down.module, d.gate_up_layout, d.act_config)
+
+
+
+# ------------------------------------------------------------------------------- arch.spec_for fallback
+_SPECS: dict = {}       # (model class, config JSON) -> ArchSpec: discovery runs once per architecture
+
+
+def discovered_spec(model: nn.Module, context: str = ""):
+    """The `ArchSpec` graph discovery builds for a model type without an explicit adapter (cached per model
+    class and config, so a compressed model keeps the spec of its original). `DiscoveryError` otherwise."""
+    key = _cache_key(model)
+    if key is not None and key in _SPECS:
+        return _SPECS[key]
+    try:
+        result = discover(_stand_in(model))
+        spec = result.to_spec()
+        _check_dims(model, spec, result.layers[0])
+    except DiscoveryError as e:
+        raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {e}") from e
+    if key is not None:
+        _SPECS[key] = spec
+    return spec
+
+
+def _stand_in(model: nn.Module) -> nn.Module:
+    """What to discover: the model itself, or for a meta-device skeleton (as `a3mod.load` builds) or a model
+    already holding a3mod's compact modules (not traceable, and not the original roles) a small CPU probe of
+    the original architecture."""
+    compact = any(type(m).__module__.startswith("a3mod.") for m in model.modules())
+    if compact:
+        try:
+            with torch.device("meta"):
+                model = type(model)(model.config)
+        except Exception as e:
+            raise DiscoveryError(f"the model holds a3mod's compact modules and {type(model).__name__}(config) "
+                                 f"could not rebuild the original to discover it: {e}") from e
+    return _probe(model) if compact or any(p.is_meta for p in model.parameters()) else model
+
+
+def _probe(model: nn.Module) -> nn.Module:
+    """A CPU stand-in for a meta-device skeleton (as `a3mod.load` builds): the same modules with only the first
+    decoder layer, random weights. Discovery only needs the graph, not the values."""
+    path, _ = _find_layers(model)
+    probe = copy.deepcopy(model)                       # meta tensors: no memory
+    parent, _, name = path.rpartition(".")
+    owner = probe.get_submodule(parent) if parent else probe
+    setattr(owner, name, nn.ModuleList(list(getattr(owner, name))[:1]))
+    probe.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(probe.parameters()) + list(probe.buffers()):
+            if t.is_floating_point():
+                t.normal_(0.0, 0.02)
+            else:
+                t.zero_()
+    return probe.eval()
+
+
+def _cache_key(model: nn.Module):
+    to_json = getattr(getattr(model, "config", None), "to_json_string", None)
+    try:
+        return (type(model), to_json(use_diff=False)) if to_json else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_dims(model: nn.Module, spec, d: LayerDiscovery) -> None:
+    """The rest of a3mod reads head geometry from the config (`arch.dims_of`): it must agree with the graph."""
+    from ..spec import dims_of
+
+    try:
+        dims = dims_of(model.config, spec)
+    except AttributeError as e:
+        raise DiscoveryError(f"the config lacks a standard attribute for the head geometry ({e})") from e
+    got = (dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.rot_dim)
+    want = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.rot_dim)
+    if got != want:
+        names = "hidden, heads, kv_heads, head_dim, rot_dim"
+        raise DiscoveryError(f"the config reads ({names}) = {got}, the graph shows {want}")

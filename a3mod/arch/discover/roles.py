@@ -1,0 +1,334 @@
+"""Discovery, part 2: the roles of a layer read from its graph: the attention op, q/k/v and their layout, RoPE,
+q/k norms, the output projection, the MLP chain and activation, norms and dropouts."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .graph import _ACTIVATION, _Graph, _IDENTITY, _LAYOUT, _Lin, _MATMUL, _SOFTMAX, _Trace, _arg, _channels, _module_path, _opname, _replay, _users
+from .types import Role, _common_parent
+
+# -------------------------------------------------------------------------------- attention op
+@dataclass
+class _Attn:
+    kind: str
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_transposed: bool    # eager: the key operand is (..., d_h, S)
+    out: fx.Node
+    scale: float | None
+    softcap: float | None
+    causal: bool | None
+    count: int
+
+
+def _find_attention(g: _Graph) -> _Attn:
+    sdpa = [n for n in g.nodes if "scaled_dot_product" in _opname(n)]
+    if sdpa:
+        n = sdpa[0]
+        out = n if _opname(n) == "scaled_dot_product_attention" else next(
+            u for u in n.users if _opname(u) == "getitem" and u.args[1] == 0)
+        causal = True if _arg(n, 5, "is_causal", False) else None if _arg(n, 3, "attn_mask") is not None else False
+        return _Attn("sdpa", n, *n.args[:3], False, out, _arg(n, 6, "scale"), None, causal, len(sdpa))
+    found = [a for s in g.nodes if _opname(s) in _SOFTMAX and (a := _eager_attention(g, s)) is not None]
+    if not found:
+        raise g.err("no attention op found (neither aten.scaled_dot_product_attention nor matmul -> softmax -> "
+                    "matmul); ops seen: " + ", ".join(sorted({_opname(n) for n in g.nodes if n.op == "call_function"})))
+    return dataclasses.replace(found[0], count=len(found))
+
+
+def _eager_attention(g: _Graph, sm: fx.Node) -> _Attn | None:
+    """matmul(q, kT) -> [scale, softcap, mask] -> softmax -> [cast, dropout] -> matmul(., v)."""
+    chain, cur = [], sm.args[0]
+    while isinstance(cur, fx.Node) and _opname(cur) not in _MATMUL and len(chain) < 16:
+        chain.append(cur)
+        nxt = [a for a in cur.all_input_nodes if any(_opname(x) in _MATMUL for x in g.ancestors(a) | {a})]
+        if not nxt:
+            return None
+        cur = nxt[0]
+    pv = sm
+    while True:                 # softmax -> [cast, dropout] -> matmul(weights, v)
+        users = _users(pv)
+        if len(users) != 1:
+            return None
+        if _opname(users[0]) in _MATMUL and users[0].args[0] is pv:
+            pv = users[0]
+            break
+        if _opname(users[0]) not in _IDENTITY:
+            return None
+        pv = users[0]
+    if not isinstance(cur, fx.Node) or _opname(cur) not in _MATMUL:
+        return None
+    scale, softcap = _score_ops(chain[::-1])
+    mask = any(n.op == "placeholder" for a in chain for n in a.all_input_nodes)
+    return _Attn("eager", cur, cur.args[0], cur.args[1], pv.args[1], True, pv, scale, softcap,
+                 None if mask else False, 1)
+
+
+def _score_ops(chain: list[fx.Node]) -> tuple[float, float | None]:
+    """(scale, softcap) from the ops between the score matmul and the softmax (in order)."""
+    scale, cap, i = 1.0, None, 0
+    while i < len(chain):
+        n, op = chain[i], _opname(chain[i])
+        c = next((a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)), None)
+        if op == "div" and c and i + 2 < len(chain) and _opname(chain[i + 1]) == "tanh":
+            cap, i = float(c), i + 3            # x / c -> tanh -> * c
+            continue
+        if op == "mul" and c is not None:
+            scale *= c
+        elif op == "div" and c:
+            scale /= c
+        i += 1
+    return scale, cap
+
+
+# ------------------------------------------------------------------------------------- q / k / v
+@dataclass
+class _Proj:
+    lin: _Lin
+    heads: torch.Tensor          # (rows, d) source channels per head row
+    trace: _Trace
+
+
+def _head_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    """Index tensor (..., S, d) (or (..., d, S) transposed) -> (rows, d); None when it varies with S."""
+    if transposed:
+        t = t.transpose(-1, -2)
+    if not bool((t == t[..., :1, :]).all()):
+        return None
+    return t[..., 0, :].reshape(-1, t.shape[-1])
+
+
+def _projection(g: _Graph, target: fx.Node, what: str, transposed: bool = False) -> _Proj:
+    lins = g.producers(target)
+    if not lins:
+        srcs = sorted({a.name for a in g.ancestors(target) if a.op == "placeholder"})
+        raise g.err(f"no projection feeds the attention {what}: walking back from {target.name} reaches no "
+                    f"linear/addmm/mm on a parameter, only the inputs {srcs}")
+    if len(lins) > 1:
+        raise g.err(f"the attention {what} is fed by several projections ({', '.join(l.path for l in lins)}); "
+                    "a sum of projections has no single role")
+    lin = lins[0]
+    tr = _replay(g, lin.node, _channels(lin.node), target)
+    rows = None if tr.value is None else _head_rows(tr.value.t, transposed)
+    if rows is None or bool((rows < 0).any()):
+        ops = sorted({_opname(n) for n in tr.unknown}) or ["?"]
+        raise g.err(f"found {lin.path} feeding the attention {what} but could not follow its channels into the "
+                    f"heads (ops the replay cannot follow: {', '.join(ops)})")
+    return _Proj(lin, rows, tr)
+
+
+def _kv_groups(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads or Hkv, d) key/value rows -> (Hkv, d): repeat_kv copies (consecutive groups) are folded."""
+    if rows.shape[0] != heads or heads == 1:
+        return rows
+    uniq = torch.unique_consecutive(rows, dim=0)
+    g = heads // uniq.shape[0]
+    return uniq if g * uniq.shape[0] == heads and torch.equal(uniq.repeat_interleave(g, 0), rows) else rows
+
+
+def _qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | None:
+    paths = {q.lin.path, k.lin.path, v.lin.path}
+    flat = [r.flatten().tolist() for r in (qrows, krows, vrows)]
+    if len(paths) == 3:
+        ok = all(f == list(range(len(f))) for f in flat)
+        return None if ok else "other"
+    if len(paths) == 2:
+        return "other"
+    H, d = qrows.shape
+    nq, nk = qrows.numel(), krows.numel()
+    if flat[0] == list(range(nq)) and flat[1] == list(range(nq, nq + nk)) and \
+            flat[2] == list(range(nq + nk, nq + nk + vrows.numel())):
+        return "blocks"
+    per_head = torch.arange(H * 3 * d).view(H, 3, d)
+    if krows.shape[0] == H and vrows.shape == qrows.shape and all(
+            torch.equal(r, per_head[:, j]) for j, r in enumerate((qrows, krows, vrows))):
+        return "per_head"
+    return "other"
+
+
+def _rope(g: _Graph, p: _Proj, rows: torch.Tensor) -> tuple[str | None, int]:
+    """(layout, rotary dims) from the channel pairs that RoPE's add mixes."""
+    head_of = {int(c): (h, d) for h, r in enumerate(rows) for d, c in enumerate(r)}
+    partner: dict[int, int] = {}
+    for _, kept, other in p.trace.events:
+        if kept.act or other.act:
+            continue
+        a, b = kept.t.flatten(), other.t.flatten()
+        sel = (a >= 0) & (b >= 0) & (a != b)
+        for c, o in set(zip(a[sel].tolist(), b[sel].tolist())):
+            (hc, dc), (ho, do) = head_of.get(c, (-1, -1)), head_of.get(o, (-2, -2))
+            if hc != ho:
+                return "other", 0
+            partner[dc] = do
+    if not partner:
+        return None, 0
+    dims = sorted(set(partner) | set(partner.values()))
+    r = len(dims)
+    if dims != list(range(r)):
+        return "other", r
+    if all(partner[d] == (d + r // 2) % r for d in partner):
+        return "rotate_half", r
+    if all(partner[d] == d ^ 1 for d in partner):
+        return "interleaved", r
+    return "other", r
+
+
+def _qk_norm(g: _Graph, p: _Proj, heads: int, head_dim: int) -> tuple[str | None, str | None]:
+    """(norm module path, scope "head" | "all") of a normalisation between the projection and attention."""
+    for n, width in p.trace.norms:
+        mod = _module_path(n)
+        if width is None:
+            continue
+        scope = "head" if width == head_dim else "all" if width == heads * head_dim else f"width {width}"
+        return (mod[0] if mod else n.name), scope
+    return None, None
+
+
+def _rope_source(g: _Graph, target: fx.Node, lin: _Lin) -> str | None:
+    names = {a.name for a in g.ancestors(target) - g.ancestors(lin.node) if a in g.user_inputs}
+    if any(nm.startswith("position_embeddings") for nm in names):
+        return "position_embeddings"
+    return "inside the layer"
+
+
+# ------------------------------------------------------------------------------------------ MLP
+def _flat(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [y for a in x for y in _flat(a)]
+    return [x]
+
+
+def _layer_out(g: _Graph) -> fx.Node:
+    return next(a for a in _flat(g.output.args) if isinstance(a, fx.Node))
+
+
+@dataclass
+class _Mlp:
+    gate: Role | None
+    up: Role
+    down: Role
+    fused: str | None
+    act: str
+    act_ops: tuple[str, ...]
+    inputs: list[_Lin]
+
+
+def _mlp(g: _Graph, o: _Lin) -> _Mlp:
+    ends = [lin for lin in g.producers(_layer_out(g)) if lin.node is not o.node]
+    if len(ends) != 1:
+        found = ", ".join(lin.path for lin in ends) or "nothing but the attention output"
+        raise g.err(f"expected one MLP down projection (a linear other than {o.path} whose output reaches the "
+                    f"layer output through the residual adds); found {found}")
+    down = ends[0]
+    ins = g.producers(down.x)
+    traces = [(lin, _replay(g, lin.node, _channels(lin.node), down.x)) for lin in ins]
+    acts = {lin.path: [n for n in tr.nodes if _opname(n) in _ACTIVATION] for lin, tr in traces}
+    down_role = Role(down.path, down.bias, down.conv1d, tuple(range(down.out)), down.out)
+    owner = _common_parent([down.path] + [lin.path for lin in ins])
+    if len(ins) == 1:
+        lin, tr = traces[0]
+        gate_ev = [(k, o2) for _, k, o2 in tr.events if k.act != o2.act]
+        if gate_ev:                                    # fused gate_up: the activated half is the gate
+            k, o2 = gate_ev[0]
+            gt, ut = (k.t, o2.t) if k.act else (o2.t, k.t)
+            gch, uch = gt.reshape(-1, gt.shape[-1])[0].tolist(), ut.reshape(-1, ut.shape[-1])[0].tolist()
+            n = len(uch)
+            fused = "[gate|up]" if gch == list(range(n)) and uch == list(range(n, 2 * n)) else \
+                "[up|gate]" if uch == list(range(n)) and gch == list(range(n, 2 * n)) else "other"
+            return _Mlp(Role(lin.path, lin.bias, lin.conv1d, tuple(gch), lin.out), Role(lin.path, lin.bias, lin.conv1d,
+                        tuple(uch), lin.out), down_role, fused, *_act_name(acts[lin.path], owner), ins)
+        _check_identity(g, tr, lin, down)
+        return _Mlp(None, Role(lin.path, lin.bias, lin.conv1d, tuple(range(lin.out)), lin.out), down_role, None,
+                    *_act_name(acts[lin.path], owner), ins)
+    gated = [lin for lin in ins if acts[lin.path]]
+    plain = [lin for lin in ins if not acts[lin.path]]
+    if len(ins) != 2 or len(gated) != 1:
+        raise g.err(f"MLP input projections {[lin.path for lin in ins]} feeding {down.path}: expected one (plain) "
+                    "or two (gate through an activation, up without)")
+    up = plain[0]
+    _check_identity(g, next(tr for lin, tr in traces if lin is up), up, down)
+    gate = gated[0]
+    return _Mlp(Role(gate.path, gate.bias, gate.conv1d, tuple(range(gate.out)), gate.out),
+                Role(up.path, up.bias, up.conv1d, tuple(range(up.out)), up.out), down_role, None,
+                *_act_name(acts[gate.path], owner), ins)
+
+
+def _check_identity(g: _Graph, tr: _Trace, lin: _Lin, down: _Lin) -> None:
+    t = None if tr.value is None else tr.value.t
+    if t is None or t.reshape(-1, t.shape[-1])[0].tolist() != list(range(lin.out)):
+        raise g.err(f"{lin.path}'s channels do not reach {down.path}'s inputs in order")
+
+
+def _act_name(nodes: list[fx.Node], owner: str) -> tuple[str, tuple[str, ...]]:
+    """(activation module class, or its ATen ops when the MLP calls it functionally; the ATen ops)."""
+    ops = tuple(dict.fromkeys(_opname(n) for n in nodes))
+    cls = next((m[1] for n in nodes if (m := _module_path(n)) is not None and m[0] != owner), None)
+    return (cls or "+".join(ops) or "identity"), ops
+
+
+def _act_config(config, act: str, ops: tuple[str, ...]) -> str | None:
+    """The config attribute whose activation name builds `act` (a class name) or computes `ops`."""
+    try:
+        from transformers.activations import ACT2CLS
+    except ImportError:      # pragma: no cover
+        return None
+    by_op = {"silu": {"silu", "swish"}, "gelu": {"gelu"}, "relu": {"relu"}, "sigmoid": {"sigmoid"}}
+    items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
+    hits = []
+    for attr, val in items:
+        if not isinstance(val, str) or val not in ACT2CLS:
+            continue
+        cls = ACT2CLS[val][0] if isinstance(ACT2CLS[val], tuple) else ACT2CLS[val]
+        if cls.__name__ == act or any(val in by_op.get(op, ()) for op in ops):
+            hits.append(attr)
+    pref = ("hidden_act", "hidden_activation", "activation_function")
+    return next((a for a in pref if a in hits), hits[0] if hits else None)
+
+
+# ----------------------------------------------------------------------------------------- norms
+def _is_norm(n: fx.Node) -> str | None:
+    mod = _module_path(n)
+    if mod and "norm" in mod[1].lower():
+        return mod[0]
+    return None
+
+
+def _norm_into(g: _Graph, x: fx.Node) -> str | None:
+    """The norm module whose output is `x` (through layout/cast ops)."""
+    while x.op == "call_function":
+        if (m := _is_norm(x)) is not None:
+            return m
+        if _opname(x) not in _LAYOUT | _IDENTITY:
+            return None
+        x = x.args[0]
+    return None
+
+
+def _norm_after(g: _Graph, n: fx.Node) -> str | None:
+    """The norm module applied to `n` before it joins the residual (through layout/cast/dropout ops)."""
+    while _users(n):
+        users = _users(n)
+        mods = {m for u in users if (m := _is_norm(u)) is not None}
+        if mods:
+            return mods.pop()
+        if len(users) != 1 or _opname(users[0]) not in _LAYOUT | _IDENTITY:
+            return None
+        n = users[0]
+    return None
+
+
+def _dropout_after(g: _Graph, n: fx.Node) -> str | None:
+    while len(_users(n)) == 1:
+        n = _users(n)[0]
+        if _opname(n) in ("dropout", "feature_dropout", "alpha_dropout"):
+            mod = _module_path(n)
+            return mod[0] if mod and mod[1] == "Dropout" else None
+        if _opname(n) not in _LAYOUT | _IDENTITY:
+            return None
+    return None

@@ -1,0 +1,136 @@
+"""Discovery results: `Role`, `LayerDiscovery` (one decoder layer) and `Discovery` (the model)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------- result types
+@dataclass(frozen=True)
+class Role:
+    """A role (q, k, v, o, gate, up, down) and the linear that plays it."""
+
+    module: str                                  # linear's path from the layer, e.g. "self_attn.q_proj"
+    bias: bool
+    conv1d: bool                                 # weight stored (in, out) (GPT-2 Conv1D / addmm)
+    channels: tuple[int, ...] = dataclasses.field(default=(), repr=False)   # its output channels, role order
+    width: int = 0                               # the linear's output features
+
+    def describe(self) -> str:
+        c = self.channels
+        span = "" if not c or list(c) == list(range(self.width)) else (
+            f" [{c[0]}:{c[-1] + 1}]" if list(c) == list(range(c[0], c[-1] + 1)) else " (strided rows)")
+        return f"{self.module}{span}" + (" +bias" if self.bias else "")
+
+
+@dataclass(frozen=True)
+class LayerDiscovery:
+    """What discovery found in one decoder layer, and how (`found` lists the evidence)."""
+
+    index: int
+    layer_class: str
+    hidden: int
+    q: Role
+    k: Role
+    v: Role
+    o: Role
+    qkv_layout: str | None          # None (separate q/k/v), "blocks" ([q|k|v]), "per_head" ((H, 3, d_h)), "other"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    attention_op: str               # "sdpa" or "eager"
+    causal: bool | None
+    scale: float                    # effective score scale (query/key pre-scaling included)
+    softcap: float | None
+    rope: str | None                # "rotate_half", "interleaved", "other" or None
+    rot_dim: int
+    rope_source: str | None         # "position_embeddings" (the layer's cos/sin input) or "inside the layer"
+    q_norm: str | None              # q/k norm modules (paths from the layer) and their scope
+    k_norm: str | None
+    qk_norm_scope: str | None       # "head" (over d_h) or "all" (over the whole projection)
+    gate: Role | None
+    up: Role
+    down: Role
+    gate_up_layout: str | None      # fused gate/up: "[gate|up]", "[up|gate]", "other"; None when separate
+    act: str                        # activation module class (or ATen ops when called functionally)
+    act_config: str | None          # config attribute naming that activation
+    input_norm: str | None          # norm feeding the attention projections / MLP input projections
+    mlp_norm: str | None
+    attn_out_norm: str | None       # norms on the attention / MLP output before the residual add (sandwich)
+    mlp_out_norm: str | None
+    output_norm: str | None         # norm on the layer output (post-LN encoders)
+    parallel_residual: bool
+    attn_dropout_module: str | None = None  # output dropouts (paths from the layer)
+    mlp_dropout_module: str | None = None
+    scaling_attr: float | None = None       # the attention module's own `scaling` attribute, if any
+    softcap_attr: str | None = None         # the attention-module attribute holding the softcap value
+    same_as: int | None = None      # this layer has the structure of layer `same_as` and was not exported again
+    found: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+    @property
+    def attention_kind(self) -> str:
+        return "MHA" if self.kv_heads == self.heads else "MQA" if self.kv_heads == 1 else "GQA"
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def attn_module(self) -> str:
+        return _common_parent([self.q.module, self.k.module, self.v.module])
+
+    @property
+    def mlp_module(self) -> str:
+        return _common_parent([r.module for r in (self.gate, self.up, self.down) if r is not None])
+
+    @property
+    def biases(self) -> tuple[str, ...]:
+        roles = dict(q=self.q, k=self.k, v=self.v, o=self.o, gate=self.gate, up=self.up, down=self.down)
+        return tuple(n for n, r in roles.items() if r is not None and r.bias)
+
+    @property
+    def intermediate(self) -> int:
+        return len(self.up.channels)
+
+    def summary(self, evidence: bool = False) -> str:
+        from .summary import _layer_lines
+
+        return "\n".join(_layer_lines(self) + ([f"  how        {e}" for e in self.found] if evidence else []))
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Discovery result for a whole model: one `LayerDiscovery` per decoder layer."""
+
+    model_type: str | None
+    layers_path: str
+    rotary: str | None               # path (from the model) of the module producing the layers' (cos, sin)
+    layers: tuple[LayerDiscovery, ...]
+    exported: int                    # how many layers were exported (the rest share their structure)
+    seconds: float
+
+    def summary(self, evidence: bool = False) -> str:
+        """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
+        from .summary import _summary
+
+        return _summary(self, evidence)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_spec(self):
+        """An `arch.ArchSpec` for this model, or a `DiscoveryError` naming what does not fit its fields."""
+        from .fallback import _to_spec
+
+        return _to_spec(self)
+
+
+
+def _common_parent(paths: list[str]) -> str:
+    parts = [p.split(".")[:-1] for p in paths]
+    common = []
+    for xs in zip(*parts):
+        if len(set(xs)) != 1:
+            break
+        common.append(xs[0])
+    return ".".join(common)

@@ -1,0 +1,94 @@
+"""Architecture facts as data (the leaf of a3mod.arch): `ArchSpec` says where one model family keeps its parts;
+`Dims` is the head geometry read from the config; helpers that read modules by path and linears' weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps its parts (attribute paths relative to the model / a layer)."""
+
+    layers: str                    # path of the ModuleList of decoder layers, from the model
+    attn: str                      # attention module, from a layer
+    mlp: str                       # MLP module, from a layer; "" when its linears live on the layer itself
+                                   # (OPT fc1/fc2, BERT intermediate/output): A3MLP then narrows those linears
+    q: str | None                  # separate q/k/v projections (from the attention module) ...
+    k: str | None
+    v: str | None
+    qkv: str | None = None         # ... or one fused projection whose output is [q | k | v]
+    qkv_layout: str = "blocks"     # fused output: "blocks" [q | k | v], or "per_head" (H, 3, d_h) (GPT-NeoX)
+    o: str = "o_proj"              # projection consuming the attention output
+    o_from_layer: bool = False     # `o` is a path from the layer, outside the attention module (BERT)
+    gate: str | None = None        # gated MLP: down(act(gate(x)) * up(x)); else down(act(up(x)))
+    gate_up: str | None = None     # ... or one fused projection whose output is [gate | up] (Phi-3)
+    up: str = "up_proj"
+    down: str = "down_proj"
+    act: str = "hidden_act"        # config attribute holding the activation name
+    norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+    rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
+    conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
+    rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
+    qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
+                                   # Qwen3), "all" (over the whole projection output H*d_h, OLMo-2) or None
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")     # the q/k norm modules, from the attention module
+    softcap: str | None = None     # attention-module attribute holding the logit softcap or None (Gemma-2)
+    dropouts: tuple[str, str] = ("resid_dropout", "dropout")  # output dropout of attention / MLP (module or float)
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted `path` ("" is `root` itself)."""
+    for part in path.split(".") if path else ():
+        root = getattr(root, part)
+    return root
+
+
+@dataclass
+class Dims:
+    """Head geometry of one attention layer (original, before compression)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rot_dim: int                   # rotary dims per head (0 without RoPE; < head_dim for partial rotary)
+    rope: str | None
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def dims_of(config, spec: ArchSpec) -> Dims:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
+    return Dims(config.hidden_size, heads, kv, hd, rot, spec.rope)
+
+
+def partial_rotary_factor(config) -> float:
+    """Fraction of each head's dims that RoPE rotates (transformers 5 keeps it in `rope_parameters`)."""
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict) and rp.get("partial_rotary_factor") is not None:
+        return float(rp["partial_rotary_factor"])
+    return float(getattr(config, "partial_rotary_factor", None) or 1.0)
+
+
+def linear_params(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight (out, in), bias (out,) or None) of an nn.Linear or a GPT-2 Conv1D."""
+    w = mod.weight.t() if conv1d else mod.weight
+    return w, mod.bias
+
+
+def out_features(mod: nn.Module) -> int:
+    """Output width of an nn.Linear, a GPT-2 Conv1D or any module with `out_features`."""
+    return mod.nf if type(mod).__name__ == "Conv1D" else mod.out_features
+
+
+def is_linear(m: nn.Module) -> bool:
+    """What a3mod counts as a linear layer: nn.Linear (and subclasses) or a GPT-2 Conv1D."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"

@@ -1,0 +1,99 @@
+"""`LayerView`: one decoder layer seen through its adapter (weights by role, normalised), and `layer_views`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .lookup import spec_for
+from .spec import ArchSpec, Dims, dims_of, get_path, linear_params
+
+
+@dataclass
+class LayerView:
+    """One decoder layer seen through its adapter. `q/k/v/o/up/gate/down` give (weight (out,in), bias)."""
+
+    index: int
+    layer: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    spec: ArchSpec
+    dims: Dims
+
+    def qkv_params(self):
+        """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in)."""
+        s, d = self.spec, self.dims
+        if s.qkv is None:
+            return [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
+        w, b = linear_params(getattr(self.attn, s.qkv), s.conv1d)
+        ws = self.split_qkv(w.t())
+        bs = self.split_qkv(b) if b is not None else [None] * 3
+        return [(x.t(), y) for x, y in zip(ws, bs)]
+
+    def split_qkv(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """The fused qkv output (..., fused) -> [q (..., H*d_h), k (..., Hkv*d_h), v (..., Hkv*d_h)]."""
+        d = self.dims
+        if self.spec.qkv_layout == "per_head":      # (..., H, 3, d_h), MHA only
+            z = t.unflatten(-1, (d.heads, 3, d.head_dim))
+            return [z[..., j, :].flatten(-2) for j in range(3)]
+        if self.spec.qkv_layout != "blocks":
+            raise UnsupportedModelError(f"qkv_layout {self.spec.qkv_layout!r}; known: 'blocks', 'per_head'")
+        return list(t.split([d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], dim=-1))
+
+    def o_params(self):
+        return linear_params(self.o_module(), self.spec.conv1d)
+
+    def mlp_params(self):
+        """(gate or None, up, down), each (W (out, in), b)."""
+        s = self.spec
+        if s.gate_up:                                # fused [gate | up] along the output
+            w, b = linear_params(get_path(self.mlp, s.gate_up), s.conv1d)
+            (wg, wu), (bg, bu) = w.chunk(2, dim=0), (b.chunk(2) if b is not None else (None, None))
+            gate, up = (wg, bg), (wu, bu)
+        else:
+            gate = linear_params(get_path(self.mlp, s.gate), s.conv1d) if s.gate else None
+            up = linear_params(get_path(self.mlp, s.up), s.conv1d)
+        return gate, up, linear_params(self.down_module(), s.conv1d)
+
+    def qkv_modules(self) -> list[nn.Module]:
+        s = self.spec
+        return [getattr(self.attn, s.qkv)] if s.qkv else [getattr(self.attn, n) for n in (s.q, s.k, s.v)]
+
+    def qk_norm_modules(self) -> tuple[nn.Module, nn.Module] | None:
+        """(q_norm, k_norm) of a qk-norm family, else None."""
+        return tuple(getattr(self.attn, n) for n in self.spec.qk_norm_names) if self.spec.qk_norm else None
+
+    def softcap(self) -> float | None:
+        """Attention logit softcap (tanh capping of the scores) or None."""
+        s = self.spec.softcap
+        return None if s is None else getattr(self.attn, s)
+
+    def o_module(self) -> nn.Module:
+        return get_path(self.layer if self.spec.o_from_layer else self.attn, self.spec.o)
+
+    def down_module(self) -> nn.Module:
+        return get_path(self.mlp, self.spec.down)
+
+    def linear_groups(self) -> dict[str, list[str]]:
+        """Projection paths (relative to the layer) grouped by the input they share.
+
+        attn_in: q/k/v (or the fused qkv), attn_out: o, mlp_in: gate/up, mlp_mid: down.
+        """
+        s = self.spec
+        a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: f"{s.mlp}.{n}" if s.mlp else n)
+        mlp_in = [m(s.gate_up)] if s.gate_up else [m(s.gate), m(s.up)] if s.gate else [m(s.up)]
+        return {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)],
+                "attn_out": [s.o if s.o_from_layer else a(s.o)], "mlp_in": mlp_in, "mlp_mid": [m(s.down)]}
+
+    def act_name(self, config) -> str:
+        return getattr(config, self.spec.act)
+
+
+def layer_views(model: nn.Module) -> list[LayerView]:
+    """A `LayerView` for every decoder layer of an (uncompressed) `model`."""
+    spec = spec_for(model)
+    dims = dims_of(model.config, spec)
+    return [LayerView(i, layer, get_path(layer, spec.attn), get_path(layer, spec.mlp), spec, dims)
+            for i, layer in enumerate(get_path(model, spec.layers))]
