@@ -22,7 +22,8 @@ from .stream import compress_streaming
 
 __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
-    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "pass_to_dict", "pass_from_dict",
+    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD",
+    "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
     "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "DiscoveryError",
     "discover", "Discovery", "LayerDiscovery", "compress_streaming",

@@ -70,7 +70,8 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
         raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
     if stats is not None and not isinstance(stats, Stats):
-        raise CalibrationError(f"stats must be a3mod.Stats (from a3mod.collect or Stats.load), got {type(stats).__name__}")
+        raise CalibrationError(f"stats must be a3mod.Stats (from a3mod.collect or Stats.load), got "
+                               f"{type(stats).__name__}")
     passes, quant = split_quant(passes)
     if passes or quant is None:
         passes = _check_passes(passes)

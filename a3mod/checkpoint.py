@@ -80,7 +80,8 @@ def _describe(model: nn.Module) -> dict:
     quant = quant_io.model_entry(model)
     from . import __version__
     return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
-            "model_type": model.config.model_type, "model_class": type(model).__name__, "passes": info.get("passes", []),
+            "model_type": model.config.model_type, "model_class": type(model).__name__,
+            "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {})}
 

@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--batch-size", type=POSITIVE, default=1, help="lm-eval batch size (default 1)")
     le.add_argument("--json", default=None, help="also write lm-eval's results to this JSON file")
 
-    pe = sub.add_parser("prepare-eval-data", help="on a connected machine: download the data of the local lm-eval tasks",
+    pe = sub.add_parser("prepare-eval-data",
+                        help="on a connected machine: download the data of the local lm-eval tasks",
                         description="Write <out>/<task>/<split>.jsonl for piqa, arc_easy, arc_challenge, hellaswag, "
                         "winogrande, boolq, openbookqa, lambada (from the HF datasets lm-eval's own task configs "
                         "name). Copy <out> to the offline machine and set A3MOD_EVAL_DATA to it.")

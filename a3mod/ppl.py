@@ -31,7 +31,8 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: i
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
             raise A3ModError(f"{name}={v!r} must be an integer >= {lo}")
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
-        raise A3ModError(f"ids must be an integer tensor of token ids, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+        raise A3ModError(f"ids must be an integer tensor of token ids, got {type(ids).__name__} "
+                         f"{getattr(ids, 'dtype', '')}")
     check_token_ids(ids, vocab_size(model), "evaluation")
     if cache is not None:
         batch_size = 1

@@ -108,7 +108,8 @@ class Report:
                 "layers": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
-        head = f"{'layer':>5} {'heads':>7} {'qk':>9} {'vo':>9} {'mlp':>11} {'kv/token':>11} {'low-rank':>8} {'params':>21}"
+        head = (f"{'layer':>5} {'heads':>7} {'qk':>9} {'vo':>9} {'mlp':>11} {'kv/token':>11} {'low-rank':>8} "
+                f"{'params':>21}")
         lines = [f"a3mod report: {self.model_type}, decoder-layer linear parameters (embeddings/lm_head excluded)",
                  head, "-" * len(head)]
         for r in self.rows:

@@ -100,7 +100,8 @@ class LayerWork:
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
             scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
-            sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)), is_causal=getattr(old, "is_causal", True),
+            sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)),
+            is_causal=getattr(old, "is_causal", True),
             dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, v.spec.dropouts[0]), softcap=v.softcap(),
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)

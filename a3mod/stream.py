@@ -252,7 +252,8 @@ def _run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: in
             "dtype": str(dtype), "batch_size": batch_size, "world_size": world}
 
 
-_WORK_FILES = re.compile(r"^(run\.json|layer_\d{4}\.(safetensors|json|tmp|jtmp)|hidden_r\d+_in\d{4}\.(safetensors|tmp))$")
+_WORK_FILES = re.compile(r"^(run\.json|layer_\d{4}\.(safetensors|json|tmp|jtmp)"
+                         r"|hidden_r\d+_in\d{4}\.(safetensors|tmp))$")
 
 
 def _remove_work(work: Path) -> None:
@@ -395,7 +396,8 @@ def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, devic
     store = _Store(work, offload, rank, run_id)
     for j in range(0 if start == 0 else start + 1, len(layers) + 1):
         store.drop(j)          # hidden states a crashed or restarted run left beyond the resume point
-    calls = _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device) if start < len(layers) else {}
+    calls = (_prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device)
+             if start < len(layers) else {})
     n_local = int(shard.numel())
     for i in tqdm(range(start, len(layers)), desc="streaming", disable=not progress or rank != 0, unit="layer"):
         _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device)

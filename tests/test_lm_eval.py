@@ -8,7 +8,6 @@ import random
 import re
 
 import pytest
-import torch
 
 import a3mod
 from a3mod.evals import scoring

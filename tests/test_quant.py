@@ -337,7 +337,6 @@ def test_nf4_rows_not_a_multiple_of_the_blocksize(in_features):
     blocksize (A3's 576 x 1232 down_proj lost 56% instead of 9%); a3mod quantizes the flat weight."""
     torch.manual_seed(0)
     lin = nn.Linear(in_features, 96)
-    model = nn.Module()
     from a3mod.quant.base import handler_for
     cfg = a3mod.Bnb4bit(quant_type="nf4")
     q = handler_for(cfg).quantize(cfg, lin)

@@ -24,7 +24,7 @@ class LayerView:
 
     def qkv_params(self):
         """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in)."""
-        s, d = self.spec, self.dims
+        s = self.spec
         if s.qkv is None:
             return [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
         w, b = linear_params(getattr(self.attn, s.qkv), s.conv1d)

@@ -96,7 +96,8 @@ class ReducedHeadAttention(nn.Module):
         self.num_heads, self.num_key_value_heads = heads, kv_heads
         self.num_key_value_groups = heads // kv_heads
         self.head_dim, self.qk_dim, self.vo_dim, self.rot_dim = head_dim, qk_dim, vo_dim, rot_dim
-        self.scaling, self.sliding_window, self.is_causal, self.attention_dropout = scaling, sliding_window, is_causal, dropout
+        self.scaling, self.sliding_window, self.is_causal = scaling, sliding_window, is_causal
+        self.attention_dropout = dropout
         self.out_dropout = out_dropout        # dropout on the output (GPT-2's resid_dropout); train mode only
         self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=bias["q"], **kw)
         self.k_proj = nn.Linear(hidden, kv_heads * qk_dim, bias=bias["k"], **kw)

@@ -27,7 +27,8 @@ class ReducedMLP(nn.Module):
         return self.up_proj.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else self.act_fn(self.up_proj(x))
+        up = self.up_proj(x)
+        h = self.act_fn(self.gate_proj(x)) * up if self.gate_proj is not None else self.act_fn(up)
         return nn.functional.dropout(self.down_proj(h), self.dropout, self.training)
 
     def extra_repr(self) -> str:

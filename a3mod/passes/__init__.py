@@ -4,5 +4,6 @@ from .base import HANDLERS, MODEL_HANDLERS, PASS_TYPES, pass_from_dict, pass_to_
 from .allocate import A3KV, Allocate
 from .lowrank import ASVD, SVDLLM, PlainSVD
 
-__all__ = ["A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "HANDLERS", "MODEL_HANDLERS",
+__all__ = ["A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD",
+           "HANDLERS", "MODEL_HANDLERS",
            "PASS_TYPES", "pass_from_dict", "pass_to_dict"]

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import solvers
-from ..errors import UnsupportedModelError
 from ..rewrite import LayerWork
 from .base import check_multiple, check_ratio_rank, handler, kept_dim, register_pass
 
@@ -114,7 +113,8 @@ def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | N
     if bias is None:
         return g
     m = s1 / n
-    return g - bias[..., :, None] * m[..., None, :] - m[..., :, None] * bias[..., None, :] + bias[..., :, None] * bias[..., None, :]
+    b = bias
+    return g - b[..., :, None] * m[..., None, :] - m[..., :, None] * b[..., None, :] + b[..., :, None] * b[..., None, :]
 
 
 @handler(A3QK)

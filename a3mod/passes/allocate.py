@@ -7,8 +7,8 @@ so the allocation minimises the sum of each component's error relative to what u
 there. The older choices, "relative" (by the whole output energy, loss at zero kept units) and "absolute",
 let a few outlier units (massive activations) dominate a layer's energy: on SmolLM2 they cut layer 11's
 MLP to 8 neurons and lose to uniform (20%, 8 x 2048 windows: uniform 34.54, relative 46.40, uniform-normalised
-33.76, at the same parameter count). The curves are convex (tail sums of sorted non-negative values), so greedy removal of the
-cheapest unit is optimal for the separable problem.
+33.76, at the same parameter count). The curves are convex (tail sums of sorted non-negative values), so greedy
+removal of the cheapest unit is optimal for the separable problem.
 
 across="layers" (default): each component (QK, OV, MLP) removes exactly as many units as uniform A3 at
 `budget` would, moved between layers; the parameter count equals uniform A3's exactly, and identical layers
@@ -45,8 +45,10 @@ class Allocate:
     NEEDS = ("a3",)
 
     def __post_init__(self):
-        if not (isinstance(self.min_keep, numbers.Real) and not isinstance(self.min_keep, bool) and 0 <= self.min_keep <= 1):
-            raise RatioError(f"Allocate: min_keep={self.min_keep!r} is outside [0, 1] (fraction of uniform's units kept)")
+        mk = self.min_keep
+        if not (isinstance(mk, numbers.Real) and not isinstance(mk, bool) and 0 <= mk <= 1):
+            raise RatioError(f"Allocate: min_keep={self.min_keep!r} is outside [0, 1] (fraction of uniform's units "
+                             f"kept)")
         if self.normalize not in NORMALIZE:
             raise A3ModError(f"Allocate: normalize={self.normalize!r}; allowed: {', '.join(map(repr, NORMALIZE))}")
         if not (isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool) and 0 <= self.budget < 1):
@@ -106,7 +108,8 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
 
 
 def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
-    """Kept units per curve: greedy removal of the unit with the smallest loss increase (per parameter if across='all')."""
+    """Kept units per curve: greedy removal of the unit with the smallest loss increase (per parameter if
+    across='all')."""
     kept = [c.units for c in cs]
     floor = [max(1, math.ceil(min_keep * c.uniform)) for c in cs]
     groups = [[i for i, c in enumerate(cs) if c.comp == comp] for comp in COMPONENTS] if across == "layers" \
@@ -160,7 +163,8 @@ class A3KV:
     def __post_init__(self):
         if not (isinstance(self.kv_ratio, numbers.Real) and not isinstance(self.kv_ratio, bool)
                 and 0 <= self.kv_ratio < 1):
-            raise RatioError(f"A3KV: kv_ratio={self.kv_ratio!r} is outside [0, 1) (the fraction of the KV cache removed)")
+            raise RatioError(f"A3KV: kv_ratio={self.kv_ratio!r} is outside [0, 1) (the fraction of the KV cache "
+                             f"removed)")
         if not isinstance(self.mixed, bool):
             raise A3ModError(f"A3KV: mixed={self.mixed!r} must be True or False")
         object.__setattr__(self, "kv_ratio", float(self.kv_ratio))

@@ -67,12 +67,14 @@ class ASVD:
         if self.kv_ratio is None:
             check_ratio_rank("ASVD", self.ratio, self.rank)          # same checks as every other pass
         elif not (_real(self.kv_ratio) and 0.0 < self.kv_ratio < 1.0):
-            raise RatioError(f"ASVD: kv_ratio={self.kv_ratio!r} is outside (0, 1) (the fraction of the KV cache removed)")
+            raise RatioError(f"ASVD: kv_ratio={self.kv_ratio!r} is outside (0, 1) (the fraction of the KV cache "
+                             f"removed)")
         if not (_real(self.alpha) and self.alpha >= 0):
             raise A3ModError(f"ASVD: alpha={self.alpha!r} must be a number >= 0 (0 = plain SVD, 0.5 = the paper's)")
         for n in ("probe_samples", "probe_seq_len"):
             v = getattr(self, n)
-            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= (1 if n == "probe_samples" else 2)):
+            lo = 1 if n == "probe_samples" else 2
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo):
                 raise A3ModError(f"ASVD: {n}={v!r} must be an integer >= {1 if n == 'probe_samples' else 2}")
         if not isinstance(self.rank_search, bool):
             raise A3ModError(f"ASVD: rank_search={self.rank_search!r} must be True or False")

@@ -86,7 +86,8 @@ def split_quant(passes) -> tuple[list, Any]:
     names = [type(p).__name__ for p in passes]
     idx = [i for i, p in enumerate(passes) if type(p) in QUANT_HANDLERS]
     if len(idx) > 1:
-        raise QuantizationError(f"at most one quantization pass ({', '.join(sorted(t.__name__ for t in QUANT_HANDLERS))})"
+        known = ", ".join(sorted(t.__name__ for t in QUANT_HANDLERS))
+        raise QuantizationError(f"at most one quantization pass ({known})"
                                 f" per apply, got {names}")
     if idx and idx[0] != len(passes) - 1:
         raise QuantizationError(f"the quantization pass {names[idx[0]]} must come last (compression first, then "

@@ -57,7 +57,8 @@ def hqq_restore(cfg: HQQ, state: dict, *, in_features, out_features, bias, devic
     if "W_q" not in state:
         raise CheckpointError(f"{what}: saved state lacks 'W_q' (has {sorted(state)})")
     if bias != ("bias" in state):
-        raise CheckpointError(f"{what}: the sidecar says bias={bias}, the saved state {'has' if not bias else 'lacks'} one")
+        raise CheckpointError(f"{what}: the sidecar says bias={bias}, the saved state "
+                              f"{'has' if not bias else 'lacks'} one")
     for k in _DTYPE_KEYS:
         if k in state:
             _check_dtype_name(state[k], k, what)
@@ -69,7 +70,8 @@ def hqq_restore(cfg: HQQ, state: dict, *, in_features, out_features, bias, devic
     got = (m.in_features, m.out_features, m.meta["nbits"], m.meta["group_size"], m.meta["axis"])
     want = (in_features, out_features, cfg.nbits, cfg.group_size, cfg.axis)
     if got != want:
-        raise CheckpointError(f"{what}: saved (in, out, nbits, group_size, axis) {got} differ from the sidecar's {want}")
+        raise CheckpointError(f"{what}: saved (in, out, nbits, group_size, axis) {got} differ from the "
+                              f"sidecar's {want}")
     return m
 
 

@@ -70,7 +70,8 @@ def restore(model: nn.Module, layers_path: str, side: dict, sd: dict, device, dt
                     raise ValueError(f"it is {tuple(linear_shape(skeleton))} (in, out) in the model, "
                                      f"the sidecar says {(dims['in_features'], dims['out_features'])}")
             except (AttributeError, IndexError, KeyError, ValueError) as e:
-                raise CheckpointError(f"sidecar: quantized linear layer {i} {path!r} does not fit the model: {e}") from e
+                raise CheckpointError(f"sidecar: quantized linear layer {i} {path!r} does not fit the model: "
+                                      f"{e}") from e
             state = {k[len(prefix):]: sd.pop(k) for k in [k for k in sd if k.startswith(prefix)]}
             try:
                 m = h.restore(cfg, state, in_features=dims["in_features"], out_features=dims["out_features"],

@@ -10,7 +10,10 @@ from torch import fx, nn
 
 from ...errors import DiscoveryError
 from .graph import _Graph, _Lin, _Trace, _opname, _replay, _shape
-from .roles import _Attn, _Mlp, _act_config, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after, _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source
+from .roles import (
+    _Attn, _Mlp, _act_config, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after, _norm_into,
+    _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
+)
 from .types import Discovery, LayerDiscovery, Role, _common_parent
 
 # ----------------------------------------------------------------------------------------- layer

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .graph import _ACTIVATION, _Graph, _IDENTITY, _LAYOUT, _Lin, _MATMUL, _SOFTMAX, _Trace, _arg, _channels, _module_path, _opname, _replay, _users
+from .graph import (
+    _ACTIVATION, _Graph, _IDENTITY, _LAYOUT, _Lin, _MATMUL, _SOFTMAX, _Trace, _arg, _channels, _module_path, _opname,
+    _replay, _users,
+)
 from .types import Role, _common_parent
 
 # -------------------------------------------------------------------------------- attention op

@@ -31,7 +31,8 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
     return [
         f"  attention  {d.attention_kind} ({d.heads} heads, {d.kv_heads} kv heads, head_dim {d.head_dim}"
         + (f", v head_dim {d.v_head_dim}" if d.v_head_dim != d.head_dim else "") + f"), {d.attention_op}, "
-        + {True: "causal, ", None: "masked, ", False: "unmasked, "}[d.causal] + f"scale {d.scale:.6g}" + "".join(f", {e}" for e in extra),
+        + {True: "causal, ", None: "masked, ",
+           False: "unmasked, "}[d.causal] + f"scale {d.scale:.6g}" + "".join(f", {e}" for e in extra),
         f"  q/k/v      {qkv}",
         f"  positions  {rope}",
         f"  output     {d.o.describe()}",
