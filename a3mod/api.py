@@ -6,13 +6,13 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .arch import layer_views
-from .calib import Stats, collect
+from .calib import Stats
 from .errors import A3ModError, CalibrationError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
-from .passes import HANDLERS, MODEL_HANDLERS, pass_to_dict
+from .passes import pass_to_dict
 from .passes.a3 import build_layer, preflight
-from .passes.base import needs
-from .quant import QUANT_HANDLERS, is_quantized, quant_swaps, split_quant
+from .passes.base import PassContext, needs, pass_def, run_pass, scope_of
+from .quant import is_quantized, quant_swaps, split_quant
 from .quant.base import handler_for
 from .report import linear_param_count
 from .rewrite import set_child
@@ -21,39 +21,22 @@ COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, N
 
 
 def _check_passes(passes) -> list:
+    """The compression passes (quantization split off): registered, each once, and one model-scope pass alone."""
     passes = list(passes)
     if not passes:
         raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2) or [A3QK(ratio=..), A3OV(..), A3MLP(..)]")
-    known = {**HANDLERS, **MODEL_HANDLERS, **QUANT_HANDLERS}
     for p in passes:
-        if type(p) not in known:
-            raise A3ModError(f"{p!r} is not a pass config; known: {sorted(t.__name__ for t in known)}")
+        pass_def(p)
     names = [type(p).__name__ for p in passes]
     if len(set(names)) != len(names):
         raise A3ModError(f"each pass may appear once, got {names}")
-    whole = [n for p, n in zip(passes, names) if type(p) in MODEL_HANDLERS]
+    whole = [n for p, n in zip(passes, names) if scope_of(p) == "model"]
     if whole and len(passes) > 1:
         raise A3ModError(f"{whole[0]} rewrites every linear itself; give it alone, not with {names}")
+    linear = [n for p, n in zip(passes, names) if scope_of(p) == "linear"]
+    if linear:
+        raise A3ModError(f"{linear[0]} is a quantization pass: give at most one, last")
     return passes
-
-
-def _stats_for(model, passes, calib, stats, progress) -> Stats | None:
-    want = {k for p in passes for k in needs(p)}
-    if not want:
-        return stats
-    if stats is None:
-        if calib is None:
-            raise CalibrationError(f"{[type(p).__name__ for p in passes]} need calibration: pass calib= (token ids) "
-                                   f"or stats= (from a3mod.collect(model, calib, kinds={sorted(want)}))")
-        return collect(model, calib, progress=progress, kinds=sorted(want))
-    stats.check_origin(model, calib)
-    missing = want - stats.kinds
-    if missing:
-        if calib is None:
-            raise CalibrationError(f"stats lack the {sorted(missing)} statistics these passes need; collect them "
-                                   f"with a3mod.collect(model, calib, kinds={sorted(want)}) or pass calib= too")
-        stats.merge(collect(model, calib, progress=progress, kinds=sorted(missing)))
-    return stats
 
 
 def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | None = None,
@@ -96,16 +79,17 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
                          "quantization pass, in one call)")
-    if type(passes[0]) not in MODEL_HANDLERS:
+    if scope_of(passes[0]) == "layer":
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
-    stats = _stats_for(model, passes, calib, stats, progress)
+    stats = Stats.ensure(model, calib, {k for p in passes for k in needs(p)}, stats, progress=progress,
+                         who=str([type(p).__name__ for p in passes]))
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)
         if len(stats.layers) != len(views):
             raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
     orig = [linear_param_count(v.layer) for v in views]
-    if type(passes[0]) in MODEL_HANDLERS:
-        swaps = MODEL_HANDLERS[type(passes[0])](passes[0], model, views, stats, calib, progress)
+    if scope_of(passes[0]) == "model":
+        swaps = run_pass(passes[0], PassContext(model=model, views=views, stats=stats, calib=calib, progress=progress))
     else:
         swaps = _a3_swaps(model, views, passes, stats, progress)
     info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,

@@ -108,6 +108,29 @@ class Stats:
         for mine, theirs in zip(self.layers, other.layers):
             mine.update(theirs)
 
+    @classmethod
+    def ensure(cls, model: nn.Module, calib: Tensor | None, kinds, stats: "Stats | None" = None, *,
+               batch_size: int = 1, progress: bool = True, who: str = "these passes") -> "Stats | None":
+        """Statistics of `kinds` for `model`: `stats` (checked to belong to this model and, if given, these tokens)
+        with the kinds it lacks collected from `calib` and merged in, or all collected from `calib`. None when no
+        kinds are wanted and no stats were given. The one place that decides what to collect."""
+        want = sorted(set(kinds))
+        if stats is not None:
+            stats.check_origin(model, calib)
+        if not want:
+            return stats
+        missing = sorted(set(want) - (stats.kinds if stats is not None else set()))
+        if missing and calib is None:
+            raise CalibrationError(
+                f"{who} need the {missing} statistics: pass calib= (token ids) or stats= (from a3mod.collect(model, "
+                f"calib, kinds={want}))")
+        if missing:
+            fresh = collect(model, calib, batch_size=batch_size, progress=progress, kinds=missing)
+            if stats is None:
+                return fresh
+            stats.merge(fresh)
+        return stats
+
     def moment(self, i: int, name: str) -> Tensor:
         return self.layers[i][name] / self.n
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from . import recipes
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                        "compress ...` (each rank runs 1/N of the windows, statistics are summed, the solves split; "
                        "gloo on CPU, nccl with --device cuda; rank 0 evaluates and saves).")
     _add_model(c)
-    c.add_argument("--method", default="a3", choices=sorted(METHODS),
+    c.add_argument("--method", default="a3", choices=sorted(recipes.METHODS),
                    help="a3 (default): A3 QK/OV/MLP, the same ratio in every layer; a3-mix: A3 with per-layer ranks "
                         "from the closed-form losses at the same parameter count (Allocate); asvd: activation-aware "
                         "SVD with sensitivity rank search; svd-llm: whitened SVD; svd: plain truncated SVD")
@@ -225,11 +226,11 @@ def _check_inputs(args) -> tuple:
 def _stats(args, model, calib):
     """(statistics for the passes, whether to write --stats): the file's if it belongs to this model and these
     tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
-    from .calib import Stats, collect
+    from .calib import Stats
     from .errors import CalibrationError
     from .passes.base import needs
 
-    want = sorted({k for p in _passes(args) for k in needs(p)})
+    want = {k for p in _passes(args) for k in needs(p)}
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
     if stats is not None:
         try:
@@ -239,16 +240,13 @@ def _stats(args, model, calib):
                 raise
             print(f"--recompute-stats: {e}", file=sys.stderr)
             stats = None
-    missing = sorted(set(want) - (stats.kinds if stats else set()))
-    if missing:
-        fresh = collect(model, calib, batch_size=args.batch_size, kinds=missing)
-        fresh.source = {"calib": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
+    had = stats.kinds if stats is not None else set()
+    stats = Stats.ensure(model, calib, want, stats, batch_size=args.batch_size)
+    if stats is not None and not stats.source:
+        stats.source = {"calib": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
                         "seed": args.seed}
-        if stats is None:
-            stats = fresh
-        else:
-            stats.merge(fresh)
-    return stats, bool(args.stats) and (bool(missing) or not os.path.exists(args.stats))
+    grew = stats is not None and stats.kinds != had
+    return stats, bool(args.stats) and (grew or not os.path.exists(args.stats))
 
 
 def cmd_compress(args) -> int:
@@ -390,38 +388,16 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
     return {t: {k: clean(v) for k, v in m.items()} for t, m in res["results"].items()}
 
 
+FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of"}
+
+
 def _passes(args) -> list:
-    from .errors import RatioError
-    from .passes import A3MLP, A3OV, A3QK, ASVD, SVDLLM, PlainSVD
+    from . import recipes
 
-    from .passes import A3KV, Allocate
-
-    if args.multiple_of is not None and (args.method != "a3" or args.kv_ratio is not None):
-        raise RatioError(f"--multiple-of {args.multiple_of} rounds the dims of --method a3 with --ratio; "
-                         f"not of --method {args.method}" + (" --kv-ratio" if args.kv_ratio is not None else ""))
-    if args.kv_ratio is not None and args.method not in ("asvd", "a3", "a3-mix"):
-        raise RatioError(f"--kv-ratio is for --method a3, a3-mix or asvd, not {args.method!r}")
-    if args.method in ("a3", "a3-mix") and args.kv_ratio is not None:
-        if args.ratio is not None or any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
-            raise RatioError("--kv-ratio (A3KV, attention only) takes no --ratio / --qk/--ov/--mlp-ratio")
-        return [A3KV(kv_ratio=args.kv_ratio, mixed=args.method == "a3-mix")]
-    if args.method == "asvd":
-        if (args.ratio is None) == (args.kv_ratio is None):
-            raise RatioError("--method asvd needs exactly one of --ratio and --kv-ratio")
-        return [ASVD(ratio=args.ratio, kv_ratio=args.kv_ratio, alpha=args.alpha, rank_search=not args.no_rank_search,
-                     probe_samples=args.probe_samples, probe_seq_len=args.probe_seq_len)]
-    if args.ratio is None:
-        raise RatioError(f"--method {args.method} needs --ratio (fraction of decoder-layer linear params removed)")
-    if args.method == "a3":
-        pick = lambda x: args.ratio if x is None else x  # noqa: E731
-        m = args.multiple_of
-        return [A3QK(ratio=pick(args.qk_ratio), multiple_of=m), A3OV(ratio=pick(args.ov_ratio), multiple_of=m),
-                A3MLP(ratio=pick(args.mlp_ratio), multiple_of=m)]
-    if any(x is not None for x in (args.qk_ratio, args.ov_ratio, args.mlp_ratio)):
-        raise RatioError(f"--qk/--ov/--mlp-ratio are A3 options; --method {args.method} takes only --ratio")
-    if args.method == "a3-mix":
-        return [Allocate(budget=args.ratio, across=args.across)]
-    return [{"svd-llm": SVDLLM, "svd": PlainSVD}[args.method](ratio=args.ratio)]
+    return recipes.passes(args.method, args.ratio, kv_ratio=args.kv_ratio, across=args.across, qk_ratio=args.qk_ratio,
+                          ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
+                          alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
+                          probe_seq_len=args.probe_seq_len, names=FLAGS)
 
 
 def cmd_eval(args) -> int:

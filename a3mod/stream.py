@@ -47,12 +47,11 @@ from . import files, st_io
 from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, write_sidecar
 from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
-from .passes import A3MLP, A3OV, A3QK, pass_to_dict
+from .passes import PASSES, pass_to_dict
 from .passes.a3 import build_layer, preflight
 from .report import linear_param_count
 from .rewrite import set_child
 
-STREAM_PASSES = (A3QK, A3OV, A3MLP)
 # ------------------------------------------------------------------------------------------- source
 class _Source:
     """The tensors of an HF safetensors folder (one file or shards), read by name without loading the rest."""
@@ -225,15 +224,21 @@ def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, T
 
 # --------------------------------------------------------------------------------------------- main
 def _check_passes(passes) -> list:
+    """Layer-scope passes only (each once): they solve one layer from its own statistics."""
+    from .passes.base import pass_def
+
+    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
+        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
     passes = list(passes)
     if not passes:
         raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2)")
     names = [type(p).__name__ for p in passes]
-    bad = [n for p, n in zip(passes, names) if not isinstance(p, STREAM_PASSES)]
+    bad = [n for p, n in zip(passes, names) if pass_def(p).scope != "layer"]
     if bad:
-        raise A3ModError(f"compress_streaming runs the per-layer A3 passes {[t.__name__ for t in STREAM_PASSES]}; "
-                         f"{bad} need the whole model or are not supported here (baselines ASVD/SVDLLM/PlainSVD, "
-                         f"Allocate, A3KV, quantization): use a3mod.apply on a loaded model")
+        layer = sorted(t.__name__ for t, d in PASSES.items() if d.scope == "layer")
+        raise A3ModError(f"compress_streaming runs layer-scope passes ({', '.join(layer)}); {bad} need the whole "
+                         f"model (baselines ASVD/SVDLLM/PlainSVD, Allocate, A3KV) or are quantization: use "
+                         f"a3mod.apply on a loaded model")
     if len(set(names)) != len(names):
         raise A3ModError(f"each pass may appear once, got {names}")
     return passes

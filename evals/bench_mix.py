@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import a3mod
+from a3mod import recipes
 from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,21 +69,21 @@ def run_model(path: Path, args) -> list[dict]:
 
     run("params", "original", 0.0, None)
     for r in ([] if args.skip_mix else args.ratios):
-        run("params", "A3 uniform", r, a3mod.a3_passes(r))
-        run("params", "A3-mix (layers)", r, [a3mod.Allocate(budget=r)])
-        run("params", "A3-mix (layers+components)", r, [a3mod.Allocate(budget=r, across="all")])
+        run("params", "A3 uniform", r, recipes.passes("a3", r))
+        run("params", "A3-mix (layers)", r, recipes.passes("a3-mix", r))
+        run("params", "A3-mix (layers+components)", r, recipes.passes("a3-mix", r, across="all"))
     for kv in args.kv_ratios:
-        run("kv", "A3KV uniform", kv, [a3mod.A3KV(kv_ratio=kv)])
-        run("kv", "A3KV mixed", kv, [a3mod.A3KV(kv_ratio=kv, mixed=True)])
+        run("kv", "A3KV uniform", kv, recipes.passes("a3", kv_ratio=kv))
+        run("kv", "A3KV mixed", kv, recipes.passes("a3-mix", kv_ratio=kv))
         if not args.skip_asvd:
-            run("kv", "ASVD KV mode", kv, [a3mod.ASVD(kv_ratio=kv, probe_samples=args.probe_samples,
-                                                      probe_seq_len=args.probe_seq_len)])
+            run("kv", "ASVD KV mode", kv, recipes.passes("asvd", kv_ratio=kv, probe_samples=args.probe_samples,
+                                                         probe_seq_len=args.probe_seq_len))
     for spec in args.kv_quant:
         backend, _, bits = spec.partition(":")
         kvq = (backend, int(bits or 8))
         run("kv", f"original + {spec} KV cache", 0.0, None, kvq)
         for kv in args.kv_ratios:
-            run("kv", f"A3KV + {spec} KV cache", kv, [a3mod.A3KV(kv_ratio=kv)], kvq)
+            run("kv", f"A3KV + {spec} KV cache", kv, recipes.passes("a3", kv_ratio=kv), kvq)
     return rows
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 import a3mod
+from a3mod import recipes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
@@ -55,10 +56,10 @@ def run_model(path: Path, args) -> list[dict]:
     for nb in (4, 3, 2):
         run(f"HQQ {nb}-bit g{args.group_size}", [a3mod.HQQ(nbits=nb, group_size=args.group_size)])
     for r in args.ratios:
-        run(f"A3 {r:.0%}", a3mod.a3_passes(r))
+        run(f"A3 {r:.0%}", recipes.passes("a3", r))
     s = args.stack_ratio
-    run(f"A3 {s:.0%} + HQQ 4-bit g{args.group_size}", [*a3mod.a3_passes(s), a3mod.HQQ(nbits=4, group_size=args.group_size)])
-    run(f"A3 {s:.0%} + bnb nf4", [*a3mod.a3_passes(s), a3mod.Bnb4bit(quant_type="nf4")])
+    run(f"A3 {s:.0%} + HQQ 4-bit g{args.group_size}", [*recipes.passes("a3", s), a3mod.HQQ(nbits=4, group_size=args.group_size)])
+    run(f"A3 {s:.0%} + bnb nf4", [*recipes.passes("a3", s), a3mod.Bnb4bit(quant_type="nf4")])
     run("bnb nf4", [a3mod.Bnb4bit(quant_type="nf4")])
     return rows
 

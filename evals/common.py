@@ -108,11 +108,9 @@ def cached_stats(model, calib, kinds, cache_dir: str | None, name: str):
 
     path = Path(cache_dir) / f"{name}-{calib.shape[0]}x{calib.shape[1]}.safetensors" if cache_dir else None
     stats = a3mod.Stats.load(path) if path and path.exists() else None
-    missing = set(kinds) - (stats.kinds if stats else set())
-    if stats is None:
-        stats = a3mod.collect(model, calib, kinds=sorted(kinds))
-    elif missing:
-        stats.merge(a3mod.collect(model, calib, kinds=sorted(missing)))
+    had = stats.kinds if stats else set()
+    stats = a3mod.Stats.ensure(model, calib, kinds, stats)         # refuses a cache of another model / tokens
+    missing = stats.kinds != had
     if path and (missing or not path.exists()):
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)

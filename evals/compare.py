@@ -23,15 +23,13 @@ from pathlib import Path
 import torch
 
 import a3mod
+from a3mod import recipes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 
-METHODS = {
-    "A3": lambda r, a: a3mod.a3_passes(r),
-    "ASVD": lambda r, a: [a3mod.ASVD(ratio=r, probe_samples=a.probe_samples, probe_seq_len=a.probe_seq_len)],
-    "SVD-LLM": lambda r, a: [a3mod.SVDLLM(ratio=r)],
-    "SVD": lambda r, a: [a3mod.PlainSVD(ratio=r)],
-}
+METHODS = {recipes.LABELS[m]: (lambda r, a, m=m: recipes.passes(m, r, probe_samples=a.probe_samples,
+                                                                  probe_seq_len=a.probe_seq_len))
+           for m in ("a3", "asvd", "svd-llm", "svd")}
 
 
 @torch.no_grad()

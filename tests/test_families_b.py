@@ -188,12 +188,13 @@ def test_partial_rotary_keeps_pairs_and_equals_zeroing_dropped_rotary_dims(famil
 def test_partial_rotary_loss_curve_for_allocate():
     """A3QK on partial rotary returns one loss per kept pair count (0..d_h/2), non-increasing, 0 at full."""
     from a3mod.passes.a3 import apply_qk
+    from a3mod.passes.base import PassContext
     from a3mod.rewrite import LayerWork
 
     model = factory("gpt_neox", head_dim=16, rotary_pct=0.25)()
     stats = a3mod.collect(model, calib_ids(), progress=False)
     work = LayerWork.from_view(layer_views(model)[0])
-    loss, unit = apply_qk(a3mod.A3QK(ratio=0.3), work, stats.layers[0], stats.n)
+    loss, unit = apply_qk(a3mod.A3QK(ratio=0.3), PassContext(work=work, stats=stats.layers[0], n=stats.n))
     assert unit == 2 and loss.shape == (9,)
     assert (loss[:-1] >= loss[1:] - 1e-12).all() and loss[-1].abs() < 1e-9 * loss[0]
 

@@ -146,14 +146,14 @@ def test_resume_refuses_other_arguments_unless_restart(tmp_path, monkeypatch):
         a3mod.compress_streaming(src, tmp_path / "out", a3mod.a3_passes(0.3), calib_ids(4, 16, seed=5), progress=False)
     out = a3mod.compress_streaming(src, tmp_path / "out", a3mod.a3_passes(0.2), calib, progress=False, restart=True)
     assert json.loads((out / "a3mod.json").read_text())["passes"][0] == {"type": "A3QK", "ratio": 0.2, "rank": None,
-                                                                         "multiple_of": None}
+                                                                         "multiple_of": None, "version": 1}
 
 
 def test_refuses_whole_model_passes_and_existing_output(tmp_path):
     src = saved_source(tmp_path, "llama")
     calib = calib_ids(4, 16)
     for bad in ([a3mod.SVDLLM(ratio=0.2)], [a3mod.A3QK(ratio=0.2), a3mod.HQQ(nbits=4)], []):
-        with pytest.raises(A3ModError, match="per-layer A3 passes|empty"):
+        with pytest.raises(A3ModError, match="layer-scope passes|empty"):
             a3mod.compress_streaming(src, tmp_path / "out", bad, calib, progress=False)
     (tmp_path / "taken").mkdir()
     with pytest.raises(CheckpointError, match="exists"):

@@ -415,9 +415,9 @@ def test_checkpoint_bytes_are_deterministic(tmp_path, model):
 
 # ------------------------------------------------------------------------- typed errors before work
 def test_bad_values_are_typed_errors_before_any_work(model, monkeypatch):
-    import a3mod.api
+    import a3mod.calib
 
-    monkeypatch.setattr(a3mod.api, "collect", lambda *a, **k: pytest.fail("calibration started"))
+    monkeypatch.setattr(a3mod.calib, "collect", lambda *a, **k: pytest.fail("calibration started"))
     with pytest.raises(a3mod.A3ModError, match="passes=None"):
         a3mod.apply(model, None)
     with pytest.raises(RatioError, match="multiple_of=64.*full dimension 8"):

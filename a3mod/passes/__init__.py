@@ -1,9 +1,9 @@
-"""Passes: configs (frozen dataclasses) and their registered handlers (per layer for A3, whole model for baselines)."""
+"""Passes: configs (frozen, versioned `PassConfig` dataclasses) and their handlers in one registry (`PASSES`), each
+with a scope: "layer" (A3QK, A3OV, A3MLP), "model" (baselines, Allocate, A3KV) or "linear" (quantization)."""
 from .a3 import A3MLP, A3OV, A3QK, a3_passes
-from .base import HANDLERS, MODEL_HANDLERS, PASS_TYPES, pass_from_dict, pass_to_dict
 from .allocate import A3KV, Allocate
+from .base import PASS_TYPES, PASSES, PassConfig, PassContext, pass_from_dict, pass_to_dict, scope_of
 from .lowrank import ASVD, SVDLLM, PlainSVD
 
-__all__ = ["A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD",
-           "HANDLERS", "MODEL_HANDLERS",
-           "PASS_TYPES", "pass_from_dict", "pass_to_dict"]
+__all__ = ["A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD", "PASSES",
+           "PASS_TYPES", "PassConfig", "PassContext", "pass_from_dict", "pass_to_dict", "scope_of"]

@@ -12,11 +12,11 @@ import torch
 
 from .. import solvers
 from ..rewrite import LayerWork
-from .base import check_multiple, check_ratio_rank, handler, kept_dim, register_pass
+from .base import PassConfig, PassContext, check_multiple, check_ratio_rank, handler, kept_dim, register_pass, run_pass
 
 
 @dataclass(frozen=True)
-class _RatioOrRank:
+class _RatioOrRank(PassConfig):
     """Give exactly one: `ratio` (fraction of the component's parameters removed) or `rank` (kept dim)."""
     ratio: float | None = None
     rank: int | None = None
@@ -63,11 +63,9 @@ class A3MLP(_A3Dims):
 def build_layer(model, view, passes, stats, mlp: bool = True):
     """Run A3 passes (configs with per-layer handlers) on one layer; returns its compact modules as
     (path in the layer, module) swaps (`LayerWork.build`); mlp=False: attention only."""
-    from .base import HANDLERS
-
     work = LayerWork.from_view(view)
     for p in passes:
-        HANDLERS[type(p)](p, work, stats.layers[view.index], stats.n)
+        run_pass(p, PassContext(work=work, stats=stats.layers[view.index], n=stats.n))
     o = view.o_module()
     return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
@@ -117,8 +115,9 @@ def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | N
     return g - b[..., :, None] * m[..., None, :] - m[..., :, None] * b[..., None, :] + b[..., :, None] * b[..., None, :]
 
 
-@handler(A3QK)
-def apply_qk(cfg: A3QK, work: LayerWork, st: dict, n: int) -> None:
+@handler(A3QK, scope="layer")
+def apply_qk(cfg: A3QK, ctx: PassContext):
+    work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
     full = a.wq.shape[-1]
     if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
@@ -188,8 +187,9 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
     return torch.stack([lr[s // 2] + lp[m - s] for m, s in zip(range(0, full + 1, 2), shares)]), 2
 
 
-@handler(A3OV)
-def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
+@handler(A3OV, scope="layer")
+def apply_ov(cfg: A3OV, ctx: PassContext):
+    work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
     full = a.wv.shape[-1]
     r = ov_kept(cfg, full)
@@ -208,8 +208,9 @@ def apply_ov(cfg: A3OV, work: LayerWork, st: dict, n: int) -> None:
     return loss.sum(0), 1
 
 
-@handler(A3MLP)
-def apply_mlp(cfg: A3MLP, work: LayerWork, st: dict, n: int) -> None:
+@handler(A3MLP, scope="layer")
+def apply_mlp(cfg: A3MLP, ctx: PassContext):
+    work, st, n = ctx.work, ctx.stats, ctx.n
     m = work.mlp
     full = m.up[0].shape[0]
     r = mlp_kept(cfg, full)

@@ -27,7 +27,7 @@ import torch
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..rewrite import LayerWork
 from .a3 import A3MLP, A3OV, A3QK, build_layer
-from .base import HANDLERS, kept_dim, model_handler, register_pass
+from .base import PassConfig, PassContext, handler, kept_dim, register_pass, run_pass
 
 COMPONENTS = ("qk", "ov", "mlp")
 NORMALIZE = ("uniform", "relative", "absolute")
@@ -36,7 +36,7 @@ _PASS = {"qk": A3QK, "ov": A3OV, "mlp": A3MLP}
 
 @register_pass
 @dataclass(frozen=True)
-class Allocate:
+class Allocate(PassConfig):
     """Mixed-rank A3 removing `budget` (fraction of decoder-layer linear params, as uniform A3's ratio)."""
     budget: float
     across: str = "layers"
@@ -98,7 +98,8 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
                 "mlp": (2 if m.gate is not None else 1) * (d.hidden + (m.up[1] is not None)) + d.hidden}
         for comp in COMPONENTS:
             step = _step(comp, full[comp], bool(a.rot_dim))
-            loss, unit = HANDLERS[_PASS[comp]](_PASS[comp](rank=full[comp]), work, stats.layers[v.index], stats.n)
+            loss, unit = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index],
+                                                                              n=stats.n))
             loss = loss[:: step // unit].double()                          # per allocation unit
             uni = kept_dim(comp, full[comp], budget, None, step) // step
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
@@ -135,8 +136,9 @@ def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
     return kept
 
 
-@model_handler(Allocate)
-def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
+@handler(Allocate, scope="model")
+def apply_allocate(cfg: Allocate, ctx: PassContext):
+    model, views, stats = ctx.model, ctx.views, ctx.stats
     cs = curves(views, stats, cfg.budget, cfg.normalize)
     kept = allocate(cs, cfg.across, cfg.min_keep)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
@@ -149,7 +151,7 @@ def apply_allocate(cfg: Allocate, model, views, stats, calib, progress):
 
 @register_pass
 @dataclass(frozen=True)
-class A3KV:
+class A3KV(PassConfig):
     """Attention-only A3 for a KV-cache budget: QK and OV shrink so the cache loses `kv_ratio` of its bytes.
 
     mixed=False: every layer keeps the same q/k and v/o head dims (uniform A3QK + A3OV at kv_ratio).
@@ -170,8 +172,9 @@ class A3KV:
         object.__setattr__(self, "kv_ratio", float(self.kv_ratio))
 
 
-@model_handler(A3KV)
-def apply_a3kv(cfg: A3KV, model, views, stats, calib, progress):
+@handler(A3KV, scope="model")
+def apply_a3kv(cfg: A3KV, ctx: PassContext):
+    model, views, stats = ctx.model, ctx.views, ctx.stats
     cs = [c for c in curves(views, stats, cfg.kv_ratio) if c.comp in ("qk", "ov")]
     for c in cs:                                  # budget unit: cached elements per token
         c.cost = views[c.layer].dims.kv_heads * c.step

@@ -1,39 +1,100 @@
-"""Pass configs: small frozen dataclasses, one registered handler each, JSON round-trip."""
+"""The pass protocol: small frozen, versioned configs (`PassConfig`), one registry (`PASSES`), one handler signature.
+
+Every pass is a frozen dataclass subclassing `PassConfig` and registered with `@register_pass`; its handler is
+registered with `@handler(Config, scope=...)` and always called as `handler(cfg, ctx)` with a `PassContext`:
+
+    scope "layer"   ctx.work (rewrite.LayerWork, float64 weights of one layer), ctx.stats (that layer's statistic
+                    sums), ctx.n (tokens); edits the work in place and returns the component's loss curve and unit
+                    (A3QK, A3OV, A3MLP). Runs layer by layer, so streaming accepts every layer-scope pass.
+    scope "model"   ctx.model, ctx.views, ctx.stats, ctx.calib, ctx.progress; returns the replacements
+                    [(layer index, path in the layer, new module)] (baselines, Allocate, A3KV).
+    scope "linear"  ctx.linear: one nn.Linear; returns its replacement (quantization: BnbInt8, Bnb4bit, HQQ).
+
+`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.KINDS). `pass_to_dict` / `pass_from_dict`
+round-trip configs through JSON with their type and VERSION; a config from a newer a3mod is refused.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..errors import A3ModError, RatioError
 
-PASS_TYPES: dict[str, type] = {}
-HANDLERS: dict[type, Callable] = {}         # per-layer handlers (A3): fn(cfg, work, layer_stats, n_tokens)
-MODEL_HANDLERS: dict[type, Callable] = {}   # whole-model handlers (baselines): fn(cfg, model, views, stats, calib,
-                                            #   progress) -> list of (layer index, path in layer, new module)
+SCOPES = ("layer", "model", "linear")
+PASS_TYPES: dict[str, type] = {}            # config class name -> class (JSON round trip)
+
+
+@dataclass(frozen=True)
+class PassDef:
+    """A registered pass: its config class, scope and handler (cfg, ctx) -> result."""
+    cls: type
+    scope: str
+    fn: Callable
+
+
+PASSES: dict[type, PassDef] = {}
+
+
+@dataclass
+class PassContext:
+    """What a handler may read. Layer scope: work / stats / n; model scope: model, views, stats, calib, progress;
+    linear scope: linear."""
+    model: Any = None
+    views: list | None = None
+    stats: Any = None
+    calib: Any = None
+    progress: bool = True
+    work: Any = None
+    n: int = 0
+    linear: Any = None
+
+
+class PassConfig:
+    """Base of every pass config (frozen dataclasses). VERSION: bumped when a field's meaning changes."""
+    VERSION = 1
+    NEEDS: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return pass_to_dict(self)
 
 
 def register_pass(cls):
-    """Class decorator: make a config dataclass known by name (for JSON round-trip)."""
+    """Class decorator: make a PassConfig dataclass known by name (for JSON round trip)."""
+    if not (isinstance(cls, type) and issubclass(cls, PassConfig) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r}: a pass config is a frozen dataclass subclassing a3mod.passes.base.PassConfig")
     PASS_TYPES[cls.__name__] = cls
     return cls
 
 
-def handler(cls):
-    """Function decorator: the handler that applies config `cls` to one layer's work."""
+def handler(cls, scope: str = "layer"):
+    """Function decorator: register fn(cfg, ctx) as the handler of config `cls`, with its scope."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r}; allowed: {SCOPES}")
+
     def deco(fn):
-        HANDLERS[cls] = fn
+        PASSES[cls] = PassDef(cls, scope, fn)
         return fn
     return deco
 
 
-def model_handler(cls):
-    """Function decorator: the handler that applies config `cls` to a whole model (returns the replacements)."""
-    def deco(fn):
-        MODEL_HANDLERS[cls] = fn
-        return fn
-    return deco
+def pass_def(p) -> PassDef:
+    """The registered pass of config `p`, or an A3ModError listing the known ones."""
+    d = PASSES.get(type(p))
+    if d is None:
+        raise A3ModError(f"{p!r} is not a pass config; known: {sorted(t.__name__ for t in PASSES)}")
+    return d
+
+
+def scope_of(p) -> str:
+    return pass_def(p).scope
+
+
+def run_pass(p, ctx: PassContext):
+    """Call `p`'s handler on `ctx`."""
+    return pass_def(p).fn(p, ctx)
 
 
 def needs(p) -> tuple[str, ...]:
@@ -41,16 +102,67 @@ def needs(p) -> tuple[str, ...]:
     return tuple(getattr(type(p), "NEEDS", ()))
 
 
+# ---------------------------------------------------------------------------------------- number checks
+def is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_fraction(owner: str, name: str, v, *, lo_open: bool = False, hi_open: bool = True, what: str = "",
+                   error=RatioError) -> float:
+    """v in [0, 1) (or (0, 1), [0, 1] by the flags) as a float; `error` naming owner.name and what it means."""
+    lo_ok = v > 0 if lo_open else v >= 0
+    hi_ok = v < 1 if hi_open else v <= 1
+    if not (is_real(v) and math.isfinite(v) and lo_ok and hi_ok):
+        span = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
+        raise error(f"{owner}: {name}={v!r} is outside {span}" + (f" ({what})" if what else ""))
+    return float(v)
+
+
+def check_int(owner: str, name: str, v, lo: int = 1, error=A3ModError) -> int:
+    if not (is_int(v) and v >= lo):
+        raise error(f"{owner}: {name}={v!r} must be an integer >= {lo}")
+    return int(v)
+
+
+def check_bool(owner: str, name: str, v, error=A3ModError) -> bool:
+    if not isinstance(v, bool):
+        raise error(f"{owner}: {name}={v!r} must be True or False")
+    return v
+
+
+def check_choice(owner: str, name: str, v, allowed, error=A3ModError):
+    if v not in allowed:
+        raise error(f"{owner}: {name}={v!r}; allowed: {', '.join(map(repr, allowed))}")
+    return v
+
+
 def pass_to_dict(p) -> dict:
-    return {"type": type(p).__name__, **dataclasses.asdict(p)}
+    return {"type": type(p).__name__, "version": type(p).VERSION, **dataclasses.asdict(p)}
 
 
 def pass_from_dict(d: dict):
+    """The config a `pass_to_dict` dict describes, validated by its constructor; A3ModError for an unknown type,
+    unknown fields or a newer VERSION. Dicts without a version (a3mod < 0.2) are version 1."""
+    if not isinstance(d, dict):
+        raise A3ModError(f"a pass must be a dict with a 'type', got {type(d).__name__}")
     d = dict(d)
     name = d.pop("type", None)
     if name not in PASS_TYPES:
         raise A3ModError(f"unknown pass type {name!r}; known: {sorted(PASS_TYPES)}")
-    return PASS_TYPES[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    cls = PASS_TYPES[name]
+    version = d.pop("version", 1)
+    if not is_int(version) or not 1 <= version <= cls.VERSION:
+        raise A3ModError(f"{name} version {version!r}; this a3mod reads versions 1..{cls.VERSION} (a newer a3mod "
+                         f"wrote it?)")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise A3ModError(f"{name}: unknown fields {unknown}; known: {sorted(fields)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:

@@ -19,7 +19,7 @@ from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..modules import LatentKVAttention, LowRankLinear
 from ..rewrite import _dropout_p
 from .a3 import _RatioOrRank
-from .base import check_ratio_rank, model_handler, register_pass
+from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass
 from .search import Target, asvd_ranks, targets_of
 
 
@@ -42,7 +42,7 @@ _ASVD_PROBE = dict(probe_samples=4, probe_seq_len=512)
 
 @register_pass
 @dataclass(frozen=True)
-class ASVD:
+class ASVD(PassConfig):
     """ASVD: SVD of W diag(mean|x|^alpha), scaling undone; ranks by perplexity sensitivity.
 
     Give one of: ratio (fraction of decoder-layer linear params removed), rank (every linear), or
@@ -130,24 +130,27 @@ def _replace_linears(views, targets, factors) -> list:
 
 
 # ---------------------------------------------------------------------------------------- handlers
-@model_handler(PlainSVD)
-def apply_plain(cfg: PlainSVD, model, views, stats, calib, progress):
+@handler(PlainSVD, scope="model")
+def apply_plain(cfg: PlainSVD, ctx: PassContext):
+    views, progress = ctx.views, ctx.progress
     targets = targets_of(views, kv=False)
     ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda t, w, r: fz.svd_factors(w, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "plain SVD"))
 
 
-@model_handler(SVDLLM)
-def apply_svdllm(cfg: SVDLLM, model, views, stats, calib, progress):
+@handler(SVDLLM, scope="model")
+def apply_svdllm(cfg: SVDLLM, ctx: PassContext):
+    views, stats, progress = ctx.views, ctx.stats, ctx.progress
     targets = targets_of(views, kv=False)
     ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda t, w, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "SVD-LLM"))
 
 
-@model_handler(ASVD)
-def apply_asvd(cfg: ASVD, model, views, stats, calib, progress):
+@handler(ASVD, scope="model")
+def apply_asvd(cfg: ASVD, ctx: PassContext):
+    model, views, stats, calib, progress = ctx.model, ctx.views, ctx.stats, ctx.calib, ctx.progress
     kv = cfg.kv_ratio is not None
     if kv:
         _check_kv_mode(model, views)

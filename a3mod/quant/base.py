@@ -29,8 +29,13 @@ class QuantHandler:
     check: Callable[[Any, int, int], str | None] = lambda cfg, in_f, out_f: None   # problem with a shape, or None
 
 
-def register_quant(cls, handler: QuantHandler) -> None:
-    QUANT_HANDLERS[cls] = handler
+def register_quant(cls, backend: QuantHandler) -> None:
+    """Register a quantization config: its backend (library, quantize, restore, check) and, in the pass registry,
+    a linear-scope handler that quantizes ctx.linear."""
+    from ..passes.base import handler
+
+    QUANT_HANDLERS[cls] = backend
+    handler(cls, scope="linear")(lambda cfg, ctx: backend.quantize(cfg, ctx.linear))
 
 
 def handler_for(cfg) -> QuantHandler:

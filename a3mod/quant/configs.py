@@ -10,7 +10,7 @@ import numbers
 from dataclasses import dataclass
 
 from ..errors import A3ModError
-from ..passes.base import register_pass
+from ..passes.base import PassConfig, register_pass
 
 
 class QuantizationError(A3ModError):
@@ -29,7 +29,7 @@ def _int(x) -> bool:
 
 @register_pass
 @dataclass(frozen=True)
-class BnbInt8:
+class BnbInt8(PassConfig):
     """bitsandbytes LLM.int8 (`Linear8bitLt`): int8 weights with one fp32 scale per output row.
 
     threshold: activation outlier threshold of the mixed-precision decomposition; 0 = pure int8.
@@ -46,7 +46,7 @@ class BnbInt8:
 
 @register_pass
 @dataclass(frozen=True)
-class Bnb4bit:
+class Bnb4bit(PassConfig):
     """bitsandbytes 4-bit (`Linear4bit`): NF4 or FP4 codes, one absmax per `blocksize` weights.
 
     compress_statistics: also quantize the absmax values to 8 bits (QLoRA's double quantization).
@@ -68,7 +68,7 @@ class Bnb4bit:
 
 @register_pass
 @dataclass(frozen=True)
-class HQQ:
+class HQQ(PassConfig):
     """HQQ (`hqq.core.quantize.HQQLinear`): `nbits` codes, a scale and a zero per group of `group_size` weights.
 
     axis: 1 groups along the input dim (rows of W, the usual choice), 0 along the output dim. Every quantized

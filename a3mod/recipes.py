@@ -1,0 +1,56 @@
+"""Method names -> pass lists: the one table the CLI (`--method`) and every benchmark use.
+
+    recipes.passes("a3", ratio=0.2)                      # [A3QK(0.2), A3OV(0.2), A3MLP(0.2)]
+    recipes.passes("a3-mix", ratio=0.2, across="all")    # [Allocate(0.2, across="all")]
+    recipes.passes("a3", kv_ratio=0.5)                   # [A3KV(0.5)]  (attention only, to a KV budget)
+    recipes.passes("asvd", kv_ratio=0.5)                 # [ASVD(kv_ratio=0.5)]  (KV-cache mode)
+
+`LABELS` gives each method the name the result tables print.
+"""
+from __future__ import annotations
+
+from .errors import RatioError
+from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, Allocate, PlainSVD
+
+METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
+LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd": "SVD"}
+
+
+def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = None, across: str = "layers",
+           qk_ratio: float | None = None, ov_ratio: float | None = None, mlp_ratio: float | None = None,
+           multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
+           probe_seq_len: int = 512, names: dict[str, str] | None = None) -> list:
+    """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
+    `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
+    rounds A3's kept dims; alpha, rank_search and probe_* are ASVD's. RatioError for a combination that does not
+    make sense, naming it (`names` maps parameter names to how the caller spells them, e.g. CLI flags)."""
+    n = lambda k: (names or {}).get(k, k)  # noqa: E731
+    overrides = any(x is not None for x in (qk_ratio, ov_ratio, mlp_ratio))
+    if method not in METHODS:
+        raise RatioError(f"method {method!r}; allowed: {', '.join(METHODS)}")
+    if multiple_of is not None and (method != "a3" or kv_ratio is not None):
+        raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
+                         f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
+    if kv_ratio is not None and method not in ("asvd", "a3", "a3-mix"):
+        raise RatioError(f"{n('kv_ratio')} is for methods a3, a3-mix or asvd, not {method!r}")
+    if method in ("a3", "a3-mix") and kv_ratio is not None:
+        if ratio is not None or overrides:
+            raise RatioError(f"{n('kv_ratio')} (A3KV, attention only) takes no {n('ratio')} / qk/ov/mlp ratios")
+        return [A3KV(kv_ratio=kv_ratio, mixed=method == "a3-mix")]
+    if method == "asvd":
+        if (ratio is None) == (kv_ratio is None):
+            raise RatioError(f"method asvd needs exactly one of {n('ratio')} and {n('kv_ratio')}")
+        return [ASVD(ratio=ratio, kv_ratio=kv_ratio, alpha=alpha, rank_search=rank_search,
+                     probe_samples=probe_samples, probe_seq_len=probe_seq_len)]
+    if ratio is None:
+        raise RatioError(f"method {method} needs {n('ratio')} (fraction of decoder-layer linear params removed)")
+    if method == "a3":
+        pick = lambda x: ratio if x is None else x  # noqa: E731
+        m = multiple_of
+        return [A3QK(ratio=pick(qk_ratio), multiple_of=m), A3OV(ratio=pick(ov_ratio), multiple_of=m),
+                A3MLP(ratio=pick(mlp_ratio), multiple_of=m)]
+    if overrides:
+        raise RatioError(f"qk/ov/mlp ratios are A3 options; method {method} takes only {n('ratio')}")
+    if method == "a3-mix":
+        return [Allocate(budget=ratio, across=across)]
+    return [{"svd-llm": SVDLLM, "svd": PlainSVD}[method](ratio=ratio)]
