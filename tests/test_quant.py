@@ -348,9 +348,10 @@ def test_nf4_rows_not_a_multiple_of_the_blocksize(in_features):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("compress_statistics", [False, True])
 def test_4bit_rows_not_a_multiple_of_the_blocksize_dequantize_flat(quant_type, compress_statistics):
-    """Regression: bitsandbytes 0.50's CPU dequantize starts a new block at every row of a 2-D quant state; a3mod's
-    Linear4bit dequantizes the flat weight, so the layer equals the flat round trip of its weight exactly, and
-    weights with outlier columns (as in real down_proj weights) keep the format's error instead of losing ~50%."""
+    """Regression: bitsandbytes 0.50.0's CPU dequantize started a new block at every row of a 2-D quant state
+    (0.50.2, installed here, does not); a3mod's Linear4bit dequantizes the flat weight, so the layer equals the flat
+    round trip of its weight exactly, and weights with outlier columns (as in real down_proj weights) keep the
+    format's error (the per-row blocking lost ~50% where the kernel had the bug)."""
     import bitsandbytes.functional as F
 
     from a3mod.quant.base import handler_for
@@ -372,4 +373,4 @@ def test_4bit_rows_not_a_multiple_of_the_blocksize_dequantize_flat(quant_type, c
         torch.testing.assert_close(q(x), nn.functional.linear(x, w_flat, lin.bias), rtol=1e-5, atol=1e-5)
         err = ((q(x) - lin(x)).norm() / lin(x).norm()).item()
         err_rows = ((nn.functional.linear(x, w_rows, lin.bias) - lin(x)).norm() / lin(x).norm()).item()
-    assert err < 0.25 and err_rows > 1.5 * err, (err, err_rows)
+    assert err < 0.25 and err <= err_rows * (1 + 1e-6), (err, err_rows)
