@@ -16,6 +16,7 @@ from .quant import is_quantized, quant_swaps, split_quant
 from .quant.base import handler_for
 from .report import linear_param_count
 from .rewrite import set_child
+from .verify import verify_model
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
 
@@ -81,6 +82,8 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
                          "quantization pass, in one call)")
     if scope_of(passes[0]) == "layer":
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
+    if any(p.rebuilds_layers() for p in passes):
+        verify_model(model, views)               # the description reproduces every layer structure at full rank
     stats = Stats.ensure(model, calib, {k for p in passes for k in needs(p)}, stats, progress=progress,
                          who=str([type(p).__name__ for p in passes]))
     if stats is not None:

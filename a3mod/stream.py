@@ -49,6 +49,7 @@ from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
 from .passes import PASSES, pass_to_dict
 from .passes.a3 import build_layer, preflight
+from .verify import check_layer, structure_key
 from .report import linear_param_count
 from .rewrite import set_child
 
@@ -404,8 +405,10 @@ def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, devic
     calls = (_prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device)
              if start < len(layers) else {})
     n_local = int(shard.numel())
+    verified: set = set()        # structure keys whose full-rank rewrite was checked (a3mod.verify)
     for i in tqdm(range(start, len(layers)), desc="streaming", disable=not progress or rank != 0, unit="layer"):
-        _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device)
+        _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device,
+                   verified)
     distributed.barrier()
     if rank == 0:
         gen = (GenerationConfig.from_pretrained(src, **NO_CODE) if (src / "generation_config.json").exists()
@@ -442,9 +445,11 @@ def _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, devic
     return calls
 
 
-def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device) -> None:
+def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device,
+               verified: set) -> None:
     """Statistics of original layer i over every batch (outputs kept as layer i+1's inputs), all-reduced;
-    on the layer's owner rank solve, build and write the compressed layer. Layer i is freed afterwards."""
+    on the layer's owner rank solve, build and write the compressed layer. Layer i is freed afterwards. The first
+    layer of each structure is verified first (its full-rank rewrite on the first batch == the original)."""
     layer = layers[i]
     prefix = f"{spec.layers}.{i}."
     sd = source.read([prefix + k for k in layer.state_dict()], dtype, device)
@@ -454,6 +459,10 @@ def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_l
         raise UnsupportedModelError(f"layer {i} has tensors that are neither in the checkpoint nor rebuildable "
                                     f"(non-persistent buffers); streaming does not support this model type yet")
     view = layer_views(skel)[i]
+    key = structure_key(layer)
+    if key not in verified:
+        check_layer(skel, view, *_with_hidden(calls[tuple(batches[0].shape)][i], store.get(i, 0).to(device)))
+        verified.add(key)
     orig = linear_param_count(layer)
     with recording([view]) as (acc,):
         for b, ids in enumerate(batches):

@@ -10,7 +10,9 @@ registered with `@handler(Config, scope=...)` and always called as `handler(cfg,
                     [(layer index, path in the layer, new module)] (baselines, Allocate, A3KV).
     scope "linear"  ctx.linear: one nn.Linear; returns its replacement (quantization: BnbInt8, Bnb4bit, HQQ).
 
-`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.KINDS). `pass_to_dict` / `pass_from_dict`
+`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.KINDS). `rebuilds_layers()`: the pass builds
+compact attention / MLP modules from the layer description, so `a3mod.verify` checks that description first (the
+low-rank baselines that only factor linears say False). `pass_to_dict` / `pass_from_dict`
 round-trip configs through JSON with their type and VERSION; a config from a newer a3mod is refused.
 """
 from __future__ import annotations
@@ -56,6 +58,9 @@ class PassConfig:
     """Base of every pass config (frozen dataclasses). VERSION: bumped when a field's meaning changes."""
     VERSION = 1
     NEEDS: tuple[str, ...] = ()
+
+    def rebuilds_layers(self) -> bool:
+        return True
 
     def to_dict(self) -> dict:
         return pass_to_dict(self)

@@ -29,12 +29,18 @@ class PlainSVD(_RatioOrRank):
     """Truncated SVD of every decoder-layer linear, no activation information (the floor to beat)."""
     NEEDS = ()
 
+    def rebuilds_layers(self) -> bool:
+        return False
+
 
 @register_pass
 @dataclass(frozen=True)
 class SVDLLM(_RatioOrRank):
     """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
     NEEDS = ("gram",)
+
+    def rebuilds_layers(self) -> bool:
+        return False
 
 
 _ASVD_PROBE = dict(probe_samples=4, probe_seq_len=512)
@@ -59,6 +65,9 @@ class ASVD(PassConfig):
     probe_samples: int = _ASVD_PROBE["probe_samples"]
     probe_seq_len: int = _ASVD_PROBE["probe_seq_len"]
     NEEDS = ("absmean",)
+
+    def rebuilds_layers(self) -> bool:      # KV-cache mode builds LatentKVAttention from the attention's description
+        return self.kv_ratio is not None
 
     def __post_init__(self):
         given = [n for n in ("ratio", "rank", "kv_ratio") if getattr(self, n) is not None]

@@ -1,0 +1,153 @@
+"""Self-verification of an architecture description: no model is compressed on a description that does not
+reproduce the original at full rank.
+
+Before a pass runs, `verify_model` rewrites one layer of each distinct structure with the compact modules built
+from its description (adapter or graph discovery) with nothing removed, runs it on the inputs that layer
+receives from a short probe, and compares its output with the original layer's. The attention is swapped in
+first on its own, then the MLP as well, so a mismatch names the part whose description is wrong, with the facts
+a3mod read for it (q/k/v layout, RoPE layout and rotary dims, scale, softcap, q/k norm, activation, gating).
+The tolerance is round-off of the model's dtype; the error is relative to what the layer adds to its input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import LayerView, get_path
+from .errors import DiscoveryError
+from .rewrite import LayerWork, set_child
+
+_NOT_STRUCTURE = ("layer_idx", "layer_id", "layer_number", "idx", "layer_index")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verified layer: its index, the layers sharing its structure, and the relative errors found."""
+
+    index: int
+    same: tuple[int, ...]
+    attn_error: float
+    layer_error: float
+    tol: float
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed for round-off: 1e-4 in fp32/fp64, 64 ulps in half precision."""
+    return max(1e-4, 64 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+
+
+def structure_key(layer: nn.Module) -> tuple:
+    """Layers with equal keys compute the same function of their weights: the same module classes, parameter
+    shapes and scalar settings (sliding window, attention type, ...; the layer's own index excluded)."""
+    mods, attrs = [], []
+    for name, m in layer.named_modules():
+        mods.append((name, type(m).__name__, tuple((n, tuple(p.shape)) for n, p in m.named_parameters(recurse=False))))
+        for k, v in vars(m).items():
+            if not k.startswith("_") and k != "training" and k not in _NOT_STRUCTURE and (
+                    v is None or isinstance(v, (bool, int, float, str))):
+                attrs.append((name, k, v))
+    return type(layer), tuple(mods), tuple(attrs)
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _describe(view: LayerView) -> tuple[str, str]:
+    """What a3mod read about the attention and the MLP of `view`, for the error message."""
+    s, d = view.spec, view.dims
+    qkv = f"fused {s.qkv} ({s.qkv_layout})" if s.qkv else f"{s.q}/{s.k}/{s.v}"
+    rope = f"RoPE {d.rope} over {d.rot_dim} of {d.head_dim} dims" if d.rot_dim else "no RoPE"
+    attn = (f"{qkv} -> {s.o}; {d.heads} heads, {d.kv_heads} KV heads, head dim {d.head_dim}; {rope}; scale "
+            f"{float(getattr(view.attn, 'scaling', d.head_dim ** -0.5)):g}" + (f"; softcap {view.softcap():g}"
+                                                                                  if s.softcap else "")
+            + (f"; q/k norm over {'each head' if s.qk_norm == 'head' else 'the projection'}" if s.qk_norm else ""))
+    gate = f"gate {s.gate_up or s.gate} (gated)" if (s.gate or s.gate_up) else "not gated"
+    mlp = f"up {s.up}, {gate}, down {s.down}, activation config.{s.act}"
+    return attn, mlp
+
+
+@torch.no_grad()
+def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, same=()) -> Check:
+    """Full-rank rewrite of `view`'s layer vs the original on (args, kwargs); DiscoveryError when they differ."""
+    layer = view.layer
+    was = layer.training
+    layer.eval()
+    o = view.o_module()
+    dtype, device = o.weight.dtype, o.weight.device
+    x = args[0] if args else kwargs.get("hidden_states")
+    ref = _hidden(layer(*args, **kwargs))
+    scale = float((ref - x).norm()) if x is not None and x.shape == ref.shape else float(ref.norm())
+    scale = max(scale, 1e-30)
+    tol = tolerance(dtype)
+    work = LayerWork.from_view(view)
+    errs = []
+    try:
+        for mlp in (False, True):
+            swaps = work.build(model.config, dtype, device, mlp=mlp)
+            old = [(path, get_path(layer, path)) for path, _ in swaps]
+            try:
+                for path, new in swaps:
+                    set_child(layer, path, new.eval())
+                err = float((_hidden(layer(*args, **kwargs)) - ref).norm()) / scale
+            finally:
+                for path, mod in old:
+                    set_child(layer, path, mod)
+            errs.append(err)
+            if not err <= tol:          # NaN fails too
+                attn, mlp_text = _describe(view)
+                part = "the MLP" if mlp else "the attention"
+                facts = mlp_text if mlp else attn
+                raise DiscoveryError(
+                    f"layer {view.index} ({type(layer).__name__}{', like layers ' + str(list(same)) if same else ''}):"
+                    f" a3mod's full-rank rewrite of {part} does not reproduce the original (relative error "
+                    f"{err:.2e} > {tol:.0e}), so a role or feature of it is not what a3mod read: {facts}. Nothing "
+                    f"was compressed; this model type needs an adapter or a feature a3mod does not model yet")
+    finally:
+        layer.train(was)
+    return Check(view.index, tuple(same), errs[0], errs[1], tol)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) -> list[Check]:
+    """Check one layer of every distinct structure (`structure_key`) on a probe of `seq_len` tokens; the
+    forward pass stops once the last of them has its inputs. Returns the checks; raises DiscoveryError."""
+    groups: dict[tuple, list[int]] = {}
+    for v in views:
+        groups.setdefault(structure_key(v.layer), []).append(v.index)
+    reps = {g[0]: tuple(g[1:]) for g in groups.values()}
+    calls: dict[int, tuple] = {}
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            calls.setdefault(i, (args, dict(kwargs)))
+            if len(calls) == len(reps):
+                raise _Stop
+        return hook
+
+    hooks = [views[i].layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i in reps]
+    was = model.training
+    vocab = getattr(model.config, "vocab_size", None) or 2
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
+    try:
+        model.eval()
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    missing = [i for i in reps if i not in calls]
+    if missing:
+        raise DiscoveryError(f"layers {missing} were not called by a forward pass on input_ids; a3mod cannot verify "
+                             "its description of them")
+    return [check_layer(model, views[i], *calls[i], same=reps[i]) for i in sorted(reps)]
