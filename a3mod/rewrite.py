@@ -31,6 +31,15 @@ def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
     return p
 
 
+def rope_table_index(rot_dim: int, table: str) -> Tensor:
+    """Index into the model's (cos, sin) table for each dim of a head in rotate_half layout: dim d rotates at
+    frequency d mod rot/2, which a "half" table holds at d and an "interleaved" table at 2 (d mod rot/2)."""
+    if table not in ("half", "interleaved"):
+        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved'")
+    d = torch.arange(rot_dim)
+    return d if table == "half" else 2 * (d % max(rot_dim // 2, 1))
+
+
 @dataclass
 class AttnWork:
     wq: Tensor            # (H, d_in[+1], r_qk)   query heads, bias row last if q_bias
@@ -77,7 +86,7 @@ class LayerWork:
             wq=heads(wq, bq, d.heads)[..., perm], wk=heads(wk, bk, d.kv_heads)[..., perm],
             wv=heads(wv, bv, d.kv_heads), wo=wo.detach().double().t().reshape(d.heads, d.head_dim, d.hidden),
             bo=None if bo is None else bo.detach().double(),
-            rope_index=perm[: d.rot_dim].repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
+            rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
             q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm)
         gate, up, down = v.mlp_params()
         f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
@@ -92,9 +101,9 @@ class LayerWork:
         a, d, v = self.attn, self.view.dims, self.view
         kw = dict(device=device, dtype=dtype)
         old = v.attn
-        dropout = getattr(old, "attention_dropout", None)
-        if dropout is None:      # GPT-2: attn_dropout (nn.Dropout); OPT / BERT: dropout (float / nn.Dropout)
-            dropout = _dropout_p(old, "attn_dropout") or _dropout_p(old, "dropout")
+        # attention_dropout (a float, or an nn.Dropout in Persimmon); GPT-2: attn_dropout; OPT / BERT: dropout
+        dropout = next((_dropout_p(old, n) for n in ("attention_dropout", "attn_dropout", "dropout")
+                        if getattr(old, n, None) is not None), 0.0)
         attn = ReducedHeadAttention(
             config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,

@@ -69,6 +69,19 @@ def _describe(view: LayerView) -> tuple[str, str]:
     return attn, mlp
 
 
+def _unused(view: LayerView, mlp: bool) -> list[str]:
+    """Parameters of the attention (or MLP) module that the description does not use: often the feature missed
+    (attention sinks, a norm on the attention output, a learned scale)."""
+    s = view.spec
+    if mlp and not s.mlp:
+        return []
+    root = view.mlp if mlp else view.attn
+    used = [s.gate, s.up, s.down, s.gate_up] if mlp else [
+        s.q, s.k, s.v, s.qkv, None if s.o_from_layer else s.o, *(s.qk_norm_names if s.qk_norm else ())]
+    used = [u for u in used if u]
+    return [n for n, _ in root.named_parameters() if not any(n == u or n.startswith(u + ".") for u in used)]
+
+
 @torch.no_grad()
 def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, same=()) -> Check:
     """Full-rank rewrite of `view`'s layer vs the original on (args, kwargs); DiscoveryError when they differ."""
@@ -100,6 +113,9 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
                 attn, mlp_text = _describe(view)
                 part = "the MLP" if mlp else "the attention"
                 facts = mlp_text if mlp else attn
+                unused = _unused(view, mlp)
+                if unused:
+                    facts += f"; parameters it does not use: {', '.join(unused[:6])}"
                 raise DiscoveryError(
                     f"layer {view.index} ({type(layer).__name__}{', like layers ' + str(list(same)) if same else ''}):"
                     f" a3mod's full-rank rewrite of {part} does not reproduce the original (relative error "

@@ -7,6 +7,9 @@ tests/test_zoo.py and by evals/zoo_table.py, which writes the README's support t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import transformers
 from transformers import CONFIG_MAPPING
@@ -36,7 +39,15 @@ _SIZES = {
     "head_dim": 16, "kv_channels": 16,
     "vocab_size": VOCAB, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "max_seq_len": 128,
     "seq_length": 128,
+    # partial rotary given in dims (GPT-J, CodeGen), multi-head latent attention, experts, linear attention / SSMs
+    "rotary_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32,
+    "q_lora_rank": 48, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 4,
+    "n_routed_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 1, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16,
+    "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16,
 }
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
 def zoo_types() -> list[str]:
@@ -45,26 +56,43 @@ def zoo_types() -> list[str]:
 
 
 def tiny_zoo_config(mtype: str):
-    """The type's default config with every size field that exists shrunk (`_SIZES`), tied ids inside the vocab."""
+    """The type's default config with every size field that exists shrunk (`_SIZES`), token ids inside the vocab,
+    and as few layers as keep every distinct layer type of its default pattern (hybrids keep attention layers)."""
     cfg = CONFIG_MAPPING[mtype]()
     text = getattr(cfg, "text_config", None)
     for c in (cfg,) + ((text,) if text is not None and text is not cfg else ()):
+        n_orig = next((getattr(c, k) for k in _LAYER_COUNTS if isinstance(getattr(c, k, None), int)), None)
+        lt = getattr(c, "layer_types", None)
+        n = 2
+        if isinstance(lt, (list, tuple)) and lt:
+            kinds = set(lt)
+            n = max(2, next(i + 1 for i in range(len(lt)) if set(lt[: i + 1]) == kinds))
         for k, v in _SIZES.items():
             if k in c.to_dict() or hasattr(c, k):
-                try:
-                    setattr(c, k, v)
-                except (AttributeError, TypeError, ValueError):
-                    pass
+                _set(c, k, n if k in _LAYER_COUNTS else v)
+        if getattr(c, "qk_rope_head_dim", None):      # multi-head latent attention: head_dim is the RoPE part
+            _set(c, "head_dim", _SIZES["qk_rope_head_dim"])
+            _set(c, "num_key_value_heads", _SIZES["num_attention_heads"])
+        if hasattr(c, "attn_layer_indices") and not getattr(c, "attn_layer_indices"):    # Bamba: one attention layer
+            _set(c, "attn_layer_indices", [1])
+        for k, v in list(vars(c).items()):     # per-layer lists (layer_types, mlp_layer_types, ...): first n
+            if isinstance(v, list) and n_orig and len(v) == n_orig and not k.startswith("_"):
+                _set(c, k, v[:n])
         for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             tok = getattr(c, k, None)
             if isinstance(tok, int) and tok >= VOCAB:
                 setattr(c, k, 1)
             elif isinstance(tok, list):
                 setattr(c, k, [t if t < VOCAB else 1 for t in tok])
-        if getattr(c, "layer_types", None) is not None:
-            c.layer_types = list(c.layer_types)[: _SIZES["num_hidden_layers"]]
         c.initializer_range = 0.1
     return cfg
+
+
+def _set(c, k, v) -> None:
+    try:
+        setattr(c, k, v)
+    except (AttributeError, TypeError, ValueError):      # a derived property (Jamba's layer_types)
+        pass
 
 
 def tiny_zoo_model(mtype: str, seed: int = 0):
@@ -78,3 +106,79 @@ def tiny_zoo_model(mtype: str, seed: int = 0):
             elif p.dim() == 1 and ("norm" in name or "ln" in name):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
     return model
+
+
+# ----------------------------------------------------------------------------------------- checks
+@dataclass
+class Result:
+    """What a3mod did with one model type: "compressed" (every check passed), "refused" (a typed a3mod error
+    naming the reason, the model untouched) or "not run" (the tiny config does not run in transformers itself)."""
+
+    mtype: str
+    status: str
+    detail: str
+
+
+def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _greedy(model, prompt, use_cache: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, use_cache=use_cache,
+                              pad_token_id=0, attention_mask=torch.ones_like(prompt))
+
+
+def short_reason(e: Exception) -> str:
+    """The part of an a3mod error that names what is missing, on one line."""
+    msg = " ".join(str(e).split())
+    if "could not describe it:" in msg:
+        msg = "discovery: " + msg.split("could not describe it:", 1)[1].strip()
+    elif "full-rank rewrite of" in msg:
+        part = msg.split("full-rank rewrite of ", 1)[1].split(" does not", 1)[0]
+        unused = msg.split("parameters it does not use: ", 1)[1].split(". Nothing", 1)[0] if "does not use" in msg \
+            else ""
+        msg = f"self-check: the rewrite of {part} does not reproduce the layer" + (
+            f" (unmodelled parameters: {unused})" if unused else "")
+    return msg[:240]
+
+
+def check_type(mtype: str, tmp_dir) -> Result:
+    """Full-rank equivalence, 30% finite and on target, cached generate == uncached, save/load bit exact; or a
+    typed refusal that leaves the model as it was. An untyped error from a3mod propagates (a test failure)."""
+    import a3mod
+    from a3mod.errors import A3ModError
+
+    ids, calib = _ids(2, 12, 0), _ids(4, 16, 1)
+    try:
+        model = tiny_zoo_model(mtype)
+        ref = _logits(model, ids)
+    except Exception as e:                       # transformers' own model at this size
+        return Result(mtype, "not run", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    try:
+        a3mod.apply(model, a3mod.a3_passes(0.0), calib=calib, progress=False)
+    except A3ModError as e:
+        assert torch.equal(_logits(model, ids), ref), f"{mtype}: a refused apply changed the model"
+        return Result(mtype, "refused", short_reason(e))
+    rel = float((_logits(model, ids) - ref).norm() / ref.norm())
+    assert rel < 1e-4, f"{mtype}: ratio 0 is not exact (relative error {rel:.2e})"
+    model = tiny_zoo_model(mtype)
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib, progress=False)
+    out = _logits(model, ids)
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref), mtype
+    rep = a3mod.report(model)
+    assert 0.2 <= rep.ratio <= 0.4, f"{mtype}: report ratio {rep.ratio:.3f} for target 0.3"
+    prompt = _ids(1, 6, 5)
+    cached, uncached = _greedy(model, prompt, True), _greedy(model, prompt, False)
+    assert torch.equal(cached, uncached), f"{mtype}: cached generate != uncached"
+    loaded = a3mod.load(a3mod.save(model, Path(tmp_dir) / mtype))
+    sa, sb = model.state_dict(), loaded.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f"{mtype}: save/load differs"
+    assert torch.equal(_logits(loaded, ids), out), f"{mtype}: loaded model's logits differ"
+    kv = rep.kv_bytes_per_token() / rep.kv_bytes_per_token(True)
+    return Result(mtype, "compressed", f"at 30%: {rep.ratio:.1%} of layer params removed, KV cache x{kv:.2f}")

@@ -30,6 +30,8 @@ class ArchSpec:
     act: str = "hidden_act"        # config attribute holding the activation name
     norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
+    rope_table: str = "half"       # layout of the (cos, sin) the model passes: "half" (cat(freqs, freqs), the HF
+                                   # default, also for interleaved heads) or "interleaved" (each freq twice in a row)
     conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
     rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
     qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,

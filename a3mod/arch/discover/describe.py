@@ -255,4 +255,17 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
                 for i in range(len(layers)))
     rotary = _rotary_path(cap, cap.calls[wanted[0]][1])
     return Discovery(getattr(config, "model_type", None), path, rotary, out, len(wanted),
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, _table_layout(cap.calls[wanted[0]][1].get("position_embeddings")))
+
+
+def _table_layout(pe) -> str | None:
+    """"half" when the cos table is cat(freqs, freqs), "interleaved" when each frequency sits twice in a row."""
+    if not isinstance(pe, (tuple, list)) or not pe or not isinstance(pe[0], torch.Tensor) or pe[0].shape[-1] < 2:
+        return None
+    cos = pe[0]
+    r = cos.shape[-1]
+    if torch.equal(cos[..., : r // 2], cos[..., r // 2:]):
+        return "half"
+    if torch.equal(cos[..., 0::2], cos[..., 1::2]):
+        return "interleaved"
+    return "other"

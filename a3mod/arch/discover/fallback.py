@@ -42,6 +42,8 @@ def _to_spec(r: Discovery):
         problems.append("RoPE cos/sin are computed inside the layer, not passed in as position_embeddings")
     if d.rope and r.rotary is None:
         problems.append("no module of the model produces the layers' (cos, sin)")
+    if d.rope and r.rope_table not in (None, "half", "interleaved"):
+        problems.append("the (cos, sin) table is neither cat(freqs, freqs) nor interleaved")
     if d.gate_up_layout not in (None, "[gate|up]"):
         problems.append(f"fused gate/up layout {d.gate_up_layout}")
     if d.v_head_dim != d.head_dim:
@@ -63,7 +65,8 @@ def _to_spec(r: Discovery):
     attn = d.attn_module
     mlp = d.mlp_module
     kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=mlp, act=d.act_config, conv1d=d.q.conv1d,
-                              rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp))
+                              rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp),
+                              rope_table=r.rope_table or "half")
     if d.qkv_layout is None:
         kw.update(q=_rel(d.q.module, attn), k=_rel(d.k.module, attn), v=_rel(d.v.module, attn), qkv=None)
     else:

@@ -108,6 +108,7 @@ class Discovery:
     layers: tuple[LayerDiscovery, ...]
     exported: int                    # how many layers were exported (the rest share their structure)
     seconds: float
+    rope_table: str | None = None    # layout of the (cos, sin) passed in: "half", "interleaved" (None: none seen)
 
     def summary(self, evidence: bool = False) -> str:
         """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
