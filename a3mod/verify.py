@@ -104,7 +104,13 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
             try:
                 for path, new in swaps:
                     set_child(layer, path, new.eval())
-                err = float((_hidden(layer(*args, **kwargs)) - ref).norm()) / scale
+                try:
+                    err = float((_hidden(layer(*args, **kwargs)) - ref).norm()) / scale
+                except Exception as e:       # the layer calls its attention / MLP in a way the modules do not take
+                    raise DiscoveryError(
+                        f"layer {view.index} ({type(layer).__name__}): the layer cannot run a3mod's rewrite of "
+                        f"{'the MLP' if mlp else 'the attention'} ({type(e).__name__}: {str(e)[:200]}); it calls "
+                        f"that part in a way a3mod's modules do not support. Nothing was compressed") from e
             finally:
                 for path, mod in old:
                     set_child(layer, path, mod)

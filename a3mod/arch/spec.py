@@ -28,6 +28,7 @@ class ArchSpec:
     up: str = "up_proj"
     down: str = "down_proj"
     act: str = "hidden_act"        # config attribute holding the activation name
+    act_name: str | None = None    # ... or the activation's transformers ACT2FN name itself (no config attribute)
     norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
     rope_table: str = "half"       # layout of the (cos, sin) the model passes: "half" (cat(freqs, freqs), the HF

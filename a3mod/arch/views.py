@@ -88,7 +88,7 @@ class LayerView:
                 "attn_out": [s.o if s.o_from_layer else a(s.o)], "mlp_in": mlp_in, "mlp_mid": [m(s.down)]}
 
     def act_name(self, config) -> str:
-        return getattr(config, self.spec.act)
+        return self.spec.act_name or getattr(config, self.spec.act)
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:

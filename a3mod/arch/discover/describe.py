@@ -11,8 +11,8 @@ from torch import fx, nn
 from ...errors import DiscoveryError
 from .graph import _Graph, _Lin, _Trace, _opname, _replay, _shape
 from .roles import (
-    _Attn, _Mlp, _act_config, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after, _norm_into,
-    _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
+    _Attn, _Mlp, _act_config, _act_literal, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after,
+    _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
 )
 from .types import Discovery, LayerDiscovery, Role, _common_parent
 
@@ -64,7 +64,8 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
         causal=a.causal, scale=scale, softcap=a.softcap, rope=rope, rot_dim=rot,
         rope_source=_rope_source(g, a.q, q.lin) if rope else None, q_norm=qn, k_norm=kn, qk_norm_scope=qscope,
         gate=m.gate, up=m.up, down=m.down, gate_up_layout=m.fused, act=m.act,
-        act_config=_act_config(config, m.act, m.act_ops), input_norm=_norm_into(g, q.lin.x),
+        act_config=_act_config(config, m.act, m.act_ops), act_name=_act_literal(m.act, m.act_ops),
+        input_norm=_norm_into(g, q.lin.x),
         mlp_norm=_norm_into(g, m.inputs[0].x), attn_out_norm=_norm_after(g, o.node),
         mlp_out_norm=_norm_after(g, _down_node(g, m)), output_norm=_norm_into(g, _layer_out(g)),
         parallel_residual=parallel, attn_dropout_module=_dropout_after(g, o.node),
@@ -171,7 +172,7 @@ class _Capture:
     def _post(self, name):
         def hook(mod, args, out):
             if isinstance(out, tuple) and out and all(isinstance(t, torch.Tensor) for t in out):
-                self.outputs.setdefault(name, out)
+                self.outputs.setdefault(name, []).append(out)     # every call (Gemma-3: one per layer type)
         return hook
 
     def close(self):
@@ -207,7 +208,7 @@ def _rotary_path(cap: _Capture, kwargs: dict) -> str | None:
     pe = kwargs.get("position_embeddings")
     if not isinstance(pe, (tuple, list)) or not pe or not isinstance(pe[0], torch.Tensor):
         return None
-    return next((name for name, out in cap.outputs.items() if out[0] is pe[0]), None)
+    return next((name for name, outs in cap.outputs.items() if any(out[0] is pe[0] for out in outs)), None)
 
 
 def _export(layer: nn.Module, index: int, args, kwargs):

@@ -48,7 +48,7 @@ def _to_spec(r: Discovery):
         problems.append(f"fused gate/up layout {d.gate_up_layout}")
     if d.v_head_dim != d.head_dim:
         problems.append(f"value head dim {d.v_head_dim} != query/key head dim {d.head_dim}")
-    if d.act_config is None:
+    if d.act_config is None and d.act_name is None:
         problems.append(f"no config attribute names the MLP activation {d.act}")
     if abs((d.scaling_attr if d.scaling_attr is not None else d.head_dim ** -0.5) - d.scale) > 1e-6 * d.scale:
         problems.append(f"score scale {d.scale:g} differs from the attention module's scaling "
@@ -64,9 +64,10 @@ def _to_spec(r: Discovery):
     need(d.softcap is not None, "an attention logit softcap", "softcap")
     attn = d.attn_module
     mlp = d.mlp_module
-    kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=mlp, act=d.act_config, conv1d=d.q.conv1d,
+    kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=mlp, conv1d=d.q.conv1d,
                               rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp),
                               rope_table=r.rope_table or "half")
+    kw.update(act=d.act_config) if d.act_config else kw.update(act_name=d.act_name)
     if d.qkv_layout is None:
         kw.update(q=_rel(d.q.module, attn), k=_rel(d.k.module, attn), v=_rel(d.v.module, attn), qkv=None)
     else:

@@ -275,6 +275,21 @@ def _act_name(nodes: list[fx.Node], owner: str) -> tuple[str, tuple[str, ...]]:
     return (cls or "+".join(ops) or "identity"), ops
 
 
+def _act_literal(act: str, ops: tuple[str, ...]) -> str | None:
+    """The transformers ACT2FN name of activation `act` (a class name) or computing `ops`, for layers whose config
+    names no activation (CTRL's ReLU, MPT's GELU, GPT's NewGELU). The full-rank self-check confirms the pick."""
+    try:
+        from transformers.activations import ACT2CLS
+    except ImportError:      # pragma: no cover
+        return None
+    cls_of = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
+    by_class = [name for name, v in ACT2CLS.items() if cls_of(v).__name__ == act]
+    if by_class:
+        return by_class[0]
+    by_op = [op for op in ops if op in ACT2CLS]
+    return by_op[0] if len(set(by_op)) == 1 else None
+
+
 def _act_config(config, act: str, ops: tuple[str, ...]) -> str | None:
     """The config attribute whose activation name builds `act` (a class name) or computes `ops`."""
     try:

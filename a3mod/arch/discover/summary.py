@@ -36,7 +36,8 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
         f"  q/k/v      {qkv}",
         f"  positions  {rope}",
         f"  output     {d.o.describe()}",
-        f"  mlp        {mlp} (intermediate {d.intermediate}, activation from config.{d.act_config})",
+        f"  mlp        {mlp} (intermediate {d.intermediate}, activation "
+        f"{'from config.' + d.act_config if d.act_config else repr(d.act_name) + ' (no config attribute)'})",
         f"  norms      {norms or 'none'}",
         f"  residual   {'parallel (attention and MLP read the same input)' if d.parallel_residual else 'sequential'}",
         f"  biases     {', '.join(d.biases) or 'none'}",

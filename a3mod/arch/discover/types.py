@@ -64,6 +64,7 @@ class LayerDiscovery:
     mlp_dropout_module: str | None = None
     scaling_attr: float | None = None       # the attention module's own `scaling` attribute, if any
     softcap_attr: str | None = None         # the attention-module attribute holding the softcap value
+    act_name: str | None = None     # the activation's ACT2FN name when no config attribute names it
     same_as: int | None = None      # this layer has the structure of layer `same_as` and was not exported again
     found: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
