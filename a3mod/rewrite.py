@@ -107,7 +107,7 @@ class LayerWork:
         attn = ReducedHeadAttention(
             config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
-            scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
+            scaling=_scaling(old, v.spec.scaling, d.head_dim),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)),
             is_causal=getattr(old, "is_causal", True),
@@ -167,6 +167,12 @@ class LayerWork:
                     lin.bias.copy_(b)
         old_up, old_down = get_path(v.layer, v.spec.up), v.down_module()
         return [(v.spec.up, up.train(old_up.training)), (v.spec.down, down.train(old_down.training))]
+
+
+def _scaling(attn: nn.Module, literal: float | None, head_dim: int) -> float:
+    """The softmax scale: the attention module's `scaling`, else the description's literal, else 1/sqrt(d_h)."""
+    s = getattr(attn, "scaling", None)
+    return float(s if s is not None else literal if literal is not None else head_dim ** -0.5)
 
 
 def _dropout_p(mod: nn.Module, name: str) -> float:

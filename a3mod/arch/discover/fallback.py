@@ -50,7 +50,8 @@ def _to_spec(r: Discovery):
         problems.append(f"value head dim {d.v_head_dim} != query/key head dim {d.head_dim}")
     if d.act_config is None and d.act_name is None:
         problems.append(f"no config attribute names the MLP activation {d.act}")
-    if abs((d.scaling_attr if d.scaling_attr is not None else d.head_dim ** -0.5) - d.scale) > 1e-6 * d.scale:
+    literal_scale = d.scaling_attr is None and abs(d.head_dim ** -0.5 - d.scale) > 1e-6 * d.scale
+    if d.scaling_attr is not None and abs(d.scaling_attr - d.scale) > 1e-6 * d.scale:
         problems.append(f"score scale {d.scale:g} differs from the attention module's scaling "
                         f"({d.scaling_attr if d.scaling_attr is not None else 'none, i.e. 1/sqrt(d_h)'})")
     if d.softcap is not None and d.softcap_attr is None:
@@ -68,6 +69,8 @@ def _to_spec(r: Discovery):
                               rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp),
                               rope_table=r.rope_table or "half")
     kw.update(act=d.act_config) if d.act_config else kw.update(act_name=d.act_name)
+    if literal_scale:           # no attribute holds it (GPT-Neo scores unscaled): the graph's scale, self-checked
+        kw["scaling"] = d.scale
     if d.qkv_layout is None:
         kw.update(q=_rel(d.q.module, attn), k=_rel(d.k.module, attn), v=_rel(d.v.module, attn), qkv=None)
     else:
