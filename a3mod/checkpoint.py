@@ -21,6 +21,7 @@ from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHead
 from .quant import io as quant_io
 from .rewrite import set_child
 
+COMPACT_ATTENTION = (ReducedHeadAttention, LatentKVAttention)
 SIDECAR = "a3mod.json"
 WEIGHTS = "model.safetensors"
 FORMAT = 1
@@ -35,45 +36,7 @@ def _describe(model: nn.Module) -> dict:
     spec = spec_for(model)
     layers = {}
     for i, layer in enumerate(get_path(model, spec.layers)):
-        attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
-        entry = {}
-        if isinstance(attn, ReducedHeadAttention):
-            entry["attn"] = dict(hidden=attn.q_proj.in_features, heads=attn.num_heads,
-                                 kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim, qk_dim=attn.qk_dim,
-                                 vo_dim=attn.vo_dim, rot_dim=attn.rot_dim, scaling=attn.scaling,
-                                 bias={n: getattr(getattr(attn, f"{n}_proj"), "bias", None) is not None
-                                       for n in "qkvo"},
-                                 sliding_window=attn.sliding_window, is_causal=attn.is_causal,
-                                 dropout=attn.attention_dropout, out_dropout=attn.out_dropout,
-                                 rope_index=attn.rope_index.tolist(),
-                                 **({"out_proj": False} if attn.o_proj is None else {}),
-                                 **({"qk_norm": attn.qk_norm} if attn.qk_norm else {}),
-                                 **({"softcap": attn.softcap} if attn.softcap is not None else {}))
-        if isinstance(attn, LatentKVAttention):
-            entry["latent_attn"] = dict(hidden=attn.o_proj.out_features, heads=attn.num_heads,
-                                        kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
-                                        k_rank=attn.k_proj.rank, v_rank=attn.v_proj.rank, rot_dim=attn.rot_dim,
-                                        scaling=attn.scaling, is_causal=attn.is_causal, dropout=attn.attention_dropout,
-                                        out_dropout=attn.out_dropout,
-                                        bias={"q": attn.q_proj.bias is not None, "k": attn.k_proj.bias is not None,
-                                              "v": attn.v_proj.bias is not None, "o": attn.o_proj.bias is not None})
-        inside = spec.attn + "." if isinstance(attn, LatentKVAttention) else None      # described above
-        lin = {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
-               for n, m in layer.named_modules()
-               if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
-        if lin:
-            entry["linears"] = lin
-        narrow = {n: _narrow_entry(m) for n, m in layer.named_modules()
-                  if isinstance(m, NarrowLinear) or getattr(m, "a3mod_narrow", None) is not None}
-        if narrow:
-            entry["narrow"] = narrow
-        quantized = quant_io.layer_entry(layer)
-        if quantized:
-            entry["quantized"] = quantized
-        if isinstance(mlp, ReducedMLP):
-            entry["mlp"] = dict(hidden=mlp.up_proj.in_features, inter=mlp.inter, orig_inter=mlp.orig_inter,
-                                act=mlp.act, gated=mlp.gate_proj is not None, up_bias=mlp.up_proj.bias is not None,
-                                down_bias=mlp.down_proj.bias is not None, dropout=mlp.dropout, kept=mlp.kept)
+        entry = describe_layer(layer, spec)
         if entry:
             layers[str(i)] = entry
     info = getattr(model, "a3mod_info", {})
@@ -84,6 +47,31 @@ def _describe(model: nn.Module) -> dict:
             "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {})}
+
+
+def describe_layer(layer: nn.Module, spec) -> dict:
+    """The sidecar entry of one decoder layer: what its compact modules say of themselves (`describe()`), low-rank
+    and narrowed linears, quantized linears. Empty for an untouched layer."""
+    attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
+    entry = {}
+    if isinstance(attn, COMPACT_ATTENTION):           # the module describes itself (its SIDECAR_KEY entry)
+        entry[attn.SIDECAR_KEY] = attn.describe()
+    inside = spec.attn + "." if isinstance(attn, LatentKVAttention) else None      # described above
+    lin = {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
+           for n, m in layer.named_modules()
+           if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))}
+    if lin:
+        entry["linears"] = lin
+    narrow = {n: _narrow_entry(m) for n, m in layer.named_modules()
+              if isinstance(m, NarrowLinear) or getattr(m, "a3mod_narrow", None) is not None}
+    if narrow:
+        entry["narrow"] = narrow
+    quantized = quant_io.layer_entry(layer)
+    if quantized:
+        entry["quantized"] = quantized
+    if isinstance(mlp, ReducedMLP):
+        entry[mlp.SIDECAR_KEY] = mlp.describe()
+    return entry
 
 
 def _narrow_entry(m: nn.Module) -> dict:

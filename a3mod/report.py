@@ -130,8 +130,8 @@ class Report:
 
 def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
-    from .arch import out_features
-    from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
+    from .modules import LowRankLinear
+    from .plan import COMPONENTS, layer_plan
     from .quant import is_quantized
 
     spec = spec_for(model)
@@ -139,16 +139,12 @@ def report(model: nn.Module, context: int = 2048) -> Report:
     orig = getattr(model, "a3mod_info", {}).get("orig_layer_params")
     rows = []
     for i, layer in enumerate(get_path(model, spec.layers)):
-        attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
-        qk, vo = (attn.qk_dim, attn.vo_dim) if isinstance(attn, ReducedHeadAttention) else (d.head_dim, d.head_dim)
-        if isinstance(mlp, ReducedMLP):
-            mi, mo = mlp.inter, mlp.orig_inter
-        else:    # the original MLP, or narrowed linears on the layer (NarrowLinear: OPT, BERT)
-            up = get_path(mlp, spec.gate_up or spec.up)
-            mi = out_features(up) // (2 if spec.gate_up else 1)
-            mo = getattr(up, "orig_out", None) or getattr(up, "a3mod_narrow", {}).get("orig_out", mi)
-        kv0 = 2 * d.kv_heads * d.head_dim
-        kv = attn.kv_elems_per_token if isinstance(attn, LatentKVAttention) else d.kv_heads * (qk + vo)
+        attn = get_path(layer, spec.attn)
+        plan = layer_plan(i, layer, spec, d)            # kept dims per component, from the modules themselves
+        qk, vo, mi, mo = plan.kept("qk"), plan.kept("ov"), plan.kept("mlp"), plan.full("mlp")
+        kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
+        kv = getattr(attn, "kv_elems_per_token", None) or sum(    # a latent cache says its own size
+            COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
         n = linear_param_count(layer)

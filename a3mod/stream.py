@@ -44,7 +44,7 @@ from . import distributed
 from .arch import get_path, layer_views, spec_for
 from .calib import Stats, check_request, check_token_ids, recording
 from . import files, st_io
-from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, write_sidecar
+from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, describe_layer, write_sidecar
 from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
 from .passes import PASSES, pass_to_dict
@@ -324,15 +324,7 @@ def _write_layer(work: Path, i: int, layer: nn.Module, prefix: str, meta: dict) 
 
 def _layer_entry(config, spec, layer: nn.Module) -> dict | None:
     """The sidecar entry `a3mod.save` writes for this (compressed) layer."""
-    shell = nn.Module()
-    shell.config = config
-    parent, _, name = spec.layers.rpartition(".")
-    holder = shell
-    for part in parent.split(".") if parent else []:
-        setattr(holder, part, nn.Module())
-        holder = getattr(holder, part)
-    setattr(holder, name, nn.ModuleList([layer]))
-    return _describe(shell)["layers"].get("0")
+    return describe_layer(layer, spec) or None
 
 
 @torch.no_grad()

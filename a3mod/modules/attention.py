@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..plan import Part
+
 _DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
                 "position_ids", "cache_position")
 
@@ -172,6 +174,25 @@ class ReducedHeadAttention(nn.Module):
         if self.training and self.out_dropout:          # skip the no-op call (one dispatch per layer) in eval
             out = nn.functional.dropout(out, self.out_dropout, True)
         return out, weights
+
+    # ------------------------------------------------------------------------------------ description
+    SIDECAR_KEY = "attn"
+
+    def plan_parts(self) -> list[Part]:
+        """This module as parts of a layer plan: the q/k and v/o head dims (full -> kept)."""
+        return [Part("qk", self.head_dim, self.qk_dim), Part("ov", self.head_dim, self.vo_dim)]
+
+    def describe(self) -> dict:
+        """Everything `a3mod.load` needs to rebuild this module (the sidecar entry; a3mod/sidecar.py validates it)."""
+        return dict(hidden=self.q_proj.in_features, heads=self.num_heads, kv_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, qk_dim=self.qk_dim, vo_dim=self.vo_dim, rot_dim=self.rot_dim,
+                    scaling=self.scaling,
+                    bias={n: getattr(getattr(self, f"{n}_proj"), "bias", None) is not None for n in "qkvo"},
+                    sliding_window=self.sliding_window, is_causal=self.is_causal, dropout=self.attention_dropout,
+                    out_dropout=self.out_dropout, rope_index=self.rope_index.tolist(),
+                    **({"out_proj": False} if self.o_proj is None else {}),
+                    **({"qk_norm": self.qk_norm} if self.qk_norm else {}),
+                    **({"softcap": self.softcap} if self.softcap is not None else {}))
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

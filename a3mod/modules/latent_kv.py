@@ -83,6 +83,17 @@ class LatentKVAttention(nn.Module):
         out = self.o_proj(out.reshape(B, T, H * d))                                    # (B,T,d_m)
         return nn.functional.dropout(out, self.out_dropout, self.training), weights
 
+    SIDECAR_KEY = "latent_attn"
+
+    def describe(self) -> dict:
+        """The sidecar entry `a3mod.load` rebuilds this module from."""
+        return dict(hidden=self.o_proj.out_features, heads=self.num_heads, kv_heads=self.num_key_value_heads,
+                    head_dim=self.head_dim, k_rank=self.k_proj.rank, v_rank=self.v_proj.rank, rot_dim=self.rot_dim,
+                    scaling=self.scaling, is_causal=self.is_causal, dropout=self.attention_dropout,
+                    out_dropout=self.out_dropout,
+                    bias={"q": self.q_proj.bias is not None, "k": self.k_proj.bias is not None,
+                          "v": self.v_proj.bias is not None, "o": self.o_proj.bias is not None})
+
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
                 f"cached latents k {self.k_proj.rank} + v {self.v_proj.rank} per token "

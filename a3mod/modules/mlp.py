@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..plan import Part
+
 
 class ReducedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
@@ -30,6 +32,18 @@ class ReducedMLP(nn.Module):
         up = self.up_proj(x)
         h = self.act_fn(self.gate_proj(x)) * up if self.gate_proj is not None else self.act_fn(up)
         return nn.functional.dropout(self.down_proj(h), self.dropout, self.training)
+
+    SIDECAR_KEY = "mlp"
+
+    def plan_parts(self) -> list[Part]:
+        """This module as a part of a layer plan: the intermediate width (full -> kept, which neurons)."""
+        return [Part("mlp", self.orig_inter, self.inter, None if self.kept is None else tuple(self.kept))]
+
+    def describe(self) -> dict:
+        """The sidecar entry `a3mod.load` rebuilds this module from."""
+        return dict(hidden=self.up_proj.in_features, inter=self.inter, orig_inter=self.orig_inter, act=self.act,
+                    gated=self.gate_proj is not None, up_bias=self.up_proj.bias is not None,
+                    down_bias=self.down_proj.bias is not None, dropout=self.dropout, kept=self.kept)
 
     def extra_repr(self) -> str:
         return f"intermediate {self.orig_inter} -> {self.inter}, act={self.act}, gated={self.gate_proj is not None}"

@@ -12,7 +12,8 @@ import torch
 
 from .. import solvers
 from ..rewrite import LayerWork
-from .base import PassConfig, PassContext, check_multiple, check_ratio_rank, handler, kept_dim, register_pass, run_pass
+from ..plan import COMPONENTS
+from .base import PassConfig, PassContext, check_multiple, check_ratio_rank, handler, register_pass, run_pass
 
 
 @dataclass(frozen=True)
@@ -77,32 +78,37 @@ def a3_passes(ratio: float, multiple_of: int | None = None) -> list:
 
 
 def qk_kept(cfg: A3QK, full: int, rotary: bool) -> int:
-    """Kept q/k head dim: whole RoPE pairs under RoPE."""
-    return kept_dim("A3QK", full, cfg.ratio, cfg.rank, 2 if rotary else 1, cfg.multiple_of)
+    """Kept q/k head dim: whole RoPE pairs under RoPE (`plan.COMPONENTS["qk"]`)."""
+    return COMPONENTS["qk"].kept(full, cfg.ratio, cfg.rank, rotary, cfg.multiple_of)
 
 
 def ov_kept(cfg: A3OV, full: int) -> int:
     """Kept v/o head dim: even for even heads (with a ratio)."""
-    return kept_dim("A3OV", full, cfg.ratio, cfg.rank, 2 if full % 2 == 0 and cfg.rank is None else 1, cfg.multiple_of)
+    return COMPONENTS["ov"].kept(full, cfg.ratio, cfg.rank, False, cfg.multiple_of)
 
 
 def mlp_kept(cfg: A3MLP, full: int) -> int:
-    """Kept MLP width: multiples of 8 from 512 neurons on."""
-    return kept_dim("A3MLP", full, cfg.ratio, cfg.rank, 8 if full >= 512 else 1, cfg.multiple_of)
+    """Kept MLP width: multiples of 8 from 512 neurons on (with a ratio)."""
+    return COMPONENTS["mlp"].kept(full, cfg.ratio, cfg.rank, False, cfg.multiple_of)
+
+
+_COMPONENT_OF = {A3QK: "qk", A3OV: "ov", A3MLP: "mlp"}
+
+
+def full_dims(view) -> dict[str, int]:
+    """The original dim of every component of a layer."""
+    return {"qk": view.dims.head_dim, "ov": view.dims.head_dim, "mlp": view.mlp_params()[1][0].shape[0]}
 
 
 def preflight(passes, views) -> None:
     """Every kept dim the A3 passes would pick, computed from the shapes alone, so a rank or multiple_of that does
     not fit any layer is a RatioError before calibration starts."""
     for v in views:
-        d = v.dims
+        full = full_dims(v)
         for p in passes:
-            if isinstance(p, A3QK):
-                qk_kept(p, d.head_dim, bool(d.rot_dim))
-            elif isinstance(p, A3OV):
-                ov_kept(p, d.head_dim)
-            elif isinstance(p, A3MLP):
-                mlp_kept(p, v.mlp_params()[1][0].shape[0])
+            comp = _COMPONENT_OF.get(type(p))
+            if comp is not None:
+                COMPONENTS[comp].kept(full[comp], p.ratio, p.rank, bool(v.dims.rot_dim), p.multiple_of)
 
 
 def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,7 +27,8 @@ import torch
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..rewrite import LayerWork
 from .a3 import A3MLP, A3OV, A3QK, build_layer
-from .base import PassConfig, PassContext, handler, kept_dim, register_pass, run_pass
+from ..plan import COMPONENTS as PLAN
+from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
 COMPONENTS = ("qk", "ov", "mlp")
 NORMALIZE = ("uniform", "relative", "absolute")
@@ -74,15 +75,6 @@ class Curve:
         return self.loss.numel() - 1
 
 
-def _step(comp: str, full: int, rope: bool) -> int:
-    """The rank granularity uniform A3 uses for the component (kept_dim's multiple)."""
-    if comp == "qk":
-        return 2 if rope else 1
-    if comp == "ov":
-        return 2 if full % 2 == 0 else 1
-    return 8 if full >= 512 else 1
-
-
 def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curve]:
     """Loss curves of every layer and component (one full-rank solve each)."""
     out = []
@@ -93,18 +85,18 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp
         full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1], "mlp": m.up[0].shape[0]}
-        cost = {"qk": d.heads * (d.hidden + a.q_bias) + d.kv_heads * (d.hidden + a.k_bias),
-                "ov": d.kv_heads * d.hidden + d.heads * d.hidden,
-                "mlp": (2 if m.gate is not None else 1) * (d.hidden + (m.up[1] is not None)) + d.hidden}
+        biases = {"q": a.q_bias, "k": a.k_bias, "up": m.up[1] is not None}
         for comp in COMPONENTS:
-            step = _step(comp, full[comp], bool(a.rot_dim))
+            c = PLAN[comp]
+            step = c.unit(full[comp], bool(a.rot_dim))
+            cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m.gate is not None)
             loss, unit = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index],
                                                                               n=stats.n))
             loss = loss[:: step // unit].double()                          # per allocation unit
-            uni = kept_dim(comp, full[comp], budget, None, step) // step
+            uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // step
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
-            out.append(Curve(v.index, comp, step, loss, cost[comp] * step, uni))
+            out.append(Curve(v.index, comp, step, loss, cost * step, uni))
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import A3ModError, RatioError
+from ..plan import kept_dim as kept_dim  # the rounding rule lives with the components
 
 SCOPES = ("layer", "model", "linear")
 PASS_TYPES: dict[str, type] = {}            # config class name -> class (JSON round trip)
@@ -188,23 +189,3 @@ def check_multiple(name: str, multiple_of: int | None, rank: int | None) -> None
     if rank is not None:
         raise RatioError(f"{name}: multiple_of={multiple_of} rounds a ratio's kept dim; rank={rank} is used as "
                          f"given (drop one of them)")
-
-
-def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int,
-             multiple_of: int | None = None) -> int:
-    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple of `multiple` (the structure's: RoPE
-    pairs, ...) and of `multiple_of` (the user's), at least one such multiple and at most `full`; or `rank`."""
-    if rank is not None:
-        if rank > full:
-            raise RatioError(f"{name}: rank={rank} exceeds the full dimension {full}")
-        if rank % multiple:
-            raise RatioError(f"{name}: rank={rank} must be a multiple of {multiple} here"
-                             + (" (RoPE keeps whole pairs)" if multiple == 2 else ""))
-        return rank
-    if multiple_of is not None:
-        multiple = math.lcm(multiple, int(multiple_of))
-        if multiple > full and ratio > 0:
-            raise RatioError(f"{name}: multiple_of={multiple_of} makes every kept dim a multiple of {multiple}, more "
-                             f"than the full dimension {full}: nothing could be removed; use a smaller multiple_of")
-    r = int(round((1.0 - ratio) * full / multiple)) * multiple
-    return min(full, max(multiple, r))

@@ -1,0 +1,132 @@
+"""Components and layer plans: what a decoder layer is made of, in one place.
+
+A `Component` is one reducible part of a layer: QK (the query/key head dim), OV (the value/output head dim) and
+MLP (the intermediate width). It owns the calibration statistic sums its solver reads, its unit of rank (a RoPE
+pair, an even head dim, a multiple of 8 neurons), the rounding rule from a ratio to a kept dim (`kept_dim`,
+the only one in a3mod), the parameters and KV-cache elements one kept dim costs, and its report column.
+
+A `LayerPlan` says, per component, the full and kept dims of one layer (and which original units were kept).
+Compact modules describe themselves as parts of a plan (`plan_parts()`), so the report and Allocate read plans
+instead of asking each module type in turn. Shapes: H query heads, Hkv KV heads, d_m hidden, d_h head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import RatioError
+
+
+def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int,
+             multiple_of: int | None = None) -> int:
+    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple of `multiple` (the structure's: RoPE
+    pairs, ...) and of `multiple_of` (the user's), at least one such multiple and at most `full`; or `rank`."""
+    if rank is not None:
+        if rank > full:
+            raise RatioError(f"{name}: rank={rank} exceeds the full dimension {full}")
+        if rank % multiple:
+            raise RatioError(f"{name}: rank={rank} must be a multiple of {multiple} here"
+                             + (" (RoPE keeps whole pairs)" if multiple == 2 else ""))
+        return rank
+    if multiple_of is not None:
+        multiple = math.lcm(multiple, int(multiple_of))
+        if multiple > full and ratio > 0:
+            raise RatioError(f"{name}: multiple_of={multiple_of} makes every kept dim a multiple of {multiple}, more "
+                             f"than the full dimension {full}: nothing could be removed; use a smaller multiple_of")
+    r = int(round((1.0 - ratio) * full / multiple)) * multiple
+    return min(full, max(multiple, r))
+
+
+@dataclass(frozen=True)
+class Component:
+    """One reducible part of a layer (see the module docstring)."""
+
+    name: str                   # "qk", "ov", "mlp"
+    pass_name: str              # the A3 pass that reduces it
+    stats: tuple[str, ...]      # statistic sums its solver reads (a3mod.calib.STAT_NAMES)
+    column: str                 # report column
+
+    def unit(self, full: int, rope: bool, rank_given: bool = False) -> int:
+        """Granularity of the kept dim: whole RoPE pairs for q/k under RoPE; even v/o heads (with a ratio) for
+        even heads; multiples of 8 from 512 neurons on (with a ratio)."""
+        if self.name == "qk":
+            return 2 if rope else 1
+        if rank_given:
+            return 1
+        if self.name == "ov":
+            return 2 if full % 2 == 0 else 1
+        return 8 if full >= 512 else 1
+
+    def kept(self, full: int, ratio: float | None, rank: int | None, rope: bool = False,
+             multiple_of: int | None = None) -> int:
+        """The kept dim for a ratio (or rank) request: the one rounding rule (`kept_dim`) at this unit."""
+        return kept_dim(self.pass_name, full, ratio, rank, self.unit(full, rope, rank is not None), multiple_of)
+
+    def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False) -> int:
+        """Parameters one kept dim costs: a q/k head dim is a column of every query and key head (with biases); a
+        v/o head dim a column of every value head and a row of every o head; a neuron a row of up (and gate) and
+        a column of down."""
+        if self.name == "qk":
+            return heads * (hidden + biases.get("q", False)) + kv_heads * (hidden + biases.get("k", False))
+        if self.name == "ov":
+            return kv_heads * hidden + heads * hidden
+        return (2 if gated else 1) * (hidden + biases.get("up", False)) + hidden
+
+    def kv_per_dim(self, kv_heads: int) -> int:
+        """KV-cache elements per token one kept dim costs (K for q/k, V for v/o, none for the MLP)."""
+        return kv_heads if self.name in ("qk", "ov") else 0
+
+
+COMPONENTS: dict[str, Component] = {
+    "qk": Component("qk", "A3QK", ("q", "k"), "qk"),
+    "ov": Component("ov", "A3OV", ("v", "v1", "o", "o1"), "vo"),
+    "mlp": Component("mlp", "A3MLP", ("h2",), "mlp"),
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One component of one layer: full and kept dims, and the original units kept (None: all, in order)."""
+
+    comp: str
+    full: int
+    kept: int
+    index: tuple[int, ...] | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.kept != self.full
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The kept dims of one layer, per component."""
+
+    layer: int
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    def kept(self, comp: str) -> int:
+        return self.parts[comp].kept
+
+    def full(self, comp: str) -> int:
+        return self.parts[comp].full
+
+
+def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
+    """The plan of decoder layer `layer` as it is now: every module in it that describes itself (`plan_parts()`:
+    ReducedHeadAttention, ReducedMLP, a layer's narrowed up projection) overrides the original dims."""
+    from .arch import get_path, out_features
+
+    parts = {"qk": Part("qk", dims.head_dim, dims.head_dim), "ov": Part("ov", dims.head_dim, dims.head_dim)}
+    mlp = get_path(layer, spec.mlp)
+    if not hasattr(mlp, "plan_parts"):   # the original MLP, or narrowed linears on the layer (OPT, BERT)
+        up = get_path(mlp, spec.gate_up or spec.up)
+        inter = out_features(up) // (2 if spec.gate_up else 1)
+        orig = getattr(up, "orig_out", None) or getattr(up, "a3mod_narrow", {}).get("orig_out", inter)
+        parts["mlp"] = Part("mlp", orig, inter)
+    for mod in (get_path(layer, spec.attn), mlp):
+        if hasattr(mod, "plan_parts"):
+            parts.update({p.comp: p for p in mod.plan_parts()})
+    return LayerPlan(index, parts)
