@@ -5,7 +5,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import layer_views
+from .arch import active, layer_views
 from .calib import Stats
 from .errors import A3ModError, CalibrationError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
@@ -112,7 +112,7 @@ def _info_so_far(model, views) -> dict:
 
 def _a3_swaps(model, views, passes, stats, progress) -> list:
     out = []
-    for v in tqdm(views, desc="solving", disable=not progress, unit="layer"):
+    for v in tqdm(active(views), desc="solving", disable=not progress, unit="layer"):
         out += [(v.index, path, new) for path, new in distributed.solve(build_layer, model, v, passes, stats)]
     return out
 

@@ -256,6 +256,8 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
 
 
 def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
+    if view.left:                       # a layer a3mod leaves untouched needs no statistics
+        return []
     d = view.dims
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "a3" not in kinds:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .arch import dims_of, get_path, spec_for
+from .arch import dims_of, find_path, get_path, spec_for
 from . import files, sidecar, st_io
 from .errors import CheckpointError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
@@ -52,7 +52,7 @@ def _describe(model: nn.Module) -> dict:
 def describe_layer(layer: nn.Module, spec) -> dict:
     """The sidecar entry of one decoder layer: what its compact modules say of themselves (`describe()`), low-rank
     and narrowed linears, quantized linears. Empty for an untouched layer."""
-    attn, mlp = get_path(layer, spec.attn), get_path(layer, spec.mlp)
+    attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
     entry = {}
     if isinstance(attn, COMPACT_ATTENTION):           # the module describes itself (its SIDECAR_KEY entry)
         entry[attn.SIDECAR_KEY] = attn.describe()

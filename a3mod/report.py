@@ -61,6 +61,7 @@ class LayerRow:
     kv_elems_orig: int = 0
     lowrank: int = 0         # linears stored as two low-rank factors (baselines)
     quantized: int = 0       # quantized linears (BnbInt8, Bnb4bit, HQQ)
+    left: str = ""           # why a3mod left the layer as it is (a hybrid's mixer layer); its dims read 0
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Report:
 
     def flops_per_token(self, orig: bool = False) -> int:
         """Decoder-layer FLOPs for one token at `context` positions: 2 * linear params + attention scores/mix."""
-        attn = sum(2 * r.heads * self.context * (2 * r.head_dim if orig else r.qk_dim + r.vo_dim) for r in self.rows)
+        attn = sum(2 * r.heads * self.context * (2 * r.head_dim if orig else r.qk_dim + r.vo_dim) for r in self.rows
+                   if not r.left)       # a left mixer's own cost is in its linear params only (not modelled further)
         return 2 * (self.params_orig if orig else self.params) + attn
 
     def to_dict(self) -> dict:
@@ -113,6 +115,10 @@ class Report:
         lines = [f"a3mod report: {self.model_type}, decoder-layer linear parameters (embeddings/lm_head excluded)",
                  head, "-" * len(head)]
         for r in self.rows:
+            if r.left:
+                lines.append(f"{r.layer:>5} left as it is ({r.left.split('(children: ', 1)[-1].split(' (')[0]}: no "
+                             f"attention a3mod reduces) {r.params_orig:>10,}->{r.params:<10,}")
+                continue
             lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {r.head_dim:>3}->{r.qk_dim:<4} "
                          f"{r.head_dim:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
                          f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
@@ -131,6 +137,7 @@ class Report:
 def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
     from .modules import LowRankLinear
+    from .arch.views import left_reason
     from .plan import COMPONENTS, layer_plan
     from .quant import is_quantized
 
@@ -139,6 +146,12 @@ def report(model: nn.Module, context: int = 2048) -> Report:
     orig = getattr(model, "a3mod_info", {}).get("orig_layer_params")
     rows = []
     for i, layer in enumerate(get_path(model, spec.layers)):
+        n = linear_param_count(layer)
+        left = left_reason(layer, spec)
+        if left:        # no attention / MLP a3mod knows: no K/V cache of this kind either (the mixer keeps its state)
+            rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, 0, 0, 0, 0, n, orig[i] if orig else n,
+                                 quantized=sum(is_quantized(m) for m in layer.modules()), left=left))
+            continue
         attn = get_path(layer, spec.attn)
         plan = layer_plan(i, layer, spec, d)            # kept dims per component, from the modules themselves
         qk, vo, mi, mo = plan.kept("qk"), plan.kept("ov"), plan.kept("mlp"), plan.full("mlp")
@@ -147,7 +160,6 @@ def report(model: nn.Module, context: int = 2048) -> Report:
             COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
-        n = linear_param_count(layer)
         rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
                              kv, kv0, lowrank, quantized))
     p = next(model.parameters())

@@ -73,6 +73,8 @@ class LayerWork:
 
     @classmethod
     def from_view(cls, v: LayerView) -> "LayerWork":
+        if v.left:
+            raise UnsupportedModelError(f"layer {v.index}: {v.left}")
         d = v.dims
         (wq, bq), (wk, bk), (wv, bv) = v.qkv_params()
         wo, bo = v.o_params()

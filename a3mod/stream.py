@@ -452,7 +452,7 @@ def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_l
                                     f"(non-persistent buffers); streaming does not support this model type yet")
     view = layer_views(skel)[i]
     key = structure_key(layer)
-    if key not in verified:
+    if key not in verified and not view.left:
         check_layer(skel, view, *_with_hidden(calls[tuple(batches[0].shape)][i], store.get(i, 0).to(device)))
         verified.add(key)
     orig = linear_param_count(layer)
@@ -463,7 +463,9 @@ def _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_l
             if i + 1 < len(layers):
                 store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
     n = distributed.all_reduce_stats([acc], n_local)
-    if distributed.rank_world()[0] == distributed.owner(i):
+    if distributed.rank_world()[0] == distributed.owner(i) and view.left:     # a hybrid's mixer layer: as it is
+        _write_layer(work, i, layer, prefix, {"entry": None, "orig_layer_params": orig, "calib_tokens": n})
+    elif distributed.rank_world()[0] == distributed.owner(i):
         stats = Stats(n, [{} for _ in layers])
         stats.layers[i] = acc
         stats.check(min_tokens=view.dims.head_dim + 1)

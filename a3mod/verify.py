@@ -142,7 +142,8 @@ def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) ->
     forward pass stops once the last of them has its inputs. Returns the checks; raises DiscoveryError."""
     groups: dict[tuple, list[int]] = {}
     for v in views:
-        groups.setdefault(structure_key(v.layer), []).append(v.index)
+        if not v.left:
+            groups.setdefault(structure_key(v.layer), []).append(v.index)
     reps = {g[0]: tuple(g[1:]) for g in groups.values()}
     calls: dict[int, tuple] = {}
 

@@ -17,10 +17,11 @@ class LayerView:
 
     index: int
     layer: nn.Module
-    attn: nn.Module
-    mlp: nn.Module
+    attn: nn.Module | None
+    mlp: nn.Module | None
     spec: ArchSpec
     dims: Dims
+    left: str | None = None        # why a3mod leaves this layer untouched (a hybrid's linear-attention / SSM mixer)
 
     def qkv_params(self):
         """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in)."""
@@ -92,8 +93,39 @@ class LayerView:
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
-    """A `LayerView` for every decoder layer of an (uncompressed) `model`."""
+    """A `LayerView` for every decoder layer of an (uncompressed) `model`, in order (views[i].index == i). A layer
+    without the described attention module (a hybrid's linear-attention, convolution or state-space layer) gets
+    a view with `left` saying why; passes, statistics and the report skip it and it is kept as it is."""
     spec = spec_for(model)
     dims = dims_of(model.config, spec)
-    return [LayerView(i, layer, get_path(layer, spec.attn), get_path(layer, spec.mlp), spec, dims)
-            for i, layer in enumerate(get_path(model, spec.layers))]
+    views = [LayerView(i, layer, find_path(layer, spec.attn), find_path(layer, spec.mlp), spec, dims,
+                       left_reason(layer, spec)) for i, layer in enumerate(get_path(model, spec.layers))]
+    if all(v.left for v in views):
+        raise UnsupportedModelError(f"no layer of {type(model).__name__} has the attention {spec.attn!r}: "
+                                    f"{views[0].left if views else 'no layers'}")
+    return views
+
+
+def left_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
+    """Why a3mod leaves `layer` as it is (no attention or MLP module where the description has them), or None."""
+    attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
+    if attn is not None and mlp is not None:
+        return None
+    mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
+                       if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))
+                       and n != spec.mlp.split(".")[0]) or "none"
+    return (f"no {'attention ' + repr(spec.attn) if attn is None else 'MLP ' + repr(spec.mlp)} module: a mixer "
+            f"a3mod does not reduce (children: {mixers})")
+
+
+def find_path(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at `path`, or None when `root` has none there."""
+    try:
+        return get_path(root, path)
+    except AttributeError:
+        return None
+
+
+def active(views: list[LayerView]) -> list[LayerView]:
+    """The views a3mod compresses (not `left`)."""
+    return [v for v in views if not v.left]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import solvers
+from ..arch import active
 from ..rewrite import LayerWork
 from ..plan import COMPONENTS
 from .base import PassConfig, PassContext, check_multiple, check_ratio_rank, handler, register_pass, run_pass
@@ -103,7 +104,7 @@ def full_dims(view) -> dict[str, int]:
 def preflight(passes, views) -> None:
     """Every kept dim the A3 passes would pick, computed from the shapes alone, so a rank or multiple_of that does
     not fit any layer is a RatioError before calibration starts."""
-    for v in views:
+    for v in active(views):
         full = full_dims(v)
         for p in passes:
             comp = _COMPONENT_OF.get(type(p))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch import active
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..rewrite import LayerWork
 from .a3 import A3MLP, A3OV, A3QK, build_layer
@@ -81,7 +82,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
     if views and views[0].spec.qk_norm:
         raise UnsupportedModelError(f"Allocate / A3KV: {views[0].spec.qk_norm!r} qk-norm layers keep q/k at the full "
                                     "head dim, which these budgets do not model yet; use a3mod.a3_passes(ratio)")
-    for v in views:
+    for v in active(views):
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp
         full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1], "mlp": m.up[0].shape[0]}
@@ -135,7 +136,7 @@ def apply_allocate(cfg: Allocate, ctx: PassContext):
     kept = allocate(cs, cfg.across, cfg.min_keep)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
-    for v in views:
+    for v in active(views):
         swaps += [(v.index, path, new) for path, new in
                   build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS], stats)]
     return swaps
@@ -172,5 +173,5 @@ def apply_a3kv(cfg: A3KV, ctx: PassContext):
         c.cost = views[c.layer].dims.kv_heads * c.step
     kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
-    return [(v.index, path, new) for v in views for path, new in
+    return [(v.index, path, new) for v in active(views) for path, new in
             build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")], stats, mlp=False)]

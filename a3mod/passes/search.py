@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import factorize as fz
-from ..arch import LayerView, get_path, linear_params
+from ..arch import LayerView, active, get_path, linear_params
 from ..errors import CalibrationError, RatioError, UnsupportedModelError
 from ..report import linear_param_count
 
@@ -43,7 +43,7 @@ class Target:
 def targets_of(views: list[LayerView], kv: bool) -> list[Target]:
     """Every projection of every layer, or (kv=True) only the key and value projections."""
     out = []
-    for v in views:
+    for v in active(views):             # a hybrid's left layers keep their linears
         s, d = v.spec, v.dims
         if kv and (s.qkv_layout != "blocks" or s.o_from_layer):
             raise UnsupportedModelError(f"KV-cache mode: the {v.layer.__class__.__name__} layout (fused qkv "

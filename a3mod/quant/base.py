@@ -104,6 +104,8 @@ def _targets(views: list[LayerView], swaps: list) -> list[tuple[int, str, nn.Mod
     """(layer, path, module) of every linear the layers will hold once `swaps` are made."""
     out = []
     for v in views:
+        if v.left:                      # a hybrid's linear-attention / SSM layers stay as they are
+            continue
         new = [(path, mod) for i, path, mod in swaps if i == v.index]
         gone = tuple(p for p, _ in new)
         mods = [(p, m) for p, m in v.layer.named_modules()

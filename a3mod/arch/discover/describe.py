@@ -11,6 +11,7 @@ from torch import fx, nn
 from ...errors import DiscoveryError
 from .graph import _Graph, _Lin, _Trace, _opname, _replay, _shape
 from .roles import (
+    NoAttentionError,
     _Attn, _Mlp, _act_config, _act_literal, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after,
     _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
 )
@@ -122,7 +123,8 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(m) for m in mod}) != 1 or not any(_is_linear(x) for x in mod[0].modules()):
+        mixed = len({type(m) for m in mod}) != 1      # hybrids (Jamba, OLMo-hybrid): layer classes per mixer
+        if (mixed and len(mod) != n_cfg) or not all(any(_is_linear(x) for x in m.modules()) for m in mod):
             continue
         key = (len(mod) == n_cfg, len(mod), -name.count("."))
         if best is None or key > best[0]:
@@ -245,18 +247,26 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
         missing = [i for i in wanted if i not in cap.calls]
         if missing:
             raise DiscoveryError(f"layers {missing} of {path} were not called by a forward pass on input_ids")
-        described = {i: _describe(_Graph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
-                     for i in wanted}
+        described, mixers = {}, {}
+        for i in wanted:
+            try:
+                described[i] = _describe(_Graph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
+            except NoAttentionError as e:     # a hybrid's mixer layer, if other layers have attention
+                mixers[i] = e
+        if not described:
+            raise next(iter(mixers.values()))
     finally:
         cap.close()
         model.train(was_training)
         if restore is not None:
             model.set_attn_implementation(restore)
     out = tuple(described[i] if rep[i] == i else dataclasses.replace(described[rep[i]], index=i, same_as=rep[i])
-                for i in range(len(layers)))
-    rotary = _rotary_path(cap, cap.calls[wanted[0]][1])
+                for i in range(len(layers)) if rep[i] in described)
+    left = {i: f"{type(layers[i]).__name__}: {mixers[rep[i]]}" for i in range(len(layers)) if rep[i] in mixers}
+    rotary = _rotary_path(cap, cap.calls[min(described)][1])
+    first = min(described)
     return Discovery(getattr(config, "model_type", None), path, rotary, out, len(wanted),
-                     time.perf_counter() - t0, _table_layout(cap.calls[wanted[0]][1].get("position_embeddings")))
+                     time.perf_counter() - t0, _table_layout(cap.calls[first][1].get("position_embeddings")), left)
 
 
 def _table_layout(pe) -> str | None:

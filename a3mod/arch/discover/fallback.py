@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import DiscoveryError
-from .describe import _find_layers, discover
+from .describe import _find_layers, _signature, discover
 from .types import Discovery, LayerDiscovery
 
 # -------------------------------------------------------------------------------------- ArchSpec
@@ -25,7 +25,8 @@ def _to_spec(r: Discovery):
     d = r.layers[0]
     others = [e.index for e in r.layers if _spec_key(e) != _spec_key(d)]
     if others:
-        raise DiscoveryError(f"layers {others} differ in structure from layer 0; an ArchSpec describes one layout")
+        raise DiscoveryError(f"layers {others} differ in structure from layer {d.index}; an ArchSpec describes one "
+                             "layout")
 
     def need(cond: bool, what: str, field: str):
         if cond and field not in fields:
@@ -147,13 +148,16 @@ def _stand_in(model: nn.Module) -> nn.Module:
 
 
 def _probe(model: nn.Module) -> nn.Module:
-    """A CPU stand-in for a meta-device skeleton (as `a3mod.load` builds): the same modules with only the first
-    decoder layer, random weights. Discovery only needs the graph, not the values."""
-    path, _ = _find_layers(model)
+    """A CPU stand-in for a meta-device skeleton (as `a3mod.load` builds): the same modules with the shortest prefix
+    of decoder layers holding every distinct layer structure (one layer unless the model is a hybrid), random
+    weights. Discovery only needs the graph, not the values."""
+    path, layers = _find_layers(model)
+    kinds = {_signature(m) for m in layers}
+    n = next(i + 1 for i in range(len(layers)) if {_signature(m) for m in list(layers)[: i + 1]} == kinds)
     probe = copy.deepcopy(model)                       # meta tensors: no memory
     parent, _, name = path.rpartition(".")
     owner = probe.get_submodule(parent) if parent else probe
-    setattr(owner, name, nn.ModuleList(list(getattr(owner, name))[:1]))
+    setattr(owner, name, nn.ModuleList(list(getattr(owner, name))[:n]))
     probe.to_empty(device="cpu")
     with torch.no_grad():
         for t in list(probe.parameters()) + list(probe.buffers()):

@@ -12,6 +12,7 @@ from .graph import (
     _ACTIVATION, _Graph, _IDENTITY, _LAYOUT, _Lin, _MATMUL, _SOFTMAX, _Trace, _arg, _channels, _module_path, _opname,
     _replay, _users,
 )
+from ...errors import DiscoveryError
 from .types import Role, _common_parent
 
 # -------------------------------------------------------------------------------- attention op
@@ -40,9 +41,17 @@ def _find_attention(g: _Graph) -> _Attn:
         return _Attn("sdpa", n, *n.args[:3], False, out, _arg(n, 6, "scale"), None, causal, len(sdpa))
     found = [a for s in g.nodes if _opname(s) in _SOFTMAX and (a := _eager_attention(g, s)) is not None]
     if not found:
-        raise g.err("no attention op found (neither aten.scaled_dot_product_attention nor matmul -> softmax -> "
-                    "matmul); ops seen: " + ", ".join(sorted({_opname(n) for n in g.nodes if n.op == "call_function"})))
+        ops = ", ".join(sorted({_opname(n) for n in g.nodes if n.op == "call_function"}))
+        raise NoAttentionError(g.err("no attention op found (neither aten.scaled_dot_product_attention nor matmul -> "
+                                     f"softmax -> matmul); ops seen: {ops}"))
     return dataclasses.replace(found[0], count=len(found))
+
+
+class NoAttentionError(DiscoveryError):
+    """A layer whose graph has no attention op (a hybrid's linear-attention, convolution or state-space layer)."""
+
+    def __init__(self, err: DiscoveryError):
+        super().__init__(str(err))
 
 
 def _eager_attention(g: _Graph, sm: fx.Node) -> _Attn | None:

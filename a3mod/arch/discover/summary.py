@@ -58,6 +58,8 @@ def _summary(r: Discovery, evidence: bool = False) -> str:
         same = [e.index for e in r.layers if (e.same_as if e.same_as is not None else e.index) == key]
         lines.append(f"layers {_ranges(same)}:")
         lines.append(d.summary(evidence))
+    if r.left:
+        lines.append(f"layers {_ranges(sorted(r.left))}: left as they are (no attention op: a hybrid's mixer layers)")
     return "\n".join(lines)
 
 

@@ -110,6 +110,7 @@ class Discovery:
     exported: int                    # how many layers were exported (the rest share their structure)
     seconds: float
     rope_table: str | None = None    # layout of the (cos, sin) passed in: "half", "interleaved" (None: none seen)
+    left: dict = dataclasses.field(default_factory=dict)   # layer index -> why it has no attention (hybrid mixers)
 
     def summary(self, evidence: bool = False) -> str:
         """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
