@@ -69,7 +69,8 @@ class Dims:
 
 def dims_of(config, spec: ArchSpec) -> Dims:
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = 1 if getattr(config, "multi_query", False) is True else (  # GPT-BigCode / Falcon-7B: one K/V head
+        getattr(config, "num_key_value_heads", None) or heads)
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
     rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
     return Dims(config.hidden_size, heads, kv, hd, rot, spec.rope)
