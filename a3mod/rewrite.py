@@ -103,17 +103,12 @@ class LayerWork:
         a, d, v = self.attn, self.view.dims, self.view
         kw = dict(device=device, dtype=dtype)
         old = v.attn
-        # attention_dropout (a float, or an nn.Dropout in Persimmon); GPT-2: attn_dropout; OPT / BERT: dropout
-        dropout = next((_dropout_p(old, n) for n in ("attention_dropout", "attn_dropout", "dropout")
-                        if getattr(old, n, None) is not None), 0.0)
         attn = ReducedHeadAttention(
             config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
-            qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim,
-            scaling=_scaling(old, v.spec.scaling, d.head_dim),
+            qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim, scaling=v.scaling(),
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
-            sliding_window=getattr(old, "sliding_window", getattr(config, "sliding_window", None)),
-            is_causal=getattr(old, "is_causal", True),
-            dropout=float(dropout or 0.0), out_dropout=_dropout_p(old, v.spec.dropouts[0]), softcap=v.softcap(),
+            sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
+            dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
         with torch.no_grad():
@@ -138,7 +133,7 @@ class LayerWork:
             return self._narrow_mlp(kw)
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
                          m.down[1] is not None, orig_inter=m.orig,
-                         dropout=_dropout_p(v.mlp, v.spec.dropouts[1]), **kw)
+                         dropout=v.out_dropouts()[1], **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
                 if lin is None:
@@ -169,20 +164,6 @@ class LayerWork:
                     lin.bias.copy_(b)
         old_up, old_down = get_path(v.layer, v.spec.up), v.down_module()
         return [(v.spec.up, up.train(old_up.training)), (v.spec.down, down.train(old_down.training))]
-
-
-def _scaling(attn: nn.Module, literal: float | None, head_dim: int) -> float:
-    """The softmax scale: the attention module's `scaling`, else the description's literal, else 1/sqrt(d_h)."""
-    s = getattr(attn, "scaling", None)
-    return float(s if s is not None else literal if literal is not None else head_dim ** -0.5)
-
-
-def _dropout_p(mod: nn.Module, name: str) -> float:
-    """Dropout probability held by `mod.<name>`: an nn.Dropout (GPT-2) or a plain float (StarCoder2)."""
-    d = getattr(mod, name, None)
-    if isinstance(d, nn.Dropout):
-        return float(d.p)
-    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
 
 def _qk_norm_args(a: AttnWork, v: LayerView) -> dict:

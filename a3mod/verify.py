@@ -61,7 +61,7 @@ def _describe(view: LayerView) -> tuple[str, str]:
     qkv = f"fused {s.qkv} ({s.qkv_layout})" if s.qkv else f"{s.q}/{s.k}/{s.v}"
     rope = f"RoPE {d.rope} over {d.rot_dim} of {d.head_dim} dims" if d.rot_dim else "no RoPE"
     attn = (f"{qkv} -> {s.o}; {d.heads} heads, {d.kv_heads} KV heads, head dim {d.head_dim}; {rope}; scale "
-            f"{float(getattr(view.attn, 'scaling', d.head_dim ** -0.5)):g}" + (f"; softcap {view.softcap():g}"
+            f"{view.scaling():g}" + (f"; softcap {view.softcap():g}"
                                                                                   if s.softcap else "")
             + (f"; q/k norm over {'each head' if s.qk_norm == 'head' else 'the projection'}" if s.qk_norm else ""))
     gate = f"gate {s.gate_up or s.gate} (gated)" if (s.gate or s.gate_up) else "not gated"

@@ -71,6 +71,29 @@ class LayerView:
         s = self.spec.softcap
         return None if s is None else getattr(self.attn, s)
 
+    # --------------------------------------------------------------- facts about the attention and the MLP
+    def scaling(self) -> float:
+        """The softmax scale: the attention module's `scaling`, else the description's literal, else 1/sqrt(d_h)."""
+        s = getattr(self.attn, "scaling", None)
+        return float(s if s is not None else self.spec.scaling if self.spec.scaling is not None
+                     else self.dims.head_dim ** -0.5)
+
+    def attn_dropout(self) -> float:
+        """Dropout on the attention weights: attention_dropout (a float, or an nn.Dropout in Persimmon), GPT-2's
+        attn_dropout, OPT / BERT's dropout."""
+        return next((dropout_p(self.attn, n) for n in ("attention_dropout", "attn_dropout", "dropout")
+                     if getattr(self.attn, n, None) is not None), 0.0)
+
+    def out_dropouts(self) -> tuple[float, float]:
+        """Dropout on the attention output and on the MLP output (GPT-2's resid_dropout; train mode only)."""
+        return dropout_p(self.attn, self.spec.dropouts[0]), dropout_p(self.mlp, self.spec.dropouts[1])
+
+    def sliding_window(self, config) -> int | None:
+        return getattr(self.attn, "sliding_window", getattr(config, "sliding_window", None))
+
+    def is_causal(self) -> bool:
+        return getattr(self.attn, "is_causal", True)
+
     def o_module(self) -> nn.Module:
         return get_path(self.layer if self.spec.o_from_layer else self.attn, self.spec.o)
 
@@ -90,6 +113,14 @@ class LayerView:
 
     def act_name(self, config) -> str:
         return self.spec.act_name or getattr(config, self.spec.act)
+
+
+def dropout_p(mod: nn.Module, name: str) -> float:
+    """Dropout probability held by `mod.<name>`: an nn.Dropout (GPT-2) or a plain float (StarCoder2)."""
+    d = getattr(mod, name, None)
+    if isinstance(d, nn.Dropout):
+        return float(d.p)
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:

@@ -17,7 +17,6 @@ from .. import factorize as fz
 from ..arch import LayerView, get_path, linear_params
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..modules import LatentKVAttention, LowRankLinear
-from ..rewrite import _dropout_p
 from .a3 import _RatioOrRank
 from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass
 from .search import Target, asvd_ranks, targets_of
@@ -199,16 +198,12 @@ def _latent_attention(config, v: LayerView, fk, fv, rotary) -> LatentKVAttention
     d, old = v.dims, v.attn
     (wq, bq), (_, bk), (_, bv) = v.qkv_params()
     wo, bo = v.o_params()
-    dropout = getattr(old, "attention_dropout", None)
-    if dropout is None:
-        dropout = getattr(getattr(old, "attn_dropout", None), "p", 0.0)
     attn = LatentKVAttention(
         config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
         k_rank=fk[1].shape[0], v_rank=fv[1].shape[0], rot_dim=d.rot_dim,
-        scaling=float(getattr(old, "scaling", d.head_dim ** -0.5)),
-        bias=dict(q=bq is not None, k=bk is not None, v=bv is not None, o=bo is not None),
-        is_causal=getattr(old, "is_causal", True), dropout=float(dropout or 0.0),
-        out_dropout=_dropout_p(old, "resid_dropout"), device=wq.device, dtype=wq.dtype)
+        scaling=v.scaling(), bias=dict(q=bq is not None, k=bk is not None, v=bv is not None, o=bo is not None),
+        is_causal=v.is_causal(), dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], device=wq.device,
+        dtype=wq.dtype)
     with torch.no_grad():
         for lin, (w, b) in ((attn.q_proj, (wq, bq)), (attn.o_proj, (wo, bo))):
             lin.weight.copy_(w)
