@@ -34,10 +34,10 @@ def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
 def rope_table_index(rot_dim: int, table: str) -> Tensor:
     """Index into the model's (cos, sin) table for each dim of a head in rotate_half layout: dim d rotates at
     frequency d mod rot/2, which a "half" table holds at d and an "interleaved" table at 2 (d mod rot/2)."""
-    if table not in ("half", "interleaved"):
-        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved'")
+    if table not in ("half", "interleaved", "sin_cos"):
+        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos'")
     d = torch.arange(rot_dim)
-    return d if table == "half" else 2 * (d % max(rot_dim // 2, 1))
+    return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos becomes "half" in the module
 
 
 @dataclass
@@ -109,6 +109,7 @@ class LayerWork:
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
+            rope_table="sin_cos" if v.spec.rope_table == "sin_cos" else "half",
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
         with torch.no_grad():

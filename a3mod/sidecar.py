@@ -102,7 +102,7 @@ def _heads(a: dict, path: str) -> None:
 def _attn(a: dict, path: str) -> None:
     _keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
                     "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
-          ("out_proj", "qk_norm", "softcap"))
+          ("out_proj", "qk_norm", "softcap", "rope_table"))
     _heads(a, path)
     hd = a["head_dim"]
     _int(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
@@ -126,6 +126,8 @@ def _attn(a: dict, path: str) -> None:
             _fail(f"{path}.qk_dim", f"= {a['qk_dim']} must equal head_dim = {hd} under qk_norm")
     if "softcap" in a:
         _num(a["softcap"], f"{path}.softcap", 0.0, 1e6, lo_open=True)
+    if "rope_table" in a:
+        _str(a["rope_table"], f"{path}.rope_table", {"sin_cos"})
 
 
 def _latent(a: dict, path: str) -> None:

@@ -131,7 +131,7 @@ def test_eager_graph_reads_like_sdpa(kv):
 
 def test_partial_rotary_detected():
     """Phi rotates the first half of each head (rotate_half within it); GPT-NeoX too, with a per-head qkv;
-    GPT-J rotates pairs (2j, 2j+1) of the first rotary_dim dims, with cos/sin computed inside the layer."""
+    GPT-J rotates pairs (2j, 2j+1) of the first rotary_dim dims, from a (sin, cos) table of rot/2 frequencies."""
     phi = a3mod.discover(make_model("phi")).layers[0]
     assert (phi.rope, phi.rot_dim, phi.head_dim, phi.rope_source) == ("rotate_half", 4, 8, "position_embeddings")
     assert phi.parallel_residual and phi.biases == ("q", "k", "v", "o", "up", "down")
@@ -146,10 +146,14 @@ def test_partial_rotary_detected():
     assert (d.rope, d.rot_dim) == ("interleaved", 4)
     attn_cls = type(model.transformer.h[0].attn)
     if "position_embeddings" in inspect.signature(attn_cls.forward).parameters:
-        # transformers >= 5.24: cos/sin come from the model; interleaved partial RoPE has no adapter: a clear error
-        assert d.rope_source == "position_embeddings", attn_cls
-        with pytest.raises(DiscoveryError, match="no a3mod architecture adapter"):
-            a3mod.apply(model, a3mod.a3_passes(0.2), calib=torch.randint(0, 64, (1, 8)))
+        # transformers >= 5.24: (sin, cos) halves come from the model; interleaved partial RoPE is compressed exactly
+        assert d.rope_source == "position_embeddings" and gptj.rope_table == "sin_cos", attn_cls
+        ids = torch.randint(0, 64, (1, 10))
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+        a3mod.apply(model, a3mod.a3_passes(0.0), calib=torch.randint(0, 64, (2, 16)), progress=False)
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-5)
     else:       # earlier: GPT-J computes cos/sin inside the layer
         assert (d.rope_source, d.attention_op) == ("inside the layer", "eager")
         with pytest.raises(DiscoveryError, match="computed inside the layer"):

@@ -358,6 +358,7 @@ def _resealed(ck, fn):
     (lambda a: a.update(qk_dim=True), r"qk_dim = True must be an integer"),
     (lambda a: a.update(surprise=1), r"unknown keys \['surprise'\]"),
     (lambda a: a.pop("vo_dim"), r"lacks \['vo_dim'\]"),
+    (lambda a: a.update(rope_table="bogus"), r"rope_table = 'bogus'"),
 ])
 def test_sidecar_values_out_of_range_are_named(ckpt, edit, field):
     _resealed(ckpt, lambda s: edit(s["layers"]["0"]["attn"]))

@@ -32,7 +32,8 @@ class ArchSpec:
     norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
     rope_table: str = "half"       # layout of the (cos, sin) the model passes: "half" (cat(freqs, freqs), the HF
-                                   # default, also for interleaved heads) or "interleaved" (each freq twice in a row)
+                                   # default, also for interleaved heads), "interleaved" (each freq twice in a row)
+                                   # or "sin_cos" ((sin, cos), each freq once: GPT-J, CodeGen)
     conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
     rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
     qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
@@ -73,6 +74,8 @@ def dims_of(config, spec: ArchSpec) -> Dims:
         getattr(config, "num_key_value_heads", None) or heads)
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
     rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
+    if spec.rope and isinstance(getattr(config, "rotary_dim", None), int):    # GPT-J / CodeGen: rotary dims given
+        rot = min(config.rotary_dim, hd)
     return Dims(config.hidden_size, heads, kv, hd, rot, spec.rope)
 
 

@@ -28,6 +28,19 @@ def layer_cache(cache, past_key_values, kwargs: dict):
     return None
 
 
+# position_embeddings layouts: "half" = (cos, sin), each cat(freqs, freqs) over the rotary dims (the HF default);
+# "sin_cos" = (sin, cos), each over the rot/2 frequencies once (GPT-J, CodeGen)
+ROPE_TABLES = ("half", "sin_cos")
+
+
+def _half_table(pe, layout: str):
+    """(cos, sin) in the "half" layout from the layer's position_embeddings."""
+    if layout == "half":
+        return pe
+    sin, cos = pe                                                  # (B,T,rot/2) each
+    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -82,12 +95,14 @@ class ReducedHeadAttention(nn.Module):
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
                  out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
-                 device=None, dtype=None):
+                 rope_table: str = "half", device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         if not 0 <= rot_dim <= qk_dim or rot_dim % 2:
             raise ValueError(f"rot_dim {rot_dim} must be even and within [0, qk_dim={qk_dim}]")
+        if rope_table not in ROPE_TABLES:
+            raise ValueError(f"rope_table={rope_table!r}; allowed: {ROPE_TABLES}")
         if qk_norm not in (None, "head", "all"):
             raise ValueError(f"qk_norm={qk_norm!r}; allowed: None, 'head' (per head), 'all' (whole projection)")
         if qk_norm and (q_norm is None or k_norm is None or qk_dim != head_dim):
@@ -108,6 +123,7 @@ class ReducedHeadAttention(nn.Module):
         # forward then returns the concatenated head outputs (B,T,H*r_vo)
         self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw) if out_proj else None
         self.qk_norm, self.softcap = qk_norm, softcap      # the norms are applied before RoPE, at full head dim
+        self.rope_table = rope_table        # layout of the position_embeddings the layer passes (see ROPE_TABLES)
         self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
@@ -151,7 +167,7 @@ class ReducedHeadAttention(nn.Module):
         if self.rot_dim:
             if position_embeddings is None:
                 raise ValueError("this attention uses RoPE but was called without position_embeddings (cos, sin)")
-            cos, sin = self._rope_tables(*position_embeddings)                         # (B,Hkv|1,T,rot)
+            cos, sin = self._rope_tables(*_half_table(position_embeddings, self.rope_table))  # (B,Hkv|1,T,rot)
             k = self._apply_rope(k, cos, sin)
             if cos.shape[1] == 1:
                 q = self._apply_rope(q, cos, sin)
@@ -192,7 +208,8 @@ class ReducedHeadAttention(nn.Module):
                     out_dropout=self.out_dropout, rope_index=self.rope_index.tolist(),
                     **({"out_proj": False} if self.o_proj is None else {}),
                     **({"qk_norm": self.qk_norm} if self.qk_norm else {}),
-                    **({"softcap": self.softcap} if self.softcap is not None else {}))
+                    **({"softcap": self.softcap} if self.softcap is not None else {}),
+                    **({"rope_table": self.rope_table} if self.rope_table != "half" else {}))
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -275,6 +275,9 @@ def _table_layout(pe) -> str | None:
         return None
     cos = pe[0]
     r = cos.shape[-1]
+    if len(pe) == 2 and pe[1].shape == cos.shape and cos.shape[-2] > 1 and torch.all(cos[..., 0, :] == 0) and \
+            torch.all(pe[1][..., 0, :] == 1):       # (sin, cos): position 0 has sin 0, cos 1 (GPT-J)
+        return "sin_cos"
     if torch.equal(cos[..., : r // 2], cos[..., r // 2:]):
         return "half"
     if torch.equal(cos[..., 0::2], cos[..., 1::2]):

@@ -43,8 +43,8 @@ def _to_spec(r: Discovery):
         problems.append("RoPE cos/sin are computed inside the layer, not passed in as position_embeddings")
     if d.rope and r.rotary is None:
         problems.append("no module of the model produces the layers' (cos, sin)")
-    if d.rope and r.rope_table not in (None, "half", "interleaved"):
-        problems.append("the (cos, sin) table is neither cat(freqs, freqs) nor interleaved")
+    if d.rope and r.rope_table not in (None, "half", "interleaved", "sin_cos"):
+        problems.append("the (cos, sin) table is neither cat(freqs, freqs), interleaved nor (sin, cos) halves")
     if d.gate_up_layout not in (None, "[gate|up]"):
         problems.append(f"fused gate/up layout {d.gate_up_layout}")
     if d.v_head_dim != d.head_dim:
@@ -165,6 +165,10 @@ def _probe(model: nn.Module) -> nn.Module:
                 t.normal_(0.0, 0.02)
             else:
                 t.zero_()
+        try:            # computed buffers (rotary inv_freq, GPT-J's sin/cos table) as the model's own init makes them
+            probe.init_weights()
+        except Exception:   # noqa: BLE001  (a model without HF init keeps the random buffers: graph only)
+            pass
     return probe.eval()
 
 
