@@ -75,6 +75,7 @@ def tiny_zoo_config(mtype: str):
             _set(c, "num_key_value_heads", _SIZES["num_attention_heads"])
         if hasattr(c, "attn_layer_indices") and not getattr(c, "attn_layer_indices"):    # Bamba: one attention layer
             _set(c, "attn_layer_indices", [1])
+        _ssm_sizes(c)
         for k, v in list(vars(c).items()):     # per-layer lists (layer_types, mlp_layer_types, ...): first n
             if isinstance(v, list) and n_orig and len(v) == n_orig and not k.startswith("_"):
                 _set(c, k, v[:n])
@@ -86,6 +87,23 @@ def tiny_zoo_config(mtype: str):
                 setattr(c, k, [t if t < VOCAB else 1 for t in tok])
         c.initializer_range = 0.1
     return cfg
+
+
+def _ssm_sizes(c) -> None:
+    """State-space mixers (Mamba-2 and the hybrids built on it): heads x head dim must equal expand x hidden."""
+    hidden = _SIZES["hidden_size"]
+    for heads, dim, expand in (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("n_mamba_heads", "mamba_headdim",
+                               "mamba_expand"), ("mamba_num_heads", "mamba_head_dim", "expand")):
+        if hasattr(c, heads) and hasattr(c, dim):
+            e = getattr(c, expand, 2) or 2
+            _set(c, dim, 16)
+            _set(c, heads, e * hidden // 16)
+            if hasattr(c, "mamba_d_ssm"):
+                _set(c, "mamba_d_ssm", e * hidden)
+    if hasattr(c, "attention_head_dim"):
+        _set(c, "attention_head_dim", _SIZES["head_dim"])
+    if c.model_type == "mamba2":
+        _set(c, "num_heads", (getattr(c, "expand", 2) or 2) * hidden // c.head_dim)
 
 
 def _set(c, k, v) -> None:

@@ -254,7 +254,8 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
             except NoAttentionError as e:     # a hybrid's mixer layer, if other layers have attention
                 mixers[i] = e
         if not described:
-            raise next(iter(mixers.values()))
+            raise DiscoveryError(f"no layer has attention (a state-space or recurrent model: nothing a3mod reduces); "
+                                 f"{next(iter(mixers.values()))}")
     finally:
         cap.close()
         model.train(was_training)
