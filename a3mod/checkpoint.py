@@ -168,7 +168,8 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                 if kept is not None and not all(0 <= k < m["orig_inter"] for k in kept):
                     raise ValueError(f"mlp 'kept' has neuron indices outside [0, orig_inter={m['orig_inter']})")
                 mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
-                                 orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), device=device, dtype=dtype)
+                                 orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0),
+                                 residual=m.get("residual", False), device=device, dtype=dtype)
                 mlp.kept = kept
                 set_child(layers[i], spec.mlp, mlp)
             if "latent_attn" in entry:

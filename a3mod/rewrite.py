@@ -109,7 +109,8 @@ class LayerWork:
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
-            rope_table="sin_cos" if v.spec.rope_table == "sin_cos" else "half",
+            rope_table="sin_cos" if v.spec.rope_table == "sin_cos" else "half", alibi=v.spec.alibi,
+            bool_mask=v.spec.bool_mask,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
         with torch.no_grad():
@@ -134,7 +135,7 @@ class LayerWork:
             return self._narrow_mlp(kw)
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
                          m.down[1] is not None, orig_inter=m.orig,
-                         dropout=v.out_dropouts()[1], **kw)
+                         dropout=v.out_dropouts()[1], residual=v.spec.mlp_residual, **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
                 if lin is None:

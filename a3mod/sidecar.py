@@ -102,7 +102,7 @@ def _heads(a: dict, path: str) -> None:
 def _attn(a: dict, path: str) -> None:
     _keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
                     "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
-          ("out_proj", "qk_norm", "softcap", "rope_table"))
+          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask"))
     _heads(a, path)
     hd = a["head_dim"]
     _int(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
@@ -128,6 +128,10 @@ def _attn(a: dict, path: str) -> None:
         _num(a["softcap"], f"{path}.softcap", 0.0, 1e6, lo_open=True)
     if "rope_table" in a:
         _str(a["rope_table"], f"{path}.rope_table", {"sin_cos"})
+    if "alibi" in a:
+        _str(a["alibi"], f"{path}.alibi", {"position_bias", "alibi"})
+    if "bool_mask" in a:
+        _str(a["bool_mask"], f"{path}.bool_mask", {"masked"})
 
 
 def _latent(a: dict, path: str) -> None:
@@ -146,7 +150,10 @@ def _latent(a: dict, path: str) -> None:
 def _mlp(m: dict, path: str) -> None:
     from transformers.activations import ACT2FN
 
-    _keys(m, path, ("hidden", "inter", "orig_inter", "act", "gated", "up_bias", "down_bias", "kept"), ("dropout",))
+    _keys(m, path, ("hidden", "inter", "orig_inter", "act", "gated", "up_bias", "down_bias", "kept"),
+          ("dropout", "residual"))
+    if "residual" in m and m["residual"] is not True:
+        _fail(f"{path}.residual", f"= {m['residual']!r}; only true is written (the MLP adds the residual)")
     _int(m["hidden"], f"{path}.hidden", 1)
     orig = _int(m["orig_inter"], f"{path}.orig_inter", 1)
     inter = _int(m["inter"], f"{path}.inter", 1, orig + 1)

@@ -51,6 +51,8 @@ def _config(family: str, **kw):
         "roberta": lambda: t.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, intermediate_size=64, pad_token_id=0),
         "phi": lambda: t.PhiConfig(**_LM, partial_rotary_factor=0.5),
+        "mpt": lambda: t.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                                   expansion_ratio=2),
         "gptj": lambda: t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64),
     }
     cfg = build[family]()
@@ -70,7 +72,7 @@ def make_model(family: str, **kw):
 
 
 ADAPTED = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "olmo2", "gemma", "gemma2", "starcoder2", "phi3",
-           "gpt_neox", "opt", "bert", "roberta")
+           "gpt_neox", "opt", "bert", "roberta", "mpt")
 _ROLE_FIELDS = ("layers", "attn", "mlp", "q", "k", "v", "qkv", "qkv_layout", "o", "o_from_layer", "gate", "gate_up",
                 "down", "act", "rope", "conv1d", "qk_norm", "softcap")
 

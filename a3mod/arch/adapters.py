@@ -33,6 +33,10 @@ ARCHS: dict[str, ArchSpec] = {
     "opt": ArchSpec(layers="model.decoder.layers", attn="self_attn", mlp="", q="q_proj", k="k_proj", v="v_proj",
                     o="out_proj", up="fc1", down="fc2", act="activation_function",
                     norms=("self_attn_layer_norm", "final_layer_norm"), rope=None, rotary=None),
+    "mpt": ArchSpec(layers="transformer.blocks", attn="attn", mlp="ffn", q=None, k=None, v=None, qkv="Wqkv",
+                    o="out_proj", up="up_proj", down="down_proj", act_name="gelu", norms=("norm_1", "norm_2"),
+                    rope=None, rotary=None, dropouts=("resid_attn_dropout", "hidden_dropout"), alibi="position_bias",
+                    bool_mask="masked", mlp_residual=True),   # ALiBi; the block adds the attention residual
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

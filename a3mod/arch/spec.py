@@ -43,6 +43,10 @@ class ArchSpec:
                                    # None: the module's `scaling`, else 1/sqrt(d_h)
     softcap: str | None = None     # attention-module attribute holding the logit softcap or None (Gemma-2)
     dropouts: tuple[str, str] = ("resid_dropout", "dropout")  # output dropout of attention / MLP (module or float)
+    alibi: str | None = None       # keyword the layer passes the additive per-head position bias (ALiBi) under (MPT:
+                                   # "position_bias", (H, 1, L), its last key-length columns used); None: no ALiBi
+    bool_mask: str = "keep"        # a boolean attention mask's True means "keep" (HF default) or "masked" (MPT)
+    mlp_residual: bool = False     # the MLP module adds the residual the layer hands it: mlp(x, residual) (MPT)
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

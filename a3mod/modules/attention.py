@@ -95,12 +95,15 @@ class ReducedHeadAttention(nn.Module):
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
                  out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
-                 rope_table: str = "half", device=None, dtype=None):
+                 rope_table: str = "half", alibi: str | None = None, bool_mask: str = "keep", device=None,
+                 dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         if not 0 <= rot_dim <= qk_dim or rot_dim % 2:
             raise ValueError(f"rot_dim {rot_dim} must be even and within [0, qk_dim={qk_dim}]")
+        if bool_mask not in ("keep", "masked"):
+            raise ValueError(f"bool_mask={bool_mask!r}; allowed: 'keep' (True attends), 'masked' (True is masked)")
         if rope_table not in ROPE_TABLES:
             raise ValueError(f"rope_table={rope_table!r}; allowed: {ROPE_TABLES}")
         if qk_norm not in (None, "head", "all"):
@@ -124,6 +127,8 @@ class ReducedHeadAttention(nn.Module):
         self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw) if out_proj else None
         self.qk_norm, self.softcap = qk_norm, softcap      # the norms are applied before RoPE, at full head dim
         self.rope_table = rope_table        # layout of the position_embeddings the layer passes (see ROPE_TABLES)
+        self.alibi = alibi                  # keyword of the additive per-head position bias (ALiBi), or None
+        self.bool_mask = bool_mask          # what True means in a boolean attention mask
         self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
@@ -142,6 +147,20 @@ class ReducedHeadAttention(nn.Module):
             return cos[:, None], sin[:, None]
         idx = self.rope_index[:1] if self._rope_shared else self.rope_index
         return _gather_dims(cos, idx), _gather_dims(sin, idx)
+
+    def _mask(self, mask, bias, S: int, dtype):
+        """The mask the backend gets: a boolean mask in the keep convention; with ALiBi, one additive float mask =
+        the per-head bias (H, 1, L; its last S key columns) + 0 / -inf from the mask."""
+        if mask is not None and mask.dtype == torch.bool and self.bool_mask == "masked":
+            mask = ~mask
+        if bias is None:
+            return mask
+        bias = bias[..., -S:].to(dtype)[None]                                             # (1,H,1|T,S)
+        if mask is None:
+            return bias
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return bias + mask[..., :S]
 
     def _apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         r = self.rot_dim
@@ -175,6 +194,8 @@ class ReducedHeadAttention(nn.Module):
                 q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        attention_mask = self._mask(attention_mask, kwargs.pop(self.alibi, None) if self.alibi else None,
+                                    k.shape[2], q.dtype)
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
@@ -209,7 +230,9 @@ class ReducedHeadAttention(nn.Module):
                     **({"out_proj": False} if self.o_proj is None else {}),
                     **({"qk_norm": self.qk_norm} if self.qk_norm else {}),
                     **({"softcap": self.softcap} if self.softcap is not None else {}),
-                    **({"rope_table": self.rope_table} if self.rope_table != "half" else {}))
+                    **({"rope_table": self.rope_table} if self.rope_table != "half" else {}),
+                    **({"alibi": self.alibi} if self.alibi else {}),
+                    **({"bool_mask": self.bool_mask} if self.bool_mask != "keep" else {}))
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -12,7 +12,7 @@ class ReducedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
 
     def __init__(self, hidden: int, inter: int, act: str, gated: bool, up_bias: bool, down_bias: bool,
-                 orig_inter: int | None = None, dropout: float = 0.0, device=None, dtype=None):
+                 orig_inter: int | None = None, dropout: float = 0.0, residual: bool = False, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.gate_proj = nn.Linear(hidden, inter, bias=up_bias, **kw) if gated else None
@@ -23,15 +23,17 @@ class ReducedMLP(nn.Module):
         self.orig_inter = orig_inter or inter
         self.dropout = dropout                       # on the output (GPT-2's resid_pdrop); train mode only
         self.kept: list[int] | None = None          # original neuron indices (None: all, in order)
+        self.residual = residual                     # forward(x, residual) adds it (MPT's MLP owns that add)
 
     @property
     def inter(self) -> int:
         return self.up_proj.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         up = self.up_proj(x)
         h = self.act_fn(self.gate_proj(x)) * up if self.gate_proj is not None else self.act_fn(up)
-        return nn.functional.dropout(self.down_proj(h), self.dropout, self.training)
+        out = nn.functional.dropout(self.down_proj(h), self.dropout, self.training)
+        return out + residual if residual is not None else out
 
     SIDECAR_KEY = "mlp"
 
@@ -43,7 +45,8 @@ class ReducedMLP(nn.Module):
         """The sidecar entry `a3mod.load` rebuilds this module from."""
         return dict(hidden=self.up_proj.in_features, inter=self.inter, orig_inter=self.orig_inter, act=self.act,
                     gated=self.gate_proj is not None, up_bias=self.up_proj.bias is not None,
-                    down_bias=self.down_proj.bias is not None, dropout=self.dropout, kept=self.kept)
+                    down_bias=self.down_proj.bias is not None, dropout=self.dropout, kept=self.kept,
+                    **({"residual": True} if self.residual else {}))
 
     def extra_repr(self) -> str:
         return f"intermediate {self.orig_inter} -> {self.inter}, act={self.act}, gated={self.gate_proj is not None}"
