@@ -110,7 +110,7 @@ class LayerWork:
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
             rope_table="sin_cos" if v.spec.rope_table == "sin_cos" else "half", alibi=v.spec.alibi,
-            bool_mask=v.spec.bool_mask,
+            bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
         with torch.no_grad():

@@ -102,7 +102,7 @@ def _heads(a: dict, path: str) -> None:
 def _attn(a: dict, path: str) -> None:
     _keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
                     "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
-          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask"))
+          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask", "residual"))
     _heads(a, path)
     hd = a["head_dim"]
     _int(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
@@ -132,6 +132,8 @@ def _attn(a: dict, path: str) -> None:
         _str(a["alibi"], f"{path}.alibi", {"position_bias", "alibi"})
     if "bool_mask" in a:
         _str(a["bool_mask"], f"{path}.bool_mask", {"masked"})
+    if "residual" in a and a["residual"] is not True:
+        _fail(f"{path}.residual", f"= {a['residual']!r}; only true is written (the attention adds the residual)")
 
 
 def _latent(a: dict, path: str) -> None:

@@ -102,8 +102,13 @@ def test_discovery_agrees_with_adapter(family):
     assert result.exported == 1 and result.layers[1].same_as == 0
 
 
+# adapters discovery cannot reproduce, and why (their layers are checked by the self-check and their own tests)
+NOT_DISCOVERED = {"bloom": "scores come from alibi.baddbmm(q, k), which discovery does not read as attention"}
+
+
 def test_every_adapted_family_is_checked():
-    assert set(ARCHS) <= set(ADAPTED), f"adapters without a discovery test: {set(ARCHS) - set(ADAPTED)}"
+    missing = set(ARCHS) - set(ADAPTED) - set(NOT_DISCOVERED)
+    assert not missing, f"adapters without a discovery test: {missing}"
 
 
 # ------------------------------------------------------------------------------------ descriptions

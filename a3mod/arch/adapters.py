@@ -37,6 +37,11 @@ ARCHS: dict[str, ArchSpec] = {
                     o="out_proj", up="up_proj", down="down_proj", act_name="gelu", norms=("norm_1", "norm_2"),
                     rope=None, rotary=None, dropouts=("resid_attn_dropout", "hidden_dropout"), alibi="position_bias",
                     bool_mask="masked", mlp_residual=True),   # ALiBi; the block adds the attention residual
+    "bloom": ArchSpec(layers="transformer.h", attn="self_attention", mlp="mlp", q=None, k=None, v=None,
+                      qkv="query_key_value", qkv_layout="per_head", o="dense", up="dense_h_to_4h", down="dense_4h_to_h",
+                      act_name="gelu_pytorch_tanh", rope=None, rotary=None,
+                      dropouts=("hidden_dropout", "hidden_dropout"), alibi="alibi", attn_residual=True,
+                      mlp_residual=True),   # ALiBi; both residual adds inside the attention / MLP modules
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

@@ -47,6 +47,7 @@ class ArchSpec:
                                    # "position_bias", (H, 1, L), its last key-length columns used); None: no ALiBi
     bool_mask: str = "keep"        # a boolean attention mask's True means "keep" (HF default) or "masked" (MPT)
     mlp_residual: bool = False     # the MLP module adds the residual the layer hands it: mlp(x, residual) (MPT)
+    attn_residual: bool = False    # the attention adds the residual handed as its 2nd argument (BLOOM)
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

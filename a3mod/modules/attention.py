@@ -95,8 +95,8 @@ class ReducedHeadAttention(nn.Module):
                  sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
                  out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
-                 rope_table: str = "half", alibi: str | None = None, bool_mask: str = "keep", device=None,
-                 dtype=None):
+                 rope_table: str = "half", alibi: str | None = None, bool_mask: str = "keep",
+                 residual: bool = False, device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -129,6 +129,7 @@ class ReducedHeadAttention(nn.Module):
         self.rope_table = rope_table        # layout of the position_embeddings the layer passes (see ROPE_TABLES)
         self.alibi = alibi                  # keyword of the additive per-head position bias (ALiBi), or None
         self.bool_mask = bool_mask          # what True means in a boolean attention mask
+        self.residual = residual            # forward(x, residual, ...) adds it to the output (BLOOM's attention)
         self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
@@ -155,7 +156,8 @@ class ReducedHeadAttention(nn.Module):
             mask = ~mask
         if bias is None:
             return mask
-        bias = bias[..., -S:].to(dtype)[None]                                             # (1,H,1|T,S)
+        bias = bias[..., -S:].to(dtype)                       # MPT (H, 1, S); BLOOM (B*H, 1, S)
+        bias = bias[None] if bias.shape[0] == self.num_heads else bias.view(-1, self.num_heads, *bias.shape[-2:])
         if mask is None:
             return bias
         if mask.dtype == torch.bool:
@@ -173,6 +175,9 @@ class ReducedHeadAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, **kwargs):
         cache = layer_cache(cache, past_key_values, kwargs)
+        residual = None
+        if self.residual:               # BLOOM: attention(x, residual, alibi=..., attention_mask=..., layer_past=...)
+            residual, position_embeddings = position_embeddings, None
         B, T, _ = hidden_states.shape
         H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)
@@ -210,7 +215,7 @@ class ReducedHeadAttention(nn.Module):
         out = self.o_proj(out)                                                           # (B,T,d_m)
         if self.training and self.out_dropout:          # skip the no-op call (one dispatch per layer) in eval
             out = nn.functional.dropout(out, self.out_dropout, True)
-        return out, weights
+        return (out if residual is None else out + residual), weights
 
     # ------------------------------------------------------------------------------------ description
     SIDECAR_KEY = "attn"
@@ -232,7 +237,8 @@ class ReducedHeadAttention(nn.Module):
                     **({"softcap": self.softcap} if self.softcap is not None else {}),
                     **({"rope_table": self.rope_table} if self.rope_table != "half" else {}),
                     **({"alibi": self.alibi} if self.alibi else {}),
-                    **({"bool_mask": self.bool_mask} if self.bool_mask != "keep" else {}))
+                    **({"bool_mask": self.bool_mask} if self.bool_mask != "keep" else {}),
+                    **({"residual": True} if self.residual else {}))
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -1,5 +1,7 @@
-"""MPT: ALiBi (the per-head position bias the block hands the attention), boolean masks where True means masked,
-and an MLP that adds the residual itself. The four support-matrix checks, with a hypothesis full-rank property."""
+"""ALiBi families. MPT: the per-head position bias the block hands the attention, boolean masks where True means
+masked, an MLP that adds the residual itself. BLOOM: the (B*H, 1, S) ALiBi bias, fused per-head qkv, and both the
+attention and the MLP adding the residual they are handed. The four support-matrix checks each, with hypothesis
+full-rank properties."""
 from __future__ import annotations
 
 import torch
@@ -62,3 +64,28 @@ def test_cached_generate_matches_uncached():
 
 def test_save_load_round_trip(tmp_path):
     fc.save_load_round_trip(factory(), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ BLOOM
+def bloom(seed: int = 0, heads: int = 4, head_dim: int = 8, layers: int = 2, post_ln: bool = False):
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, n_head=heads, n_layer=layers,
+                                   initializer_range=0.1, apply_residual_connection_post_layernorm=post_ln)
+    return lambda: model_from_config(cfg, seed)
+
+
+@settings(max_examples=5)
+@given(seed=st.integers(0, 1000), heads=st.sampled_from([2, 4, 8]), head_dim=st.sampled_from([4, 8, 16]),
+       layers=st.integers(1, 2), post_ln=st.booleans())
+def test_bloom_full_rank_reproduces_outputs(seed, heads, head_dim, layers, post_ln):
+    fc.full_rank_reproduces_outputs(bloom(seed, heads, head_dim, layers, post_ln), impls=("eager",))
+
+
+def test_bloom_compresses_generates_and_round_trips(tmp_path):
+    rep = fc.compresses_at(bloom(), 0.3)
+    assert all((r.qk_dim, r.vo_dim) == (6, 6) for r in rep.rows)
+    fc.cached_generate_matches_uncached(bloom(), 0.3, impls=("eager",))
+    fc.save_load_round_trip(bloom(), tmp_path)
+    model = bloom()()
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
+    attn = model.transformer.h[0].self_attention
+    assert isinstance(attn, ReducedHeadAttention) and attn.alibi == "alibi" and attn.residual
