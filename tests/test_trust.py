@@ -359,6 +359,9 @@ def _resealed(ck, fn):
     (lambda a: a.update(surprise=1), r"unknown keys \['surprise'\]"),
     (lambda a: a.pop("vo_dim"), r"lacks \['vo_dim'\]"),
     (lambda a: a.update(rope_table="bogus"), r"rope_table = 'bogus'"),
+    (lambda a: a.update(alibi="os.system"), r"alibi = 'os.system'"),
+    (lambda a: a.update(bool_mask="keep"), r"bool_mask = 'keep'"),
+    (lambda a: a.update(residual=1), r"residual = 1; only true is written"),
 ])
 def test_sidecar_values_out_of_range_are_named(ckpt, edit, field):
     _resealed(ckpt, lambda s: edit(s["layers"]["0"]["attn"]))
