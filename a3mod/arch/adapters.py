@@ -42,6 +42,10 @@ ARCHS: dict[str, ArchSpec] = {
                       act_name="gelu_pytorch_tanh", rope=None, rotary=None,
                       dropouts=("hidden_dropout", "hidden_dropout"), alibi="alibi", attn_residual=True,
                       mlp_residual=True),   # ALiBi; both residual adds inside the attention / MLP modules
+    "falcon": ArchSpec(layers="transformer.h", attn="self_attention", mlp="mlp", q=None, k=None, v=None,
+                       qkv="query_key_value", qkv_layout="grouped", o="dense", up="dense_h_to_4h",
+                       down="dense_4h_to_h", act="activation", rotary="transformer.rotary_emb", alibi="alibi",
+                       dropouts=("_none", "_none")),   # multi-query, grouped (new decoder) and per-head qkv alike
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

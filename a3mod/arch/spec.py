@@ -20,7 +20,8 @@ class ArchSpec:
     k: str | None
     v: str | None
     qkv: str | None = None         # ... or one fused projection whose output is [q | k | v]
-    qkv_layout: str = "blocks"     # fused output: "blocks" [q | k | v], or "per_head" (H, 3, d_h) (GPT-NeoX)
+    qkv_layout: str = "blocks"     # fused output: "blocks" [q | k | v], "per_head" (H, 3, d_h) (GPT-NeoX), or
+                                   # "grouped" (Hkv, g + 2, d_h) (Falcon: g queries, then the group's key and value)
     o: str = "o_proj"              # projection consuming the attention output
     o_from_layer: bool = False     # `o` is a path from the layer, outside the attention module (BERT)
     gate: str | None = None        # gated MLP: down(act(gate(x)) * up(x)); else down(act(up(x)))
@@ -77,6 +78,8 @@ def dims_of(config, spec: ArchSpec) -> Dims:
     heads = config.num_attention_heads
     kv = 1 if getattr(config, "multi_query", False) is True else (  # GPT-BigCode / Falcon-7B: one K/V head
         getattr(config, "num_key_value_heads", None) or heads)
+    if getattr(config, "new_decoder_architecture", False):          # Falcon-40B / 180B: num_kv_heads groups
+        kv = config.num_kv_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
     rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
     if spec.rope and isinstance(getattr(config, "rotary_dim", None), int):    # GPT-J / CodeGen: rotary dims given

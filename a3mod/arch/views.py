@@ -39,8 +39,12 @@ class LayerView:
         if self.spec.qkv_layout == "per_head":      # (..., H, 3, d_h), MHA only
             z = t.unflatten(-1, (d.heads, 3, d.head_dim))
             return [z[..., j, :].flatten(-2) for j in range(3)]
+        if self.spec.qkv_layout == "grouped":       # (..., Hkv, g + 2, d_h): each KV group's g queries, key, value
+            z = t.unflatten(-1, (d.kv_heads, d.groups + 2, d.head_dim))
+            g = d.groups
+            return [z[..., :g, :].flatten(-3), z[..., g, :].flatten(-2), z[..., g + 1, :].flatten(-2)]
         if self.spec.qkv_layout != "blocks":
-            raise UnsupportedModelError(f"qkv_layout {self.spec.qkv_layout!r}; known: 'blocks', 'per_head'")
+            raise UnsupportedModelError(f"qkv_layout {self.spec.qkv_layout!r}; known: 'blocks', 'per_head', 'grouped'")
         return list(t.split([d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], dim=-1))
 
     def o_params(self):
