@@ -205,12 +205,13 @@ def test_one_stats_many_ratios():
 
 # -------------------------------------------------------------------------------------- models
 def test_unsupported_hf_model():
-    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=4)     # ALiBi: no adapter
-    model = transformers.BloomForCausalLM(cfg).eval()
+    # CodeGen's mp_num-interleaved qkv_proj: no adapter, and discovery cannot split it
+    cfg = transformers.CodeGenConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64)
+    model = transformers.CodeGenForCausalLM(cfg).eval()
     with pytest.raises(UnsupportedModelError) as e:
         a3mod.apply(model, a3mod.a3_passes(0.2), calib=calib_ids(), progress=False)
     msg = str(e.value)
-    assert "'bloom'" in msg and "llama" in msg and "gpt2" in msg
+    assert "'codegen'" in msg and "llama" in msg and "gpt2" in msg
     for t in a3mod.supported_types():
         assert t in msg
 
