@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .arch import LayerView, get_path
+from .arch.discover.describe import StopForward, probe_ids, run_probe
 from .errors import DiscoveryError
 from .rewrite import LayerWork, set_child
 
@@ -61,11 +62,11 @@ def _describe(view: LayerView) -> tuple[str, str]:
     qkv = f"fused {s.qkv} ({s.qkv_layout})" if s.qkv else f"{s.q}/{s.k}/{s.v}"
     rope = f"RoPE {d.rope} over {d.rot_dim} of {d.head_dim} dims" if d.rot_dim else "no RoPE"
     attn = (f"{qkv} -> {s.o}; {d.heads} heads, {d.kv_heads} KV heads, head dim {d.head_dim}; {rope}; scale "
-            f"{view.scaling():g}" + (f"; softcap {view.softcap():g}"
-                                                                                  if s.softcap else "")
+            f"{view.scaling():g}" + (f"; softcap {view.softcap():g}" if s.softcap else "")
             + (f"; q/k norm over {'each head' if s.qk_norm == 'head' else 'the projection'}" if s.qk_norm else ""))
     gate = f"gate {s.gate_up or s.gate} (gated)" if (s.gate or s.gate_up) else "not gated"
-    mlp = f"up {s.up}, {gate}, down {s.down}, activation config.{s.act}"
+    act = repr(s.act_name) if s.act_name else f"config.{s.act}"
+    mlp = f"up {s.up}, {gate}, down {s.down}, activation {act}"
     return attn, mlp
 
 
@@ -132,10 +133,6 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
     return Check(view.index, tuple(same), errs[0], errs[1], tol)
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) -> list[Check]:
     """Check one layer of every distinct structure (`structure_key`) on a probe of `seq_len` tokens; the
@@ -151,20 +148,14 @@ def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) ->
         def hook(mod, args, kwargs):
             calls.setdefault(i, (args, dict(kwargs)))
             if len(calls) == len(reps):
-                raise _Stop
+                raise StopForward
         return hook
 
     hooks = [views[i].layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i in reps]
     was = model.training
-    vocab = getattr(model.config, "vocab_size", None) or 2
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    ids = (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
     try:
         model.eval()
-        try:
-            model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
+        run_probe(model, probe_ids(model, seq_len))     # the same probe discovery runs
     finally:
         for h in hooks:
             h.remove()

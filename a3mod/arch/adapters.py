@@ -35,17 +35,19 @@ ARCHS: dict[str, ArchSpec] = {
                     norms=("self_attn_layer_norm", "final_layer_norm"), rope=None, rotary=None),
     "mpt": ArchSpec(layers="transformer.blocks", attn="attn", mlp="ffn", q=None, k=None, v=None, qkv="Wqkv",
                     o="out_proj", up="up_proj", down="down_proj", act_name="gelu", norms=("norm_1", "norm_2"),
+                    scale_attr="softmax_scale",
                     rope=None, rotary=None, dropouts=("resid_attn_dropout", "hidden_dropout"), alibi="position_bias",
                     bool_mask="masked", mlp_residual=True),   # ALiBi; the block adds the attention residual
     "bloom": ArchSpec(layers="transformer.h", attn="self_attention", mlp="mlp", q=None, k=None, v=None,
                       qkv="query_key_value", qkv_layout="per_head", o="dense", up="dense_h_to_4h", down="dense_4h_to_h",
-                      act_name="gelu_pytorch_tanh", rope=None, rotary=None,
+                      act_name="gelu_pytorch_tanh", rope=None, rotary=None, scale_attr="inv_norm_factor",
                       dropouts=("hidden_dropout", "hidden_dropout"), alibi="alibi", attn_residual=True,
                       mlp_residual=True),   # ALiBi; both residual adds inside the attention / MLP modules
     "falcon": ArchSpec(layers="transformer.h", attn="self_attention", mlp="mlp", q=None, k=None, v=None,
                        qkv="query_key_value", qkv_layout="grouped", o="dense", up="dense_h_to_4h",
                        down="dense_4h_to_h", act="activation", rotary="transformer.rotary_emb", alibi="alibi",
-                       dropouts=("_none", "_none")),   # multi-query, grouped (new decoder) and per-head qkv alike
+                       dropouts=("_none", "_none"),
+                       scale_attr="inv_norm_factor"),   # multi-query, grouped (new decoder) and per-head qkv alike
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

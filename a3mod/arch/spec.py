@@ -40,8 +40,9 @@ class ArchSpec:
     qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
                                    # Qwen3), "all" (over the whole projection output H*d_h, OLMo-2) or None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")     # the q/k norm modules, from the attention module
-    scaling: float | None = None   # softmax scale when the attention module holds no `scaling` (GPT-Neo: 1.0);
-                                   # None: the module's `scaling`, else 1/sqrt(d_h)
+    scale_attr: str = "scaling"    # attention-module attribute holding the softmax scale (MPT: softmax_scale)
+    scaling: float | None = None   # softmax scale when the attention module holds none (GPT-Neo: 1.0);
+                                   # None: the module's `scale_attr`, else 1/sqrt(d_h)
     softcap: str | None = None     # attention-module attribute holding the logit softcap or None (Gemma-2)
     dropouts: tuple[str, str] = ("resid_dropout", "dropout")  # output dropout of attention / MLP (module or float)
     alibi: str | None = None       # keyword the layer passes the additive per-head position bias (ALiBi) under (MPT:

@@ -77,9 +77,9 @@ class LayerView:
 
     # --------------------------------------------------------------- facts about the attention and the MLP
     def scaling(self) -> float:
-        """The softmax scale: the attention module's `scaling`, else the description's literal, else 1/sqrt(d_h)."""
-        s = next((getattr(self.attn, n) for n in ("scaling", "softmax_scale", "inv_norm_factor")   # MPT, BLOOM
-                  if getattr(self.attn, n, None) is not None), None)
+        """The softmax scale: the attention module's `spec.scale_attr`, else the description's literal, else
+        1/sqrt(d_h)."""
+        s = getattr(self.attn, self.spec.scale_attr, None)
         return float(s if s is not None else self.spec.scaling if self.spec.scaling is not None
                      else self.dims.head_dim ** -0.5)
 

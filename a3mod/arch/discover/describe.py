@@ -143,13 +143,13 @@ def _signature(layer: nn.Module) -> tuple:
             tuple((n, type(m).__name__) for n, m in layer.named_modules()))
 
 
-def _sample_ids(model: nn.Module, seq_len: int) -> torch.Tensor:
+def probe_ids(model: nn.Module, seq_len: int) -> torch.Tensor:
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     return (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the capture hook once every wanted layer has its inputs: the rest of the forward is skipped."""
 
 
@@ -168,7 +168,7 @@ class _Capture:
         def hook(mod, args, kwargs):
             self.calls.setdefault(i, (args, kwargs))
             if self.wanted <= set(self.calls):
-                raise _Stop
+                raise StopForward
         return hook
 
     def _post(self, name):
@@ -183,14 +183,15 @@ class _Capture:
         self.handles = []
 
 
-def _run(model: nn.Module, ids: torch.Tensor) -> None:
+def run_probe(model: nn.Module, ids: torch.Tensor) -> None:
+    """One forward on `ids` without a cache, stopped early by a hook raising StopForward."""
     with torch.no_grad():
         try:
             try:
                 model(input_ids=ids, use_cache=False)
             except TypeError:                  # models without a use_cache argument
                 model(input_ids=ids)
-        except _Stop:
+        except StopForward:
             pass
 
 
@@ -242,7 +243,7 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
     cap = _Capture(model, path, layers, wanted)
     try:                        # the export re-runs the layers: same implementation and mode as the capture
         model.eval()
-        _run(model, _sample_ids(model, seq_len))
+        run_probe(model, probe_ids(model, seq_len))
         cap.close()
         missing = [i for i in wanted if i not in cap.calls]
         if missing:
