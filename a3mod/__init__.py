@@ -14,7 +14,9 @@ from .discover import Discovery, LayerDiscovery, discover
 from .errors import A3ModError, CalibrationError, CheckpointError, DiscoveryError, RatioError, UnsupportedModelError
 from .loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
-from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, Allocate, SVDLLM, PlainSVD, a3_passes, pass_from_dict, pass_to_dict
+from .passes import (
+    A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD, a3_passes, pass_from_dict, pass_to_dict,
+)
 from .ppl import eval_tokens, perplexity
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
@@ -22,7 +24,8 @@ from .stream import compress_streaming
 
 __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
-    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "a3_passes", "Allocate", "A3KV", "ASVD", "SVDLLM", "PlainSVD",
+    "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "A3Experts", "a3_passes", "Allocate", "A3KV", "ASVD",
+    "SVDLLM", "PlainSVD",
     "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
     "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "DiscoveryError",

@@ -5,7 +5,9 @@ Statistics per decoder layer (sums over calibration tokens, float64; divide by `
   k  (Hkv, d_h, d_h)  keys (pre-RoPE, with bias)
   v  (Hkv, d_h, d_h), v1 (Hkv, d_h)  values and their sum   -> OV for GQA (bias removed via the first moment)
   o  (H, d_h, d_h),  o1 (H, d_h)     per-head attention output entering o_proj -> OV for MHA
-  h2 (d_i,)           squared MLP intermediate activations   -> MLP CUR
+  h2 (d_i,)           squared MLP intermediate activations   -> MLP CUR (an MoE layer: of its shared expert)
+  e2 (E, d_e), en (E,)  MoE layers: per routed expert, squared activations times squared combine weights over
+                      the tokens routed to it, and their count       -> A3Experts
 Optional kinds for the per-linear baselines, for each input group g of `LayerView.linear_groups`
 (attn_in, attn_out, mlp_in, mlp_mid):
   x2.g (d_in, d_in)   Gram matrix X^T X of the group's input   -> SVD-LLM whitening      (kind "gram")
@@ -31,7 +33,8 @@ from .arch import LayerView, get_path, layer_views
 from .errors import CalibrationError
 from .paths import dataset_file
 
-STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")
+STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")      # a dense layer's
+EXPERT_STATS = ("e2", "en")                                # an MoE layer's routed experts (its h2: the shared expert)
 STATS_FORMAT = 1
 KINDS = ("a3", "gram", "absmean")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) that marks each kind as present
@@ -294,8 +297,29 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         _add(acc, "h2", _sq_sum(inp[0]))
 
     hs.append(view.o_module().register_forward_pre_hook(on_o))
-    hs.append(view.down_module().register_forward_pre_hook(on_down))
+    if view.has_mlp:
+        hs.append(view.down_module().register_forward_pre_hook(on_down))
+    if view.experts is not None:
+        hs.append(_experts_hook(view, acc))
     return hs
+
+
+def _experts_hook(view: LayerView, acc: dict[str, Tensor]):
+    """Routed experts: e2 (E, I) sums over the tokens routed to each expert of (combine weight)^2 * h^2 (h: the
+    expert's intermediate activations, recomputed from its inputs with its own gate), en (E,) those token counts."""
+    ev = view.experts_view()
+
+    def hook(mod, args, kwargs, out):
+        dev = mod.down_proj.device
+        e2 = torch.zeros(ev.num, ev.inter, dtype=torch.float64, device=dev)
+        en = torch.zeros(ev.num, dtype=torch.float64, device=dev)
+        for e, x, w in ev.routed(args, kwargs):
+            h = ev.hidden_states(x, e)
+            e2[e] = (h.double().square() * w.double().square()[:, None]).sum(0)
+            en[e] = x.shape[0]
+        _add(acc, "e2", e2)
+        _add(acc, "en", en)
+    return view.experts.register_forward_hook(hook, with_kwargs=True)
 
 
 @contextmanager

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .arch import dims_of, find_path, get_path, spec_for
+from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
+from .arch.experts import ExpertsView, narrowed
 from . import files, sidecar, st_io
 from .errors import CheckpointError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
@@ -52,7 +53,8 @@ def _describe(model: nn.Module) -> dict:
 def describe_layer(layer: nn.Module, spec) -> dict:
     """The sidecar entry of one decoder layer: what its compact modules say of themselves (`describe()`), low-rank
     and narrowed linears, quantized linears. Empty for an untouched layer."""
-    attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
+    mlp_path, experts_path = mlp_paths(layer, spec)
+    attn, mlp = find_path(layer, spec.attn), None if mlp_path is None else find_path(layer, mlp_path)
     entry = {}
     if isinstance(attn, COMPACT_ATTENTION):           # the module describes itself (its SIDECAR_KEY entry)
         entry[attn.SIDECAR_KEY] = attn.describe()
@@ -71,6 +73,10 @@ def describe_layer(layer: nn.Module, spec) -> dict:
         entry["quantized"] = quantized
     if isinstance(mlp, ReducedMLP):
         entry[mlp.SIDECAR_KEY] = mlp.describe()
+    info = experts_path and getattr(get_path(layer, experts_path), "a3mod_experts", None)
+    if info:                                          # routed experts narrowed in place (a3mod.arch.experts)
+        entry["experts"] = {"orig_inter": info["orig_inter"], "kept": info["kept"],
+                            **({"fallback": info["fallback"]} if info.get("fallback") else {})}
     return entry
 
 
@@ -171,7 +177,21 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                                  orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0),
                                  residual=m.get("residual", False), device=device, dtype=dtype)
                 mlp.kept = kept
-                set_child(layers[i], spec.mlp, mlp)
+                path = mlp_paths(layers[i], spec)[0]
+                if path is None:
+                    raise ValueError("an 'mlp' entry for a layer whose MoE block has no shared expert")
+                set_child(layers[i], path, mlp)
+            if "experts" in entry:
+                path = mlp_paths(layers[i], spec)[1]
+                if path is None:
+                    raise ValueError("an 'experts' entry for a layer without routed experts")
+                old = get_path(layers[i], path)
+                x = entry["experts"]
+                if ExpertsView(old, dims.hidden).inter != x["orig_inter"]:
+                    raise ValueError(f"experts orig_inter {x['orig_inter']} differs from the model's "
+                                     f"{ExpertsView(old, dims.hidden).inter}")
+                set_child(layers[i], path, narrowed(old, dims.hidden, torch.tensor(x["kept"], dtype=torch.long),
+                                                        x.get("fallback")))
             if "latent_attn" in entry:
                 set_child(layers[i], spec.attn, LatentKVAttention(model.config, i, device=device, dtype=dtype,
                                                                   **entry["latent_attn"]))

@@ -50,9 +50,12 @@ class Component:
 
     def unit(self, full: int, rope: bool, rank_given: bool = False) -> int:
         """Granularity of the kept dim: whole RoPE pairs for q/k under RoPE; even v/o heads (with a ratio) for
-        even heads; multiples of 8 from 512 neurons on (with a ratio)."""
+        even heads; multiples of 8 from 512 neurons on (with a ratio); multiples of 8 for routed experts (always:
+        the fused experts kernels need it)."""
         if self.name == "qk":
             return 2 if rope else 1
+        if self.name == "experts":   # transformers' grouped_mm kernels need 16-byte strides: 8 neurons (bf16)
+            return 8 if full % 8 == 0 else 1
         if rank_given:
             return 1
         if self.name == "ov":
@@ -83,6 +86,7 @@ COMPONENTS: dict[str, Component] = {
     "qk": Component("qk", "A3QK", ("q", "k"), "qk"),
     "ov": Component("ov", "A3OV", ("v", "v1", "o", "o1"), "vo"),
     "mlp": Component("mlp", "A3MLP", ("h2",), "mlp"),
+    "experts": Component("experts", "A3Experts", ("e2", "en"), "experts"),   # every routed expert's width
 }
 
 
@@ -108,24 +112,30 @@ class LayerPlan:
     parts: dict[str, Part] = field(default_factory=dict)
 
     def kept(self, comp: str) -> int:
-        return self.parts[comp].kept
+        return self.parts[comp].kept if comp in self.parts else 0
 
     def full(self, comp: str) -> int:
-        return self.parts[comp].full
+        return self.parts[comp].full if comp in self.parts else 0
 
 
 def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     """The plan of decoder layer `layer` as it is now: every module in it that describes itself (`plan_parts()`:
-    ReducedHeadAttention, ReducedMLP, a layer's narrowed up projection) overrides the original dims."""
-    from .arch import get_path, out_features
+    ReducedHeadAttention, ReducedMLP, a layer's narrowed up projection) overrides the original dims; an MoE layer's
+    routed experts say their width (`arch.experts.kept_width`); an MoE layer without a shared expert has no "mlp"."""
+    from .arch import find_path, get_path, mlp_paths, out_features
+    from .arch.experts import kept_width
 
     parts = {"qk": Part("qk", dims.head_dim, dims.head_dim), "ov": Part("ov", dims.head_dim, dims.head_dim)}
-    mlp = get_path(layer, spec.mlp)
-    if not hasattr(mlp, "plan_parts"):   # the original MLP, or narrowed linears on the layer (OPT, BERT)
+    mlp_path, experts_path = mlp_paths(layer, spec)
+    mlp = None if mlp_path is None else find_path(layer, mlp_path)
+    if mlp is not None and not hasattr(mlp, "plan_parts"):  # the original MLP, or narrowed linears on the layer
         up = get_path(mlp, spec.gate_up or spec.up)
         inter = out_features(up) // (2 if spec.gate_up else 1)
         orig = getattr(up, "orig_out", None) or getattr(up, "a3mod_narrow", {}).get("orig_out", inter)
         parts["mlp"] = Part("mlp", orig, inter)
+    if experts_path is not None:
+        full, kept = kept_width(get_path(layer, experts_path), dims.hidden)
+        parts["experts"] = Part("experts", full, kept)
     for mod in (get_path(layer, spec.attn), mlp):
         if hasattr(mod, "plan_parts"):
             parts.update({p.comp: p for p in mod.plan_parts()})

@@ -1,6 +1,6 @@
 """Method names -> pass lists: the one table the CLI (`--method`) and every benchmark use.
 
-    recipes.passes("a3", ratio=0.2)                      # [A3QK(0.2), A3OV(0.2), A3MLP(0.2)]
+    recipes.passes("a3", ratio=0.2)    # [A3QK(0.2), A3OV(0.2), A3MLP(0.2), A3Experts(0.2)] (experts: MoE layers)
     recipes.passes("a3-mix", ratio=0.2, across="all")    # [Allocate(0.2, across="all")]
     recipes.passes("a3", kv_ratio=0.5)                   # [A3KV(0.5)]  (attention only, to a KV budget)
     recipes.passes("asvd", kv_ratio=0.5)                 # [ASVD(kv_ratio=0.5)]  (KV-cache mode)
@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .errors import RatioError
-from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, Allocate, PlainSVD
+from .passes import A3KV, A3MLP, A3OV, A3QK, ASVD, A3Experts, SVDLLM, Allocate, PlainSVD
 
 METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
 LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd": "SVD"}
@@ -48,7 +48,7 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
         pick = lambda x: ratio if x is None else x  # noqa: E731
         m = multiple_of
         return [A3QK(ratio=pick(qk_ratio), multiple_of=m), A3OV(ratio=pick(ov_ratio), multiple_of=m),
-                A3MLP(ratio=pick(mlp_ratio), multiple_of=m)]
+                A3MLP(ratio=pick(mlp_ratio), multiple_of=m), A3Experts(ratio=pick(mlp_ratio), multiple_of=m)]
     if overrides:
         raise RatioError(f"qk/ov/mlp ratios are A3 options; method {method} takes only {n('ratio')}")
     if method == "a3-mix":

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .arch import dims_of, get_path, spec_for
+from .arch import dims_of, get_path, mlp_paths, spec_for
+from .arch.experts import is_experts
 
 
 def _linear_sizes(m: nn.Module) -> tuple[int, int] | None:
@@ -17,6 +18,9 @@ def _linear_sizes(m: nn.Module) -> tuple[int, int] | None:
     HQQ) as the float in x out weight it stands for. None for modules that are not linear layers."""
     if type(m).__name__ == "Conv1D":
         return m.weight.numel(), (m.bias.numel() if m.bias is not None else 0)
+    if is_experts(m):           # routed experts: E stacked (gate/)up and down linears as 3-D parameters
+        ps = list(m._parameters.values())
+        return sum(p.numel() for p in ps if p.dim() == 3), sum(p.numel() for p in ps if p.dim() < 3)
     if isinstance(m, nn.Linear) or type(m).__name__ == "HQQLinear":
         bias = getattr(m, "bias", None)
         return m.in_features * m.out_features, (bias.numel() if bias is not None else 0)
@@ -62,6 +66,17 @@ class LayerRow:
     lowrank: int = 0         # linears stored as two low-rank factors (baselines)
     quantized: int = 0       # quantized linears (BnbInt8, Bnb4bit, HQQ)
     left: str = ""           # why a3mod left the layer as it is (a hybrid's mixer layer); its dims read 0
+    experts: int = 0         # an MoE layer's routed experts, how many a token uses, and each one's width
+    experts_active: int = 0
+    expert_dim: int = 0
+    expert_orig: int = 0
+    experts_fallback: int = 0    # experts whose neurons were scored from their weights (too few routed tokens)
+    active: int = -1         # parameters one token runs through (routed experts at top-k); -1: all of `params`
+    active_orig: int = -1
+
+    def active_params(self, orig: bool = False) -> int:
+        a = self.active_orig if orig else self.active
+        return a if a >= 0 else (self.params_orig if orig else self.params)
 
 
 @dataclass
@@ -96,16 +111,19 @@ class Report:
         return sum(r.kv_elems_orig if orig else r.kv_elems for r in self.rows) * self.dtype_bytes
 
     def flops_per_token(self, orig: bool = False) -> int:
-        """Decoder-layer FLOPs for one token at `context` positions: 2 * linear params + attention scores/mix."""
+        """Decoder-layer FLOPs for one token at `context` positions: 2 * the linear params it runs through (an MoE
+        layer's routed experts at its top-k) + attention scores/mix."""
         attn = sum(2 * r.heads * self.context * (2 * r.head_dim if orig else r.qk_dim + r.vo_dim) for r in self.rows
                    if not r.left)       # a left mixer's own cost is in its linear params only (not modelled further)
-        return 2 * (self.params_orig if orig else self.params) + attn
+        return 2 * sum(r.active_params(orig) for r in self.rows) + attn
 
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "params": self.params, "params_orig": self.params_orig,
                 "ratio": self.ratio, "kv_bytes_per_token": self.kv_bytes_per_token(),
                 "kv_bytes_per_token_orig": self.kv_bytes_per_token(True), "flops_per_token": self.flops_per_token(),
                 "flops_per_token_orig": self.flops_per_token(True), "context": self.context,
+                "active_params": sum(r.active_params() for r in self.rows),
+                "active_params_orig": sum(r.active_params(True) for r in self.rows),
                 "model_bytes": self.model_bytes, "bits_per_param": self.bits_per_param,
                 "layers": [asdict(r) for r in self.rows]}
 
@@ -123,6 +141,11 @@ class Report:
                          f"{r.head_dim:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
                          f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
                          f"{r.params_orig:>10,}->{r.params:<10,}")
+            if r.experts:
+                lines.append(f"{'':>5} {r.experts} routed experts (top-{r.experts_active}), each "
+                             f"{r.expert_orig}->{r.expert_dim}; params per token {r.active_params(True):,}->"
+                             f"{r.active_params():,}" + (f"; {r.experts_fallback} scored from weights (too few "
+                                                         f"routed calibration tokens)" if r.experts_fallback else ""))
         kv0, kv1 = self.kv_bytes_per_token(True), self.kv_bytes_per_token()
         f0, f1 = self.flops_per_token(True), self.flops_per_token()
         lines += ["-" * len(head),
@@ -132,6 +155,23 @@ class Report:
                   f"storage       {self.model_bytes:,} bytes (state dict, tied weights once); decoder-layer linear "
                   f"weights {self.bits_per_param:.3f} bits/param ({sum(r.quantized for r in self.rows)} quantized)"]
         return "\n".join(lines)
+
+
+def _moe_row(row: LayerRow, experts: nn.Module, plan, config) -> None:
+    """Fill an MoE layer's expert columns: count, top-k, widths, and the parameters a token runs through."""
+    n = next(p for p in experts._parameters.values() if p.dim() == 3).shape[0]
+    k = int(getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", None) or n)
+    row.experts, row.experts_active = n, k
+    row.expert_dim, row.expert_orig = plan.kept("experts"), plan.full("experts")
+    row.experts_fallback = len(getattr(experts, "a3mod_experts", {}).get("fallback", []))
+    from .arch.experts import ExpertsView
+
+    v = ExpertsView(experts, config.hidden_size)
+    now = sum(_linear_sizes(experts))
+    per_neuron = n * ((2 if v.gated else 1) * (v.hidden + v.bias) + v.hidden)   # its gate/up rows, its down column
+    was = now + (row.expert_orig - row.expert_dim) * per_neuron
+    row.active = row.params - now + now * k // n
+    row.active_orig = row.params_orig - was + was * k // n
 
 
 def report(model: nn.Module, context: int = 2048) -> Report:
@@ -160,8 +200,11 @@ def report(model: nn.Module, context: int = 2048) -> Report:
             COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
-        rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
-                             kv, kv0, lowrank, quantized))
+        row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
+                       kv, kv0, lowrank, quantized)
+        if "experts" in plan.parts:
+            _moe_row(row, get_path(layer, mlp_paths(layer, spec)[1]), plan, model.config)
+        rows.append(row)
     p = next(model.parameters())
     return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context,
                   *_storage(model, spec))

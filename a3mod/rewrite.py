@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import LayerView, get_path
+from .arch.experts import narrowed
 from .errors import UnsupportedModelError
 from .modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
 
@@ -66,10 +67,19 @@ class MlpWork:
 
 
 @dataclass
+class ExpertsWork:
+    """An MoE layer's routed experts: which neurons every expert keeps (the weights stay where they are)."""
+    kept: Tensor                                 # (E, k) original neuron indices per expert, ascending
+    orig: int                                    # original width of each expert
+    fallback: list[int] | None = None            # experts scored from their weights (too few routed tokens)
+
+
+@dataclass
 class LayerWork:
     view: LayerView
     attn: AttnWork
-    mlp: MlpWork
+    mlp: MlpWork | None                          # None: an MoE layer without a shared expert
+    experts: ExpertsWork | None = None
 
     @classmethod
     def from_view(cls, v: LayerView) -> "LayerWork":
@@ -90,11 +100,16 @@ class LayerWork:
             bo=None if bo is None else bo.detach().double(),
             rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
             q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm)
-        gate, up, down = v.mlp_params()
-        f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
-        mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]),
-                      up[0].shape[0])
-        return cls(v, attn, mlp)
+        mlp = experts = None
+        if v.has_mlp:
+            gate, up, down = v.mlp_params()
+            f64 = lambda p: (p[0].detach().double(), None if p[1] is None else p[1].detach().double())  # noqa: E731
+            mlp = MlpWork(None if gate is None else f64(gate), f64(up), f64(down), torch.arange(up[0].shape[0]),
+                          up[0].shape[0])
+        if v.experts is not None:
+            ev = v.experts_view()
+            experts = ExpertsWork(torch.arange(ev.inter).repeat(ev.num, 1), ev.inter)
+        return cls(v, attn, mlp, experts)
 
     # ------------------------------------------------------------------------------------ install
     def build(self, config, dtype: torch.dtype, device, mlp: bool = True) -> list[tuple[str, nn.Module]]:
@@ -131,6 +146,12 @@ class LayerWork:
 
     def _mlp_swaps(self, config, kw) -> list[tuple[str, nn.Module]]:
         m, v, d = self.mlp, self.view, self.view.dims
+        swaps = []
+        if self.experts is not None:      # the experts module, narrowed in place of the original (same class)
+            x = self.experts
+            swaps.append((v.experts_path, narrowed(v.experts, d.hidden, x.kept, x.fallback).train(v.experts.training)))
+        if m is None:
+            return swaps
         if not v.spec.mlp:
             return self._narrow_mlp(kw)
         mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
@@ -146,7 +167,7 @@ class LayerWork:
                     lin.bias.copy_(b)
         mlp.kept = m.kept.tolist()
         mlp.train(v.mlp.training)
-        return [(v.spec.mlp, mlp)]
+        return swaps + [(v.mlp_path, mlp)]
 
     def _narrow_mlp(self, kw) -> list[tuple[str, nn.Module]]:
         """An MLP whose linears live on the layer (OPT, BERT): up / down become narrower linears in place,

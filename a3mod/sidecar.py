@@ -167,6 +167,22 @@ def _mlp(m: dict, path: str) -> None:
         _indices(m["kept"], f"{path}.kept", inter, orig, ascending=True)
 
 
+def _experts(x: dict, path: str) -> None:
+    """Routed experts narrowed in place: every expert keeps the same number of its orig_inter neurons."""
+    _keys(x, path, ("orig_inter", "kept"), ("fallback",))
+    orig = _int(x["orig_inter"], f"{path}.orig_inter", 1)
+    kept = x["kept"]
+    if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
+        _fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
+    width = len(kept[0])
+    for j, r in enumerate(kept):
+        _indices(r, f"{path}.kept[{j}]", width, orig, ascending=True)
+    if width < 1:
+        _fail(f"{path}.kept", "keeps no neuron")
+    if "fallback" in x:
+        _indices(x["fallback"], f"{path}.fallback", None, len(kept), ascending=True)
+
+
 def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
     _keys(d, path, (), tuple(d) if isinstance(d, dict) else ())
     for p, e in d.items():
@@ -193,7 +209,7 @@ def _narrow(d, path: str) -> None:
 
 
 def _entry(e: dict, path: str) -> None:
-    _keys(e, path, (), ("attn", "latent_attn", "linears", "narrow", "quantized", "mlp"))
+    _keys(e, path, (), ("attn", "latent_attn", "linears", "narrow", "quantized", "mlp", "experts"))
     if "attn" in e and "latent_attn" in e:
         _fail(path, "has both attn and latent_attn")
     if "attn" in e:
@@ -202,6 +218,8 @@ def _entry(e: dict, path: str) -> None:
         _latent(e["latent_attn"], f"{path}.latent_attn")
     if "mlp" in e:
         _mlp(e["mlp"], f"{path}.mlp")
+    if "experts" in e:
+        _experts(e["experts"], f"{path}.experts")
     if "linears" in e:
         _linear_map(e["linears"], f"{path}.linears", ("in_features", "rank", "out_features", "bias"))
         for p, lr in e["linears"].items():

@@ -125,6 +125,16 @@ def ov_joint(wv: Tensor, wo: Tensor, g: Tensor, r: int):
 
 
 # --------------------------------------------------------------------------------------------- MLP
+def experts_select(h2: Tensor, down_sq: Tensor, r: int):
+    """MLP CUR for every routed expert at once: each keeps its r neurons with the largest E[w^2 h_i^2] ||W_down[i]||^2.
+
+    h2: (E, d_i) per-expert (combine-weighted) squared activations, down_sq: (E, d_i) squared norms of each neuron's
+    down-projection column. Returns (kept index (E, r) ascending per expert, loss (E, d_i+1) dropped score)."""
+    score = h2 * down_sq
+    order = score.argsort(-1, descending=True)
+    return order[:, :r].sort(-1).values, tail_losses(score.gather(-1, order))
+
+
 def mlp_select(h2: Tensor, w_down: Tensor, r: int):
     """MLP CUR: keep the r intermediate neurons with the largest E[h_i^2] ||W_down[i, :]||^2.
 

@@ -73,7 +73,35 @@ class _Source:
         return None
 
     def read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
-        """{key: tensor} for model keys (floating tensors cast to `dtype`); one file opened at a time."""
+        """{key: tensor} for model keys (floating tensors cast to `dtype`); one file opened at a time. Routed
+        experts that the file keeps per expert (the hub layout) are stacked into the model's 3-D parameters."""
+        fused = {k: parts for k in keys if self.name(k) is None and (parts := self._expert_parts(k))}
+        extra = sorted({n for parts in fused.values() for ns in parts for n in ns})
+        out = self._read([k for k in keys if k not in fused] + extra, dtype, device)
+        for k, parts in fused.items():       # (E, 2I, d) from [gate; up] per expert, or (E, d, I) from down
+            out[k] = torch.stack([torch.cat([out[n] for n in ns], 0) for ns in parts])
+        for n in extra:
+            out.pop(n)
+        return out
+
+    _EXPERT_NAMES = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+
+    def _expert_parts(self, key: str) -> list[list[str]] | None:
+        """For a fused experts parameter `...experts.gate_up_proj` / `.down_proj` the file lacks: the per-expert
+        weight keys that make it, one list per expert (`experts.{e}.gate_proj.weight`, Mixtral's w1/w3/w2)."""
+        base, _, leaf = key.rpartition(".")
+        if not base.endswith(".experts") or leaf not in self._EXPERT_NAMES:
+            return None
+        for names in self._EXPERT_NAMES[leaf]:
+            parts, e = [], 0
+            while all(self.name(f"{base}.{e}.{n}.weight") for n in names):
+                parts.append([f"{base}.{e}.{n}.weight" for n in names])
+                e += 1
+            if parts:
+                return parts
+        return None
+
+    def _read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
         names = {k: self.name(k) for k in keys}
         lost = [k for k, n in names.items() if n is None]
         if lost:

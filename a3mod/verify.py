@@ -74,7 +74,7 @@ def _unused(view: LayerView, mlp: bool) -> list[str]:
     """Parameters of the attention (or MLP) module that the description does not use: often the feature missed
     (attention sinks, a norm on the attention output, a learned scale)."""
     s = view.spec
-    if mlp and not s.mlp:
+    if mlp and (not s.mlp or view.mlp is None):
         return []
     root = view.mlp if mlp else view.attn
     used = [s.gate, s.up, s.down, s.gate_up] if mlp else [

@@ -37,7 +37,7 @@ def test_compress_then_load_and_eval(tmp_path, model_dir, text_file, capsys):
     assert 0.1 <= result["report"]["ratio"] <= 0.3
     model = a3mod.load(out)
     assert all(isinstance(layer.self_attn, a3mod.ReducedHeadAttention) for layer in model.model.layers)
-    assert [p["ratio"] for p in model.a3mod_info["passes"]] == [0.2, 0.2, 0.2]
+    assert [p["ratio"] for p in model.a3mod_info["passes"]] == [0.2, 0.2, 0.2, 0.2]
     # the checkpoint carries the tokenizer and evaluates to the perplexity measured after compression
     rc = main(["eval", "ppl", "--model", out, *_eval_args(text_file), "--json", str(tmp_path / "ppl.json")])
     assert rc == 0

@@ -216,7 +216,7 @@ def test_original_model_is_not_a_copy():
     out = a3mod.apply(model, a3mod.a3_passes(0.2), calib=calib_ids(), progress=False)
     assert out is model
     assert model.a3mod_info["calib_tokens"] == 64
-    assert [p["type"] for p in model.a3mod_info["passes"]] == ["A3QK", "A3OV", "A3MLP"]
+    assert [p["type"] for p in model.a3mod_info["passes"]] == ["A3QK", "A3OV", "A3MLP", "A3Experts"]
 
 
 def test_only_mlp_pass_leaves_attention_dims():

@@ -54,7 +54,7 @@ def test_a3_passes_ratio_outside_range(ratio):
 
 @pytest.mark.parametrize("ratio", [0, 0.0, 0.5, 0.999])
 def test_ratio_inside_range(ratio):
-    assert [p.ratio for p in a3mod.a3_passes(ratio)] == [ratio] * 3
+    assert [p.ratio for p in a3mod.a3_passes(ratio)] == [ratio] * 4
 
 
 def test_ratio_and_rank_together_or_neither():

@@ -18,7 +18,8 @@ from conftest import calib_ids, tiny_model
 @given(full=st.integers(1, 2048), ratio=st.floats(0, 0.99), rope=st.booleans(), comp=st.sampled_from(list(COMPONENTS)))
 def test_kept_follows_the_documented_unit(full, ratio, rope, comp):
     c = COMPONENTS[comp]
-    unit = {"qk": 2 if rope else 1, "ov": 2 if full % 2 == 0 else 1, "mlp": 8 if full >= 512 else 1}[comp]
+    unit = {"qk": 2 if rope else 1, "ov": 2 if full % 2 == 0 else 1, "mlp": 8 if full >= 512 else 1,
+            "experts": 8 if full % 8 == 0 else 1}[comp]
     if comp == "qk" and rope and full % 2:
         return                                    # RoPE heads are even
     k = c.kept(full, ratio, None, rope)

@@ -58,7 +58,8 @@ def test_apply_refuses_unregistered_objects_and_two_model_passes():
 @pytest.mark.parametrize("method,kw,want", [
     ("a3", dict(ratio=0.2), a3mod.a3_passes(0.2)),
     ("a3", dict(ratio=0.2, mlp_ratio=0.4, multiple_of=8),
-     [a3mod.A3QK(ratio=0.2, multiple_of=8), a3mod.A3OV(ratio=0.2, multiple_of=8), a3mod.A3MLP(ratio=0.4, multiple_of=8)]),
+     [a3mod.A3QK(ratio=0.2, multiple_of=8), a3mod.A3OV(ratio=0.2, multiple_of=8), a3mod.A3MLP(ratio=0.4, multiple_of=8),
+      a3mod.A3Experts(ratio=0.4, multiple_of=8)]),
     ("a3-mix", dict(ratio=0.3, across="all"), [a3mod.Allocate(budget=0.3, across="all")]),
     ("a3", dict(kv_ratio=0.5), [a3mod.A3KV(kv_ratio=0.5)]),
     ("a3-mix", dict(kv_ratio=0.5), [a3mod.A3KV(kv_ratio=0.5, mixed=True)]),

@@ -289,7 +289,7 @@ def test_quantize_a_loaded_compressed_checkpoint(tmp_path):
     a3mod.apply(loaded, [HQQ4], progress=False)
     assert plain_linears(loaded) == []
     assert rel_err(logits(loaded, input_ids()), logits(compressed, input_ids())) < TOL[HQQ4]
-    assert [p["type"] for p in loaded.a3mod_info["passes"]] == ["A3QK", "A3OV", "A3MLP", "HQQ"]
+    assert [p["type"] for p in loaded.a3mod_info["passes"]] == ["A3QK", "A3OV", "A3MLP", "A3Experts", "HQQ"]
     assert a3mod.report(loaded).ratio == a3mod.report(compressed).ratio
     again = a3mod.load(a3mod.save(loaded, tmp_path / "a3-hqq"))
     again.set_attn_implementation("eager")

@@ -11,7 +11,8 @@ Only this package knows module names of Hugging Face families; everything else w
 from .adapters import ARCHS, supported_types
 from .lookup import spec_for
 from .spec import ArchSpec, Dims, dims_of, get_path, is_linear, linear_params, out_features, partial_rotary_factor
-from .views import LayerView, active, find_path, layer_views
+from .views import LayerView, active, find_path, join, layer_views, mlp_paths
 
 __all__ = ["ARCHS", "ArchSpec", "Dims", "LayerView", "active", "dims_of", "find_path", "get_path", "is_linear",
-           "layer_views", "linear_params", "out_features", "partial_rotary_factor", "spec_for", "supported_types"]
+           "join", "layer_views", "linear_params", "mlp_paths", "out_features", "partial_rotary_factor", "spec_for",
+           "supported_types"]

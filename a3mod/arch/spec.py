@@ -50,6 +50,9 @@ class ArchSpec:
     bool_mask: str = "keep"        # a boolean attention mask's True means "keep" (HF default) or "masked" (MPT)
     mlp_residual: bool = False     # the MLP module adds the residual the layer hands it: mlp(x, residual) (MPT)
     attn_residual: bool = False    # the attention adds the residual handed as its 2nd argument (BLOOM)
+    experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
+                                   # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
+    shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

@@ -22,6 +22,19 @@ class LayerView:
     spec: ArchSpec
     dims: Dims
     left: str | None = None        # why a3mod leaves this layer untouched (a hybrid's linear-attention / SSM mixer)
+    mlp_path: str | None = None    # path of `mlp` from the layer: the dense MLP, or an MoE block's shared expert
+    experts: nn.Module | None = None   # an MoE layer's routed experts (a3mod.arch.experts), else None
+    experts_path: str | None = None
+
+    @property
+    def has_mlp(self) -> bool:
+        """The layer has a dense MLP (or a shared expert) that A3MLP reduces."""
+        return self.mlp is not None
+
+    def experts_view(self):
+        from .experts import ExpertsView
+
+        return ExpertsView(self.experts, self.dims.hidden)
 
     def qkv_params(self):
         """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in)."""
@@ -94,7 +107,14 @@ class LayerView:
         return dropout_p(self.attn, self.spec.dropouts[0]), dropout_p(self.mlp, self.spec.dropouts[1])
 
     def sliding_window(self, config) -> int | None:
-        return getattr(self.attn, "sliding_window", getattr(config, "sliding_window", None))
+        """The attention's own window, else the config's for a layer its `layer_types` call sliding (all layers
+        when it has none); 0 means none (Qwen2-MoE without use_sliding_window)."""
+        if hasattr(self.attn, "sliding_window"):
+            return self.attn.sliding_window or None
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, (list, tuple)) and len(types) > self.index and "sliding" not in str(types[self.index]):
+            return None
+        return getattr(config, "sliding_window", None) or None
 
     def is_causal(self) -> bool:
         return getattr(self.attn, "is_causal", True)
@@ -111,10 +131,13 @@ class LayerView:
         attn_in: q/k/v (or the fused qkv), attn_out: o, mlp_in: gate/up, mlp_mid: down.
         """
         s = self.spec
-        a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: f"{s.mlp}.{n}" if s.mlp else n)
-        mlp_in = [m(s.gate_up)] if s.gate_up else [m(s.gate), m(s.up)] if s.gate else [m(s.up)]
-        return {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)],
-                "attn_out": [s.o if s.o_from_layer else a(s.o)], "mlp_in": mlp_in, "mlp_mid": [m(s.down)]}
+        a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: join(self.mlp_path, n))
+        groups = {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)],
+                  "attn_out": [s.o if s.o_from_layer else a(s.o)]}
+        if self.has_mlp:       # an MoE layer's routed experts are not linears; its shared expert is
+            groups["mlp_in"] = [m(s.gate_up)] if s.gate_up else [m(s.gate), m(s.up)] if s.gate else [m(s.up)]
+            groups["mlp_mid"] = [m(s.down)]
+        return groups
 
     def act_name(self, config) -> str:
         return self.spec.act_name or getattr(config, self.spec.act)
@@ -134,8 +157,12 @@ def layer_views(model: nn.Module) -> list[LayerView]:
     a view with `left` saying why; passes, statistics and the report skip it and it is kept as it is."""
     spec = spec_for(model)
     dims = dims_of(model.config, spec)
-    views = [LayerView(i, layer, find_path(layer, spec.attn), find_path(layer, spec.mlp), spec, dims,
-                       left_reason(layer, spec)) for i, layer in enumerate(get_path(model, spec.layers))]
+    views = []
+    for i, layer in enumerate(get_path(model, spec.layers)):
+        mlp_path, experts_path = mlp_paths(layer, spec)
+        views.append(LayerView(i, layer, find_path(layer, spec.attn), None if mlp_path is None else
+                               find_path(layer, mlp_path), spec, dims, left_reason(layer, spec), mlp_path,
+                               None if experts_path is None else find_path(layer, experts_path), experts_path))
     if all(v.left for v in views):
         raise UnsupportedModelError(f"no layer of {type(model).__name__} has the attention {spec.attn!r}: "
                                     f"{views[0].left if views else 'no layers'}")
@@ -152,6 +179,23 @@ def left_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
                        and n != spec.mlp.split(".")[0]) or "none"
     return (f"no {'attention ' + repr(spec.attn) if attn is None else 'MLP ' + repr(spec.mlp)} module: a mixer "
             f"a3mod does not reduce (children: {mixers})")
+
+
+def join(*parts: str | None) -> str:
+    """Dotted path of the non-empty parts."""
+    return ".".join(p for p in parts if p)
+
+
+def mlp_paths(layer: nn.Module, spec: ArchSpec) -> tuple[str | None, str | None]:
+    """(path of the dense MLP or of an MoE block's shared expert, path of the routed experts) in `layer`; None for
+    what the layer does not have. A layer is an MoE layer when its `spec.mlp` block holds `spec.experts`."""
+    block = find_path(layer, spec.mlp)
+    if block is None:
+        return None, None
+    if spec.experts and find_path(block, spec.experts) is not None:
+        shared = join(spec.mlp, spec.shared) if spec.shared and find_path(block, spec.shared) is not None else None
+        return shared, join(spec.mlp, spec.experts)
+    return spec.mlp, None
 
 
 def find_path(root: nn.Module, path: str) -> nn.Module | None:

@@ -14,7 +14,10 @@ from .. import solvers
 from ..arch import active
 from ..rewrite import LayerWork
 from ..plan import COMPONENTS
-from .base import PassConfig, PassContext, check_multiple, check_ratio_rank, handler, register_pass, run_pass
+from ..errors import RatioError
+from .base import (
+    PassConfig, PassContext, check_int, check_multiple, check_ratio_rank, handler, register_pass, run_pass,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,22 @@ class A3MLP(_A3Dims):
     """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
 
 
+@register_pass
+@dataclass(frozen=True)
+class A3Experts(_A3Dims):
+    """Keep the most important neurons of every routed expert of an MoE layer (the same number in each; the router
+    and top-k untouched): ratio = fraction of the routed experts' parameters removed. The score of a neuron is the
+    MLP CUR score over the tokens routed to that expert, each weighted by its squared combine weight (the weight
+    scales the expert's output after the down projection; Llama 4 scales the input instead, which the activations
+    already carry). An expert routed fewer than `min_tokens` calibration tokens is scored from its weights alone
+    (||gate row||^2 ||up row||^2 ||down column||^2: isotropic inputs). Dense layers: nothing to do."""
+    min_tokens: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(type(self).__name__, "min_tokens", self.min_tokens, lo=0, error=RatioError)
+
+
 def build_layer(model, view, passes, stats, mlp: bool = True):
     """Run A3 passes (configs with per-layer handlers) on one layer; returns its compact modules as
     (path in the layer, module) swaps (`LayerWork.build`); mlp=False: attention only."""
@@ -75,7 +94,7 @@ def build_layer(model, view, passes, stats, mlp: bool = True):
 def a3_passes(ratio: float, multiple_of: int | None = None) -> list:
     """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP (kept dims rounded to `multiple_of`)."""
     return [A3QK(ratio=ratio, multiple_of=multiple_of), A3OV(ratio=ratio, multiple_of=multiple_of),
-            A3MLP(ratio=ratio, multiple_of=multiple_of)]
+            A3MLP(ratio=ratio, multiple_of=multiple_of), A3Experts(ratio=ratio, multiple_of=multiple_of)]
 
 
 def qk_kept(cfg: A3QK, full: int, rotary: bool) -> int:
@@ -93,12 +112,22 @@ def mlp_kept(cfg: A3MLP, full: int) -> int:
     return COMPONENTS["mlp"].kept(full, cfg.ratio, cfg.rank, False, cfg.multiple_of)
 
 
-_COMPONENT_OF = {A3QK: "qk", A3OV: "ov", A3MLP: "mlp"}
+def experts_kept(cfg: A3Experts, full: int) -> int:
+    """Kept width of every routed expert (the `mlp` rounding rule)."""
+    return COMPONENTS["experts"].kept(full, cfg.ratio, cfg.rank, False, cfg.multiple_of)
+
+
+_COMPONENT_OF = {A3QK: "qk", A3OV: "ov", A3MLP: "mlp", A3Experts: "experts"}
 
 
 def full_dims(view) -> dict[str, int]:
-    """The original dim of every component of a layer."""
-    return {"qk": view.dims.head_dim, "ov": view.dims.head_dim, "mlp": view.mlp_params()[1][0].shape[0]}
+    """The original dim of every component a layer has."""
+    dims = {"qk": view.dims.head_dim, "ov": view.dims.head_dim}
+    if view.has_mlp:
+        dims["mlp"] = view.mlp_params()[1][0].shape[0]
+    if view.experts is not None:
+        dims["experts"] = view.experts_view().inter
+    return dims
 
 
 def preflight(passes, views) -> None:
@@ -108,7 +137,7 @@ def preflight(passes, views) -> None:
         full = full_dims(v)
         for p in passes:
             comp = _COMPONENT_OF.get(type(p))
-            if comp is not None:
+            if comp in full:
                 COMPONENTS[comp].kept(full[comp], p.ratio, p.rank, bool(v.dims.rot_dim), p.multiple_of)
 
 
@@ -219,6 +248,8 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
 def apply_mlp(cfg: A3MLP, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     m = work.mlp
+    if m is None:            # an MoE layer without a shared expert: its experts are A3Experts'
+        return torch.zeros(1, dtype=torch.float64), 1
     full = m.up[0].shape[0]
     r = mlp_kept(cfg, full)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
@@ -228,3 +259,24 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     m.down = (m.down[0][:, idx], m.down[1])
     m.kept = m.kept[idx]
     return loss, 1
+
+
+@handler(A3Experts, scope="layer")
+def apply_experts(cfg: A3Experts, ctx: PassContext):
+    work, st = ctx.work, ctx.stats
+    x = work.experts
+    if x is None:            # a dense layer
+        return torch.zeros(1, dtype=torch.float64), 1
+    ev = work.view.experts_view()
+    r = experts_kept(cfg, x.orig)
+    down_sq = ev.down_cols().detach().double().square().sum(1)                       # (E, I)
+    h2 = st["e2"].clone()
+    few = (st["en"] < cfg.min_tokens).nonzero().flatten().tolist()
+    for e in few:                        # too few routed tokens: a weight-only score (isotropic inputs)
+        gate, up = ev.up_rows(e)
+        h2[e] = up.detach().double().square().sum(-1) * (
+            1.0 if gate is None else gate.detach().double().square().sum(-1))
+    idx, loss = solvers.experts_select(h2, down_sq, r)
+    x.kept = x.kept.gather(1, idx)
+    x.fallback = few
+    return loss.sum(0), 1

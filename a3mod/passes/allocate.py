@@ -85,12 +85,14 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
     for v in active(views):
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp
-        full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1], "mlp": m.up[0].shape[0]}
-        biases = {"q": a.q_bias, "k": a.k_bias, "up": m.up[1] is not None}
-        for comp in COMPONENTS:
+        full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1]}
+        if m is not None:    # an MoE layer may have no dense MLP (only A3KV runs on MoE layers)
+            full["mlp"] = m.up[0].shape[0]
+        biases = {"q": a.q_bias, "k": a.k_bias, "up": m is not None and m.up[1] is not None}
+        for comp in full:
             c = PLAN[comp]
             step = c.unit(full[comp], bool(a.rot_dim))
-            cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m.gate is not None)
+            cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None)
             loss, unit = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index],
                                                                               n=stats.n))
             loss = loss[:: step // unit].double()                          # per allocation unit
@@ -132,6 +134,10 @@ def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
+    moe = [v.index for v in active(views) if v.experts is not None]
+    if moe:
+        raise UnsupportedModelError(f"Allocate: layers {moe} are mixture-of-experts layers; allocation across "
+                                    "routed experts is not built yet (uniform A3 reduces them: a3mod.a3_passes)")
     cs = curves(views, stats, cfg.budget, cfg.normalize)
     kept = allocate(cs, cfg.across, cfg.min_keep)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}

@@ -16,6 +16,7 @@ from .roles import (
     _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
 )
 from .types import Discovery, LayerDiscovery, Role, _common_parent
+from ..experts import ExpertsView, is_experts
 
 # ----------------------------------------------------------------------------------------- layer
 def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery:
@@ -47,13 +48,19 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
                     f"{[lin.path for lin in olins] or 'none'}")
     o = olins[0]
     _check_o(g, a, o, vrows.shape[1])
-    m = _mlp(g, o)
-    parallel = o.node not in g.ancestors(m.inputs[0].node)
-    found += [f"attention output -> {o.path} (head-major concat)",
-              f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
-              (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
-               f"({', '.join(m.act_ops) or 'none'})"),
-              f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}"]
+    moe = _moe(layer)
+    m = _mlp(g, o) if moe is None else _mlp(g, o, moe[2]) if moe[2] else None
+    found.append(f"attention output -> {o.path} (head-major concat)")
+    if moe is not None:
+        found.append(f"MoE block {moe[0]}: routed experts {moe[1]} (3-D parameters)"
+                     + (f", shared expert {moe[2]}" if moe[2] else ""))
+    if m is not None:
+        found += [f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
+                  (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
+                   f"({', '.join(m.act_ops) or 'none'})")]
+    mlp_in = m.inputs[0] if m is not None else _block_input(g, moe[0])
+    parallel = o.node not in g.ancestors(mlp_in.node)
+    found.append(f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}")
     first = next(iter(g.user_inputs), None)
     attn_mod = _submodule(layer, _common_parent([q.lin.path, k.lin.path, v.lin.path]))
     scaling = getattr(attn_mod, "scaling", None)
@@ -64,15 +71,45 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
         kv_heads=krows.shape[0], head_dim=head_dim, v_head_dim=vrows.shape[1], attention_op=a.kind,
         causal=a.causal, scale=scale, softcap=a.softcap, rope=rope, rot_dim=rot,
         rope_source=_rope_source(g, a.q, q.lin) if rope else None, q_norm=qn, k_norm=kn, qk_norm_scope=qscope,
-        gate=m.gate, up=m.up, down=m.down, gate_up_layout=m.fused, act=m.act,
-        act_config=_act_config(config, m.act, m.act_ops), act_name=_act_literal(m.act, m.act_ops),
-        input_norm=_norm_into(g, q.lin.x),
-        mlp_norm=_norm_into(g, m.inputs[0].x), attn_out_norm=_norm_after(g, o.node),
-        mlp_out_norm=_norm_after(g, _down_node(g, m)), output_norm=_norm_into(g, _layer_out(g)),
+        gate=m and m.gate, up=m and m.up, down=m and m.down, gate_up_layout=m and m.fused,
+        act=m.act if m else "none", act_config=m and _act_config(config, m.act, m.act_ops),
+        act_name=m and _act_literal(m.act, m.act_ops), input_norm=_norm_into(g, q.lin.x),
+        mlp_norm=_norm_into(g, mlp_in.x), attn_out_norm=_norm_after(g, o.node),
+        mlp_out_norm=m and _norm_after(g, _down_node(g, m)), output_norm=_norm_into(g, _layer_out(g)),
         parallel_residual=parallel, attn_dropout_module=_dropout_after(g, o.node),
-        mlp_dropout_module=_dropout_after(g, _down_node(g, m)), found=tuple(found),
+        mlp_dropout_module=m and _dropout_after(g, _down_node(g, m)), found=tuple(found),
+        moe=moe and moe[0], experts=moe and moe[1], shared=moe and moe[2],
+        num_experts=ExpertsView(_submodule(layer, moe[1]), o.out).num if moe else 0,
         scaling_attr=float(scaling) if isinstance(scaling, (int, float)) else None,
         softcap_attr=None if a.softcap is None else _attr_holding(attn_mod, a.softcap))
+
+
+def _moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
+    """(block, routed experts, shared expert or None) of an MoE layer, found by structure: the module holding 3-D
+    expert parameters (`arch.experts.is_experts`), its parent block, and the block's child MLP (two linears or more
+    under it). None for a dense layer; a DiscoveryError when the block's parts are ambiguous."""
+    hits = [n for n, m in layer.named_modules() if n and is_experts(m)]
+    if not hits:
+        return None
+    if len(hits) > 1:
+        raise DiscoveryError(f"layer holds several expert modules {hits}: one MoE block per layer is supported")
+    block, _, _ = hits[0].rpartition(".")
+    if not block:
+        raise DiscoveryError(f"experts {hits[0]} sit directly on the layer, not in an MoE block")
+    owner = layer.get_submodule(block)
+    mlps = [n for n, c in owner.named_children() if n != hits[0].rpartition(".")[2]
+            and sum(_is_linear(x) for x in c.modules()) >= 2]
+    if len(mlps) > 1:
+        raise DiscoveryError(f"MoE block {block} has several shared-expert candidates {mlps}")
+    return block, hits[0], f"{block}.{mlps[0]}" if mlps else None
+
+
+def _block_input(g: _Graph, block: str) -> _Lin:
+    """A linear of the MoE block (its router) reading the block's input."""
+    lins = [lin for lin in g.linears.values() if lin.path.startswith(block + ".")]
+    if not lins:
+        raise g.err(f"no linear of MoE block {block} (its router) found in the graph")
+    return min(lins, key=lambda lin: g.order[lin.node])
 
 
 def _submodule(root: nn.Module, path: str) -> nn.Module | None:

@@ -27,6 +27,19 @@ def _to_spec(r: Discovery):
     if others:
         raise DiscoveryError(f"layers {others} differ in structure from layer {d.index}; an ArchSpec describes one "
                              "layout")
+    dm = next((e for e in r.layers if e.up is not None), None)      # the MLP roles: a dense layer or shared expert
+    moe = next((e for e in r.layers if e.moe), None)
+    for e in r.layers:
+        if dm is not None and e.up is not None and _mlp_key(e) != _mlp_key(dm):
+            raise DiscoveryError(f"layer {e.index}'s MLP differs from layer {dm.index}'s ({_mlp_key(e)} vs "
+                                 f"{_mlp_key(dm)}); an ArchSpec describes one layout")
+        if moe is not None and e.moe and _moe_key(e) != _moe_key(moe):
+            raise DiscoveryError(f"layer {e.index}'s MoE block differs from layer {moe.index}'s")
+        if moe is not None and not e.moe and e.mlp_module != moe.moe:
+            raise DiscoveryError(f"dense layer {e.index} keeps its MLP at {e.mlp_module!r}, the MoE layers theirs "
+                                 f"at {moe.moe!r}: an ArchSpec describes one place")
+    if dm is not None:       # the MLP facts below come from the layer that has them
+        d = dataclasses.replace(d, **{f: getattr(dm, f) for f in _MLP_FIELDS})
 
     def need(cond: bool, what: str, field: str):
         if cond and field not in fields:
@@ -49,7 +62,7 @@ def _to_spec(r: Discovery):
         problems.append(f"fused gate/up layout {d.gate_up_layout}")
     if d.v_head_dim != d.head_dim:
         problems.append(f"value head dim {d.v_head_dim} != query/key head dim {d.head_dim}")
-    if d.act_config is None and d.act_name is None:
+    if d.up is not None and d.act_config is None and d.act_name is None:
         problems.append(f"no config attribute names the MLP activation {d.act}")
     literal_scale = d.scaling_attr is None and abs(d.head_dim ** -0.5 - d.scale) > 1e-6 * d.scale
     if d.scaling_attr is not None and abs(d.scaling_attr - d.scale) > 1e-6 * d.scale:
@@ -65,11 +78,14 @@ def _to_spec(r: Discovery):
     need(d.q_norm is not None, "q/k norms", "qk_norm")
     need(d.softcap is not None, "an attention logit softcap", "softcap")
     attn = d.attn_module
-    mlp = d.mlp_module
-    kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=mlp, conv1d=d.q.conv1d,
-                              rope=d.rope, rotary=r.rotary if d.rope else None, down=_rel(d.down.module, mlp),
-                              rope_table=r.rope_table or "half")
-    kw.update(act=d.act_config) if d.act_config else kw.update(act_name=d.act_name)
+    mlp = d.mlp_module if d.up is not None else None
+    kw: dict[str, Any] = dict(layers=r.layers_path, attn=attn, mlp=moe.moe if moe else mlp, conv1d=d.q.conv1d,
+                              rope=d.rope, rotary=r.rotary if d.rope else None, rope_table=r.rope_table or "half")
+    if moe is not None:
+        kw.update(experts=_rel(moe.experts, moe.moe), shared=moe.shared and _rel(moe.shared, moe.moe))
+    if d.up is not None:
+        kw["down"] = _rel(d.down.module, mlp)
+        kw.update(act=d.act_config) if d.act_config else kw.update(act_name=d.act_name)
     if literal_scale:           # no attribute holds it (GPT-Neo scores unscaled): the graph's scale, self-checked
         kw["scaling"] = d.scale
     if d.qkv_layout is None:
@@ -83,7 +99,9 @@ def _to_spec(r: Discovery):
     else:
         need(True, f"an output projection {d.o.module} outside the attention module {attn}", "o_from_layer")
         kw.update(o=d.o.module, o_from_layer=True)
-    if d.gate_up_layout is not None:
+    if d.up is None:
+        pass
+    elif d.gate_up_layout is not None:
         kw.update(gate=None, gate_up=_rel(d.up.module, mlp))
     else:
         kw.update(gate=_rel(d.gate.module, mlp) if d.gate else None, up=_rel(d.up.module, mlp))
@@ -100,14 +118,28 @@ def _to_spec(r: Discovery):
     if "dropouts" in fields and all(drops) and drops[0].startswith(attn + ".") and (
             not mlp or drops[1].startswith(mlp + ".")):
         kw["dropouts"] = (_rel(drops[0], attn), _rel(drops[1], mlp))
-    if any(not (c.conv1d == d.q.conv1d) for c in (d.k, d.v, d.o, d.up, d.down)):
+    if any(not (c.conv1d == d.q.conv1d) for c in (d.k, d.v, d.o, d.up, d.down) if c is not None):
         raise DiscoveryError(f"{r.model_type!r}: projections mix nn.Linear and Conv1D weight layouts")
     return ArchSpec(**{k: v for k, v in kw.items() if k in fields})
 
 
 def _spec_key(d: LayerDiscovery) -> tuple:
-    return (d.q.module, d.k.module, d.v.module, d.o.module, d.qkv_layout, d.rope, d.rot_dim, d.q_norm,
-            d.gate and d.gate.module, d.up.module, d.down.module, d.gate_up_layout, d.act_config)
+    """The attention's structure (the MLP's is `_mlp_key`: MoE models mix dense and expert layers)."""
+    return (d.q.module, d.k.module, d.v.module, d.o.module, d.qkv_layout, d.rope, d.rot_dim, d.q_norm)
+
+
+_MLP_FIELDS = ("gate", "up", "down", "gate_up_layout", "act", "act_config", "act_name", "mlp_dropout_module")
+
+
+def _mlp_key(d: LayerDiscovery) -> tuple:
+    """The MLP's roles relative to the module holding them (a dense layer's MLP or an MoE block's shared expert)."""
+    m = d.mlp_module
+    return (d.gate and _rel(d.gate.module, m), _rel(d.up.module, m), _rel(d.down.module, m), d.gate_up_layout,
+            d.act_config, d.act_name)
+
+
+def _moe_key(d: LayerDiscovery) -> tuple:
+    return (d.moe, d.experts, d.shared)
 
 
 
@@ -121,6 +153,9 @@ def discovered_spec(model: nn.Module, context: str = ""):
     key = _cache_key(model)
     if key is not None and key in _SPECS:
         return _SPECS[key]
+    missing = _unmodelled(model)
+    if missing:
+        raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {missing}")
     try:
         result = discover(_stand_in(model))
         spec = result.to_spec()
@@ -130,6 +165,19 @@ def discovered_spec(model: nn.Module, context: str = ""):
     if key is not None:
         _SPECS[key] = spec
     return spec
+
+
+def _unmodelled(model: nn.Module) -> str | None:
+    """A feature a3mod knows it does not model yet, named before discovery tries (and fails less clearly)."""
+    c = getattr(model, "config", None)
+    rank = getattr(c, "kv_lora_rank", None)
+    if isinstance(rank, int) and rank > 0:
+        return (f"multi-head latent attention (MLA: kv_lora_rank={rank}, keys and values from a shared latent) is not "
+                "supported yet")
+    sinks = next((n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "sinks"), None)
+    if sinks is not None:
+        return f"attention sinks ({sinks}: a learned per-head logit in the softmax) are not supported yet"
+    return None
 
 
 def _stand_in(model: nn.Module) -> nn.Module:

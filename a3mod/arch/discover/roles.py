@@ -231,8 +231,12 @@ class _Mlp:
     inputs: list[_Lin]
 
 
-def _mlp(g: _Graph, o: _Lin) -> _Mlp:
+def _mlp(g: _Graph, o: _Lin, within: str | None = None) -> _Mlp:
+    """The MLP chain ending in the down projection; `within`: only linears under that path (an MoE block's shared
+    expert, beside the router and the routed experts)."""
     ends = [lin for lin in g.producers(_layer_out(g)) if lin.node is not o.node]
+    if within is not None:
+        ends = [lin for lin in ends if lin.path.startswith(within + ".")]
     if len(ends) != 1:
         found = ", ".join(lin.path for lin in ends) or "nothing but the attention output"
         raise g.err(f"expected one MLP down projection (a linear other than {o.path} whose output reaches the "

@@ -16,7 +16,9 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
     rope = "no RoPE" if not d.rope else (
         f"RoPE {d.rope}, {d.rot_dim}/{d.head_dim} dims" + (" (partial rotary)" if d.rot_dim < d.head_dim else "")
         + f", cos/sin from {d.rope_source}")
-    if d.gate is None:
+    if d.up is None:
+        mlp = "none besides the routed experts"
+    elif d.gate is None:
         mlp = f"plain: {d.up.describe()} -> {d.act} -> {d.down.describe()}"
     elif d.gate_up_layout is not None:
         mlp = f"gated, fused {d.up.module} {d.gate_up_layout} -> {d.act}(gate) * up -> {d.down.describe()}"
@@ -36,8 +38,10 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
         f"  q/k/v      {qkv}",
         f"  positions  {rope}",
         f"  output     {d.o.describe()}",
-        f"  mlp        {mlp} (intermediate {d.intermediate}, activation "
-        f"{'from config.' + d.act_config if d.act_config else repr(d.act_name) + ' (no config attribute)'})",
+        f"  mlp        {mlp}" + ("" if d.up is None else f" (intermediate {d.intermediate}, activation "
+        f"{'from config.' + d.act_config if d.act_config else repr(d.act_name) + ' (no config attribute)'})"),
+        *([f"  experts    {d.num_experts} routed experts {d.experts} in {d.moe}"
+           + (f", shared expert {d.shared} (the mlp line)" if d.shared else "")] if d.moe else []),
         f"  norms      {norms or 'none'}",
         f"  residual   {'parallel (attention and MLP read the same input)' if d.parallel_residual else 'sequential'}",
         f"  biases     {', '.join(d.biases) or 'none'}",

@@ -49,8 +49,8 @@ class LayerDiscovery:
     k_norm: str | None
     qk_norm_scope: str | None       # "head" (over d_h) or "all" (over the whole projection)
     gate: Role | None
-    up: Role
-    down: Role
+    up: Role | None                 # None: an MoE layer without a shared expert (no dense MLP)
+    down: Role | None
     gate_up_layout: str | None      # fused gate/up: "[gate|up]", "[up|gate]", "other"; None when separate
     act: str                        # activation module class (or ATen ops when called functionally)
     act_config: str | None          # config attribute naming that activation
@@ -66,6 +66,10 @@ class LayerDiscovery:
     softcap_attr: str | None = None         # the attention-module attribute holding the softcap value
     act_name: str | None = None     # the activation's ACT2FN name when no config attribute names it
     same_as: int | None = None      # this layer has the structure of layer `same_as` and was not exported again
+    moe: str | None = None          # mixture of experts: the block (path from the layer) holding the routed experts
+    experts: str | None = None      # ... the experts module (3-D parameters; path from the layer)
+    shared: str | None = None       # ... the block's shared-expert MLP, whose roles gate / up / down describe
+    num_experts: int = 0
     found: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     @property
@@ -81,7 +85,10 @@ class LayerDiscovery:
         return _common_parent([self.q.module, self.k.module, self.v.module])
 
     @property
-    def mlp_module(self) -> str:
+    def mlp_module(self) -> str | None:
+        """The module holding the dense MLP's (or the shared expert's) linears; None when there is none."""
+        if self.up is None:
+            return None
         return _common_parent([r.module for r in (self.gate, self.up, self.down) if r is not None])
 
     @property
@@ -91,7 +98,7 @@ class LayerDiscovery:
 
     @property
     def intermediate(self) -> int:
-        return len(self.up.channels)
+        return len(self.up.channels) if self.up is not None else 0
 
     def summary(self, evidence: bool = False) -> str:
         from .summary import _layer_lines
