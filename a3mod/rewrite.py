@@ -35,10 +35,10 @@ def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
 def rope_table_index(rot_dim: int, table: str) -> Tensor:
     """Index into the model's (cos, sin) table for each dim of a head in rotate_half layout: dim d rotates at
     frequency d mod rot/2, which a "half" table holds at d and an "interleaved" table at 2 (d mod rot/2)."""
-    if table not in ("half", "interleaved", "sin_cos"):
-        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos'")
+    if table not in ("half", "interleaved", "sin_cos", "once"):
+        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos', 'once'")
     d = torch.arange(rot_dim)
-    return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos becomes "half" in the module
+    return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos / once become "half" in the module
 
 
 @dataclass
@@ -124,7 +124,8 @@ class LayerWork:
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
-            rope_table="sin_cos" if v.spec.rope_table == "sin_cos" else "half", alibi=v.spec.alibi,
+            rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once") else "half", alibi=v.spec.alibi,
+            sinks=v.spec.sinks is not None,
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
@@ -138,6 +139,8 @@ class LayerWork:
             if a.bo is not None:
                 o.bias.copy_(a.bo)
             attn.rope_index = a.rope_index.to(device=device, dtype=torch.long).contiguous()
+            if attn.sinks is not None:      # per-head logits: untouched by any reduction of the head dims
+                attn.sinks.copy_(getattr(old, v.spec.sinks))
         attn.train(old.training)
         swaps = [(v.spec.attn, attn)]
         if attn.o_proj is None:                         # BERT: the output projection follows the attention module

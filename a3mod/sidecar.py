@@ -102,7 +102,7 @@ def _heads(a: dict, path: str) -> None:
 def _attn(a: dict, path: str) -> None:
     _keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
                     "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
-          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask", "residual"))
+          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask", "residual", "sinks"))
     _heads(a, path)
     hd = a["head_dim"]
     _int(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
@@ -127,7 +127,9 @@ def _attn(a: dict, path: str) -> None:
     if "softcap" in a:
         _num(a["softcap"], f"{path}.softcap", 0.0, 1e6, lo_open=True)
     if "rope_table" in a:
-        _str(a["rope_table"], f"{path}.rope_table", {"sin_cos"})
+        _str(a["rope_table"], f"{path}.rope_table", {"sin_cos", "once"})
+    if "sinks" in a and a["sinks"] is not True:
+        _fail(f"{path}.sinks", f"= {a['sinks']!r}; only true is written (the attention has per-head sink logits)")
     if "alibi" in a:
         _str(a["alibi"], f"{path}.alibi", {"position_bias", "alibi"})
     if "bool_mask" in a:

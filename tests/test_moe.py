@@ -19,7 +19,7 @@ from a3mod.passes import A3Experts
 
 from zoo import _ids, _logits, tiny_zoo_model
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "glm4_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe", "glm4_moe", "gpt_oss"]
 
 
 def experts_of(mtype: str, layer: int = -1):

@@ -48,6 +48,7 @@ ARCHS: dict[str, ArchSpec] = {
                        down="dense_4h_to_h", act="activation", rotary="transformer.rotary_emb", alibi="alibi",
                        dropouts=("_none", "_none"),
                        scale_attr="inv_norm_factor"),   # multi-query, grouped (new decoder) and per-head qkv alike
+    "gpt_oss": replace(_LLAMA, experts="experts", sinks="sinks", rope_table="once"),   # MoE only; sinks; biases
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

@@ -35,6 +35,7 @@ class ArchSpec:
     rope_table: str = "half"       # layout of the (cos, sin) the model passes: "half" (cat(freqs, freqs), the HF
                                    # default, also for interleaved heads), "interleaved" (each freq twice in a row)
                                    # or "sin_cos" ((sin, cos), each freq once: GPT-J, CodeGen)
+                                   # or "once" ((cos, sin), each freq once: gpt-oss)
     conv1d: bool = False           # weights stored as (in, out) (GPT-2 Conv1D) rather than nn.Linear's (out, in)
     rotary: str | None = "model.rotary_emb"   # the model's rotary embedding (x, position_ids) -> (cos, sin)
     qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
@@ -50,6 +51,7 @@ class ArchSpec:
     bool_mask: str = "keep"        # a boolean attention mask's True means "keep" (HF default) or "masked" (MPT)
     mlp_residual: bool = False     # the MLP module adds the residual the layer hands it: mlp(x, residual) (MPT)
     attn_residual: bool = False    # the attention adds the residual handed as its 2nd argument (BLOOM)
+    sinks: str | None = None       # attention-module parameter (H,) of per-head sink logits in the softmax (gpt-oss)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)

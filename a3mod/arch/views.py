@@ -173,7 +173,13 @@ def left_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
     """Why a3mod leaves `layer` as it is (no attention or MLP module where the description has them), or None."""
     attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
     if attn is not None and mlp is not None:
-        return None
+        names = [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
+        names += [] if spec.o_from_layer else [spec.o]
+        lacks = [n for n in names if find_path(attn, n) is None]
+        if not lacks or type(attn).__module__.startswith("a3mod."):    # described, or a3mod's compact attention
+            return None
+        return (f"its {spec.attn!r} is a {type(attn).__name__} without {', '.join(lacks)}: a mixer a3mod does not "
+                f"reduce (a hybrid's linear attention?)")
     mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
                        if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))
                        and n != spec.mlp.split(".")[0]) or "none"

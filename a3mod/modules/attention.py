@@ -29,15 +29,15 @@ def layer_cache(cache, past_key_values, kwargs: dict):
 
 
 # position_embeddings layouts: "half" = (cos, sin), each cat(freqs, freqs) over the rotary dims (the HF default);
-# "sin_cos" = (sin, cos), each over the rot/2 frequencies once (GPT-J, CodeGen)
-ROPE_TABLES = ("half", "sin_cos")
+# "sin_cos" = (sin, cos), each over the rot/2 frequencies once (GPT-J, CodeGen); "once" = (cos, sin) so (gpt-oss)
+ROPE_TABLES = ("half", "sin_cos", "once")
 
 
 def _half_table(pe, layout: str):
     """(cos, sin) in the "half" layout from the layer's position_embeddings."""
     if layout == "half":
         return pe
-    sin, cos = pe                                                  # (B,T,rot/2) each
+    sin, cos = pe if layout == "sin_cos" else pe[::-1]            # (B,T,rot/2) each
     return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
 
@@ -46,10 +46,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, softcap=None, **_):
+def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, softcap=None, s_aux=None, **_):
     """q (B,H,T,r_qk), k (B,Hkv,S,r_qk), v (B,Hkv,S,r_vo) -> out (B,T,H,r_vo), weights (B,H,T,S).
 
-    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma-2)."""
+    softcap: scores become softcap * tanh(scores / softcap) before the mask (Gemma-2). s_aux (H,): per-head sink
+    logits, one more softmax column that takes probability mass and adds nothing (gpt-oss)."""
     g = module.num_key_value_groups
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     if softcap is None and mask is not None and mask.dtype != torch.bool:
@@ -60,7 +61,13 @@ def eager_attention(module, q, k, v, mask, scaling, dropout=0.0, softcap=None, *
             w = torch.tanh(w / softcap) * softcap
         if mask is not None:
             w = w + mask if mask.dtype != torch.bool else w.masked_fill(~mask, torch.finfo(w.dtype).min)
+    if s_aux is not None:
+        B, H, T, _ = w.shape
+        w = torch.cat([w, s_aux.to(w.dtype).view(1, H, 1, 1).expand(B, H, T, 1)], -1)
+        w = w - w.amax(-1, keepdim=True)                  # as gpt-oss: no overflow in half precision
     w = nn.functional.softmax(w, dim=-1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype)
+    if s_aux is not None:
+        w = w[..., :-1]
     w = nn.functional.dropout(w, p=dropout, training=module.training)
     return torch.matmul(w, v).transpose(1, 2).contiguous(), w
 
@@ -96,7 +103,7 @@ class ReducedHeadAttention(nn.Module):
                  out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
                  q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
                  rope_table: str = "half", alibi: str | None = None, bool_mask: str = "keep",
-                 residual: bool = False, device=None, dtype=None):
+                 residual: bool = False, sinks: bool = False, device=None, dtype=None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
@@ -131,6 +138,7 @@ class ReducedHeadAttention(nn.Module):
         self.bool_mask = bool_mask          # what True means in a boolean attention mask
         self.residual = residual            # forward(x, residual, ...) adds it to the output (BLOOM's attention)
         self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
+        self.sinks = nn.Parameter(torch.zeros(heads, **kw)) if sinks else None   # per-head sink logits (gpt-oss)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key = None
@@ -202,8 +210,12 @@ class ReducedHeadAttention(nn.Module):
         attention_mask = self._mask(attention_mask, kwargs.pop(self.alibi, None) if self.alibi else None,
                                     k.shape[2], q.dtype)
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
+        if self.sinks is not None and impl == "sdpa":      # sdpa has no sink column: the eager form computes it
+            impl = "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
         extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
+        if self.sinks is not None:
+            extra["s_aux"] = self.sinks
         if self.softcap is not None:
             extra["softcap"] = self.softcap
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
@@ -238,7 +250,8 @@ class ReducedHeadAttention(nn.Module):
                     **({"rope_table": self.rope_table} if self.rope_table != "half" else {}),
                     **({"alibi": self.alibi} if self.alibi else {}),
                     **({"bool_mask": self.bool_mask} if self.bool_mask != "keep" else {}),
-                    **({"residual": True} if self.residual else {}))
+                    **({"residual": True} if self.residual else {}),
+                    **({"sinks": True} if self.sinks is not None else {}))
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -170,7 +170,10 @@ def discovered_spec(model: nn.Module, context: str = ""):
 def _unmodelled(model: nn.Module) -> str | None:
     """A feature a3mod knows it does not model yet, named before discovery tries (and fails less clearly)."""
     c = getattr(model, "config", None)
-    rank = getattr(c, "kv_lora_rank", None)
+    try:
+        rank = getattr(c, "kv_lora_rank", None)
+    except Exception:       # noqa: BLE001  (a heterogeneous per-layer config refuses global reads)
+        rank = None
     if isinstance(rank, int) and rank > 0:
         return (f"multi-head latent attention (MLA: kv_lora_rank={rank}, keys and values from a shared latent) is not "
                 "supported yet")
