@@ -67,15 +67,16 @@ class Component:
         """The kept dim for a ratio (or rank) request: the one rounding rule (`kept_dim`) at this unit."""
         return kept_dim(self.pass_name, full, ratio, rank, self.unit(full, rope, rank is not None), multiple_of)
 
-    def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False) -> int:
+    def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False,
+                   experts: int = 1) -> int:
         """Parameters one kept dim costs: a q/k head dim is a column of every query and key head (with biases); a
         v/o head dim a column of every value head and a row of every o head; a neuron a row of up (and gate) and
-        a column of down."""
+        a column of down, in each of `experts` routed experts for the experts component."""
         if self.name == "qk":
             return heads * (hidden + biases.get("q", False)) + kv_heads * (hidden + biases.get("k", False))
         if self.name == "ov":
             return kv_heads * hidden + heads * hidden
-        return (2 if gated else 1) * (hidden + biases.get("up", False)) + hidden
+        return experts * ((2 if gated else 1) * (hidden + biases.get("up", False)) + hidden)
 
     def kv_per_dim(self, kv_heads: int) -> int:
         """KV-cache elements per token one kept dim costs (K for q/k, V for v/o, none for the MLP)."""

@@ -38,7 +38,7 @@ def rope_table_index(rot_dim: int, table: str) -> Tensor:
     if table not in ("half", "interleaved", "sin_cos", "once"):
         raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos', 'once'")
     d = torch.arange(rot_dim)
-    return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos / once become "half" in the module
+    return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos, once: "half" in the module
 
 
 @dataclass

@@ -2,16 +2,19 @@
 is available offline here, so the weights are random: time, memory and speed are real, quality is not measured).
 
     python evals/bench_moe.py [--shapes olmoe qwen2_moe mixtral --layers 2 --ratio 0.2 --n-samples 8 --seq-len 256]
+                              [--update-readme]
 
 For each shape: build the model (fp32, `--layers` decoder layers of the real widths), time a prefill of
 `--prefill` tokens (median of 3), run uniform A3 (`a3mod.a3_passes(ratio)`: QK, OV, shared-expert MLP, and every
-routed expert narrowed), then time the prefill again. Peak memory is the process's VmHWM after each step (it
-includes the model itself). Writes evals/results/moe.{json,md} and moe.png (prefill time, params per token).
+routed expert narrowed), then time the prefill again. Each shape runs in a fresh process; peak memory is its VmHWM
+after building the model and after compressing (both include the model itself). Writes evals/results/moe.{json,md} and moe.png (prefill time, params per token).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,7 +115,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    from common import machine, pyplot, save_figure, write_results
+    from common import machine, pyplot, save_figure, update_readme, write_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["olmoe", "qwen2_moe"], choices=sorted(SHAPES))
@@ -122,14 +125,28 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     meta = {k: getattr(args, k) for k in ("layers", "ratio", "n_samples", "seq_len", "prefill")}
     meta["machine"] = machine()
+    if args.worker:                      # one shape in this fresh process: its own peak memory
+        print("RESULT " + json.dumps(run(args.worker, args)), flush=True)
+        return
     rows = []
     for name in args.shapes:
-        rows.append(run(name, args))
+        cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                                                              ("layers", "ratio", "n_samples", "seq_len", "prefill")]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{name} failed (rc {r.returncode}):\n{r.stderr[-3000:]}")
+        rows.append(json.loads(line[7:]))
         print(rows[-1], flush=True)
-    out = write_results(args.out, "moe", meta, rows, markdown(rows, meta))
+    md = markdown(rows, meta)
+    out = write_results(args.out, "moe", meta, rows, md)
+    if args.update_readme:
+        update_readme(md, "moe-results")
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(1, 2, figsize=(10, 4))

@@ -215,8 +215,6 @@ def test_experts_requests_are_checked_before_calibration():
         a3mod.apply(model, [A3Experts(rank=256)], calib=_ids(2, 12, 1), progress=False)
     with pytest.raises(RatioError, match="min_tokens"):
         A3Experts(ratio=0.2, min_tokens=-1)
-    with pytest.raises(a3mod.errors.UnsupportedModelError, match="mixture-of-experts"):
-        a3mod.apply(model, [a3mod.passes.Allocate(budget=0.2)], calib=_ids(2, 12, 1), progress=False)
     assert not any(hasattr(m, "a3mod_experts") for m in model.modules())
 
 
@@ -251,3 +249,21 @@ def test_streaming_equals_in_memory_for_moe(tmp_path):
     loaded = a3mod.load(out)
     ids = _ids(2, 12, 0)
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("across", ["layers", "all"])
+def test_allocate_gives_experts_per_layer_widths_on_uniform_budget(across, tmp_path):
+    """Allocate treats an MoE layer's routed experts as one more component (one width per layer, from the summed
+    per-expert loss curves): the same parameters removed as uniform A3, finite, save / load exact."""
+    calib, ids = _ids(4, 16, 1), _ids(2, 12, 0)
+    uni = tiny_zoo_model("qwen2_moe")
+    a3mod.apply(uni, a3mod.a3_passes(0.3), calib=calib, progress=False)
+    mix = tiny_zoo_model("qwen2_moe")
+    a3mod.apply(mix, [a3mod.Allocate(budget=0.3, across=across)], calib=calib, progress=False)
+    ru, rm = a3mod.report(uni), a3mod.report(mix)
+    assert all(r.experts for r in rm.rows)
+    step = 8 * sum(r.experts for r in rm.rows) * 3 * 64      # one unit of experts width, for slack
+    assert abs(rm.params - ru.params) <= step, (rm.params, ru.params)
+    assert torch.isfinite(_logits(mix, ids)).all()
+    loaded = a3mod.load(a3mod.save(mix, tmp_path / "mix"))
+    assert torch.equal(_logits(loaded, ids), _logits(mix, ids))

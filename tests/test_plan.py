@@ -78,3 +78,38 @@ def test_modules_describe_themselves_as_their_sidecar_entry(tmp_path):
     assert side["layers"]["1"]["attn"] == layer.self_attn.describe()
     assert side["layers"]["1"]["mlp"] == layer.mlp.describe()
     assert torch.equal(a3mod.load(out).model.layers[1].self_attn.rope_index, layer.self_attn.rope_index)
+
+
+@pytest.mark.parametrize("mtype", ["llama", "qwen2_moe"])
+def test_handlers_plan_is_what_the_built_modules_describe(mtype):
+    """The LayerPlan the handlers return (solve_layer) is the plan the compact modules built from it describe."""
+    import sys
+    from pathlib import Path
+
+    from a3mod.passes.a3 import solve_layer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import tiny_zoo_model
+
+    model = tiny_zoo_model(mtype)
+    calib = calib_ids()
+    stats = a3mod.collect(model, calib % model.config.vocab_size, progress=False)
+    passes = a3mod.a3_passes(0.3)
+    views = layer_views(model)
+    planned = {v.index: solve_layer(v, passes, stats)[1] for v in views}
+    a3mod.apply(model, passes, stats=stats, progress=False)
+    spec = spec_for(model)
+    for v in views:
+        got = layer_plan(v.index, get_path_layer(model, spec, v.index), spec, v.dims)
+        want = planned[v.index]
+        assert set(got.parts) == set(want.parts), (got.parts, want.parts)
+        for c, p in want.parts.items():
+            assert (got.full(c), got.kept(c)) == (p.full, p.kept), c
+            if c == "mlp":
+                assert got.parts[c].index == p.index
+
+
+def get_path_layer(model, spec, i):
+    from a3mod.arch import get_path
+
+    return get_path(model, spec.layers)[i]

@@ -1,8 +1,9 @@
 """The A3 passes: QK (whitened SVD / RoPE pair selection), OV (joint whitened SVD), MLP (CUR).
 
-Each handler edits the layer's work in place and returns (loss, unit): the closed-form loss of the
-component (summed over heads) for every number of kept units, loss[k] for k = 0..full/unit, where a
-unit is `unit` kept dims (2 under RoPE: whole pairs). `Allocate` reads these curves.
+Each handler edits the layer's work in place and returns a `Solution`: the component's part of the layer plan
+(full and kept dims, which original units) and its closed-form loss (summed over heads) for every number of kept
+units, loss[k] for k = 0..full/unit, where a unit is `unit` kept dims (2 under RoPE: whole pairs). `Allocate` reads
+these curves; `solve_layer` gathers the parts into the layer's `LayerPlan`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from .. import solvers
 from ..arch import active
 from ..rewrite import LayerWork
-from ..plan import COMPONENTS
+from ..plan import COMPONENTS, LayerPlan, Part
 from ..errors import RatioError
 from .base import (
     PassConfig, PassContext, check_int, check_multiple, check_ratio_rank, handler, register_pass, run_pass,
@@ -81,12 +82,47 @@ class A3Experts(_A3Dims):
         check_int(type(self).__name__, "min_tokens", self.min_tokens, lo=0, error=RatioError)
 
 
-def build_layer(model, view, passes, stats, mlp: bool = True):
-    """Run A3 passes (configs with per-layer handlers) on one layer; returns its compact modules as
-    (path in the layer, module) swaps (`LayerWork.build`); mlp=False: attention only."""
+@dataclass(frozen=True)
+class Solution:
+    """What a layer-scope handler returns: the plan of its component (`part`: full and kept dims, which original
+    units; None when the layer has no such component) and the closed-form loss for every number of kept units
+    (loss[k], k = 0..full/unit, `unit` dims each), which `Allocate` reads."""
+    part: Part | None
+    loss: torch.Tensor
+    unit: int
+
+
+def solved(comp: str, work: LayerWork, loss: torch.Tensor, unit: int) -> Solution:
+    """The Solution of component `comp` as the layer's work now stands."""
+    a, d = work.attn, work.view.dims
+    if comp == "qk":
+        part = Part("qk", d.head_dim, a.wq.shape[-1])
+    elif comp == "ov":
+        part = Part("ov", d.head_dim, a.wv.shape[-1])
+    elif comp == "mlp":
+        m = work.mlp
+        part = None if m is None else Part("mlp", m.orig, m.kept.numel(), tuple(m.kept.tolist()))
+    else:
+        x = work.experts
+        part = None if x is None else Part("experts", x.orig, x.kept.shape[1])
+    return Solution(part, loss, unit)
+
+
+def solve_layer(view, passes, stats) -> tuple[LayerWork, LayerPlan]:
+    """Run A3 passes (configs with per-layer handlers) on one layer: its edited work and the plan they chose."""
     work = LayerWork.from_view(view)
+    parts = {}
     for p in passes:
-        run_pass(p, PassContext(work=work, stats=stats.layers[view.index], n=stats.n))
+        sol = run_pass(p, PassContext(work=work, stats=stats.layers[view.index], n=stats.n))
+        if sol.part is not None:
+            parts[sol.part.comp] = sol.part
+    return work, LayerPlan(view.index, parts)
+
+
+def build_layer(model, view, passes, stats, mlp: bool = True):
+    """Run A3 passes on one layer (`solve_layer`); returns its compact modules as (path in the layer, module) swaps
+    (`LayerWork.build`); mlp=False: attention only."""
+    work, _ = solve_layer(view, passes, stats)
     o = view.o_module()
     return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
@@ -158,11 +194,12 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
     full = a.wq.shape[-1]
     if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
         qk_kept(cfg, full, bool(a.rot_dim))          # still validate the request
-        return torch.zeros(full // (2 if a.rot_dim else 1) + 1, dtype=torch.float64), 2 if a.rot_dim else 1
+        return solved("qk", work, torch.zeros(full // (2 if a.rot_dim else 1) + 1, dtype=torch.float64),
+                      2 if a.rot_dim else 1)
     if a.rot_dim:
         r = qk_kept(cfg, full, True)
         if a.rot_dim != full:
-            return _apply_qk_partial(work, st, n, r)
+            return solved("qk", work, *_apply_qk_partial(work, st, n, r))
         p = a.perm
         q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
@@ -172,7 +209,7 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
         a.rope_index = a.rope_index.gather(-1, idx)
         a.rot_dim = r
-        return loss.sum(0), 2                          # per kept pair
+        return solved("qk", work, loss.sum(0), 2)      # per kept pair
     r = qk_kept(cfg, full, False)
     gq, gk = st["q"] / n, st["k"] / n
     if d.groups == 1:
@@ -181,7 +218,7 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         wq = a.wq.view(d.kv_heads, d.groups, *a.wq.shape[1:])
         wq, a.wk, loss = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
         a.wq = wq.reshape(d.heads, *wq.shape[2:])
-    return loss.sum(0), 1
+    return solved("qk", work, loss.sum(0), 1)
 
 
 def rot_share(m: int, rot: int, full: int) -> int:
@@ -243,7 +280,7 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         g = _centered(st["v"], st["v1"], n, bv)
     a.wv, wo_r, loss = solvers.ov_joint(a.wv, wo, g, r)
     a.wo = wo_r.reshape(d.heads, r, d.hidden)
-    return loss.sum(0), 1
+    return solved("ov", work, loss.sum(0), 1)
 
 
 @handler(A3MLP, scope="layer")
@@ -251,7 +288,7 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     m = work.mlp
     if m is None:            # an MoE layer without a shared expert: its experts are A3Experts'
-        return torch.zeros(1, dtype=torch.float64), 1
+        return solved("mlp", work, torch.zeros(1, dtype=torch.float64), 1)
     full = m.up[0].shape[0]
     r = mlp_kept(cfg, full)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
@@ -260,7 +297,7 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     m.up = rows(m.up)
     m.down = (m.down[0][:, idx], m.down[1])
     m.kept = m.kept[idx]
-    return loss, 1
+    return solved("mlp", work, loss, 1)
 
 
 @handler(A3Experts, scope="layer")
@@ -268,10 +305,11 @@ def apply_experts(cfg: A3Experts, ctx: PassContext):
     work, st = ctx.work, ctx.stats
     x = work.experts
     if x is None:            # a dense layer
-        return torch.zeros(1, dtype=torch.float64), 1
+        return solved("experts", work, torch.zeros(1, dtype=torch.float64), 1)
     ev = work.view.experts_view()
     r = experts_kept(cfg, x.orig)
-    down_sq = ev.down_cols().detach().double().square().sum(1)                       # (E, I)
+    down = ev.down_cols().detach()                       # (E, d_m, I); float64 one expert at a time (memory)
+    down_sq = torch.stack([down[e].double().square().sum(0) for e in range(ev.num)])   # (E, I)
     h2 = st["e2"].clone()
     few = (st["en"] < cfg.min_tokens).nonzero().flatten().tolist()
     for e in few:                        # too few routed tokens: a weight-only score (isotropic inputs)
@@ -281,4 +319,4 @@ def apply_experts(cfg: A3Experts, ctx: PassContext):
     idx, loss = solvers.experts_select(h2, down_sq, r)
     x.kept = x.kept.gather(1, idx)
     x.fallback = few
-    return loss.sum(0), 1
+    return solved("experts", work, loss.sum(0), 1)

@@ -27,13 +27,13 @@ import torch
 from ..arch import active
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..rewrite import LayerWork
-from .a3 import A3MLP, A3OV, A3QK, build_layer
+from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer
 from ..plan import COMPONENTS as PLAN
 from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
-COMPONENTS = ("qk", "ov", "mlp")
+COMPONENTS = ("qk", "ov", "mlp", "experts")     # experts: every routed expert of an MoE layer at one width
 NORMALIZE = ("uniform", "relative", "absolute")
-_PASS = {"qk": A3QK, "ov": A3OV, "mlp": A3MLP}
+_PASS = {"qk": A3QK, "ov": A3OV, "mlp": A3MLP, "experts": A3Experts}
 
 
 @register_pass
@@ -89,13 +89,18 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
         if m is not None:    # an MoE layer may have no dense MLP (only A3KV runs on MoE layers)
             full["mlp"] = m.up[0].shape[0]
         biases = {"q": a.q_bias, "k": a.k_bias, "up": m is not None and m.up[1] is not None}
+        if work.experts is not None:
+            ev = v.experts_view()
+            full["experts"] = ev.inter
         for comp in full:
             c = PLAN[comp]
             step = c.unit(full[comp], bool(a.rot_dim))
-            cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None)
-            loss, unit = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index],
-                                                                              n=stats.n))
-            loss = loss[:: step // unit].double()                          # per allocation unit
+            if comp == "experts":
+                cost = c.dim_params(d.hidden, d.heads, d.kv_heads, {"up": ev.bias}, gated=ev.gated, experts=ev.num)
+            else:
+                cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None)
+            sol = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
+            loss = sol.loss[:: step // sol.unit].double()                  # per allocation unit
             uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // step
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
@@ -134,17 +139,14 @@ def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
-    moe = [v.index for v in active(views) if v.experts is not None]
-    if moe:
-        raise UnsupportedModelError(f"Allocate: layers {moe} are mixture-of-experts layers; allocation across "
-                                    "routed experts is not built yet (uniform A3 reduces them: a3mod.a3_passes)")
     cs = curves(views, stats, cfg.budget, cfg.normalize)
     kept = allocate(cs, cfg.across, cfg.min_keep)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
     for v in active(views):
         swaps += [(v.index, path, new) for path, new in
-                  build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS], stats)]
+                  build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in COMPONENTS
+                                         if (v.index, c) in ranks], stats)]
     return swaps
 
 
