@@ -5,7 +5,8 @@ registered with `@handler(Config, scope=...)` and always called as `handler(cfg,
 
     scope "layer"   ctx.work (rewrite.LayerWork, float64 weights of one layer), ctx.stats (that layer's statistic
                     sums), ctx.n (tokens); edits the work in place and returns a `Solution`: the component's
-                    part of the layer plan and its loss curve (A3QK, A3OV, A3MLP, A3Experts). Runs layer by layer, so streaming accepts every layer-scope pass.
+                    part of the layer plan and its loss curve (A3QK, A3OV, A3MLP, A3Experts). Runs layer by
+                    layer, so streaming accepts every layer-scope pass.
     scope "model"   ctx.model, ctx.views, ctx.stats, ctx.calib, ctx.progress; returns the replacements
                     [(layer index, path in the layer, new module)] (baselines, Allocate, A3KV).
     scope "linear"  ctx.linear: one nn.Linear; returns its replacement (quantization: BnbInt8, Bnb4bit, HQQ).
