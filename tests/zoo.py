@@ -76,6 +76,8 @@ def tiny_zoo_config(mtype: str):
         if hasattr(c, "attn_layer_indices") and not getattr(c, "attn_layer_indices"):    # Bamba: one attention layer
             _set(c, "attn_layer_indices", [1])
         _ssm_sizes(c)
+        for k, v in _FIXES.get(c.model_type, {}).items():     # defaults that do not build a model on their own
+            _set(c, k, v(c) if callable(v) else v)
         for k, v in list(vars(c).items()):     # per-layer lists (layer_types, mlp_layer_types, ...): first n
             if isinstance(v, list) and n_orig and len(v) == n_orig and not k.startswith("_"):
                 _set(c, k, v[:n])
@@ -87,6 +89,19 @@ def tiny_zoo_config(mtype: str):
                 setattr(c, k, [t if t < VOCAB else 1 for t in tok])
         c.initializer_range = 0.1
     return cfg
+
+
+# per type: config fields whose defaults are None / incomplete in transformers 5.24 (the model cannot be built
+# from the default config at all), set to the smallest values that build
+_FIXES = {
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+                       "indexer_compress_ratio": 2},
+    "dbrx": {"attn_config": lambda c: (setattr(c.attn_config, "rope_theta", 10000.0),
+                                       setattr(c.attn_config, "clip_qkv", 8.0), c.attn_config)[2]},
+    "cohere_compass_text": {"rope_parameters": lambda c: {t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                          for t in set(c.layer_types)}},
+}
 
 
 def _ssm_sizes(c) -> None:
