@@ -5,6 +5,7 @@ Statistics per decoder layer (sums over calibration tokens, float64; divide by `
   k  (Hkv, d_h, d_h)  keys (pre-RoPE, with bias)
   v  (Hkv, d_h, d_h), v1 (Hkv, d_h)  values and their sum   -> OV for GQA (bias removed via the first moment)
   o  (H, d_h, d_h),  o1 (H, d_h)     per-head attention output entering o_proj -> OV for MHA
+  (latent attention: q, k over each head's position-free dims; o over its value dims; no v)
   h2 (d_i,)           squared MLP intermediate activations   -> MLP CUR (an MoE layer: of its shared expert)
   e2 (E, d_e), en (E,)  MoE layers: per routed expert, squared activations times squared combine weights over
                       the tokens routed to it, and their count       -> A3Experts
@@ -273,8 +274,14 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         _add(acc, "v", vv)
         _add(acc, "v1", v1)
 
-    mods = view.qkv_modules()
-    if len(mods) == 1:
+    mods = [] if view.spec.mla else view.qkv_modules()
+    if view.spec.mla:       # latent attention: each head's position-free q and k dims (a3mod.arch.mla)
+        mv = view.mla_view()
+        hs.append(mv.q_linear.register_forward_hook(
+            lambda m, i, out: _add(acc, "q", _outer(mv.split_q(out), mv.heads)[0])))
+        hs.append(view.attn.kv_b_proj.register_forward_hook(
+            lambda m, i, out: _add(acc, "k", _outer(mv.split_kv(out), mv.heads)[0])))
+    elif len(mods) == 1:
         hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*view.split_qkv(out))))
     else:
         got: dict[int, Tensor] = {}

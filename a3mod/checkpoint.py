@@ -16,6 +16,7 @@ from torch import nn
 
 from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
 from .arch.experts import ExpertsView, narrowed
+from .arch.mla import is_mla, narrowed_mla
 from . import files, sidecar, st_io
 from .errors import CheckpointError
 from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
@@ -58,6 +59,8 @@ def describe_layer(layer: nn.Module, spec) -> dict:
     entry = {}
     if isinstance(attn, COMPACT_ATTENTION):           # the module describes itself (its SIDECAR_KEY entry)
         entry[attn.SIDECAR_KEY] = attn.describe()
+    if getattr(attn, "a3mod_mla", None):              # latent attention narrowed in place (a3mod.arch.mla)
+        entry["mla"] = {"qk_nope": attn.qk_nope_head_dim, "v": attn.v_head_dim, **attn.a3mod_mla}
     inside = spec.attn + "." if isinstance(attn, LatentKVAttention) else None      # described above
     lin = {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
            for n, m in layer.named_modules()
@@ -181,6 +184,16 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                 if path is None:
                     raise ValueError("an 'mlp' entry for a layer whose MoE block has no shared expert")
                 set_child(layers[i], path, mlp)
+            if "mla" in entry:
+                old, x = get_path(layers[i], spec.attn), entry["mla"]
+                if not is_mla(old):
+                    raise ValueError(f"an 'mla' entry for a layer whose attention is a {type(old).__name__}")
+                if (x["orig_nope"], x["orig_v"]) != (old.qk_nope_head_dim, old.v_head_dim):
+                    raise ValueError(f"mla orig_nope / orig_v {x['orig_nope']} / {x['orig_v']} differ from the model's "
+                                     f"{old.qk_nope_head_dim} / {old.v_head_dim}")
+                if x["qk_nope"] > x["orig_nope"] or x["v"] > x["orig_v"]:
+                    raise ValueError("mla keeps more dims than the model has")
+                set_child(layers[i], spec.attn, narrowed_mla(old, None, None, None, None, None, x["qk_nope"], x["v"]))
             if "experts" in entry:
                 path = mlp_paths(layers[i], spec)[1]
                 if path is None:

@@ -125,6 +125,7 @@ def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     routed experts say their width (`arch.experts.kept_width`); an MoE layer without a shared expert has no "mlp"."""
     from .arch import find_path, get_path, mlp_paths, out_features
     from .arch.experts import kept_width
+    from .arch.mla import is_mla, mla_dims
 
     parts = {"qk": Part("qk", dims.head_dim, dims.head_dim), "ov": Part("ov", dims.head_dim, dims.head_dim)}
     mlp_path, experts_path = mlp_paths(layer, spec)
@@ -137,7 +138,11 @@ def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     if experts_path is not None:
         full, kept = kept_width(get_path(layer, experts_path), dims.hidden)
         parts["experts"] = Part("experts", full, kept)
-    for mod in (get_path(layer, spec.attn), mlp):
+    attn = get_path(layer, spec.attn)
+    if is_mla(attn):               # latent attention narrowed in place: its own head dims
+        (qf, qk), (vf, vk) = mla_dims(attn)
+        parts["qk"], parts["ov"] = Part("qk", qf, qk), Part("ov", vf, vk)
+    for mod in (attn, mlp):
         if hasattr(mod, "plan_parts"):
             parts.update({p.comp: p for p in mod.plan_parts()})
     return LayerPlan(index, parts)

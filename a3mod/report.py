@@ -11,6 +11,7 @@ from torch import nn
 
 from .arch import dims_of, get_path, mlp_paths, spec_for
 from .arch.experts import is_experts
+from .arch.mla import is_mla
 
 
 def _linear_sizes(m: nn.Module) -> tuple[int, int] | None:
@@ -73,6 +74,8 @@ class LayerRow:
     experts_fallback: int = 0    # experts whose neurons were scored from their weights (too few routed tokens)
     active: int = -1         # parameters one token runs through (routed experts at top-k); -1: all of `params`
     active_orig: int = -1
+    qk_orig: int = -1        # original q/k and v/o head dims when they differ from head_dim (latent attention)
+    vo_orig: int = -1
 
     def active_params(self, orig: bool = False) -> int:
         a = self.active_orig if orig else self.active
@@ -113,8 +116,9 @@ class Report:
     def flops_per_token(self, orig: bool = False) -> int:
         """Decoder-layer FLOPs for one token at `context` positions: 2 * the linear params it runs through (an MoE
         layer's routed experts at its top-k) + attention scores/mix."""
-        attn = sum(2 * r.heads * self.context * (2 * r.head_dim if orig else r.qk_dim + r.vo_dim) for r in self.rows
-                   if not r.left)       # a left mixer's own cost is in its linear params only (not modelled further)
+        attn = sum(2 * r.heads * self.context * (
+            (r.qk_orig if r.qk_orig >= 0 else r.head_dim) + (r.vo_orig if r.vo_orig >= 0 else r.head_dim) if orig
+            else r.qk_dim + r.vo_dim) for r in self.rows if not r.left)   # a left mixer: its linear params only
         return 2 * sum(r.active_params(orig) for r in self.rows) + attn
 
     def to_dict(self) -> dict:
@@ -137,8 +141,9 @@ class Report:
                 lines.append(f"{r.layer:>5} left as it is ({r.left.split('(children: ', 1)[-1].split(' (')[0]}: no "
                              f"attention a3mod reduces) {r.params_orig:>10,}->{r.params:<10,}")
                 continue
-            lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {r.head_dim:>3}->{r.qk_dim:<4} "
-                         f"{r.head_dim:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
+            qk0, vo0 = (r.qk_orig if r.qk_orig >= 0 else r.head_dim), (r.vo_orig if r.vo_orig >= 0 else r.head_dim)
+            lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {qk0:>3}->{r.qk_dim:<4} "
+                         f"{vo0:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
                          f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
                          f"{r.params_orig:>10,}->{r.params:<10,}")
             if r.experts:
@@ -198,10 +203,14 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
         kv = getattr(attn, "kv_elems_per_token", None) or sum(    # a latent cache says its own size
             COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
+        if is_mla(attn):           # MLA caches its latent and the shared RoPE key, which A3 leaves whole
+            kv = kv0 = attn.kv_a_proj_with_mqa.out_features
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
         row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
                        kv, kv0, lowrank, quantized)
+        if plan.full("qk") != d.head_dim or plan.full("ov") != d.head_dim:
+            row.qk_orig, row.vo_orig = plan.full("qk"), plan.full("ov")
         if "experts" in plan.parts:
             _moe_row(row, get_path(layer, mlp_paths(layer, spec)[1]), plan, model.config)
         rows.append(row)

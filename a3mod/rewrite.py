@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .arch import LayerView, get_path
 from .arch.experts import narrowed
+from .arch.mla import narrowed_mla
 from .errors import UnsupportedModelError
 from .modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
 
@@ -67,6 +68,18 @@ class MlpWork:
 
 
 @dataclass
+class MLAWork:
+    """Multi-head latent attention (a3mod.arch.mla): per-head position-free q/k dims and values, float64."""
+    wq: Tensor            # (H, d_q, r_nope)   q position-free part from the q projection's input
+    wk: Tensor            # (H, kv_lora, r_nope)
+    wv: Tensor            # (H, kv_lora, r_v)
+    wo: Tensor            # (H, r_v, d_m)
+    bo: Tensor | None
+    rot_dim: int          # the RoPE dims (untouched)
+    qk_norm: str | None = None
+
+
+@dataclass
 class ExpertsWork:
     """An MoE layer's routed experts: which neurons every expert keeps (the weights stay where they are)."""
     kept: Tensor                                 # (E, k) original neuron indices per expert, ascending
@@ -77,7 +90,7 @@ class ExpertsWork:
 @dataclass
 class LayerWork:
     view: LayerView
-    attn: AttnWork
+    attn: AttnWork | MLAWork
     mlp: MlpWork | None                          # None: an MoE layer without a shared expert
     experts: ExpertsWork | None = None
 
@@ -86,6 +99,10 @@ class LayerWork:
         if v.left:
             raise UnsupportedModelError(f"layer {v.index}: {v.left}")
         d = v.dims
+        if v.spec.mla:
+            mv = v.mla_view()
+            attn = MLAWork(*mv.weights(), rot_dim=mv.rope)
+            return cls(v, attn, *cls._mlp_work(v))
         (wq, bq), (wk, bk), (wv, bv) = v.qkv_params()
         wo, bo = v.o_params()
         perm = rope_perm(d.head_dim, d.rot_dim, d.rope)
@@ -100,6 +117,10 @@ class LayerWork:
             bo=None if bo is None else bo.detach().double(),
             rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
             q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm)
+        return cls(v, attn, *cls._mlp_work(v))
+
+    @staticmethod
+    def _mlp_work(v: LayerView) -> tuple[MlpWork | None, ExpertsWork | None]:
         mlp = experts = None
         if v.has_mlp:
             gate, up, down = v.mlp_params()
@@ -109,7 +130,7 @@ class LayerWork:
         if v.experts is not None:
             ev = v.experts_view()
             experts = ExpertsWork(torch.arange(ev.inter).repeat(ev.num, 1), ev.inter)
-        return cls(v, attn, mlp, experts)
+        return mlp, experts
 
     # ------------------------------------------------------------------------------------ install
     def build(self, config, dtype: torch.dtype, device, mlp: bool = True) -> list[tuple[str, nn.Module]]:
@@ -118,6 +139,9 @@ class LayerWork:
         a, d, v = self.attn, self.view.dims, self.view
         kw = dict(device=device, dtype=dtype)
         old = v.attn
+        if isinstance(a, MLAWork):          # narrowed in place of the original (same class and forward)
+            swaps = [(v.spec.attn, narrowed_mla(old, a.wq, a.wk, a.wv, a.wo, a.bo))]
+            return swaps + (self._mlp_swaps(config, kw) if mlp else [])
         attn = ReducedHeadAttention(
             config, v.index, hidden=d.hidden, heads=d.heads, kv_heads=d.kv_heads, head_dim=d.head_dim,
             qk_dim=a.wq.shape[-1], vo_dim=a.wv.shape[-1], rot_dim=a.rot_dim, scaling=v.scaling(),

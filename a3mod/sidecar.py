@@ -211,7 +211,11 @@ def _narrow(d, path: str) -> None:
 
 
 def _entry(e: dict, path: str) -> None:
-    _keys(e, path, (), ("attn", "latent_attn", "linears", "narrow", "quantized", "mlp", "experts"))
+    _keys(e, path, (), ("attn", "latent_attn", "linears", "narrow", "quantized", "mlp", "experts", "mla"))
+    if "mla" in e:
+        m = _keys(e["mla"], f"{path}.mla", ("qk_nope", "v", "orig_nope", "orig_v"))
+        for n in m:
+            _int(m[n], f"{path}.mla.{n}", 1)
     if "attn" in e and "latent_attn" in e:
         _fail(path, "has both attn and latent_attn")
     if "attn" in e:

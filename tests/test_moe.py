@@ -267,3 +267,19 @@ def test_allocate_gives_experts_per_layer_widths_on_uniform_budget(across, tmp_p
     assert torch.isfinite(_logits(mix, ids)).all()
     loaded = a3mod.load(a3mod.save(mix, tmp_path / "mix"))
     assert torch.equal(_logits(loaded, ids), _logits(mix, ids))
+
+
+@settings(max_examples=8, deadline=None)
+@given(mtype=st.sampled_from(MOE), seed=st.integers(0, 2**16))
+def test_full_rank_is_exact_for_every_moe_family(mtype, seed):
+    model = tiny_zoo_model(mtype, seed)
+    ids = _ids(2, 10, seed % 5)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, seed % 3), progress=False)
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_llama4_is_refused_by_name():
+    model = tiny_zoo_model("llama4_text")
+    with pytest.raises(a3mod.errors.DiscoveryError, match="Llama 4 attention"):
+        a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(2, 12, 1), progress=False)

@@ -17,7 +17,9 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "stablelm", "olmo", "smollm3", "gemma3_text", "gpt_neo", "lfm2", "gpt_bigcode", "olmo_hybrid", "gptj", "bamba", "jamba", "mpt", "bloom", "falcon",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
-                 "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open"}
+                 "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",
+                 # multi-head latent attention (tests/test_mla.py)
+                 "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "bailing_hybrid"}
 
 
 @pytest.mark.parametrize("mtype", zoo_types())

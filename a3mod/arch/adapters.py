@@ -49,6 +49,9 @@ ARCHS: dict[str, ArchSpec] = {
                        dropouts=("_none", "_none"),
                        scale_attr="inv_norm_factor"),   # multi-query, grouped (new decoder) and per-head qkv alike
     "gpt_oss": replace(_LLAMA, experts="experts", sinks="sinks", rope_table="once"),   # MoE only; sinks; biases
+    # multi-head latent attention: q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj read by a3mod.arch.mla
+    "deepseek_v2": replace(_LLAMA, q=None, k=None, v=None, mla=True, experts="experts", shared="shared_experts"),
+    "deepseek_v3": replace(_LLAMA, q=None, k=None, v=None, mla=True, experts="experts", shared="shared_experts"),
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

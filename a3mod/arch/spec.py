@@ -51,6 +51,7 @@ class ArchSpec:
     bool_mask: str = "keep"        # a boolean attention mask's True means "keep" (HF default) or "masked" (MPT)
     mlp_residual: bool = False     # the MLP module adds the residual the layer hands it: mlp(x, residual) (MPT)
     attn_residual: bool = False    # the attention adds the residual handed as its 2nd argument (BLOOM)
+    mla: bool = False              # multi-head latent attention (DeepSeek-V2/V3: a3mod.arch.mla); q/k/v unused
     sinks: str | None = None       # attention-module parameter (H,) of per-head sink logits in the softmax (gpt-oss)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense

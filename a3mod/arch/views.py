@@ -31,6 +31,11 @@ class LayerView:
         """The layer has a dense MLP (or a shared expert) that A3MLP reduces."""
         return self.mlp is not None
 
+    def mla_view(self):
+        from .mla import MLAView
+
+        return MLAView(self.attn)
+
     def experts_view(self):
         from .experts import ExpertsView
 
@@ -134,6 +139,9 @@ class LayerView:
         a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: join(self.mlp_path, n))
         groups = {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)],
                   "attn_out": [s.o if s.o_from_layer else a(s.o)]}
+        if s.mla:            # the latent attention's projections of the layer input, and its output
+            first = "q_proj" if getattr(self.attn, "q_proj", None) is not None else "q_a_proj"
+            groups = {"attn_in": [a(first), a("kv_a_proj_with_mqa")], "attn_out": [a(s.o)]}
         if self.has_mlp:       # an MoE layer's routed experts are not linears; its shared expert is
             groups["mlp_in"] = [m(s.gate_up)] if s.gate_up else [m(s.gate), m(s.up)] if s.gate else [m(s.up)]
             groups["mlp_mid"] = [m(s.down)]
@@ -173,7 +181,7 @@ def left_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
     """Why a3mod leaves `layer` as it is (no attention or MLP module where the description has them), or None."""
     attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
     if attn is not None and mlp is not None:
-        names = [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
+        names = ["kv_b_proj"] if spec.mla else [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
         names += [] if spec.o_from_layer else [spec.o]
         lacks = [n for n in names if find_path(attn, n) is None]
         if not lacks or type(attn).__module__.startswith("a3mod."):    # described, or a3mod's compact attention

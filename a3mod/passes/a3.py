@@ -13,7 +13,7 @@ import torch
 
 from .. import solvers
 from ..arch import active
-from ..rewrite import LayerWork
+from ..rewrite import LayerWork, MLAWork
 from ..plan import COMPONENTS, LayerPlan, Part
 from ..errors import RatioError
 from .base import (
@@ -95,7 +95,11 @@ class Solution:
 def solved(comp: str, work: LayerWork, loss: torch.Tensor, unit: int) -> Solution:
     """The Solution of component `comp` as the layer's work now stands."""
     a, d = work.attn, work.view.dims
-    if comp == "qk":
+    if isinstance(a, MLAWork) and comp in ("qk", "ov"):       # full: the module's dims (q/k with its RoPE part)
+        mv = work.view.mla_view()
+        part = (Part("qk", mv.nope + mv.rope, a.wq.shape[-1] + mv.rope) if comp == "qk"
+                else Part("ov", mv.v, a.wv.shape[-1]))
+    elif comp == "qk":
         part = Part("qk", d.head_dim, a.wq.shape[-1])
     elif comp == "ov":
         part = Part("ov", d.head_dim, a.wv.shape[-1])
@@ -159,6 +163,9 @@ _COMPONENT_OF = {A3QK: "qk", A3OV: "ov", A3MLP: "mlp", A3Experts: "experts"}
 def full_dims(view) -> dict[str, int]:
     """The original dim of every component a layer has."""
     dims = {"qk": view.dims.head_dim, "ov": view.dims.head_dim}
+    if view.spec.mla:        # latent attention: A3QK reduces the position-free q/k dims, A3OV the value dims
+        mv = view.mla_view()
+        dims = {"qk": mv.nope, "ov": mv.v}
     if view.has_mlp:
         dims["mlp"] = view.mlp_params()[1][0].shape[0]
     if view.experts is not None:
@@ -174,7 +181,8 @@ def preflight(passes, views) -> None:
         for p in passes:
             comp = _COMPONENT_OF.get(type(p))
             if comp in full:
-                COMPONENTS[comp].kept(full[comp], p.ratio, p.rank, bool(v.dims.rot_dim), p.multiple_of)
+                rope = bool(v.dims.rot_dim) or (comp == "qk" and v.spec.mla)      # MLA: even q/k dims
+                COMPONENTS[comp].kept(full[comp], p.ratio, p.rank, rope, p.multiple_of)
 
 
 def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -191,6 +199,10 @@ def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | N
 def apply_qk(cfg: A3QK, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
+    if isinstance(a, MLAWork):       # each head's q_nope k_nopeᵀ through the latents: the MHA whitened SVD
+        r = qk_kept(cfg, a.wq.shape[-1], True)    # even: DeepSeek-V2 views its RoPE part as complex pairs
+        a.wq, a.wk, loss = solvers.qk_whitened_svd(a.wq, a.wk, st["q"] / n, st["k"] / n, r)
+        return solved("qk", work, loss.sum(0)[::2], 2)
     full = a.wq.shape[-1]
     if a.qk_norm:   # the norm needs every dim of the head: QK stays whole (see README, "qk-norm treatment")
         qk_kept(cfg, full, bool(a.rot_dim))          # still validate the request
@@ -264,6 +276,12 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
 def apply_ov(cfg: A3OV, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
+    if isinstance(a, MLAWork):       # each head's value -> o_proj block, whitened by its attention output (MHA)
+        r = ov_kept(cfg, a.wv.shape[-1])
+        g = _centered(st["o"], st["o1"], n, None)
+        wv, wo, loss = solvers.ov_joint(a.wv, a.wo[:, None], g, r)
+        a.wv, a.wo = wv, wo[:, 0]
+        return solved("ov", work, loss.sum(0), 1)
     full = a.wv.shape[-1]
     r = ov_kept(cfg, full)
     # softmax rows sum to 1, so the value bias passes through as b_v W_o: fold it into o. Not with attention sinks

@@ -153,6 +153,11 @@ def discovered_spec(model: nn.Module, context: str = ""):
     key = _cache_key(model)
     if key is not None and key in _SPECS:
         return _SPECS[key]
+    spec = _mla_spec(model)
+    if spec is not None:        # latent attention: described by structure (the graph replay cannot follow it)
+        if key is not None:
+            _SPECS[key] = spec
+        return spec
     missing = _unmodelled(model)
     if missing:
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {missing}")
@@ -167,6 +172,29 @@ def discovered_spec(model: nn.Module, context: str = ""):
     return spec
 
 
+def _mla_spec(model: nn.Module):
+    """An ArchSpec for a model whose layers hold multi-head latent attention (`arch.mla.is_mla`: DeepSeek-style
+    q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj), read from the module structure, MoE blocks included; the
+    full-rank self-check (a3mod.verify) confirms it before anything is compressed. None for other models."""
+    from ..mla import is_mla
+    from ..spec import ArchSpec
+    from .describe import _moe
+
+    try:
+        path, layers = _find_layers(model)
+    except DiscoveryError:
+        return None
+    attn = next((n for layer in layers for n, c in layer.named_children() if is_mla(c)), None)
+    if attn is None or any(hasattr(layer.get_submodule(attn), "indexer") for layer in layers
+                           if hasattr(layer, attn)):
+        return None          # DeepSeek sparse attention (an indexer beside MLA) is refused by _unmodelled
+    moe = next((m for layer in layers if (m := _moe(layer)) is not None), None)
+    rotary = next((n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "rotary_emb"), None)
+    return ArchSpec(layers=path, attn=attn, mlp=moe[0] if moe else "mlp", q=None, k=None, v=None, gate="gate_proj",
+                    mla=True, rotary=rotary, experts=moe and _rel(moe[1], moe[0]),
+                    shared=moe[2] and _rel(moe[2], moe[0]) if moe else None)
+
+
 def _unmodelled(model: nn.Module) -> str | None:
     """A feature a3mod knows it does not model yet, named before discovery tries (and fails less clearly)."""
     c = getattr(model, "config", None)
@@ -175,8 +203,14 @@ def _unmodelled(model: nn.Module) -> str | None:
     except Exception:       # noqa: BLE001  (a heterogeneous per-layer config refuses global reads)
         rank = None
     if isinstance(rank, int) and rank > 0:
-        return (f"multi-head latent attention (MLA: kv_lora_rank={rank}, keys and values from a shared latent) is not "
-                "supported yet")
+        if any(n.rsplit(".", 1)[-1] == "indexer" for n, _ in model.named_modules()):
+            return (f"multi-head latent attention with a sparse-attention indexer (DeepSeek-V3.2 DSA, kv_lora_rank="
+                    f"{rank}): the indexer's own projections are not modelled yet")
+        return (f"multi-head latent attention (MLA: kv_lora_rank={rank}) in a layout a3mod does not read (expected "
+                "q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)")
+    if any(hasattr(m, "attn_temperature_tuning") and hasattr(m, "use_rope") for m in model.modules()):
+        return ("Llama 4 attention (RoPE as complex frequencies, an L2 q/k norm after it, NoPE layers with "
+                "temperature-tuned queries, chunked attention) is not supported yet")
     sinks = next((n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "sinks"), None)
     if sinks is not None:
         return f"attention sinks ({sinks}: a learned per-head logit in the softmax) are not supported yet"
