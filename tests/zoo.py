@@ -99,6 +99,12 @@ _FIXES = {
                        "indexer_compress_ratio": 2},
     "dbrx": {"attn_config": lambda c: (setattr(c.attn_config, "rope_theta", 10000.0),
                                        setattr(c.attn_config, "clip_qkv", 8.0), c.attn_config)[2]},
+    "longcat_flash": {"qk_head_dim": 24, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
+    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "kv_channels": 16, "num_query_groups": 4},
+    "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 8},
+    "xlstm": {"embedding_dim": 64, "num_blocks": 2},
+    "gemma3n_text": {"num_kv_shared_layers": 0, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128,
+                     "laurel_rank": 8},
     "cohere_compass_text": {"rope_parameters": lambda c: {t: {"rope_type": "default", "rope_theta": 10000.0}
                                                           for t in set(c.layer_types)}},
 }
