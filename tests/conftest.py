@@ -144,3 +144,22 @@ def tokenizer():
 @pytest.fixture
 def text_file(tmp_path):
     return write_text(tmp_path / "corpus.txt")
+
+
+def assert_sidecar_edits_refused(path, layer: str, key: str, edits) -> None:
+    """For each dict in `edits`: update the checkpoint's sidecar entry layers[layer][key] with it, re-seal, and
+    expect a3mod.load to raise CheckpointError (the schema / consistency checks, not the checksum)."""
+    import json
+
+    import a3mod
+    from a3mod import sidecar
+    from a3mod.errors import CheckpointError
+
+    side = json.loads((path / "a3mod.json").read_text())
+    for bad in edits:
+        s = json.loads(json.dumps(side))
+        s["layers"][layer][key].update(bad)
+        s.pop("sha256")
+        (path / "a3mod.json").write_text(sidecar.dumps(sidecar.seal(s)))
+        with pytest.raises(CheckpointError):
+            a3mod.load(path)

@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 import a3mod
 from a3mod.arch import layer_views
 from a3mod.arch.mla import MLAView, is_mla
-from a3mod.errors import CheckpointError
 
+from conftest import assert_sidecar_edits_refused
 from zoo import _ids, _logits, tiny_zoo_config, tiny_zoo_model
 
 MLA = ["deepseek_v2", "deepseek_v3", "glm4_moe_lite"]
@@ -115,19 +115,11 @@ def test_mla_end_to_end(mtype, tmp_path):
 
 
 def test_corrupted_mla_entry_is_refused(tmp_path):
-    from a3mod import sidecar
 
     model = mla_model("deepseek_v3")
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
     path = a3mod.save(model, tmp_path / "m")
-    side = json.loads((path / "a3mod.json").read_text())
-    for bad in ({"qk_nope": 999}, {"orig_v": 3}, {"v": 0}, {"extra": 1}):
-        s = json.loads(json.dumps(side))
-        s["layers"]["0"]["mla"].update(bad)
-        s.pop("sha256")
-        (path / "a3mod.json").write_text(sidecar.dumps(sidecar.seal(s)))
-        with pytest.raises(CheckpointError):
-            a3mod.load(path)
+    assert_sidecar_edits_refused(path, "0", "mla", [{"qk_nope": 999}, {"orig_v": 3}, {"v": 0}, {"extra": 1}])
 
 
 def test_streaming_equals_in_memory_for_mla(tmp_path):

@@ -17,13 +17,13 @@ I intermediate width, d_m hidden.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .spec import module_copy
 
 _WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size")
 
@@ -147,10 +147,7 @@ def narrowed(mod: nn.Module, hidden: int, idx: torch.Tensor, fallback: list[int]
         raise ValueError(f"kept neurons must be (experts={v.num}, k), got {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= v.inter):
         raise ValueError(f"kept neurons outside [0, {v.inter})")
-    new = copy.copy(mod)
-    for name, val in vars(mod).items():           # own dicts (parameters, buffers, hooks), shared attributes
-        if isinstance(val, dict):
-            new.__dict__[name] = type(val)(val)
+    new = module_copy(mod)
     k = idx.shape[1]
     up_name = "gate_up_proj" if v.gated else "up_proj"
     ch = v.channels(idx).to(mod._parameters[up_name].device)

@@ -13,10 +13,10 @@ o projections; the softmax scale stays the original's. Weights here are float64 
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
+
+from .spec import module_copy
 
 
 def is_mla(mod: nn.Module | None) -> bool:
@@ -70,10 +70,7 @@ def narrowed_mla(mod: nn.Module, wq: torch.Tensor | None, wk: torch.Tensor | Non
     H, rope = view.heads, view.rope
     r = wq.shape[-1] if wq is not None else nope
     rv = wv.shape[-1] if wv is not None else v_dim
-    new = copy.copy(mod)
-    for name, val in vars(mod).items():            # own parameter / module / hook dicts
-        if isinstance(val, dict):
-            new.__dict__[name] = type(val)(val)
+    new = module_copy(mod)
     ql, kvb, o = view.q_linear, mod.kv_b_proj, mod.o_proj
     kw = dict(device=ql.weight.device, dtype=ql.weight.dtype)
     q_new = nn.Linear(ql.in_features, H * (r + rope), bias=ql.bias is not None, **kw)

@@ -2,6 +2,7 @@
 `Dims` is the head geometry read from the config; helpers that read modules by path and linears' weights."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,16 @@ class ArchSpec:
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)
+
+
+def module_copy(mod: nn.Module) -> nn.Module:
+    """A shallow copy of `mod` with its own parameter / buffer / submodule / hook dicts (so replacing a parameter
+    or child of the copy leaves `mod` as it is); every other attribute is shared."""
+    new = copy.copy(mod)
+    for name, val in vars(mod).items():
+        if isinstance(val, dict):
+            new.__dict__[name] = type(val)(val)
+    return new
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
