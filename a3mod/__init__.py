@@ -5,7 +5,7 @@
 """
 __version__ = "0.1.0"
 
-from . import evals, files, sidecar  # noqa: F401  (a3mod.evals.evaluate; lm-eval is imported only when used)
+from . import evals, files, native, sidecar  # noqa: F401  (a3mod.evals.evaluate; lm-eval is imported when used)
 from .api import apply
 from .arch import ARCHS, ArchSpec, supported_types
 from .calib import Stats, calibration_data, collect
@@ -21,6 +21,8 @@ from .ppl import eval_tokens, perplexity
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
 from .stream import compress_streaming
+
+native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pretrained (a3mod.native)
 
 __all__ = [
     "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, native
 from .arch import active, layer_views
 from .calib import Stats
 from .errors import A3ModError, CalibrationError
@@ -70,7 +70,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     if quant is not None:
         info["passes"] = [*info["passes"], pass_to_dict(quant)]
     model.a3mod_info = info
-    return model
+    return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.native)
 
 
 def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:

@@ -44,8 +44,9 @@ def _describe(model: nn.Module) -> dict:
     info = getattr(model, "a3mod_info", {})
     quant = quant_io.model_entry(model)
     from . import __version__
+    base = getattr(type(model), "a3mod_base", type(model))         # the original class of a native one
     return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
-            "model_type": model.config.model_type, "model_class": type(model).__name__,
+            "model_type": model.config.model_type, "model_class": base.__name__,
             "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {})}
@@ -129,16 +130,19 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
     never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
     compress_result.json), not covered by its checksums."""
+    from . import native
+
     sources = model_sources(model)
+    side = _describe(model)
     with files.staged_output(out_dir, overwrite, sources) as tmp:
-        model.config.save_pretrained(tmp)
+        native.config_for(model.config, side).save_pretrained(tmp)     # model_type "a3mod" (a3mod.native)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tensors, aliases = _dedup(model.state_dict())
         st_io.write(tmp / WEIGHTS, st_io.plan_of(tensors), {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_sidecar(tmp, {**_describe(model), "aliases": aliases})
+        write_sidecar(tmp, {**side, "aliases": aliases})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return files._resolved(out_dir)
@@ -157,7 +161,7 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
         try:
             if "attn" in entry:
                 a = dict(entry["attn"])
-                idx = torch.tensor(a.pop("rope_index"), dtype=torch.long)
+                idx = torch.tensor(a.pop("rope_index"), dtype=torch.long, device="cpu")
                 if idx.numel() != a["kv_heads"] * a["rot_dim"]:
                     raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
                                      f"{a['kv_heads']} x {a['rot_dim']}")
@@ -203,8 +207,8 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
                 if ExpertsView(old, dims.hidden).inter != x["orig_inter"]:
                     raise ValueError(f"experts orig_inter {x['orig_inter']} differs from the model's "
                                      f"{ExpertsView(old, dims.hidden).inter}")
-                set_child(layers[i], path, narrowed(old, dims.hidden, torch.tensor(x["kept"], dtype=torch.long),
-                                                        x.get("fallback")))
+                kept = torch.tensor(x["kept"], dtype=torch.long, device="cpu")
+                set_child(layers[i], path, narrowed(old, dims.hidden, kept, x.get("fallback")))
             if "latent_attn" in entry:
                 set_child(layers[i], spec.attn, LatentKVAttention(model.config, i, device=device, dtype=dtype,
                                                                   **entry["latent_attn"]))
@@ -299,13 +303,17 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
 
     from .loading import NO_CODE, as_dtype, check_folder
 
+    from . import native
+
     dtype = as_dtype(dtype)
     p = Path(path)
+    if not is_a3mod_checkpoint(p) and native.is_native_folder(p):
+        return native.load_folder(p, device, dtype)        # written by save_pretrained: transformers' own loading
     side = read_sidecar(p, verify)
     check_folder(p)
     try:
         config = AutoConfig.from_pretrained(p, **NO_CODE)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, CheckpointError, KeyError) as e:
         raise CheckpointError(f"config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     with torch.device("meta"):
         model = _skeleton(side.get("model_class"), config)
@@ -354,7 +362,11 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
             raise CheckpointError(f"generation_config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
     model.eval()
-    return model
+    described = getattr(config, "a3mod", None)
+    if native.is_native(config) and (described or {}).get("layers") != side["layers"]:
+        raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
+                              f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
+    return native.adopt(model)
 
 
 def _remember_narrow(model: nn.Module, side: dict) -> None:

@@ -44,6 +44,7 @@ from . import distributed
 from .arch import get_path, layer_views, spec_for
 from .calib import Stats, check_request, check_token_ids, recording
 from . import files, st_io
+from . import native
 from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, describe_layer, write_sidecar
 from .fingerprint import file_digest
 from .errors import A3ModError, CheckpointError, UnsupportedModelError
@@ -524,7 +525,7 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
     with files.staged_output(out, overwrite, [src]) as tmp:
-        skel.config.save_pretrained(tmp)
+        native.config_for(skel.config, side).save_pretrained(tmp)      # model_type "a3mod" (a3mod.native)
         gen.save_pretrained(tmp)
         st_io.write(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:

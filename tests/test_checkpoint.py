@@ -200,7 +200,16 @@ def edit_sidecar(path, fn) -> None:
 
 
 def test_load_without_sidecar(tmp_path, saved_llama):
+    """Without a3mod.json a folder loads only if config.json is a3mod's native type (as save_pretrained writes it,
+    then through transformers' own loading); an original-type config.json without a sidecar is refused."""
+    ref = a3mod.load(saved_llama)
     os.remove(saved_llama / "a3mod.json")
+    ids = input_ids()
+    torch.testing.assert_close(a3mod.load(saved_llama)(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    cfg = json.loads((saved_llama / "config.json").read_text())
+    cfg["model_type"] = cfg.pop("a3mod_base_model_type")
+    del cfg["a3mod"]
+    (saved_llama / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="a3mod.json") as e:
         a3mod.load(saved_llama)
     assert str(saved_llama) in str(e.value)

@@ -188,7 +188,8 @@ def short_reason(e: Exception) -> str:
 
 
 def check_type(mtype: str, tmp_dir) -> Result:
-    """Full-rank equivalence, 30% finite and on target, cached generate == uncached, save/load bit exact; or a
+    """Full-rank equivalence, 30% finite and on target, cached generate == uncached, save/load bit exact (a3mod.load
+    and transformers' from_pretrained of a save_pretrained folder); or a
     typed refusal that leaves the model as it was. An untyped error from a3mod propagates (a test failure)."""
     import a3mod
     from a3mod.errors import A3ModError
@@ -221,6 +222,11 @@ def check_type(mtype: str, tmp_dir) -> Result:
     sa, sb = model.state_dict(), loaded.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f"{mtype}: save/load differs"
     assert torch.equal(_logits(loaded, ids), out), f"{mtype}: loaded model's logits differ"
+    from transformers import AutoModelForCausalLM      # a3mod's native type: transformers' own loading too
+
+    model.save_pretrained(Path(tmp_dir) / f"{mtype}-hf")
+    native = AutoModelForCausalLM.from_pretrained(Path(tmp_dir) / f"{mtype}-hf").eval()
+    assert torch.equal(_logits(native, ids), out), f"{mtype}: save_pretrained -> from_pretrained logits differ"
     kv = rep.kv_bytes_per_token() / rep.kv_bytes_per_token(True)
     left = sum(bool(r.left) for r in rep.rows)
     return Result(mtype, "compressed", f"at 30%: {ratio:.1%} of layer params removed, KV cache x{kv:.2f}" + (

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from .adapters import ARCHS, supported_types
@@ -16,8 +17,9 @@ def spec_for(model: nn.Module) -> ArchSpec:
     if mtype not in ARCHS:         # no adapter: read the roles from the layer's computation graph
         from .discover import discovered_spec
 
-        return discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "
-                                      f"{', '.join(supported_types())})")
+        with torch.device("cpu"):      # the probe runs on CPU even inside a meta-device context (from_pretrained)
+            return discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "
+                                          f"{', '.join(supported_types())})")
     return _for_base_model(model, ARCHS[mtype])
 
 

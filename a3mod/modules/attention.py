@@ -96,6 +96,10 @@ def _gather_dims(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, index.reshape(1, 1, n * r).expand(B, T, n * r)).view(B, T, n, r).transpose(1, 2)
 
 
+def _forget_rope_layout(module, _keys) -> None:
+    module._rope_key = None      # load_state_dict copies into rope_index in place: recompute the cached flags
+
+
 class ReducedHeadAttention(nn.Module):
     def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
@@ -141,20 +145,31 @@ class ReducedHeadAttention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(heads, **kw)) if sinks else None   # per-head sink logits (gpt-oss)
         idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
-        self._rope_key = None
+        self._rope_key, self._rope_flags = None, (False, False)
+        self.register_load_state_dict_post_hook(_forget_rope_layout)
 
     # ------------------------------------------------------------------------------------------ RoPE
+    def _rope_layout(self) -> tuple[bool, bool]:
+        """(shared, prefix): every KV group keeps the same dims; those dims are 0..rot_dim-1 in order. Computed from
+        `rope_index` once per value (its storage and version) in eager mode. Under torch.compile / export the cached
+        flags are used as constants (no data-dependent branch, no graph break); with none cached yet, the general
+        per-group gather, which is exact for every index."""
+        if torch.compiler.is_compiling():
+            return self._rope_flags if self._rope_key is not None else (False, False)
+        key = (self.rope_index.data_ptr(), self.rope_index._version, self.rope_index.device)
+        if key != self._rope_key:
+            shared = bool((self.rope_index == self.rope_index[:1]).all())
+            prefix = shared and bool((self.rope_index[0] == torch.arange(
+                self.rot_dim, device=self.rope_index.device)).all())
+            self._rope_key, self._rope_flags = key, (shared, prefix)
+        return self._rope_flags
+
     def _rope_tables(self, cos: torch.Tensor, sin: torch.Tensor):
         """cos/sin (B,T,R) -> per-group tables (B,Hkv|1,T,rot) gathered at the kept dims."""
-        key = (self.rope_index.data_ptr(), self.rope_index._version)
-        if key != self._rope_key:       # one shared index (e.g. full rank) needs no per-group gather
-            self._rope_key = key
-            self._rope_shared = bool((self.rope_index == self.rope_index[:1]).all())
-            self._rope_identity = self._rope_shared and self.rot_dim == cos.shape[-1] and bool(
-                (self.rope_index[0] == torch.arange(self.rot_dim, device=self.rope_index.device)).all())
-        if self._rope_identity:
+        shared, prefix = self._rope_layout()
+        if prefix and self.rot_dim == cos.shape[-1]:     # one shared identity index (e.g. full rank): no gather
             return cos[:, None], sin[:, None]
-        idx = self.rope_index[:1] if self._rope_shared else self.rope_index
+        idx = self.rope_index[:1] if shared else self.rope_index
         return _gather_dims(cos, idx), _gather_dims(sin, idx)
 
     def _mask(self, mask, bias, S: int, dtype):

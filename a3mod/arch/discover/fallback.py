@@ -225,7 +225,7 @@ def _stand_in(model: nn.Module) -> nn.Module:
     if compact:
         try:
             with torch.device("meta"):
-                model = type(model)(model.config)
+                model = getattr(type(model), "a3mod_base", type(model))(model.config)   # the dense original
         except Exception as e:
             raise DiscoveryError(f"the model holds a3mod's compact modules and {type(model).__name__}(config) "
                                  f"could not rebuild the original to discover it: {e}") from e

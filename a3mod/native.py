@@ -1,0 +1,243 @@
+"""a3mod's native Hugging Face model type: compressed checkpoints that transformers itself loads and saves.
+
+config.json of a compressed model is the original model's config plus three keys:
+    "model_type": "a3mod", "a3mod_base_model_type": "llama",
+    "a3mod": {"format": 1, "model_class": "LlamaForCausalLM", "layers": {"0": {"attn": {...}, "mlp": {...}}, ...}}
+`a3mod` is the description a3mod.json's sidecar has always held (per-layer q/k and v/o head dims, kept RoPE dims,
+MLP widths and kept neurons, narrowed and low-rank linears, experts, latent attention), validated by
+`a3mod.sidecar.validate` before any module is built. Importing a3mod registers model type "a3mod" with
+`AutoConfig` and the `AutoModel*` classes, so `AutoModelForCausalLM.from_pretrained(dir, dtype=..., device_map=...)`
+runs transformers' own loading (meta init, dtype, device_map, shards) and `save_pretrained`, `push_to_hub` and
+`Trainer.save_model` write the folder back. Without a3mod installed, transformers refuses the folder ("model type
+`a3mod` ... not recognized"): never a dense model with random weights.
+
+In memory there is one pair of classes per original class, made on first use and cached:
+    A3modLlamaConfig(_NativeConfig, LlamaConfig): the instance says model_type "llama" (the architecture
+        transformers' code and a3mod's adapters know); to_dict writes "a3mod".
+    A3modLlamaForCausalLM(_NativeModel, LlamaForCausalLM): the original __init__ builds the dense skeleton (on the
+        meta device under from_pretrained), then the reduced modules the config describes replace their layers'
+        modules before any weight is read. `save_pretrained` refreshes the description from the modules first.
+`adopt(model)` turns a model compressed in this process into its native class in place (apply and load call it); its
+modules get a native copy of the config, so the caller's config object still builds dense models.
+"""
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .errors import CheckpointError
+
+MODEL_TYPE = "a3mod"
+_AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
+         "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
+_CONFIGS: dict[type, type] = {}      # original config class -> native config class
+_MODELS: dict[tuple, type] = {}      # (original model class, native config class) -> native model class
+_DESCRIPTION_KEYS = ("format", "a3mod_version", "model_type", "model_class", "passes", "calib_tokens",
+                     "orig_layer_params", "layers", "quant")
+
+
+def _base_config_class(model_type) -> type:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type == MODEL_TYPE or model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"config.json: a3mod_base_model_type = {model_type!r} is not a model type this "
+                              f"transformers knows")
+    return CONFIG_MAPPING[model_type]
+
+
+class A3modConfig(PretrainedConfig):
+    """The class registered for model_type "a3mod": `from_dict` returns the native config of the original type
+    (`a3mod_base_model_type`), e.g. an A3modLlamaConfig."""
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        base = _base_config_class(config_dict.get("a3mod_base_model_type"))
+        return config_class(base).from_dict(config_dict, **kwargs)
+
+
+class _NativeConfig:
+    """Mixed in before the original config class: serialises as model_type "a3mod" with the original type named."""
+    a3mod_base_config: type
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        d = {k: v for k, v in config_dict.items() if k not in ("model_type", "a3mod_base_model_type")}
+        return super().from_dict(d, **kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["model_type"] = MODEL_TYPE
+        out["a3mod_base_model_type"] = self.a3mod_base_config.model_type
+        return out
+
+
+def _publish(cls: type) -> type:
+    """Make a generated class importable by name from this module (pickle, copy, error messages)."""
+    cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    setattr(sys.modules[__name__], cls.__name__, cls)
+    return cls
+
+
+def config_class(base: type) -> type:
+    """The native config class of original config class `base` (made and registered with the Auto classes once)."""
+    base = getattr(base, "a3mod_base_config", base)
+    if base not in _CONFIGS:
+        cls = type(f"A3mod{base.__name__}", (_NativeConfig, base),
+                   {"model_type": base.model_type, "a3mod_base_config": base, "__module__": __name__})
+        _CONFIGS[base] = _publish(cls)
+        _register_models(base, cls)
+    return _CONFIGS[base]
+
+
+def _register_models(base_config: type, native_config: type) -> None:
+    """Every Auto class whose mapping has a model for `base_config` gets that model's native class."""
+    import transformers
+
+    for name in _AUTO:
+        auto = getattr(transformers, name)
+        try:
+            base_model = auto._model_mapping[base_config]
+        except KeyError:
+            continue
+        if isinstance(base_model, (list, tuple)):
+            base_model = base_model[0]
+        auto.register(native_config, model_class(base_model, native_config), exist_ok=True)
+
+
+def model_class(base: type, native_config: type | None = None) -> type:
+    """The native model class of original model class `base` (LlamaForCausalLM -> A3modLlamaForCausalLM)."""
+    base = getattr(base, "a3mod_base", base)
+    cfg = native_config or config_class(base.config_class)
+    if (base, cfg) not in _MODELS:        # a model class some types share with another config class: one per pair
+        name = f"A3mod{base.__name__}" + ("" if cfg.a3mod_base_config is base.config_class
+                                           else f"_{cfg.a3mod_base_config.__name__}")
+        cls = type(name, (_NativeModel, base), {"config_class": cfg, "a3mod_base": base, "__module__": __name__})
+        _MODELS[base, cfg] = _publish(cls)
+    return _MODELS[base, cfg]
+
+
+class _NativeModel:
+    """Mixed in before the original model class: the reduced modules the config describes, built at __init__."""
+    a3mod_base: type
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        side = getattr(config, "a3mod", None)
+        if side:
+            build(self, side)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        refresh(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def description(model: nn.Module) -> dict:
+    """What config.json's "a3mod" holds for `model`: a3mod.json's description without its file records."""
+    from .checkpoint import _describe
+
+    return _describe(model)
+
+
+def build(model: nn.Module, side: dict) -> None:
+    """Swap the reduced modules `side` describes into `model` (a dense skeleton of the original class)."""
+    from . import sidecar
+    from .arch import get_path, spec_for
+    from .checkpoint import _reduced_modules
+    from .modules import LatentKVAttention
+
+    sidecar.validate({k: side[k] for k in side if k in _DESCRIPTION_KEYS} if isinstance(side, dict) else side)
+    extra = sorted(set(side) - set(_DESCRIPTION_KEYS))
+    if extra:
+        raise CheckpointError(f"config.json: a3mod has unknown keys {extra}")
+    if "quant" in side:
+        raise CheckpointError("config.json describes a quantized a3mod model: load it with a3mod.load(path), which "
+                              "restores the quantized linears")
+    _reduced_modules(model, side, None, None)
+    spec = spec_for(model)
+    for m in model.modules():
+        if isinstance(m, LatentKVAttention) and spec.rotary and m.rot_dim:
+            m.attach_rotary(get_path(model, spec.rotary))
+    model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
+
+
+def config_for(config: PretrainedConfig, side: dict) -> PretrainedConfig:
+    """A native copy of `config` (an original or native config) describing `side` (what `description` returns)."""
+    import copy
+
+    out = copy.deepcopy(config)
+    out.__class__ = config_class(type(config))
+    out.a3mod = {k: side[k] for k in _DESCRIPTION_KEYS if k in side}
+    return out
+
+
+def refresh(model: nn.Module) -> None:
+    """Write the model's current description into its config (called before every save)."""
+    model.config.a3mod = description(model)
+
+
+def is_native(model_or_config) -> bool:
+    return isinstance(model_or_config, (_NativeModel, _NativeConfig))
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """Turn `model` (a transformers model compressed in place) into its native class in place; its modules and
+    weights stay the same objects, every module holding the model's config gets one native copy of it. Other
+    modules are returned unchanged."""
+    old = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) or not isinstance(old, PretrainedConfig):
+        return model
+    if not is_native(old):       # a native copy: the caller's config object may build other (dense) models
+        new = config_for(old, {})
+        for m in model.modules():
+            if getattr(m, "config", None) is old:
+                m.config = new
+    model.__class__ = model_class(type(model), type(model.config))
+    refresh(model)
+    return model
+
+
+def is_native_folder(path) -> bool:
+    """A folder whose config.json says model_type "a3mod" (save_pretrained, or a3mod.save since format 1.1)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(path) / "config.json").read_bytes()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_folder(path, device="cpu", dtype=None) -> nn.Module:
+    """A native folder without a3mod.json (written by save_pretrained / push_to_hub / Trainer): loaded by
+    transformers' from_pretrained of the class config.json's description names; safetensors only, no code run."""
+    import torch
+    from transformers import AutoConfig
+
+    from .loading import NO_CODE, check_folder
+
+    check_folder(path)
+    config = AutoConfig.from_pretrained(path, **NO_CODE)
+    base = _base_model_class(config.a3mod.get("model_class"), config)
+    kw = {"dtype": dtype} if dtype is not None else {}
+    model = model_class(base, type(config)).from_pretrained(path, config=config, use_safetensors=True,
+                                                            device_map=torch.device(device), **kw, **NO_CODE)
+    return model.eval()
+
+
+def _base_model_class(name, config) -> type:
+    import transformers
+
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+        return cls
+    return transformers.AutoModelForCausalLM._model_mapping[config.a3mod_base_config]
+
+
+def register() -> None:
+    """Register model type "a3mod" with AutoConfig (done when a3mod is imported; idempotent)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register(MODEL_TYPE, A3modConfig, exist_ok=True)

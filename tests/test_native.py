@@ -1,0 +1,208 @@
+"""a3mod's native model type (a3mod.native): compressed folders that transformers' own from_pretrained, save_pretrained,
+Trainer and PEFT read and write exactly, old a3mod.json checkpoints still loading, and no silent dense model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
+
+import a3mod
+from a3mod import CheckpointError, files, sidecar
+
+from conftest import calib_ids, input_ids, tiny_model
+from zoo import tiny_zoo_model
+
+FAMILIES = ["llama", "qwen2", "gpt2", "mixtral", "deepseek_v3"]
+
+
+def _model(family: str):
+    try:
+        return tiny_model(family).eval()
+    except KeyError:                     # families conftest has no tiny config for: the zoo's
+        return tiny_zoo_model(family).eval()
+
+
+def compressed(family: str = "llama"):
+    model = _model(family)
+    return a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(n=8, seq_len=32) % 100, progress=False)
+
+
+def ids():
+    return input_ids() % 100
+
+
+def out(model, x):
+    o = model(x)
+    return (o.logits if hasattr(o, "logits") else o.last_hidden_state).detach()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_round_trips_a_compressed_model_exactly(family, tmp_path):
+    """save_pretrained -> AutoModelForCausalLM.from_pretrained and a3mod.save -> from_pretrained: the same logits,
+    bit for bit, and the reduced modules rebuilt (config.json describes them: model_type "a3mod")."""
+    model, x = compressed(family), ids()
+    ref = out(model, x)
+    assert type(model).__name__.startswith("A3mod") and isinstance(model, type(model).a3mod_base)
+    model.save_pretrained(tmp_path / "hf")
+    a3mod.save(model, tmp_path / "a3")
+    for d in ("hf", "a3"):
+        cfg = json.loads((tmp_path / d / "config.json").read_text())
+        assert cfg["model_type"] == "a3mod" and cfg["a3mod_base_model_type"] == model.config.model_type
+        assert cfg["a3mod"]["layers"] == a3mod.native.description(model)["layers"] != {}
+        back = AutoModelForCausalLM.from_pretrained(tmp_path / d)
+        assert type(back) is type(model)
+        torch.testing.assert_close(out(back, x), ref, rtol=0, atol=0)
+        assert str(back) == str(model)                      # the reduced dims, module by module
+    torch.testing.assert_close(out(a3mod.load(tmp_path / "hf"), x), ref, rtol=0, atol=0)
+
+
+def test_dtype_device_map_and_shards(tmp_path):
+    """transformers' own loading options: dtype, device_map, a checkpoint in several shards."""
+    model, x = compressed(), ids()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    torch.testing.assert_close(out(back, x), out(model, x), rtol=0, atol=0)
+    half = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    a3mod.save(model, tmp_path / "a3")                   # a3mod's own loader casts the same way
+    torch.testing.assert_close(out(half, x), out(a3mod.load(tmp_path / "a3", dtype="bfloat16"), x), rtol=0, atol=0)
+    assert a3mod.load(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_encoder_family_round_trips(tmp_path):
+    from test_families_b import config_b
+
+    from conftest import model_from_config
+    model = model_from_config(config_b("bert"), auto=AutoModel).eval()
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
+    assert type(model).__name__ == "A3modBertModel"
+    x = input_ids()
+    model.save_pretrained(tmp_path)
+    back = AutoModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(out(back, x), out(model, x), rtol=0, atol=0)
+
+
+def test_without_a3mod_transformers_refuses_loudly(tmp_path):
+    """In a process that never imports a3mod, transformers refuses the folder naming the model type "a3mod": it
+    never builds a dense model with random weights (what ignore_mismatched_sizes did before)."""
+    compressed().save_pretrained(tmp_path)
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1], ignore_mismatched_sizes=True)\n"
+            "assert 'a3mod' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0 and "model type `a3mod`" in r.stderr, r.stderr[-500:]
+
+
+def test_the_callers_config_still_builds_dense_models():
+    """apply gives the model a native copy of its config: the caller's object stays the original type."""
+    model = _model("llama")
+    cfg = model.config
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
+    assert model.config is not cfg and type(cfg).__name__ == "LlamaConfig"
+    assert all(getattr(m, "config", model.config) is model.config for m in model.modules())
+    fresh = AutoModelForCausalLM.from_config(cfg)
+    assert type(fresh) is LlamaForCausalLM and not a3mod.api.compact_modules(fresh)
+
+
+def _as_old_checkpoint(path) -> None:
+    """Rewrite an a3mod.save folder as a3mod before the native type wrote it: config.json of the original type,
+    the sidecar's file record and seal updated (so only the format differs)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = cfg.pop("a3mod_base_model_type")
+    del cfg["a3mod"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    side = json.loads((path / "a3mod.json").read_text())
+    side["files"]["config.json"] = {"bytes": (path / "config.json").stat().st_size,
+                                    "sha256": files.sha256_file(path / "config.json")}
+    (path / "a3mod.json").write_text(sidecar.dumps(sidecar.seal(side)))
+
+
+def test_old_checkpoints_load_and_resave_native(tmp_path):
+    model, x = compressed(), ids()
+    a3mod.save(model, tmp_path / "old")
+    _as_old_checkpoint(tmp_path / "old")
+    old = a3mod.load(tmp_path / "old")
+    torch.testing.assert_close(out(old, x), out(model, x), rtol=0, atol=0)
+    assert a3mod.native.is_native(old)
+    old.save_pretrained(tmp_path / "new")
+    torch.testing.assert_close(out(AutoModelForCausalLM.from_pretrained(tmp_path / "new"), x), out(model, x),
+                               rtol=0, atol=0)
+
+
+def test_config_that_disagrees_with_the_sealed_sidecar_is_refused(tmp_path):
+    """config.json is checked by a3mod.json's checksum; re-recorded, a config whose description differs from the
+    sealed one is still refused by a3mod.load."""
+    ck = tmp_path / "ck"
+    a3mod.save(compressed(), ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["a3mod"]["layers"].pop("1")
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="sha256|bytes"):
+        a3mod.load(ck)
+    side = json.loads((ck / "a3mod.json").read_text())
+    side["files"]["config.json"] = {"bytes": (ck / "config.json").stat().st_size,
+                                    "sha256": files.sha256_file(ck / "config.json")}
+    (ck / "a3mod.json").write_text(sidecar.dumps(sidecar.seal(side)))
+    with pytest.raises(CheckpointError, match="describes other reduced modules"):
+        a3mod.load(ck)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["layers"]["0"]["attn"].update(rope_index=[[999] * len(r) for r in d["layers"]["0"]["attn"]
+                                                            ["rope_index"]]), r"rope_index\[0\] = 999 is outside"),
+    (lambda d: d["layers"]["0"].update(bogus=1), "unknown keys"),
+    (lambda d: d.update(layers={"99": d["layers"]["0"]}), "layer 99"),
+    (lambda d: d.update(quant={"config": {"type": "HQQ"}, "compute_dtype": "float32"}), "a3mod.load"),
+])
+def test_corrupted_description_in_config_is_refused_by_from_pretrained(edit, match, tmp_path):
+    compressed().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg["a3mod"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_trainer_save_model_and_peft_round_trip(tmp_path):
+    """Trainer.save_model writes a loadable folder; a LoRA adapter on a compressed model saves, reloads onto the
+    checkpoint from_pretrained gives, and merges to the same logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import Trainer, TrainingArguments
+
+    model, x = compressed(), ids()
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[],
+                                                          use_cpu=True))
+    trainer.save_model(str(tmp_path / "trained"))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    torch.testing.assert_close(out(back, x), out(model, x), rtol=0, atol=0)
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      init_lora_weights=False))
+    ref = out(lora, x)
+    lora.save_pretrained(tmp_path / "adapter")
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "trained"),
+                                           tmp_path / "adapter")
+    torch.testing.assert_close(out(again, x), ref, rtol=1e-5, atol=1e-5)
+    merged = again.merge_and_unload()
+    torch.testing.assert_close(out(merged, x), ref, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(out(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), x), out(merged, x),
+                               rtol=0, atol=0)
+
+
+def test_native_models_copy_and_pickle(tmp_path):
+    import copy
+    import pickle
+
+    model, x = compressed(), ids()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(twin) is type(model)
+        torch.testing.assert_close(out(twin, x), out(model, x), rtol=0, atol=0)
