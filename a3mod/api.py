@@ -117,6 +117,38 @@ def _a3_swaps(model, views, passes, stats, progress) -> list:
     return out
 
 
+def data_dependent(passes) -> list[str]:
+    """The passes whose kept dims depend on the calibration data (per-layer allocation, rank search)."""
+    return [type(p).__name__ for p in passes if type(p).__name__ == "Allocate" or getattr(p, "mixed", False)
+            or (type(p).__name__ == "ASVD" and getattr(p, "rank_search", False))]
+
+
+def preview(model: nn.Module, passes, inplace: bool = False):
+    """The report (per-layer kept dims, params, FLOPs, KV bytes) `apply(model, passes, calib)` will give, without
+    calibrating: the passes run on one short random window, since uniform kept dims depend on shapes only. Passes
+    that choose dims from data (Allocate, A3KV(mixed=True), ASVD's rank search) are an A3ModError. The model is
+    left untouched unless `inplace` (then it is rewritten, with meaningless weights)."""
+    import copy
+
+    import torch
+
+    from .arch import layer_views
+    from .report import report
+
+    passes = list(passes)
+    bad = data_dependent(passes)
+    if bad:
+        raise A3ModError(f"{bad[0]} chooses kept dims from calibration data, so no plan exists before calibrating; "
+                         f"preview uniform passes (e.g. a3mod.a3_passes(ratio)) instead")
+    views = layer_views(model)
+    tokens = max(64, 2 * views[0].dims.head_dim + 2)
+    vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    target = model if inplace else copy.deepcopy(model)
+    apply(target, passes, calib=ids, progress=False)
+    return report(target)
+
+
 def compact_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every a3mod module inside `model`'s decoder layers, by full name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, COMPACT)}

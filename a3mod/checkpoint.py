@@ -123,13 +123,13 @@ def write_sidecar(tmp: Path, side: dict) -> None:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-         extra_files: dict[str, str] | None = None) -> Path:
+         extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write `model` (compressed or not) to `out_dir`; returns its absolute path.
 
     The folder is assembled next to `out_dir` and published atomically (a3mod.files): `out_dir` holds the old
     checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
     never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
-    compress_result.json), not covered by its checksums."""
+    compress_result.json, README.md), not covered by its checksums."""
     from . import native
 
     sources = model_sources(model)
@@ -143,8 +143,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases})
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return files._resolved(out_dir)
 
 

@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--recompute-stats", action="store_true",
                    help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the plan (per-layer kept dims, params, FLOPs, KV bytes) and exit: no calibration, "
+                        "nothing written (uniform methods only: a3-mix and asvd's rank search pick dims from data)")
     c.add_argument("--stream", action="store_true",
                    help="A3 only: compress layer by layer from an HF safetensors folder (--model), one decoder layer "
                         "in memory at a time (a3mod.compress_streaming); no perplexity before, the one after loads "
@@ -256,6 +259,8 @@ def cmd_compress(args) -> int:
     from .files import output_lock, recover
 
     passes, path, out = _check_inputs(args)        # before any loading or calibration
+    if args.dry_run:
+        return _dry_run(args, passes, path)
     distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
     rank = distributed.rank_world()[0]
     if rank != 0:
@@ -269,7 +274,7 @@ def cmd_compress(args) -> int:
 
 
 def _compress(args, passes, path, out) -> int:
-    from . import distributed
+    from . import card, distributed
     from .api import apply
     from .calib import calibration_data
     from .checkpoint import save
@@ -306,14 +311,35 @@ def _compress(args, passes, path, out) -> int:
                                      args.lm_eval_num_fewshot, args.lm_eval_max_length)
     t = time.perf_counter()
     result["timings_s"]["save"] = None
-    save(model, out, tokenizer=tok, overwrite=args.overwrite,
-         extra_files={"compress_result.json": json.dumps(result, indent=1) + "\n"})
+    if not args.no_eval:
+        result["eval_source"] = _eval_name(args)
+    extra = {"compress_result.json": json.dumps(result, indent=1) + "\n", "README.md": card.model_card(result, rep)}
+    png = card.kept_dims_plot(rep)
+    if png:
+        extra["kept_dims.png"] = png
+    save(model, out, tokenizer=tok, overwrite=args.overwrite, extra_files=extra)
     result["timings_s"]["save"] = time.perf_counter() - t
     if not args.no_eval:
         b, a = result["ppl_before"], result["ppl_after"]
         print(f"\n{_eval_name(args)} token perplexity ({a['windows']} x {a['seq_len']} tokens): "
               f"{b['ppl']:.4f} -> {a['ppl']:.4f}  (ratio removed {100 * rep.ratio:.2f}%)")
     print(f"saved to {out}")
+    return 0
+
+
+def _dry_run(args, passes, path) -> int:
+    from .api import data_dependent, preview
+    from .errors import A3ModError
+
+    if args.stream or data_dependent(passes):
+        what = "--stream" if args.stream else f"--method {args.method}"
+        raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
+                         "preview them" if args.stream else "its kept dims come from calibration data"))
+    _, model, _ = _load(args, path)
+    rep = preview(model, passes, inplace=True)
+    print(rep)
+    print(f"\ndry run: the plan of {args.method} at the given ratios (kept dims from shapes alone); nothing was "
+          f"calibrated or written")
     return 0
 
 

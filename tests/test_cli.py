@@ -178,3 +178,35 @@ def test_compress_kv_ratio_errors(argv, msg):
     args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     with pytest.raises(a3mod.RatioError, match=msg):
         _passes(args)
+
+
+def test_dry_run_prints_the_plan_apply_gives_and_writes_nothing(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.3", "--out", str(out), "--calib", text_file,
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists() and "dry run" in printed
+    model = a3mod.apply(a3mod.load_pretrained(model_dir)[0], a3mod.a3_passes(0.3),
+                        calib=torch.randint(0, 100, (4, 16)), progress=False)
+    assert str(a3mod.report(model)) in printed                  # the same dims, params, FLOPs and KV bytes
+
+
+@pytest.mark.parametrize("argv", [["--method", "a3-mix"], ["--method", "asvd"], ["--stream"]])
+def test_dry_run_refuses_data_dependent_plans(tmp_path, model_dir, text_file, argv, capsys):
+    rc = main(["compress", "--model", model_dir, "--ratio", "0.3", "--out", str(tmp_path / "o"), "--calib",
+               text_file, "--dry-run", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a3mod: error: --dry-run" in err and "Traceback" not in err
+
+
+def test_compress_writes_a_model_card_and_plot(tmp_path, model_dir, text_file):
+    out = tmp_path / "out"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(out), "--calib", text_file,
+                 "--n-samples", "4", "--calib-seq-len", "16", "--seed", "7", *_eval_args(text_file)]) == 0
+    card = (out / "README.md").read_text()
+    result = json.loads((out / "compress_result.json").read_text())
+    assert f"-> {result['ppl_after']['ppl']:.4f}" in card and "seed 7" in card and repr(text_file) in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and card.count("| ") > 2 * len(result["report"]["layers"])
+    pytest.importorskip("matplotlib")
+    assert (out / "kept_dims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["calibration"]["seed"] == 7 and set(result["versions"]) >= {"a3mod", "torch", "transformers"}
