@@ -247,3 +247,37 @@ def test_a3mod_lm_eval_command(tmp_path, task_dir, monkeypatch):
     own = sum(scoring.rolling_logprob(model, tok, d["text"], MAX_LEN) for d in roll)
     words = sum(len(re.split(r"\s+", d["text"])) for d in roll)
     assert got == pytest.approx(math.exp(-own / words), rel=1e-5)
+
+
+def test_stock_hf_model_reads_a_native_folder(tmp_path, task_dir):
+    """lm-eval's own `--model hf` (HFLM, AutoModelForCausalLM inside) on a save_pretrained folder of a compressed
+    model, in a process that imported a3mod: the same rolling log-likelihoods as the model in memory."""
+    from a3mod.evals.harness import main
+
+    tdir, _, roll = task_dir
+    model, tok = _models()["a3-30%"], make_tokenizer()
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    main(["--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},max_length={MAX_LEN},dtype=float32",
+          "--tasks", "tiny_rolling", "--include_path", str(tdir), "--device", "cpu",
+          "--output_path", str(tmp_path / "res")])
+    got = json.loads(next((tmp_path / "res").rglob("results_*.json")).read_text())["results"]["tiny_rolling"]
+    own = sum(scoring.rolling_logprob(model, tok, d["text"], MAX_LEN) for d in roll)
+    words = sum(len(re.split(r"\s+", d["text"])) for d in roll)
+    assert got["word_perplexity,none"] == pytest.approx(math.exp(-own / words), rel=1e-5)
+
+
+def test_user_include_path_keeps_the_local_tasks(task_dir):
+    from lm_eval.tasks import TaskManager
+
+    from a3mod.evals.harness import with_local_tasks
+    from a3mod.evals.tasks import write_task_dir
+
+    tdir = task_dir[0]
+    undo = with_local_tasks(str(write_task_dir()))
+    try:
+        names = set(TaskManager(include_path=str(tdir)).all_tasks)
+    finally:
+        undo()
+    assert {"tiny_rolling", "wikitext_local"} <= names
+    assert "wikitext_local" not in set(TaskManager(include_path=str(tdir)).all_tasks)

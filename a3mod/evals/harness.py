@@ -5,7 +5,10 @@ registered and the local task directory added to --include_path:
 
     a3mod-lm-eval --model a3mod --model_args pretrained=out/smollm2-a3-20 --tasks wikitext_local --device cpu
 
-(`lm_eval --model a3mod ...` works in any Python process that has imported `a3mod.evals.harness`.)
+(`lm_eval --model a3mod ...` works in any Python process that has imported `a3mod.evals.harness`.) lm-eval's own
+`--model hf` reads a compressed folder too once a3mod is imported (its native model type, a3mod.native), e.g.
+`a3mod-lm-eval --model hf --model_args pretrained=DIR`. A user's --include_path (several joined by os.pathsep)
+is read together with a3mod's local tasks.
 """
 from __future__ import annotations
 
@@ -78,7 +81,34 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--include_path" not in argv:
+    undo = lambda: None  # noqa: E731
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        undo = with_local_tasks(str(write_task_dir()))   # lm-eval's CLI takes one path: a3mod's tasks join it
+    else:
         argv += ["--include_path", str(write_task_dir())]
     sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    finally:
+        undo()
+
+
+def with_local_tasks(task_dir: str):
+    """Make every `lm_eval.tasks.TaskManager` of this process also read `task_dir`, after the include_path it is
+    given (which may list several directories separated by os.pathsep). Returns the undo function."""
+    import os
+
+    from lm_eval.tasks import TaskManager
+
+    orig = TaskManager.__init__
+
+    def init(self, *args, include_path=None, **kwargs):
+        if isinstance(include_path, (str, os.PathLike)):
+            include_path = [p for p in str(include_path).split(os.pathsep) if p]
+        return orig(self, *args, include_path=[*(include_path or []), task_dir], **kwargs)
+
+    TaskManager.__init__ = init
+
+    def undo():
+        TaskManager.__init__ = orig
+    return undo
