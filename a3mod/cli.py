@@ -216,8 +216,9 @@ def _check_inputs(args) -> tuple:
     passes = _passes(args)
     if args.extra_eval:
         _lm_eval_tasks(args.extra_eval)
-    dataset_file(args.calib)
-    if not args.no_eval:
+    if not args.dry_run:            # a dry run reads no text
+        dataset_file(args.calib)
+    if not args.no_eval and not args.dry_run:
         dataset_file(args.eval_source)
     path = args.model or default_model()
     out = check_output_dir(args.out, args.overwrite, [path])

