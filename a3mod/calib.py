@@ -45,12 +45,18 @@ _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) th
 _WIKITEXT_ESCAPES = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 
 
-def read_text(source: str) -> str:
-    """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', or a file path.
+def read_text(source) -> str:
+    """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', a file path, or a
+    Hugging Face dataset (a `datasets.Dataset`, a save_to_disk folder, 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]';
+    a3mod.sources).
 
     Rows are joined with blank lines ("\n\n".join(rows), rows keeping their "\n", as in HF `datasets`).
     The tokenized WikiText-2 split used for 'wikitext2' has its @-@ / @,@ / @.@ escapes undone.
     """
+    from .sources import dataset_text, is_dataset_source
+
+    if is_dataset_source(source):
+        return dataset_text(source)
     path = dataset_file(source)
     with open(path, encoding="utf-8", newline="") as f:
         rows = [l if l.strip() else "" for l in f.readlines()]
@@ -61,11 +67,12 @@ def read_text(source: str) -> str:
     return text
 
 
-def calibration_data(tokenizer, source: str = "wikitext2", n_samples: int = 128, seq_len: int = 2048,
+def calibration_data(tokenizer, source="wikitext2", n_samples: int = 128, seq_len: int = 2048,
                      seed: int = 0) -> Tensor:
     """`n_samples` random windows of `seq_len` tokens from a local text source, (n_samples, seq_len) int64.
 
-    `source`: 'wikitext2' (WikiText-2 in the assets dir, the split staged for calibration) or a text file path.
+    `source`: 'wikitext2' (WikiText-2 in the assets dir, the split staged for calibration), a text file path, or a
+    Hugging Face dataset (see `read_text`).
     """
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"n_samples={n_samples}, seq_len={seq_len}: need n_samples >= 1 and seq_len >= 2")

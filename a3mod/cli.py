@@ -51,7 +51,8 @@ def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-source", default="wikitext2-test",
-                   help="'wikitext2-test' (WikiText-2 raw test in the assets) or a text file (default: wikitext2-test)")
+                   help="'wikitext2-test' (WikiText-2 raw test in the assets), a text file or a dataset as for "
+                        "--calib (default: wikitext2-test)")
     p.add_argument("--eval-seq-len", type=SEQ_LEN, default=2048, help="perplexity window length (default 2048)")
     p.add_argument("--eval-windows", type=POSITIVE, default=None,
                    help="score only the first N windows (default: all, the paper protocol)")
@@ -113,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
                         "home directory, or the source model)")
     c.add_argument("--calib", default="wikitext2",
-                   help="calibration text: 'wikitext2' (assets; WikiText-2 validation) or a text file")
+                   help="calibration text: 'wikitext2' (assets; WikiText-2 validation), a text file, a datasets "
+                        "save_to_disk folder (FOLDER[@SPLIT]) or 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]' (datasets' "
+                        "load_dataset; needs the hub or its cache)")
     c.add_argument("--n-samples", type=POSITIVE, default=128, help="calibration windows (default 128, the paper's)")
     c.add_argument("--calib-seq-len", type=SEQ_LEN, default=2048, help="calibration window length (default 2048)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
@@ -212,14 +215,16 @@ def _check_inputs(args) -> tuple:
     from .errors import CalibrationError
     from .files import check_output_dir
     from .paths import dataset_file, default_model
+    from .sources import check_source, is_dataset_source
 
     passes = _passes(args)
     if args.extra_eval:
         _lm_eval_tasks(args.extra_eval)
-    if not args.dry_run:            # a dry run reads no text
-        dataset_file(args.calib)
-    if not args.no_eval and not args.dry_run:
-        dataset_file(args.eval_source)
+    for src, used in ((args.calib, not args.dry_run), (args.eval_source, not args.no_eval and not args.dry_run)):
+        if used and is_dataset_source(src):      # a dry run reads no text
+            check_source(src)
+        elif used:
+            dataset_file(src)
     path = args.model or default_model()
     out = check_output_dir(args.out, args.overwrite, [path])
     if args.stats and os.path.exists(args.stats) and not _is_stats_file(Path(args.stats)):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import a3mod
+from a3mod import CalibrationError
 from a3mod.calib import STAT_NAMES
 
 from conftest import VOCAB, calib_ids, tiny_model
@@ -210,3 +211,51 @@ def test_full_rank_keeps_perplexity(text_file, tokenizer):
                 progress=False)
     after = a3mod.perplexity(model, ids, seq_len=16, progress=False)
     assert after["ppl"] == pytest.approx(before["ppl"], rel=1e-5)
+
+
+def test_calibration_from_datasets(tmp_path, tokenizer):
+    """A datasets.Dataset, a save_to_disk folder (DatasetDict: folder@split) and a text file with the same rows
+    give the same windows; column choice and bad sources are CalibrationErrors naming what is allowed."""
+    datasets = pytest.importorskip("datasets")
+    from a3mod import calibration_data
+
+    rows = [f"line {i} of the calibration text, with some words.\n" if i % 5 else "" for i in range(200)]
+    (tmp_path / "t.txt").write_text("".join(r or "\n" for r in rows))
+    ds = datasets.Dataset.from_dict({"text": rows, "id": list(range(200))})
+    ref = calibration_data(tokenizer, str(tmp_path / "t.txt"), 3, 16, seed=4)
+    assert torch.equal(calibration_data(tokenizer, ds, 3, 16, seed=4), ref)
+    ds.save_to_disk(str(tmp_path / "disk"))
+    assert torch.equal(calibration_data(tokenizer, str(tmp_path / "disk"), 3, 16, seed=4), ref)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert torch.equal(calibration_data(tokenizer, f"{tmp_path / 'dd'}@train", 3, 16, seed=4), ref)
+    with pytest.raises(CalibrationError, match=r"splits \['train'\]"):
+        calibration_data(tokenizer, str(tmp_path / "dd"), 3, 16)
+    two = datasets.Dataset.from_dict({"a": ["x"] * 3, "b": ["y"] * 3})
+    with pytest.raises(CalibrationError, match="which one is the text"):
+        calibration_data(tokenizer, two, 1, 2)
+    with pytest.raises(CalibrationError, match="hf:NAME"):
+        calibration_data(tokenizer, "hf:", 1, 2)
+
+def test_unreachable_hub_dataset_is_a_calibration_error(tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from a3mod import calibration_data
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)      # no network wait in the test
+    with pytest.raises(CalibrationError, match="cannot be loaded"):
+        calibration_data(tokenizer, "hf:surely-not-a-dataset-a3mod@train", 1, 2)
+
+
+def test_cli_calibrates_from_a_dataset_folder(tmp_path, tokenizer, text_file):
+    datasets = pytest.importorskip("datasets")
+    from a3mod.cli import main
+
+    from conftest import tiny_model
+    src = tmp_path / "model"
+    tiny_model("llama", kv_heads=2).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    rows = open(text_file).read().split("\n")
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "disk"))
+    assert main(["compress", "--model", str(src), "--ratio", "0.2", "--out", str(tmp_path / "out"), "--calib",
+                 str(tmp_path / "disk"), "--n-samples", "2", "--calib-seq-len", "16", "--no-eval"]) == 0
+    assert main(["compress", "--model", str(src), "--ratio", "0.2", "--out", str(tmp_path / "o2"), "--calib",
+                 "hf:", "--no-eval"]) == 2
