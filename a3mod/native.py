@@ -131,7 +131,26 @@ class _NativeModel:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
+        if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
+            from .checkpoint import save
+
+            return save(self, save_directory, overwrite=True)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = kwargs.get("config")
+        if config is None or not is_native(config):
+            from transformers import AutoConfig
+
+            from .loading import NO_CODE
+            try:
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **NO_CODE)
+            except (OSError, ValueError):
+                config = None
+        if config is not None and "quant" in (getattr(config, "a3mod", None) or {}):
+            return load_quantized(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def description(model: nn.Module) -> dict:
@@ -225,6 +244,30 @@ def load_folder(path, device="cpu", dtype=None) -> nn.Module:
     model = model_class(base, type(config)).from_pretrained(path, config=config, use_safetensors=True,
                                                             device_map=torch.device(device), **kw, **NO_CODE)
     return model.eval()
+
+
+def load_quantized(path, kwargs: dict) -> nn.Module:
+    """A quantized a3mod model (BnbInt8 / Bnb4bit / HQQ after compression): transformers has no loader for a3mod's
+    quantized modules, so from_pretrained reads the folder with `a3mod.load` (checksums verified). `dtype` and a
+    single-device `device_map` are honoured; other loading options are refused by name."""
+    import torch
+
+    from .checkpoint import is_a3mod_checkpoint, load
+
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    device = kwargs.pop("device_map", None) or "cpu"
+    for k in ("config", "trust_remote_code", "use_safetensors", "local_files_only", "revision", "adapter_kwargs",
+              "subfolder", "cache_dir", "force_download", "token", "_from_auto", "_from_pipeline", "_commit_hash",
+              "code_revision"):                  # hub plumbing transformers passes along; nothing to do locally
+        kwargs.pop(k, None)
+    if kwargs:
+        raise CheckpointError(f"a quantized a3mod checkpoint loads through a3mod.load, which takes dtype and one "
+                              f"device; from_pretrained got {sorted(kwargs)}")
+    if isinstance(device, dict) or device == "auto":
+        raise CheckpointError(f"device_map={device!r}: a quantized a3mod checkpoint loads onto one device")
+    if not is_a3mod_checkpoint(path):
+        raise CheckpointError(f"{str(path)!r} describes a quantized a3mod model but holds no a3mod.json")
+    return load(path, device=str(torch.device(device)), dtype=None if dtype == "auto" else dtype)
 
 
 def _base_model_class(name, config) -> type:

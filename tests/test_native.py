@@ -206,3 +206,20 @@ def test_native_models_copy_and_pickle(tmp_path):
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(twin) is type(model)
         torch.testing.assert_close(out(twin, x), out(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant", [a3mod.HQQ(nbits=4, group_size=8), a3mod.BnbInt8()])
+def test_quantized_models_round_trip_through_a3mods_format(quant, tmp_path):
+    """Quantization after A3: save_pretrained writes a3mod's format (sealed a3mod.json) and from_pretrained reads
+    it back through a3mod.load, exactly; options a3mod.load cannot honour are refused by name."""
+    model = _model("llama")
+    a3mod.apply(model, [*a3mod.a3_passes(0.3), quant], calib=calib_ids(), progress=False)
+    x = ids()
+    model.save_pretrained(tmp_path / "q")
+    assert (tmp_path / "q" / "a3mod.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(out(back, x), out(model, x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="one device"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto")
+    with pytest.raises(CheckpointError, match="low_cpu_mem_usage"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q", low_cpu_mem_usage=True)
