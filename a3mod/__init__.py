@@ -17,6 +17,7 @@ from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, Red
 from .passes import (
     A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD, a3_passes, pass_from_dict, pass_to_dict,
 )
+from .heal import heal
 from .ppl import eval_tokens, perplexity
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
@@ -25,7 +26,7 @@ from .stream import compress_streaming
 native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pretrained (a3mod.native)
 
 __all__ = [
-    "apply", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
+    "apply", "heal", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
     "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "A3Experts", "a3_passes", "Allocate", "A3KV", "ASVD",
     "SVDLLM", "PlainSVD",
     "pass_to_dict", "pass_from_dict",

@@ -49,7 +49,8 @@ def _describe(model: nn.Module) -> dict:
             "model_type": model.config.model_type, "model_class": base.__name__,
             "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
-            "layers": layers, **({"quant": quant} if quant else {})}
+            "layers": layers, **({"quant": quant} if quant else {}),
+            **({"heal": info["heal"]} if info.get("heal") else {})}
 
 
 def describe_layer(layer: nn.Module, spec) -> dict:
@@ -361,6 +362,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"generation_config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
+    if "heal" in side:
+        model.a3mod_info["heal"] = side["heal"]
     model.eval()
     described = getattr(config, "a3mod", None)
     if native.is_native(config) and (described or {}).get("layers") != side["layers"]:

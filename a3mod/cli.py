@@ -125,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
                         "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused")
     c.add_argument("--recompute-stats", action="store_true",
                    help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
+    c.add_argument("--heal-steps", type=_int_at_least(0), default=0, metavar="N",
+                   help="after compressing: N steps of distillation toward the original model's next-token "
+                        "distributions on the calibration windows (a3mod.heal; keeps a copy of the original in "
+                        "memory; default 0 = off)")
+    c.add_argument("--heal-lr", type=float, default=5e-5, help="--heal-steps: AdamW learning rate (default 5e-5)")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     c.add_argument("--dry-run", action="store_true",
                    help="print the plan (per-layer kept dims, params, FLOPs, KV bytes) and exit: no calibration, "
@@ -212,12 +217,15 @@ def _check_inputs(args) -> tuple:
     """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
     path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
     from .calib import _is_stats_file
-    from .errors import CalibrationError
+    from .errors import A3ModError, CalibrationError
     from .files import check_output_dir
     from .paths import dataset_file, default_model
     from .sources import check_source, is_dataset_source
 
     passes = _passes(args)
+    if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
+        raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
+                         f"--heal-lr {args.heal_lr} is outside (0, 1)")
     if args.extra_eval:
         _lm_eval_tasks(args.extra_eval)
     for src, used in ((args.calib, not args.dry_run), (args.eval_source, not args.no_eval and not args.dry_run)):
@@ -280,7 +288,10 @@ def cmd_compress(args) -> int:
 
 
 def _compress(args, passes, path, out) -> int:
+    import copy
+
     from . import card, distributed
+    from .heal import heal
     from .api import apply
     from .calib import calibration_data
     from .checkpoint import save
@@ -300,9 +311,14 @@ def _compress(args, passes, path, out) -> int:
     stats, write_stats = _stats(args, model, calib)
     result["timings_s"]["calibration"] = time.perf_counter() - t
     result["calib_tokens"] = stats.n if stats else 0
+    teacher = copy.deepcopy(model) if args.heal_steps else None
     t = time.perf_counter()
     apply(model, passes, calib=calib, stats=stats)
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
+    if teacher is not None:
+        result["heal"] = heal(model, teacher, calib, steps=args.heal_steps, lr=args.heal_lr)
+        result["timings_s"]["heal"] = result["heal"]["seconds"]
+        del teacher
     if distributed.rank_world()[0] != 0:
         return 0
     if args.stats and stats is not None and (write_stats or stats.extra):   # also tables passes cached (ASVD)

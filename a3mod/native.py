@@ -35,7 +35,7 @@ _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel
 _CONFIGS: dict[type, type] = {}      # original config class -> native config class
 _MODELS: dict[tuple, type] = {}      # (original model class, native config class) -> native model class
 _DESCRIPTION_KEYS = ("format", "a3mod_version", "model_type", "model_class", "passes", "calib_tokens",
-                     "orig_layer_params", "layers", "quant")
+                     "orig_layer_params", "layers", "quant", "heal")
 
 
 def _base_config_class(model_type) -> type:
@@ -179,7 +179,7 @@ def build(model: nn.Module, side: dict) -> None:
     for m in model.modules():
         if isinstance(m, LatentKVAttention) and spec.rotary and m.rot_dim:
             m.attach_rotary(get_path(model, spec.rotary))
-    model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
+    model.a3mod_info = {k: side[k] for k in ("passes", "calib_tokens", "orig_layer_params", "heal") if k in side}
 
 
 def config_for(config: PretrainedConfig, side: dict) -> PretrainedConfig:

@@ -242,7 +242,7 @@ def validate(side) -> dict:
     """Check the whole sidecar (see the module docstring); returns it."""
     _keys(side, "(top level)", ("format", "model_type", "layers"),
           ("a3mod_version", "model_class", "passes", "calib_tokens", "orig_layer_params", "quant", "aliases",
-           "files", "sha256"))
+           "files", "sha256", "heal"))
     if side["format"] not in FORMATS or isinstance(side["format"], bool):
         raise CheckpointError(f"a3mod.json format {side['format']!r}; this a3mod reads formats {list(FORMATS)}")
     _str(side["model_type"], "model_type")
@@ -265,6 +265,13 @@ def validate(side) -> dict:
         if not (k.isdigit() and str(int(k)) == k):
             _fail("layers", f"has key {k!r}, not a layer index")
         _entry(e, f"layers.{k}")
+    if "heal" in side:
+        h = _keys(side["heal"], "heal", ("steps", "lr", "batch_size", "temperature", "loss_first", "loss_last",
+                                         "seconds", "tokens"))
+        for k in ("steps", "batch_size", "tokens"):
+            _int(h[k], f"heal.{k}", 1)
+        for k in ("lr", "temperature", "loss_first", "loss_last", "seconds"):
+            _num(h[k], f"heal.{k}", 0, float("inf"))
     if "quant" in side:
         q = _keys(side["quant"], "quant", ("config", "compute_dtype"))
         _keys(q["config"], "quant.config", ("type",), tuple(q["config"]) if isinstance(q["config"], dict) else ())
