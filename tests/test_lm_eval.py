@@ -267,17 +267,21 @@ def test_stock_hf_model_reads_a_native_folder(tmp_path, task_dir):
     assert got["word_perplexity,none"] == pytest.approx(math.exp(-own / words), rel=1e-5)
 
 
-def test_user_include_path_keeps_the_local_tasks(task_dir):
+def test_user_include_path_keeps_the_local_tasks(task_dir, tmp_path):
+    """a3mod's own task dir is read together with the user's include_path, and only while the patch holds."""
     from lm_eval.tasks import TaskManager
 
     from a3mod.evals.harness import with_local_tasks
-    from a3mod.evals.tasks import write_task_dir
 
     tdir = task_dir[0]
-    undo = with_local_tasks(str(write_task_dir()))
+    local = tmp_path / "local"           # stands in for a3mod's task dir (which holds only what the assets allow)
+    local.mkdir()
+    (local / "probe.yaml").write_text((tdir / "tiny_rolling.yaml").read_text().replace(
+        "task: tiny_rolling", "task: a3mod_probe_local"))
+    undo = with_local_tasks(str(local))
     try:
         names = set(TaskManager(include_path=str(tdir)).all_tasks)
     finally:
         undo()
-    assert {"tiny_rolling", "wikitext_local"} <= names
-    assert "wikitext_local" not in set(TaskManager(include_path=str(tdir)).all_tasks)
+    assert {"tiny_rolling", "a3mod_probe_local"} <= names
+    assert "a3mod_probe_local" not in set(TaskManager(include_path=str(tdir)).all_tasks)
