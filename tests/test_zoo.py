@@ -8,6 +8,7 @@ itself are reported, not failed. `python evals/zoo_table.py` writes the same res
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zoo import check_type, zoo_types
 
@@ -15,6 +16,7 @@ from zoo import check_type, zoo_types
 MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", "phi3", "olmo2",
                  "opt", "starcoder2", "glm", "glm4", "helium", "ernie4_5", "persimmon", "phi", "cohere", "granite",
                  "stablelm", "olmo", "smollm3", "gemma3_text", "gpt_neo", "lfm2", "gpt_bigcode", "olmo_hybrid", "gptj", "bamba", "jamba", "mpt", "bloom", "falcon",
+                 "apertus", "apertus1p5_text",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",
@@ -30,3 +32,29 @@ def test_zoo(mtype, tmp_path):
         assert r.status == "compressed", f"{mtype}: {r.status}: {r.detail}"
     if r.status == "refused":
         assert len(r.detail) > 30, r.detail          # names what is missing
+
+
+def test_learned_activation_parameters_survive(tmp_path):
+    """Apertus' xIELU has learned parameters: the reduced MLP keeps the original's (not ACT2FN's defaults), at full
+    rank exactly, and through save/load and from_pretrained."""
+    import a3mod
+    from transformers import AutoModelForCausalLM
+
+    from zoo import _ids, _logits, tiny_zoo_model
+
+    model = tiny_zoo_model("apertus")
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.act_fn.alpha_p.fill_(0.3 + 0.1 * i)
+            layer.mlp.act_fn.alpha_n.fill_(-0.7 - 0.1 * i)
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    assert torch.equal(model.model.layers[1].mlp.act_fn.alpha_p, torch.tensor([0.4]))
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(a3mod.load(a3mod.save(model, tmp_path / "a")), ids), _logits(model, ids),
+                               rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), ids),
+                               _logits(model, ids), rtol=0, atol=0)
+

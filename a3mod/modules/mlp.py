@@ -8,6 +8,19 @@ from transformers.activations import ACT2FN
 from ..plan import Part
 
 
+def _activation(name: str, dtype) -> nn.Module:
+    """ACT2FN[name]; an activation with learned parameters that takes a dtype (xIELU) gets the module's dtype (or
+    the default one, as under from_pretrained's dtype context), not its class default."""
+    import inspect
+
+    from transformers.activations import ACT2CLS
+
+    cls = ACT2CLS.get(name)
+    if isinstance(cls, type) and "dtype" in inspect.signature(cls.__init__).parameters:
+        return cls(dtype=dtype or torch.get_default_dtype())
+    return ACT2FN[name]
+
+
 class ReducedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
 
@@ -19,7 +32,7 @@ class ReducedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=up_bias, **kw)
         self.down_proj = nn.Linear(inter, hidden, bias=down_bias, **kw)
         self.act = act
-        self.act_fn = ACT2FN[act]
+        self.act_fn = _activation(act, dtype)
         self.orig_inter = orig_inter or inter
         self.dropout = dropout                       # on the output (GPT-2's resid_pdrop); train mode only
         self.kept: list[int] | None = None          # original neuron indices (None: all, in order)

@@ -19,7 +19,8 @@ _LAYOUT = frozenset({
 _IDENTITY = frozenset({"to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
                        "dropout", "feature_dropout", "alpha_dropout", "float", "double", "half", "bfloat16"})
 _ACTIVATION = frozenset({"silu", "gelu", "relu", "sigmoid", "tanh", "erf", "softplus", "mish", "elu", "leaky_relu",
-                         "hardswish", "hardsigmoid", "relu6", "hardtanh", "glu", "celu", "selu", "quick_gelu"})
+                         "hardswish", "hardsigmoid", "relu6", "hardtanh", "glu", "celu", "selu", "quick_gelu",
+                         "expm1"})       # expm1: xIELU's negative branch (Apertus)
 _ELEMENTWISE = _ACTIVATION | frozenset({
     "add", "sub", "rsub", "mul", "div", "true_divide", "neg", "pow", "rsqrt", "sqrt", "exp", "abs", "reciprocal",
     "square", "where", "clamp", "clamp_min", "clamp_max", "masked_fill", "maximum", "minimum", "sin", "cos"})
