@@ -98,7 +98,9 @@ _FIXES = {
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
                        "indexer_compress_ratio": 2},
     "dbrx": {"attn_config": lambda c: (setattr(c.attn_config, "rope_theta", 10000.0),
-                                       setattr(c.attn_config, "clip_qkv", 8.0), c.attn_config)[2]},
+                                       setattr(c.attn_config, "clip_qkv", 8.0), c.attn_config)[2],
+             "ffn_config": lambda c: (setattr(c.ffn_config, "hidden_size", _SIZES["hidden_size"]),   # its own copy
+                                      setattr(c.ffn_config, "ffn_hidden_size", 32), c.ffn_config)[2]},
     "longcat_flash": {"qk_head_dim": 24, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "kv_channels": 16, "num_query_groups": 4},
     "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 8},
