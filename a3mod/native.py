@@ -167,14 +167,19 @@ def build(model: nn.Module, side: dict) -> None:
     from .checkpoint import _reduced_modules
     from .modules import LatentKVAttention
 
-    sidecar.validate({k: side[k] for k in side if k in _DESCRIPTION_KEYS} if isinstance(side, dict) else side)
+    if not isinstance(side, dict):
+        raise CheckpointError(f"config.json: a3mod must be an object, got {type(side).__name__}")
     extra = sorted(set(side) - set(_DESCRIPTION_KEYS))
     if extra:
         raise CheckpointError(f"config.json: a3mod has unknown keys {extra}")
     if "quant" in side:
         raise CheckpointError("config.json describes a quantized a3mod model: load it with a3mod.load(path), which "
                               "restores the quantized linears")
-    _reduced_modules(model, side, None, None)
+    try:                          # the sidecar's schema and rebuild; errors name config.json, where this came from
+        sidecar.validate(side)
+        _reduced_modules(model, side, None, None)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace("a3mod.json", "config.json's a3mod description", 1)) from None
     spec = spec_for(model)
     for m in model.modules():
         if isinstance(m, LatentKVAttention) and spec.rotary and m.rot_dim:

@@ -168,8 +168,9 @@ def test_corrupted_description_in_config_is_refused_by_from_pretrained(edit, mat
     cfg = json.loads((tmp_path / "config.json").read_text())
     edit(cfg["a3mod"])
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=match):
+    with pytest.raises(CheckpointError, match=match) as e:
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "a3mod.json" not in str(e.value) or "holds no a3mod.json" in str(e.value)   # names the file it read
 
 
 def test_trainer_save_model_and_peft_round_trip(tmp_path):
