@@ -29,7 +29,7 @@ def _layer_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in layers.parameters() if p.is_floating_point()]
 
 
-def heal(model: nn.Module, teacher: nn.Module, calib: Tensor, steps: int = 100, lr: float = 5e-5,
+def heal(model: nn.Module, teacher: nn.Module, calib: Tensor, steps: int = 100, lr: float = 1e-4,
          batch_size: int = 1, temperature: float = 1.0, weight_decay: float = 0.0, progress: bool = True) -> dict:
     """Distil `model` toward `teacher` on the windows of `calib` (n, T) for `steps` optimiser steps, in place.
 

@@ -92,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 50, 100])
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--heal-seq-len", type=int, default=512)
     ap.add_argument("--heal-batch", type=int, default=2)
     ap.add_argument("--n-samples", type=int, default=32)
