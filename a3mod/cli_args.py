@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="after compressing: N steps of distillation toward the original model's next-token "
                         "distributions on the calibration windows (a3mod.heal; keeps a copy of the original in "
                         "memory; default 0 = off)")
-    c.add_argument("--heal-lr", type=float, default=1e-4, help="--heal-steps: AdamW learning rate (default 1e-4, measured on SmolLM2)")
+    c.add_argument("--heal-lr", type=float, default=1e-4,
+                   help="--heal-steps: AdamW learning rate (default 1e-4, the setting measured on SmolLM2)")
     c.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     c.add_argument("--dry-run", action="store_true",
                    help="print the plan (per-layer kept dims, params, FLOPs, KV bytes) and exit: no calibration, "
