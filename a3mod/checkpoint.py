@@ -382,16 +382,22 @@ def _remember_narrow(model: nn.Module, side: dict) -> None:
                 m.a3mod_narrow = {k: nl[k] for k in ("orig_in", "orig_out", "kept")}
 
 
-def _skeleton(class_name: str | None, config) -> nn.Module:
-    """The transformers class the sidecar names (BertModel, OPTForCausalLM, ...) built from `config`;
-    AutoModelForCausalLM for sidecars that name none or a class outside transformers."""
+def transformers_class(name) -> type | None:
+    """The transformers model class called `name` (BertModel, OPTForCausalLM, ...), or None."""
     import transformers
-    from transformers import AutoModelForCausalLM, PreTrainedModel
+    from transformers import PreTrainedModel
 
-    cls = getattr(transformers, class_name, None) if class_name else None
-    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-        return cls._from_config(config)
-    return AutoModelForCausalLM.from_config(config)
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name else None
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) else None
+
+
+def _skeleton(class_name: str | None, config) -> nn.Module:
+    """The transformers class the sidecar names built from `config`; AutoModelForCausalLM for sidecars that name
+    none or a class outside transformers."""
+    from transformers import AutoModelForCausalLM
+
+    cls = transformers_class(class_name)
+    return cls._from_config(config) if cls is not None else AutoModelForCausalLM.from_config(config)
 
 
 def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:

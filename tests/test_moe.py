@@ -229,17 +229,9 @@ def test_corrupted_experts_entry_is_refused(tmp_path):
 
 
 def test_streaming_equals_in_memory_for_moe(tmp_path):
-    from test_stream import assert_same_checkpoint
+    from test_stream import assert_streaming_equals_in_memory
 
-    model = tiny_zoo_model("qwen2_moe")
-    src = tmp_path / "src"
-    model.save_pretrained(src)
-    calib = _ids(4, 16, 1)
-    passes = a3mod.a3_passes(0.3)
-    a3mod.apply(model, passes, calib=calib, progress=False)
-    ref = a3mod.save(model, tmp_path / "ref")
-    out = a3mod.compress_streaming(src, tmp_path / "out", passes, calib, progress=False)
-    assert_same_checkpoint(out, ref)
+    out, model = assert_streaming_equals_in_memory(tiny_zoo_model("qwen2_moe"), tmp_path, calib=_ids(4, 16, 1))
     loaded = a3mod.load(out)
     ids = _ids(2, 12, 0)
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)

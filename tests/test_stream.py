@@ -47,6 +47,21 @@ def _tensors(path):
     return t, side
 
 
+def assert_streaming_equals_in_memory(model, tmp_path, passes=None, calib=None):
+    """compress_streaming of `model`'s saved folder == a3mod.save after apply in memory; returns (streamed
+    checkpoint, the compressed in-memory model)."""
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    calib = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1)) \
+        if calib is None else calib
+    passes = passes or a3mod.a3_passes(0.3)
+    a3mod.apply(model, passes, calib=calib, progress=False)
+    ref = a3mod.save(model, tmp_path / "ref")
+    out = a3mod.compress_streaming(src, tmp_path / "out", passes, calib, progress=False)
+    assert_same_checkpoint(out, ref)
+    return out, model
+
+
 def assert_same_checkpoint(a, b, rel=1e-6):
     (ta, sa), (tb, sb) = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
