@@ -201,3 +201,53 @@ def test_uniform_normalisation_is_robust_to_outlier_units():
     uni = allocate([_curve(0, "mlp", norm(bulk, bulk[u]), u), _curve(1, "mlp", norm(outlier, outlier[u]), u)], "layers")
     assert rel[1] <= 2 and sum(rel) == 2 * u
     assert abs(uni[1] - u) <= 1 and sum(uni) == 2 * u
+
+
+@pytest.mark.parametrize("fam,kw", FAMS)
+@pytest.mark.parametrize("kv", ["uniform", 0.4])
+def test_allocate_all_with_kv_budget(fam, kw, kv):
+    """across='all' + kv_budget: the parameter budget is met as without it, and the KV cache loses at least
+    uniform A3's share (or the asked fraction); with no KV budget the cache is kept (nearly) whole."""
+    base = tiny_model(fam, **kw)
+    st_ = _stats(base)
+    uni = a3mod.report(_apply(base, a3mod.a3_passes(0.3), st_))
+    m = _apply(base, [a3mod.Allocate(budget=0.3, across="all", kv_budget=kv)], st_)
+    rep = a3mod.report(m)
+    assert rep.params <= uni.params
+    full = rep.kv_bytes_per_token(orig=True)
+    goal = uni.kv_bytes_per_token() if kv == "uniform" else (1 - kv) * full
+    assert rep.kv_bytes_per_token() <= goal + 1e-9
+    assert torch.isfinite(m(input_ids()).logits).all()
+    assert a3mod.pass_from_dict(a3mod.pass_to_dict(a3mod.Allocate(budget=0.3, across="all", kv_budget=kv))) == \
+        a3mod.Allocate(budget=0.3, across="all", kv_budget=kv)
+
+
+def _kv_curve(layer, comp, loss, uniform, cost, kv):
+    return Curve(layer, comp, 1, torch.tensor(loss, dtype=torch.float64), cost, uniform, kv)
+
+
+@given(st.lists(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4), min_size=3, max_size=6),
+       st.integers(0, 12))
+def test_allocate_kv_goal_meets_both_budgets(incs, kv_goal):
+    """Every curve set: the allocation removes at least the parameter goal and the KV goal, and costs no more
+    loss than one greedy that meets them with one fixed price (the grid includes mu = 0)."""
+    cs = []
+    for i, inc in enumerate(incs):
+        inc = sorted(inc, reverse=True)
+        loss = [sum(inc[k:]) for k in range(len(inc) + 1)]
+        comp = ("qk", "ov", "mlp")[i % 3]
+        cs.append(_kv_curve(i, comp, loss, 2, 3 if comp == "mlp" else 1, 0 if comp == "mlp" else 1))
+    kv_goal = min(kv_goal, sum(c.units - 1 for c in cs if c.kv))
+    kept = allocate(cs, "all", 0.0, kv_goal)
+    goal = sum((c.units - c.uniform) * c.cost for c in cs)
+    assert sum((c.units - k) * c.cost for c, k in zip(cs, kept)) >= goal
+    assert sum((c.units - k) * c.kv for c, k in zip(cs, kept)) >= kv_goal
+    assert all(1 <= k <= c.units for c, k in zip(cs, kept))
+
+
+def test_kv_budget_validated():
+    with pytest.raises(a3mod.A3ModError, match="needs across='all'"):
+        a3mod.Allocate(budget=0.2, kv_budget="uniform")
+    for bad in (1.0, -0.1, "half", True):
+        with pytest.raises(a3mod.A3ModError, match="kv_budget="):
+            a3mod.Allocate(budget=0.2, across="all", kv_budget=bad)

@@ -13,7 +13,13 @@ removal of the cheapest unit is optimal for the separable problem.
 across="layers" (default): each component (QK, OV, MLP) removes exactly as many units as uniform A3 at
 `budget` would, moved between layers; the parameter count equals uniform A3's exactly, and identical layers
 get uniform ranks. across="all": units also move between components, by loss increase per parameter,
-until at least uniform A3's parameter count is removed (overshoot below one unit).
+until at least uniform A3's parameter count is removed (overshoot below one unit). Left alone it keeps
+the KV cache nearly whole (QK/OV units are cheap in parameters and costly in loss): kv_budget="uniform"
+also requires the KV cache to lose at least what uniform A3 at `budget` removes, or a float the fraction
+of the cache to remove. Two budgets make the greedy a small Lagrangian search: for each price `mu` of a
+cached element (in parameters), remove units by loss increase per (params + mu * cached elements) until
+one budget is met, then by the other budget's own price until both are; keep the feasible allocation of
+least total loss over the grid KV_PRICES.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
 COMPONENTS = ("qk", "ov", "mlp", "experts")     # experts: every routed expert of an MoE layer at one width
 NORMALIZE = ("uniform", "relative", "absolute")
+KV_PRICES = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # x params/cached
 _PASS = {"qk": A3QK, "ov": A3OV, "mlp": A3MLP, "experts": A3Experts}
 
 
@@ -44,6 +51,7 @@ class Allocate(PassConfig):
     across: str = "layers"
     normalize: str = "uniform"
     min_keep: float = 0.0          # every layer-component keeps at least this fraction of uniform A3's units
+    kv_budget: float | str | None = None   # across="all": KV cache fraction removed at least, or "uniform"
     NEEDS = ("a3",)
 
     def __post_init__(self):
@@ -57,6 +65,16 @@ class Allocate(PassConfig):
             raise RatioError(f"Allocate: budget={self.budget!r} is outside [0, 1) (the fraction of parameters removed)")
         if self.across not in ("layers", "all"):
             raise A3ModError(f"Allocate: across={self.across!r}; allowed: 'layers', 'all'")
+        kv = self.kv_budget
+        if kv is not None:
+            if self.across != "all":
+                raise A3ModError(f"Allocate: kv_budget={kv!r} needs across='all' (across='layers' already removes "
+                                 "exactly uniform A3's KV cache)")
+            if not (kv == "uniform" or (isinstance(kv, numbers.Real) and not isinstance(kv, bool) and 0 <= kv < 1)):
+                raise RatioError(f"Allocate: kv_budget={kv!r}; allowed: None, 'uniform' or a fraction of the KV "
+                                 "cache to remove in [0, 1)")
+            if kv != "uniform":
+                object.__setattr__(self, "kv_budget", float(kv))
         object.__setattr__(self, "budget", float(self.budget))
         object.__setattr__(self, "min_keep", float(self.min_keep))
 
@@ -70,6 +88,7 @@ class Curve:
     loss: torch.Tensor       # (units + 1,), loss[units] = 0
     cost: int                # parameters per unit
     uniform: int             # units uniform A3 keeps
+    kv: int = 0              # cached elements per token per unit (K for QK, V for OV, 0 for MLPs)
 
     @property
     def units(self) -> int:
@@ -104,43 +123,82 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
             uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // step
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
-            out.append(Curve(v.index, comp, step, loss, cost * step, uni))
+            kv = d.kv_heads * step if comp in ("qk", "ov") else 0
+            out.append(Curve(v.index, comp, step, loss, cost * step, uni, kv))
     return out
 
 
-def allocate(cs: list[Curve], across: str, min_keep: float = 0.0) -> list[int]:
+def allocate(cs: list[Curve], across: str, min_keep: float = 0.0, kv_goal: int = 0) -> list[int]:
     """Kept units per curve: greedy removal of the unit with the smallest loss increase (per parameter if
-    across='all')."""
+    across='all'). kv_goal (across='all'): also remove at least this many cached elements per token."""
     kept = [c.units for c in cs]
     floor = [max(1, math.ceil(min_keep * c.uniform)) for c in cs]
-    groups = [[i for i, c in enumerate(cs) if c.comp == comp] for comp in COMPONENTS] if across == "layers" \
-        else [list(range(len(cs)))]
-    for g in groups:
-        per_param = across == "all"
-        goal = sum((cs[i].units - cs[i].uniform) * (cs[i].cost if per_param else 1) for i in g)
+    if across == "layers":
+        for comp in COMPONENTS:
+            g = [i for i, c in enumerate(cs) if c.comp == comp]
+            _remove(cs, kept, floor, g, [1] * len(cs), {"units": sum(cs[i].units - cs[i].uniform for i in g)})
+        return kept
+    goal = sum((c.units - c.uniform) * c.cost for c in cs)
+    if kv_goal <= 0:
+        _remove(cs, kept, floor, range(len(cs)), [c.cost for c in cs], {"params": goal})
+        return kept
+    scale = sum(c.units * c.cost for c in cs) / max(1, sum(c.units * c.kv for c in cs))
+    best, best_loss = None, math.inf
+    for mu in KV_PRICES:
+        k = list(kept)
+        price = [c.cost + mu * scale * c.kv for c in cs]
+        left = _remove(cs, k, floor, range(len(cs)), price, {"params": goal, "kv": kv_goal}, until="any")
+        if left["params"] > 0:
+            _remove(cs, k, floor, range(len(cs)), [c.cost for c in cs], left)
+        elif left["kv"] > 0:
+            _remove(cs, k, floor, [i for i, c in enumerate(cs) if c.kv], [c.kv for c in cs], left)
+        if sum((c.units - n) * c.kv for c, n in zip(cs, k)) < kv_goal:
+            continue                                  # floors left too few cached units to remove
+        loss = sum(float(c.loss[n]) for c, n in zip(cs, k))
+        if loss < best_loss:
+            best, best_loss = k, loss
+    if best is None:
+        raise RatioError(f"Allocate: the KV budget ({kv_goal} cached elements per token) cannot be met with "
+                         f"min_keep={min_keep}")
+    return best
 
-        def key(i):  # loss increase of removing one more unit (rounded: equal up to round-off is a tie);
-            c = cs[i]  # ties go to the curve keeping the most units, so identical curves shrink in turn
-            delta = float(c.loss[kept[i] - 1] - c.loss[kept[i]]) / (c.cost if per_param else 1)
-            return float(f"{delta:.10g}"), -kept[i], i
 
-        heap = [key(i) for i in g if kept[i] > floor[i]]
-        heapq.heapify(heap)
-        removed = 0
-        while removed < goal and heap:
-            i = heapq.heappop(heap)[-1]
-            kept[i] -= 1
-            removed += cs[i].cost if per_param else 1
-            if kept[i] > floor[i]:
-                heapq.heappush(heap, key(i))
-    return kept
+def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> dict:
+    """Greedy: remove the unit of `group` with the smallest loss increase per price until every goal (or, with
+    until='any', one goal) is met. Goals: 'units', 'params' (Curve.cost), 'kv' (Curve.kv). Edits `kept`;
+    returns what is left of each goal."""
+    left = dict(goals)
+    per = {"units": lambda c: 1, "params": lambda c: c.cost, "kv": lambda c: c.kv}
+
+    def open_():
+        done = [v <= 0 for v in left.values()]
+        return not (any(done) if until == "any" else all(done))
+
+    def key(i):  # loss increase of removing one more unit (rounded: equal up to round-off is a tie);
+        c = cs[i]  # ties go to the curve keeping the most units, so identical curves shrink in turn
+        delta = float(c.loss[kept[i] - 1] - c.loss[kept[i]]) / price[i]
+        return float(f"{delta:.10g}"), -kept[i], i
+
+    heap = [key(i) for i in group if kept[i] > floor[i] and price[i] > 0]
+    heapq.heapify(heap)
+    while open_() and heap:
+        i = heapq.heappop(heap)[-1]
+        kept[i] -= 1
+        for g in left:
+            left[g] -= per[g](cs[i])
+        if kept[i] > floor[i]:
+            heapq.heappush(heap, key(i))
+    return left
 
 
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
     cs = curves(views, stats, cfg.budget, cfg.normalize)
-    kept = allocate(cs, cfg.across, cfg.min_keep)
+    kv = cfg.kv_budget
+    kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
+                                    else math.ceil(kv * sum(c.units * c.kv for c in cs)))
+    kept = allocate(cs, cfg.across, cfg.min_keep, kv_goal)
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     swaps = []
     for v in active(views):
@@ -179,7 +237,7 @@ def apply_a3kv(cfg: A3KV, ctx: PassContext):
     cs = [c for c in curves(views, stats, cfg.kv_ratio) if c.comp in ("qk", "ov")]
     for c in cs:                                  # budget unit: cached elements per token
         c.cost = views[c.layer].dims.kv_heads * c.step
-    kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]
+    kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]   # cost = kv here: one budget
     ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
     return [(v.index, path, new) for v in active(views) for path, new in
             build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")], stats, mlp=False)]
