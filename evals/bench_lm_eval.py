@@ -24,7 +24,7 @@ from common import ROOT, asset_models, machine, update_readme, write_results  # 
 
 
 def scores(model, tok, args) -> dict:
-    res = a3mod.evals.evaluate(model, args.tasks, tokenizer=tok, batch_size=1, limit=args.limit,
+    res = a3mod.evaluation.evaluate(model, args.tasks, tokenizer=tok, batch_size=1, limit=args.limit,
                                max_length=args.max_length, log_samples=False, bootstrap_iters=0)
     return {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in res["results"].items()}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import a3mod
-from a3mod import recipes
+from a3mod.pipeline import recipes
 from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

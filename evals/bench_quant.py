@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 import a3mod
-from a3mod import recipes
+from a3mod.pipeline import recipes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, cached_stats, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402

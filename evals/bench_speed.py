@@ -62,7 +62,7 @@ from a3mod.hf_compat import cache_kwargs, output_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, machine, pyplot, save_figure, update_readme, write_results
-from a3mod.files import atomic_write
+from a3mod.io.files import atomic_write
 
 DECODE = "decode"
 # wall time, or the process's CPU time (robust against other jobs on a shared machine with --threads 1; with more

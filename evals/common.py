@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from a3mod.files import atomic_write
+from a3mod.io.files import atomic_write
 from a3mod.errors import A3ModError
 from a3mod.paths import assets_dir, cache_dir, pip_wheel  # noqa: F401  (cache_dir: $A3MOD_CACHE)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import a3mod
-from a3mod import recipes
+from a3mod.pipeline import recipes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
 

@@ -152,7 +152,7 @@ def assert_sidecar_edits_refused(path, layer: str, key: str, edits) -> None:
     import json
 
     import a3mod
-    from a3mod import sidecar
+    from a3mod.io import sidecar
     from a3mod.errors import CheckpointError
 
     side = json.loads((path / "a3mod.json").read_text())

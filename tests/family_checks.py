@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import a3mod
-from a3mod.api import compact_modules
+from a3mod.pipeline.compress import compact_modules
 
 from conftest import assert_close_logits, calib_ids, input_ids
 

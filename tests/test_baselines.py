@@ -18,7 +18,7 @@ from torch import nn
 
 import a3mod
 from a3mod import ASVD, SVDLLM, LowRankLinear, PlainSVD
-from a3mod import factorize as fz
+from a3mod.math import factorize as fz
 from a3mod.arch import get_path, layer_views, spec_for
 from a3mod.passes.search import Prober, targets_of, threshold_search
 

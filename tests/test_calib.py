@@ -9,7 +9,7 @@ from torch import nn
 
 import a3mod
 from a3mod import CalibrationError
-from a3mod.calib import STAT_NAMES
+from a3mod.calib.stats import STAT_NAMES
 
 from conftest import VOCAB, calib_ids, tiny_model
 
@@ -247,7 +247,7 @@ def test_unreachable_hub_dataset_is_a_calibration_error(tokenizer, monkeypatch):
 
 def test_cli_calibrates_from_a_dataset_folder(tmp_path, tokenizer, text_file):
     datasets = pytest.importorskip("datasets")
-    from a3mod.cli import main
+    from a3mod.cli.commands import main
 
     from conftest import tiny_model
     src = tmp_path / "model"

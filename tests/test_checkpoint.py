@@ -167,7 +167,7 @@ def test_overwrite_replaces_the_dir(tmp_path):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
-    import a3mod.checkpoint as ck
+    import a3mod.io.checkpoint as ck
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
@@ -178,7 +178,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
     if overwrite:
         a3mod.save(compressed("gpt2"), out)            # a previous result
     before = snapshot(parent)
-    monkeypatch.setattr(ck.st_io, "write", boom)
+    monkeypatch.setattr(ck.tensors, "write", boom)
     with pytest.raises(OSError, match="simulated"):
         a3mod.save(compressed("llama"), out, overwrite=overwrite)
     assert sorted(os.listdir(parent)) == (["ckpt"] if overwrite else [])   # no temp dirs left behind
@@ -196,7 +196,7 @@ def saved_llama(tmp_path):
 def edit_sidecar(path, fn) -> None:
     side = json.loads((path / "a3mod.json").read_text())
     fn(side)
-    (path / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(side)))     # still sealed: test the schema
+    (path / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))     # still sealed: test the schema
 
 
 def test_load_without_sidecar(tmp_path, saved_llama):

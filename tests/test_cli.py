@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import a3mod
-from a3mod.cli import main
+from a3mod.cli.commands import main
 
 from conftest import make_tokenizer, tiny_model
 
@@ -164,7 +164,7 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     (["--method", "a3-mix", "--kv-ratio", "0.25"], [a3mod.A3KV(kv_ratio=0.25, mixed=True)]),
 ])
 def test_compress_mix_and_kv_passes(argv, want):
-    from a3mod.cli import _parser, _passes
+    from a3mod.cli.commands import _parser, _passes
     args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     assert _passes(args) == want
 
@@ -174,7 +174,7 @@ def test_compress_mix_and_kv_passes(argv, want):
     (["--method", "svd", "--kv-ratio", "0.5"], "not 'svd'"),
 ])
 def test_compress_kv_ratio_errors(argv, msg):
-    from a3mod.cli import _parser, _passes
+    from a3mod.cli.commands import _parser, _passes
     args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     with pytest.raises(a3mod.RatioError, match=msg):
         _passes(args)

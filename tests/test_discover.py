@@ -1,4 +1,4 @@
-"""Graph discovery (a3mod.discover): roles read from the exported layer graph.
+"""Graph discovery (a3mod.arch.discover): roles read from the exported layer graph.
 
 - agrees with the explicit adapter (arch.ARCHS) of every family that has one, on every role field;
 - describes families without an adapter (GPT-J interleaved partial rotary computed in the layer, Phi partial
@@ -25,7 +25,7 @@ import a3mod
 from a3mod import DiscoveryError, UnsupportedModelError
 from a3mod.arch import ARCHS, ArchSpec, layer_views, spec_for
 
-discovery = sys.modules["a3mod.discover"]      # the module (a3mod.discover is the function)
+discovery = sys.modules["a3mod.arch.discover"]      # the module (a3mod.discover is the function)
 _C = dict(vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1, pad_token_id=0, bos_token_id=1,
           eos_token_id=1)
 _LM = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **_C)

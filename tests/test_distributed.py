@@ -38,7 +38,7 @@ def _rank(rank: int, port: int, tmp: str) -> None:
                                          world_size=WORLD)
     try:
         calib = calib_ids(6, 16)                                       # every rank passes all windows
-        assert a3mod.distributed.shard(calib).shape == (3, 16)         # and runs its half
+        assert a3mod.calib.distributed.shard(calib).shape == (3, 16)         # and runs its half
         model = _model()
         stats = a3mod.collect(model, calib, progress=False)
         a3mod.apply(model, PASSES, stats=stats, progress=False)
@@ -49,7 +49,7 @@ def _rank(rank: int, port: int, tmp: str) -> None:
                                        progress=False)
         assert str(out) == os.path.join(tmp, "streamed")
         os.environ["WORLD_SIZE"] = str(WORLD)                          # as torchrun sets it
-        from a3mod.cli import main
+        from a3mod.cli.commands import main
         assert main(_cli_args(tmp, "cli-2")) == 0
     finally:
         torch.distributed.destroy_process_group()
@@ -107,7 +107,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert loaded.a3mod_info["calib_tokens"] == 6 * 16
     assert not (tmp_path / ".streamed.a3mod-work").exists()
 
-    from a3mod.cli import main                                        # torchrun -m a3mod.cli compress, 2 ranks
+    from a3mod.cli.commands import main                                        # torchrun -m a3mod.cli.commands compress, 2 ranks
     assert main(_cli_args(str(tmp_path), "cli-1")) == 0
     two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli-2", "cli-1"))
     assert two.keys() == one.keys()
@@ -121,7 +121,7 @@ class _Interrupt(Exception):
 
 def _resume_rank(rank: int, port: int, tmp: str) -> None:
     """Both ranks are killed as layer 2 starts; the rerun continues there on both ranks."""
-    from a3mod import stream
+    from a3mod.pipeline import stream
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=WORLD)

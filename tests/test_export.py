@@ -1,5 +1,5 @@
 """Compile and export compressed models: no graph breaks from a3mod's modules, fullgraph compile, torch.export,
-ONNX (dynamo) in onnxruntime, static-cache generate, and the ExecuTorch static-cache export (a3mod.export)."""
+ONNX (dynamo) in onnxruntime, static-cache generate, and the ExecuTorch static-cache export (a3mod.export.executorch)."""
 from __future__ import annotations
 
 import pytest

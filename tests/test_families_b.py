@@ -189,7 +189,7 @@ def test_partial_rotary_loss_curve_for_allocate():
     """A3QK on partial rotary returns one loss per kept pair count (0..d_h/2), non-increasing, 0 at full."""
     from a3mod.passes.a3 import apply_qk
     from a3mod.passes.base import PassContext
-    from a3mod.rewrite import LayerWork
+    from a3mod.pipeline.rewrite import LayerWork
 
     model = factory("gpt_neox", head_dim=16, rotary_pct=0.25)()
     stats = a3mod.collect(model, calib_ids(), progress=False)

@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import a3mod
-from a3mod import checkpoint, files, st_io, stream
-from a3mod.cli import main
+from a3mod.io import checkpoint, files, tensors
+from a3mod.pipeline import stream
+from a3mod.cli.commands import main
 
 from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model, write_text
 
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 # the steps of every writer: each is a point to kill at, just before and just after it
 STEPS = [(files, "staging_dir"), (files, "rename"), (files, "exchange"), (files, "remove_tree"),
-         (files, "fsync_tree"), (files, "atomic_write"), (st_io, "write"), (checkpoint, "write_sidecar"),
+         (files, "fsync_tree"), (files, "atomic_write"), (tensors, "write"), (checkpoint, "write_sidecar"),
          (stream, "_write_layer"), (stream._Store, "commit"), (stream, "_remove_work"), (os, "replace")]
 
 

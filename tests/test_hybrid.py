@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import a3mod
-from a3mod.api import compact_modules
+from a3mod.pipeline.compress import compact_modules
 from a3mod.arch import layer_views
 
 from zoo import _greedy, _ids, _logits, tiny_zoo_config

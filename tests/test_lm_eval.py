@@ -10,13 +10,13 @@ import re
 import pytest
 
 import a3mod
-from a3mod.evals import scoring
-from a3mod.evals.tasks import write_task_dir
+from a3mod.evaluation import scoring
+from a3mod.evaluation.tasks import write_task_dir
 
 from conftest import WORDS, calib_ids, make_tokenizer, tiny_model
 
 lm_eval = pytest.importorskip("lm_eval")
-from a3mod.evals.harness import A3ModLM, evaluate  # noqa: E402
+from a3mod.evaluation.harness import A3ModLM, evaluate  # noqa: E402
 
 MC_YAML = """task: tiny_mc
 dataset_path: json
@@ -159,7 +159,7 @@ def test_local_wikitext_and_downstream_configs(tmp_path):
 
 
 def test_wikitext_pages_of_the_real_test_split():
-    from a3mod.evals.tasks import eval_data_dir, wikitext_pages
+    from a3mod.evaluation.tasks import eval_data_dir, wikitext_pages
 
     d = eval_data_dir()
     f = d / "wikitext-2-raw" / "test.txt" if d else None
@@ -171,7 +171,7 @@ def test_wikitext_pages_of_the_real_test_split():
 
 
 def test_prepare_eval_data_writes_what_the_configs_read(tmp_path):
-    from a3mod.evals.prepare import prepare
+    from a3mod.evaluation.prepare import prepare
 
     seen = []
 
@@ -200,7 +200,7 @@ def test_missing_local_data_is_a_clear_error(tmp_path):
 
 def test_cli_eval_lm_eval_and_compress_eval(tmp_path, task_dir, monkeypatch, capsys):
     """`a3mod eval lm-eval` and `a3mod compress --eval lm-eval:TASKS` (tasks found through the local data dir)."""
-    from a3mod.cli import main
+    from a3mod.cli.commands import main
 
     _, mc, _ = task_dir
     data = tmp_path / "data"
@@ -232,7 +232,7 @@ def test_cli_eval_lm_eval_and_compress_eval(tmp_path, task_dir, monkeypatch, cap
 
 def test_a3mod_lm_eval_command(tmp_path, task_dir, monkeypatch):
     """`a3mod-lm-eval --model a3mod --model_args pretrained=DIR ...`: lm-eval's own CLI with the a3mod model."""
-    from a3mod.evals.harness import main
+    from a3mod.evaluation.harness import main
 
     tdir, _, roll = task_dir
     model = _models()["a3-30%"]
@@ -252,7 +252,7 @@ def test_a3mod_lm_eval_command(tmp_path, task_dir, monkeypatch):
 def test_stock_hf_model_reads_a_native_folder(tmp_path, task_dir):
     """lm-eval's own `--model hf` (HFLM, AutoModelForCausalLM inside) on a save_pretrained folder of a compressed
     model, in a process that imported a3mod: the same rolling log-likelihoods as the model in memory."""
-    from a3mod.evals.harness import main
+    from a3mod.evaluation.harness import main
 
     tdir, _, roll = task_dir
     model, tok = _models()["a3-30%"], make_tokenizer()
@@ -271,7 +271,7 @@ def test_user_include_path_keeps_the_local_tasks(task_dir, tmp_path):
     """a3mod's own task dir is read together with the user's include_path, and only while the patch holds."""
     from lm_eval.tasks import TaskManager
 
-    from a3mod.evals.harness import with_local_tasks
+    from a3mod.evaluation.harness import with_local_tasks
 
     tdir = task_dir[0]
     local = tmp_path / "local"           # stands in for a3mod's task dir (which holds only what the assets allow)

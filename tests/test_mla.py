@@ -62,7 +62,7 @@ def test_qk_loss_is_the_score_error_through_the_latents(rank):
     themselves (Q, K: position-free queries from q_b_proj, keys from kv_b_proj over the latent)."""
     from a3mod.passes.a3 import apply_qk, solve_layer
     from a3mod.passes.base import PassContext
-    from a3mod.rewrite import LayerWork
+    from a3mod.pipeline.rewrite import LayerWork
 
     calib = _ids(4, 16, 1)
     model = mla_model("deepseek_v3")

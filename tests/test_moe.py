@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import a3mod
-from a3mod import solvers
+from a3mod.math import solvers
 from a3mod.arch import layer_views
 from a3mod.arch.experts import ExpertsView, narrowed
 from a3mod.errors import RatioError

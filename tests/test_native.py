@@ -1,4 +1,4 @@
-"""a3mod's native model type (a3mod.native): compressed folders that transformers' own from_pretrained, save_pretrained,
+"""a3mod's native model type (a3mod.io.native): compressed folders that transformers' own from_pretrained, save_pretrained,
 Trainer and PEFT read and write exactly, old a3mod.json checkpoints still loading, and no silent dense model."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 import a3mod
-from a3mod import CheckpointError, files, sidecar
+from a3mod import CheckpointError
+from a3mod.io import files, sidecar
 
 from conftest import calib_ids, input_ids, tiny_model
 from zoo import tiny_zoo_model
@@ -53,7 +54,7 @@ def test_transformers_round_trips_a_compressed_model_exactly(family, tmp_path):
     for d in ("hf", "a3"):
         cfg = json.loads((tmp_path / d / "config.json").read_text())
         assert cfg["model_type"] == "a3mod" and cfg["a3mod_base_model_type"] == model.config.model_type
-        assert cfg["a3mod"]["layers"] == a3mod.native.description(model)["layers"] != {}
+        assert cfg["a3mod"]["layers"] == a3mod.io.native.description(model)["layers"] != {}
         back = AutoModelForCausalLM.from_pretrained(tmp_path / d)
         assert type(back) is type(model)
         torch.testing.assert_close(out(back, x), ref, rtol=0, atol=0)
@@ -109,7 +110,7 @@ def test_the_callers_config_still_builds_dense_models():
     assert model.config is not cfg and type(cfg).__name__ == "LlamaConfig"
     assert all(getattr(m, "config", model.config) is model.config for m in model.modules())
     fresh = AutoModelForCausalLM.from_config(cfg)
-    assert type(fresh) is LlamaForCausalLM and not a3mod.api.compact_modules(fresh)
+    assert type(fresh) is LlamaForCausalLM and not a3mod.pipeline.compress.compact_modules(fresh)
 
 
 def _as_old_checkpoint(path) -> None:
@@ -131,7 +132,7 @@ def test_old_checkpoints_load_and_resave_native(tmp_path):
     _as_old_checkpoint(tmp_path / "old")
     old = a3mod.load(tmp_path / "old")
     torch.testing.assert_close(out(old, x), out(model, x), rtol=0, atol=0)
-    assert a3mod.native.is_native(old)
+    assert a3mod.io.native.is_native(old)
     old.save_pretrained(tmp_path / "new")
     torch.testing.assert_close(out(AutoModelForCausalLM.from_pretrained(tmp_path / "new"), x), out(model, x),
                                rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Components and layer plans (a3mod/plan.py): one rounding rule, per-unit costs that add up, modules that describe
+"""Components and layer plans (a3mod/pipeline/plan.py): one rounding rule, per-unit costs that add up, modules that describe
 themselves."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import a3mod
 from a3mod.arch import layer_views, spec_for
-from a3mod.plan import COMPONENTS, layer_plan
+from a3mod.pipeline.plan import COMPONENTS, layer_plan
 from a3mod.report import linear_param_count
 
 from conftest import calib_ids, tiny_model
@@ -73,7 +73,7 @@ def test_modules_describe_themselves_as_their_sidecar_entry(tmp_path):
     model = tiny_model("llama")
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
     out = a3mod.save(model, tmp_path / "ck")
-    side = a3mod.checkpoint.read_sidecar(out)
+    side = a3mod.io.checkpoint.read_sidecar(out)
     layer = model.model.layers[1]
     assert side["layers"]["1"]["attn"] == layer.self_attn.describe()
     assert side["layers"]["1"]["mlp"] == layer.mlp.describe()

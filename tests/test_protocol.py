@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 import a3mod
-from a3mod import A3ModError, CalibrationError, RatioError, recipes
+from a3mod import A3ModError, CalibrationError, RatioError
+from a3mod.pipeline import recipes
 from a3mod.passes.base import PASSES, PassConfig, pass_from_dict, pass_to_dict, register_pass, scope_of
 
 from conftest import calib_ids, tiny_model

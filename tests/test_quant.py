@@ -231,7 +231,7 @@ def test_load_refuses_a_sidecar_that_disagrees(tmp_path):
     def edited(fn):
         s = json.loads(json.dumps(side))
         fn(s)
-        (path / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(s)))
+        (path / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(s)))
 
     edited(lambda s: s["quant"]["config"].update(nbits=2))
     with pytest.raises(CheckpointError, match="nbits"):
@@ -259,7 +259,7 @@ def test_load_refuses_code_in_hqq_dtype_names(tmp_path):
         a3mod.load(path)
     side = json.loads((path / "a3mod.json").read_text())
     side.pop("files")                                                         # no checksums: the dtype check
-    (path / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(side)))
+    (path / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))
     with pytest.raises(CheckpointError, match="not the name of a torch dtype"):
         a3mod.load(path)
 

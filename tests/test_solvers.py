@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from a3mod import solvers
+from a3mod.math import solvers
 
 f64 = torch.float64
 

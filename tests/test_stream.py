@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import a3mod
-from a3mod import stream
+from a3mod.pipeline import stream
 from a3mod.errors import A3ModError, CheckpointError
 
 from conftest import calib_ids, input_ids, logits, tiny_model
@@ -178,7 +178,7 @@ def test_refuses_whole_model_passes_and_existing_output(tmp_path):
 
 
 def test_cli_stream_matches_cli_in_memory(tmp_path, text_file, capsys):
-    from a3mod.cli import main
+    from a3mod.cli.commands import main
 
     from conftest import make_tokenizer
 

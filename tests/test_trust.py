@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import a3mod
-from a3mod import CalibrationError, CheckpointError, RatioError, files, stream
-from a3mod.cli import main
+from a3mod import CalibrationError, CheckpointError, RatioError
+from a3mod.io import files
+from a3mod.pipeline import stream
+from a3mod.cli.commands import main
 
 from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model, write_text
 
@@ -117,9 +119,9 @@ def test_overwrite_refuses_links_subfolders_and_paths_under_a_file(tmp_path, mod
 
 
 def test_cli_refuses_a_bad_out_before_loading_anything(tmp_path, monkeypatch, capsys):
-    import a3mod.loading
+    import a3mod.io.loading
 
-    monkeypatch.setattr(a3mod.loading, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(a3mod.io.loading, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")
     text = write_text(tmp_path / "t.txt")
     base = ["compress", "--model", str(tmp_path), "--ratio", "0.2", "--calib", text, "--no-eval"]
@@ -196,7 +198,7 @@ def test_planted_auto_map_never_runs(tmp_path, model, monkeypatch, capsys):
     ck = a3mod.save(model, tmp_path / "ck", tokenizer=make_tokenizer())
     side = json.loads((ck / "a3mod.json").read_text())
     side.pop("files")                                  # past the checksums: the loader's own refusal
-    (ck / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(side)))
+    (ck / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))
     _plant(ck, tmp_path)
     for call in (lambda: a3mod.load_pretrained(str(hf)), lambda: a3mod.load(ck), lambda: a3mod.load_pretrained(str(ck)),
                  lambda: a3mod.compress_streaming(hf, tmp_path / "o", a3mod.a3_passes(0.2), calib_ids(),
@@ -205,12 +207,12 @@ def test_planted_auto_map_never_runs(tmp_path, model, monkeypatch, capsys):
             call()
     assert main(["report", "--model", str(hf)]) == 2
     assert "a3mod: error:" in capsys.readouterr().err
-    from a3mod.evals.harness import A3ModLM
+    from a3mod.evaluation.harness import A3ModLM
     with pytest.raises(CheckpointError, match="auto_map"):
         A3ModLM(str(hf), device="cpu")
     from transformers import AutoModelForCausalLM                   # transformers itself refuses, no prompt
     with pytest.raises(CheckpointError, match="custom code"):
-        a3mod.loading._hf_call(AutoModelForCausalLM.from_pretrained, str(hf), **a3mod.loading.NO_CODE)
+        a3mod.io.loading._hf_call(AutoModelForCausalLM.from_pretrained, str(hf), **a3mod.io.loading.NO_CODE)
     assert not marker.exists()
 
 
@@ -342,7 +344,7 @@ def ckpt(tmp_path):
 def _resealed(ck, fn):
     side = json.loads((ck / "a3mod.json").read_text())
     fn(side)
-    (ck / "a3mod.json").write_text(json.dumps(a3mod.sidecar.seal(side)))
+    (ck / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))
 
 
 @pytest.mark.parametrize("edit,field", [
@@ -419,9 +421,9 @@ def test_checkpoint_bytes_are_deterministic(tmp_path, model):
 
 # ------------------------------------------------------------------------- typed errors before work
 def test_bad_values_are_typed_errors_before_any_work(model, monkeypatch):
-    import a3mod.calib
+    import a3mod.calib.stats
 
-    monkeypatch.setattr(a3mod.calib, "collect", lambda *a, **k: pytest.fail("calibration started"))
+    monkeypatch.setattr(a3mod.calib.stats, "collect", lambda *a, **k: pytest.fail("calibration started"))
     with pytest.raises(a3mod.A3ModError, match="passes=None"):
         a3mod.apply(model, None)
     with pytest.raises(RatioError, match="multiple_of=64.*full dimension 8"):

@@ -13,7 +13,7 @@ import torch
 import a3mod
 from a3mod.arch import adapters, layer_views
 from a3mod.errors import DiscoveryError
-from a3mod.verify import structure_key, tolerance, verify_model
+from a3mod.pipeline.verify import structure_key, tolerance, verify_model
 
 from conftest import calib_ids, input_ids, logits, tiny_model
 
@@ -40,7 +40,7 @@ def test_wrong_rope_layout_is_refused_naming_the_attention(broken_llama):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(DiscoveryError, match=r"rewrite of the attention .*RoPE interleaved over 8 of 8 dims"):
         a3mod.apply(model, a3mod.a3_passes(0.2), calib=calib_ids(), progress=False)
-    assert not a3mod.api.compact_modules(model)
+    assert not a3mod.pipeline.compress.compact_modules(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(logits(model, ids), before)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..plan import Part
+from ..pipeline.plan import Part
 
 _DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
                 "position_ids", "cache_position")
@@ -252,7 +252,7 @@ class ReducedHeadAttention(nn.Module):
         return [Part("qk", self.head_dim, self.qk_dim), Part("ov", self.head_dim, self.vo_dim)]
 
     def describe(self) -> dict:
-        """Everything `a3mod.load` needs to rebuild this module (the sidecar entry; a3mod/sidecar.py validates it)."""
+        """Everything `a3mod.load` needs to rebuild this module (the sidecar entry; io/sidecar.py validates it)."""
         return dict(hidden=self.q_proj.in_features, heads=self.num_heads, kv_heads=self.num_key_value_heads,
                     head_dim=self.head_dim, qk_dim=self.qk_dim, vo_dim=self.vo_dim, rot_dim=self.rot_dim,
                     scaling=self.scaling,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..plan import Part
+from ..pipeline.plan import Part
 
 
 def _activation(name: str, dtype) -> nn.Module:

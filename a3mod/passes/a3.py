@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import solvers
+from ..math import solvers
 from ..arch import active
-from ..rewrite import LayerWork, MLAWork
-from ..plan import COMPONENTS, LayerPlan, Part
+from ..pipeline.rewrite import LayerWork, MLAWork
+from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..errors import RatioError
 from .base import (
     PassConfig, PassContext, check_int, check_multiple, check_ratio_rank, handler, register_pass, run_pass,

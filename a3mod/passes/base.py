@@ -11,10 +11,11 @@ registered with `@handler(Config, scope=...)` and always called as `handler(cfg,
                     [(layer index, path in the layer, new module)] (baselines, Allocate, A3KV).
     scope "linear"  ctx.linear: one nn.Linear; returns its replacement (quantization: BnbInt8, Bnb4bit, HQQ).
 
-`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.KINDS). `rebuilds_layers()`: the pass builds
-compact attention / MLP modules from the layer description, so `a3mod.verify` checks that description first (the
-low-rank baselines that only factor linears say False). `pass_to_dict` / `pass_from_dict`
-round-trip configs through JSON with their type and VERSION; a config from a newer a3mod is refused.
+`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.stats.KINDS).
+`rebuilds_layers()`: the pass builds compact attention / MLP modules from the layer description, so
+`a3mod.pipeline.verify` checks that description first (the low-rank baselines that only factor linears say False).
+`pass_to_dict` / `pass_from_dict` round-trip configs through JSON with their type and VERSION; a config from a
+newer a3mod is refused.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import A3ModError, RatioError
-from ..plan import kept_dim as kept_dim  # the rounding rule lives with the components
+from ..pipeline.plan import kept_dim as kept_dim  # the rounding rule lives with the components
 
 SCOPES = ("layer", "model", "linear")
 PASS_TYPES: dict[str, type] = {}            # config class name -> class (JSON round trip)
@@ -105,7 +106,7 @@ def run_pass(p, ctx: PassContext):
 
 
 def needs(p) -> tuple[str, ...]:
-    """Calibration statistic kinds (a3mod.calib.KINDS) a pass reads."""
+    """Calibration statistic kinds (a3mod.calib.stats.KINDS) a pass reads."""
     return tuple(getattr(type(p), "NEEDS", ()))
 
 

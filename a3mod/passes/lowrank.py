@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import factorize as fz
+from ..math import factorize as fz
 from ..arch import LayerView, get_path, linear_params
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..modules import LatentKVAttention, LowRankLinear

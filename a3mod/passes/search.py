@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import factorize as fz
+from ..math import factorize as fz
 from ..arch import LayerView, active, get_path, linear_params
 from ..errors import CalibrationError, RatioError, UnsupportedModelError
 from ..report import linear_param_count

@@ -12,7 +12,7 @@ from torch import nn
 from ..arch import get_path
 from ..errors import A3ModError, CheckpointError
 from ..passes.base import pass_from_dict, pass_to_dict
-from ..rewrite import set_child
+from ..pipeline.rewrite import set_child
 from .base import QUANT_HANDLERS, handler_for, linear_shape, quantized_linears
 
 

@@ -175,7 +175,7 @@ def discovered_spec(model: nn.Module, context: str = ""):
 def _mla_spec(model: nn.Module):
     """An ArchSpec for a model whose layers hold multi-head latent attention (`arch.mla.is_mla`: DeepSeek-style
     q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj), read from the module structure, MoE blocks included; the
-    full-rank self-check (a3mod.verify) confirms it before anything is compressed. None for other models."""
+    full-rank self-check (a3mod.pipeline.verify) confirms it before anything is compressed. None for other models."""
     from ..mla import is_mla
     from ..spec import ArchSpec
     from .describe import _moe

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 
 def active() -> bool:

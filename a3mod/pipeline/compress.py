@@ -4,17 +4,18 @@ from __future__ import annotations
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed, native
-from .arch import active, layer_views
-from .calib import Stats
-from .errors import A3ModError, CalibrationError
-from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
-from .passes import pass_to_dict
-from .passes.a3 import build_layer, preflight
-from .passes.base import PassContext, needs, pass_def, run_pass, scope_of
-from .quant import is_quantized, quant_swaps, split_quant
-from .quant.base import handler_for
-from .report import linear_param_count
+from ..calib import distributed
+from ..io import native
+from ..arch import active, layer_views
+from ..calib.stats import Stats
+from ..errors import A3ModError, CalibrationError
+from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..passes import pass_to_dict
+from ..passes.a3 import build_layer, preflight
+from ..passes.base import PassContext, needs, pass_def, run_pass, scope_of
+from ..quant import is_quantized, quant_swaps, split_quant
+from ..quant.base import handler_for
+from ..report import linear_param_count
 from .rewrite import set_child
 from .verify import verify_model
 
@@ -70,7 +71,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     if quant is not None:
         info["passes"] = [*info["passes"], pass_to_dict(quant)]
     model.a3mod_info = info
-    return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.native)
+    return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
 
 
 def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
@@ -132,8 +133,8 @@ def preview(model: nn.Module, passes, inplace: bool = False):
 
     import torch
 
-    from .arch import layer_views
-    from .report import report
+    from ..arch import layer_views
+    from ..report import report
 
     passes = list(passes)
     bad = data_dependent(passes)

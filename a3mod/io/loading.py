@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import A3ModError, CheckpointError
+from ..errors import A3ModError, CheckpointError
 
 NO_CODE = {"trust_remote_code": False}
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -43,7 +43,7 @@ def check_folder(folder: str | os.PathLike) -> None:
                                   f"a3mod never runs code from a checkpoint. If its model_type "
                                   f"{c.get('model_type')!r} is built into transformers, remove auto_map")
         mtype = c.get("model_type")
-        if mtype == "a3mod":          # a3mod's native type (a3mod.native): the original type must be built in
+        if mtype == "a3mod":          # a3mod's native type (a3mod.io.native): the original type must be built in
             mtype = c.get("a3mod_base_model_type")
         if not isinstance(mtype, str) or mtype not in CONFIG_MAPPING or mtype == "a3mod":
             raise CheckpointError(f"{str(cfg)!r} has model_type {mtype!r}, which transformers "

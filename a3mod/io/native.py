@@ -5,7 +5,7 @@ config.json of a compressed model is the original model's config plus three keys
     "a3mod": {"format": 1, "model_class": "LlamaForCausalLM", "layers": {"0": {"attn": {...}, "mlp": {...}}, ...}}
 `a3mod` is the description a3mod.json's sidecar has always held (per-layer q/k and v/o head dims, kept RoPE dims,
 MLP widths and kept neurons, narrowed and low-rank linears, experts, latent attention), validated by
-`a3mod.sidecar.validate` before any module is built. Importing a3mod registers model type "a3mod" with
+`a3mod.io.sidecar.validate` before any module is built. Importing a3mod registers model type "a3mod" with
 `AutoConfig` and the `AutoModel*` classes, so `AutoModelForCausalLM.from_pretrained(dir, dtype=..., device_map=...)`
 runs transformers' own loading (meta init, dtype, device_map, shards) and `save_pretrained`, `push_to_hub` and
 `Trainer.save_model` write the folder back. Without a3mod installed, transformers refuses the folder ("model type
@@ -27,7 +27,7 @@ import sys
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MODEL_TYPE = "a3mod"
 _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -163,9 +163,9 @@ def description(model: nn.Module) -> dict:
 def build(model: nn.Module, side: dict) -> None:
     """Swap the reduced modules `side` describes into `model` (a dense skeleton of the original class)."""
     from . import sidecar
-    from .arch import get_path, spec_for
+    from ..arch import get_path, spec_for
     from .checkpoint import _reduced_modules
-    from .modules import LatentKVAttention
+    from ..modules import LatentKVAttention
 
     if not isinstance(side, dict):
         raise CheckpointError(f"config.json: a3mod must be an object, got {type(side).__name__}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from .report import Report
+from ..report import Report
 
 
 def model_card(result: dict, rep: Report) -> str:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FORMATS = (1, 2)
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")

@@ -5,7 +5,7 @@ head_dim, keys and values alike). A compressed layer has its own k (qk) and v (v
 sized from the modules themselves: keys (B, Hkv, L, r_qk), values (B, Hkv, L, r_vo), layer by layer.
 
     program = a3mod.export.export_with_static_cache(model, max_cache_len=128)
-    tokens = a3mod.export.StaticCacheModule.generate(program, prompt_ids, max_new_tokens=20)
+    tokens = TorchExportableModuleWithStaticCache.generate(program, prompt_ids, max_new_tokens=20)  # transformers'
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 def _kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
     """(kv_heads, k_dim, v_dim) per decoder layer of `model`: a compressed attention's own dims, else the model's."""
-    from .arch import layer_views
+    from ..arch import layer_views
 
     out = []
     for v in layer_views(model):

@@ -20,7 +20,7 @@
 Resume: the work dir `<out_dir's parent>/.<out_dir name>.a3mod-work` keeps every finished layer and the hidden
 states at the last layer boundaries; re-running with the same arguments continues after the last finished
 layer. Different arguments are refused (CheckpointError naming them) unless `restart=True`.
-Distributed (see `a3mod.distributed`): every rank passes the full calib and the same arguments, runs its slice
+Distributed (see `a3mod.calib.distributed`): every rank passes the full calib and the same arguments, runs its slice
 of the windows, the statistics are all-reduced per layer, layer i is solved and written by rank i % world_size,
 rank 0 assembles; the work dir, out_dir and offload_dir must be on a filesystem every rank sees.
 """
@@ -40,18 +40,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .arch import get_path, layer_views, spec_for
-from .calib import Stats, check_request, check_token_ids, recording
-from . import files, st_io
-from . import native
-from .checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, describe_layer, write_sidecar
-from .fingerprint import file_digest
-from .errors import A3ModError, CheckpointError, UnsupportedModelError
-from .passes import PASSES, pass_to_dict
-from .passes.a3 import build_layer, preflight
+from ..calib import distributed
+from ..arch import get_path, layer_views, spec_for
+from ..calib.stats import Stats, check_request, check_token_ids, recording
+from ..io import files, tensors
+from ..io import native
+from ..io.checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, describe_layer, write_sidecar
+from ..io.fingerprint import file_digest
+from ..errors import A3ModError, CheckpointError, UnsupportedModelError
+from ..passes import PASSES, pass_to_dict
+from ..passes.a3 import build_layer, preflight
 from .verify import check_layer, structure_key
-from .report import linear_param_count
+from ..report import linear_param_count
 from .rewrite import set_child
 
 # ------------------------------------------------------------------------------------------- source
@@ -119,7 +119,7 @@ class _Source:
 
 def _fingerprint(src: Path) -> dict:
     """The source folder as a resume must find it again: path, config bytes and each weight file's sampled digest
-    (a3mod.fingerprint.file_digest: size, header and 64 blocks of data)."""
+    (a3mod.io.fingerprint.file_digest: size, header and 64 blocks of data)."""
     return {"src": str(src.resolve()), "files": {f.name: file_digest(f) for f in sorted(src.glob("*.safetensors"))},
             "config_sha256": hashlib.sha256((src / "config.json").read_bytes()).hexdigest()}
 
@@ -255,7 +255,7 @@ def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, T
 # --------------------------------------------------------------------------------------------- main
 def _check_passes(passes) -> list:
     """Layer-scope passes only (each once): they solve one layer from its own statistics."""
-    from .passes.base import pass_def
+    from ..passes.base import pass_def
 
     if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
         raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
@@ -371,7 +371,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .loading import NO_CODE, check_folder
+    from ..io.loading import NO_CODE, check_folder
 
     passes = _check_passes(passes)
     check_request(calib, ("a3",))
@@ -401,7 +401,7 @@ def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, devic
             progress) -> None:
     from transformers import GenerationConfig
 
-    from .loading import NO_CODE
+    from ..io.loading import NO_CODE
 
     rank, world = distributed.rank_world()
     spec = spec_for(skel)
@@ -426,7 +426,7 @@ def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, devic
     calls = (_prepare(skel, layers, source, nonlayer, batches, store, start, dtype, device)
              if start < len(layers) else {})
     n_local = int(shard.numel())
-    verified: set = set()        # structure keys whose full-rank rewrite was checked (a3mod.verify)
+    verified: set = set()        # structure keys whose full-rank rewrite was checked (a3mod.pipeline.verify)
     for i in tqdm(range(start, len(layers)), desc="streaming", disable=not progress or rank != 0, unit="layer"):
         _one_layer(skel, spec, layers, i, source, store, batches, calls, passes, n_local, work, dtype, device,
                    verified)
@@ -517,7 +517,7 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     n_layers = len(get_path(skel, spec.layers))
     metas = [json.loads(_layer_file(work, i, "json").read_text()) for i in range(n_layers)]
     plan = [(k, t.dtype, tuple(t.shape), lambda k=k: source.read([k], dtype)[k]) for k, t in nonlayer]
-    layer_plan = [e for i in range(n_layers) for e in st_io.file_plan(_layer_file(work, i, "safetensors"))]
+    layer_plan = [e for i in range(n_layers) for e in tensors.file_plan(_layer_file(work, i, "safetensors"))]
     plan[layers_at:layers_at] = layer_plan
     skel.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": None,
                        "orig_layer_params": [m["orig_layer_params"] for m in metas]}
@@ -525,9 +525,9 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
     with files.staged_output(out, overwrite, [src]) as tmp:
-        native.config_for(skel.config, side).save_pretrained(tmp)      # model_type "a3mod" (a3mod.native)
+        native.config_for(skel.config, side).save_pretrained(tmp)      # model_type "a3mod" (a3mod.io.native)
         gen.save_pretrained(tmp)
-        st_io.write(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
+        tensors.write(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases})

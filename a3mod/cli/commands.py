@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .cli_args import DTYPES, _parser  # noqa: F401  (the parser lives in cli_args)
+from .args import DTYPES, _parser  # noqa: F401  (the parser lives in args.py)
 
 
 def _load(args, path: str | None = None):
-    from .loading import load_pretrained
-    from .paths import default_model
+    from ..io.loading import load_pretrained
+    from ..paths import default_model
 
     path = path or args.model or default_model()
     print(f"loading {path}", file=sys.stderr)
@@ -22,14 +22,14 @@ def _load(args, path: str | None = None):
 
 
 def _ppl(model, tok, args) -> dict:
-    from .ppl import eval_tokens, perplexity
+    from ..evaluation.ppl import eval_tokens, perplexity
 
     ids = eval_tokens(tok, args.eval_source)
     return perplexity(model, ids, seq_len=args.eval_seq_len, batch_size=args.batch_size, max_windows=args.eval_windows)
 
 
 def _write_json(path: str, obj) -> None:
-    from .files import atomic_write
+    from ..io.files import atomic_write
 
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
@@ -37,7 +37,7 @@ def _write_json(path: str, obj) -> None:
 def _versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"a3mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": sys.version.split()[0]}
@@ -46,11 +46,11 @@ def _versions() -> dict:
 def _check_inputs(args) -> tuple:
     """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
     path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
-    from .calib import _is_stats_file
-    from .errors import A3ModError, CalibrationError
-    from .files import check_output_dir
-    from .paths import dataset_file, default_model
-    from .sources import check_source, is_dataset_source
+    from ..calib.stats import _is_stats_file
+    from ..errors import A3ModError, CalibrationError
+    from ..io.files import check_output_dir
+    from ..paths import dataset_file, default_model
+    from ..calib.sources import check_source, is_dataset_source
 
     passes = _passes(args)
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
@@ -73,9 +73,9 @@ def _check_inputs(args) -> tuple:
 def _stats(args, model, calib):
     """(statistics for the passes, whether to write --stats): the file's if it belongs to this model and these
     tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
-    from .calib import Stats
-    from .errors import CalibrationError
-    from .passes.base import needs
+    from ..calib.stats import Stats
+    from ..errors import CalibrationError
+    from ..passes.base import needs
 
     want = {k for p in _passes(args) for k in needs(p)}
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
@@ -99,8 +99,8 @@ def _stats(args, model, calib):
 def cmd_compress(args) -> int:
     import contextlib
 
-    from . import distributed
-    from .files import output_lock, recover
+    from ..calib import distributed
+    from ..io.files import output_lock, recover
 
     passes, path, out = _check_inputs(args)        # before any loading or calibration
     if args.dry_run:
@@ -120,12 +120,13 @@ def cmd_compress(args) -> int:
 def _compress(args, passes, path, out) -> int:
     import copy
 
-    from . import card, distributed
-    from .heal import heal
-    from .api import apply
-    from .calib import calibration_data
-    from .checkpoint import save
-    from .report import report
+    from . import card
+    from ..calib import distributed
+    from ..heal import heal
+    from ..pipeline.compress import apply
+    from ..calib.stats import calibration_data
+    from ..io.checkpoint import save
+    from ..report import report
 
     _, model, tok = _load(args, path)
     result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "argv": sys.argv[1:],
@@ -180,8 +181,8 @@ def _compress(args, passes, path, out) -> int:
 
 
 def _dry_run(args, passes, path) -> int:
-    from .api import data_dependent, preview
-    from .errors import A3ModError
+    from ..pipeline.compress import data_dependent, preview
+    from ..errors import A3ModError
 
     if args.stream or data_dependent(passes):
         what = "--stream" if args.stream else f"--method {args.method}"
@@ -203,14 +204,14 @@ def _compress_stream(args, passes) -> int:
     """`compress --stream`: a3mod.compress_streaming on an HF safetensors folder, then report (and perplexity)."""
     from transformers import AutoTokenizer
 
-    from . import distributed
-    from .calib import calibration_data
-    from .checkpoint import load
-    from .errors import A3ModError
-    from .loading import NO_CODE, check_folder
-    from .paths import default_model
-    from .report import report
-    from .stream import compress_streaming
+    from ..calib import distributed
+    from ..calib.stats import calibration_data
+    from ..io.checkpoint import load
+    from ..errors import A3ModError
+    from ..io.loading import NO_CODE, check_folder
+    from ..paths import default_model
+    from ..report import report
+    from ..pipeline.stream import compress_streaming
 
     if args.method != "a3" or args.stats:
         raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
@@ -244,7 +245,7 @@ def _compress_stream(args, passes) -> int:
 
 
 def _lm_eval_tasks(spec: str) -> list[str]:
-    from .errors import A3ModError
+    from ..errors import A3ModError
 
     kind, _, tasks = spec.partition(":")
     if kind != "lm-eval" or not tasks.strip(","):
@@ -254,7 +255,7 @@ def _lm_eval_tasks(spec: str) -> list[str]:
 
 def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> dict:
     """Run lm-eval, print its table, return {task: {metric: value}} (JSON-safe)."""
-    from .evals import evaluate
+    from ..evaluation import evaluate
 
     limit = int(limit) if limit is not None and limit >= 1 else limit
     res = evaluate(model, tasks, tokenizer=tok, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
@@ -270,7 +271,7 @@ FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multipl
 
 
 def _passes(args) -> list:
-    from . import recipes
+    from ..pipeline import recipes
 
     return recipes.passes(args.method, args.ratio, kv_ratio=args.kv_ratio, across=args.across, qk_ratio=args.qk_ratio,
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
@@ -297,14 +298,14 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .evals.prepare import prepare
+    from ..evaluation.prepare import prepare
 
     prepare(args.out, [t for t in (args.tasks or "").split(",") if t])
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from ..report import report
 
     _, model, _ = _load(args)
     rep = report(model)
@@ -315,7 +316,7 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import A3ModError
+    from ..errors import A3ModError
 
     if os.environ.get("A3MOD_ONLINE") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in

@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
-from .arch.experts import ExpertsView, narrowed
-from .arch.mla import is_mla, narrowed_mla
-from . import files, sidecar, st_io
-from .errors import CheckpointError
-from .modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
-from .quant import io as quant_io
-from .rewrite import set_child
+from ..arch import dims_of, find_path, get_path, mlp_paths, spec_for
+from ..arch.experts import ExpertsView, narrowed
+from ..arch.mla import is_mla, narrowed_mla
+from . import files, sidecar, tensors
+from ..errors import CheckpointError
+from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..quant import io as quant_io
+from ..pipeline.rewrite import set_child
 
 COMPACT_ATTENTION = (ReducedHeadAttention, LatentKVAttention)
 SIDECAR = "a3mod.json"
@@ -43,7 +43,7 @@ def _describe(model: nn.Module) -> dict:
             layers[str(i)] = entry
     info = getattr(model, "a3mod_info", {})
     quant = quant_io.model_entry(model)
-    from . import __version__
+    from .. import __version__
     base = getattr(type(model), "a3mod_base", type(model))         # the original class of a native one
     return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
             "model_type": model.config.model_type, "model_class": base.__name__,
@@ -94,20 +94,20 @@ def _narrow_entry(m: nn.Module) -> dict:
 
 def _dedup(sd: dict) -> tuple[dict, dict]:
     """Tensors sharing storage (tied embeddings) are written once; aliases maps each dropped key to the kept one."""
-    seen, tensors, aliases = {}, {}, {}
+    seen, kept, aliases = {}, {}, {}
     for k, t in sd.items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         if key in seen:
             aliases[k] = seen[key]
         else:
             seen[key] = k
-            tensors[k] = t.detach().contiguous()
-    # different tensors in one storage (views of a larger buffer): safetensors refuses them, so copy those
-    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in tensors.values())
-    for k, t in tensors.items():
+            kept[k] = t.detach().contiguous()
+    # different kept in one storage (views of a larger buffer): safetensors refuses them, so copy those
+    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in kept.values())
+    for k, t in kept.items():
         if storages[(t.device, t.untyped_storage().data_ptr())] > 1:
-            tensors[k] = t.clone()
-    return tensors, aliases
+            kept[k] = t.clone()
+    return kept, aliases
 
 
 def model_sources(model: nn.Module) -> list[str]:
@@ -117,7 +117,7 @@ def model_sources(model: nn.Module) -> list[str]:
 
 def write_sidecar(tmp: Path, side: dict) -> None:
     """The last file of a checkpoint: `side` plus the size and sha256 of every file already in `tmp`, sealed with
-    its own checksum (a3mod.sidecar), deterministic text."""
+    its own checksum (a3mod.io.sidecar), deterministic text."""
     recorded = {f.name: {"bytes": f.stat().st_size, "sha256": files.sha256_file(f)}
                 for f in sorted(tmp.iterdir()) if f.is_file()}
     (tmp / SIDECAR).write_text(sidecar.dumps(sidecar.seal({**side, "files": recorded})))
@@ -127,7 +127,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
          extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write `model` (compressed or not) to `out_dir`; returns its absolute path.
 
-    The folder is assembled next to `out_dir` and published atomically (a3mod.files): `out_dir` holds the old
+    The folder is assembled next to `out_dir` and published atomically (a3mod.io.files): `out_dir` holds the old
     checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
     never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
     compress_result.json, README.md), not covered by its checksums."""
@@ -136,11 +136,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     sources = model_sources(model)
     side = _describe(model)
     with files.staged_output(out_dir, overwrite, sources) as tmp:
-        native.config_for(model.config, side).save_pretrained(tmp)     # model_type "a3mod" (a3mod.native)
+        native.config_for(model.config, side).save_pretrained(tmp)     # model_type "a3mod" (a3mod.io.native)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        tensors, aliases = _dedup(model.state_dict())
-        st_io.write(tmp / WEIGHTS, st_io.plan_of(tensors), {"format": "pt", "a3mod": str(FORMAT)})
+        state, aliases = _dedup(model.state_dict())
+        tensors.write(tmp / WEIGHTS, tensors.plan_of(state), {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases})
@@ -299,7 +299,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     """Rebuild a model saved by `a3mod.save`: meta skeleton, reduced modules from the sidecar, weights assigned.
 
     The sidecar is validated before any module is built; `verify` (default) also checks the sha256 of every file
-    the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.loading.check_folder)."""
+    the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.io.loading.check_folder)."""
     from transformers import AutoConfig, GenerationConfig
 
     from .loading import NO_CODE, as_dtype, check_folder

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import RatioError
+from ..errors import RatioError
 
 
 def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int,
@@ -45,7 +45,7 @@ class Component:
 
     name: str                   # "qk", "ov", "mlp"
     pass_name: str              # the A3 pass that reduces it
-    stats: tuple[str, ...]      # statistic sums its solver reads (a3mod.calib.STAT_NAMES)
+    stats: tuple[str, ...]      # statistic sums its solver reads (a3mod.calib.stats.STAT_NAMES)
     column: str                 # report column
 
     def unit(self, full: int, rope: bool, rank_given: bool = False) -> int:
@@ -123,9 +123,9 @@ def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     """The plan of decoder layer `layer` as it is now: every module in it that describes itself (`plan_parts()`:
     ReducedHeadAttention, ReducedMLP, a layer's narrowed up projection) overrides the original dims; an MoE layer's
     routed experts say their width (`arch.experts.kept_width`); an MoE layer without a shared expert has no "mlp"."""
-    from .arch import find_path, get_path, mlp_paths, out_features
-    from .arch.experts import kept_width
-    from .arch.mla import is_mla, mla_dims
+    from ..arch import find_path, get_path, mlp_paths, out_features
+    from ..arch.experts import kept_width
+    from ..arch.mla import is_mla, mla_dims
 
     parts = {"qk": Part("qk", dims.head_dim, dims.head_dim), "ov": Part("ov", dims.head_dim, dims.head_dim)}
     mlp_path, experts_path = mlp_paths(layer, spec)

@@ -7,7 +7,7 @@
   count is a different set).
 - `file_digest(path)`: size plus sha256 of the safetensors header and of 64 evenly spaced 64 KiB blocks of the
   data (a sampled digest: cheap on 100 GB checkpoints; it catches a replaced or re-saved file, not one flipped
-  byte between samples; use `a3mod.files.sha256_file` for that).
+  byte between samples; use `a3mod.io.files.sha256_file` for that).
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calib import check_token_ids, read_text, vocab_size
-from .errors import A3ModError
-from .hf_compat import cache_kwargs
+from ..calib.stats import check_token_ids, read_text, vocab_size
+from ..errors import A3ModError
+from ..hf_compat import cache_kwargs
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2-test") -> Tensor:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .arch import LayerView, get_path
-from .arch.experts import narrowed
-from .arch.mla import narrowed_mla
-from .errors import UnsupportedModelError
-from .modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..arch import LayerView, get_path
+from ..arch.experts import narrowed
+from ..arch.mla import narrowed_mla
+from ..errors import UnsupportedModelError
+from ..modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
 
 
 def _aug(w: Tensor, b: Tensor | None) -> Tensor:

@@ -3,7 +3,7 @@
 safetensors' own `save_file` keeps the metadata in a hash map, so its order (and the file's bytes) changes from
 run to run. Here the header lists metadata keys sorted and tensors by (element size descending, name) (which keeps
 every tensor aligned to its element size, as safetensors does), and the data is streamed tensor by tensor, so a
-checkpoint larger than memory can be written from getters (`a3mod.stream`).
+checkpoint larger than memory can be written from getters (`a3mod.pipeline.stream`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

@@ -1,4 +1,4 @@
-"""The `a3mod` command line's arguments: the parser, its subcommands and their options (a3mod.cli runs them)."""
+"""The `a3mod` command line's arguments: the parser, its subcommands and their options (cli/commands.py runs them)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from . import recipes
+from ..pipeline import recipes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,12 +1,12 @@
 """Evaluation with the lm-evaluation-harness (optional: `pip install a3mod[eval]`), offline, from local files.
 
-    results = a3mod.evals.evaluate(model, tasks=["wikitext_local"], tokenizer=tok)
+    results = a3mod.evaluation.evaluate(model, tasks=["wikitext_local"], tokenizer=tok)
 """
 from __future__ import annotations
 
 
 def evaluate(model, tasks, **kwargs) -> dict:
-    """See `a3mod.evals.harness.evaluate` (imported lazily: lm-eval is an optional dependency)."""
+    """See `a3mod.evaluation.harness.evaluate` (imported lazily: lm-eval is an optional dependency)."""
     try:
         from .harness import evaluate as _evaluate
     except ImportError as e:

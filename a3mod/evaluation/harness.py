@@ -5,8 +5,8 @@ registered and the local task directory added to --include_path:
 
     a3mod-lm-eval --model a3mod --model_args pretrained=out/smollm2-a3-20 --tasks wikitext_local --device cpu
 
-(`lm_eval --model a3mod ...` works in any Python process that has imported `a3mod.evals.harness`.) lm-eval's own
-`--model hf` reads a compressed folder too once a3mod is imported (its native model type, a3mod.native), e.g.
+(`lm_eval --model a3mod ...` works in any Python process that has imported `a3mod.evaluation.harness`.) lm-eval's own
+`--model hf` reads a compressed folder too once a3mod is imported (its native model type, a3mod.io.native), e.g.
 `a3mod-lm-eval --model hf --model_args pretrained=DIR`. A user's --include_path (several joined by os.pathsep)
 is read together with a3mod's local tasks.
 """
@@ -31,7 +31,7 @@ class A3ModLM(HFLM):
 
     def __init__(self, pretrained, tokenizer=None, device: str | None = None, dtype: str | torch.dtype = "float32",
                  **kwargs):
-        from ..loading import NO_CODE, as_dtype, check_folder, load_pretrained
+        from ..io.loading import NO_CODE, as_dtype, check_folder, load_pretrained
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if kwargs.pop("trust_remote_code", False) not in (False, "False", "false", None):

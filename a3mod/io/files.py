@@ -26,7 +26,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SIDECAR = "a3mod.json"
 _STAGE, _OLD, _LOCK = ".a3mod-tmp-", ".a3mod-old-", ".a3mod-lock"

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import LayerView, get_path, layer_views
-from .errors import CalibrationError
-from .paths import dataset_file
+from ..arch import LayerView, get_path, layer_views
+from ..errors import CalibrationError
+from ..paths import dataset_file
 
 STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")      # a dense layer's
 EXPERT_STATS = ("e2", "en")                                # an MoE layer's routed experts (its h2: the shared expert)
@@ -48,7 +48,7 @@ _WIKITEXT_ESCAPES = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 def read_text(source) -> str:
     """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', a file path, or a
     Hugging Face dataset (a `datasets.Dataset`, a save_to_disk folder, 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]';
-    a3mod.sources).
+    a3mod.calib.sources).
 
     Rows are joined with blank lines ("\n\n".join(rows), rows keeping their "\n", as in HF `datasets`).
     The tokenized WikiText-2 split used for 'wikitext2' has its @-@ / @,@ / @.@ escapes undone.
@@ -90,7 +90,7 @@ def calibration_data(tokenizer, source="wikitext2", n_samples: int = 128, seq_le
 class Stats:
     """Calibration statistics of every decoder layer. `layers[i][name]` are float64 sums over `n` tokens.
 
-    `model` and `calib` fingerprint what they were collected on (a3mod.fingerprint: the model's config and sampled
+    `model` and `calib` fingerprint what they were collected on (a3mod.io.fingerprint: the model's config and sampled
     weights; the token ids' sha256 and shape); `apply(stats=...)` refuses statistics of another model or, when
     calib is given too, of other tokens. `source` records how the tokens were drawn (e.g. seed), when known."""
 
@@ -148,7 +148,7 @@ class Stats:
     def check_origin(self, model=None, calib: Tensor | None = None) -> None:
         """CalibrationError when these statistics were collected on another model or other tokens than given.
         Statistics without fingerprints (files of a3mod before 0.2) pass with a warning."""
-        from .fingerprint import model_fingerprint, tokens_fingerprint
+        from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 
         if self.model is None:
             warnings.warn("a3mod: these statistics carry no model fingerprint (an older a3mod wrote them); cannot "
@@ -166,7 +166,7 @@ class Stats:
     def save(self, path: str | os.PathLike) -> None:
         """Write to `path` atomically (temporary sibling + rename); an existing file is replaced only when it is an
         a3mod statistics file."""
-        from .files import atomic_write
+        from ..io.files import atomic_write
 
         p = Path(path)
         if p.exists() and not _is_stats_file(p):
@@ -341,7 +341,7 @@ def recording(views: list[LayerView], kinds=("a3",)):
     """Attach the statistic hooks to `views` while the block runs; yields one accumulator dict per view.
 
     Whatever runs through those layers meanwhile (the whole model in `collect`, one layer at a time in
-    `a3mod.stream`) adds to the sums, so both paths share the statistics code.
+    `a3mod.pipeline.stream`) adds to the sums, so both paths share the statistics code.
     """
     accs: list[dict[str, Tensor]] = [dict() for _ in views]
     handles = [h for v, a in zip(views, accs) for h in _hooks(v, a, kinds)]
@@ -410,10 +410,10 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
 
     kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD); see the module docstring.
     Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
-    slice of the windows (`a3mod.distributed.shard`) and the sums are all-reduced: every rank returns the
+    slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the
     statistics of all windows.
     """
-    from .fingerprint import model_fingerprint, tokens_fingerprint
+    from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 
     kinds = check_request(calib, kinds)
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
