@@ -226,3 +226,24 @@ def test_quantized_models_round_trip_through_a3mods_format(quant, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="auto")
     with pytest.raises(CheckpointError, match="low_cpu_mem_usage"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q", low_cpu_mem_usage=True)
+
+
+def test_loaded_tensors_are_realigned(tmp_path):
+    """Tensors in a safetensors memory map start at any byte offset, and CPU kernels round differently on unaligned
+    data; every load path hands back 64-byte aligned tensors, tied ones still tied."""
+    from a3mod.io.tensors import realign
+
+    model = compressed("llama")
+    model.save_pretrained(tmp_path / "hf")
+    a3mod.save(model, tmp_path / "a3")
+    for back in (AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), AutoModelForCausalLM.from_pretrained(tmp_path / "a3"),
+                 a3mod.load(tmp_path / "a3")):
+        assert all(p.data_ptr() % 64 == 0 for p in back.parameters())
+        assert all(b.data_ptr() % 64 == 0 for b in back.buffers() if b.numel())
+    base = torch.zeros(17)
+    m = torch.nn.Linear(4, 4, bias=False)
+    m.weight.data = base[1:17].view(4, 4)                # 4 bytes past an aligned start
+    tied = torch.nn.ModuleList([m, torch.nn.Linear(4, 4, bias=False)])
+    tied[1].weight = m.weight
+    realign(tied)
+    assert m.weight.data_ptr() % 64 == 0 and tied[1].weight is m.weight and torch.equal(m.weight, base[1:].view(4, 4))

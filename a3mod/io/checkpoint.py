@@ -342,6 +342,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
+    tensors.realign(model)
     still = [k for k in missing if not k.startswith(quantized) and get_path_tensor(model, k).is_meta]
     if still:
         raise CheckpointError(f"{WEIGHTS} lacks {len(still)} weights the model needs, e.g. {still[:3]}")

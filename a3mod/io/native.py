@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import CheckpointError
+from . import tensors
 
 MODEL_TYPE = "a3mod"
 _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
@@ -150,7 +151,7 @@ class _NativeModel:
                 config = None
         if config is not None and "quant" in (getattr(config, "a3mod", None) or {}):
             return load_quantized(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return tensors.realign(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
 
 
 def description(model: nn.Module) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import CheckpointError
 
@@ -70,3 +70,21 @@ def write(path: str | Path, plan: Plan, metadata: dict[str, str]) -> None:
                 raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
             if t.numel():
                 f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def realign(model: nn.Module, align: int = 64) -> nn.Module:
+    """Copy CPU tensors that transformers left in the safetensors file's memory map at an unaligned address into
+    fresh (aligned) memory. CPU kernels take other code paths for unaligned data, so the same weights at another
+    address give other round-off: with this, a loaded model computes bit for bit what the saved one did. Tied
+    tensors stay tied (parameters are changed in place; buffers are copied once per storage)."""
+    for p in model.parameters():
+        if p.device.type == "cpu" and p.data_ptr() % align:
+            p.data = p.data.clone()
+    copies: dict = {}
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "cpu" and b.data_ptr() % align:
+                key = (b.data_ptr(), b.dtype, tuple(b.shape), b.stride())
+                mod._buffers[name] = copies.setdefault(key, b.clone())
+    return model
+
