@@ -36,9 +36,9 @@ def linear_param_count(module: nn.Module) -> int:
 def _storage(model: nn.Module, spec) -> tuple[int, int, int]:
     """(bytes of the state dict as a3mod.save writes it, bytes of the decoder-layer linear weights with their
     quantization metadata (biases excluded), their logical weight count)."""
-    from .io.checkpoint import _dedup
+    from .io.checkpoint import dedup_tensors
 
-    tensors, _ = _dedup(model.state_dict())
+    tensors, _ = dedup_tensors(model.state_dict())
     owners, weights = [], 0
     for i, layer in enumerate(get_path(model, spec.layers)):
         for n, m in layer.named_modules():

@@ -164,8 +164,8 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     (["--method", "a3-mix", "--kv-ratio", "0.25"], [a3mod.A3KV(kv_ratio=0.25, mixed=True)]),
 ])
 def test_compress_mix_and_kv_passes(argv, want):
-    from a3mod.cli.commands import _parser, _passes
-    args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    from a3mod.cli.commands import build_parser, _passes
+    args = build_parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     assert _passes(args) == want
 
 
@@ -174,8 +174,8 @@ def test_compress_mix_and_kv_passes(argv, want):
     (["--method", "svd", "--kv-ratio", "0.5"], "not 'svd'"),
 ])
 def test_compress_kv_ratio_errors(argv, msg):
-    from a3mod.cli.commands import _parser, _passes
-    args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    from a3mod.cli.commands import build_parser, _passes
+    args = build_parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     with pytest.raises(a3mod.RatioError, match=msg):
         _passes(args)
 

@@ -266,14 +266,14 @@ def test_unknown_model_type_compressed_from_discovery(kind, tmp_path):
     rep = fc.compresses_at(make, 0.3)
     assert rep.params < rep.params_orig
     fc.cached_generate_matches_uncached(make, impls=("sdpa",))
-    discovery._SPECS.clear()                   # the reload discovers again, on its meta-device skeleton
+    discovery.clear_spec_cache()                   # the reload discovers again, on its meta-device skeleton
     fc.save_load_round_trip(make, tmp_path)
 
 
 def test_discovered_spec_on_meta_skeleton_matches():
     cfg = _custom("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3)
     real = discovery.discovered_spec(model_from_config(cfg))
-    discovery._SPECS.clear()
+    discovery.clear_spec_cache()
     with torch.device("meta"):
         skeleton = MyLlamaForCausalLM(cfg)
     assert discovery.discovered_spec(skeleton) == real
@@ -284,7 +284,7 @@ def test_compressed_unknown_model_rediscovers_its_original():
     model = model_from_config(_custom("phi", hidden_size=48, num_attention_heads=6))
     before = discovery.discovered_spec(model)
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=torch.randint(0, VOCAB, (2, 16)), progress=False)
-    discovery._SPECS.clear()
+    discovery.clear_spec_cache()
     assert spec_for(model) == before
     assert 0.2 < a3mod.report(model).ratio < 0.4
     d = a3mod.discover(model)               # the compact modules export (issue 17): the reduced graph is read

@@ -77,8 +77,8 @@ def test_multiple_of_round_trips_and_validates():
                                      (["--method", "svd-llm", "--ratio", "0.2", "--multiple-of", "8"], False),
                                      (["--method", "a3", "--kv-ratio", "0.5", "--multiple-of", "8"], False)])
 def test_cli_multiple_of(argv, ok):
-    from a3mod.cli.commands import _parser, _passes
-    args = _parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    from a3mod.cli.commands import build_parser, _passes
+    args = build_parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
     if ok:
         assert _passes(args) == a3mod.a3_passes(0.2, multiple_of=8)
     else:

@@ -169,7 +169,7 @@ class Stats:
         from ..io.files import atomic_write
 
         p = Path(path)
-        if p.exists() and not _is_stats_file(p):
+        if p.exists() and not is_stats_file(p):
             raise CalibrationError(f"{str(p)!r} exists and is not an a3mod statistics file; not replacing it")
         flat = {f"{i}.{k}": t.contiguous() for i, d in enumerate(self.layers) for k, t in d.items()}
         flat.update({f"extra.{k}": t.contiguous() for k, t in self.extra.items()})
@@ -364,7 +364,7 @@ def _stats_digest(flat: dict[str, Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def _is_stats_file(p: Path) -> bool:
+def is_stats_file(p: Path) -> bool:
     from safetensors import safe_open
 
     try:

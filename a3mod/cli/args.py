@@ -63,7 +63,7 @@ def _add_lm_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="lm-eval: context length of the model wrapper (default: the model's)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="a3mod", description="Analytical low-rank compression (A3) of transformer LLMs: closed-form QK/OV/MLP "
         "reductions from calibration statistics; smaller weights, FLOPs and KV cache, no extra GEMMs.")

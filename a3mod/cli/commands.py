@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .args import DTYPES, _parser  # noqa: F401  (the parser lives in args.py)
+from .args import DTYPES, build_parser  # noqa: F401  (the parser lives in args.py)
 
 
 def _load(args, path: str | None = None):
@@ -46,7 +46,7 @@ def _versions() -> dict:
 def _check_inputs(args) -> tuple:
     """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
     path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
-    from ..calib.stats import _is_stats_file
+    from ..calib.stats import is_stats_file
     from ..errors import A3ModError, CalibrationError
     from ..io.files import check_output_dir
     from ..paths import dataset_file, default_model
@@ -65,7 +65,7 @@ def _check_inputs(args) -> tuple:
             dataset_file(src)
     path = args.model or default_model()
     out = check_output_dir(args.out, args.overwrite, [path])
-    if args.stats and os.path.exists(args.stats) and not _is_stats_file(Path(args.stats)):
+    if args.stats and os.path.exists(args.stats) and not is_stats_file(Path(args.stats)):
         raise CalibrationError(f"--stats {args.stats!r} exists and is not an a3mod statistics file")
     return passes, path, out
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get("A3MOD_ONLINE") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.cmd == "eval":
             return {"ppl": cmd_eval, "lm-eval": cmd_lm_eval}[args.what](args)

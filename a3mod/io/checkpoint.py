@@ -34,7 +34,7 @@ def is_a3mod_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SIDECAR).is_file()
 
 
-def _describe(model: nn.Module) -> dict:
+def describe_model(model: nn.Module) -> dict:
     spec = spec_for(model)
     layers = {}
     for i, layer in enumerate(get_path(model, spec.layers)):
@@ -92,7 +92,7 @@ def _narrow_entry(m: nn.Module) -> dict:
     return dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None, **info)
 
 
-def _dedup(sd: dict) -> tuple[dict, dict]:
+def dedup_tensors(sd: dict) -> tuple[dict, dict]:
     """Tensors sharing storage (tied embeddings) are written once; aliases maps each dropped key to the kept one."""
     seen, kept, aliases = {}, {}, {}
     for k, t in sd.items():
@@ -134,12 +134,12 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     from . import native
 
     sources = model_sources(model)
-    side = _describe(model)
+    side = describe_model(model)
     with files.staged_output(out_dir, overwrite, sources) as tmp:
         native.config_for(model.config, side).save_pretrained(tmp)     # model_type "a3mod" (a3mod.io.native)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        state, aliases = _dedup(model.state_dict())
+        state, aliases = dedup_tensors(model.state_dict())
         tensors.write(tmp / WEIGHTS, tensors.plan_of(state), {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -149,7 +149,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     return files._resolved(out_dir)
 
 
-def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
+def build_reduced(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
     """Swap in the reduced modules the sidecar describes; returns the sidecar's kept RoPE dims by module name."""
     spec = spec_for(model)
     dims = dims_of(model.config, spec)
@@ -224,7 +224,7 @@ def _reduced_modules(model: nn.Module, side: dict, device, dtype) -> dict[str, t
     return rope
 
 
-def _materialize_buffers(model: nn.Module, device) -> None:
+def materialize_buffers(model: nn.Module, device) -> None:
     """Non-persistent buffers (rotary inv_freq, BERT's position_ids) are not in the file: take them from a fresh
     module built from the config (the module itself, with its loaded weights, stays)."""
     for name, mod in list(model.named_modules()):
@@ -318,7 +318,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         raise CheckpointError(f"config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     with torch.device("meta"):
         model = _skeleton(side.get("model_class"), config)
-    rope = _reduced_modules(model, side, "meta", None)
+    rope = build_reduced(model, side, "meta", None)
     sd = _read_weights(p, device)
     for k, src in side.get("aliases", {}).items():
         if src not in sd:
@@ -352,7 +352,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
                                   f"has {mod.inter}")
         if name in rope and not torch.equal(mod.rope_index.cpu(), rope[name]):
             raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     latent = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
     if latent and spec_for(model).rotary and latent[0].rot_dim:
         for m in latent:

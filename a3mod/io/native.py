@@ -156,16 +156,16 @@ class _NativeModel:
 
 def description(model: nn.Module) -> dict:
     """What config.json's "a3mod" holds for `model`: a3mod.json's description without its file records."""
-    from .checkpoint import _describe
+    from .checkpoint import describe_model
 
-    return _describe(model)
+    return describe_model(model)
 
 
 def build(model: nn.Module, side: dict) -> None:
     """Swap the reduced modules `side` describes into `model` (a dense skeleton of the original class)."""
     from . import sidecar
     from ..arch import get_path, spec_for
-    from .checkpoint import _reduced_modules
+    from .checkpoint import build_reduced
     from ..modules import LatentKVAttention
 
     if not isinstance(side, dict):
@@ -178,7 +178,7 @@ def build(model: nn.Module, side: dict) -> None:
                               "restores the quantized linears")
     try:                          # the sidecar's schema and rebuild; errors name config.json, where this came from
         sidecar.validate(side)
-        _reduced_modules(model, side, None, None)
+        build_reduced(model, side, None, None)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("a3mod.json", "config.json's a3mod description", 1)) from None
     spec = spec_for(model)

@@ -15,7 +15,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..pipeline.plan import Part
 
-_DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
+DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
                 "position_ids", "cache_position")
 
 
@@ -228,7 +228,7 @@ class ReducedHeadAttention(nn.Module):
         if self.sinks is not None and impl == "sdpa":      # sdpa has no sink column: the eager form computes it
             impl = "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
-        extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
+        extra = {n: a for n, a in kwargs.items() if n not in DROP_KWARGS}
         if self.sinks is not None:
             extra["s_aux"] = self.sinks
         if self.softcap is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import _DROP_KWARGS, eager_attention, layer_cache, rotate_half
+from .attention import DROP_KWARGS, eager_attention, layer_cache, rotate_half
 from .lowrank import LowRankLinear
 
 
@@ -77,7 +77,7 @@ class LatentKVAttention(nn.Module):
             q = _rope(q, cos[:, :, S - T:], sin[:, :, S - T:], self.rot_dim)
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         attend = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention)
-        extra = {n: a for n, a in kwargs.items() if n not in _DROP_KWARGS}
+        extra = {n: a for n, a in kwargs.items() if n not in DROP_KWARGS}
         out, weights = attend(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0, **extra)
         out = self.o_proj(out.reshape(B, T, H * d))                                    # (B,T,d_m)

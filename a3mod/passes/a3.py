@@ -22,7 +22,7 @@ from .base import (
 
 
 @dataclass(frozen=True)
-class _RatioOrRank(PassConfig):
+class RatioOrRank(PassConfig):
     """Give exactly one: `ratio` (fraction of the component's parameters removed) or `rank` (kept dim)."""
     ratio: float | None = None
     rank: int | None = None
@@ -37,7 +37,7 @@ class _RatioOrRank(PassConfig):
 
 
 @dataclass(frozen=True)
-class _A3Dims(_RatioOrRank):
+class _A3Dims(RatioOrRank):
     """multiple_of (with ratio): round the kept dim to a multiple of this as well (8 or 16 suit SIMD and
     tensor-core kernels; CPU SDPA ran head dim 58 slower than 64). Default: whole RoPE pairs for q/k, even v/o
     heads, multiples of 8 for MLPs of >= 512 neurons."""

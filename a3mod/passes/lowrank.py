@@ -17,14 +17,14 @@ from ..math import factorize as fz
 from ..arch import LayerView, get_path, linear_params
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..modules import LatentKVAttention, LowRankLinear
-from .a3 import _RatioOrRank
+from .a3 import RatioOrRank
 from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass
 from .search import Target, asvd_ranks, targets_of
 
 
 @register_pass
 @dataclass(frozen=True)
-class PlainSVD(_RatioOrRank):
+class PlainSVD(RatioOrRank):
     """Truncated SVD of every decoder-layer linear, no activation information (the floor to beat)."""
     NEEDS = ()
 
@@ -34,7 +34,7 @@ class PlainSVD(_RatioOrRank):
 
 @register_pass
 @dataclass(frozen=True)
-class SVDLLM(_RatioOrRank):
+class SVDLLM(RatioOrRank):
     """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
     NEEDS = ("gram",)
 

@@ -45,7 +45,7 @@ from ..arch import get_path, layer_views, spec_for
 from ..calib.stats import Stats, check_request, check_token_ids, recording
 from ..io import files, tensors
 from ..io import native
-from ..io.checkpoint import FORMAT, WEIGHTS, _describe, _materialize_buffers, describe_layer, write_sidecar
+from ..io.checkpoint import FORMAT, WEIGHTS, describe_model, materialize_buffers, describe_layer, write_sidecar
 from ..io.fingerprint import file_digest
 from ..errors import A3ModError, CheckpointError, UnsupportedModelError
 from ..passes import PASSES, pass_to_dict
@@ -237,7 +237,7 @@ def _with_hidden(call: tuple[tuple, dict], h: Tensor) -> tuple[tuple, dict]:
 
 # -------------------------------------------------------------------------------------------- output
 def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, Tensor]], dict[str, str], int]:
-    """Non-layer tensors of the (meta) skeleton in state-dict order, each once; tied aliases (like `_dedup`); how
+    """Non-layer tensors of the (meta) skeleton in state-dict order, each once; tied aliases (like `dedup_tensors`); how
     many of them precede the decoder layers in the state dict."""
     seen, keep, aliases, at = {}, [], {}, None
     for k, t in skel.state_dict(keep_vars=True).items():
@@ -450,7 +450,7 @@ def _prepare(skel, layers, source, nonlayer, batches, store, start, dtype, devic
     tied = {id(p) for p in skel.get_input_embeddings().parameters()}
     keys = [k for k, t in nonlayer if id(t) not in head or id(t) in tied]
     skel.load_state_dict(source.read(keys, dtype, device), strict=False, assign=True)
-    _materialize_buffers(skel, device)
+    materialize_buffers(skel, device)
     calls: dict[tuple, list] = {}
     for b, ids in enumerate(batches):
         if start > 0 and tuple(ids.shape) in calls:
@@ -521,7 +521,7 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     plan[layers_at:layers_at] = layer_plan
     skel.a3mod_info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": None,
                        "orig_layer_params": [m["orig_layer_params"] for m in metas]}
-    side = _describe(skel)
+    side = describe_model(skel)
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
     with files.staged_output(out, overwrite, [src]) as tmp:

@@ -56,7 +56,7 @@ def _hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _describe(view: LayerView) -> tuple[str, str]:
+def _layer_text(view: LayerView) -> tuple[str, str]:
     """What a3mod read about the attention and the MLP of `view`, for the error message."""
     s, d = view.spec, view.dims
     qkv = f"fused {s.qkv} ({s.qkv_layout})" if s.qkv else f"{s.q}/{s.k}/{s.v}"
@@ -117,7 +117,7 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
                     set_child(layer, path, mod)
             errs.append(err)
             if not err <= tol:          # NaN fails too
-                attn, mlp_text = _describe(view)
+                attn, mlp_text = _layer_text(view)
                 part = "the MLP" if mlp else "the attention"
                 facts = mlp_text if mlp else attn
                 unused = _unused(view, mlp)

@@ -32,8 +32,7 @@ describe.py (a layer's LayerDiscovery; discover(model)), summary.py (architectur
 from __future__ import annotations
 
 from .describe import discover
-from .fallback import _SPECS as _SPECS  # the spec cache (tests clear it)
-from .fallback import discovered_spec
+from .fallback import clear_spec_cache, discovered_spec
 from .types import Discovery, LayerDiscovery, Role
 
-__all__ = ["discover", "Discovery", "LayerDiscovery", "Role", "discovered_spec"]
+__all__ = ["discover", "Discovery", "LayerDiscovery", "Role", "discovered_spec", "clear_spec_cache"]

@@ -9,35 +9,35 @@ import torch
 from torch import fx, nn
 
 from ...errors import DiscoveryError
-from .graph import _Graph, _Lin, _Trace, _opname, _replay, _shape
+from .graph import OpGraph, Lin, Trace, opname, replay_trace, shape_of
 from .roles import (
     NoAttentionError,
-    _Attn, _Mlp, _act_config, _act_literal, _dropout_after, _find_attention, _kv_groups, _layer_out, _mlp, _norm_after,
-    _norm_into, _projection, _qk_norm, _qkv_layout, _rope, _rope_source,
+    Attn, Mlp, act_config_of, act_literal, dropout_after, find_attention, kv_groups, layer_out, find_mlp, norm_after,
+    norm_into, projection_of, find_qk_norm, find_qkv_layout, find_rope, find_rope_source,
 )
-from .types import Discovery, LayerDiscovery, Role, _common_parent
+from .types import Discovery, LayerDiscovery, Role, common_parent
 from ..experts import ExpertsView, is_experts
 
 # ----------------------------------------------------------------------------------------- layer
-def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery:
-    a = _find_attention(g)
+def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDiscovery:
+    a = find_attention(g)
     found = [f"attention op: {a.node.target}" + (f" ({a.count} attention ops; the first is described)"
                                                   if a.count > 1 else "")]
-    q, k, v = (_projection(g, a.q, "query"), _projection(g, a.k, "key", a.k_transposed),
-               _projection(g, a.v, "value"))
+    q, k, v = (projection_of(g, a.q, "query"), projection_of(g, a.k, "key", a.k_transposed),
+               projection_of(g, a.v, "value"))
     heads, head_dim = q.heads.shape
-    krows, vrows = _kv_groups(k.heads, heads), _kv_groups(v.heads, heads)
+    krows, vrows = kv_groups(k.heads, heads), kv_groups(v.heads, heads)
     if heads % krows.shape[0] or krows.shape[0] != vrows.shape[0]:
         raise g.err(f"{heads} query heads, {krows.shape[0]} key heads, {vrows.shape[0]} value heads: not a "
                     "grouping a3mod knows (each KV head serving consecutive query heads)")
-    layout = _qkv_layout(q, k, v, q.heads, krows, vrows)
+    layout = find_qkv_layout(q, k, v, q.heads, krows, vrows)
     found += [f"{what} <- {p.lin.path} via {_ops(p.trace)}" for what, p in (("query", q), ("key", k), ("value", v))]
-    rq, rk = _rope(g, q, q.heads), _rope(g, k, krows)
+    rq, rk = find_rope(g, q, q.heads), find_rope(g, k, krows)
     if rq != rk:
         raise g.err(f"query RoPE {rq} and key RoPE {rk} differ")
     rope, rot = rq
-    qn, qscope = _qk_norm(g, q, heads, head_dim)
-    kn, kscope = _qk_norm(g, k, krows.shape[0], head_dim)
+    qn, qscope = find_qk_norm(g, q, heads, head_dim)
+    kn, kscope = find_qk_norm(g, k, krows.shape[0], head_dim)
     if (qn is None) != (kn is None) or qscope != kscope:
         raise g.err(f"q norm {qn} ({qscope}) and k norm {kn} ({kscope}) do not match")
     pre = float(torch.tensor(q.trace.scalars + k.trace.scalars, dtype=torch.float64).prod())
@@ -48,8 +48,8 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
                     f"{[lin.path for lin in olins] or 'none'}")
     o = olins[0]
     _check_o(g, a, o, vrows.shape[1])
-    moe = _moe(layer)
-    m = _mlp(g, o) if moe is None else _mlp(g, o, moe[2]) if moe[2] else None
+    moe = find_moe(layer)
+    m = find_mlp(g, o) if moe is None else find_mlp(g, o, moe[2]) if moe[2] else None
     found.append(f"attention output -> {o.path} (head-major concat)")
     if moe is not None:
         found.append(f"MoE block {moe[0]}: routed experts {moe[1]} (3-D parameters)"
@@ -62,29 +62,29 @@ def _describe(g: _Graph, index: int, layer: nn.Module, config) -> LayerDiscovery
     parallel = o.node not in g.ancestors(mlp_in.node)
     found.append(f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}")
     first = next(iter(g.user_inputs), None)
-    attn_mod = _submodule(layer, _common_parent([q.lin.path, k.lin.path, v.lin.path]))
+    attn_mod = _submodule(layer, common_parent([q.lin.path, k.lin.path, v.lin.path]))
     scaling = getattr(attn_mod, "scaling", None)
     return LayerDiscovery(
-        index=index, layer_class=type(layer).__name__, hidden=_shape(first)[-1] if first is not None else o.out,
+        index=index, layer_class=type(layer).__name__, hidden=shape_of(first)[-1] if first is not None else o.out,
         q=_role(q.lin, q.heads), k=_role(k.lin, krows), v=_role(v.lin, vrows),
         o=Role(o.path, o.bias, o.conv1d, tuple(range(o.out)), o.out), qkv_layout=layout, heads=heads,
         kv_heads=krows.shape[0], head_dim=head_dim, v_head_dim=vrows.shape[1], attention_op=a.kind,
         causal=a.causal, scale=scale, softcap=a.softcap, rope=rope, rot_dim=rot,
-        rope_source=_rope_source(g, a.q, q.lin) if rope else None, q_norm=qn, k_norm=kn, qk_norm_scope=qscope,
+        rope_source=find_rope_source(g, a.q, q.lin) if rope else None, q_norm=qn, k_norm=kn, qk_norm_scope=qscope,
         gate=m and m.gate, up=m and m.up, down=m and m.down, gate_up_layout=m and m.fused,
-        act=m.act if m else "none", act_config=m and _act_config(config, m.act, m.act_ops),
-        act_name=m and _act_literal(m.act, m.act_ops), input_norm=_norm_into(g, q.lin.x),
-        mlp_norm=_norm_into(g, mlp_in.x), attn_out_norm=_norm_after(g, o.node),
-        mlp_out_norm=m and _norm_after(g, _down_node(g, m)), output_norm=_norm_into(g, _layer_out(g)),
-        parallel_residual=parallel, attn_dropout_module=_dropout_after(g, o.node),
-        mlp_dropout_module=m and _dropout_after(g, _down_node(g, m)), found=tuple(found),
+        act=m.act if m else "none", act_config=m and act_config_of(config, m.act, m.act_ops),
+        act_name=m and act_literal(m.act, m.act_ops), input_norm=norm_into(g, q.lin.x),
+        mlp_norm=norm_into(g, mlp_in.x), attn_out_norm=norm_after(g, o.node),
+        mlp_out_norm=m and norm_after(g, _down_node(g, m)), output_norm=norm_into(g, layer_out(g)),
+        parallel_residual=parallel, attn_dropout_module=dropout_after(g, o.node),
+        mlp_dropout_module=m and dropout_after(g, _down_node(g, m)), found=tuple(found),
         moe=moe and moe[0], experts=moe and moe[1], shared=moe and moe[2],
         num_experts=ExpertsView(_submodule(layer, moe[1]), o.out).num if moe else 0,
         scaling_attr=float(scaling) if isinstance(scaling, (int, float)) else None,
         softcap_attr=None if a.softcap is None else _attr_holding(attn_mod, a.softcap))
 
 
-def _moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
+def find_moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
     """(block, routed experts, shared expert or None) of an MoE layer, found by structure: the module holding 3-D
     expert parameters (`arch.experts.is_experts`), its parent block, and the block's child MLP (two linears or more
     under it). None for a dense layer; a DiscoveryError when the block's parts are ambiguous."""
@@ -104,7 +104,7 @@ def _moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
     return block, hits[0], f"{block}.{mlps[0]}" if mlps else None
 
 
-def _block_input(g: _Graph, block: str) -> _Lin:
+def _block_input(g: OpGraph, block: str) -> Lin:
     """A linear of the MoE block (its router) reading the block's input."""
     lins = [lin for lin in g.linears.values() if lin.path.startswith(block + ".")]
     if not lins:
@@ -127,25 +127,25 @@ def _attr_holding(mod: nn.Module | None, value: float) -> str | None:
     return hits[0][0] if hits else None
 
 
-def _down_node(g: _Graph, m: _Mlp) -> fx.Node:
+def _down_node(g: OpGraph, m: Mlp) -> fx.Node:
     return next(n for n, lin in g.linears.items() if lin.path == m.down.module)
 
 
-def _ops(tr: _Trace) -> str:
-    return ", ".join(dict.fromkeys(_opname(n) for n in tr.nodes[1:] if not _opname(n).startswith("_assert")))
+def _ops(tr: Trace) -> str:
+    return ", ".join(dict.fromkeys(opname(n) for n in tr.nodes[1:] if not opname(n).startswith("_assert")))
 
 
-def _role(lin: _Lin, rows: torch.Tensor) -> Role:
+def _role(lin: Lin, rows: torch.Tensor) -> Role:
     return Role(lin.path, lin.bias, lin.conv1d, tuple(rows.flatten().tolist()), lin.out)
 
 
-def _check_o(g: _Graph, a: _Attn, o: _Lin, dv: int) -> None:
+def _check_o(g: OpGraph, a: Attn, o: Lin, dv: int) -> None:
     """The output projection must read the heads concatenated head-major: input channel h*d_v + d."""
-    shape = _shape(a.out)
+    shape = shape_of(a.out)
     lead = int(torch.tensor(shape[:-2]).prod()) if len(shape) > 2 else 1
     init = (torch.arange(lead)[:, None, None] * shape[-1] + torch.arange(shape[-1])).expand(
         lead, shape[-2], shape[-1]).reshape(shape)
-    tr = _replay(g, a.out, init, o.x)
+    tr = replay_trace(g, a.out, init, o.x)
     t = None if tr.value is None else tr.value.t
     got = None if t is None else t.reshape(-1, t.shape[-1])[0].tolist()
     if got != list(range(lead * shape[-1])):
@@ -153,7 +153,7 @@ def _check_o(g: _Graph, a: _Attn, o: _Lin, dv: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- the model
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The longest ModuleList of same-class blocks that contain linears."""
     n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best = None
@@ -175,7 +175,7 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def _signature(layer: nn.Module) -> tuple:
+def layer_signature(layer: nn.Module) -> tuple:
     return (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()),
             tuple((n, type(m).__name__) for n, m in layer.named_modules()))
 
@@ -270,9 +270,9 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
     is missing when a layer cannot be explained.
     """
     t0 = time.perf_counter()
-    path, layers = _find_layers(model)
+    path, layers = find_layers(model)
     groups: dict[tuple, int] = {}
-    rep = {i: (i if all_layers else groups.setdefault(_signature(layer), i)) for i, layer in enumerate(layers)}
+    rep = {i: (i if all_layers else groups.setdefault(layer_signature(layer), i)) for i, layer in enumerate(layers)}
     wanted = sorted(set(rep.values()))
     config = getattr(model, "config", None)
     was_training = model.training
@@ -288,7 +288,7 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
         described, mixers = {}, {}
         for i in wanted:
             try:
-                described[i] = _describe(_Graph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
+                described[i] = layer_discovery(OpGraph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
             except NoAttentionError as e:     # a hybrid's mixer layer, if other layers have attention
                 mixers[i] = e
         if not described:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import DiscoveryError
-from .describe import _find_layers, _signature, discover
+from .describe import find_layers, layer_signature, discover
 from .types import Discovery, LayerDiscovery
 
 # -------------------------------------------------------------------------------------- ArchSpec
@@ -18,7 +18,7 @@ def _rel(path: str, parent: str) -> str:
     return path[len(parent) + 1:] if parent and path.startswith(parent + ".") else path
 
 
-def _to_spec(r: Discovery):
+def spec_from_discovery(r: Discovery):
     from ..spec import ArchSpec
 
     fields = {f.name for f in dataclasses.fields(ArchSpec)}
@@ -144,19 +144,24 @@ def _moe_key(d: LayerDiscovery) -> tuple:
 
 
 # ------------------------------------------------------------------------------- arch.spec_for fallback
-_SPECS: dict = {}       # (model class, config JSON) -> ArchSpec: discovery runs once per architecture
+SPECS: dict = {}       # (model class, config JSON) -> ArchSpec: discovery runs once per architecture
+
+
+def clear_spec_cache() -> None:
+    """Forget every discovered spec (the next spec_for discovers again, as a fresh process would)."""
+    SPECS.clear()
 
 
 def discovered_spec(model: nn.Module, context: str = ""):
     """The `ArchSpec` graph discovery builds for a model type without an explicit adapter (cached per model
     class and config, so a compressed model keeps the spec of its original). `DiscoveryError` otherwise."""
     key = _cache_key(model)
-    if key is not None and key in _SPECS:
-        return _SPECS[key]
+    if key is not None and key in SPECS:
+        return SPECS[key]
     spec = _mla_spec(model)
     if spec is not None:        # latent attention: described by structure (the graph replay cannot follow it)
         if key is not None:
-            _SPECS[key] = spec
+            SPECS[key] = spec
         return spec
     missing = _unmodelled(model)
     if missing:
@@ -168,7 +173,7 @@ def discovered_spec(model: nn.Module, context: str = ""):
     except DiscoveryError as e:
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {e}") from e
     if key is not None:
-        _SPECS[key] = spec
+        SPECS[key] = spec
     return spec
 
 
@@ -178,17 +183,17 @@ def _mla_spec(model: nn.Module):
     full-rank self-check (a3mod.pipeline.verify) confirms it before anything is compressed. None for other models."""
     from ..mla import is_mla
     from ..spec import ArchSpec
-    from .describe import _moe
+    from .describe import find_moe
 
     try:
-        path, layers = _find_layers(model)
+        path, layers = find_layers(model)
     except DiscoveryError:
         return None
     attn = next((n for layer in layers for n, c in layer.named_children() if is_mla(c)), None)
     if attn is None or any(hasattr(layer.get_submodule(attn), "indexer") for layer in layers
                            if hasattr(layer, attn)):
         return None          # DeepSeek sparse attention (an indexer beside MLA) is refused by _unmodelled
-    moe = next((m for layer in layers if (m := _moe(layer)) is not None), None)
+    moe = next((m for layer in layers if (m := find_moe(layer)) is not None), None)
     rotary = next((n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "rotary_emb"), None)
     return ArchSpec(layers=path, attn=attn, mlp=moe[0] if moe else "mlp", q=None, k=None, v=None, gate="gate_proj",
                     mla=True, rotary=rotary, experts=moe and _rel(moe[1], moe[0]),
@@ -236,9 +241,9 @@ def _probe(model: nn.Module) -> nn.Module:
     """A CPU stand-in for a meta-device skeleton (as `a3mod.load` builds): the same modules with the shortest prefix
     of decoder layers holding every distinct layer structure (one layer unless the model is a hybrid), random
     weights. Discovery only needs the graph, not the values."""
-    path, layers = _find_layers(model)
-    kinds = {_signature(m) for m in layers}
-    n = next(i + 1 for i in range(len(layers)) if {_signature(m) for m in list(layers)[: i + 1]} == kinds)
+    path, layers = find_layers(model)
+    kinds = {layer_signature(m) for m in layers}
+    n = next(i + 1 for i in range(len(layers)) if {layer_signature(m) for m in list(layers)[: i + 1]} == kinds)
     probe = copy.deepcopy(model)                       # meta tensors: no memory
     parent, _, name = path.rpartition(".")
     owner = probe.get_submodule(parent) if parent else probe

@@ -1,4 +1,4 @@
-"""Discovery, part 1: the exported layer graph (`_Graph`), op classes and the channel replay that follows
+"""Discovery, part 1: the exported layer graph (`OpGraph`), op classes and the channel replay that follows
 output channels of a linear through layout and elementwise ops."""
 from __future__ import annotations
 
@@ -12,26 +12,26 @@ from torch import fx
 from ...errors import DiscoveryError
 
 # ------------------------------------------------------------------------------------------ op classes
-_LAYOUT = frozenset({
+LAYOUT = frozenset({
     "view", "_unsafe_view", "reshape", "transpose", "permute", "t", "slice", "select", "split", "split_with_sizes",
     "chunk", "unbind", "unsqueeze", "squeeze", "expand", "flatten", "unflatten", "narrow", "cat", "stack",
     "repeat_interleave", "repeat", "movedim", "view_as", "expand_as", "flip", "roll", "unfold"})
-_IDENTITY = frozenset({"to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+IDENTITY = frozenset({"to", "_to_copy", "type_as", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
                        "dropout", "feature_dropout", "alpha_dropout", "float", "double", "half", "bfloat16"})
-_ACTIVATION = frozenset({"silu", "gelu", "relu", "sigmoid", "tanh", "erf", "softplus", "mish", "elu", "leaky_relu",
+ACTIVATION = frozenset({"silu", "gelu", "relu", "sigmoid", "tanh", "erf", "softplus", "mish", "elu", "leaky_relu",
                          "hardswish", "hardsigmoid", "relu6", "hardtanh", "glu", "celu", "selu", "quick_gelu",
                          "expm1"})       # expm1: xIELU's negative branch (Apertus)
-_ELEMENTWISE = _ACTIVATION | frozenset({
+_ELEMENTWISE = ACTIVATION | frozenset({
     "add", "sub", "rsub", "mul", "div", "true_divide", "neg", "pow", "rsqrt", "sqrt", "exp", "abs", "reciprocal",
     "square", "where", "clamp", "clamp_min", "clamp_max", "masked_fill", "maximum", "minimum", "sin", "cos"})
 _NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm"})
 _REDUCE = frozenset({"mean", "sum", "var", "var_mean", "std", "amax", "amin", "norm", "linalg_vector_norm",
                      "logsumexp", "max", "min", "prod"})
-_SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
-_MATMUL = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
+MATMUL = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 
 
-def _opname(n: fx.Node) -> str:
+def opname(n: fx.Node) -> str:
     if n.op != "call_function":
         return n.op
     t = n.target
@@ -39,7 +39,7 @@ def _opname(n: fx.Node) -> str:
     return name[:-1] if name.endswith("_") and not name.startswith("_") else name
 
 
-def _module_path(n: fx.Node) -> tuple[str, str] | None:
+def module_path(n: fx.Node) -> tuple[str, str] | None:
     """(path from the exported layer, class name) of the innermost module that produced `n`."""
     stack = n.meta.get("nn_module_stack") or {}
     if not stack:
@@ -49,24 +49,24 @@ def _module_path(n: fx.Node) -> tuple[str, str] | None:
     return path, (cls if isinstance(cls, str) else cls.__qualname__).rsplit(".", 1)[-1]
 
 
-def _users(n: fx.Node) -> list[fx.Node]:
+def users_of(n: fx.Node) -> list[fx.Node]:
     """Users that compute something (not torch.export's metadata asserts, not the graph output)."""
-    return [u for u in n.users if u.op != "output" and not _opname(u).startswith("_assert")]
+    return [u for u in n.users if u.op != "output" and not opname(u).startswith("_assert")]
 
 
-def _shape(n: fx.Node):
+def shape_of(n: fx.Node):
     v = n.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def _arg(n: fx.Node, pos: int, name: str, default=None):
+def arg_of(n: fx.Node, pos: int, name: str, default=None):
     return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
 
 
 
 # --------------------------------------------------------------------------------------------- graph
 @dataclass
-class _Lin:
+class Lin:
     node: fx.Node
     x: fx.Node
     path: str
@@ -75,7 +75,7 @@ class _Lin:
     out: int
 
 
-class _Graph:
+class OpGraph:
     """An exported layer's graph with parameter names, linear ops and reachability helpers."""
 
     def __init__(self, ep, index: int):
@@ -92,18 +92,18 @@ class _Graph:
         """(parameter name, number of transposes) behind a weight operand."""
         flips = 0
         while isinstance(n, fx.Node) and n.op == "call_function":
-            op = _opname(n)
+            op = opname(n)
             if op in ("t", "transpose", "permute"):
                 flips += 1
-            elif op not in _IDENTITY:
+            elif op not in IDENTITY:
                 return None, 0
             n = n.args[0]
         return (self.params.get(n.name) if isinstance(n, fx.Node) else None), flips
 
-    def _as_linear(self, n: fx.Node) -> _Lin | None:
-        op = _opname(n)
+    def _as_linear(self, n: fx.Node) -> Lin | None:
+        op = opname(n)
         if op == "linear":
-            x, w, b = n.args[0], n.args[1], _arg(n, 2, "bias")
+            x, w, b = n.args[0], n.args[1], arg_of(n, 2, "bias")
             name, flips = self._param(w)
             conv1d = flips % 2 == 1
         elif op in ("addmm", "mm", "matmul"):
@@ -115,7 +115,7 @@ class _Graph:
         if name is None or not isinstance(x, fx.Node):
             return None
         bias = isinstance(b, fx.Node) and self.params.get(b.name) is not None
-        return _Lin(n, x, name.rsplit(".", 1)[0], conv1d, bias, _shape(n)[-1])
+        return Lin(n, x, name.rsplit(".", 1)[0], conv1d, bias, shape_of(n)[-1])
 
     def ancestors(self, n: fx.Node) -> set:
         seen, todo = set(), [n]
@@ -135,7 +135,7 @@ class _Graph:
                     todo.append(u)
         return seen
 
-    def producers(self, n: fx.Node) -> list[_Lin]:
+    def producers(self, n: fx.Node) -> list[Lin]:
         """The linears nearest upstream of `n` (the walk stops at each linear and at placeholders)."""
         found, seen, todo = [], {n}, [n]
         while todo:
@@ -149,7 +149,7 @@ class _Graph:
                     todo.append(a)
         return sorted(found, key=lambda lin: self.order[lin.node])
 
-    def consumers(self, n: fx.Node) -> list[_Lin]:
+    def consumers(self, n: fx.Node) -> list[Lin]:
         """The linears nearest downstream of `n` that take it (through other ops) as their input."""
         found, seen, todo = [], {n}, [n]
         while todo:
@@ -182,7 +182,7 @@ class _Idx:
 
 
 @dataclass
-class _Trace:
+class Trace:
     value: _Idx | None = None
     nodes: list = dataclasses.field(default_factory=list)
     events: list = dataclasses.field(default_factory=list)     # (node, kept _Idx, other _Idx): disagreeing operands
@@ -191,15 +191,15 @@ class _Trace:
     unknown: list = dataclasses.field(default_factory=list)    # ops the replay cannot follow
 
 
-def _channels(n: fx.Node) -> torch.Tensor:
+def channels_of(n: fx.Node) -> torch.Tensor:
     """Channel indices of a linear's output: (..., out) filled with arange(out) along the last dim."""
-    shape = _shape(n)
+    shape = shape_of(n)
     return torch.arange(shape[-1]).expand(shape)
 
 
-def _replay(g: _Graph, src: fx.Node, init: torch.Tensor, dst: fx.Node) -> _Trace:
+def replay_trace(g: OpGraph, src: fx.Node, init: torch.Tensor, dst: fx.Node) -> Trace:
     """Follow the channels of `src` (index tensor `init`) through every op on the way to `dst`."""
-    tr = _Trace(nodes=g.between(src, dst))
+    tr = Trace(nodes=g.between(src, dst))
     vals = {src: _Idx(init, 0)}
     for n in tr.nodes[1:]:
         if any(vals.get(a) is not None for a in n.all_input_nodes):
@@ -208,27 +208,27 @@ def _replay(g: _Graph, src: fx.Node, init: torch.Tensor, dst: fx.Node) -> _Trace
     return tr
 
 
-def _step(n: fx.Node, vals: dict, tr: _Trace) -> _Idx | None:
-    op = _opname(n)
+def _step(n: fx.Node, vals: dict, tr: Trace) -> _Idx | None:
+    op = opname(n)
     if op == "getitem":
         v = vals.get(n.args[0])
         return None if v is None or not isinstance(v.t, (list, tuple)) else _Idx(v.t[n.args[1]], v.depth, v.act)
-    if op in _IDENTITY:
+    if op in IDENTITY:
         v = vals.get(n.args[0])
         return None if v is None else _Idx(v.t, v.depth + 1, v.act)
-    if op in _LAYOUT:
+    if op in LAYOUT:
         return _layout(n, vals, tr)
     if op in _ELEMENTWISE or op in _NORM_OPS:
         return _elementwise(n, op, vals, tr)
-    if op not in _REDUCE and op not in _SOFTMAX:
+    if op not in _REDUCE and op not in SOFTMAX:
         tr.unknown.append(n)
     elif op in _REDUCE:
         src = n.args[0]
-        tr.norms.append((n, _shape(src)[-1] if isinstance(src, fx.Node) and _shape(src) else None))
+        tr.norms.append((n, shape_of(src)[-1] if isinstance(src, fx.Node) and shape_of(src) else None))
     return None
 
 
-def _layout(n: fx.Node, vals: dict, tr: _Trace) -> _Idx | None:
+def _layout(n: fx.Node, vals: dict, tr: Trace) -> _Idx | None:
     """Run a layout op for real on the index tensors (other tensors: -1, allowed only for cat/stack)."""
     missing = []
 
@@ -238,14 +238,14 @@ def _layout(n: fx.Node, vals: dict, tr: _Trace) -> _Idx | None:
             if v is not None:
                 return v.t
             missing.append(a)
-            s = _shape(a)
+            s = shape_of(a)
             return torch.full(s, -1, dtype=torch.long) if s is not None else a.meta.get("val")
         if isinstance(a, (list, tuple)):
             return type(a)(conv(x) for x in a)
         return a
 
     args, kwargs = conv(n.args), {k: conv(v) for k, v in n.kwargs.items()}
-    if missing and _opname(n) not in ("cat", "stack"):
+    if missing and opname(n) not in ("cat", "stack"):
         tr.unknown.append(n)
         return None
     try:
@@ -257,9 +257,9 @@ def _layout(n: fx.Node, vals: dict, tr: _Trace) -> _Idx | None:
     return _Idx(out, min(v.depth for v in ins) + 1, any(v.act for v in ins))
 
 
-def _elementwise(n: fx.Node, op: str, vals: dict, tr: _Trace) -> _Idx | None:
+def _elementwise(n: fx.Node, op: str, vals: dict, tr: Trace) -> _Idx | None:
     """Keep the shallowest indexed operand; record disagreeing operands (RoPE, gating) and constant factors."""
-    shape = _shape(n)
+    shape = shape_of(n)
     tensor_args = n.args[:1] if op in _NORM_OPS else n.args
     cands = [vals[a] for a in tensor_args if isinstance(a, fx.Node) and vals.get(a) is not None]
     if not cands or shape is None:
@@ -279,11 +279,11 @@ def _elementwise(n: fx.Node, op: str, vals: dict, tr: _Trace) -> _Idx | None:
     consts = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if op in ("mul", "div") and len(cands) == 1 and len(consts) == 1 and not best.act:
         tr.scalars.append(consts[0] if op == "mul" else 1.0 / consts[0])
-    return _Idx(t.contiguous(), best.depth + 1, best.act or op in _ACTIVATION)
+    return _Idx(t.contiguous(), best.depth + 1, best.act or op in ACTIVATION)
 
 
 def _norm_width(n: fx.Node) -> int | None:
-    shape = _arg(n, 1, "normalized_shape")
+    shape = arg_of(n, 1, "normalized_shape")
     if isinstance(shape, (list, tuple)) and shape:
         return int(torch.tensor(shape).prod())
     return None

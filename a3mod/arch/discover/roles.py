@@ -9,15 +9,15 @@ import torch
 from torch import fx
 
 from .graph import (
-    _ACTIVATION, _Graph, _IDENTITY, _LAYOUT, _Lin, _MATMUL, _SOFTMAX, _Trace, _arg, _channels, _module_path, _opname,
-    _replay, _users,
+    ACTIVATION, OpGraph, IDENTITY, LAYOUT, Lin, MATMUL, SOFTMAX, Trace, arg_of, channels_of, module_path, opname,
+    replay_trace, users_of,
 )
 from ...errors import DiscoveryError
-from .types import Role, _common_parent
+from .types import Role, common_parent
 
 # -------------------------------------------------------------------------------- attention op
 @dataclass
-class _Attn:
+class Attn:
     kind: str
     node: fx.Node
     q: fx.Node
@@ -31,17 +31,17 @@ class _Attn:
     count: int
 
 
-def _find_attention(g: _Graph) -> _Attn:
-    sdpa = [n for n in g.nodes if "scaled_dot_product" in _opname(n)]
+def find_attention(g: OpGraph) -> Attn:
+    sdpa = [n for n in g.nodes if "scaled_dot_product" in opname(n)]
     if sdpa:
         n = sdpa[0]
-        out = n if _opname(n) == "scaled_dot_product_attention" else next(
-            u for u in n.users if _opname(u) == "getitem" and u.args[1] == 0)
-        causal = True if _arg(n, 5, "is_causal", False) else None if _arg(n, 3, "attn_mask") is not None else False
-        return _Attn("sdpa", n, *n.args[:3], False, out, _arg(n, 6, "scale"), None, causal, len(sdpa))
-    found = [a for s in g.nodes if _opname(s) in _SOFTMAX and (a := _eager_attention(g, s)) is not None]
+        out = n if opname(n) == "scaled_dot_product_attention" else next(
+            u for u in n.users if opname(u) == "getitem" and u.args[1] == 0)
+        causal = True if arg_of(n, 5, "is_causal", False) else None if arg_of(n, 3, "attn_mask") is not None else False
+        return Attn("sdpa", n, *n.args[:3], False, out, arg_of(n, 6, "scale"), None, causal, len(sdpa))
+    found = [a for s in g.nodes if opname(s) in SOFTMAX and (a := _eager_attention(g, s)) is not None]
     if not found:
-        ops = ", ".join(sorted({_opname(n) for n in g.nodes if n.op == "call_function"}))
+        ops = ", ".join(sorted({opname(n) for n in g.nodes if n.op == "call_function"}))
         raise NoAttentionError(g.err("no attention op found (neither aten.scaled_dot_product_attention nor matmul -> "
                                      f"softmax -> matmul); ops seen: {ops}"))
     return dataclasses.replace(found[0], count=len(found))
@@ -54,31 +54,31 @@ class NoAttentionError(DiscoveryError):
         super().__init__(str(err))
 
 
-def _eager_attention(g: _Graph, sm: fx.Node) -> _Attn | None:
+def _eager_attention(g: OpGraph, sm: fx.Node) -> Attn | None:
     """matmul(q, kT) -> [scale, softcap, mask] -> softmax -> [cast, dropout] -> matmul(., v)."""
     chain, cur = [], sm.args[0]
-    while isinstance(cur, fx.Node) and _opname(cur) not in _MATMUL and len(chain) < 16:
+    while isinstance(cur, fx.Node) and opname(cur) not in MATMUL and len(chain) < 16:
         chain.append(cur)
-        nxt = [a for a in cur.all_input_nodes if any(_opname(x) in _MATMUL for x in g.ancestors(a) | {a})]
+        nxt = [a for a in cur.all_input_nodes if any(opname(x) in MATMUL for x in g.ancestors(a) | {a})]
         if not nxt:
             return None
         cur = nxt[0]
     pv = sm
     while True:                 # softmax -> [cast, dropout] -> matmul(weights, v)
-        users = _users(pv)
+        users = users_of(pv)
         if len(users) != 1:
             return None
-        if _opname(users[0]) in _MATMUL and users[0].args[0] is pv:
+        if opname(users[0]) in MATMUL and users[0].args[0] is pv:
             pv = users[0]
             break
-        if _opname(users[0]) not in _IDENTITY:
+        if opname(users[0]) not in IDENTITY:
             return None
         pv = users[0]
-    if not isinstance(cur, fx.Node) or _opname(cur) not in _MATMUL:
+    if not isinstance(cur, fx.Node) or opname(cur) not in MATMUL:
         return None
     scale, softcap = _score_ops(chain[::-1])
     mask = any(n.op == "placeholder" for a in chain for n in a.all_input_nodes)
-    return _Attn("eager", cur, cur.args[0], cur.args[1], pv.args[1], True, pv, scale, softcap,
+    return Attn("eager", cur, cur.args[0], cur.args[1], pv.args[1], True, pv, scale, softcap,
                  None if mask else False, 1)
 
 
@@ -86,9 +86,9 @@ def _score_ops(chain: list[fx.Node]) -> tuple[float, float | None]:
     """(scale, softcap) from the ops between the score matmul and the softmax (in order)."""
     scale, cap, i = 1.0, None, 0
     while i < len(chain):
-        n, op = chain[i], _opname(chain[i])
+        n, op = chain[i], opname(chain[i])
         c = next((a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)), None)
-        if op == "div" and c and i + 2 < len(chain) and _opname(chain[i + 1]) == "tanh":
+        if op == "div" and c and i + 2 < len(chain) and opname(chain[i + 1]) == "tanh":
             cap, i = float(c), i + 3            # x / c -> tanh -> * c
             continue
         if op == "mul" and c is not None:
@@ -102,9 +102,9 @@ def _score_ops(chain: list[fx.Node]) -> tuple[float, float | None]:
 # ------------------------------------------------------------------------------------- q / k / v
 @dataclass
 class _Proj:
-    lin: _Lin
+    lin: Lin
     heads: torch.Tensor          # (rows, d) source channels per head row
-    trace: _Trace
+    trace: Trace
 
 
 def _head_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor | None:
@@ -116,7 +116,7 @@ def _head_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor | None:
     return t[..., 0, :].reshape(-1, t.shape[-1])
 
 
-def _projection(g: _Graph, target: fx.Node, what: str, transposed: bool = False) -> _Proj:
+def projection_of(g: OpGraph, target: fx.Node, what: str, transposed: bool = False) -> _Proj:
     lins = g.producers(target)
     if not lins:
         srcs = sorted({a.name for a in g.ancestors(target) if a.op == "placeholder"})
@@ -126,16 +126,16 @@ def _projection(g: _Graph, target: fx.Node, what: str, transposed: bool = False)
         raise g.err(f"the attention {what} is fed by several projections ({', '.join(l.path for l in lins)}); "
                     "a sum of projections has no single role")
     lin = lins[0]
-    tr = _replay(g, lin.node, _channels(lin.node), target)
+    tr = replay_trace(g, lin.node, channels_of(lin.node), target)
     rows = None if tr.value is None else _head_rows(tr.value.t, transposed)
     if rows is None or bool((rows < 0).any()):
-        ops = sorted({_opname(n) for n in tr.unknown}) or ["?"]
+        ops = sorted({opname(n) for n in tr.unknown}) or ["?"]
         raise g.err(f"found {lin.path} feeding the attention {what} but could not follow its channels into the "
                     f"heads (ops the replay cannot follow: {', '.join(ops)})")
     return _Proj(lin, rows, tr)
 
 
-def _kv_groups(rows: torch.Tensor, heads: int) -> torch.Tensor:
+def kv_groups(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """(heads or Hkv, d) key/value rows -> (Hkv, d): repeat_kv copies (consecutive groups) are folded."""
     if rows.shape[0] != heads or heads == 1:
         return rows
@@ -144,7 +144,7 @@ def _kv_groups(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return uniq if g * uniq.shape[0] == heads and torch.equal(uniq.repeat_interleave(g, 0), rows) else rows
 
 
-def _qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | None:
+def find_qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | None:
     paths = {q.lin.path, k.lin.path, v.lin.path}
     flat = [r.flatten().tolist() for r in (qrows, krows, vrows)]
     if len(paths) == 3:
@@ -164,7 +164,7 @@ def _qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | None
     return "other"
 
 
-def _rope(g: _Graph, p: _Proj, rows: torch.Tensor) -> tuple[str | None, int]:
+def find_rope(g: OpGraph, p: _Proj, rows: torch.Tensor) -> tuple[str | None, int]:
     """(layout, rotary dims) from the channel pairs that RoPE's add mixes."""
     head_of = {int(c): (h, d) for h, r in enumerate(rows) for d, c in enumerate(r)}
     partner: dict[int, int] = {}
@@ -191,10 +191,10 @@ def _rope(g: _Graph, p: _Proj, rows: torch.Tensor) -> tuple[str | None, int]:
     return "other", r
 
 
-def _qk_norm(g: _Graph, p: _Proj, heads: int, head_dim: int) -> tuple[str | None, str | None]:
+def find_qk_norm(g: OpGraph, p: _Proj, heads: int, head_dim: int) -> tuple[str | None, str | None]:
     """(norm module path, scope "head" | "all") of a normalisation between the projection and attention."""
     for n, width in p.trace.norms:
-        mod = _module_path(n)
+        mod = module_path(n)
         if width is None:
             continue
         scope = "head" if width == head_dim else "all" if width == heads * head_dim else f"width {width}"
@@ -202,7 +202,7 @@ def _qk_norm(g: _Graph, p: _Proj, heads: int, head_dim: int) -> tuple[str | None
     return None, None
 
 
-def _rope_source(g: _Graph, target: fx.Node, lin: _Lin) -> str | None:
+def find_rope_source(g: OpGraph, target: fx.Node, lin: Lin) -> str | None:
     names = {a.name for a in g.ancestors(target) - g.ancestors(lin.node) if a in g.user_inputs}
     if any(nm.startswith("position_embeddings") for nm in names):
         return "position_embeddings"
@@ -216,25 +216,25 @@ def _flat(x) -> list:
     return [x]
 
 
-def _layer_out(g: _Graph) -> fx.Node:
+def layer_out(g: OpGraph) -> fx.Node:
     return next(a for a in _flat(g.output.args) if isinstance(a, fx.Node))
 
 
 @dataclass
-class _Mlp:
+class Mlp:
     gate: Role | None
     up: Role
     down: Role
     fused: str | None
     act: str
     act_ops: tuple[str, ...]
-    inputs: list[_Lin]
+    inputs: list[Lin]
 
 
-def _mlp(g: _Graph, o: _Lin, within: str | None = None) -> _Mlp:
+def find_mlp(g: OpGraph, o: Lin, within: str | None = None) -> Mlp:
     """The MLP chain ending in the down projection; `within`: only linears under that path (an MoE block's shared
     expert, beside the router and the routed experts)."""
-    ends = [lin for lin in g.producers(_layer_out(g)) if lin.node is not o.node]
+    ends = [lin for lin in g.producers(layer_out(g)) if lin.node is not o.node]
     if within is not None:
         ends = [lin for lin in ends if lin.path.startswith(within + ".")]
     if len(ends) != 1:
@@ -243,10 +243,10 @@ def _mlp(g: _Graph, o: _Lin, within: str | None = None) -> _Mlp:
                     f"layer output through the residual adds); found {found}")
     down = ends[0]
     ins = g.producers(down.x)
-    traces = [(lin, _replay(g, lin.node, _channels(lin.node), down.x)) for lin in ins]
-    acts = {lin.path: [n for n in tr.nodes if _opname(n) in _ACTIVATION] for lin, tr in traces}
+    traces = [(lin, replay_trace(g, lin.node, channels_of(lin.node), down.x)) for lin in ins]
+    acts = {lin.path: [n for n in tr.nodes if opname(n) in ACTIVATION] for lin, tr in traces}
     down_role = Role(down.path, down.bias, down.conv1d, tuple(range(down.out)), down.out)
-    owner = _common_parent([down.path] + [lin.path for lin in ins])
+    owner = common_parent([down.path] + [lin.path for lin in ins])
     if len(ins) == 1:
         lin, tr = traces[0]
         gate_ev = [(k, o2) for _, k, o2 in tr.events if k.act != o2.act]
@@ -257,10 +257,10 @@ def _mlp(g: _Graph, o: _Lin, within: str | None = None) -> _Mlp:
             n = len(uch)
             fused = "[gate|up]" if gch == list(range(n)) and uch == list(range(n, 2 * n)) else \
                 "[up|gate]" if uch == list(range(n)) and gch == list(range(n, 2 * n)) else "other"
-            return _Mlp(Role(lin.path, lin.bias, lin.conv1d, tuple(gch), lin.out), Role(lin.path, lin.bias, lin.conv1d,
+            return Mlp(Role(lin.path, lin.bias, lin.conv1d, tuple(gch), lin.out), Role(lin.path, lin.bias, lin.conv1d,
                         tuple(uch), lin.out), down_role, fused, *_act_name(acts[lin.path], owner), ins)
         _check_identity(g, tr, lin, down)
-        return _Mlp(None, Role(lin.path, lin.bias, lin.conv1d, tuple(range(lin.out)), lin.out), down_role, None,
+        return Mlp(None, Role(lin.path, lin.bias, lin.conv1d, tuple(range(lin.out)), lin.out), down_role, None,
                     *_act_name(acts[lin.path], owner), ins)
     gated = [lin for lin in ins if acts[lin.path]]
     plain = [lin for lin in ins if not acts[lin.path]]
@@ -270,12 +270,12 @@ def _mlp(g: _Graph, o: _Lin, within: str | None = None) -> _Mlp:
     up = plain[0]
     _check_identity(g, next(tr for lin, tr in traces if lin is up), up, down)
     gate = gated[0]
-    return _Mlp(Role(gate.path, gate.bias, gate.conv1d, tuple(range(gate.out)), gate.out),
+    return Mlp(Role(gate.path, gate.bias, gate.conv1d, tuple(range(gate.out)), gate.out),
                 Role(up.path, up.bias, up.conv1d, tuple(range(up.out)), up.out), down_role, None,
                 *_act_name(acts[gate.path], owner), ins)
 
 
-def _check_identity(g: _Graph, tr: _Trace, lin: _Lin, down: _Lin) -> None:
+def _check_identity(g: OpGraph, tr: Trace, lin: Lin, down: Lin) -> None:
     t = None if tr.value is None else tr.value.t
     if t is None or t.reshape(-1, t.shape[-1])[0].tolist() != list(range(lin.out)):
         raise g.err(f"{lin.path}'s channels do not reach {down.path}'s inputs in order")
@@ -283,12 +283,12 @@ def _check_identity(g: _Graph, tr: _Trace, lin: _Lin, down: _Lin) -> None:
 
 def _act_name(nodes: list[fx.Node], owner: str) -> tuple[str, tuple[str, ...]]:
     """(activation module class, or its ATen ops when the MLP calls it functionally; the ATen ops)."""
-    ops = tuple(dict.fromkeys(_opname(n) for n in nodes))
-    cls = next((m[1] for n in nodes if (m := _module_path(n)) is not None and m[0] != owner), None)
+    ops = tuple(dict.fromkeys(opname(n) for n in nodes))
+    cls = next((m[1] for n in nodes if (m := module_path(n)) is not None and m[0] != owner), None)
     return (cls or "+".join(ops) or "identity"), ops
 
 
-def _act_literal(act: str, ops: tuple[str, ...]) -> str | None:
+def act_literal(act: str, ops: tuple[str, ...]) -> str | None:
     """The transformers ACT2FN name of activation `act` (a class name) or computing `ops`, for layers whose config
     names no activation (CTRL's ReLU, MPT's GELU, GPT's NewGELU). The full-rank self-check confirms the pick."""
     try:
@@ -303,7 +303,7 @@ def _act_literal(act: str, ops: tuple[str, ...]) -> str | None:
     return by_op[0] if len(set(by_op)) == 1 else None
 
 
-def _act_config(config, act: str, ops: tuple[str, ...]) -> str | None:
+def act_config_of(config, act: str, ops: tuple[str, ...]) -> str | None:
     """The config attribute whose activation name builds `act` (a class name) or computes `ops`."""
     try:
         from transformers.activations import ACT2CLS
@@ -324,42 +324,42 @@ def _act_config(config, act: str, ops: tuple[str, ...]) -> str | None:
 
 # ----------------------------------------------------------------------------------------- norms
 def _is_norm(n: fx.Node) -> str | None:
-    mod = _module_path(n)
+    mod = module_path(n)
     if mod and "norm" in mod[1].lower():
         return mod[0]
     return None
 
 
-def _norm_into(g: _Graph, x: fx.Node) -> str | None:
+def norm_into(g: OpGraph, x: fx.Node) -> str | None:
     """The norm module whose output is `x` (through layout/cast ops)."""
     while x.op == "call_function":
         if (m := _is_norm(x)) is not None:
             return m
-        if _opname(x) not in _LAYOUT | _IDENTITY:
+        if opname(x) not in LAYOUT | IDENTITY:
             return None
         x = x.args[0]
     return None
 
 
-def _norm_after(g: _Graph, n: fx.Node) -> str | None:
+def norm_after(g: OpGraph, n: fx.Node) -> str | None:
     """The norm module applied to `n` before it joins the residual (through layout/cast/dropout ops)."""
-    while _users(n):
-        users = _users(n)
+    while users_of(n):
+        users = users_of(n)
         mods = {m for u in users if (m := _is_norm(u)) is not None}
         if mods:
             return mods.pop()
-        if len(users) != 1 or _opname(users[0]) not in _LAYOUT | _IDENTITY:
+        if len(users) != 1 or opname(users[0]) not in LAYOUT | IDENTITY:
             return None
         n = users[0]
     return None
 
 
-def _dropout_after(g: _Graph, n: fx.Node) -> str | None:
-    while len(_users(n)) == 1:
-        n = _users(n)[0]
-        if _opname(n) in ("dropout", "feature_dropout", "alpha_dropout"):
-            mod = _module_path(n)
+def dropout_after(g: OpGraph, n: fx.Node) -> str | None:
+    while len(users_of(n)) == 1:
+        n = users_of(n)[0]
+        if opname(n) in ("dropout", "feature_dropout", "alpha_dropout"):
+            mod = module_path(n)
             return mod[0] if mod and mod[1] == "Dropout" else None
-        if _opname(n) not in _LAYOUT | _IDENTITY:
+        if opname(n) not in LAYOUT | IDENTITY:
             return None
     return None

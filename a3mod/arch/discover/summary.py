@@ -7,7 +7,7 @@ from .types import Discovery, LayerDiscovery
 # -------------------------------------------------------------------------------------- summary
 
 
-def _layer_lines(d: LayerDiscovery) -> list[str]:
+def layer_lines(d: LayerDiscovery) -> list[str]:
     if d.qkv_layout is None:
         qkv = f"q {d.q.describe()}, k {d.k.describe()}, v {d.v.describe()}"
     else:
@@ -48,7 +48,7 @@ def _layer_lines(d: LayerDiscovery) -> list[str]:
     ]
 
 
-def _summary(r: Discovery, evidence: bool = False) -> str:
+def summary_text(r: Discovery, evidence: bool = False) -> str:
     first = r.layers[0]
     lines = [f"{r.model_type or '?'}: {len(r.layers)} x {first.layer_class} at {r.layers_path}, hidden {first.hidden}"
              + (f", rotary module {r.rotary}" if r.rotary else "")

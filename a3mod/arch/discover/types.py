@@ -82,14 +82,14 @@ class LayerDiscovery:
 
     @property
     def attn_module(self) -> str:
-        return _common_parent([self.q.module, self.k.module, self.v.module])
+        return common_parent([self.q.module, self.k.module, self.v.module])
 
     @property
     def mlp_module(self) -> str | None:
         """The module holding the dense MLP's (or the shared expert's) linears; None when there is none."""
         if self.up is None:
             return None
-        return _common_parent([r.module for r in (self.gate, self.up, self.down) if r is not None])
+        return common_parent([r.module for r in (self.gate, self.up, self.down) if r is not None])
 
     @property
     def biases(self) -> tuple[str, ...]:
@@ -101,9 +101,9 @@ class LayerDiscovery:
         return len(self.up.channels) if self.up is not None else 0
 
     def summary(self, evidence: bool = False) -> str:
-        from .summary import _layer_lines
+        from .summary import layer_lines
 
-        return "\n".join(_layer_lines(self) + ([f"  how        {e}" for e in self.found] if evidence else []))
+        return "\n".join(layer_lines(self) + ([f"  how        {e}" for e in self.found] if evidence else []))
 
 
 @dataclass(frozen=True)
@@ -121,22 +121,22 @@ class Discovery:
 
     def summary(self, evidence: bool = False) -> str:
         """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
-        from .summary import _summary
+        from .summary import summary_text
 
-        return _summary(self, evidence)
+        return summary_text(self, evidence)
 
     def __str__(self) -> str:
         return self.summary()
 
     def to_spec(self):
         """An `arch.ArchSpec` for this model, or a `DiscoveryError` naming what does not fit its fields."""
-        from .fallback import _to_spec
+        from .fallback import spec_from_discovery
 
-        return _to_spec(self)
+        return spec_from_discovery(self)
 
 
 
-def _common_parent(paths: list[str]) -> str:
+def common_parent(paths: list[str]) -> str:
     parts = [p.split(".")[:-1] for p in paths]
     common = []
     for xs in zip(*parts):
