@@ -6,23 +6,34 @@
 __version__ = "0.1.0"
 
 from . import evaluation  # noqa: F401  (a3mod.evaluation.evaluate; lm-eval is imported when used)
-from .io import native
-from .pipeline.compress import apply
 from .arch import ARCHS, ArchSpec, supported_types
-from .calib.stats import Stats, calibration_data, collect
-from .io.checkpoint import load, save
 from .arch.discover import Discovery, LayerDiscovery, discover
+from .calib.stats import Stats, calibration_data, collect
 from .errors import A3ModError, CalibrationError, CheckpointError, DiscoveryError, RatioError, UnsupportedModelError
+from .evaluation.ppl import eval_tokens, perplexity
+from .heal import heal
+from .io import native
+from .io.checkpoint import load, save
 from .io.loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import (
-    A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD, a3_passes, pass_from_dict, pass_to_dict,
+    A3KV,
+    A3MLP,
+    A3OV,
+    A3QK,
+    ASVD,
+    SVDLLM,
+    A3Experts,
+    Allocate,
+    PlainSVD,
+    a3_passes,
+    pass_from_dict,
+    pass_to_dict,
 )
-from .heal import heal
-from .evaluation.ppl import eval_tokens, perplexity
+from .pipeline.compress import apply
+from .pipeline.stream import compress_streaming
 from .quant import HQQ, Bnb4bit, BnbInt8, QuantizationError, cache_bytes, quantized_cache
 from .report import Report, report
-from .pipeline.stream import compress_streaming
 
 native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pretrained (a3mod.io.native)
 

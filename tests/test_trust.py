@@ -212,7 +212,7 @@ def test_planted_auto_map_never_runs(tmp_path, model, monkeypatch, capsys):
         A3ModLM(str(hf), device="cpu")
     from transformers import AutoModelForCausalLM                   # transformers itself refuses, no prompt
     with pytest.raises(CheckpointError, match="custom code"):
-        a3mod.io.loading._hf_call(AutoModelForCausalLM.from_pretrained, str(hf), **a3mod.io.loading.NO_CODE)
+        a3mod.io.loading._hf_call(AutoModelForCausalLM.from_pretrained, str(hf), **a3mod.io.guards.NO_CODE)
     assert not marker.exists()
 
 

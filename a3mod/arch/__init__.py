@@ -10,9 +10,19 @@ Only this package knows module names of Hugging Face families; everything else w
 """
 from .adapters import ARCHS, supported_types
 from .lookup import spec_for
-from .spec import ArchSpec, Dims, dims_of, get_path, is_linear, linear_params, out_features, partial_rotary_factor
+from .spec import (
+    ArchSpec,
+    Dims,
+    dims_of,
+    get_path,
+    is_linear,
+    linear_params,
+    out_features,
+    partial_rotary_factor,
+    set_child,
+)
 from .views import LayerView, active, find_path, join, layer_views, mlp_paths
 
 __all__ = ["ARCHS", "ArchSpec", "Dims", "LayerView", "active", "dims_of", "find_path", "get_path", "is_linear",
-           "join", "layer_views", "linear_params", "mlp_paths", "out_features", "partial_rotary_factor", "spec_for",
-           "supported_types"]
+           "join", "layer_views", "linear_params", "mlp_paths", "out_features", "partial_rotary_factor", "set_child",
+           "spec_for", "supported_types"]

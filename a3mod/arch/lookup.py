@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .adapters import ARCHS, supported_types
+from .discover import discovered_spec
 from .spec import ArchSpec
 
 
@@ -15,7 +16,6 @@ def spec_for(model: nn.Module) -> ArchSpec:
     or a `DiscoveryError` (an `UnsupportedModelError`) listing the supported types and what discovery missed."""
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     if mtype not in ARCHS:         # no adapter: read the roles from the layer's computation graph
-        from .discover import discovered_spec
 
         with torch.device("cpu"):      # the probe runs on CPU even inside a meta-device context (from_pretrained)
             return discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "

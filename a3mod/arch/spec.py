@@ -76,6 +76,11 @@ def get_path(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
+def set_child(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, new)
+
+
 @dataclass
 class Dims:
     """Head geometry of one attention layer (original, before compression)."""

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .experts import ExpertsView
 from .lookup import spec_for
+from .mla import MLAView
 from .spec import ArchSpec, Dims, dims_of, get_path, linear_params
 
 
@@ -32,13 +34,9 @@ class LayerView:
         return self.mlp is not None
 
     def mla_view(self):
-        from .mla import MLAView
-
         return MLAView(self.attn)
 
     def experts_view(self):
-        from .experts import ExpertsView
-
         return ExpertsView(self.experts, self.dims.hidden)
 
     def qkv_params(self):

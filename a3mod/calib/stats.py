@@ -16,6 +16,7 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,14 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
 from ..arch import LayerView, get_path, layer_views
 from ..errors import CalibrationError
+from ..io.files import atomic_write
+from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
+from . import distributed
+from .sources import dataset_text, is_dataset_source
 
 STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")      # a dense layer's
 EXPERT_STATS = ("e2", "en")                                # an MoE layer's routed experts (its h2: the shared expert)
@@ -53,8 +58,6 @@ def read_text(source) -> str:
     Rows are joined with blank lines ("\n\n".join(rows), rows keeping their "\n", as in HF `datasets`).
     The tokenized WikiText-2 split used for 'wikitext2' has its @-@ / @,@ / @.@ escapes undone.
     """
-    from .sources import dataset_text, is_dataset_source
-
     if is_dataset_source(source):
         return dataset_text(source)
     path = dataset_file(source)
@@ -148,8 +151,6 @@ class Stats:
     def check_origin(self, model=None, calib: Tensor | None = None) -> None:
         """CalibrationError when these statistics were collected on another model or other tokens than given.
         Statistics without fingerprints (files of a3mod before 0.2) pass with a warning."""
-        from ..io.fingerprint import model_fingerprint, tokens_fingerprint
-
         if self.model is None:
             warnings.warn("a3mod: these statistics carry no model fingerprint (an older a3mod wrote them); cannot "
                           "check they belong to this model", stacklevel=3)
@@ -166,8 +167,6 @@ class Stats:
     def save(self, path: str | os.PathLike) -> None:
         """Write to `path` atomically (temporary sibling + rename); an existing file is replaced only when it is an
         a3mod statistics file."""
-        from ..io.files import atomic_write
-
         p = Path(path)
         if p.exists() and not is_stats_file(p):
             raise CalibrationError(f"{str(p)!r} exists and is not an a3mod statistics file; not replacing it")
@@ -187,8 +186,6 @@ class Stats:
         p = Path(path)
         try:
             flat = load(p.read_bytes())
-            from safetensors import safe_open
-
             with safe_open(str(p), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:          # safetensors raises its own error types for malformed files
@@ -354,8 +351,6 @@ def recording(views: list[LayerView], kinds=("a3",)):
 
 def _stats_digest(flat: dict[str, Tensor], meta: dict[str, str]) -> str:
     """sha256 over every metadata entry but itself and every tensor (name, dtype, shape, bytes), in sorted order."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for k in sorted(flat):
         t = flat[k].contiguous()
@@ -365,8 +360,6 @@ def _stats_digest(flat: dict[str, Tensor], meta: dict[str, str]) -> str:
 
 
 def is_stats_file(p: Path) -> bool:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
@@ -413,8 +406,6 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the
     statistics of all windows.
     """
-    from ..io.fingerprint import model_fingerprint, tokens_fingerprint
-
     kinds = check_request(calib, kinds)
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise CalibrationError(f"batch_size={batch_size!r} must be a positive integer")

@@ -1,6 +1,8 @@
 """`a3mod` command line: compress a checkpoint, evaluate perplexity, print a report."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import sys
@@ -8,36 +10,48 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoTokenizer
 
+from .. import __version__
+from ..calib import distributed
+from ..calib.sources import check_source, is_dataset_source
+from ..calib.stats import Stats, calibration_data, is_stats_file
+from ..errors import A3ModError, CalibrationError
+from ..evaluation import evaluate
+from ..evaluation.ppl import eval_tokens, perplexity
+from ..evaluation.prepare import prepare
+from ..heal import heal
+from ..io.checkpoint import load, save
+from ..io.files import atomic_write, check_output_dir, output_lock, recover
+from ..io.guards import NO_CODE, check_folder
+from ..io.loading import load_pretrained
+from ..passes.base import needs
+from ..paths import dataset_file, default_model
+from ..pipeline import recipes
+from ..pipeline.compress import apply, data_dependent, preview
+from ..pipeline.stream import compress_streaming
+from ..report import report
+from . import card
 from .args import DTYPES, build_parser  # noqa: F401  (the parser lives in args.py)
 
 
 def _load(args, path: str | None = None):
-    from ..io.loading import load_pretrained
-    from ..paths import default_model
-
     path = path or args.model or default_model()
     print(f"loading {path}", file=sys.stderr)
     return path, *load_pretrained(path, dtype=DTYPES[args.dtype], device=args.device)
 
 
 def _ppl(model, tok, args) -> dict:
-    from ..evaluation.ppl import eval_tokens, perplexity
-
     ids = eval_tokens(tok, args.eval_source)
     return perplexity(model, ids, seq_len=args.eval_seq_len, batch_size=args.batch_size, max_windows=args.eval_windows)
 
 
 def _write_json(path: str, obj) -> None:
-    from ..io.files import atomic_write
-
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _versions() -> dict:
-    import transformers
-
-    from .. import __version__
 
     return {"a3mod": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": sys.version.split()[0]}
@@ -46,12 +60,6 @@ def _versions() -> dict:
 def _check_inputs(args) -> tuple:
     """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
     path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
-    from ..calib.stats import is_stats_file
-    from ..errors import A3ModError, CalibrationError
-    from ..io.files import check_output_dir
-    from ..paths import dataset_file, default_model
-    from ..calib.sources import check_source, is_dataset_source
-
     passes = _passes(args)
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
         raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
@@ -73,10 +81,6 @@ def _check_inputs(args) -> tuple:
 def _stats(args, model, calib):
     """(statistics for the passes, whether to write --stats): the file's if it belongs to this model and these
     tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
-    from ..calib.stats import Stats
-    from ..errors import CalibrationError
-    from ..passes.base import needs
-
     want = {k for p in _passes(args) for k in needs(p)}
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
     if stats is not None:
@@ -97,11 +101,6 @@ def _stats(args, model, calib):
 
 
 def cmd_compress(args) -> int:
-    import contextlib
-
-    from ..calib import distributed
-    from ..io.files import output_lock, recover
-
     passes, path, out = _check_inputs(args)        # before any loading or calibration
     if args.dry_run:
         return _dry_run(args, passes, path)
@@ -118,16 +117,6 @@ def cmd_compress(args) -> int:
 
 
 def _compress(args, passes, path, out) -> int:
-    import copy
-
-    from . import card
-    from ..calib import distributed
-    from ..heal import heal
-    from ..pipeline.compress import apply
-    from ..calib.stats import calibration_data
-    from ..io.checkpoint import save
-    from ..report import report
-
     _, model, tok = _load(args, path)
     result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "argv": sys.argv[1:],
               "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
@@ -181,9 +170,6 @@ def _compress(args, passes, path, out) -> int:
 
 
 def _dry_run(args, passes, path) -> int:
-    from ..pipeline.compress import data_dependent, preview
-    from ..errors import A3ModError
-
     if args.stream or data_dependent(passes):
         what = "--stream" if args.stream else f"--method {args.method}"
         raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
@@ -202,17 +188,6 @@ def _eval_name(args) -> str:
 
 def _compress_stream(args, passes) -> int:
     """`compress --stream`: a3mod.compress_streaming on an HF safetensors folder, then report (and perplexity)."""
-    from transformers import AutoTokenizer
-
-    from ..calib import distributed
-    from ..calib.stats import calibration_data
-    from ..io.checkpoint import load
-    from ..errors import A3ModError
-    from ..io.loading import NO_CODE, check_folder
-    from ..paths import default_model
-    from ..report import report
-    from ..pipeline.stream import compress_streaming
-
     if args.method != "a3" or args.stats:
         raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
                          f"{args.method!r} (baselines need the whole model) nor --stats")
@@ -245,8 +220,6 @@ def _compress_stream(args, passes) -> int:
 
 
 def _lm_eval_tasks(spec: str) -> list[str]:
-    from ..errors import A3ModError
-
     kind, _, tasks = spec.partition(":")
     if kind != "lm-eval" or not tasks.strip(","):
         raise A3ModError(f"--eval {spec!r}: expected lm-eval:TASK[,TASK...], e.g. lm-eval:wikitext_local")
@@ -255,8 +228,6 @@ def _lm_eval_tasks(spec: str) -> list[str]:
 
 def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> dict:
     """Run lm-eval, print its table, return {task: {metric: value}} (JSON-safe)."""
-    from ..evaluation import evaluate
-
     limit = int(limit) if limit is not None and limit >= 1 else limit
     res = evaluate(model, tasks, tokenizer=tok, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot,
                    max_length=max_length, log_samples=False)
@@ -271,8 +242,6 @@ FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multipl
 
 
 def _passes(args) -> list:
-    from ..pipeline import recipes
-
     return recipes.passes(args.method, args.ratio, kv_ratio=args.kv_ratio, across=args.across, qk_ratio=args.qk_ratio,
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
@@ -298,15 +267,11 @@ def cmd_lm_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ..evaluation.prepare import prepare
-
     prepare(args.out, [t for t in (args.tasks or "").split(",") if t])
     return 0
 
 
 def cmd_report(args) -> int:
-    from ..report import report
-
     _, model, _ = _load(args)
     rep = report(model)
     print(rep)
@@ -316,8 +281,6 @@ def cmd_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import A3ModError
-
     if os.environ.get("A3MOD_ONLINE") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
     args = build_parser().parse_args(argv)

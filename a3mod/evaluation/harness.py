@@ -12,13 +12,17 @@ is read together with a3mod's local tasks.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from transformers import AutoTokenizer
 
 from ..errors import A3ModError
+from ..io.guards import NO_CODE, as_dtype, check_folder
+from ..io.loading import load_pretrained
 from .tasks import check_tasks, write_task_dir
 
 
@@ -31,8 +35,6 @@ class A3ModLM(HFLM):
 
     def __init__(self, pretrained, tokenizer=None, device: str | None = None, dtype: str | torch.dtype = "float32",
                  **kwargs):
-        from ..io.loading import NO_CODE, as_dtype, check_folder, load_pretrained
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if kwargs.pop("trust_remote_code", False) not in (False, "False", "false", None):
             raise A3ModError("the a3mod model class never runs code from a checkpoint (trust_remote_code=True)")
@@ -42,8 +44,6 @@ class A3ModLM(HFLM):
         if tokenizer is None:
             raise A3ModError("A3ModLM with a model object needs tokenizer= (a transformers tokenizer)")
         if isinstance(tokenizer, str):
-            from transformers import AutoTokenizer
-
             check_folder(tokenizer)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer, **NO_CODE)
         pretrained.eval()
@@ -74,8 +74,6 @@ def evaluate(model, tasks: list[str], tokenizer=None, batch_size: int | str = 1,
 
 def main(argv: list[str] | None = None) -> None:
     """`a3mod-lm-eval`: lm-eval's CLI with the a3mod model class and the local tasks."""
-    import os
-
     from lm_eval.__main__ import cli_evaluate
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,8 +94,6 @@ def main(argv: list[str] | None = None) -> None:
 def with_local_tasks(task_dir: str):
     """Make every `lm_eval.tasks.TaskManager` of this process also read `task_dir`, after the include_path it is
     given (which may list several directories separated by os.pathsep). Returns the undo function."""
-    import os
-
     from lm_eval.tasks import TaskManager
 
     orig = TaskManager.__init__

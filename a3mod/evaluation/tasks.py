@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import A3ModError
+from ..paths import assets_dir
 
 # a3mod task -> (lm-eval YAML under lm_eval/tasks, the splits that YAML reads)
 DOWNSTREAM = {
@@ -32,8 +33,6 @@ WIKITEXT_TASK = "wikitext_local"
 
 
 def eval_data_dir() -> Path | None:
-    from ..paths import assets_dir
-
     env = os.environ.get("A3MOD_EVAL_DATA")
     if env:
         return Path(env)

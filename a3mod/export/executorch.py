@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+from ..arch import layer_views
 
 
 def _kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
     """(kv_heads, k_dim, v_dim) per decoder layer of `model`: a compressed attention's own dims, else the model's."""
-    from ..arch import layer_views
-
     out = []
     for v in layer_views(model):
         attn = v.attn
@@ -32,8 +33,6 @@ def _kv_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
 def static_cache_module(model: nn.Module, batch_size: int = 1, max_cache_len: int = 128):
     """transformers' `TorchExportableModuleWithStaticCache` around `model`, its cache sized per layer from the
     compressed modules (k and v head dims apart)."""
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
     gen = model.generation_config
     gen.use_cache, gen.cache_implementation = True, "static"
     gen.cache_config = {"batch_size": batch_size, "max_cache_len": max_cache_len}

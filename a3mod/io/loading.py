@@ -7,57 +7,18 @@ not know, is refused with a CheckpointError before transformers sees it. Weights
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import A3ModError, CheckpointError
+from .checkpoint import is_a3mod_checkpoint, load
+from .guards import NO_CODE, as_dtype, check_folder
 
-NO_CODE = {"trust_remote_code": False}
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{str(path)!r} is not a readable JSON file: {str(e)[:200]}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(d).__name__}")
-    return d
-
-
-def check_folder(folder: str | os.PathLike) -> None:
-    """Refuse (CheckpointError) a local model folder that would make transformers run code: an `auto_map` in
-    config.json or tokenizer_config.json, or a `model_type` this transformers has no built-in class for."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING   # built-in and registered types
-
-    p = Path(folder)
-    cfg = p / "config.json"
-    if cfg.is_file():
-        c = _read_json(cfg)
-        if "auto_map" in c:
-            raise CheckpointError(f"{str(cfg)!r} has an auto_map (custom modeling code: {sorted(c['auto_map'])}); "
-                                  f"a3mod never runs code from a checkpoint. If its model_type "
-                                  f"{c.get('model_type')!r} is built into transformers, remove auto_map")
-        mtype = c.get("model_type")
-        if mtype == "a3mod":          # a3mod's native type (a3mod.io.native): the original type must be built in
-            mtype = c.get("a3mod_base_model_type")
-        if not isinstance(mtype, str) or mtype not in CONFIG_MAPPING or mtype == "a3mod":
-            raise CheckpointError(f"{str(cfg)!r} has model_type {mtype!r}, which transformers "
-                                  f"{_tf_version()} has no built-in class for; a3mod does not run custom code")
-    tcfg = p / "tokenizer_config.json"
-    if tcfg.is_file() and "auto_map" in _read_json(tcfg):
-        raise CheckpointError(f"{str(tcfg)!r} has an auto_map (custom tokenizer code); a3mod never runs code from a "
-                              f"checkpoint")
-
-
-def _tf_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _gguf(path: Path) -> tuple[str, dict]:
@@ -87,9 +48,6 @@ def _weights_kwargs(path: Path, kw: dict) -> dict:
 def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", verify: bool = True):
     """(model, tokenizer) from `path`. a3mod checkpoints reload their reduced modules without calibration
     (`verify`: check the checksums their sidecar records)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import is_a3mod_checkpoint, load
 
     dtype = as_dtype(dtype)
     p = Path(path)
@@ -125,17 +83,3 @@ def _hf_call(fn, *args, **kwargs):
             raise CheckpointError(f"{args[0]!r} needs custom code to load; a3mod never runs code from a checkpoint "
                                   f"({first})") from None
         raise CheckpointError(f"{args[0]!r} cannot be loaded by transformers: {first}") from e
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
-
-
-def as_dtype(dtype) -> torch.dtype | None:
-    """A torch dtype from a dtype or its name ("bfloat16", "bf16", "torch.float16", ...); None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise A3ModError(f"dtype {dtype!r}; allowed: {sorted(DTYPES)} or a torch.dtype")
-    return DTYPES[name]

@@ -22,15 +22,30 @@ modules get a native copy of the config, so the caller's config object still bui
 """
 from __future__ import annotations
 
+import copy
+import json
 import sys
+from pathlib import Path
+from typing import Callable
 
+import torch
+import transformers
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from ..arch import get_path, spec_for
 from ..errors import CheckpointError
-from . import tensors
+from ..modules import LatentKVAttention
+from . import sidecar, tensors
+from .description import build_reduced, describe_model, transformers_class
+from .files import SIDECAR
+from .guards import NO_CODE, check_folder
 
 MODEL_TYPE = "a3mod"
+# a3mod's own sealed folder format: io/checkpoint.py (which sits above this module) registers its save and load here
+# when imported. transformers has no loader for a3mod's quantized linears, so native classes hand those models to it.
+SEALED: dict[str, Callable] = {}
 _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
          "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
 _CONFIGS: dict[type, type] = {}      # original config class -> native config class
@@ -40,8 +55,6 @@ _DESCRIPTION_KEYS = ("format", "a3mod_version", "model_type", "model_class", "pa
 
 
 def _base_config_class(model_type) -> type:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if not isinstance(model_type, str) or model_type == MODEL_TYPE or model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"config.json: a3mod_base_model_type = {model_type!r} is not a model type this "
                               f"transformers knows")
@@ -95,8 +108,6 @@ def config_class(base: type) -> type:
 
 def _register_models(base_config: type, native_config: type) -> None:
     """Every Auto class whose mapping has a model for `base_config` gets that model's native class."""
-    import transformers
-
     for name in _AUTO:
         auto = getattr(transformers, name)
         try:
@@ -133,18 +144,14 @@ class _NativeModel:
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
-            from .checkpoint import save
 
-            return save(self, save_directory, overwrite=True)
+            return SEALED["save"](self, save_directory, overwrite=True)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         config = kwargs.get("config")
         if config is None or not is_native(config):
-            from transformers import AutoConfig
-
-            from .loading import NO_CODE
             try:
                 config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **NO_CODE)
             except (OSError, ValueError):
@@ -156,18 +163,11 @@ class _NativeModel:
 
 def description(model: nn.Module) -> dict:
     """What config.json's "a3mod" holds for `model`: a3mod.json's description without its file records."""
-    from .checkpoint import describe_model
-
     return describe_model(model)
 
 
 def build(model: nn.Module, side: dict) -> None:
     """Swap the reduced modules `side` describes into `model` (a dense skeleton of the original class)."""
-    from . import sidecar
-    from ..arch import get_path, spec_for
-    from .checkpoint import build_reduced
-    from ..modules import LatentKVAttention
-
     if not isinstance(side, dict):
         raise CheckpointError(f"config.json: a3mod must be an object, got {type(side).__name__}")
     extra = sorted(set(side) - set(_DESCRIPTION_KEYS))
@@ -190,8 +190,6 @@ def build(model: nn.Module, side: dict) -> None:
 
 def config_for(config: PretrainedConfig, side: dict) -> PretrainedConfig:
     """A native copy of `config` (an original or native config) describing `side` (what `description` returns)."""
-    import copy
-
     out = copy.deepcopy(config)
     out.__class__ = config_class(type(config))
     out.a3mod = {k: side[k] for k in _DESCRIPTION_KEYS if k in side}
@@ -226,9 +224,6 @@ def adopt(model: nn.Module) -> nn.Module:
 
 def is_native_folder(path) -> bool:
     """A folder whose config.json says model_type "a3mod" (save_pretrained, or a3mod.save since format 1.1)."""
-    import json
-    from pathlib import Path
-
     try:
         return json.loads((Path(path) / "config.json").read_bytes()).get("model_type") == MODEL_TYPE
     except (OSError, ValueError, AttributeError):
@@ -238,10 +233,6 @@ def is_native_folder(path) -> bool:
 def load_folder(path, device="cpu", dtype=None) -> nn.Module:
     """A native folder without a3mod.json (written by save_pretrained / push_to_hub / Trainer): loaded by
     transformers' from_pretrained of the class config.json's description names; safetensors only, no code run."""
-    import torch
-    from transformers import AutoConfig
-
-    from .loading import NO_CODE, check_folder
 
     check_folder(path)
     config = AutoConfig.from_pretrained(path, **NO_CODE)
@@ -256,9 +247,6 @@ def load_quantized(path, kwargs: dict) -> nn.Module:
     """A quantized a3mod model (BnbInt8 / Bnb4bit / HQQ after compression): transformers has no loader for a3mod's
     quantized modules, so from_pretrained reads the folder with `a3mod.load` (checksums verified). `dtype` and a
     single-device `device_map` are honoured; other loading options are refused by name."""
-    import torch
-
-    from .checkpoint import is_a3mod_checkpoint, load
 
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
     device = kwargs.pop("device_map", None) or "cpu"
@@ -271,22 +259,17 @@ def load_quantized(path, kwargs: dict) -> nn.Module:
                               f"device; from_pretrained got {sorted(kwargs)}")
     if isinstance(device, dict) or device == "auto":
         raise CheckpointError(f"device_map={device!r}: a quantized a3mod checkpoint loads onto one device")
-    if not is_a3mod_checkpoint(path):
+    if not (Path(path) / SIDECAR).is_file():
         raise CheckpointError(f"{str(path)!r} describes a quantized a3mod model but holds no a3mod.json")
-    return load(path, device=str(torch.device(device)), dtype=None if dtype == "auto" else dtype)
+    return SEALED["load"](path, device=str(torch.device(device)), dtype=None if dtype == "auto" else dtype)
 
 
 def _base_model_class(name, config) -> type:
     """The original class the description names, else the base type's causal-LM class."""
-    import transformers
-
-    from .checkpoint import transformers_class
 
     return transformers_class(name) or transformers.AutoModelForCausalLM._model_mapping[config.a3mod_base_config]
 
 
 def register() -> None:
     """Register model type "a3mod" with AutoConfig (done when a3mod is imported; idempotent)."""
-    from transformers import AutoConfig
-
     AutoConfig.register(MODEL_TYPE, A3modConfig, exist_ok=True)

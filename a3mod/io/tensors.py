@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -88,3 +89,20 @@ def realign(model: nn.Module, align: int = 64) -> nn.Module:
                 mod._buffers[name] = copies.setdefault(key, b.clone())
     return model
 
+
+def dedup_tensors(sd: dict) -> tuple[dict, dict]:
+    """Tensors sharing storage (tied embeddings) are written once; aliases maps each dropped key to the kept one."""
+    seen, kept, aliases = {}, {}, {}
+    for k, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            kept[k] = t.detach().contiguous()
+    # different kept in one storage (views of a larger buffer): safetensors refuses them, so copy those
+    storages = Counter((t.device, t.untyped_storage().data_ptr()) for t in kept.values())
+    for k, t in kept.items():
+        if storages[(t.device, t.untyped_storage().data_ptr())] > 1:
+            kept[k] = t.clone()
+    return kept, aliases

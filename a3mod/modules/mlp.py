@@ -1,9 +1,11 @@
 """ReducedMLP: a (gated) MLP whose intermediate width is whatever its Linear children say."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2CLS, ACT2FN
 
 from ..pipeline.plan import Part
 
@@ -11,9 +13,6 @@ from ..pipeline.plan import Part
 def _activation(name: str, dtype) -> nn.Module:
     """ACT2FN[name]; an activation with learned parameters that takes a dtype (xIELU) gets the module's dtype (or
     the default one, as under from_pretrained's dtype context), not its class default."""
-    import inspect
-
-    from transformers.activations import ACT2CLS
 
     cls = ACT2CLS.get(name)
     if isinstance(cls, type) and "dtype" in inspect.signature(cls.__init__).parameters:

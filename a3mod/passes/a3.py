@@ -11,13 +11,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..math import solvers
 from ..arch import active
-from ..pipeline.rewrite import LayerWork, MLAWork
-from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..errors import RatioError
+from ..math import solvers
+from ..pipeline.plan import COMPONENTS, LayerPlan, Part
+from ..pipeline.rewrite import LayerWork, MLAWork
 from .base import (
-    PassConfig, PassContext, check_int, check_multiple, check_ratio_rank, handler, register_pass, run_pass,
+    PassConfig,
+    PassContext,
+    check_int,
+    check_multiple,
+    check_ratio_rank,
+    handler,
+    register_pass,
+    run_pass,
 )
 
 

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..math import factorize as fz
 from ..arch import LayerView, get_path, linear_params
 from ..errors import A3ModError, RatioError, UnsupportedModelError
+from ..math import factorize as fz
 from ..modules import LatentKVAttention, LowRankLinear
 from .a3 import RatioOrRank
 from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass

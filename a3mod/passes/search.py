@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..math import factorize as fz
 from ..arch import LayerView, active, get_path, linear_params
 from ..errors import CalibrationError, RatioError, UnsupportedModelError
+from ..math import factorize as fz
 from ..report import linear_param_count
 
 PARAM_CANDIDATES = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)     # kept fraction of a linear's parameters

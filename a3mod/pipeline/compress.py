@@ -1,22 +1,24 @@
 """`a3mod.apply`: rewrite a model in place with compact modules computed by closed-form passes."""
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..arch import active, layer_views, set_child
 from ..calib import distributed
-from ..io import native
-from ..arch import active, layer_views
 from ..calib.stats import Stats
 from ..errors import A3ModError, CalibrationError
+from ..io import native
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
 from ..passes.base import PassContext, needs, pass_def, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
-from ..report import linear_param_count
-from .rewrite import set_child
+from ..report import linear_param_count, report
 from .verify import verify_model
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
@@ -129,12 +131,6 @@ def preview(model: nn.Module, passes, inplace: bool = False):
     calibrating: the passes run on one short random window, since uniform kept dims depend on shapes only. Passes
     that choose dims from data (Allocate, A3KV(mixed=True), ASVD's rank search) are an A3ModError. The model is
     left untouched unless `inplace` (then it is rewritten, with meaningless weights)."""
-    import copy
-
-    import torch
-
-    from ..arch import layer_views
-    from ..report import report
 
     passes = list(passes)
     bad = data_dependent(passes)

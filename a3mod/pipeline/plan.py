@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..arch import find_path, get_path, mlp_paths, out_features
+from ..arch.experts import kept_width
+from ..arch.mla import is_mla, mla_dims
 from ..errors import RatioError
 
 
@@ -123,10 +126,6 @@ def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     """The plan of decoder layer `layer` as it is now: every module in it that describes itself (`plan_parts()`:
     ReducedHeadAttention, ReducedMLP, a layer's narrowed up projection) overrides the original dims; an MoE layer's
     routed experts say their width (`arch.experts.kept_width`); an MoE layer without a shared expert has no "mlp"."""
-    from ..arch import find_path, get_path, mlp_paths, out_features
-    from ..arch.experts import kept_width
-    from ..arch.mla import is_mla, mla_dims
-
     parts = {"qk": Part("qk", dims.head_dim, dims.head_dim), "ov": Part("ov", dims.head_dim, dims.head_dim)}
     mlp_path, experts_path = mlp_paths(layer, spec)
     mlp = None if mlp_path is None else find_path(layer, mlp_path)

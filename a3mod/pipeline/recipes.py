@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from ..errors import RatioError
-from ..passes import A3KV, A3MLP, A3OV, A3QK, ASVD, A3Experts, SVDLLM, Allocate, PlainSVD
+from ..passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD
 
 METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
 LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd": "SVD"}

@@ -236,17 +236,11 @@ def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:
         lin.weight.copy_(flat.t())
 
 
-def set_child(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(get_path(root, parent) if parent else root, name, new)
-
 
 def _keep_learned_activation(mlp: nn.Module, orig: nn.Module) -> None:
     """An activation with learned parameters (Apertus' xIELU: alpha_p, alpha_n, beta, eps) is elementwise, so it
     commutes with dropping neurons: the reduced MLP keeps a copy of the original's, values and dtype included
     (a fresh ACT2FN instance would hold the defaults)."""
-    import copy
-
     act = mlp.act_fn
     if not isinstance(act, nn.Module) or not (list(act.parameters()) or list(act.buffers())):
         return

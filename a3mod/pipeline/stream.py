@@ -39,20 +39,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from ..arch import get_path, layer_views, set_child, spec_for
 from ..calib import distributed
-from ..arch import get_path, layer_views, spec_for
 from ..calib.stats import Stats, check_request, check_token_ids, recording
-from ..io import files, tensors
-from ..io import native
-from ..io.checkpoint import FORMAT, WEIGHTS, describe_model, materialize_buffers, describe_layer, write_sidecar
-from ..io.fingerprint import file_digest
 from ..errors import A3ModError, CheckpointError, UnsupportedModelError
+from ..io import files, native, tensors
+from ..io.checkpoint import WEIGHTS, write_sidecar
+from ..io.codecs import describe_layer
+from ..io.description import FORMAT, describe_model, materialize_buffers
+from ..io.fingerprint import file_digest
+from ..io.guards import NO_CODE, check_folder
 from ..passes import PASSES, pass_to_dict
 from ..passes.a3 import build_layer, preflight
-from .verify import check_layer, structure_key
+from ..passes.base import pass_def
 from ..report import linear_param_count
-from .rewrite import set_child
+from .verify import check_layer, structure_key
+
 
 # ------------------------------------------------------------------------------------------- source
 class _Source:
@@ -255,8 +259,6 @@ def _nonlayer_keys(skel: nn.Module, layers_path: str) -> tuple[list[tuple[str, T
 # --------------------------------------------------------------------------------------------- main
 def _check_passes(passes) -> list:
     """Layer-scope passes only (each once): they solve one layer from its own statistics."""
-    from ..passes.base import pass_def
-
     if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
         raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
     passes = list(passes)
@@ -369,9 +371,6 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
     tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..io.loading import NO_CODE, check_folder
 
     passes = _check_passes(passes)
     check_request(calib, ("a3",))
@@ -399,9 +398,6 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
 
 def _stream(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite, restart,
             progress) -> None:
-    from transformers import GenerationConfig
-
-    from ..io.loading import NO_CODE
 
     rank, world = distributed.rank_world()
     spec = spec_for(skel)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import LayerView, get_path
+from ..arch import LayerView, get_path, set_child
 from ..arch.discover.describe import StopForward, probe_ids, run_probe
 from ..errors import DiscoveryError
-from .rewrite import LayerWork, set_child
+from .rewrite import LayerWork
 
 _NOT_STRUCTURE = ("layer_idx", "layer_id", "layer_number", "idx", "layer_index")
 

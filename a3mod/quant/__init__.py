@@ -7,7 +7,13 @@ The libraries are imported only when a pass runs (pip install 'a3mod[quant]').
 """
 from . import bnb_backend, hqq_backend  # noqa: F401  (register the handlers)
 from .base import (
-    QUANT_HANDLERS, QuantHandler, is_quantized, quant_swaps, quantized_linears, register_quant, split_quant,
+    QUANT_HANDLERS,
+    QuantHandler,
+    is_quantized,
+    quant_swaps,
+    quantized_linears,
+    register_quant,
+    split_quant,
 )
 from .configs import HQQ, Bnb4bit, BnbInt8, QuantizationError
 from .kv_cache import KV_BACKENDS, cache_bytes, quantized_cache

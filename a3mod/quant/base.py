@@ -15,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView
+from ..modules.linears import is_quantized, linear_shape, quantized_linears  # noqa: F401  (re-exported)
+from ..passes.base import handler
 from .configs import QuantizationError
 
 QUANT_HANDLERS: dict[type, "QuantHandler"] = {}
@@ -32,8 +34,6 @@ class QuantHandler:
 def register_quant(cls, backend: QuantHandler) -> None:
     """Register a quantization config: its backend (library, quantize, restore, check) and, in the pass registry,
     a linear-scope handler that quantizes ctx.linear."""
-    from ..passes.base import handler
-
     QUANT_HANDLERS[cls] = backend
     handler(cls, scope="linear")(lambda cfg, ctx: backend.quantize(cfg, ctx.linear))
 
@@ -50,10 +50,6 @@ def handler_for(cfg) -> QuantHandler:
 
 
 # ------------------------------------------------------------------------------------------ modules
-def is_quantized(m: nn.Module) -> bool:
-    """A quantized linear: made by a3mod, or any bitsandbytes / hqq module."""
-    return getattr(m, "a3mod_quant", None) is not None or type(m).__module__.split(".")[0] in ("bitsandbytes", "hqq")
-
 
 def is_plain_linear(m: nn.Module) -> bool:
     """An nn.Linear or GPT-2 Conv1D that is not quantized."""
@@ -72,19 +68,8 @@ def as_linear(m: nn.Module) -> nn.Linear:
     return lin.train(m.training)
 
 
-def linear_shape(m: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear, a GPT-2 Conv1D or a quantized linear."""
-    if type(m).__name__ == "Conv1D":
-        return m.weight.shape[0], m.nf
-    return m.in_features, m.out_features
 
 
-def quantized_linears(module: nn.Module) -> dict[str, nn.Module]:
-    """The quantized linears a3mod made inside `module`, by path."""
-    return {n: m for n, m in module.named_modules() if getattr(m, "a3mod_quant", None) is not None}
-
-
-# -------------------------------------------------------------------------------------------- apply
 def split_quant(passes) -> tuple[list, Any]:
     """(compression passes, the quantization pass or None); it must come last, at most one."""
     passes = list(passes)

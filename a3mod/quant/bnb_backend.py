@@ -6,6 +6,7 @@ packed `weight.quant_state.bitsandbytes__<type>` record. `restore` rebuilds the 
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -115,8 +116,6 @@ def _flat_linear4bit_class():
     """
     global _FLAT4
     if _FLAT4 is None:
-        import copy
-
         import bitsandbytes.functional as F
         from bitsandbytes.nn import Linear4bit
 
@@ -150,9 +149,8 @@ def _fourbit_module(cfg: Bnb4bit, in_f: int, out_f: int, bias) -> nn.Module:
 
 
 def fourbit_quantize(cfg: Bnb4bit, lin: nn.Linear) -> nn.Module:
-    from bitsandbytes.nn import Params4bit
-
     import bitsandbytes.functional as F
+    from bitsandbytes.nn import Params4bit
 
     w = lin.weight.detach()
     m = _fourbit_module(cfg, lin.in_features, lin.out_features, lin.bias)

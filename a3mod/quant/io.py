@@ -9,20 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import get_path
+from ..arch import get_path, set_child
 from ..errors import A3ModError, CheckpointError
 from ..passes.base import pass_from_dict, pass_to_dict
-from ..pipeline.rewrite import set_child
-from .base import QUANT_HANDLERS, handler_for, linear_shape, quantized_linears
-
-
-def layer_entry(layer: nn.Module) -> dict:
-    """{path: dims} of the quantized linears in one decoder layer (empty when none)."""
-    out = {}
-    for path, m in quantized_linears(layer).items():
-        in_f, out_f = linear_shape(m)
-        out[path] = dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None)
-    return out
+from .base import QUANT_HANDLERS, handler_for, linear_shape
 
 
 def model_entry(model: nn.Module) -> dict | None:

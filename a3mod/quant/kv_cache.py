@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, Fp8QuantizedLayer, HQQQuantizedLayer
 
 from ..arch import layer_views
 from .configs import QuantizationError
@@ -31,8 +32,6 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def _hqq_layer_class():
-    from transformers.cache_utils import HQQQuantizedLayer
-
     class HeadGroupedHQQLayer(HQQQuantizedLayer):
         """HQQ cache layer whose group size divides the head dim of whatever it quantizes (keys, values, latents)."""
 
@@ -60,8 +59,6 @@ def _hqq_layer_class():
 def quantized_cache(model: nn.Module, backend: str = "hqq", nbits: int = 4, group_size: int = 64,
                     residual_length: int = 128):
     """A transformers `Cache` for `model` (compressed or not) whose layers quantize keys and values."""
-    from transformers.cache_utils import Cache, Fp8QuantizedLayer
-
     if backend not in KV_BACKENDS:
         raise QuantizationError(f"KV-cache backend {backend!r}; allowed: {', '.join(KV_BACKENDS)}")
     if backend == "hqq" and nbits not in (1, 2, 3, 4, 8):

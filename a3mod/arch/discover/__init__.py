@@ -26,8 +26,8 @@ with `torch.export` (non-strict). It then follows the dataflow of the exported A
 `arch.spec_for` uses that for model types without an explicit adapter.
 
 Files: graph.py (the exported graph, channel replay), roles.py (attention op, q/k/v, RoPE, norms, MLP),
-describe.py (a layer's LayerDiscovery; discover(model)), summary.py (architecture card), fallback.py
-(Discovery.to_spec and the spec_for fallback), types.py (result types).
+describe.py (a layer's LayerDiscovery; discover(model)), summary.py (architecture card), tospec.py
+(Discovery.to_spec), fallback.py (the spec_for fallback), types.py (result types).
 """
 from __future__ import annotations
 

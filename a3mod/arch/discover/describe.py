@@ -9,14 +9,29 @@ import torch
 from torch import fx, nn
 
 from ...errors import DiscoveryError
-from .graph import OpGraph, Lin, Trace, opname, replay_trace, shape_of
+from ..experts import ExpertsView, is_experts
+from .graph import Lin, OpGraph, Trace, opname, replay_trace, shape_of
 from .roles import (
+    Attn,
+    Mlp,
     NoAttentionError,
-    Attn, Mlp, act_config_of, act_literal, dropout_after, find_attention, kv_groups, layer_out, find_mlp, norm_after,
-    norm_into, projection_of, find_qk_norm, find_qkv_layout, find_rope, find_rope_source,
+    act_config_of,
+    act_literal,
+    dropout_after,
+    find_attention,
+    find_mlp,
+    find_qk_norm,
+    find_qkv_layout,
+    find_rope,
+    find_rope_source,
+    kv_groups,
+    layer_out,
+    norm_after,
+    norm_into,
+    projection_of,
 )
 from .types import Discovery, LayerDiscovery, Role, common_parent
-from ..experts import ExpertsView, is_experts
+
 
 # ----------------------------------------------------------------------------------------- layer
 def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDiscovery:

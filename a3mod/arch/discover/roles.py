@@ -7,13 +7,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from transformers.activations import ACT2CLS
 
-from .graph import (
-    ACTIVATION, OpGraph, IDENTITY, LAYOUT, Lin, MATMUL, SOFTMAX, Trace, arg_of, channels_of, module_path, opname,
-    replay_trace, users_of,
-)
 from ...errors import DiscoveryError
+from .graph import (
+    ACTIVATION,
+    IDENTITY,
+    LAYOUT,
+    MATMUL,
+    SOFTMAX,
+    Lin,
+    OpGraph,
+    Trace,
+    arg_of,
+    channels_of,
+    module_path,
+    opname,
+    replay_trace,
+    users_of,
+)
 from .types import Role, common_parent
+
 
 # -------------------------------------------------------------------------------- attention op
 @dataclass
@@ -291,10 +305,6 @@ def _act_name(nodes: list[fx.Node], owner: str) -> tuple[str, tuple[str, ...]]:
 def act_literal(act: str, ops: tuple[str, ...]) -> str | None:
     """The transformers ACT2FN name of activation `act` (a class name) or computing `ops`, for layers whose config
     names no activation (CTRL's ReLU, MPT's GELU, GPT's NewGELU). The full-rank self-check confirms the pick."""
-    try:
-        from transformers.activations import ACT2CLS
-    except ImportError:      # pragma: no cover
-        return None
     cls_of = lambda v: v[0] if isinstance(v, tuple) else v  # noqa: E731
     by_class = [name for name, v in ACT2CLS.items() if cls_of(v).__name__ == act]
     if by_class:
@@ -305,10 +315,6 @@ def act_literal(act: str, ops: tuple[str, ...]) -> str | None:
 
 def act_config_of(config, act: str, ops: tuple[str, ...]) -> str | None:
     """The config attribute whose activation name builds `act` (a class name) or computes `ops`."""
-    try:
-        from transformers.activations import ACT2CLS
-    except ImportError:      # pragma: no cover
-        return None
     by_op = {"silu": {"silu", "swish"}, "gelu": {"gelu"}, "relu": {"relu"}, "sigmoid": {"sigmoid"}}
     items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
     hits = []

@@ -1,8 +1,10 @@
 """Discovery, part 4: the architecture card (`Discovery.summary`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-from .types import Discovery, LayerDiscovery
+if TYPE_CHECKING:
+    from .types import Discovery, LayerDiscovery
 
 # -------------------------------------------------------------------------------------- summary
 

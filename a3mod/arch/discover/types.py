@@ -4,6 +4,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .summary import layer_lines, summary_text
+from .tospec import spec_from_discovery
+
+
 # ---------------------------------------------------------------------------------------- result types
 @dataclass(frozen=True)
 class Role:
@@ -101,8 +105,6 @@ class LayerDiscovery:
         return len(self.up.channels) if self.up is not None else 0
 
     def summary(self, evidence: bool = False) -> str:
-        from .summary import layer_lines
-
         return "\n".join(layer_lines(self) + ([f"  how        {e}" for e in self.found] if evidence else []))
 
 
@@ -121,8 +123,6 @@ class Discovery:
 
     def summary(self, evidence: bool = False) -> str:
         """An architecture card; `evidence=True` adds how each role was found (the graph ops followed)."""
-        from .summary import summary_text
-
         return summary_text(self, evidence)
 
     def __str__(self) -> str:
@@ -130,8 +130,6 @@ class Discovery:
 
     def to_spec(self):
         """An `arch.ArchSpec` for this model, or a `DiscoveryError` naming what does not fit its fields."""
-        from .fallback import spec_from_discovery
-
         return spec_from_discovery(self)
 
 

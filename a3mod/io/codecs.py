@@ -1,0 +1,369 @@
+"""Codecs: one entry per kind of compact module a compressed model can hold, and the only place that knows how each
+kind is described in a checkpoint (a3mod.json / config.json) and rebuilt from that description.
+
+A codec has a `key` (its name in a layer's description), and three functions over one decoder layer (a `Site`):
+    describe(site) -> dict | None     the kind's entry for this layer, None when the layer holds none
+    validate(entry, path)             schema check of an entry read from a file (CheckpointError naming the field)
+    build(site, entry)                swap the described module into a skeleton layer (weights come later)
+`describe_layer`, `validate_entry` and `build_layer` run every registered codec in order; checkpoint, native,
+streaming and the report iterate them instead of knowing the kinds.
+
+How to add a kind of compact module (a worked example: a low-rank linear, `LowRankLinear`):
+    1. the module (modules/lowrank.py) holds what it needs to be rebuilt: in_features, rank, out_features, bias;
+    2. a codec here: describe collects {path: dims} of the layer's LowRankLinears, validate checks those fields
+       (`_linear_map`), build constructs `LowRankLinear(**dims)` at each path; `register(Codec("linears", ...))`;
+    3. nothing else: save, load, from_pretrained, save_pretrained and streaming pick it up from the registry.
+A new feature of an existing kind (say, attention sinks) is a key in that kind's entry: the module's describe()
+writes it, its validate() accepts it, its constructor reads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..arch import ArchSpec, Dims, find_path, get_path, mlp_paths, set_child
+from ..arch.experts import ExpertsView, narrowed
+from ..arch.mla import is_mla, narrowed_mla
+from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..modules.linears import linear_shape, quantized_linears
+from .schema import PATH, bias_flags, boolean, dropouts, fail, indices, integer, keys, number, string
+
+
+@dataclass
+class Site:
+    """One decoder layer: where codecs read (describe) and build. `rope` collects, by module path in the model, the
+    kept RoPE dims a built attention must hold once its weights are loaded."""
+    layer: nn.Module
+    spec: ArchSpec
+    index: int = 0
+    config: Any = None
+    dims: Dims | None = None
+    device: Any = None
+    dtype: Any = None
+    rope: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def attn(self) -> nn.Module | None:
+        return find_path(self.layer, self.spec.attn)
+
+
+@dataclass(frozen=True)
+class Codec:
+    key: str
+    describe: Callable[[Site], dict | None]
+    validate: Callable[[Any, str], None]
+    build: Callable[[Site, dict], None] | None = None      # None: rebuilt elsewhere (quantized: from its tensors)
+
+
+CODECS: dict[str, Codec] = {}        # build order: whole modules first, then linears inside them
+EXCLUSIVE = (("attn", "latent_attn"),)
+
+
+def register(codec: Codec) -> Codec:
+    CODECS[codec.key] = codec
+    return codec
+
+
+def describe_layer(layer: nn.Module, spec: ArchSpec) -> dict:
+    """The description of one decoder layer: each kind's entry. Empty for an untouched layer."""
+    site = Site(layer, spec)
+    return {c.key: e for c in CODECS.values() if (e := c.describe(site))}
+
+
+def validate_entry(entry: dict, path: str) -> None:
+    keys(entry, path, (), tuple(CODECS))
+    for a, b in EXCLUSIVE:
+        if a in entry and b in entry:
+            fail(path, f"has both {a} and {b}")
+    for c in CODECS.values():
+        if c.key in entry:
+            c.validate(entry[c.key], f"{path}.{c.key}")
+
+
+def build_layer(site: Site, entry: dict) -> None:
+    """Swap every module `entry` describes into the skeleton layer (ValueError / KeyError / ... on a description
+    that does not fit the layer; the caller names the file)."""
+    for c in CODECS.values():
+        if c.key in entry and c.build is not None:
+            c.build(site, entry[c.key])
+
+
+# ------------------------------------------------------------------------------------------ schemas
+def _heads(a: dict, path: str) -> None:
+    for n in ("hidden", "heads", "kv_heads", "head_dim"):
+        integer(a[n], f"{path}.{n}", 1)
+    if a["heads"] % a["kv_heads"]:
+        fail(f"{path}.heads", f"= {a['heads']} is not a multiple of kv_heads = {a['kv_heads']}")
+    number(a["scaling"], f"{path}.scaling", 0.0, 1e6, lo_open=True)
+    boolean(a["is_causal"], f"{path}.is_causal")
+    dropouts(a, path, ("dropout", "out_dropout"))
+
+
+def _attn(a: dict, path: str) -> None:
+    keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
+                    "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
+          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask", "residual", "sinks"))
+    _heads(a, path)
+    hd = a["head_dim"]
+    integer(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
+    integer(a["vo_dim"], f"{path}.vo_dim", 1, hd + 1)
+    rot = integer(a["rot_dim"], f"{path}.rot_dim", 0, a["qk_dim"] + 1)
+    if rot % 2:
+        fail(f"{path}.rot_dim", f"= {rot} must be even (RoPE rotates pairs)")
+    bias_flags(a["bias"], f"{path}.bias", "qkvo")
+    if a["sliding_window"] is not None:
+        integer(a["sliding_window"], f"{path}.sliding_window", 1)
+    idx = a["rope_index"]
+    if not isinstance(idx, list):
+        fail(f"{path}.rope_index", f"must be a list, got {type(idx).__name__}")
+    flat = [x for row in idx for x in (row if isinstance(row, list) else [row])]
+    indices(flat, f"{path}.rope_index", a["kv_heads"] * rot, hd, ascending=False)
+    if "out_proj" in a and a["out_proj"] is not False:
+        fail(f"{path}.out_proj", f"= {a['out_proj']!r}; only false is written (the projection lives outside)")
+    if "qk_norm" in a:
+        string(a["qk_norm"], f"{path}.qk_norm", {"head", "all"})
+        if a["qk_dim"] != hd:
+            fail(f"{path}.qk_dim", f"= {a['qk_dim']} must equal head_dim = {hd} under qk_norm")
+    if "softcap" in a:
+        number(a["softcap"], f"{path}.softcap", 0.0, 1e6, lo_open=True)
+    if "rope_table" in a:
+        string(a["rope_table"], f"{path}.rope_table", {"sin_cos", "once"})
+    if "sinks" in a and a["sinks"] is not True:
+        fail(f"{path}.sinks", f"= {a['sinks']!r}; only true is written (the attention has per-head sink logits)")
+    if "alibi" in a:
+        string(a["alibi"], f"{path}.alibi", {"position_bias", "alibi"})
+    if "bool_mask" in a:
+        string(a["bool_mask"], f"{path}.bool_mask", {"masked"})
+    if "residual" in a and a["residual"] is not True:
+        fail(f"{path}.residual", f"= {a['residual']!r}; only true is written (the attention adds the residual)")
+
+
+def _latent(a: dict, path: str) -> None:
+    keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "k_rank", "v_rank", "rot_dim", "scaling",
+                    "is_causal", "dropout", "out_dropout", "bias"))
+    _heads(a, path)
+    hd, kv = a["head_dim"], a["kv_heads"]
+    integer(a["k_rank"], f"{path}.k_rank", 1, kv * hd + 1)
+    integer(a["v_rank"], f"{path}.v_rank", 1, kv * hd + 1)
+    rot = integer(a["rot_dim"], f"{path}.rot_dim", 0, hd + 1)
+    if rot % 2:
+        fail(f"{path}.rot_dim", f"= {rot} must be even")
+    bias_flags(a["bias"], f"{path}.bias", "qkvo")
+
+
+def _mlp(m: dict, path: str) -> None:
+    keys(m, path, ("hidden", "inter", "orig_inter", "act", "gated", "up_bias", "down_bias", "kept"),
+          ("dropout", "residual"))
+    if "residual" in m and m["residual"] is not True:
+        fail(f"{path}.residual", f"= {m['residual']!r}; only true is written (the MLP adds the residual)")
+    integer(m["hidden"], f"{path}.hidden", 1)
+    orig = integer(m["orig_inter"], f"{path}.orig_inter", 1)
+    inter = integer(m["inter"], f"{path}.inter", 1, orig + 1)
+    string(m["act"], f"{path}.act", set(ACT2FN))
+    for n in ("gated", "up_bias", "down_bias"):
+        boolean(m[n], f"{path}.{n}")
+    dropouts(m, path, ("dropout",))
+    if m["kept"] is not None:
+        indices(m["kept"], f"{path}.kept", inter, orig, ascending=True)
+
+
+def _experts(x: dict, path: str) -> None:
+    """Routed experts narrowed in place: every expert keeps the same number of its orig_inter neurons."""
+    keys(x, path, ("orig_inter", "kept"), ("fallback",))
+    orig = integer(x["orig_inter"], f"{path}.orig_inter", 1)
+    kept = x["kept"]
+    if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
+        fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
+    width = len(kept[0])
+    for j, r in enumerate(kept):
+        indices(r, f"{path}.kept[{j}]", width, orig, ascending=True)
+    if width < 1:
+        fail(f"{path}.kept", "keeps no neuron")
+    if "fallback" in x:
+        indices(x["fallback"], f"{path}.fallback", None, len(kept), ascending=True)
+
+
+def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
+    keys(d, path, (), tuple(d) if isinstance(d, dict) else ())
+    for p, e in d.items():
+        if not PATH.match(p):
+            fail(path, f"names {p!r}, which is not a module path")
+        q = f"{path}.{p}"
+        keys(e, q, required, optional)
+        for n in ("in_features", "out_features", "rank", "orig_in", "orig_out"):
+            if n in e:
+                integer(e[n], f"{q}.{n}", 1)
+        boolean(e["bias"], f"{q}.bias")
+
+
+def _narrow(d, path: str) -> None:
+    _linear_map(d, path, ("in_features", "out_features", "bias", "orig_in", "orig_out", "kept"))
+    for p, e in d.items():
+        q = f"{path}.{p}"
+        if e["in_features"] > e["orig_in"] or e["out_features"] > e["orig_out"]:
+            fail(q, f"({e['in_features']} -> {e['out_features']}) is wider than the original "
+                     f"({e['orig_in']} -> {e['orig_out']})")
+        if e["kept"] is not None:
+            side = "out" if len(e["kept"]) == e["out_features"] and e["out_features"] < e["orig_out"] else "in"
+            indices(e["kept"], f"{q}.kept", e[f"{side}_features"], e[f"orig_{side}"], ascending=True)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def _describe_attn(site: Site) -> dict | None:
+    a = site.attn
+    return a.describe() if isinstance(a, ReducedHeadAttention) else None
+
+
+def _build_attn(site: Site, entry: dict) -> None:
+    a = dict(entry)
+    idx = torch.tensor(a.pop("rope_index"), dtype=torch.long, device="cpu")
+    if idx.numel() != a["kv_heads"] * a["rot_dim"]:
+        raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
+                         f"{a['kv_heads']} x {a['rot_dim']}")
+    idx = idx.reshape(a["kv_heads"], a["rot_dim"])
+    if idx.numel() and int(idx.max()) >= site.dims.rot_dim:
+        raise ValueError(f"rope_index holds {int(idx.max())}, outside the model's {site.dims.rot_dim} rotary dims")
+    if a.get("qk_norm"):     # the skeleton's own q/k norm modules (their weights come with the file)
+        old = get_path(site.layer, site.spec.attn)
+        a["q_norm"], a["k_norm"] = (getattr(old, n) for n in site.spec.qk_norm_names)
+    attn = ReducedHeadAttention(site.config, site.index, device=site.device, dtype=site.dtype, **a)
+    site.rope[f"{site.spec.layers}.{site.index}.{site.spec.attn}"] = idx
+    set_child(site.layer, site.spec.attn, attn)
+
+
+def _describe_latent(site: Site) -> dict | None:
+    a = site.attn
+    return a.describe() if isinstance(a, LatentKVAttention) else None
+
+
+def _build_latent(site: Site, entry: dict) -> None:
+    set_child(site.layer, site.spec.attn, LatentKVAttention(site.config, site.index, device=site.device,
+                                                            dtype=site.dtype, **entry))
+
+
+def _describe_mla(site: Site) -> dict | None:
+    a = site.attn                    # latent attention narrowed in place (arch/mla.py)
+    info = getattr(a, "a3mod_mla", None)
+    return {"qk_nope": a.qk_nope_head_dim, "v": a.v_head_dim, **info} if info else None
+
+
+def _validate_mla(m, path: str) -> None:
+    keys(m, path, ("qk_nope", "v", "orig_nope", "orig_v"))
+    for n in m:
+        integer(m[n], f"{path}.{n}", 1)
+
+
+def _build_mla(site: Site, x: dict) -> None:
+    old = get_path(site.layer, site.spec.attn)
+    if not is_mla(old):
+        raise ValueError(f"an 'mla' entry for a layer whose attention is a {type(old).__name__}")
+    if (x["orig_nope"], x["orig_v"]) != (old.qk_nope_head_dim, old.v_head_dim):
+        raise ValueError(f"mla orig_nope / orig_v {x['orig_nope']} / {x['orig_v']} differ from the model's "
+                         f"{old.qk_nope_head_dim} / {old.v_head_dim}")
+    if x["qk_nope"] > x["orig_nope"] or x["v"] > x["orig_v"]:
+        raise ValueError("mla keeps more dims than the model has")
+    set_child(site.layer, site.spec.attn, narrowed_mla(old, None, None, None, None, None, x["qk_nope"], x["v"]))
+
+
+# ------------------------------------------------------------------------------------------ MLPs
+def _describe_mlp(site: Site) -> dict | None:
+    path = mlp_paths(site.layer, site.spec)[0]
+    mlp = None if path is None else find_path(site.layer, path)
+    return mlp.describe() if isinstance(mlp, ReducedMLP) else None
+
+
+def _build_mlp(site: Site, entry: dict) -> None:
+    m = dict(entry)
+    kept = m.pop("kept")
+    if kept is not None and not all(0 <= k < m["orig_inter"] for k in kept):
+        raise ValueError(f"mlp 'kept' has neuron indices outside [0, orig_inter={m['orig_inter']})")
+    mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
+                     orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), residual=m.get("residual", False),
+                     device=site.device, dtype=site.dtype)
+    mlp.kept = kept
+    path = mlp_paths(site.layer, site.spec)[0]
+    if path is None:
+        raise ValueError("an 'mlp' entry for a layer whose MoE block has no shared expert")
+    set_child(site.layer, path, mlp)
+
+
+def _describe_experts(site: Site) -> dict | None:
+    path = mlp_paths(site.layer, site.spec)[1]
+    info = path and getattr(get_path(site.layer, path), "a3mod_experts", None)
+    if not info:                     # routed experts narrowed in place (arch/experts.py)
+        return None
+    return {"orig_inter": info["orig_inter"], "kept": info["kept"],
+            **({"fallback": info["fallback"]} if info.get("fallback") else {})}
+
+
+def _build_experts(site: Site, x: dict) -> None:
+    path = mlp_paths(site.layer, site.spec)[1]
+    if path is None:
+        raise ValueError("an 'experts' entry for a layer without routed experts")
+    old = get_path(site.layer, path)
+    hidden = site.dims.hidden
+    if ExpertsView(old, hidden).inter != x["orig_inter"]:
+        raise ValueError(f"experts orig_inter {x['orig_inter']} differs from the model's "
+                         f"{ExpertsView(old, hidden).inter}")
+    kept = torch.tensor(x["kept"], dtype=torch.long, device="cpu")
+    set_child(site.layer, path, narrowed(old, hidden, kept, x.get("fallback")))
+
+
+# ------------------------------------------------------------------------------------------ linears
+def _describe_lowrank(site: Site) -> dict | None:
+    inside = site.spec.attn + "." if isinstance(site.attn, LatentKVAttention) else None   # described by it
+    return {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
+            for n, m in site.layer.named_modules()
+            if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))} or None
+
+
+def _validate_lowrank(d, path: str) -> None:
+    _linear_map(d, path, ("in_features", "rank", "out_features", "bias"))
+    for p, lr in d.items():
+        if lr["rank"] > min(lr["in_features"], lr["out_features"]):
+            fail(f"{path}.{p}.rank", f"= {lr['rank']} exceeds min(in, out) = "
+                                     f"{min(lr['in_features'], lr['out_features'])}")
+
+
+def _build_linears(cls: type) -> Callable[[Site, dict], None]:
+    def build(site: Site, entry: dict) -> None:
+        for path, kw in entry.items():
+            get_path(site.layer, path)          # the path must exist in the skeleton
+            set_child(site.layer, path, cls(**kw, device=site.device, dtype=site.dtype))
+    return build
+
+
+def _describe_narrow(site: Site) -> dict | None:
+    return {n: _narrow_entry(m) for n, m in site.layer.named_modules()
+            if isinstance(m, NarrowLinear) or getattr(m, "a3mod_narrow", None) is not None} or None
+
+
+def _narrow_entry(m: nn.Module) -> dict:
+    """Entry of a NarrowLinear, or of the quantized linear that replaced one (its `a3mod_narrow`)."""
+    in_f, out_f = linear_shape(m)
+    info = m.narrow_info() if isinstance(m, NarrowLinear) else m.a3mod_narrow
+    return dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None, **info)
+
+
+def _describe_quantized(site: Site) -> dict | None:
+    """{path: dims} of the quantized linears (their modules are rebuilt from their tensors, quant/io.py)."""
+    out = {}
+    for path, m in quantized_linears(site.layer).items():
+        in_f, out_f = linear_shape(m)
+        out[path] = dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None)
+    return out or None
+
+
+register(Codec("attn", _describe_attn, _attn, _build_attn))
+register(Codec("mlp", _describe_mlp, _mlp, _build_mlp))
+register(Codec("mla", _describe_mla, _validate_mla, _build_mla))
+register(Codec("experts", _describe_experts, _experts, _build_experts))
+register(Codec("latent_attn", _describe_latent, _latent, _build_latent))
+register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear)))
+register(Codec("linears", _describe_lowrank, _validate_lowrank, _build_linears(LowRankLinear)))
+register(Codec("quantized", _describe_quantized,
+               lambda d, path: _linear_map(d, path, ("in_features", "out_features", "bias"))))

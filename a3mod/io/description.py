@@ -1,0 +1,123 @@
+"""A compressed model's description (what a3mod.json and config.json's "a3mod" hold) and the dense skeleton it is
+rebuilt on: the model-level half of the codecs (io/codecs.py), shared by checkpoint, native and streaming."""
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .. import __version__
+from ..arch import dims_of, get_path, spec_for
+from ..errors import CheckpointError
+from ..modules import NarrowLinear
+from ..quant import io as quant_io
+from .codecs import Site, build_layer, describe_layer
+from .files import SIDECAR
+
+FORMAT = 1
+QUANT_FORMAT = 2       # written when the model holds quantized linears (older readers refuse it)
+
+
+def describe_model(model: nn.Module) -> dict:
+    spec = spec_for(model)
+    layers = {}
+    for i, layer in enumerate(get_path(model, spec.layers)):
+        entry = describe_layer(layer, spec)
+        if entry:
+            layers[str(i)] = entry
+    info = getattr(model, "a3mod_info", {})
+    quant = quant_io.model_entry(model)
+    base = getattr(type(model), "a3mod_base", type(model))         # the original class of a native one
+    return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
+            "model_type": model.config.model_type, "model_class": base.__name__,
+            "passes": info.get("passes", []),
+            "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
+            "layers": layers, **({"quant": quant} if quant else {}),
+            **({"heal": info["heal"]} if info.get("heal") else {})}
+
+
+def build_reduced(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
+    """Swap in the reduced modules the description holds; returns its kept RoPE dims by module name."""
+    spec = spec_for(model)
+    dims = dims_of(model.config, spec)
+    layers = get_path(model, spec.layers)
+    rope = {}
+    for key, entry in side["layers"].items():
+        i = int(key)
+        if not 0 <= i < len(layers):
+            raise CheckpointError(f"sidecar names layer {i}, the model has {len(layers)} layers")
+        site = Site(layers[i], spec, i, model.config, dims, device, dtype, rope)
+        try:
+            build_layer(site, entry)
+        except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{SIDECAR} layer {i} is inconsistent: {e}") from e
+    return rope
+
+
+def materialize_buffers(model: nn.Module, device) -> None:
+    """Non-persistent buffers (rotary inv_freq, BERT's position_ids) are not in the file: take them from a fresh
+    module built from the config (the module itself, with its loaded weights, stays)."""
+    for name, mod in list(model.named_modules()):
+        meta = [n for n, b in mod.named_buffers(recurse=False) if b.is_meta]
+        if meta:
+            try:
+                fresh = type(mod)(config=model.config)
+            except TypeError as e:
+                if not _init_buffers(model, mod, meta, device):
+                    raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
+                continue
+            for n in meta:
+                mod._buffers[n] = getattr(fresh, n).to(device)
+
+
+def _init_buffers(model: nn.Module, mod: nn.Module, names: list[str], device) -> bool:
+    """Buffers of a module not built from the config (Gemma's scaled embedding: `embed_scale`): the model's own
+    `_init_weights` fills them, as in `from_pretrained`, with the loaded parameters marked initialized so they
+    stay. Returns False when the model has no `_init_weights` or it left a buffer on the meta device."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return False
+    for n in names:
+        mod._buffers[n] = torch.empty_like(mod._buffers[n], device=device)
+    params = list(mod.parameters(recurse=False))
+    flags = [p.__dict__.get("_is_hf_initialized") for p in params]
+    for p in params:
+        p._is_hf_initialized = True
+    try:
+        init(mod)
+    finally:
+        for p, f in zip(params, flags):
+            if f is None:
+                del p._is_hf_initialized
+            else:
+                p._is_hf_initialized = f
+    return not any(mod._buffers[n].is_meta for n in names)
+
+
+def remember_narrow(model: nn.Module, side: dict) -> None:
+    """Quantized linears restored in place of a NarrowLinear keep its original dims (for report and re-save)."""
+    layers = get_path(model, spec_for(model).layers)
+    for key, entry in side["layers"].items():
+        for path, nl in entry.get("narrow", {}).items():
+            m = get_path(layers[int(key)], path)
+            if not isinstance(m, NarrowLinear):
+                m.a3mod_narrow = {k: nl[k] for k in ("orig_in", "orig_out", "kept")}
+
+
+def transformers_class(name) -> type | None:
+    """The transformers model class called `name` (BertModel, OPTForCausalLM, ...), or None."""
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name else None
+    return cls if isinstance(cls, type) and issubclass(cls, PreTrainedModel) else None
+
+
+def skeleton(class_name: str | None, config) -> nn.Module:
+    """The transformers class the sidecar names built from `config`; AutoModelForCausalLM for sidecars that name
+    none or a class outside transformers."""
+    cls = transformers_class(class_name)
+    return cls._from_config(config) if cls is not None else AutoModelForCausalLM.from_config(config)
+
+
+def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    mod_path, _, name = key.rpartition(".")
+    return getattr(get_path(model, mod_path) if mod_path else model, name)

@@ -1,0 +1,80 @@
+"""The primitives of a3mod.json's schema: each checks one value and raises a CheckpointError naming its path
+(e.g. "a3mod.json: layers.3.attn.rope_index[5] = 999 is outside [0, 64)")."""
+from __future__ import annotations
+
+import math
+import re
+
+from ..errors import CheckpointError
+
+PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")     # a module path inside a layer
+BIG = 1 << 40
+
+
+def fail(path: str, msg: str):
+    raise CheckpointError(f"a3mod.json: {path} {msg}")
+
+
+def keys(d, path: str, required: tuple, optional: tuple = ()) -> dict:
+    if not isinstance(d, dict):
+        fail(path, f"must be an object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        fail(path, f"lacks {missing}")
+    extra = sorted(k for k in d if k not in required and k not in optional)
+    if extra:
+        fail(path, f"has unknown keys {extra}")
+    return d
+
+
+def integer(v, path: str, lo: int = 0, hi: int = BIG) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        fail(path, f"= {v!r} must be an integer")
+    if not lo <= v < hi:
+        fail(path, f"= {v} is outside [{lo}, {hi})")
+    return v
+
+
+def boolean(v, path: str) -> bool:
+    if not isinstance(v, bool):
+        fail(path, f"= {v!r} must be true or false")
+    return v
+
+
+def number(v, path: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        fail(path, f"= {v!r} must be a finite number")
+    if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+        fail(path, f"= {v!r} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    return float(v)
+
+
+def string(v, path: str, allowed=None) -> str:
+    if not isinstance(v, str):
+        fail(path, f"= {v!r} must be a string")
+    if allowed is not None and v not in allowed:
+        fail(path, f"= {v!r}; allowed: {sorted(allowed)}")
+    return v
+
+
+def indices(v, path: str, n: int | None, bound: int, ascending: bool) -> None:
+    if not isinstance(v, list):
+        fail(path, f"must be a list of indices, got {type(v).__name__}")
+    if n is not None and len(v) != n:
+        fail(path, f"has {len(v)} entries, expected {n}")
+    for j, x in enumerate(v):
+        integer(x, f"{path}[{j}]", 0, bound)
+    if ascending and any(a >= b for a, b in zip(v, v[1:])):
+        fail(path, "must be strictly ascending (each original index once)")
+
+
+def bias_flags(v, path: str, names: str) -> None:
+    keys(v, path, tuple(names))
+    for n in names:
+        boolean(v[n], f"{path}.{n}")
+
+
+def dropouts(e: dict, path: str, names) -> None:
+    for n in names:
+        if n in e:
+            number(e[n], f"{path}.{n}", 0.0, 1.0)
