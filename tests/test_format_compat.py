@@ -1,0 +1,42 @@
+"""Checkpoints written by earlier a3mod code keep loading bit for bit (tests/fixtures/format1: written once by
+make_format1.py at the commit that defined format 1), and a save is deterministic: the same model gives the same
+bytes in every file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import a3mod
+
+FIXTURES = Path(__file__).parent / "fixtures" / "format1"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+
+
+def test_fixtures_present():
+    assert {"llama_a3_30", "qwen2_allocate_all", "gpt2_asvd", "deepseek_v3_a3_30"} <= set(CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_format1_checkpoint_loads_bit_exactly(name):
+    expected = load_file(str(FIXTURES / f"{name}.expected.safetensors"))
+    for model in (a3mod.load(FIXTURES / name), AutoModelForCausalLM.from_pretrained(FIXTURES / name)):
+        with torch.no_grad():
+            out = model(expected["ids"]).logits
+        torch.testing.assert_close(out, expected["logits"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_resave_is_deterministic(name, tmp_path):
+    model = a3mod.load(FIXTURES / name)
+    a, b = a3mod.save(model, tmp_path / "a"), a3mod.save(model, tmp_path / "b")
+    names = sorted(f.name for f in a.iterdir())
+    assert names == sorted(f.name for f in b.iterdir())
+    for f in names:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    # format 1 is still what a3mod writes: the description and the weights are those of the fixture
+    assert (a / "a3mod.json").read_bytes() == (FIXTURES / name / "a3mod.json").read_bytes()
+    assert (a / "model.safetensors").read_bytes() == (FIXTURES / name / "model.safetensors").read_bytes()
