@@ -37,7 +37,7 @@ from a3mod.arch import layer_views
 from a3mod.passes import MODEL_HANDLERS
 from a3mod.passes.lowrank import ASVD, SVDLLM
 from a3mod.passes.search import PARAM_CANDIDATES, asvd_ranks, targets_of
-from a3mod.pipeline.rewrite import set_child
+from a3mod.arch import set_child
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, asset_models, machine, update_readme, write_results

@@ -13,7 +13,7 @@ from a3mod import ASVD, LatentKVAttention, LowRankLinear
 from a3mod.math import factorize as fz
 from a3mod.arch import get_path, layer_views, spec_for
 from a3mod.passes.lowrank import _latent_attention
-from a3mod.pipeline.rewrite import set_child
+from a3mod.arch import set_child
 
 from conftest import calib_ids, input_ids, logits, tiny_model
 
