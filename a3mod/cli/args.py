@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reductions from calibration statistics; smaller weights, FLOPs and KV cache, no extra GEMMs.")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _compress_parser(sub)
+    _eval_parser(sub)
+    _prepare_parser(sub)
+    _report_parser(sub)
+    return ap
 
+
+def _compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="calibrate, compress, report, save; perplexity before and after",
                        description="Calibrate on local text, compress with --method at --ratio (uniform A3 by "
                        "default, or a baseline: ASVD, SVD-LLM, plain SVD), print the report, measure perplexity "
@@ -78,49 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "compress ...` (each rank runs 1/N of the windows, statistics are summed, the solves split; "
                        "gloo on CPU, nccl with --device cuda; rank 0 evaluates and saves).")
     _add_model(c)
-    c.add_argument("--method", default="a3", choices=sorted(recipes.METHODS),
-                   help="a3 (default): A3 QK/OV/MLP, the same ratio in every layer; a3-mix: A3 with per-layer ranks "
-                        "from the closed-form losses at the same parameter count (Allocate); asvd: activation-aware "
-                        "SVD with sensitivity rank search; svd-llm: whitened SVD; svd: plain truncated SVD")
-    c.add_argument("--ratio", type=float, default=None,
-                   help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2); the same "
-                        "count for every method")
-    c.add_argument("--kv-ratio", type=float, default=None,
-                   help="instead of --ratio: the fraction of the KV cache to remove, in (0, 1). a3 / a3-mix: "
-                        "attention-only A3 (A3KV; a3-mix picks per-layer dims); asvd: KV-cache mode, factorize k/v "
-                        "only and cache their rank-r latents")
-    c.add_argument("--across", default="layers", choices=("layers", "all"),
-                   help="a3-mix: move ranks between layers only (same count per component as uniform, default) "
-                        "or also between QK, OV and MLP")
-    c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
-    c.add_argument("--no-rank-search", action="store_true",
-                   help="asvd: uniform ranks instead of the perplexity-sensitivity search")
-    c.add_argument("--probe-samples", type=POSITIVE, default=4, help="asvd search: probe windows (default 4)")
-    c.add_argument("--probe-seq-len", type=SEQ_LEN, default=512, help="asvd search: probe length (default 512)")
-    c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
-    c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
-    c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
-    c.add_argument("--multiple-of", type=POSITIVE, default=None, metavar="N",
-                   help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
-                        "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
-    c.add_argument("--out", required=True,
-                   help="output directory (assembled beside it and renamed into place: it holds the old checkpoint "
-                        "or the new one, never a mix)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
-                        "home directory, or the source model)")
-    c.add_argument("--calib", default="wikitext2",
-                   help="calibration text: 'wikitext2' (assets; WikiText-2 validation), a text file, a datasets "
-                        "save_to_disk folder (FOLDER[@SPLIT]) or 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]' (datasets' "
-                        "load_dataset; needs the hub or its cache)")
-    c.add_argument("--n-samples", type=POSITIVE, default=128, help="calibration windows (default 128, the paper's)")
-    c.add_argument("--calib-seq-len", type=SEQ_LEN, default=2048, help="calibration window length (default 2048)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
-    c.add_argument("--stats", default=None,
-                   help="statistics file: loaded if it exists (no calibration), else written after calibrating. A "
-                        "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused")
-    c.add_argument("--recompute-stats", action="store_true",
-                   help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
+    _add_method(c)
+    _add_output(c)
+    _add_calib(c)
     c.add_argument("--heal-steps", type=_int_at_least(0), default=0, metavar="N",
                    help="after compressing: N steps of distillation toward the original model's next-token "
                         "distributions on the calibration windows (a3mod.heal; keeps a copy of the original in "
@@ -147,6 +114,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_eval(c, prefix="lm-eval-")
     _add_eval(c)
 
+
+def _add_method(c) -> None:
+    c.add_argument("--method", default="a3", choices=sorted(recipes.METHODS),
+                   help="a3 (default): A3 QK/OV/MLP, the same ratio in every layer; a3-mix: A3 with per-layer ranks "
+                        "from the closed-form losses at the same parameter count (Allocate); asvd: activation-aware "
+                        "SVD with sensitivity rank search; svd-llm: whitened SVD; svd: plain truncated SVD")
+    c.add_argument("--ratio", type=float, default=None,
+                   help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2); the same "
+                        "count for every method")
+    c.add_argument("--kv-ratio", type=float, default=None,
+                   help="instead of --ratio: the fraction of the KV cache to remove, in (0, 1). a3 / a3-mix: "
+                        "attention-only A3 (A3KV; a3-mix picks per-layer dims); asvd: KV-cache mode, factorize k/v "
+                        "only and cache their rank-r latents")
+    c.add_argument("--across", default="layers", choices=("layers", "all"),
+                   help="a3-mix: move ranks between layers only (same count per component as uniform, default) "
+                        "or also between QK, OV and MLP")
+    c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
+    c.add_argument("--no-rank-search", action="store_true",
+                   help="asvd: uniform ranks instead of the perplexity-sensitivity search")
+    c.add_argument("--probe-samples", type=POSITIVE, default=4, help="asvd search: probe windows (default 4)")
+    c.add_argument("--probe-seq-len", type=SEQ_LEN, default=512, help="asvd search: probe length (default 512)")
+    c.add_argument("--qk-ratio", type=float, default=None, help="override --ratio for QK")
+    c.add_argument("--ov-ratio", type=float, default=None, help="override --ratio for OV")
+    c.add_argument("--mlp-ratio", type=float, default=None, help="override --ratio for the MLP")
+    c.add_argument("--multiple-of", type=POSITIVE, default=None, metavar="N",
+                   help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
+                        "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
+
+
+def _add_output(c) -> None:
+    c.add_argument("--out", required=True,
+                   help="output directory (assembled beside it and renamed into place: it holds the old checkpoint "
+                        "or the new one, never a mix)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
+                        "home directory, or the source model)")
+
+
+def _add_calib(c) -> None:
+    c.add_argument("--calib", default="wikitext2",
+                   help="calibration text: 'wikitext2' (assets; WikiText-2 validation), a text file, a datasets "
+                        "save_to_disk folder (FOLDER[@SPLIT]) or 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]' (datasets' "
+                        "load_dataset; needs the hub or its cache)")
+    c.add_argument("--n-samples", type=POSITIVE, default=128, help="calibration windows (default 128, the paper's)")
+    c.add_argument("--calib-seq-len", type=SEQ_LEN, default=2048, help="calibration window length (default 2048)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
+    c.add_argument("--stats", default=None,
+                   help="statistics file: loaded if it exists (no calibration), else written after calibrating. A "
+                        "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused")
+    c.add_argument("--recompute-stats", action="store_true",
+                   help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
+
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True)
     pp = esub.add_parser("ppl", help="paper-style token perplexity (non-overlapping windows)")
@@ -165,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--batch-size", type=POSITIVE, default=1, help="lm-eval batch size (default 1)")
     le.add_argument("--json", default=None, help="also write lm-eval's results to this JSON file")
 
+
+def _prepare_parser(sub) -> None:
     pe = sub.add_parser("prepare-eval-data",
                         help="on a connected machine: download the data of the local lm-eval tasks",
                         description="Write <out>/<task>/<split>.jsonl for piqa, arc_easy, arc_challenge, hellaswag, "
@@ -173,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", required=True, help="output directory")
     pe.add_argument("--tasks", default=None, help="comma-separated subset (default: all)")
 
+
+def _report_parser(sub) -> None:
     r = sub.add_parser("report", help="per-layer dims, params, FLOPs and KV bytes of a model")
     _add_model(r)
     r.add_argument("--json", default=None, help="also write the report to this JSON file")
-    return ap

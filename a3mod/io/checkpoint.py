@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, GenerationConfig
 
-from ..arch import get_path, spec_for
+from ..arch import spec_for
 from ..errors import CheckpointError
-from ..modules import LatentKVAttention, ReducedMLP
+from ..modules import ReducedMLP
 from ..quant import io as quant_io
 from . import description, files, native, sidecar, tensors
 from .files import SIDECAR
@@ -102,8 +102,6 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
 
     The sidecar is validated before any module is built; `verify` (default) also checks the sha256 of every file
     the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.io.guards.check_folder)."""
-
-
     dtype = as_dtype(dtype)
     p = Path(path)
     if not is_a3mod_checkpoint(p) and native.is_native_folder(p):
@@ -124,7 +122,21 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         sd[k] = sd[src]
     quantized = quant_io.restore(model, spec_for(model).layers, side, sd, device, dtype)   # takes their tensors
     description.remember_narrow(model, side)
-    expected = model.state_dict()
+    _check_weights(sd, model.state_dict())
+    if dtype is not None:
+        sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
+    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    tensors.realign(model)
+    _check_loaded(model, missing, quantized, rope)
+    description.materialize_buffers(model, device)
+    description.attach_latent_rotary(model)
+    _finish(model, p, side, config)
+    return native.adopt(model)
+
+
+def _check_weights(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every stored tensor has a place in the described model, its shape, a compatible dtype and finite values."""
     for k, t in sd.items():
         if k not in expected:
             raise CheckpointError(f"weight {k!r} in {WEIGHTS} has no place in the model the sidecar describes")
@@ -136,11 +148,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
             raise CheckpointError(f"weight {k!r} is {t.dtype} in {WEIGHTS}; the model holds {expected[k].dtype} there")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"weight {k!r} in {WEIGHTS} has NaN or infinite values")
-    if dtype is not None:
-        sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
-    missing, _ = model.load_state_dict(sd, strict=False, assign=True)
-    model.tie_weights()
-    tensors.realign(model)
+
+
+def _check_loaded(model: nn.Module, missing: list[str], quantized: tuple[str, ...], rope: dict) -> None:
+    """No weight left on the meta device; kept neurons and RoPE dims agree between the sidecar and the file."""
     still = [k for k in missing if not k.startswith(quantized) and description.get_path_tensor(model, k).is_meta]
     if still:
         raise CheckpointError(f"{WEIGHTS} lacks {len(still)} weights the model needs, e.g. {still[:3]}")
@@ -150,11 +161,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
                                   f"has {mod.inter}")
         if name in rope and not torch.equal(mod.rope_index.cpu(), rope[name]):
             raise CheckpointError(f"{name}.rope_index in {WEIGHTS} differs from the kept RoPE dims in {SIDECAR}")
-    description.materialize_buffers(model, device)
-    latent = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
-    if latent and spec_for(model).rotary and latent[0].rot_dim:
-        for m in latent:
-            m.attach_rotary(get_path(model, spec_for(model).rotary))
+
+
+def _finish(model: nn.Module, p: Path, side: dict, config) -> None:
+    """Generation config, provenance (a3mod_info), eval mode; config.json must describe what the sidecar does."""
     if (p / "generation_config.json").exists():
         try:
             model.generation_config = GenerationConfig.from_pretrained(p, **NO_CODE)
@@ -168,7 +178,6 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     if native.is_native(config) and (described or {}).get("layers") != side["layers"]:
         raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
                               f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
-    return native.adopt(model)
 
 
 native.SEALED.update(save=save, load=load)      # quantized native models are read and written this way

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .. import __version__
 from ..arch import dims_of, get_path, spec_for
 from ..errors import CheckpointError
-from ..modules import NarrowLinear
+from ..modules import LatentKVAttention, NarrowLinear
 from ..quant import io as quant_io
 from .codecs import Site, build_layer, describe_layer
 from .files import SIDECAR
@@ -121,3 +121,12 @@ def skeleton(class_name: str | None, config) -> nn.Module:
 def get_path_tensor(model: nn.Module, key: str) -> torch.Tensor:
     mod_path, _, name = key.rpartition(".")
     return getattr(get_path(model, mod_path) if mod_path else model, name)
+
+
+def attach_latent_rotary(model: nn.Module) -> None:
+    """Latent-KV attention modules read RoPE from the model's rotary module: hand it to each."""
+    latent = [m for m in model.modules() if isinstance(m, LatentKVAttention)]
+    spec = spec_for(model) if latent else None
+    if latent and spec.rotary and latent[0].rot_dim:
+        for m in latent:
+            m.attach_rotary(get_path(model, spec.rotary))

@@ -34,11 +34,9 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..arch import get_path, spec_for
 from ..errors import CheckpointError
-from ..modules import LatentKVAttention
 from . import sidecar, tensors
-from .description import build_reduced, describe_model, transformers_class
+from .description import attach_latent_rotary, build_reduced, describe_model, transformers_class
 from .files import SIDECAR
 from .guards import NO_CODE, check_folder
 
@@ -181,10 +179,7 @@ def build(model: nn.Module, side: dict) -> None:
         build_reduced(model, side, None, None)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("a3mod.json", "config.json's a3mod description", 1)) from None
-    spec = spec_for(model)
-    for m in model.modules():
-        if isinstance(m, LatentKVAttention) and spec.rotary and m.rot_dim:
-            m.attach_rotary(get_path(model, spec.rotary))
+    attach_latent_rotary(model)
     model.a3mod_info = {k: side[k] for k in ("passes", "calib_tokens", "orig_layer_params", "heal") if k in side}
 
 

@@ -63,19 +63,8 @@ def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDi
                     f"{[lin.path for lin in olins] or 'none'}")
     o = olins[0]
     _check_o(g, a, o, vrows.shape[1])
-    moe = find_moe(layer)
-    m = find_mlp(g, o) if moe is None else find_mlp(g, o, moe[2]) if moe[2] else None
     found.append(f"attention output -> {o.path} (head-major concat)")
-    if moe is not None:
-        found.append(f"MoE block {moe[0]}: routed experts {moe[1]} (3-D parameters)"
-                     + (f", shared expert {moe[2]}" if moe[2] else ""))
-    if m is not None:
-        found += [f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
-                  (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
-                   f"({', '.join(m.act_ops) or 'none'})")]
-    mlp_in = m.inputs[0] if m is not None else _block_input(g, moe[0])
-    parallel = o.node not in g.ancestors(mlp_in.node)
-    found.append(f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}")
+    moe, m, mlp_in, parallel = _read_mlp(g, layer, o, found)
     first = next(iter(g.user_inputs), None)
     attn_mod = _submodule(layer, common_parent([q.lin.path, k.lin.path, v.lin.path]))
     scaling = getattr(attn_mod, "scaling", None)
@@ -153,6 +142,24 @@ def _ops(tr: Trace) -> str:
 def _role(lin: Lin, rows: torch.Tensor) -> Role:
     return Role(lin.path, lin.bias, lin.conv1d, tuple(rows.flatten().tolist()), lin.out)
 
+
+
+def _read_mlp(g: OpGraph, layer: nn.Module, o: Lin, found: list[str]):
+    """(MoE block paths or None, the MLP roles or None, the MLP's input, parallel residual?) after the attention
+    output projection `o`; appends how each was found to `found`."""
+    moe = find_moe(layer)
+    m = find_mlp(g, o) if moe is None else find_mlp(g, o, moe[2]) if moe[2] else None
+    if moe is not None:
+        found.append(f"MoE block {moe[0]}: routed experts {moe[1]} (3-D parameters)"
+                     + (f", shared expert {moe[2]}" if moe[2] else ""))
+    if m is not None:
+        found += [f"down = {m.down.module}: the linear besides {o.path} whose output reaches the layer output",
+                  (f"{' + '.join(lin.path for lin in m.inputs)} -> {m.down.module}: activation {m.act} "
+                   f"({', '.join(m.act_ops) or 'none'})")]
+    mlp_in = m.inputs[0] if m is not None else _block_input(g, moe[0])
+    parallel = o.node not in g.ancestors(mlp_in.node)
+    found.append(f"MLP input {'does not depend' if parallel else 'depends'} on {o.path}")
+    return moe, m, mlp_in, parallel
 
 def _check_o(g: OpGraph, a: Attn, o: Lin, dv: int) -> None:
     """The output projection must read the heads concatenated head-major: input channel h*d_v + d."""
