@@ -13,13 +13,13 @@ import torch
 
 from ..arch import active
 from ..errors import RatioError
+from ..validate import integer
 from ..math import solvers
 from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..pipeline.rewrite import LayerWork, MLAWork
 from .base import (
     PassConfig,
     PassContext,
-    check_int,
     check_multiple,
     check_ratio_rank,
     handler,
@@ -86,7 +86,7 @@ class A3Experts(_A3Dims):
 
     def __post_init__(self):
         super().__post_init__()
-        check_int(type(self).__name__, "min_tokens", self.min_tokens, lo=0, error=RatioError)
+        integer(type(self).__name__, "min_tokens", self.min_tokens, lo=0, error=RatioError)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ from ..arch import active
 from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..pipeline.plan import COMPONENTS as PLAN
 from ..pipeline.rewrite import LayerWork
+from ..validate import boolean, choice, fraction
 from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer
 from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
@@ -55,28 +55,20 @@ class Allocate(PassConfig):
     NEEDS = ("a3",)
 
     def __post_init__(self):
-        mk = self.min_keep
-        if not (isinstance(mk, numbers.Real) and not isinstance(mk, bool) and 0 <= mk <= 1):
-            raise RatioError(f"Allocate: min_keep={self.min_keep!r} is outside [0, 1] (fraction of uniform's units "
-                             f"kept)")
-        if self.normalize not in NORMALIZE:
-            raise A3ModError(f"Allocate: normalize={self.normalize!r}; allowed: {', '.join(map(repr, NORMALIZE))}")
-        if not (isinstance(self.budget, numbers.Real) and not isinstance(self.budget, bool) and 0 <= self.budget < 1):
-            raise RatioError(f"Allocate: budget={self.budget!r} is outside [0, 1) (the fraction of parameters removed)")
-        if self.across not in ("layers", "all"):
-            raise A3ModError(f"Allocate: across={self.across!r}; allowed: 'layers', 'all'")
+        mk = fraction("Allocate", "min_keep", self.min_keep, hi_open=False, what="fraction of uniform's units kept")
+        choice("Allocate", "normalize", self.normalize, NORMALIZE)
+        budget = fraction("Allocate", "budget", self.budget, what="the fraction of parameters removed")
+        choice("Allocate", "across", self.across, ("layers", "all"))
         kv = self.kv_budget
         if kv is not None:
             if self.across != "all":
                 raise A3ModError(f"Allocate: kv_budget={kv!r} needs across='all' (across='layers' already removes "
                                  "exactly uniform A3's KV cache)")
-            if not (kv == "uniform" or (isinstance(kv, numbers.Real) and not isinstance(kv, bool) and 0 <= kv < 1)):
-                raise RatioError(f"Allocate: kv_budget={kv!r}; allowed: None, 'uniform' or a fraction of the KV "
-                                 "cache to remove in [0, 1)")
             if kv != "uniform":
-                object.__setattr__(self, "kv_budget", float(kv))
-        object.__setattr__(self, "budget", float(self.budget))
-        object.__setattr__(self, "min_keep", float(self.min_keep))
+                kv = fraction("Allocate", "kv_budget", kv, what="allowed: None, 'uniform' or a fraction of the KV "
+                              "cache to remove in [0, 1)")
+        for name, v in (("budget", budget), ("min_keep", mk), ("kv_budget", kv)):
+            object.__setattr__(self, name, v)
 
 
 @dataclass
@@ -222,13 +214,9 @@ class A3KV(PassConfig):
     NEEDS = ("a3",)
 
     def __post_init__(self):
-        if not (isinstance(self.kv_ratio, numbers.Real) and not isinstance(self.kv_ratio, bool)
-                and 0 <= self.kv_ratio < 1):
-            raise RatioError(f"A3KV: kv_ratio={self.kv_ratio!r} is outside [0, 1) (the fraction of the KV cache "
-                             f"removed)")
-        if not isinstance(self.mixed, bool):
-            raise A3ModError(f"A3KV: mixed={self.mixed!r} must be True or False")
-        object.__setattr__(self, "kv_ratio", float(self.kv_ratio))
+        kv = fraction("A3KV", "kv_ratio", self.kv_ratio, what="the fraction of the KV cache removed")
+        boolean("A3KV", "mixed", self.mixed)
+        object.__setattr__(self, "kv_ratio", kv)
 
 
 @handler(A3KV, scope="model")

@@ -20,12 +20,11 @@ newer a3mod is refused.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import A3ModError, RatioError
+from ..validate import fraction, integer, is_int
 from ..pipeline.plan import kept_dim as kept_dim  # the rounding rule lives with the components
 
 SCOPES = ("layer", "model", "linear")
@@ -110,44 +109,6 @@ def needs(p) -> tuple[str, ...]:
     return tuple(getattr(type(p), "NEEDS", ()))
 
 
-# ---------------------------------------------------------------------------------------- number checks
-def is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_fraction(owner: str, name: str, v, *, lo_open: bool = False, hi_open: bool = True, what: str = "",
-                   error=RatioError) -> float:
-    """v in [0, 1) (or (0, 1), [0, 1] by the flags) as a float; `error` naming owner.name and what it means."""
-    lo_ok = v > 0 if lo_open else v >= 0
-    hi_ok = v < 1 if hi_open else v <= 1
-    if not (is_real(v) and math.isfinite(v) and lo_ok and hi_ok):
-        span = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
-        raise error(f"{owner}: {name}={v!r} is outside {span}" + (f" ({what})" if what else ""))
-    return float(v)
-
-
-def check_int(owner: str, name: str, v, lo: int = 1, error=A3ModError) -> int:
-    if not (is_int(v) and v >= lo):
-        raise error(f"{owner}: {name}={v!r} must be an integer >= {lo}")
-    return int(v)
-
-
-def check_bool(owner: str, name: str, v, error=A3ModError) -> bool:
-    if not isinstance(v, bool):
-        raise error(f"{owner}: {name}={v!r} must be True or False")
-    return v
-
-
-def check_choice(owner: str, name: str, v, allowed, error=A3ModError):
-    if v not in allowed:
-        raise error(f"{owner}: {name}={v!r}; allowed: {', '.join(map(repr, allowed))}")
-    return v
-
-
 def pass_to_dict(p) -> dict:
     return {"type": type(p).__name__, "version": type(p).VERSION, **dataclasses.asdict(p)}
 
@@ -176,18 +137,16 @@ def pass_from_dict(d: dict):
 def check_ratio_rank(name: str, ratio: float | None, rank: int | None) -> None:
     if (ratio is None) == (rank is None):
         raise RatioError(f"{name}: give exactly one of ratio= or rank= (got ratio={ratio}, rank={rank})")
-    if ratio is not None and not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool)
-                                  and 0.0 <= ratio < 1.0):
-        raise RatioError(f"{name}: ratio={ratio!r} is outside [0, 1) (the fraction of parameters removed)")
-    if rank is not None and not (isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank >= 1):
-        raise RatioError(f"{name}: rank={rank!r} must be a positive integer")
+    if ratio is not None:
+        fraction(name, "ratio", ratio, what="the fraction of parameters removed")
+    if rank is not None:
+        integer(name, "rank", rank, error=RatioError)
 
 
 def check_multiple(name: str, multiple_of: int | None, rank: int | None) -> None:
     if multiple_of is None:
         return
-    if not (isinstance(multiple_of, numbers.Integral) and not isinstance(multiple_of, bool) and multiple_of >= 1):
-        raise RatioError(f"{name}: multiple_of={multiple_of!r} must be a positive integer (or None)")
+    integer(name, "multiple_of", multiple_of, what="or None", error=RatioError)
     if rank is not None:
         raise RatioError(f"{name}: multiple_of={multiple_of} rounds a ratio's kept dim; rank={rank} is used as "
                          f"given (drop one of them)")

@@ -6,7 +6,6 @@ at the cap the factorization is exact). ASVD adds sensitivity-based rank search 
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -14,12 +13,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView, get_path, linear_params
-from ..errors import A3ModError, RatioError, UnsupportedModelError
+from ..errors import RatioError, UnsupportedModelError
 from ..math import factorize as fz
 from ..modules import LatentKVAttention, LowRankLinear
 from .a3 import RatioOrRank
 from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass
 from .search import Target, asvd_ranks, targets_of
+from ..validate import boolean, fraction, integer, number
 
 
 @register_pass
@@ -74,26 +74,18 @@ class ASVD(PassConfig):
             raise RatioError(f"ASVD: give exactly one of ratio=, rank=, kv_ratio= (got {given or 'none'})")
         if self.kv_ratio is None:
             check_ratio_rank("ASVD", self.ratio, self.rank)          # same checks as every other pass
-        elif not (_real(self.kv_ratio) and 0.0 < self.kv_ratio < 1.0):
-            raise RatioError(f"ASVD: kv_ratio={self.kv_ratio!r} is outside (0, 1) (the fraction of the KV cache "
-                             f"removed)")
-        if not (_real(self.alpha) and self.alpha >= 0):
-            raise A3ModError(f"ASVD: alpha={self.alpha!r} must be a number >= 0 (0 = plain SVD, 0.5 = the paper's)")
-        for n in ("probe_samples", "probe_seq_len"):
-            v = getattr(self, n)
-            lo = 1 if n == "probe_samples" else 2
-            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo):
-                raise A3ModError(f"ASVD: {n}={v!r} must be an integer >= {1 if n == 'probe_samples' else 2}")
-        if not isinstance(self.rank_search, bool):
-            raise A3ModError(f"ASVD: rank_search={self.rank_search!r} must be True or False")
+        else:
+            fraction("ASVD", "kv_ratio", self.kv_ratio, lo_open=True, what="the fraction of the KV cache removed")
+        number("ASVD", "alpha", self.alpha, 0.0, what="0 = plain SVD, 0.5 = the paper's")
+        integer("ASVD", "probe_samples", self.probe_samples, 1)
+        integer("ASVD", "probe_seq_len", self.probe_seq_len, 2)
+        boolean("ASVD", "rank_search", self.rank_search)
         for n, cast in (("ratio", float), ("kv_ratio", float), ("alpha", float), ("rank", int),
                         ("probe_samples", int), ("probe_seq_len", int)):
             if getattr(self, n) is not None:            # plain Python numbers (numpy scalars break JSON)
                 object.__setattr__(self, n, cast(getattr(self, n)))
 
 
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 # ------------------------------------------------------------------------------------------ ranks

@@ -5,12 +5,11 @@ decoder layers (compact a3mod modules' linears included) by the library's quanti
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 from ..errors import A3ModError
 from ..passes.base import PassConfig, register_pass
+from ..validate import boolean, choice, is_int, number
 
 
 class QuantizationError(A3ModError):
@@ -23,10 +22,6 @@ HQQ_NBITS = (8, 4, 3, 2, 1)
 HQQ_AXES = (0, 1)
 
 
-def _int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 @register_pass
 @dataclass(frozen=True)
 class BnbInt8(PassConfig):
@@ -37,11 +32,9 @@ class BnbInt8(PassConfig):
     threshold: float = 0.0
 
     def __post_init__(self):
-        t = self.threshold
-        if not (isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t >= 0):
-            raise QuantizationError(f"BnbInt8: threshold={t!r} must be a finite number >= 0 (0 = pure int8, "
-                                    "6.0 = the LLM.int8 paper's outlier threshold)")
-        object.__setattr__(self, "threshold", float(t))
+        t = number("BnbInt8", "threshold", self.threshold, 0.0, what="0 = pure int8, 6.0 = the LLM.int8 paper's "
+                   "outlier threshold", error=QuantizationError)
+        object.__setattr__(self, "threshold", t)
 
 
 @register_pass
@@ -56,13 +49,11 @@ class Bnb4bit(PassConfig):
     compress_statistics: bool = True
 
     def __post_init__(self):
-        if self.quant_type not in BNB_4BIT_TYPES:
-            raise QuantizationError(f"Bnb4bit: quant_type={self.quant_type!r}; allowed: {', '.join(BNB_4BIT_TYPES)}")
-        if not (_int(self.blocksize) and self.blocksize in BNB_BLOCKSIZES):
-            raise QuantizationError(f"Bnb4bit: blocksize={self.blocksize!r}; allowed: "
-                                    f"{', '.join(map(str, BNB_BLOCKSIZES))}")
-        if not isinstance(self.compress_statistics, bool):
-            raise QuantizationError(f"Bnb4bit: compress_statistics={self.compress_statistics!r} must be True or False")
+        choice("Bnb4bit", "quant_type", self.quant_type, BNB_4BIT_TYPES, what=", ".join(BNB_4BIT_TYPES),
+               error=QuantizationError)
+        choice("Bnb4bit", "blocksize", self.blocksize, BNB_BLOCKSIZES, what=", ".join(map(str, BNB_BLOCKSIZES)),
+               error=QuantizationError)
+        boolean("Bnb4bit", "compress_statistics", self.compress_statistics, error=QuantizationError)
         object.__setattr__(self, "blocksize", int(self.blocksize))
 
 
@@ -79,12 +70,11 @@ class HQQ(PassConfig):
     axis: int = 1
 
     def __post_init__(self):
-        if not (_int(self.nbits) and self.nbits in HQQ_NBITS):
-            raise QuantizationError(f"HQQ: nbits={self.nbits!r}; allowed: {', '.join(map(str, HQQ_NBITS))}")
-        if not (_int(self.group_size) and self.group_size >= 8 and self.group_size % 8 == 0):
+        choice("HQQ", "nbits", self.nbits, HQQ_NBITS, what=", ".join(map(str, HQQ_NBITS)), error=QuantizationError)
+        if not (is_int(self.group_size) and self.group_size >= 8 and self.group_size % 8 == 0):
             raise QuantizationError(f"HQQ: group_size={self.group_size!r} must be a positive multiple of 8 "
                                     "(e.g. 32, 64, 128)")
-        if not (_int(self.axis) and self.axis in HQQ_AXES):
-            raise QuantizationError(f"HQQ: axis={self.axis!r}; allowed: 0 (groups along outputs) or 1 (along inputs)")
+        choice("HQQ", "axis", self.axis, HQQ_AXES, what="0 (groups along outputs) or 1 (along inputs)",
+               error=QuantizationError)
         for n in ("nbits", "group_size", "axis"):
             object.__setattr__(self, n, int(getattr(self, n)))
