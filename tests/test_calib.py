@@ -9,9 +9,10 @@ from torch import nn
 
 import a3mod
 from a3mod import CalibrationError
-from a3mod.calib.stats import STAT_NAMES
 
 from conftest import VOCAB, calib_ids, tiny_model
+
+STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")      # the statistic sums of a dense layer
 
 
 def _capture(model):
@@ -113,7 +114,6 @@ def test_collect_int32_tokens():
 
 def test_stats_moment_and_save_load(tmp_path):
     stats = a3mod.collect(tiny_model("qwen2", kv_heads=2), calib_ids(), progress=False)
-    assert torch.equal(stats.moment(1, "q"), stats.layers[1]["q"] / stats.n)
     path = tmp_path / "stats.safetensors"
     stats.save(path)
     back = a3mod.Stats.load(path)

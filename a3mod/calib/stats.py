@@ -39,8 +39,6 @@ from ..paths import dataset_file
 from . import distributed
 from .sources import dataset_text, is_dataset_source
 
-STAT_NAMES = ("q", "k", "v", "v1", "o", "o1", "h2")      # a dense layer's
-EXPERT_STATS = ("e2", "en")                                # an MoE layer's routed experts (its h2: the shared expert)
 STATS_FORMAT = 1
 KINDS = ("a3", "gram", "absmean")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) that marks each kind as present
@@ -144,9 +142,6 @@ class Stats:
                 return fresh
             stats.merge(fresh)
         return stats
-
-    def moment(self, i: int, name: str) -> Tensor:
-        return self.layers[i][name] / self.n
 
     def check_origin(self, model=None, calib: Tensor | None = None) -> None:
         """CalibrationError when these statistics were collected on another model or other tokens than given.

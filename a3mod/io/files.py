@@ -163,10 +163,6 @@ def _release(lock: Path, fd: int) -> None:
     os.close(fd)
 
 
-def holds_lock(out: str | os.PathLike) -> bool:
-    return _HELD.get(str(_resolved(out)), [None, 0, None])[2] == os.getpid()
-
-
 # ---------------------------------------------------------------------------------------------- publish
 def staging_dir(out: Path) -> Path:
     """A new empty folder next to `out` where a checkpoint is assembled before `publish`."""

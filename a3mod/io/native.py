@@ -218,7 +218,7 @@ def adopt(model: nn.Module) -> nn.Module:
 
 
 def is_native_folder(path) -> bool:
-    """A folder whose config.json says model_type "a3mod" (save_pretrained, or a3mod.save since format 1.1)."""
+    """A folder whose config.json says model_type "a3mod" (save_pretrained or a3mod.save)."""
     try:
         return json.loads((Path(path) / "config.json").read_bytes()).get("model_type") == MODEL_TYPE
     except (OSError, ValueError, AttributeError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView, get_path, linear_params
@@ -210,6 +209,3 @@ def _latent_attention(config, v: LayerView, fk, fv, rotary) -> LatentKVAttention
     attn.train(old.training)
     return attn
 
-
-def is_factorized(module: nn.Module) -> bool:
-    return isinstance(module, (LowRankLinear, LatentKVAttention))

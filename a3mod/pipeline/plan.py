@@ -48,8 +48,6 @@ class Component:
 
     name: str                   # "qk", "ov", "mlp"
     pass_name: str              # the A3 pass that reduces it
-    stats: tuple[str, ...]      # statistic sums its solver reads (a3mod.calib.stats.STAT_NAMES)
-    column: str                 # report column
 
     def unit(self, full: int, rope: bool, rank_given: bool = False) -> int:
         """Granularity of the kept dim: whole RoPE pairs for q/k under RoPE; even v/o heads (with a ratio) for
@@ -87,10 +85,10 @@ class Component:
 
 
 COMPONENTS: dict[str, Component] = {
-    "qk": Component("qk", "A3QK", ("q", "k"), "qk"),
-    "ov": Component("ov", "A3OV", ("v", "v1", "o", "o1"), "vo"),
-    "mlp": Component("mlp", "A3MLP", ("h2",), "mlp"),
-    "experts": Component("experts", "A3Experts", ("e2", "en"), "experts"),   # every routed expert's width
+    "qk": Component("qk", "A3QK"),
+    "ov": Component("ov", "A3OV"),
+    "mlp": Component("mlp", "A3MLP"),
+    "experts": Component("experts", "A3Experts"),   # every routed expert's width
 }
 
 
