@@ -163,3 +163,14 @@ def assert_sidecar_edits_refused(path, layer: str, key: str, edits) -> None:
         (path / "a3mod.json").write_text(sidecar.dumps(sidecar.seal(s)))
         with pytest.raises(CheckpointError):
             a3mod.load(path)
+
+
+def rerecord_files(side: dict, path) -> dict:
+    """Record the current size and sha256 of every file `side` lists (as a3mod.save does), so a test can edit a
+    checkpoint's files and reach the checks behind the checksums; returns `side`."""
+    from a3mod.io.files import sha256_file
+
+    for name in side["files"]:
+        f = os.path.join(path, name)
+        side["files"][name] = {"bytes": os.path.getsize(f), "sha256": sha256_file(f)}
+    return side

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import a3mod
 from a3mod import CheckpointError, ReducedHeadAttention, ReducedMLP
 
-from conftest import attn_modules, calib_ids, input_ids, logits, mlp_modules, tiny_model
+from conftest import attn_modules, calib_ids, input_ids, logits, mlp_modules, rerecord_files, tiny_model
 
 
 def compressed(family: str, ratio: float = 0.3, **kw):
@@ -280,8 +280,8 @@ def test_weights_file_missing_a_tensor(saved_llama):
     save_file(sd, str(saved_llama / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"has \d+ bytes, a3mod.json records"):     # the recorded size
         a3mod.load(saved_llama)
-    edit_sidecar(saved_llama, lambda s: s.pop("files"))       # a checkpoint without checksums (a3mod < 0.2)
-    with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight"):
+    edit_sidecar(saved_llama, lambda s: s.pop("files"))       # the file records removed: refused, not trusted
+    with pytest.raises(CheckpointError, match=r"lacks \['files'\]"):
         a3mod.load(saved_llama)
 
 
@@ -289,7 +289,7 @@ def test_weights_file_with_unknown_tensor(saved_llama):
     sd = load_file(str(saved_llama / "model.safetensors"))
     sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
     save_file(sd, str(saved_llama / "model.safetensors"))
-    edit_sidecar(saved_llama, lambda s: s.pop("files"))
+    edit_sidecar(saved_llama, lambda s: rerecord_files(s, saved_llama))
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.extra\.weight"):
         a3mod.load(saved_llama)
 

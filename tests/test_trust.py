@@ -15,7 +15,7 @@ from a3mod.io import files
 from a3mod.pipeline import stream
 from a3mod.cli.commands import main
 
-from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model, write_text
+from conftest import calib_ids, input_ids, logits, make_tokenizer, rerecord_files, tiny_model, write_text
 
 
 def snapshot(path) -> dict:
@@ -196,10 +196,9 @@ def test_planted_auto_map_never_runs(tmp_path, model, monkeypatch, capsys):
     make_tokenizer().save_pretrained(hf)
     marker = _plant(hf, tmp_path)
     ck = a3mod.save(model, tmp_path / "ck", tokenizer=make_tokenizer())
-    side = json.loads((ck / "a3mod.json").read_text())
-    side.pop("files")                                  # past the checksums: the loader's own refusal
-    (ck / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))
     _plant(ck, tmp_path)
+    side = rerecord_files(json.loads((ck / "a3mod.json").read_text()), ck)   # past the checksums: the loader's own
+    (ck / "a3mod.json").write_text(json.dumps(a3mod.io.sidecar.seal(side)))  # refusal
     for call in (lambda: a3mod.load_pretrained(str(hf)), lambda: a3mod.load(ck), lambda: a3mod.load_pretrained(str(ck)),
                  lambda: a3mod.compress_streaming(hf, tmp_path / "o", a3mod.a3_passes(0.2), calib_ids(),
                                                   progress=False)):
@@ -399,7 +398,7 @@ def test_a_float_tensor_where_indices_belong(ckpt):
     key = next(k for k in sd if k.endswith("rope_index"))
     sd[key] = sd[key].float()
     save_file(sd, str(ckpt / "model.safetensors"))
-    _resealed(ckpt, lambda s: s.pop("files"))
+    _resealed(ckpt, lambda s: rerecord_files(s, ckpt))
     with pytest.raises(CheckpointError, match="rope_index.*float32"):
         a3mod.load(ckpt)
 
@@ -407,7 +406,7 @@ def test_a_float_tensor_where_indices_belong(ckpt):
 def test_truncated_weights_are_a_checkpoint_error(ckpt):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[:1000])
-    _resealed(ckpt, lambda s: s.pop("files"))
+    _resealed(ckpt, lambda s: rerecord_files(s, ckpt))
     with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
         a3mod.load(ckpt)
 

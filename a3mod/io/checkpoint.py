@@ -74,6 +74,10 @@ def read_sidecar(p: Path, verify: bool = True) -> dict:
     if not is_a3mod_checkpoint(p):
         raise CheckpointError(f"{str(p)!r} is not an a3mod checkpoint (no {SIDECAR})")
     side = sidecar.parse((p / SIDECAR).read_bytes())
+    lacks = [k for k in ("files", "sha256") if k not in side]
+    if lacks:
+        raise CheckpointError(f"{SIDECAR} in {str(p)!r} lacks {lacks} (its file records and its own checksum, which "
+                              f"a3mod.save always writes): edited, or not written by a3mod")
     sidecar.check_seal(side)
     sidecar.validate(side)
     for name, rec in side.get("files", {}).items():

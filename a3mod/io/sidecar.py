@@ -86,7 +86,8 @@ def seal(side: dict) -> dict:
 
 
 def check_seal(side: dict) -> None:
-    """CheckpointError when the self-checksum is present and does not match (sidecars before it have none)."""
+    """CheckpointError when the self-checksum is present and does not match (a3mod.json always has one; config.json's
+    description has none)."""
     if "sha256" in side and hashlib.sha256(_canonical(side)).hexdigest() != side["sha256"]:
         raise CheckpointError("a3mod.json was modified or corrupted: its checksum (sha256) does not match its "
                               "content")
