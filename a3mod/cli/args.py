@@ -147,6 +147,10 @@ def _add_output(c) -> None:
     c.add_argument("--out", required=True,
                    help="output directory (assembled beside it and renamed into place: it holds the old checkpoint "
                         "or the new one, never a mix)")
+    c.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the saved weights (default auto: the dtype the source checkpoint's config.json "
+                        "records, so a bf16 model compressed in float32 is saved in bf16; float32 where it records "
+                        "none, e.g. a GGUF)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
                         "home directory, or the source model)")

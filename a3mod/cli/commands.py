@@ -159,8 +159,9 @@ def _compress(args, passes, path, out) -> int:
     png = card.kept_dims_plot(rep)
     if png:
         extra["kept_dims.png"] = png
-    save(model, out, tokenizer=tok, overwrite=args.overwrite, extra_files=extra)
+    saved = save(model, out, tokenizer=tok, overwrite=args.overwrite, extra_files=extra, dtype=args.save_dtype)
     result["timings_s"]["save"] = time.perf_counter() - t
+    print(f"wrote {_bytes_written(saved)}")
     if not args.no_eval:
         b, a = result["ppl_before"], result["ppl_after"]
         print(f"\n{_eval_name(args)} token perplexity ({a['windows']} x {a['seq_len']} tokens): "
@@ -202,7 +203,8 @@ def _compress_stream(args, passes) -> int:
     calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
     out = compress_streaming(path, args.out, passes, calib, batch_size=args.batch_size, offload_dir=args.offload_dir,
                              dtype=DTYPES[args.dtype], device=args.device, tokenizer=tok, overwrite=args.overwrite,
-                             restart=args.restart)
+                             restart=args.restart, save_dtype=args.save_dtype)
+    print(f"wrote {_bytes_written(out)}")
     result["timings_s"]["calibrate_solve_write"] = time.perf_counter() - t
     if distributed.rank_world()[0] != 0:
         return 0
@@ -300,3 +302,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _bytes_written(folder) -> str:
+    """'N files, X MB (weights Y MB in DTYPE)' of a checkpoint folder."""
+    files_ = [f for f in Path(folder).iterdir() if f.is_file()]
+    total = sum(f.stat().st_size for f in files_)
+    w = Path(folder) / "model.safetensors"
+    dt = json.loads((Path(folder) / "config.json").read_text()).get("dtype", "?")
+    return (f"{len(files_)} files, {total / 1e6:,.1f} MB"
+            + (f" (weights {w.stat().st_size / 1e6:,.1f} MB, {dt})" if w.is_file() else ""))

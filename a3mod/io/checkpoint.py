@@ -16,7 +16,8 @@ from torch import nn
 from transformers import AutoConfig, GenerationConfig
 
 from ..arch import spec_for
-from ..errors import CheckpointError
+from ..errors import A3ModError, CheckpointError
+from ..modules.linears import is_quantized
 from ..modules import ReducedMLP
 from ..quant import io as quant_io
 from . import description, files, native, sidecar, tensors
@@ -44,21 +45,28 @@ def write_sidecar(tmp: Path, side: dict) -> None:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-         extra_files: dict[str, str | bytes] | None = None) -> Path:
+         extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | str | None = "auto") -> Path:
     """Write `model` (compressed or not) to `out_dir`; returns its absolute path.
 
     The folder is assembled next to `out_dir` and published atomically (a3mod.io.files): `out_dir` holds the old
     checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
     never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
-    compress_result.json, README.md), not covered by its checksums."""
+    compress_result.json, README.md), not covered by its checksums. dtype: of the stored floating-point weights;
+    "auto" (default) is the dtype of the checkpoint the model was loaded from (`load_pretrained` / `load` record
+    it: a bf16 model compressed in float32 is saved in bf16), None keeps the weights' own."""
     sources = model_sources(model)
     side = description.describe_model(model)
+    dtype = save_dtype(model, dtype)
+    config = native.config_for(model.config, side)
+    if dtype is not None:
+        config.dtype = dtype
     with files.staged_output(out_dir, overwrite, sources) as tmp:
-        native.config_for(model.config, side).save_pretrained(tmp)     # model_type "a3mod" (a3mod.io.native)
+        config.save_pretrained(tmp)                                     # model_type "a3mod" (a3mod.io.native)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         state, aliases = tensors.dedup_tensors(model.state_dict())
-        tensors.write(tmp / WEIGHTS, tensors.plan_of(state), {"format": "pt", "a3mod": str(description.FORMAT)})
+        tensors.write(tmp / WEIGHTS, tensors.cast_plan(tensors.plan_of(state), dtype),
+                      {"format": "pt", "a3mod": str(description.FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases})
@@ -66,6 +74,21 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return files._resolved(out_dir)
 
+
+
+def save_dtype(model: nn.Module, dtype) -> torch.dtype | None:
+    """The dtype `save` stores floating-point weights in (None: as they are); see `save`."""
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = getattr(model, "a3mod_source_dtype", None)
+        if dtype is None or any(is_quantized(m) for m in model.modules()):
+            return None
+    dtype = as_dtype(dtype)
+    if dtype is not None and not dtype.is_floating_point:
+        raise A3ModError(f"save: dtype={dtype} is not a floating-point dtype")
+    if dtype is not None and any(is_quantized(m) for m in model.modules()):
+        raise A3ModError(f"save: dtype={dtype} for a model with quantized linears; their compute dtype is fixed when "
+                         f"they are quantized (save it with dtype='auto')")
+    return dtype
 
 
 def read_sidecar(p: Path, verify: bool = True) -> dict:
@@ -120,6 +143,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         model = description.skeleton(side.get("model_class"), config)
     rope = description.build_reduced(model, side, "meta", None)
     sd = _read_weights(p, device)
+    stored = next((t.dtype for t in sd.values() if t.is_floating_point()), None)
     for k, src in side.get("aliases", {}).items():
         if src not in sd:
             raise CheckpointError(f"{SIDECAR} says {k!r} is tied to {src!r}, which {WEIGHTS} lacks")
@@ -136,6 +160,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     description.materialize_buffers(model, device)
     description.attach_latent_rotary(model)
     _finish(model, p, side, config)
+    model.a3mod_source_dtype = stored                    # a re-save keeps the stored dtype
     return native.adopt(model)
 
 

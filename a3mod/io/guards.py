@@ -68,3 +68,15 @@ def as_dtype(dtype) -> torch.dtype | None:
     if name not in DTYPES:
         raise A3ModError(f"dtype {dtype!r}; allowed: {sorted(DTYPES)} or a torch.dtype")
     return DTYPES[name]
+
+
+def recorded_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The floating-point dtype a model folder's config.json records for its weights ("dtype", or the older
+    "torch_dtype"), None when it records none (GGUF, hub ids, older configs) or something else."""
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return None
+    c = _read_json(cfg)
+    name = c.get("dtype") or c.get("torch_dtype")
+    dtype = DTYPES.get(str(name).removeprefix("torch.")) if isinstance(name, str) else None
+    return dtype if dtype is not None and dtype.is_floating_point else None

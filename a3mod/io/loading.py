@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import A3ModError, CheckpointError
 from .checkpoint import is_a3mod_checkpoint, load
-from .guards import NO_CODE, as_dtype, check_folder
+from .guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -70,6 +70,7 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device:
     model = _hf_call(AutoModelForCausalLM.from_pretrained, src, dtype=dtype, local_files_only=local, **wkw,
                      **NO_CODE).to(device)
     model.eval()
+    model.a3mod_source_dtype = None if kw else recorded_dtype(src)    # what `save` stores by default (not a GGUF's)
     return model, tok
 
 

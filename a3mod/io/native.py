@@ -38,7 +38,7 @@ from ..errors import CheckpointError
 from . import sidecar, tensors
 from .description import attach_latent_rotary, build_reduced, describe_model, transformers_class
 from .files import SIDECAR
-from .guards import NO_CODE, check_folder
+from .guards import NO_CODE, check_folder, recorded_dtype
 
 MODEL_TYPE = "a3mod"
 # a3mod's own sealed folder format: io/checkpoint.py (which sits above this module) registers its save and load here
@@ -235,6 +235,7 @@ def load_folder(path, device="cpu", dtype=None) -> nn.Module:
     kw = {"dtype": dtype} if dtype is not None else {}
     model = model_class(base, type(config)).from_pretrained(path, config=config, use_safetensors=True,
                                                             device_map=torch.device(device), **kw, **NO_CODE)
+    model.a3mod_source_dtype = recorded_dtype(path)      # a re-save keeps it
     return model.eval()
 
 

@@ -35,6 +35,25 @@ def plan_of(tensors: dict[str, Tensor]) -> Plan:
     return [(k, t.dtype, tuple(t.shape), lambda t=t: t) for k, t in tensors.items()]
 
 
+def cast_plan(plan: Plan, dtype: torch.dtype | None) -> Plan:
+    """`plan` with its floating-point tensors converted to `dtype` as they are written (None: as they are)."""
+    if dtype is None:
+        return plan
+
+    def cast(name, get):
+        def convert():
+            t = get()
+            out = t.to(dtype)
+            if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{name}: values overflow {dtype} (largest magnitude {float(t.abs().max()):g}); "
+                                      f"save in a wider dtype (dtype=torch.float32 / --save-dtype float32)")
+            return out
+        return convert
+
+    return [(k, dtype, shape, cast(k, get)) if dt.is_floating_point and dt != dtype else (k, dt, shape, get)
+            for k, dt, shape, get in plan]
+
+
 def file_plan(f: Path) -> Plan:
     """The tensors of an existing safetensors file, read one at a time when written."""
     def getter(k):

@@ -50,7 +50,7 @@ from ..io.checkpoint import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.fingerprint import file_digest
-from ..io.guards import NO_CODE, check_folder
+from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import PASSES, pass_to_dict
 from ..passes.a3 import build_layer, preflight
 from ..passes.base import pass_def
@@ -362,7 +362,8 @@ def _layer_entry(config, spec, layer: nn.Module) -> dict | None:
 def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, passes, calib: Tensor, *,
                        batch_size: int = 1, offload_dir: str | os.PathLike | None = None,
                        dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer=None,
-                       overwrite: bool = False, restart: bool = False, progress: bool = True) -> Path:
+                       overwrite: bool = False, restart: bool = False, progress: bool = True,
+                       save_dtype: torch.dtype | str | None = "auto") -> Path:
     """Compress the HF safetensors checkpoint in `src_dir` with A3 passes, one decoder layer in memory at a time,
     and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` + `a3mod.save` would give; `a3mod.load` opens it).
 
@@ -370,6 +371,8 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     batch_size: windows per forward. offload_dir: keep the calibration hidden states in files there (one per
     batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
     tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
+    save_dtype: of the stored floating-point weights, as in `a3mod.save` ("auto": the dtype src's config.json
+    records, else the compute dtype).
     """
 
     passes = _check_passes(passes)
@@ -385,6 +388,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     with torch.device("meta"):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
+    skel.a3mod_source_dtype = recorded_dtype(src) if save_dtype == "auto" else as_dtype(save_dtype)
     preflight(passes, layer_views(skel))
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
@@ -520,10 +524,14 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     side = describe_model(skel)
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
+    store = skel.a3mod_source_dtype
+    config = native.config_for(skel.config, side)
+    if store is not None:
+        config.dtype = store
     with files.staged_output(out, overwrite, [src]) as tmp:
-        native.config_for(skel.config, side).save_pretrained(tmp)      # model_type "a3mod" (a3mod.io.native)
+        config.save_pretrained(tmp)                                     # model_type "a3mod" (a3mod.io.native)
         gen.save_pretrained(tmp)
-        tensors.write(tmp / WEIGHTS, plan, {"format": "pt", "a3mod": str(FORMAT)})
+        tensors.write(tmp / WEIGHTS, tensors.cast_plan(plan, store), {"format": "pt", "a3mod": str(FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases})
