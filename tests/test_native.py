@@ -157,8 +157,7 @@ def test_config_that_disagrees_with_the_sealed_sidecar_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda d: d["layers"]["0"]["attn"].update(rope_index=[[999] * len(r) for r in d["layers"]["0"]["attn"]
-                                                            ["rope_index"]]), r"rope_index\[0\] = 999 is outside"),
+    (lambda d: d["layers"]["0"]["attn"].update(qk_dim=999), r"qk_dim = 999 is outside"),
     (lambda d: d["layers"]["0"].update(bogus=1), "unknown keys"),
     (lambda d: d.update(layers={"99": d["layers"]["0"]}), "layer 99"),
     (lambda d: d.update(quant={"config": {"type": "HQQ"}, "compute_dtype": "float32"}),
@@ -247,3 +246,40 @@ def test_loaded_tensors_are_realigned(tmp_path):
     tied[1].weight = m.weight
     realign(tied)
     assert m.weight.data_ptr() % 64 == 0 and tied[1].weight is m.weight and torch.equal(m.weight, base[1:].view(4, 4))
+
+
+def test_config_json_holds_dims_not_index_lists(tmp_path):
+    """config.json describes dims and small facts (the slim form); the kept indices are in a3mod.json (a3mod.save)
+    and the RoPE dims in the weights; an index buffer out of range in the weights is refused on load."""
+    model = compressed()
+    a3mod.save(model, tmp_path / "a3")
+    model.save_pretrained(tmp_path / "hf")
+    for d in ("a3", "hf"):
+        layers = json.loads((tmp_path / d / "config.json").read_text())["a3mod"]["layers"]
+        assert all("rope_index" not in e["attn"] and e["mlp"]["kept"] is None for e in layers.values())
+    full = json.loads((tmp_path / "a3" / "a3mod.json").read_text())["layers"]
+    assert all(e["mlp"]["kept"] and e["attn"]["rope_index"] for e in full.values())
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    key = next(k for k in sd if k.endswith("rope_index"))
+    sd[key] = torch.full_like(sd[key], 999)
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="rope_index"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def test_config_json_stays_small_at_real_widths(tmp_path):
+    """Qwen2.5-0.5B's widths (hidden 896, MLP 4864, 14 / 2 heads) at 20%: config.json grows by dims only, not by the
+    3,891 kept neurons of every layer (it was 73 KB a layer; a3mod.json keeps the indices)."""
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=2, num_attention_heads=14,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    a3mod.apply(model, a3mod.a3_passes(0.2), calib=torch.randint(0, 256, (4, 64)), progress=False)
+    out = a3mod.save(model, tmp_path / "m")
+    assert (out / "config.json").stat().st_size < 5_000
+    assert (out / "a3mod.json").stat().st_size > 40_000                  # the provenance is kept there
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(ids()).logits, model(ids()).logits,
+                               rtol=0, atol=0)

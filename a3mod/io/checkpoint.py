@@ -57,14 +57,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     sources = model_sources(model)
     side = description.describe_model(model)
     dtype = save_dtype(model, dtype)
+    state, aliases = tensors.dedup_tensors(model.state_dict())
     config = native.config_for(model.config, side)
-    if dtype is not None:
-        config.dtype = dtype
+    config.dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)  # what is stored
     with files.staged_output(out_dir, overwrite, sources) as tmp:
         config.save_pretrained(tmp)                                     # model_type "a3mod" (a3mod.io.native)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        state, aliases = tensors.dedup_tensors(model.state_dict())
         tensors.write(tmp / WEIGHTS, tensors.cast_plan(tensors.plan_of(state), dtype),
                       {"format": "pt", "a3mod": str(description.FORMAT)})
         if tokenizer is not None:
@@ -204,7 +203,7 @@ def _finish(model: nn.Module, p: Path, side: dict, config) -> None:
         model.a3mod_info["heal"] = side["heal"]
     model.eval()
     described = getattr(config, "a3mod", None)
-    if native.is_native(config) and (described or {}).get("layers") != side["layers"]:
+    if native.is_native(config) and description.slim(described or {}).get("layers") != description.slim(side)["layers"]:
         raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
                               f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
 

@@ -15,6 +15,11 @@ How to add a kind of compact module (a worked example: a low-rank linear, `LowRa
     3. nothing else: save, load, from_pretrained, save_pretrained and streaming pick it up from the registry.
 A new feature of an existing kind (say, attention sinks) is a key in that kind's entry: the module's describe()
 writes it, its validate() accepts it, its constructor reads it.
+
+Two forms of a description: a3mod.json holds the full one (every kept index: provenance and a cross-check of the
+weights), config.json the slim one (`slim_layer`: dims and small facts only, so a 0.5B model's config stays small;
+the kept RoPE dims are the attention's `rope_index` buffer in the weights, kept neurons are not needed once the
+weights are sliced). A module built from a slim entry records its kept neurons as unknown (None).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class Codec:
     describe: Callable[[Site], dict | None]
     validate: Callable[[Any, str], None]
     build: Callable[[Site, dict], None] | None = None      # None: rebuilt elsewhere (quantized: from its tensors)
+    slim: Callable[[dict], dict] | None = None            # the entry without index lists (config.json), None: same
 
 
 CODECS: dict[str, Codec] = {}        # build order: whole modules first, then linears inside them
@@ -74,14 +80,23 @@ def describe_layer(layer: nn.Module, spec: ArchSpec) -> dict:
     return {c.key: e for c in CODECS.values() if (e := c.describe(site))}
 
 
-def validate_entry(entry: dict, path: str) -> None:
+def validate_entry(entry: dict, path: str, slim: bool = False) -> None:
+    """Check a layer's entry; `slim`: the config.json form, whose index lists may be absent."""
     keys(entry, path, (), tuple(CODECS))
     for a, b in EXCLUSIVE:
         if a in entry and b in entry:
             fail(path, f"has both {a} and {b}")
     for c in CODECS.values():
         if c.key in entry:
-            c.validate(entry[c.key], f"{path}.{c.key}")
+            e = entry[c.key]
+            if slim and c.key == "attn" and isinstance(e, dict) and "rope_index" not in e:
+                e = {**e, "rope_index": [[0] * e.get("rot_dim", 0)] * e.get("kv_heads", 0)}    # in the weights
+            c.validate(e, f"{path}.{c.key}")
+
+
+def slim_layer(entry: dict) -> dict:
+    """The config.json form of a layer's entry: each kind's entry without its index lists."""
+    return {k: (CODECS[k].slim(e) if CODECS[k].slim else e) for k, e in entry.items()}
 
 
 def build_layer(site: Site, entry: dict) -> None:
@@ -172,19 +187,25 @@ def _mlp(m: dict, path: str) -> None:
 
 
 def _experts(x: dict, path: str) -> None:
-    """Routed experts narrowed in place: every expert keeps the same number of its orig_inter neurons."""
-    keys(x, path, ("orig_inter", "kept"), ("fallback",))
+    """Routed experts narrowed in place: every expert keeps the same number of its orig_inter neurons (which ones:
+    `kept`, one index list per expert; or only how many, `experts` x `width`, where they are not recorded)."""
+    keys(x, path, ("orig_inter",), ("kept", "experts", "width", "fallback"))
     orig = integer(x["orig_inter"], f"{path}.orig_inter", 1)
-    kept = x["kept"]
-    if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
-        fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
-    width = len(kept[0])
-    for j, r in enumerate(kept):
-        indices(r, f"{path}.kept[{j}]", width, orig, ascending=True)
-    if width < 1:
-        fail(f"{path}.kept", "keeps no neuron")
+    if "kept" in x:
+        kept = x["kept"]
+        if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
+            fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
+        width, num = len(kept[0]), len(kept)
+        for j, r in enumerate(kept):
+            indices(r, f"{path}.kept[{j}]", width, orig, ascending=True)
+        if width < 1:
+            fail(f"{path}.kept", "keeps no neuron")
+    else:
+        keys(x, path, ("orig_inter", "experts", "width"), ("fallback",))
+        num = integer(x["experts"], f"{path}.experts", 1)
+        width = integer(x["width"], f"{path}.width", 1, orig + 1)
     if "fallback" in x:
-        indices(x["fallback"], f"{path}.fallback", None, len(kept), ascending=True)
+        indices(x["fallback"], f"{path}.fallback", None, num, ascending=True)
 
 
 def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
@@ -220,7 +241,10 @@ def _describe_attn(site: Site) -> dict | None:
 
 def _build_attn(site: Site, entry: dict) -> None:
     a = dict(entry)
-    idx = torch.tensor(a.pop("rope_index"), dtype=torch.long, device="cpu")
+    rows = a.pop("rope_index", None)            # absent in config.json: the buffer comes with the weights
+    if rows is None:
+        rows = [[0] * a["rot_dim"]] * a["kv_heads"]
+    idx = torch.tensor(rows, dtype=torch.long, device="cpu")
     if idx.numel() != a["kv_heads"] * a["rot_dim"]:
         raise ValueError(f"rope_index has {idx.numel()} entries, kv_heads x rot_dim = "
                          f"{a['kv_heads']} x {a['rot_dim']}")
@@ -231,7 +255,8 @@ def _build_attn(site: Site, entry: dict) -> None:
         old = get_path(site.layer, site.spec.attn)
         a["q_norm"], a["k_norm"] = (getattr(old, n) for n in site.spec.qk_norm_names)
     attn = ReducedHeadAttention(site.config, site.index, device=site.device, dtype=site.dtype, **a)
-    site.rope[f"{site.spec.layers}.{site.index}.{site.spec.attn}"] = idx
+    if "rope_index" in entry:
+        site.rope[f"{site.spec.layers}.{site.index}.{site.spec.attn}"] = idx
     set_child(site.layer, site.spec.attn, attn)
 
 
@@ -296,8 +321,16 @@ def _describe_experts(site: Site) -> dict | None:
     info = path and getattr(get_path(site.layer, path), "a3mod_experts", None)
     if not info:                     # routed experts narrowed in place (arch/experts.py)
         return None
-    return {"orig_inter": info["orig_inter"], "kept": info["kept"],
+    which = {"kept": info["kept"]} if info.get("kept") is not None else \
+        {"experts": info["experts"], "width": info["width"]}
+    return {"orig_inter": info["orig_inter"], **which,
             **({"fallback": info["fallback"]} if info.get("fallback") else {})}
+
+
+def _slim_experts(x: dict) -> dict:
+    if "kept" not in x:
+        return x
+    return {**{k: v for k, v in x.items() if k != "kept"}, "experts": len(x["kept"]), "width": len(x["kept"][0])}
 
 
 def _build_experts(site: Site, x: dict) -> None:
@@ -309,8 +342,14 @@ def _build_experts(site: Site, x: dict) -> None:
     if ExpertsView(old, hidden).inter != x["orig_inter"]:
         raise ValueError(f"experts orig_inter {x['orig_inter']} differs from the model's "
                          f"{ExpertsView(old, hidden).inter}")
-    kept = torch.tensor(x["kept"], dtype=torch.long, device="cpu")
-    set_child(site.layer, path, narrowed(old, hidden, kept, x.get("fallback")))
+    if "kept" in x:
+        kept = torch.tensor(x["kept"], dtype=torch.long, device="cpu")
+    else:                            # not recorded (config.json): the shapes are what the weights need
+        kept = torch.arange(x["width"], device="cpu").expand(x["experts"], -1)
+    new = narrowed(old, hidden, kept, x.get("fallback"))
+    if "kept" not in x:
+        new.a3mod_experts.update(kept=None, experts=x["experts"], width=x["width"])
+    set_child(site.layer, path, new)
 
 
 # ------------------------------------------------------------------------------------------ linears
@@ -358,12 +397,14 @@ def _describe_quantized(site: Site) -> dict | None:
     return out or None
 
 
-register(Codec("attn", _describe_attn, _attn, _build_attn))
-register(Codec("mlp", _describe_mlp, _mlp, _build_mlp))
+register(Codec("attn", _describe_attn, _attn, _build_attn,
+               slim=lambda a: {k: v for k, v in a.items() if k != "rope_index"}))
+register(Codec("mlp", _describe_mlp, _mlp, _build_mlp, slim=lambda m: {**m, "kept": None}))
 register(Codec("mla", _describe_mla, _validate_mla, _build_mla))
-register(Codec("experts", _describe_experts, _experts, _build_experts))
+register(Codec("experts", _describe_experts, _experts, _build_experts, slim=_slim_experts))
 register(Codec("latent_attn", _describe_latent, _latent, _build_latent))
-register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear)))
+register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear),
+               slim=lambda d: {p: {**e, "kept": None} for p, e in d.items()}))
 register(Codec("linears", _describe_lowrank, _validate_lowrank, _build_linears(LowRankLinear)))
 register(Codec("quantized", _describe_quantized,
                lambda d, path: _linear_map(d, path, ("in_features", "out_features", "bias"))))

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .. import __version__
 from ..arch import dims_of, get_path, spec_for
 from ..errors import CheckpointError
-from ..modules import LatentKVAttention, NarrowLinear
+from ..modules import LatentKVAttention, NarrowLinear, ReducedHeadAttention
 from ..quant import io as quant_io
-from .codecs import Site, build_layer, describe_layer
+from .codecs import Site, build_layer, describe_layer, slim_layer
 from .files import SIDECAR
 
 FORMAT = 1
@@ -35,6 +35,11 @@ def describe_model(model: nn.Module) -> dict:
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {}),
             **({"heal": info["heal"]} if info.get("heal") else {})}
+
+
+def slim(side: dict) -> dict:
+    """The config.json form of a description: every layer entry without its index lists (codecs.slim_layer)."""
+    return {**side, "layers": {k: slim_layer(e) for k, e in side["layers"].items()}} if "layers" in side else side
 
 
 def build_reduced(model: nn.Module, side: dict, device, dtype) -> dict[str, torch.Tensor]:
@@ -130,3 +135,15 @@ def attach_latent_rotary(model: nn.Module) -> None:
     if latent and spec.rotary and latent[0].rot_dim:
         for m in latent:
             m.attach_rotary(get_path(model, spec.rotary))
+
+
+def check_indices(model: nn.Module) -> None:
+    """The index buffers loaded from a weights file point inside the original dims: every attention's kept RoPE dims
+    (`rope_index`) lie in [0, the model's rotary dims). CheckpointError naming the module otherwise."""
+    spec = spec_for(model)
+    rot = dims_of(model.config, spec).rot_dim
+    for name, m in model.named_modules():
+        idx = getattr(m, "rope_index", None) if isinstance(m, ReducedHeadAttention) else None
+        if idx is not None and idx.numel() and not idx.is_meta and (int(idx.min()) < 0 or int(idx.max()) >= rot):
+            raise CheckpointError(f"{name}.rope_index holds [{int(idx.min())}, {int(idx.max())}], outside the "
+                                  f"model's {rot} rotary dims (a corrupted or edited weights file)")

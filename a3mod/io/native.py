@@ -36,7 +36,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import CheckpointError
 from . import sidecar, tensors
-from .description import attach_latent_rotary, build_reduced, describe_model, transformers_class
+from .description import (
+    attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
+)
 from .files import SIDECAR
 from .guards import NO_CODE, check_folder, recorded_dtype
 
@@ -156,12 +158,15 @@ class _NativeModel:
                 config = None
         if config is not None and "quant" in (getattr(config, "a3mod", None) or {}):
             return load_quantized(pretrained_model_name_or_path, kwargs)
-        return tensors.realign(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
+        model = tensors.realign(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
+        check_indices(model)
+        return model
 
 
 def description(model: nn.Module) -> dict:
-    """What config.json's "a3mod" holds for `model`: a3mod.json's description without its file records."""
-    return describe_model(model)
+    """What config.json's "a3mod" holds for `model`: a3mod.json's description without its file records and index
+    lists (io/codecs.py: the slim form)."""
+    return slim(describe_model(model))
 
 
 def build(model: nn.Module, side: dict) -> None:
@@ -175,7 +180,7 @@ def build(model: nn.Module, side: dict) -> None:
         raise CheckpointError("config.json describes a quantized a3mod model: load it with a3mod.load(path), which "
                               "restores the quantized linears")
     try:                          # the sidecar's schema and rebuild; errors name config.json, where this came from
-        sidecar.validate(side)
+        sidecar.validate(side, slim=True)
         build_reduced(model, side, None, None)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("a3mod.json", "config.json's a3mod description", 1)) from None
@@ -187,7 +192,7 @@ def config_for(config: PretrainedConfig, side: dict) -> PretrainedConfig:
     """A native copy of `config` (an original or native config) describing `side` (what `description` returns)."""
     out = copy.deepcopy(config)
     out.__class__ = config_class(type(config))
-    out.a3mod = {k: side[k] for k in _DESCRIPTION_KEYS if k in side}
+    out.a3mod = slim({k: side[k] for k in _DESCRIPTION_KEYS if k in side})
     return out
 
 

@@ -20,8 +20,9 @@ FORMATS = (1, 2)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def validate(side) -> dict:
-    """Check the whole sidecar (see the module docstring); returns it."""
+def validate(side, slim: bool = False) -> dict:
+    """Check the whole sidecar (see the module docstring); returns it. `slim`: config.json's description, whose
+    index lists may be absent."""
     keys(side, "(top level)", ("format", "model_type", "layers"),
           ("a3mod_version", "model_class", "passes", "calib_tokens", "orig_layer_params", "quant", "aliases",
            "files", "sha256", "heal"))
@@ -46,7 +47,7 @@ def validate(side) -> dict:
     for k, e in layers.items():
         if not (k.isdigit() and str(int(k)) == k):
             fail("layers", f"has key {k!r}, not a layer index")
-        validate_entry(e, f"layers.{k}")
+        validate_entry(e, f"layers.{k}", slim)
     if "heal" in side:
         h = keys(side["heal"], "heal", ("steps", "lr", "batch_size", "temperature", "loss_first", "loss_last",
                                          "seconds", "tokens"))

@@ -526,8 +526,7 @@ def _assemble(skel, spec, source, nonlayer, aliases, layers_at, work, out, passe
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
     store = skel.a3mod_source_dtype
     config = native.config_for(skel.config, side)
-    if store is not None:
-        config.dtype = store
+    config.dtype = store or next((dt for _, dt, _, _ in plan if dt.is_floating_point), None)   # what is stored
     with files.staged_output(out, overwrite, [src]) as tmp:
         config.save_pretrained(tmp)                                     # model_type "a3mod" (a3mod.io.native)
         gen.save_pretrained(tmp)
