@@ -64,7 +64,7 @@ def test_multiple_of_at_ratio_zero_is_the_original():
 def test_multiple_of_round_trips_and_validates():
     for p in a3mod.a3_passes(0.2, multiple_of=8):
         assert pass_from_dict(pass_to_dict(p)) == p
-    assert pass_from_dict({"type": "A3QK", "ratio": 0.2}) == a3mod.A3QK(ratio=0.2)   # older sidecars
+    assert pass_from_dict({"type": "A3QK", "ratio": 0.2}) == a3mod.A3QK(ratio=0.2)   # a hand-written recipe
     with pytest.raises(a3mod.RatioError, match="multiple_of=0 must be a positive integer"):
         a3mod.A3OV(ratio=0.2, multiple_of=0)
     with pytest.raises(a3mod.RatioError, match="rank=16 is used as given"):

@@ -115,7 +115,7 @@ def pass_to_dict(p) -> dict:
 
 def pass_from_dict(d: dict):
     """The config a `pass_to_dict` dict describes, validated by its constructor; A3ModError for an unknown type,
-    unknown fields, a missing or newer VERSION."""
+    unknown fields or a newer VERSION. A hand-written dict may leave out its version (read as version 1)."""
     if not isinstance(d, dict):
         raise A3ModError(f"a pass must be a dict with a 'type', got {type(d).__name__}")
     d = dict(d)
@@ -123,7 +123,7 @@ def pass_from_dict(d: dict):
     if name not in PASS_TYPES:
         raise A3ModError(f"unknown pass type {name!r}; known: {sorted(PASS_TYPES)}")
     cls = PASS_TYPES[name]
-    version = d.pop("version", None)
+    version = d.pop("version", 1)
     if not is_int(version) or not 1 <= version <= cls.VERSION:
         raise A3ModError(f"{name} version {version!r}; this a3mod reads versions 1..{cls.VERSION} (a newer a3mod "
                          f"wrote it?)")
