@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView, active, get_path, linear_params
+from ..arch.capture import replaying
 from ..errors import CalibrationError, RatioError, UnsupportedModelError
 from ..math import factorize as fz
 from ..report import linear_param_count
@@ -96,13 +97,8 @@ class Prober:
 
     def nll_from(self, first: int) -> float:
         """NLL with layers before `first` replaying their recorded outputs (their weights are unchanged)."""
-        for i in range(first):
-            self.layers[i].forward = (lambda out: (lambda *a, **k: out))(self.outs[i])
-        try:
+        with replaying(self.layers, self.outs, first):
             return self._nll()
-        finally:
-            for i in range(first):
-                del self.layers[i].forward
 
 
 def _set_rows(mod: nn.Module, rows: slice, w: torch.Tensor, conv1d: bool) -> None:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..arch import get_path, layer_views, set_child, spec_for
+from ..arch.capture import layer_inputs
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording
 from ..errors import A3ModError, CheckpointError, UnsupportedModelError
@@ -202,34 +203,11 @@ def _read_tagged(f: Path, run_id: str) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ capture
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def _capture(model: nn.Module, layers: nn.ModuleList, ids: Tensor) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) every decoder layer receives when `ids` runs through the model (layers not executed:
-    each passes its hidden states on unchanged; the run stops after the last one)."""
-    seen: list = [None] * len(layers)
-
-    def recorder(i):
-        def forward(*args, **kwargs):
-            seen[i] = (args, kwargs)
-            if i == len(layers) - 1:
-                raise _Stop
-            return args[0] if args else kwargs["hidden_states"]
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
-    try:
-        getattr(model, "base_model", model)(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for layer in layers:
-            del layer.forward
-    return seen
+    """(args, kwargs) every decoder layer receives when `ids` runs through the model (no layer is run: each passes
+    its hidden states on unchanged; the run stops after the last one)."""
+    calls = layer_inputs(getattr(model, "base_model", model), layers, ids, run_layers=False)
+    return [calls[i] for i in range(len(layers))]
 
 
 def _with_hidden(call: tuple[tuple, dict], h: Tensor) -> tuple[tuple, dict]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..arch import LayerView, get_path, set_child
-from ..arch.discover.describe import StopForward, probe_ids, run_probe
+from ..arch.capture import layer_inputs, probe_ids
 from ..errors import DiscoveryError
 from .rewrite import LayerWork
 
@@ -142,23 +142,12 @@ def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) ->
         if not v.left:
             groups.setdefault(structure_key(v.layer), []).append(v.index)
     reps = {g[0]: tuple(g[1:]) for g in groups.values()}
-    calls: dict[int, tuple] = {}
-
-    def pre(i):
-        def hook(mod, args, kwargs):
-            calls.setdefault(i, (args, dict(kwargs)))
-            if len(calls) == len(reps):
-                raise StopForward
-        return hook
-
-    hooks = [views[i].layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i in reps]
+    layers = [v.layer for v in views]
     was = model.training
     try:
         model.eval()
-        run_probe(model, probe_ids(model, seq_len))     # the same probe discovery runs
+        calls = layer_inputs(model, layers, probe_ids(model, seq_len), wanted=reps)   # discovery's probe
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was)
     missing = [i for i in reps if i not in calls]
     if missing:

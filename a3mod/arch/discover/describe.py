@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import DiscoveryError
+from ..capture import probe_ids, recording_inputs, run_until_stopped
 from ..experts import ExpertsView, is_experts
 from .graph import Lin, OpGraph, Trace, opname, replay_trace, shape_of
 from .roles import (
@@ -202,33 +203,14 @@ def layer_signature(layer: nn.Module) -> tuple:
             tuple((n, type(m).__name__) for n, m in layer.named_modules()))
 
 
-def probe_ids(model: nn.Module, seq_len: int) -> torch.Tensor:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return (torch.arange(seq_len, device=dev) * 7 + 3).remainder(vocab)[None]
+class _Outputs:
+    """Output hooks on every module outside the decoder layers (the rotary module's (cos, sin), ...)."""
 
-
-class StopForward(Exception):
-    """Raised by the capture hook once every wanted layer has its inputs: the rest of the forward is skipped."""
-
-
-class _Capture:
-    """Forward pre-hooks on the layers (their args/kwargs) and output hooks on every module outside them."""
-
-    def __init__(self, model, layers_path, layers, wanted):
-        self.calls, self.outputs, self.handles, self.wanted = {}, {}, [], set(wanted)
-        for i in wanted:
-            self.handles.append(layers[i].register_forward_pre_hook(self._pre(i), with_kwargs=True))
+    def __init__(self, model, layers_path):
+        self.outputs, self.handles = {}, []
         for name, mod in model.named_modules():
             if name and not (name == layers_path or name.startswith(layers_path + ".")):
                 self.handles.append(mod.register_forward_hook(self._post(name)))
-
-    def _pre(self, i):
-        def hook(mod, args, kwargs):
-            self.calls.setdefault(i, (args, kwargs))
-            if self.wanted <= set(self.calls):
-                raise StopForward
-        return hook
 
     def _post(self, name):
         def hook(mod, args, out):
@@ -240,18 +222,6 @@ class _Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def run_probe(model: nn.Module, ids: torch.Tensor) -> None:
-    """One forward on `ids` without a cache, stopped early by a hook raising StopForward."""
-    with torch.no_grad():
-        try:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except TypeError:                  # models without a use_cache argument
-                model(input_ids=ids)
-        except StopForward:
-            pass
 
 
 def _switch_attention(model: nn.Module, impl: str | None):
@@ -266,7 +236,7 @@ def _switch_attention(model: nn.Module, impl: str | None):
     return old
 
 
-def _rotary_path(cap: _Capture, kwargs: dict) -> str | None:
+def _rotary_path(cap: _Outputs, kwargs: dict) -> str | None:
     pe = kwargs.get("position_embeddings")
     if not isinstance(pe, (tuple, list)) or not pe or not isinstance(pe[0], torch.Tensor):
         return None
@@ -299,18 +269,19 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
     config = getattr(model, "config", None)
     was_training = model.training
     restore = _switch_attention(model, attn_implementation)
-    cap = _Capture(model, path, layers, wanted)
+    cap = _Outputs(model, path)
     try:                        # the export re-runs the layers: same implementation and mode as the capture
         model.eval()
-        run_probe(model, probe_ids(model, seq_len))
+        with recording_inputs(layers, wanted) as calls:
+            run_until_stopped(model, probe_ids(model, seq_len))
         cap.close()
-        missing = [i for i in wanted if i not in cap.calls]
+        missing = [i for i in wanted if i not in calls]
         if missing:
             raise DiscoveryError(f"layers {missing} of {path} were not called by a forward pass on input_ids")
         described, mixers = {}, {}
         for i in wanted:
             try:
-                described[i] = layer_discovery(OpGraph(_export(layers[i], i, *cap.calls[i]), i), i, layers[i], config)
+                described[i] = layer_discovery(OpGraph(_export(layers[i], i, *calls[i]), i), i, layers[i], config)
             except NoAttentionError as e:     # a hybrid's mixer layer, if other layers have attention
                 mixers[i] = e
         if not described:
@@ -324,10 +295,10 @@ def discover(model: nn.Module, *, all_layers: bool = False, seq_len: int = 7,
     out = tuple(described[i] if rep[i] == i else dataclasses.replace(described[rep[i]], index=i, same_as=rep[i])
                 for i in range(len(layers)) if rep[i] in described)
     left = {i: f"{type(layers[i]).__name__}: {mixers[rep[i]]}" for i in range(len(layers)) if rep[i] in mixers}
-    rotary = _rotary_path(cap, cap.calls[min(described)][1])
+    rotary = _rotary_path(cap, calls[min(described)][1])
     first = min(described)
     return Discovery(getattr(config, "model_type", None), path, rotary, out, len(wanted),
-                     time.perf_counter() - t0, _table_layout(cap.calls[first][1].get("position_embeddings")), left)
+                     time.perf_counter() - t0, _table_layout(calls[first][1].get("position_embeddings")), left)
 
 
 def _table_layout(pe) -> str | None:
