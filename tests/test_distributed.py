@@ -128,10 +128,10 @@ def _resume_rank(rank: int, port: int, tmp: str) -> None:
     try:
         calib, one_layer, ran = calib_ids(6, 16), stream._one_layer, []
 
-        def stop_at_2(skel, spec, layers, i, *a):
+        def stop_at_2(run, i):
             if i == 2:
                 raise _Interrupt(f"rank {rank} killed at layer 2")
-            one_layer(skel, spec, layers, i, *a)
+            one_layer(run, i)
 
         stream._one_layer = stop_at_2
         with pytest.raises(_Interrupt):
@@ -139,7 +139,7 @@ def _resume_rank(rank: int, port: int, tmp: str) -> None:
                                      progress=False)
         torch.distributed.barrier()
         assert not os.path.exists(os.path.join(tmp, "out"))
-        stream._one_layer = lambda skel, spec, layers, i, *a: ran.append(i) or one_layer(skel, spec, layers, i, *a)
+        stream._one_layer = lambda run, i: ran.append(i) or one_layer(run, i)
         a3mod.compress_streaming(os.path.join(tmp, "src"), os.path.join(tmp, "out"), PASSES, calib, progress=False)
         assert ran == [2], ran                          # layers 0 (rank 0's) and 1 (rank 1's) were kept
     finally:

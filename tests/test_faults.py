@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import a3mod
 from a3mod.io import checkpoint, files, tensors
-from a3mod.pipeline import stream
+from a3mod.pipeline import workdir
 from a3mod.cli.commands import main
 
 from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model, write_text
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 # the steps of every writer: each is a point to kill at, just before and just after it
 STEPS = [(files, "staging_dir"), (files, "rename"), (files, "exchange"), (files, "remove_tree"),
          (files, "fsync_tree"), (files, "atomic_write"), (tensors, "write"), (checkpoint, "write_sidecar"),
-         (stream, "_write_layer"), (stream._Store, "commit"), (stream, "_remove_work"), (os, "replace")]
+         (workdir, "write_layer"), (workdir.Store, "commit"), (workdir, "remove_work"), (os, "replace")]
 
 
 def _child(fn, k: int | None) -> None:
@@ -217,7 +217,7 @@ def test_streaming_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path)
         else:
             go(out)                       # resume
         assert {n: (out / n).read_bytes() for n in ref_bytes} == ref_bytes
-        assert not stream.work_dir(out).exists() or status == "killed"
+        assert not workdir.work_dir(out).exists() or status == "killed"
 
 
 # --------------------------------------------------------------------------------------- corruption

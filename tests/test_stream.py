@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import a3mod
-from a3mod.pipeline import stream
+from a3mod.pipeline import stream, workdir
 from a3mod.errors import A3ModError, CheckpointError
 
 from conftest import calib_ids, input_ids, logits, tiny_model
@@ -94,7 +94,7 @@ def test_streaming_equals_in_memory(tmp_path, family, shard, kw):
     out = a3mod.compress_streaming(src, tmp_path / "out", passes, calib, progress=False)
     assert out == tmp_path / "out"
     assert_same_checkpoint(out, ref)
-    assert not stream.work_dir(out).exists()
+    assert not workdir.work_dir(out).exists()
     model = a3mod.load(out)
     ids = input_ids()
     ref_model = a3mod.load(ref)
@@ -125,20 +125,20 @@ def test_resume_continues_after_the_last_finished_layer(tmp_path, monkeypatch, o
     calib, passes = calib_ids(4, 16), a3mod.a3_passes(0.3)
     kw = dict(progress=False, offload_dir=tmp_path / "off" if offload else None)
     ref = a3mod.compress_streaming(src, tmp_path / "ref", passes, calib, **kw)
-    write = stream._write_layer
+    write = workdir.write_layer
 
     def write_then_stop(work, i, *a):
         if i == 2:
             raise Interrupt("killed during layer 2")
         write(work, i, *a)
 
-    monkeypatch.setattr(stream, "_write_layer", write_then_stop)
+    monkeypatch.setattr(workdir, "write_layer", write_then_stop)
     with pytest.raises(Interrupt):
         a3mod.compress_streaming(src, tmp_path / "out", passes, calib, **kw)
-    work = stream.work_dir(tmp_path / "out")
+    work = workdir.work_dir(tmp_path / "out")
     assert sorted(p.name for p in work.glob("layer_*.json")) == ["layer_0000.json", "layer_0001.json"]
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(stream, "_write_layer", write)
+    monkeypatch.setattr(workdir, "write_layer", write)
     built = []
     build = stream.build_layer
     monkeypatch.setattr(stream, "build_layer", lambda m, v, *a: built.append(v.index) or build(m, v, *a))
@@ -151,7 +151,7 @@ def test_resume_continues_after_the_last_finished_layer(tmp_path, monkeypatch, o
 def test_resume_refuses_other_arguments_unless_restart(tmp_path, monkeypatch):
     src = saved_source(tmp_path, "llama")
     calib = calib_ids(4, 16)
-    monkeypatch.setattr(stream, "_write_layer", lambda *a: (_ for _ in ()).throw(Interrupt()))
+    monkeypatch.setattr(workdir, "write_layer", lambda *a: (_ for _ in ()).throw(Interrupt()))
     with pytest.raises(Interrupt):
         a3mod.compress_streaming(src, tmp_path / "out", a3mod.a3_passes(0.3), calib, progress=False)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import a3mod
 from a3mod import CalibrationError, CheckpointError, RatioError
 from a3mod.io import files
-from a3mod.pipeline import stream
+from a3mod.pipeline import workdir
 from a3mod.cli.commands import main
 
 from conftest import calib_ids, input_ids, logits, make_tokenizer, rerecord_files, tiny_model, write_text
@@ -290,13 +290,13 @@ class Interrupt(Exception):
 
 
 def _interrupt_at_layer(monkeypatch, i):
-    write = stream._write_layer
+    write = workdir.write_layer
 
     def write_then_stop(work, j, *a):
         if j == i:
             raise Interrupt()
         write(work, j, *a)
-    monkeypatch.setattr(stream, "_write_layer", write_then_stop)
+    monkeypatch.setattr(workdir, "write_layer", write_then_stop)
 
 
 def test_streaming_resume_refuses_changed_source_weights(tmp_path, monkeypatch):

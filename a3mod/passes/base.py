@@ -150,3 +150,32 @@ def check_multiple(name: str, multiple_of: int | None, rank: int | None) -> None
     if rank is not None:
         raise RatioError(f"{name}: multiple_of={multiple_of} rounds a ratio's kept dim; rank={rank} is used as "
                          f"given (drop one of them)")
+
+
+def check_passes(passes, schedule: str = "memory") -> list:
+    """The compression passes of one run, checked before any work: a list of registered pass configs, each once,
+    a model-scope pass (baselines, Allocate, A3KV) alone, no quantization pass (split off before). schedule:
+    "memory" (`apply`) or "stream" (`compress_streaming`: layer-scope passes only, each layer solved on its own)."""
+    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
+        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
+    passes = list(passes)
+    if not passes:
+        raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2)" + (
+            "" if schedule == "stream" else " or [A3QK(ratio=..), A3OV(..), A3MLP(..)]"))
+    names = [type(p).__name__ for p in passes]
+    scopes = [pass_def(p).scope for p in passes]
+    if schedule == "stream" and any(s != "layer" for s in scopes):
+        layer = sorted(t.__name__ for t, d in PASSES.items() if d.scope == "layer")
+        bad = [n for n, s in zip(names, scopes) if s != "layer"]
+        raise A3ModError(f"compress_streaming runs layer-scope passes ({', '.join(layer)}); {bad} need the whole "
+                         f"model (baselines ASVD/SVDLLM/PlainSVD, Allocate, A3KV) or are quantization: use "
+                         f"a3mod.apply on a loaded model")
+    if len(set(names)) != len(names):
+        raise A3ModError(f"each pass may appear once, got {names}")
+    whole = [n for n, s in zip(names, scopes) if s == "model"]
+    if whole and len(passes) > 1:
+        raise A3ModError(f"{whole[0]} rewrites every linear itself; give it alone, not with {names}")
+    linear = [n for n, s in zip(names, scopes) if s == "linear"]
+    if linear:
+        raise A3ModError(f"{linear[0]} is a quantization pass: give at most one, last")
+    return passes

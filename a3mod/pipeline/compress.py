@@ -15,32 +15,13 @@ from ..io import native
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
-from ..passes.base import PassContext, needs, pass_def, run_pass, scope_of
+from ..passes.base import PassContext, check_passes, needs, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
 from .verify import verify_model
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
-
-
-def _check_passes(passes) -> list:
-    """The compression passes (quantization split off): registered, each once, and one model-scope pass alone."""
-    passes = list(passes)
-    if not passes:
-        raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2) or [A3QK(ratio=..), A3OV(..), A3MLP(..)]")
-    for p in passes:
-        pass_def(p)
-    names = [type(p).__name__ for p in passes]
-    if len(set(names)) != len(names):
-        raise A3ModError(f"each pass may appear once, got {names}")
-    whole = [n for p, n in zip(passes, names) if scope_of(p) == "model"]
-    if whole and len(passes) > 1:
-        raise A3ModError(f"{whole[0]} rewrites every linear itself; give it alone, not with {names}")
-    linear = [n for p, n in zip(passes, names) if scope_of(p) == "linear"]
-    if linear:
-        raise A3ModError(f"{linear[0]} is a quantization pass: give at most one, last")
-    return passes
 
 
 def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | None = None,
@@ -61,7 +42,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
                                f"{type(stats).__name__}")
     passes, quant = split_quant(passes)
     if passes or quant is None:
-        passes = _check_passes(passes)
+        passes = check_passes(passes)
     if quant is not None:
         handler_for(quant)                      # its library is installed, before any solving
     views = layer_views(model)
