@@ -195,7 +195,7 @@ def test_partial_rotary_loss_curve_for_allocate():
     stats = a3mod.collect(model, calib_ids(), progress=False)
     work = LayerWork.from_view(layer_views(model)[0])
     sol = apply_qk(a3mod.A3QK(ratio=0.3), PassContext(work=work, stats=stats.layers[0], n=stats.n))
-    loss, unit = sol.loss, sol.unit
+    loss, unit = sol.loss, sol.granule
     assert unit == 2 and loss.shape == (9,) and (sol.part.full, sol.part.kept) == (16, 12)
     assert (loss[:-1] >= loss[1:] - 1e-12).all() and loss[-1].abs() < 1e-9 * loss[0]
 

@@ -23,7 +23,7 @@ def test_kept_follows_the_documented_unit(full, ratio, rope, comp):
     if comp == "qk" and rope and full % 2:
         return                                    # RoPE heads are even
     k = c.kept(full, ratio, None, rope)
-    assert c.unit(full, rope) == unit
+    assert c.granule(full, rope) == unit
     assert k % unit == 0 or k == full
     assert unit <= k <= full or k == full
     assert abs(k - (1 - ratio) * full) <= unit / 2 + 1e-9 or k in (unit, full)

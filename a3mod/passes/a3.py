@@ -2,8 +2,8 @@
 
 Each handler edits the layer's work in place and returns a `Solution`: the component's part of the layer plan
 (full and kept dims, which original units) and its closed-form loss (summed over heads) for every number of kept
-units, loss[k] for k = 0..full/unit, where a unit is `unit` kept dims (2 under RoPE: whole pairs). `Allocate` reads
-these curves; `solve_layer` gathers the parts into the layer's `LayerPlan`.
+units, loss[k] for k = 0..full/granule, where a unit is `granule` kept dims (2 under RoPE: whole pairs).
+`Allocate` reads these curves; `solve_layer` gathers the parts into the layer's `LayerPlan`.
 """
 from __future__ import annotations
 
@@ -93,13 +93,13 @@ class A3Experts(_A3Dims):
 class Solution:
     """What a layer-scope handler returns: the plan of its component (`part`: full and kept dims, which original
     units; None when the layer has no such component) and the closed-form loss for every number of kept units
-    (loss[k], k = 0..full/unit, `unit` dims each), which `Allocate` reads."""
+    (loss[k], k = 0..full/granule, `granule` dims each), which `Allocate` reads."""
     part: Part | None
     loss: torch.Tensor
-    unit: int
+    granule: int
 
 
-def solved(comp: str, work: LayerWork, loss: torch.Tensor, unit: int) -> Solution:
+def solved(comp: str, work: LayerWork, loss: torch.Tensor, granule: int) -> Solution:
     """The Solution of component `comp` as the layer's work now stands."""
     a, d = work.attn, work.view.dims
     if isinstance(a, MLAWork) and comp in ("qk", "ov"):       # full: the module's dims (q/k with its RoPE part)
@@ -116,7 +116,7 @@ def solved(comp: str, work: LayerWork, loss: torch.Tensor, unit: int) -> Solutio
     else:
         x = work.experts
         part = None if x is None else Part("experts", x.orig, x.kept.shape[1])
-    return Solution(part, loss, unit)
+    return Solution(part, loss, granule)
 
 
 def solve_layer(view, passes, stats) -> tuple[LayerWork, LayerPlan]:

@@ -73,10 +73,10 @@ class Allocate(PassConfig):
 
 @dataclass
 class Curve:
-    """One layer-component: normalised loss for k = 0..units kept units of `step` dims each."""
+    """One layer-component: normalised loss for k = 0..units kept units of `granule` dims each."""
     layer: int
     comp: str
-    step: int
+    granule: int
     loss: torch.Tensor       # (units + 1,), loss[units] = 0
     cost: int                # parameters per unit
     uniform: int             # units uniform A3 keeps
@@ -105,18 +105,18 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
             full["experts"] = ev.inter
         for comp in full:
             c = PLAN[comp]
-            step = c.unit(full[comp], bool(a.rot_dim))
+            granule = c.granule(full[comp], bool(a.rot_dim))
             if comp == "experts":
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, {"up": ev.bias}, gated=ev.gated, experts=ev.num)
             else:
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None)
             sol = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
-            loss = sol.loss[:: step // sol.unit].double()                  # per allocation unit
-            uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // step
+            loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
+            uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // granule
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
-            kv = d.kv_heads * step if comp in ("qk", "ov") else 0
-            out.append(Curve(v.index, comp, step, loss, cost * step, uni, kv))
+            kv = d.kv_heads * granule if comp in ("qk", "ov") else 0
+            out.append(Curve(v.index, comp, granule, loss, cost * granule, uni, kv))
     return out
 
 
@@ -191,7 +191,7 @@ def apply_allocate(cfg: Allocate, ctx: PassContext):
     kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
                                     else math.ceil(kv * sum(c.units * c.kv for c in cs)))
     kept = allocate(cs, cfg.across, cfg.min_keep, kv_goal)
-    ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
+    ranks = {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
     swaps = []
     for v in active(views):
         swaps += [(v.index, path, new) for path, new in
@@ -224,8 +224,8 @@ def apply_a3kv(cfg: A3KV, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
     cs = [c for c in curves(views, stats, cfg.kv_ratio) if c.comp in ("qk", "ov")]
     for c in cs:                                  # budget unit: cached elements per token
-        c.cost = views[c.layer].dims.kv_heads * c.step
+        c.cost = views[c.layer].dims.kv_heads * c.granule
     kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]   # cost = kv here: one budget
-    ranks = {(c.layer, c.comp): k * c.step for c, k in zip(cs, kept)}
+    ranks = {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
     return [(v.index, path, new) for v in active(views) for path, new in
             build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")], stats, mlp=False)]

@@ -22,24 +22,24 @@ from ..arch.mla import is_mla, mla_dims
 from ..errors import RatioError
 
 
-def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, multiple: int,
+def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, granule: int,
              multiple_of: int | None = None) -> int:
-    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple of `multiple` (the structure's: RoPE
-    pairs, ...) and of `multiple_of` (the user's), at least one such multiple and at most `full`; or `rank`."""
+    """Dimension kept out of `full`: round((1-ratio)*full) to a multiple of `granule` (the structure's: RoPE
+    pairs, ...) and of `multiple_of` (the user's), at least one granule and at most `full`; or `rank`."""
     if rank is not None:
         if rank > full:
             raise RatioError(f"{name}: rank={rank} exceeds the full dimension {full}")
-        if rank % multiple:
-            raise RatioError(f"{name}: rank={rank} must be a multiple of {multiple} here"
-                             + (" (RoPE keeps whole pairs)" if multiple == 2 else ""))
+        if rank % granule:
+            raise RatioError(f"{name}: rank={rank} must be a multiple of {granule} here"
+                             + (" (RoPE keeps whole pairs)" if granule == 2 else ""))
         return rank
     if multiple_of is not None:
-        multiple = math.lcm(multiple, int(multiple_of))
-        if multiple > full and ratio > 0:
-            raise RatioError(f"{name}: multiple_of={multiple_of} makes every kept dim a multiple of {multiple}, more "
+        granule = math.lcm(granule, int(multiple_of))
+        if granule > full and ratio > 0:
+            raise RatioError(f"{name}: multiple_of={multiple_of} makes every kept dim a multiple of {granule}, more "
                              f"than the full dimension {full}: nothing could be removed; use a smaller multiple_of")
-    r = int(round((1.0 - ratio) * full / multiple)) * multiple
-    return min(full, max(multiple, r))
+    r = int(round((1.0 - ratio) * full / granule)) * granule
+    return min(full, max(granule, r))
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Component:
     name: str                   # "qk", "ov", "mlp"
     pass_name: str              # the A3 pass that reduces it
 
-    def unit(self, full: int, rope: bool, rank_given: bool = False) -> int:
+    def granule(self, full: int, rope: bool, rank_given: bool = False) -> int:
         """Granularity of the kept dim: whole RoPE pairs for q/k under RoPE; even v/o heads (with a ratio) for
         even heads; multiples of 8 from 512 neurons on (with a ratio); multiples of 8 for routed experts (always:
         the fused experts kernels need it)."""
@@ -65,8 +65,8 @@ class Component:
 
     def kept(self, full: int, ratio: float | None, rank: int | None, rope: bool = False,
              multiple_of: int | None = None) -> int:
-        """The kept dim for a ratio (or rank) request: the one rounding rule (`kept_dim`) at this unit."""
-        return kept_dim(self.pass_name, full, ratio, rank, self.unit(full, rope, rank is not None), multiple_of)
+        """The kept dim for a ratio (or rank) request: the one rounding rule (`kept_dim`) at this granule."""
+        return kept_dim(self.pass_name, full, ratio, rank, self.granule(full, rope, rank is not None), multiple_of)
 
     def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False,
                    experts: int = 1) -> int:
