@@ -431,3 +431,18 @@ def test_eager_attention_matches_reference(B, kv, g, T, past, r, mask, softcap, 
     assert out.shape == (B, T, H, r + 1) and w.shape == (B, H, T, S)
     torch.testing.assert_close(w, ref_w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, (ref_w @ v.repeat_interleave(g, 1)).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_narrow_linear_side_is_the_narrowed_one_even_when_widths_coincide():
+    """A down projection keeping 32 of 64 neurons into a hidden size of 32 has in == out == 32: its kept indices
+    belong to the input side (up to 63), which the width alone cannot tell; an explicit side says the same."""
+    from a3mod.modules import NarrowLinear
+
+    kept = list(range(0, 64, 2))
+    down = NarrowLinear(32, 32, True, 64, 32, kept)
+    assert down.side == "in" and down.narrow_info()["side"] == "in"
+    assert NarrowLinear(32, 32, True, 64, 32, kept, side="in").side == "in"
+    up = NarrowLinear(32, 32, True, 32, 64, kept)
+    assert up.side == "out"
+    with pytest.raises(ValueError, match="32 original input indices in \\[0, 64\\)"):
+        NarrowLinear(32, 32, True, 64, 32, list(range(40)))

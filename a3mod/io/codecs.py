@@ -35,6 +35,7 @@ from ..arch.experts import ExpertsView, narrowed
 from ..arch.mla import is_mla, narrowed_mla
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..modules.linears import linear_shape, quantized_linears
+from ..modules.narrow import narrowed_side
 from .schema import PATH, bias_flags, boolean, dropouts, fail, indices, integer, keys, number, string
 
 
@@ -222,14 +223,15 @@ def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
 
 
 def _narrow(d, path: str) -> None:
-    _linear_map(d, path, ("in_features", "out_features", "bias", "orig_in", "orig_out", "kept"))
+    _linear_map(d, path, ("in_features", "out_features", "bias", "orig_in", "orig_out", "kept"), ("side",))
     for p, e in d.items():
         q = f"{path}.{p}"
         if e["in_features"] > e["orig_in"] or e["out_features"] > e["orig_out"]:
             fail(q, f"({e['in_features']} -> {e['out_features']}) is wider than the original "
                      f"({e['orig_in']} -> {e['orig_out']})")
+        side = string(e["side"], f"{q}.side", {"in", "out"}) if "side" in e else \
+            narrowed_side(e["in_features"], e["out_features"], e["orig_in"], e["orig_out"])
         if e["kept"] is not None:
-            side = "out" if len(e["kept"]) == e["out_features"] and e["out_features"] < e["orig_out"] else "in"
             indices(e["kept"], f"{q}.kept", e[f"{side}_features"], e[f"orig_{side}"], ascending=True)
 
 

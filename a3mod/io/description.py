@@ -107,7 +107,7 @@ def remember_narrow(model: nn.Module, side: dict) -> None:
         for path, nl in entry.get("narrow", {}).items():
             m = get_path(layers[int(key)], path)
             if not isinstance(m, NarrowLinear):
-                m.a3mod_narrow = {k: nl[k] for k in ("orig_in", "orig_out", "kept")}
+                m.a3mod_narrow = {k: nl[k] for k in ("orig_in", "orig_out", "kept", "side") if k in nl}
 
 
 def transformers_class(name) -> type | None:

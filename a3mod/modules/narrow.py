@@ -14,26 +14,36 @@ class NarrowLinear(nn.Linear):
     """nn.Linear (in_features, out_features) cut from an original (orig_in, orig_out) linear.
 
     kept: the original indices kept along the narrowed side (MLP neurons, ascending), or None when the
-    narrow side is a new basis (A3OV's reduced value dims entering an output projection).
+    narrow side is a new basis (A3OV's reduced value dims entering an output projection). side: "in" or "out",
+    the side `kept` indexes: the narrowed one (`narrowed_side`), given explicitly where no side is narrower.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, orig_in: int, orig_out: int,
-                 kept: list[int] | None = None, device=None, dtype=None):
+                 kept: list[int] | None = None, device=None, dtype=None, side: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if in_features > orig_in or out_features > orig_out:
             raise ValueError(f"NarrowLinear ({in_features} -> {out_features}) is wider than the original "
                              f"({orig_in} -> {orig_out})")
+        side = side or narrowed_side(in_features, out_features, orig_in, orig_out)
+        if side not in ("in", "out"):
+            raise ValueError(f"NarrowLinear side={side!r}; allowed: 'in', 'out'")
         if kept is not None:
-            bound = orig_out if len(kept) == out_features else orig_in if len(kept) == in_features else None
-            if bound is None or not all(0 <= k < bound for k in kept):
-                raise ValueError(f"NarrowLinear kept={kept!r} must list in_features or out_features original "
-                                 f"indices, within the original width")
-        self.orig_in, self.orig_out, self.kept = orig_in, orig_out, kept
+            n, bound = (out_features, orig_out) if side == "out" else (in_features, orig_in)
+            if len(kept) != n or not all(0 <= k < bound for k in kept):
+                raise ValueError(f"NarrowLinear kept must list {n} original {side}put indices in [0, {bound}), got "
+                                 f"{len(kept)}: {kept[:8]!r}")
+        self.orig_in, self.orig_out, self.kept, self.side = orig_in, orig_out, kept, side
 
     def narrow_info(self) -> dict:
         """What a quantized replacement must remember to be rebuilt (a3mod.save): original dims, kept indices."""
-        return dict(orig_in=self.orig_in, orig_out=self.orig_out, kept=self.kept)
+        return dict(orig_in=self.orig_in, orig_out=self.orig_out, kept=self.kept, side=self.side)
 
     def extra_repr(self) -> str:
         return (f"in_features {self.orig_in} -> {self.in_features}, out_features {self.orig_out} -> "
                 f"{self.out_features}, bias={self.bias is not None}")
+
+
+def narrowed_side(in_features: int, out_features: int, orig_in: int, orig_out: int) -> str:
+    """The side a NarrowLinear cuts: the one narrower than the original ("out" when neither is: an MLP's up
+    projection at full width)."""
+    return "in" if in_features < orig_in and out_features == orig_out else "out"

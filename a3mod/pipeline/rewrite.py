@@ -206,8 +206,8 @@ class LayerWork:
                                         f"(spec gate={v.spec.gate!r}, conv1d={v.spec.conv1d})")
         (wu, bu), (wd, bd) = m.up, m.down                 # (r, d_m), (d_m, r)
         kept = m.kept.tolist()
-        up = NarrowLinear(wu.shape[1], wu.shape[0], bu is not None, wu.shape[1], m.orig, kept, **kw)
-        down = NarrowLinear(wd.shape[1], wd.shape[0], bd is not None, m.orig, wd.shape[0], kept, **kw)
+        up = NarrowLinear(wu.shape[1], wu.shape[0], bu is not None, wu.shape[1], m.orig, kept, side="out", **kw)
+        down = NarrowLinear(wd.shape[1], wd.shape[0], bd is not None, m.orig, wd.shape[0], kept, side="in", **kw)
         with torch.no_grad():
             for lin, (w, b) in ((up, m.up), (down, m.down)):
                 lin.weight.copy_(w)
