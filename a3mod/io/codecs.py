@@ -8,13 +8,18 @@ A codec has a `key` (its name in a layer's description), and three functions ove
 `describe_layer`, `validate_entry` and `build_layer` run every registered codec in order; checkpoint, native,
 streaming and the report iterate them instead of knowing the kinds.
 
-How to add a kind of compact module (a worked example: a low-rank linear, `LowRankLinear`):
-    1. the module (modules/lowrank.py) holds what it needs to be rebuilt: in_features, rank, out_features, bias;
-    2. a codec here: describe collects {path: dims} of the layer's LowRankLinears, validate checks those fields
-       (`_linear_map`), build constructs `LowRankLinear(**dims)` at each path; `register(Codec("linears", ...))`;
-    3. nothing else: save, load, from_pretrained, save_pretrained and streaming pick it up from the registry.
-A new feature of an existing kind (say, attention sinks) is a key in that kind's entry: the module's describe()
-writes it, its validate() accepts it, its constructor reads it.
+How to add a kind of compact module (the worked example is ReducedMLP):
+    1. a frozen config dataclass beside the module (modules/mlp.py: `MLPConfig`), its fields declared with
+       `modules.configs.spec(kind=..., lo=..., le=..., choices=..., omit_default=..., only=...)`; rules tying
+       fields together go in its __post_init__ (raise ConfigError(field, value, problem));
+    2. the module takes it as its constructor argument and keeps it as `self.cfg`; its describe() is
+       `{**to_entry(self.cfg), <its state: kept indices>}`;
+    3. a codec here: describe reads the module, validate is `check_config(MLPConfig, entry, path, ...)` plus its
+       state's checks, build is `ReducedMLP(from_entry(MLPConfig, entry), ...)`; `register(Codec("mlp", ...))`.
+    Nothing else: save, load, from_pretrained, save_pretrained and streaming pick it up from the registry.
+A new feature of an existing kind is one config field (its type, range and default are its schema and what is
+written) plus the module's forward: `AttentionConfig.sinks` is `spec(False, kind="bool", omit_default=True,
+only=True)` and the few lines of the forward that add the sink column.
 
 Two forms of a description: a3mod.json holds the full one (every kept index: provenance and a cross-check of the
 weights), config.json the slim one (`slim_layer`: dims and small facts only, so a 0.5B model's config stays small;
@@ -28,15 +33,17 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from ..arch import ArchSpec, Dims, find_path, get_path, mlp_paths, set_child
 from ..arch.experts import ExpertsView, narrowed
 from ..arch.mla import is_mla, narrowed_mla
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..modules.attention import AttentionConfig
+from ..modules.mlp import MLPConfig
+from ..modules.configs import from_entry
 from ..modules.linears import linear_shape, quantized_linears
 from ..modules.narrow import narrowed_side
-from .schema import PATH, bias_flags, boolean, dropouts, fail, indices, integer, keys, number, string
+from .schema import PATH, bias_flags, boolean, check_config, dropouts, fail, indices, integer, keys, number, string
 
 
 @dataclass
@@ -120,42 +127,13 @@ def _heads(a: dict, path: str) -> None:
 
 
 def _attn(a: dict, path: str) -> None:
-    keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "qk_dim", "vo_dim", "rot_dim", "scaling", "bias",
-                    "sliding_window", "is_causal", "dropout", "out_dropout", "rope_index"),
-          ("out_proj", "qk_norm", "softcap", "rope_table", "alibi", "bool_mask", "residual", "sinks"))
-    _heads(a, path)
-    hd = a["head_dim"]
-    integer(a["qk_dim"], f"{path}.qk_dim", 1, hd + 1)
-    integer(a["vo_dim"], f"{path}.vo_dim", 1, hd + 1)
-    rot = integer(a["rot_dim"], f"{path}.rot_dim", 0, a["qk_dim"] + 1)
-    if rot % 2:
-        fail(f"{path}.rot_dim", f"= {rot} must be even (RoPE rotates pairs)")
-    bias_flags(a["bias"], f"{path}.bias", "qkvo")
-    if a["sliding_window"] is not None:
-        integer(a["sliding_window"], f"{path}.sliding_window", 1)
+    """The entry of a ReducedHeadAttention: its AttentionConfig (checked from the dataclass) and its kept RoPE dims."""
+    check_config(AttentionConfig, a, path, required=("rope_index",))
     idx = a["rope_index"]
     if not isinstance(idx, list):
         fail(f"{path}.rope_index", f"must be a list, got {type(idx).__name__}")
     flat = [x for row in idx for x in (row if isinstance(row, list) else [row])]
-    indices(flat, f"{path}.rope_index", a["kv_heads"] * rot, hd, ascending=False)
-    if "out_proj" in a and a["out_proj"] is not False:
-        fail(f"{path}.out_proj", f"= {a['out_proj']!r}; only false is written (the projection lives outside)")
-    if "qk_norm" in a:
-        string(a["qk_norm"], f"{path}.qk_norm", {"head", "all"})
-        if a["qk_dim"] != hd:
-            fail(f"{path}.qk_dim", f"= {a['qk_dim']} must equal head_dim = {hd} under qk_norm")
-    if "softcap" in a:
-        number(a["softcap"], f"{path}.softcap", 0.0, 1e6, lo_open=True)
-    if "rope_table" in a:
-        string(a["rope_table"], f"{path}.rope_table", {"sin_cos", "once"})
-    if "sinks" in a and a["sinks"] is not True:
-        fail(f"{path}.sinks", f"= {a['sinks']!r}; only true is written (the attention has per-head sink logits)")
-    if "alibi" in a:
-        string(a["alibi"], f"{path}.alibi", {"position_bias", "alibi"})
-    if "bool_mask" in a:
-        string(a["bool_mask"], f"{path}.bool_mask", {"masked"})
-    if "residual" in a and a["residual"] is not True:
-        fail(f"{path}.residual", f"= {a['residual']!r}; only true is written (the attention adds the residual)")
+    indices(flat, f"{path}.rope_index", a["kv_heads"] * a["rot_dim"], a["head_dim"], ascending=False)
 
 
 def _latent(a: dict, path: str) -> None:
@@ -172,19 +150,10 @@ def _latent(a: dict, path: str) -> None:
 
 
 def _mlp(m: dict, path: str) -> None:
-    keys(m, path, ("hidden", "inter", "orig_inter", "act", "gated", "up_bias", "down_bias", "kept"),
-          ("dropout", "residual"))
-    if "residual" in m and m["residual"] is not True:
-        fail(f"{path}.residual", f"= {m['residual']!r}; only true is written (the MLP adds the residual)")
-    integer(m["hidden"], f"{path}.hidden", 1)
-    orig = integer(m["orig_inter"], f"{path}.orig_inter", 1)
-    inter = integer(m["inter"], f"{path}.inter", 1, orig + 1)
-    string(m["act"], f"{path}.act", set(ACT2FN))
-    for n in ("gated", "up_bias", "down_bias"):
-        boolean(m[n], f"{path}.{n}")
-    dropouts(m, path, ("dropout",))
+    """The entry of a ReducedMLP: its MLPConfig (checked from the dataclass) and the neurons it kept (or None)."""
+    check_config(MLPConfig, m, path, required=("kept",))
     if m["kept"] is not None:
-        indices(m["kept"], f"{path}.kept", inter, orig, ascending=True)
+        indices(m["kept"], f"{path}.kept", m["inter"], m["orig_inter"], ascending=True)
 
 
 def _experts(x: dict, path: str) -> None:
@@ -253,10 +222,12 @@ def _build_attn(site: Site, entry: dict) -> None:
     idx = idx.reshape(a["kv_heads"], a["rot_dim"])
     if idx.numel() and int(idx.max()) >= site.dims.rot_dim:
         raise ValueError(f"rope_index holds {int(idx.max())}, outside the model's {site.dims.rot_dim} rotary dims")
+    norms = {}
     if a.get("qk_norm"):     # the skeleton's own q/k norm modules (their weights come with the file)
         old = get_path(site.layer, site.spec.attn)
-        a["q_norm"], a["k_norm"] = (getattr(old, n) for n in site.spec.qk_norm_names)
-    attn = ReducedHeadAttention(site.config, site.index, device=site.device, dtype=site.dtype, **a)
+        norms = dict(zip(("q_norm", "k_norm"), (getattr(old, n) for n in site.spec.qk_norm_names)))
+    attn = ReducedHeadAttention(site.config, site.index, from_entry(AttentionConfig, a), device=site.device,
+                                dtype=site.dtype, **norms)
     if "rope_index" in entry:
         site.rope[f"{site.spec.layers}.{site.index}.{site.spec.attn}"] = idx
     set_child(site.layer, site.spec.attn, attn)
@@ -308,9 +279,7 @@ def _build_mlp(site: Site, entry: dict) -> None:
     kept = m.pop("kept")
     if kept is not None and not all(0 <= k < m["orig_inter"] for k in kept):
         raise ValueError(f"mlp 'kept' has neuron indices outside [0, orig_inter={m['orig_inter']})")
-    mlp = ReducedMLP(m["hidden"], m["inter"], m["act"], m["gated"], m["up_bias"], m["down_bias"],
-                     orig_inter=m["orig_inter"], dropout=m.get("dropout", 0.0), residual=m.get("residual", False),
-                     device=site.device, dtype=site.dtype)
+    mlp = ReducedMLP(from_entry(MLPConfig, m), device=site.device, dtype=site.dtype)
     mlp.kept = kept
     path = mlp_paths(site.layer, site.spec)[0]
     if path is None:

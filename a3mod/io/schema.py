@@ -2,10 +2,12 @@
 (e.g. "a3mod.json: layers.3.attn.rope_index[5] = 999 is outside [0, 64)")."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 from ..errors import CheckpointError
+from ..modules.configs import ConfigError, from_entry
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")     # a module path inside a layer
 BIG = 1 << 40
@@ -78,3 +80,46 @@ def dropouts(e: dict, path: str, names) -> None:
     for n in names:
         if n in e:
             number(e[n], f"{path}.{n}", 0.0, 1.0)
+
+
+def _show(v) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_field(f: dataclasses.Field, v, path: str, entry: dict) -> None:
+    """One value against its config field's metadata (modules/configs.py)."""
+    m = f.metadata
+    if m.get("only") is not None and v is not m["only"]:
+        fail(path, f"= {v!r}; only {str(m['only']).lower()} is written ({m['doc']})")
+    if v is None and f.default is None:
+        return
+    kind = m["kind"]
+    if kind == "int":
+        le = entry[m["le"]] if isinstance(m.get("le"), str) else m.get("le")
+        integer(v, path, m["lo"] if m.get("lo") is not None else 0, BIG if le is None else le + 1)
+    elif kind == "float":
+        number(v, path, m["lo"], m["hi"], lo_open=m["lo_open"], hi_open=m["hi_open"])
+    elif kind == "bool":
+        boolean(v, path)
+    elif kind == "bias":
+        bias_flags(v, path, "qkvo")
+    elif kind == "str":
+        allowed = m.get("choices")
+        if allowed is not None and m.get("omit_default"):
+            allowed = set(allowed) - {f.default}            # the default is never written
+        string(v, path, allowed)
+
+
+def check_config(cls, entry, path: str, required: tuple = (), optional: tuple = ()) -> None:
+    """A description entry against config class `cls` (a modules/configs.py dataclass): its keys (the fields plus
+    `required` / `optional` extras), every field's type and range, then the rules that tie fields together."""
+    fields = dataclasses.fields(cls)
+    needed = tuple(f.name for f in fields if f.default is dataclasses.MISSING)
+    keys(entry, path, needed + required, tuple(f.name for f in fields if f.name not in needed) + optional)
+    for f in fields:
+        if f.name in entry:
+            check_field(f, entry[f.name], f"{path}.{f.name}", entry)
+    try:
+        from_entry(cls, entry)
+    except ConfigError as e:
+        fail(f"{path}.{e.field}", f"= {_show(e.value)}{'' if e.problem.startswith(';') else ' '}{e.problem}")

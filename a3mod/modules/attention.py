@@ -9,11 +9,14 @@ the whole head, so such layers keep qk_dim = head_dim. softcap (Gemma-2): passed
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..pipeline.plan import Part
+from .configs import ConfigError, check_choices, spec, to_entry
 
 DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",
                 "position_ids", "cache_position")
@@ -100,50 +103,82 @@ def _forget_rope_layout(module, _keys) -> None:
     module._rope_key = None      # load_state_dict copies into rope_index in place: recompute the cached flags
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """A ReducedHeadAttention: head counts and dims (full and kept), scale, biases, and the features of its family
+    (see io/codecs.py for how it is stored). The kept RoPE dims are the module's `rope_index` buffer."""
+    hidden: int = spec(kind="int", lo=1)
+    heads: int = spec(kind="int", lo=1)
+    kv_heads: int = spec(kind="int", lo=1)
+    head_dim: int = spec(kind="int", lo=1)
+    qk_dim: int = spec(kind="int", lo=1, le="head_dim")
+    vo_dim: int = spec(kind="int", lo=1, le="head_dim")
+    rot_dim: int = spec(kind="int", lo=0, le="qk_dim")
+    scaling: float = spec(kind="float", lo=0.0, hi=1e6, lo_open=True)
+    bias: dict = spec(kind="bias")
+    sliding_window: int | None = spec(None, kind="int", lo=1)
+    is_causal: bool = spec(True, kind="bool")
+    dropout: float = spec(0.0, kind="float", lo=0.0, hi=1.0)
+    out_dropout: float = spec(0.0, kind="float", lo=0.0, hi=1.0)
+    out_proj: bool = spec(True, kind="bool", omit_default=True, only=False,
+                          doc="the projection lives outside")
+    qk_norm: str | None = spec(None, kind="str", choices={"head", "all"}, omit_default=True)
+    softcap: float | None = spec(None, kind="float", lo=0.0, hi=1e6, lo_open=True, omit_default=True)
+    rope_table: str = spec("half", kind="str", choices=set(ROPE_TABLES), omit_default=True)
+    alibi: str | None = spec(None, kind="str", choices={"position_bias", "alibi"}, omit_default=True)
+    bool_mask: str = spec("keep", kind="str", choices={"keep", "masked"}, omit_default=True)
+    residual: bool = spec(False, kind="bool", omit_default=True, only=True, doc="the attention adds the residual")
+    sinks: bool = spec(False, kind="bool", omit_default=True, only=True,
+                       doc="the attention has per-head sink logits")
+
+    def __post_init__(self):
+        if not isinstance(self.bias, dict) or sorted(self.bias) != ["k", "o", "q", "v"]:
+            raise ConfigError("bias", self.bias, "must map q, k, v, o to True / False")
+        if not self.out_proj and self.bias["o"]:      # no output projection here, so no output bias either
+            object.__setattr__(self, "bias", {**self.bias, "o": False})
+        if self.heads % self.kv_heads:
+            raise ConfigError("heads", self.heads, f"is not a multiple of kv_heads = {self.kv_heads}")
+        if not 0 <= self.rot_dim <= self.qk_dim or self.rot_dim % 2:
+            raise ConfigError("rot_dim", self.rot_dim, f"must be even (RoPE rotates pairs) and within [0, qk_dim = "
+                                                       f"{self.qk_dim}]")
+        check_choices(self)
+        if self.qk_norm and self.qk_dim != self.head_dim:
+            raise ConfigError("qk_dim", self.qk_dim, f"must equal head_dim = {self.head_dim} under qk_norm (a norm "
+                                                     f"over a head needs the full head dim)")
+
+
 class ReducedHeadAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                 qk_dim: int, vo_dim: int, rot_dim: int, scaling: float, bias: dict[str, bool],
-                 sliding_window: int | None = None, is_causal: bool = True, dropout: float = 0.0,
-                 out_dropout: float = 0.0, out_proj: bool = True, qk_norm: str | None = None,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, softcap: float | None = None,
-                 rope_table: str = "half", alibi: str | None = None, bool_mask: str = "keep",
-                 residual: bool = False, sinks: bool = False, device=None, dtype=None):
+    def __init__(self, config, layer_idx: int, cfg: AttentionConfig | None = None, *, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None, device=None, dtype=None, **fields):
+        """`cfg` (or its fields as keywords); q_norm / k_norm: the original model's q/k norm modules under
+        cfg.qk_norm. `config` is the model's config (the attention backend, the cache)."""
         super().__init__()
-        if heads % kv_heads:
-            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        if not 0 <= rot_dim <= qk_dim or rot_dim % 2:
-            raise ValueError(f"rot_dim {rot_dim} must be even and within [0, qk_dim={qk_dim}]")
-        if bool_mask not in ("keep", "masked"):
-            raise ValueError(f"bool_mask={bool_mask!r}; allowed: 'keep' (True attends), 'masked' (True is masked)")
-        if rope_table not in ROPE_TABLES:
-            raise ValueError(f"rope_table={rope_table!r}; allowed: {ROPE_TABLES}")
-        if qk_norm not in (None, "head", "all"):
-            raise ValueError(f"qk_norm={qk_norm!r}; allowed: None, 'head' (per head), 'all' (whole projection)")
-        if qk_norm and (q_norm is None or k_norm is None or qk_dim != head_dim):
-            raise ValueError(f"qk_norm={qk_norm!r} needs q_norm and k_norm modules and the full head dim "
-                             f"(qk_dim={qk_dim}, head_dim={head_dim}): a norm over a head cannot run on a reduced head")
+        cfg = cfg if cfg is not None else AttentionConfig(**fields)
+        if cfg.qk_norm and (q_norm is None or k_norm is None):
+            raise ConfigError("qk_norm", cfg.qk_norm, "needs the q_norm and k_norm modules")
+        self.cfg, c = cfg, cfg
         kw = dict(device=device, dtype=dtype)
         self.config, self.layer_idx = config, layer_idx
-        self.num_heads, self.num_key_value_heads = heads, kv_heads
-        self.num_key_value_groups = heads // kv_heads
-        self.head_dim, self.qk_dim, self.vo_dim, self.rot_dim = head_dim, qk_dim, vo_dim, rot_dim
-        self.scaling, self.sliding_window, self.is_causal = scaling, sliding_window, is_causal
-        self.attention_dropout = dropout
-        self.out_dropout = out_dropout        # dropout on the output (GPT-2's resid_dropout); train mode only
-        self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=bias["q"], **kw)
-        self.k_proj = nn.Linear(hidden, kv_heads * qk_dim, bias=bias["k"], **kw)
-        self.v_proj = nn.Linear(hidden, kv_heads * vo_dim, bias=bias["v"], **kw)
+        self.num_heads, self.num_key_value_heads = c.heads, c.kv_heads
+        self.num_key_value_groups = c.heads // c.kv_heads
+        self.head_dim, self.qk_dim, self.vo_dim, self.rot_dim = c.head_dim, c.qk_dim, c.vo_dim, c.rot_dim
+        self.scaling, self.sliding_window, self.is_causal = c.scaling, c.sliding_window, c.is_causal
+        self.attention_dropout = c.dropout
+        self.out_dropout = c.out_dropout      # dropout on the output (GPT-2's resid_dropout); train mode only
+        self.q_proj = nn.Linear(c.hidden, c.heads * c.qk_dim, bias=c.bias["q"], **kw)
+        self.k_proj = nn.Linear(c.hidden, c.kv_heads * c.qk_dim, bias=c.bias["k"], **kw)
+        self.v_proj = nn.Linear(c.hidden, c.kv_heads * c.vo_dim, bias=c.bias["v"], **kw)
         # out_proj=False: the output projection lives outside this module (BERT's attention.output.dense);
         # forward then returns the concatenated head outputs (B,T,H*r_vo)
-        self.o_proj = nn.Linear(heads * vo_dim, hidden, bias=bias["o"], **kw) if out_proj else None
-        self.qk_norm, self.softcap = qk_norm, softcap      # the norms are applied before RoPE, at full head dim
-        self.rope_table = rope_table        # layout of the position_embeddings the layer passes (see ROPE_TABLES)
-        self.alibi = alibi                  # keyword of the additive per-head position bias (ALiBi), or None
-        self.bool_mask = bool_mask          # what True means in a boolean attention mask
-        self.residual = residual            # forward(x, residual, ...) adds it to the output (BLOOM's attention)
-        self.q_norm, self.k_norm = (q_norm, k_norm) if qk_norm else (None, None)
-        self.sinks = nn.Parameter(torch.zeros(heads, **kw)) if sinks else None   # per-head sink logits (gpt-oss)
-        idx = torch.arange(rot_dim, device=device).repeat(kv_heads, 1)
+        self.o_proj = nn.Linear(c.heads * c.vo_dim, c.hidden, bias=c.bias["o"], **kw) if c.out_proj else None
+        self.qk_norm, self.softcap = c.qk_norm, c.softcap  # the norms are applied before RoPE, at full head dim
+        self.rope_table = c.rope_table      # layout of the position_embeddings the layer passes (see ROPE_TABLES)
+        self.alibi = c.alibi                # keyword of the additive per-head position bias (ALiBi), or None
+        self.bool_mask = c.bool_mask        # what True means in a boolean attention mask
+        self.residual = c.residual          # forward(x, residual, ...) adds it to the output (BLOOM's attention)
+        self.q_norm, self.k_norm = (q_norm, k_norm) if c.qk_norm else (None, None)
+        self.sinks = nn.Parameter(torch.zeros(c.heads, **kw)) if c.sinks else None   # per-head sink logits (gpt-oss)
+        idx = torch.arange(c.rot_dim, device=device).repeat(c.kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key, self._rope_flags = None, (False, False)
         self.register_load_state_dict_post_hook(_forget_rope_layout)
@@ -252,21 +287,8 @@ class ReducedHeadAttention(nn.Module):
         return [Part("qk", self.head_dim, self.qk_dim), Part("ov", self.head_dim, self.vo_dim)]
 
     def describe(self) -> dict:
-        """Everything `a3mod.load` needs to rebuild this module (the sidecar entry; io/sidecar.py validates it)."""
-        return dict(hidden=self.q_proj.in_features, heads=self.num_heads, kv_heads=self.num_key_value_heads,
-                    head_dim=self.head_dim, qk_dim=self.qk_dim, vo_dim=self.vo_dim, rot_dim=self.rot_dim,
-                    scaling=self.scaling,
-                    bias={n: getattr(getattr(self, f"{n}_proj"), "bias", None) is not None for n in "qkvo"},
-                    sliding_window=self.sliding_window, is_causal=self.is_causal, dropout=self.attention_dropout,
-                    out_dropout=self.out_dropout, rope_index=self.rope_index.tolist(),
-                    **({"out_proj": False} if self.o_proj is None else {}),
-                    **({"qk_norm": self.qk_norm} if self.qk_norm else {}),
-                    **({"softcap": self.softcap} if self.softcap is not None else {}),
-                    **({"rope_table": self.rope_table} if self.rope_table != "half" else {}),
-                    **({"alibi": self.alibi} if self.alibi else {}),
-                    **({"bool_mask": self.bool_mask} if self.bool_mask != "keep" else {}),
-                    **({"residual": True} if self.residual else {}),
-                    **({"sinks": True} if self.sinks is not None else {}))
+        """The description entry `a3mod.load` rebuilds this module from: its config and its kept RoPE dims."""
+        return {**to_entry(self.cfg), "rope_index": self.rope_index.tolist()}
 
     def extra_repr(self) -> str:
         rope = f"rope dims {self.rot_dim} (per KV group)" if self.rot_dim else "no rope"

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.activations import ACT2CLS, ACT2FN
 
 from ..pipeline.plan import Part
+from .configs import ConfigError, check_choices, spec, to_entry
 
 
 def _activation(name: str, dtype) -> nn.Module:
@@ -20,22 +22,43 @@ def _activation(name: str, dtype) -> nn.Module:
     return ACT2FN[name]
 
 
+@dataclass(frozen=True)
+class MLPConfig:
+    """A ReducedMLP: widths (hidden, original and kept intermediate), activation, gating, biases. Which neurons it
+    kept is the module's `kept` (provenance; None when unknown)."""
+    hidden: int = spec(kind="int", lo=1)
+    orig_inter: int = spec(kind="int", lo=1)
+    inter: int = spec(kind="int", lo=1, le="orig_inter")
+    act: str = spec(kind="str", choices=set(ACT2FN))
+    gated: bool = spec(kind="bool")
+    up_bias: bool = spec(kind="bool")
+    down_bias: bool = spec(kind="bool")
+    dropout: float = spec(0.0, kind="float", lo=0.0, hi=1.0)
+    residual: bool = spec(False, kind="bool", omit_default=True, only=True, doc="the MLP adds the residual")
+
+    def __post_init__(self):
+        if self.inter > self.orig_inter:
+            raise ConfigError("inter", self.inter, f"is wider than orig_inter = {self.orig_inter}")
+        check_choices(self)
+
+
 class ReducedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) when gated, else down(act(up(x))). `kept` lists the original neurons kept."""
 
-    def __init__(self, hidden: int, inter: int, act: str, gated: bool, up_bias: bool, down_bias: bool,
-                 orig_inter: int | None = None, dropout: float = 0.0, residual: bool = False, device=None, dtype=None):
+    def __init__(self, cfg: MLPConfig | None = None, *, device=None, dtype=None, **fields):
+        """`cfg` (or its fields as keywords)."""
         super().__init__()
+        c = self.cfg = cfg if cfg is not None else MLPConfig(**fields)
         kw = dict(device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(hidden, inter, bias=up_bias, **kw) if gated else None
-        self.up_proj = nn.Linear(hidden, inter, bias=up_bias, **kw)
-        self.down_proj = nn.Linear(inter, hidden, bias=down_bias, **kw)
-        self.act = act
-        self.act_fn = _activation(act, dtype)
-        self.orig_inter = orig_inter or inter
-        self.dropout = dropout                       # on the output (GPT-2's resid_pdrop); train mode only
+        self.gate_proj = nn.Linear(c.hidden, c.inter, bias=c.up_bias, **kw) if c.gated else None
+        self.up_proj = nn.Linear(c.hidden, c.inter, bias=c.up_bias, **kw)
+        self.down_proj = nn.Linear(c.inter, c.hidden, bias=c.down_bias, **kw)
+        self.act = c.act
+        self.act_fn = _activation(c.act, dtype)
+        self.orig_inter = c.orig_inter
+        self.dropout = c.dropout                     # on the output (GPT-2's resid_pdrop); train mode only
         self.kept: list[int] | None = None          # original neuron indices (None: all, in order)
-        self.residual = residual                     # forward(x, residual) adds it (MPT's MLP owns that add)
+        self.residual = c.residual                   # forward(x, residual) adds it (MPT's MLP owns that add)
 
     @property
     def inter(self) -> int:
@@ -55,10 +78,7 @@ class ReducedMLP(nn.Module):
 
     def describe(self) -> dict:
         """The sidecar entry `a3mod.load` rebuilds this module from."""
-        return dict(hidden=self.up_proj.in_features, inter=self.inter, orig_inter=self.orig_inter, act=self.act,
-                    gated=self.gate_proj is not None, up_bias=self.up_proj.bias is not None,
-                    down_bias=self.down_proj.bias is not None, dropout=self.dropout, kept=self.kept,
-                    **({"residual": True} if self.residual else {}))
+        return {**to_entry(self.cfg), "kept": self.kept}
 
     def extra_repr(self) -> str:
         return f"intermediate {self.orig_inter} -> {self.inter}, act={self.act}, gated={self.gate_proj is not None}"

@@ -17,6 +17,7 @@ from ..arch.experts import narrowed
 from ..arch.mla import narrowed_mla
 from ..errors import UnsupportedModelError
 from ..modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..modules.mlp import MLPConfig
 
 
 def _aug(w: Tensor, b: Tensor | None) -> Tensor:
@@ -181,9 +182,10 @@ class LayerWork:
             return swaps
         if not v.spec.mlp:
             return self._narrow_mlp(kw)
-        mlp = ReducedMLP(d.hidden, m.up[0].shape[0], v.act_name(config), m.gate is not None, m.up[1] is not None,
-                         m.down[1] is not None, orig_inter=m.orig,
-                         dropout=v.out_dropouts()[1], residual=v.spec.mlp_residual, **kw)
+        cfg = MLPConfig(hidden=d.hidden, orig_inter=m.orig, inter=m.up[0].shape[0], act=v.act_name(config),
+                        gated=m.gate is not None, up_bias=m.up[1] is not None, down_bias=m.down[1] is not None,
+                        dropout=v.out_dropouts()[1], residual=v.spec.mlp_residual)
+        mlp = ReducedMLP(cfg, **kw)
         with torch.no_grad():
             for lin, wb in ((mlp.gate_proj, m.gate), (mlp.up_proj, m.up), (mlp.down_proj, m.down)):
                 if lin is None:
