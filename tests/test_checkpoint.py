@@ -159,8 +159,10 @@ def test_overwrite_replaces_the_dir(tmp_path):
     a3mod.save(compressed("llama"), out)                # an earlier a3mod checkpoint (with a file added to it)
     (out / "stale.txt").write_text("old")
     model = compressed("gpt2")
+    with pytest.raises(CheckpointError, match="stale.txt"):             # not a3mod's: never deleted
+        a3mod.save(model, out, overwrite=True)
+    os.remove(out / "stale.txt")
     a3mod.save(model, out, overwrite=True)
-    assert not (out / "stale.txt").exists()
     assert_same_state(a3mod.load(out), model)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 

@@ -42,7 +42,8 @@ def _tensors(path):
     side = json.loads((path / "a3mod.json").read_text())
     t = load_file(str(path / "model.safetensors"))
     t.update({k: t[v] for k, v in side.pop("aliases").items()})
-    for k in ("files", "sha256"):        # checksums of bytes: compared through the tensors above
+    for k in ("files", "sha256", "extra"):   # checksums of bytes (compared through the tensors above), and the
+        # names of the files the CLI wrote beside the checkpoint (the in-memory path also writes a model card)
         side.pop(k, None)
     return t, side
 

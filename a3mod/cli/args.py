@@ -157,6 +157,9 @@ def _add_output(c) -> None:
 
 
 def _add_calib(c) -> None:
+    c.add_argument("--keep-other-files", action="store_true",
+                   help="with --overwrite: keep the files in --out that a3mod did not write (notes, eval results) "
+                        "beside the new checkpoint; without it such files make --overwrite refuse, naming them")
     c.add_argument("--calib", default="wikitext2",
                    help="calibration text: 'wikitext2' (assets; WikiText-2 validation), a text file, a datasets "
                         "save_to_disk folder (FOLDER[@SPLIT]) or 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]' (datasets' "

@@ -23,7 +23,7 @@ from ..evaluation.ppl import eval_tokens, perplexity
 from ..evaluation.prepare import prepare
 from ..heal import heal
 from ..io.checkpoint import load, save
-from ..io.files import atomic_write, check_output_dir, output_lock, recover
+from ..io.files import KEEP_OTHERS, atomic_write, check_output_dir, output_lock, recover
 from ..io.guards import NO_CODE, check_folder
 from ..io.loading import load_pretrained
 from ..passes.base import needs
@@ -72,7 +72,7 @@ def _check_inputs(args) -> tuple:
         elif used:
             dataset_file(src)
     path = args.model or default_model()
-    out = check_output_dir(args.out, args.overwrite, [path])
+    out = check_output_dir(args.out, _overwrite(args), [path])
     if args.stats and os.path.exists(args.stats) and not is_stats_file(Path(args.stats)):
         raise CalibrationError(f"--stats {args.stats!r} exists and is not an a3mod statistics file")
     return passes, path, out
@@ -159,7 +159,7 @@ def _compress(args, passes, path, out) -> int:
     png = card.kept_dims_plot(rep)
     if png:
         extra["kept_dims.png"] = png
-    saved = save(model, out, tokenizer=tok, overwrite=args.overwrite, extra_files=extra, dtype=args.save_dtype)
+    saved = save(model, out, tokenizer=tok, overwrite=_overwrite(args), extra_files=extra, dtype=args.save_dtype)
     result["timings_s"]["save"] = time.perf_counter() - t
     print(f"wrote {_bytes_written(saved)}")
     if not args.no_eval:
@@ -202,8 +202,8 @@ def _compress_stream(args, passes) -> int:
     t = time.perf_counter()
     calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
     out = compress_streaming(path, args.out, passes, calib, batch_size=args.batch_size, offload_dir=args.offload_dir,
-                             dtype=DTYPES[args.dtype], device=args.device, tokenizer=tok, overwrite=args.overwrite,
-                             restart=args.restart, save_dtype=args.save_dtype)
+                             dtype=DTYPES[args.dtype], device=args.device, tokenizer=tok, overwrite=_overwrite(args),
+                             restart=args.restart, save_dtype=args.save_dtype, extra_names=("compress_result.json",))
     print(f"wrote {_bytes_written(out)}")
     result["timings_s"]["calibrate_solve_write"] = time.perf_counter() - t
     if distributed.rank_world()[0] != 0:
@@ -312,3 +312,8 @@ def _bytes_written(folder) -> str:
     dt = json.loads((Path(folder) / "config.json").read_text()).get("dtype", "?")
     return (f"{len(files_)} files, {total / 1e6:,.1f} MB"
             + (f" (weights {w.stat().st_size / 1e6:,.1f} MB, {dt})" if w.is_file() else ""))
+
+
+def _overwrite(args):
+    """--overwrite [--keep-other-files] as the `overwrite` argument of save / compress_streaming."""
+    return KEEP_OTHERS if args.overwrite and args.keep_other_files else args.overwrite

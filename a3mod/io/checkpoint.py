@@ -51,10 +51,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
     The folder is assembled next to `out_dir` and published atomically (a3mod.io.files): `out_dir` holds the old
     checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
     never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
-    compress_result.json, README.md), not covered by its checksums. dtype: of the stored floating-point weights;
-    "auto" (default) is the dtype of the checkpoint the model was loaded from (`load_pretrained` / `load` record
-    it: a bf16 model compressed in float32 is saved in bf16), None keeps the weights' own."""
+    compress_result.json, README.md): plain names, none a3mod writes itself; their names are recorded (so an
+    overwrite knows them as a3mod's), not their checksums (edit a model card freely). overwrite: True replaces an
+    a3mod checkpoint whose files are all a3mod's; "keep-others" also keeps the user's files in it (copied over).
+    dtype: of the stored floating-point weights; "auto" (default) is the dtype of the checkpoint the model was
+    loaded from (`load_pretrained` / `load` record it: a bf16 model compressed in float32 is saved in bf16), None
+    keeps the weights' own."""
     sources = model_sources(model)
+    extra = dict(extra_files or {})
+    files.check_extra_names(extra, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     side = description.describe_model(model)
     dtype = save_dtype(model, dtype)
     state, aliases = tensors.dedup_tensors(model.state_dict())
@@ -68,8 +73,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
                       {"format": "pt", "a3mod": str(description.FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_sidecar(tmp, {**side, "aliases": aliases})
-        for name, data in (extra_files or {}).items():
+        write_sidecar(tmp, {**side, "aliases": aliases, **({"extra": sorted(extra)} if extra else {})})
+        for name, data in extra.items():
+            if (tmp / name).exists():
+                raise CheckpointError(f"extra file name {name!r} is a file the checkpoint already holds (its "
+                                      f"tokenizer's?); choose another name")
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return files._resolved(out_dir)
 

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -99,7 +100,39 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Pat
     if subdirs:
         raise CheckpointError(f"refusing to replace {str(r)!r}: besides an a3mod checkpoint it holds folders a3mod "
                               f"never writes ({subdirs[:3]}); move them first")
+    others = other_files(r)
+    if others and overwrite != KEEP_OTHERS:
+        raise CheckpointError(f"refusing to replace {str(r)!r}: it holds files its {SIDECAR} does not list, which "
+                              f"a3mod did not write ({others[:5]}); move them, or pass overwrite='{KEEP_OTHERS}' "
+                              f"(CLI: --overwrite --keep-other-files) to keep them beside the new checkpoint")
     return p
+
+
+KEEP_OTHERS = "keep-others"        # overwrite=KEEP_OTHERS: replace a3mod's files, carry the user's other files over
+
+
+def other_files(folder: Path) -> list[str]:
+    """Files in an a3mod checkpoint folder that its a3mod.json does not list (as checkpoint files or extra files
+    a3mod wrote beside them): the user's. A sidecar that cannot be read lists nothing."""
+    try:
+        side = json.loads((folder / SIDECAR).read_bytes())
+        ours = {SIDECAR, *side.get("files", {}), *side.get("extra", [])}
+    except (OSError, ValueError, TypeError, AttributeError):
+        ours = {SIDECAR}
+    return sorted(e.name for e in folder.iterdir() if e.is_file() and e.name not in ours)
+
+
+def check_extra_names(names, reserved=()) -> None:
+    """Names of extra files written into a checkpoint folder: plain file names inside it, none a3mod writes itself
+    (`reserved`), none hidden. CheckpointError naming the first bad one."""
+    for n in names:
+        ok = isinstance(n, str) and n and n == os.path.basename(n) and n not in (".", "..") and "\\" not in n \
+            and not n.startswith(".") and "\x00" not in n
+        if not ok:
+            raise CheckpointError(f"extra file name {n!r} must be a plain file name inside the checkpoint folder "
+                                  f"(no path, not hidden)")
+        if n in reserved or n == SIDECAR:
+            raise CheckpointError(f"extra file name {n!r} is a file a3mod writes itself; choose another name")
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -262,10 +295,23 @@ def staged_output(out_dir: str | os.PathLike, overwrite: bool, sources=()):
         tmp = staging_dir(out)
         try:
             yield tmp
+            _carry_others(out, tmp, overwrite)
             publish(tmp, out, overwrite, sources)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _carry_others(out: Path, tmp: Path, overwrite) -> None:
+    """overwrite='keep-others': copy the user's files of the old checkpoint into the new one (a name the new
+    checkpoint also writes is refused, nothing published)."""
+    if overwrite != KEEP_OTHERS or not (out / SIDECAR).is_file():
+        return
+    for name in other_files(out):
+        if os.path.lexists(tmp / name):
+            raise CheckpointError(f"{str(out / name)!r} is not a3mod's, and the new checkpoint writes a file of that "
+                                  f"name; move it first")
+        shutil.copy2(out / name, tmp / name)
 
 
 def recover(out: str | os.PathLike) -> list[str]:

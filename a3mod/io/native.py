@@ -145,7 +145,7 @@ class _NativeModel:
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
 
-            return SEALED["save"](self, save_directory, overwrite=True)
+            return SEALED["save"](self, save_directory)        # never replaces a folder on its own
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod

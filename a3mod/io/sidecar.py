@@ -25,7 +25,7 @@ def validate(side, slim: bool = False) -> dict:
     index lists may be absent."""
     keys(side, "(top level)", ("format", "model_type", "layers"),
           ("a3mod_version", "model_class", "passes", "calib_tokens", "orig_layer_params", "quant", "aliases",
-           "files", "sha256", "heal"))
+           "files", "sha256", "heal", "extra"))
     if side["format"] not in FORMATS or isinstance(side["format"], bool):
         raise CheckpointError(f"a3mod.json format {side['format']!r}; this a3mod reads formats {list(FORMATS)}")
     string(side["model_type"], "model_type")
@@ -63,6 +63,10 @@ def validate(side, slim: bool = False) -> dict:
         a = keys(side["aliases"], "aliases", (), tuple(side["aliases"]) if isinstance(side["aliases"], dict) else ())
         for k, v in a.items():
             string(v, f"aliases.{k}")
+    if "extra" in side:
+        if not (isinstance(side["extra"], list) and all(isinstance(n, str) and n and "/" not in n and "\\" not in n
+                                                        and not n.startswith(".") for n in side["extra"])):
+            fail("extra", "must be a list of plain file names")
     if "files" in side:
         f = keys(side["files"], "files", (), tuple(side["files"]) if isinstance(side["files"], dict) else ())
         for name, e in f.items():

@@ -101,7 +101,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
                        batch_size: int = 1, offload_dir: str | os.PathLike | None = None,
                        dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer=None,
                        overwrite: bool = False, restart: bool = False, progress: bool = True,
-                       save_dtype: torch.dtype | str | None = "auto") -> Path:
+                       save_dtype: torch.dtype | str | None = "auto", extra_names: tuple[str, ...] = ()) -> Path:
     """Compress the HF safetensors checkpoint in `src_dir` with A3 passes, one decoder layer in memory at a time,
     and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` + `a3mod.save` would give; `a3mod.load` opens it).
 
@@ -110,10 +110,12 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
     tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
     save_dtype: of the stored floating-point weights, as in `a3mod.save` ("auto": the dtype src's config.json
-    records, else the compute dtype).
+    records, else the compute dtype). extra_names: files the caller writes into out_dir afterwards (e.g.
+    compress_result.json): recorded as a3mod's, so a later overwrite replaces them.
     """
 
     passes = check_passes(passes, schedule="stream")
+    files.check_extra_names(extra_names, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     check_request(calib, ("a3",))
     src = Path(src_dir)
     if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
@@ -129,7 +131,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     skel.a3mod_source_dtype = recorded_dtype(src) if save_dtype == "auto" else as_dtype(save_dtype)
     preflight(passes, layer_views(skel))
     run = StreamRun(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
-                    restart, progress)
+                    restart, progress, tuple(extra_names))
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
@@ -155,6 +157,7 @@ class StreamRun:
     overwrite: bool
     restart: bool
     progress: bool
+    extra_names: tuple = ()
     spec: Any = None
     layers: Any = None
     source: Any = None
@@ -311,4 +314,5 @@ def _assemble(run: StreamRun) -> None:
         tensors.write(tmp / WEIGHTS, tensors.cast_plan(plan, store), {"format": "pt", "a3mod": str(FORMAT)})
         if run.tokenizer is not None:
             run.tokenizer.save_pretrained(tmp)
-        write_sidecar(tmp, {**side, "aliases": run.aliases})
+        write_sidecar(tmp, {**side, "aliases": run.aliases,
+                            **({"extra": sorted(run.extra_names)} if run.extra_names else {})})

@@ -1,0 +1,57 @@
+"""Overwrite replaces only what a3mod wrote: the files a checkpoint's a3mod.json lists (its own and the extra files
+it wrote beside them); other files make it refuse, naming them, unless the caller says to keep them. Extra file names
+are plain names that are not a3mod's own."""
+from __future__ import annotations
+
+import pytest
+
+import a3mod
+from a3mod import CheckpointError
+
+from conftest import calib_ids, input_ids, tiny_model
+
+
+@pytest.fixture
+def model():
+    return a3mod.apply(tiny_model("llama"), a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
+
+
+def test_overwrite_refuses_files_a3mod_did_not_write(tmp_path, model):
+    out = a3mod.save(model, tmp_path / "ck", extra_files={"README.md": "card"})
+    (out / "notes.txt").write_text("mine")
+    (out / "lm_eval_results.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(CheckpointError, match=r"lm_eval_results.json', 'notes.txt'.*keep-others"):
+        a3mod.save(model, out, overwrite=True)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before          # nothing touched
+    a3mod.save(model, out, overwrite="keep-others", extra_files={"README.md": "new card"})
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "new card"
+    assert (out / "lm_eval_results.json").exists()
+    torch_equal = a3mod.load(out)(input_ids()).logits.equal(model(input_ids()).logits)
+    assert torch_equal
+
+
+def test_a3mods_own_extra_files_are_replaced(tmp_path, model):
+    out = a3mod.save(model, tmp_path / "ck", extra_files={"README.md": "a", "compress_result.json": "{}"})
+    a3mod.save(model, out, overwrite=True, extra_files={"README.md": "b"})
+    assert (out / "README.md").read_text() == "b" and not (out / "compress_result.json").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "sub/x", ".hidden", "a3mod.json", "model.safetensors",
+                                  "config.json", "", "..", "a\\b"])
+def test_extra_file_names_are_plain_and_not_a3mods(tmp_path, model, name):
+    with pytest.raises(CheckpointError, match="extra file name"):
+        a3mod.save(model, tmp_path / "ck", extra_files={name: "x"})
+    assert list(tmp_path.iterdir()) == []                                      # nothing written anywhere
+
+
+def test_save_pretrained_of_a_quantized_model_never_replaces_a_folder(tmp_path):
+    pytest.importorskip("hqq")
+    base = tiny_model("llama", hidden=64, heads=4, inter=128)
+    q = a3mod.apply(base, [*a3mod.a3_passes(0.25), a3mod.HQQ(nbits=4, group_size=32)], calib=calib_ids(),
+                    progress=False)
+    q.save_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="exists"):
+        q.save_pretrained(tmp_path / "q")
+    assert (tmp_path / "q" / "notes.txt").read_text() == "mine"
