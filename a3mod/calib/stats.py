@@ -17,9 +17,11 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
+import stat
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +50,25 @@ _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) th
 _WIKITEXT_ESCAPES = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 
 
+def text_file(path) -> str:
+    """The UTF-8 text of a regular file; CalibrationError naming the file for anything else (a binary or UTF-16
+    file, a FIFO or device, an unreadable path)."""
+    p = Path(path)
+    try:
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise CalibrationError(f"text source {str(p)!r} is not a regular file")
+        data = p.read_bytes()
+    except OSError as e:
+        raise CalibrationError(f"text source {str(p)!r} cannot be read: {e.strerror or e}") from None
+    if b"\x00" in data[:1 << 16]:
+        raise CalibrationError(f"text source {str(p)!r} holds NUL bytes: a binary file (or UTF-16), not UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"text source {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                               f"convert it, e.g. iconv -t UTF-8") from None
+
+
 def read_text(source) -> str:
     """Text of a calibration / evaluation source: 'wikitext2' (assets), 'wikitext2-test', a file path, or a
     Hugging Face dataset (a `datasets.Dataset`, a save_to_disk folder, 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]';
@@ -58,9 +79,8 @@ def read_text(source) -> str:
     """
     if is_dataset_source(source):
         return dataset_text(source)
-    path = dataset_file(source)
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [l if l.strip() else "" for l in f.readlines()]
+    lines = io.StringIO(text_file(dataset_file(source)), newline="").readlines()    # as open(newline="") splits
+    rows = [l if l.strip() else "" for l in lines]
     text = "\n\n".join(rows)
     if source == "wikitext2":
         for k, v in _WIKITEXT_ESCAPES.items():

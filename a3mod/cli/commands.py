@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from .. import __version__
 from ..calib import distributed
 from ..calib.sources import check_source, is_dataset_source
-from ..calib.stats import Stats, calibration_data, is_stats_file
+from ..calib.stats import text_file, Stats, calibration_data, is_stats_file
 from ..errors import A3ModError, CalibrationError
 from ..evaluation import evaluate
 from ..evaluation.ppl import eval_tokens, perplexity
@@ -70,7 +70,7 @@ def _check_inputs(args) -> tuple:
         if used and is_dataset_source(src):      # a dry run reads no text
             check_source(src)
         elif used:
-            dataset_file(src)
+            text_file(dataset_file(src))         # readable UTF-8 text, before any model work
     path = args.model or default_model()
     out = check_output_dir(args.out, _overwrite(args), [path])
     if args.stats and os.path.exists(args.stats) and not is_stats_file(Path(args.stats)):

@@ -22,7 +22,7 @@ from ..modules import ReducedMLP
 from ..quant import io as quant_io
 from . import description, files, native, sidecar, tensors
 from .files import SIDECAR
-from .guards import NO_CODE, as_dtype, check_folder
+from .guards import NO_CODE, as_dtype, check_files, check_folder
 
 WEIGHTS = "model.safetensors"
 
@@ -138,6 +138,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.io.guards.check_folder)."""
     dtype = as_dtype(dtype)
     p = Path(path)
+    check_files(p)                                         # before any file of it is read
     if not is_a3mod_checkpoint(p) and native.is_native_folder(p):
         return native.load_folder(p, device, dtype)        # written by save_pretrained: transformers' own loading
     side = read_sidecar(p, verify)
@@ -172,7 +173,12 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
 
 
 def _check_weights(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Every stored tensor has a place in the described model, its shape, a compatible dtype and finite values."""
+    """Every stored tensor has a place in the described model, its shape, a compatible dtype (one floating-point
+    dtype for all: a model computes in one) and finite values."""
+    widths = sorted({str(t.dtype) for t in sd.values() if t.is_floating_point()})
+    if len(widths) > 1:
+        odd = next(k for k, t in sd.items() if t.is_floating_point() and str(t.dtype) != widths[0])
+        raise CheckpointError(f"{WEIGHTS} mixes floating-point dtypes {widths} (e.g. {odd!r}); a3mod writes one")
     for k, t in sd.items():
         if k not in expected:
             raise CheckpointError(f"weight {k!r} in {WEIGHTS} has no place in the model the sidecar describes")

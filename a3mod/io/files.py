@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,21 @@ def _check_parents(p: Path) -> None:
             raise CheckpointError(f"output path {str(p)!r} lies under {str(anc)!r}, which is a file")
 
 
+def _check_writable(p: Path) -> None:
+    """The nearest existing folder above `p` takes a new file (probed: permissions, read-only and virtual
+    filesystems); CheckpointError naming it otherwise, before any work."""
+    anc = next((a for a in p.parents if a.exists()), None)
+    if anc is None:                        # a filesystem root: refused by the checks that follow
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".a3mod-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {str(anc)!r} ({e.strerror or e}), where output {str(p)!r} would be "
+                              f"created; choose an output in a writable directory") from None
+
+
 def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Path:
     """The absolute output path, after refusing (CheckpointError, naming the path) every output a3mod may not
     write: an existing path without overwrite; a file; a path under a file; with overwrite, a folder that is not
@@ -71,6 +87,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Pat
     filesystem root, a symbolic link, or the source model's folder (or one containing it)."""
     p = _resolved(out)
     _check_parents(p)
+    _check_writable(p)
     if not os.path.lexists(p):
         return p
     if p.is_symlink():
@@ -150,9 +167,13 @@ def output_lock(out: str | os.PathLike):
             _HELD[key][1] -= 1
         return
     _check_parents(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
     lock = p.parent / f".{p.name}{_LOCK}"
-    fd = _acquire(lock, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, p)
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {str(p.parent)!r} ({e.strerror or e}); choose an output in a "
+                              f"writable directory") from None
     _HELD[key] = [fd, 1, os.getpid()]
     try:
         yield p

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import torch
@@ -29,10 +30,35 @@ def _read_json(path: Path) -> dict:
     return d
 
 
+def check_files(folder: str | os.PathLike) -> None:
+    """Every entry of a local model folder is a regular file or a folder (a FIFO, socket or device would hang or
+    feed a reader: refused); in an a3mod checkpoint (it holds a3mod.json) no symlink leads out of the folder or
+    nowhere. CheckpointError naming the entry."""
+    p = Path(folder)
+    if not p.is_dir():
+        return
+    root, ours = p.resolve(), os.path.lexists(p / "a3mod.json")
+    for e in os.scandir(p):
+        if e.is_symlink() and ours:
+            target = Path(e.path).resolve()
+            if not (target == root or root in target.parents) or not target.exists():
+                raise CheckpointError(f"{e.path!r} is a symbolic link to {str(target)!r}, outside the checkpoint "
+                                      f"folder (or to nothing); a3mod reads a checkpoint's own files only")
+        try:
+            mode = os.stat(e.path).st_mode
+        except OSError:
+            continue                       # a dangling link of another tool's folder: not read
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointError(f"{e.path!r} is not a regular file (a FIFO, socket or device); a3mod reads only "
+                                  f"regular files from a model folder")
+
+
 def check_folder(folder: str | os.PathLike) -> None:
     """Refuse (CheckpointError) a local model folder that would make transformers run code: an `auto_map` in
-    config.json or tokenizer_config.json, or a `model_type` this transformers has no built-in class for."""
+    config.json or tokenizer_config.json, or a `model_type` this transformers has no built-in class for; and one
+    holding special files (`check_files`)."""
     p = Path(folder)
+    check_files(p)
     cfg = p / "config.json"
     if cfg.is_file():
         c = _read_json(cfg)

@@ -45,6 +45,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
         passes = check_passes(passes)
     if quant is not None:
         handler_for(quant)                      # its library is installed, before any solving
+    check_finite(model)
     views = layer_views(model)
     swaps, info = (_compress(model, views, passes, calib, stats, progress) if passes
                    else ([], _info_so_far(model, views)))
@@ -55,6 +56,16 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
         info["passes"] = [*info["passes"], pass_to_dict(quant)]
     model.a3mod_info = info
     return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module) -> None:
+    """A3ModError naming the first weight that holds NaN or infinite values (compressing it would spread them into
+    every rotated weight of its layer, and the checkpoint would not load)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            raise A3ModError(f"model weight {name!r} holds NaN or infinite values; a3mod compresses finite models "
+                             f"only (the model is left as it is)")
 
 
 def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
