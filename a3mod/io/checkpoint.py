@@ -222,4 +222,15 @@ def _finish(model: nn.Module, p: Path, side: dict, config) -> None:
                               f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
 
 
-native.SEALED.update(save=save, load=load)      # quantized native models are read and written this way
+def verify_folder(p: Path, config) -> dict:
+    """The checks `load` makes of an a3mod.save folder, for transformers' own loading of it (from_pretrained):
+    seal, schema, file sizes and checksums, and config.json describing what a3mod.json does."""
+    side = read_sidecar(p, verify=True)
+    described = getattr(config, "a3mod", None) if config is not None else None
+    if description.slim(described or {}).get("layers") != description.slim(side)["layers"]:
+        raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
+                              f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
+    return side
+
+
+native.SEALED.update(save=save, load=load, verify=verify_folder)   # the native classes read / write these ways

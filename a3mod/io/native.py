@@ -40,7 +40,7 @@ from .description import (
     attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
 )
 from .files import SIDECAR
-from .guards import NO_CODE, check_folder, recorded_dtype
+from .guards import NO_CODE, check_files, check_folder, recorded_dtype
 
 MODEL_TYPE = "a3mod"
 # a3mod's own sealed folder format: io/checkpoint.py (which sits above this module) registers its save and load here
@@ -144,7 +144,6 @@ class _NativeModel:
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
-
             return SEALED["save"](self, save_directory)        # never replaces a folder on its own
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -158,9 +157,30 @@ class _NativeModel:
                 config = None
         if config is not None and "quant" in (getattr(config, "a3mod", None) or {}):
             return load_quantized(pretrained_model_name_or_path, kwargs)
-        model = tensors.realign(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            check_files(folder)
+            if (folder / SIDECAR).is_file():      # an a3mod.save folder: its seal and checksums hold here too
+                SEALED["verify"](folder, config)
+        asked = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        sizes = {k: v.numel() for k, v in model.state_dict().items()}
+        lost = sorted(k for k in info.get("missing_keys", ()) if sizes.get(k, 1))   # empty ones hold nothing
+        if lost:                                  # transformers would fill them with random values
+            raise CheckpointError(f"{str(pretrained_model_name_or_path)!r} lacks {len(lost)} weights the described "
+                                  f"model needs, e.g. {lost[:3]}; a3mod never fills weights with random values")
+        model = tensors.realign(model)
         check_indices(model)
-        return model
+        check_finite_weights(model, pretrained_model_name_or_path)
+        return (model, info) if asked else model
+
+
+def check_finite_weights(model: nn.Module, where) -> None:
+    """CheckpointError naming the first loaded weight with NaN or infinite values."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"weight {name!r} loaded from {str(where)!r} has NaN or infinite values")
 
 
 def description(model: nn.Module) -> dict:
