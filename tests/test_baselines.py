@@ -4,6 +4,8 @@ The KV-cache mode of ASVD is tested in test_kv_mode.py. Exactness checks use flo
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 import math
@@ -25,7 +27,8 @@ from a3mod.passes.search import Prober, targets_of, threshold_search
 from conftest import calib_ids, input_ids, logits, tiny_model
 
 FAMS = {"llama": dict(kv_heads=2), "qwen2": {}, "gpt2": {}}      # GQA, q/k/v biases, fused Conv1D c_attn
-FULL = [PlainSVD(rank=10**6), SVDLLM(rank=10**6), ASVD(rank=10**6)]
+FULL = [PlainSVD(rank=10**6, allow_larger=True), SVDLLM(rank=10**6, allow_larger=True),
+        ASVD(rank=10**6, allow_larger=True)]
 UNIFORM = [PlainSVD(ratio=0.3), SVDLLM(ratio=0.3), ASVD(ratio=0.3, rank_search=False)]
 PROBE = dict(probe_samples=2, probe_seq_len=16)
 
@@ -537,3 +540,16 @@ def test_uniform_ratio_counts_biases(fam, kw, method, ratio):
     a3mod.apply(model, [method(ratio=ratio)], calib=calib_ids(4, 16), progress=False)
     got = a3mod.report(model).ratio
     assert ratio <= got < ratio + 0.06
+
+
+@pytest.mark.parametrize("make", [lambda: PlainSVD(rank=20), lambda: SVDLLM(rank=20), lambda: ASVD(rank=20)])
+def test_a_rank_that_makes_linears_larger_is_refused_unless_allowed(make):
+    """hidden 32: rank 20 factors a 32 x 32 attention projection into 20 x (32 + 32) = 1280 > 1024 parameters:
+    refused before the model changes, naming it and the largest rank that saves parameters (16)."""
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(a3mod.RatioError, match=r"rank=20 makes \d+ linears larger.*ranks up to 16 save"):
+        a3mod.apply(model, [make()], calib=calib_ids(), progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    p = dataclasses.replace(make(), allow_larger=True)
+    a3mod.apply(model, [p], calib=calib_ids(), progress=False)

@@ -21,9 +21,20 @@ from .search import Target, asvd_ranks, targets_of
 from ..validate import boolean, fraction, integer, number
 
 
+@dataclass(frozen=True)
+class _Factored(RatioOrRank):
+    """allow_larger (with rank): factor even linears whose two factors hold more parameters than the linear (rank
+    above in*out / (in+out); exact at the full rank: for checks, never for compression). Refused otherwise."""
+    allow_larger: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        boolean(type(self).__name__, "allow_larger", self.allow_larger)
+
+
 @register_pass
 @dataclass(frozen=True)
-class PlainSVD(RatioOrRank):
+class PlainSVD(_Factored):
     """Truncated SVD of every decoder-layer linear, no activation information (the floor to beat)."""
     NEEDS = ()
 
@@ -33,7 +44,7 @@ class PlainSVD(RatioOrRank):
 
 @register_pass
 @dataclass(frozen=True)
-class SVDLLM(RatioOrRank):
+class SVDLLM(_Factored):
     """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
     NEEDS = ("gram",)
 
@@ -60,6 +71,7 @@ class ASVD(PassConfig):
     kv_ratio: float | None = None
     alpha: float = 0.5
     rank_search: bool = True
+    allow_larger: bool = False
     probe_samples: int = _ASVD_PROBE["probe_samples"]
     probe_seq_len: int = _ASVD_PROBE["probe_seq_len"]
     NEEDS = ("absmean",)
@@ -79,6 +91,7 @@ class ASVD(PassConfig):
         integer("ASVD", "probe_samples", self.probe_samples, 1)
         integer("ASVD", "probe_seq_len", self.probe_seq_len, 2)
         boolean("ASVD", "rank_search", self.rank_search)
+        boolean("ASVD", "allow_larger", self.allow_larger)
         for n, cast in (("ratio", float), ("kv_ratio", float), ("alpha", float), ("rank", int),
                         ("probe_samples", int), ("probe_seq_len", int)):
             if getattr(self, n) is not None:            # plain Python numbers (numpy scalars break JSON)
@@ -92,7 +105,16 @@ def _uniform_ranks(cfg, views, targets: list[Target]) -> list[int]:
     if getattr(cfg, "kv_ratio", None) is not None:
         return [max(1, fz.floor((1.0 - cfg.kv_ratio) * t.out_f)) for t in targets]
     if cfg.rank is not None:
-        return [min(cfg.rank, t.out_f, t.in_f) for t in targets]
+        ranks = [min(cfg.rank, t.out_f, t.in_f) for t in targets]
+        bigger = [(t, r) for t, r in zip(targets, ranks) if r * (t.out_f + t.in_f) > t.out_f * t.in_f]
+        if bigger and not cfg.allow_larger:
+            t, r = bigger[0]
+            m, n = t.out_f, t.in_f
+            raise RatioError(f"{type(cfg).__name__}: rank={cfg.rank} makes {len(bigger)} linears larger as two "
+                             f"factors, e.g. layer {t.layer} {t.path} ({m} x {n}: {r * (m + n)} > {m * n} "
+                             f"parameters); ranks up to {m * n // (m + n)} save parameters there (allow_larger=True "
+                             f"factors anyway)")
+        return ranks
     bias = lambda t: 0 if _weight(views[t.layer], t)[1] is None else t.out_f  # noqa: E731  (biases count too)
     return [fz.rank_for_keep(t.out_f, t.in_f, 1.0 - cfg.ratio, bias(t)) for t in targets]
 
