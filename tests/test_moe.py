@@ -269,3 +269,12 @@ def test_llama4_is_refused_by_name():
     model = tiny_zoo_model("llama4_text")
     with pytest.raises(a3mod.errors.DiscoveryError, match="Llama 4 attention"):
         a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(2, 12, 1), progress=False)
+
+
+def test_experts_narrowed_in_place_count_as_compressed():
+    """Routed experts narrowed in place keep their class; the codecs still find them, so a second apply is refused
+    instead of narrowing them again."""
+    model = tiny_zoo_model("mixtral")
+    a3mod.apply(model, [A3Experts(ratio=0.3, min_tokens=0)], calib=_ids(4, 16, 1), progress=False)
+    with pytest.raises(a3mod.A3ModError, match="already compressed"):
+        a3mod.apply(model, [A3Experts(ratio=0.3, min_tokens=0)], calib=_ids(4, 16, 1), progress=False)

@@ -12,6 +12,7 @@ from ..calib import distributed
 from ..calib.stats import Stats
 from ..errors import A3ModError, CalibrationError
 from ..io import native
+from ..io.codecs import describe_layer
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
@@ -70,7 +71,7 @@ def check_finite(model: nn.Module) -> None:
 
 def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
     """The compact modules the compression passes make (not yet swapped in) and the model's new a3mod_info."""
-    if any(isinstance(m, COMPACT) for v in views for m in v.layer.modules()):
+    if any(set(describe_layer(v.layer, v.spec)) - {"quantized"} for v in views):    # a codec finds a compact kind
         raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
