@@ -4,9 +4,9 @@ On every real model in the assets dir (fp32, CPU), with N x L calibration tokens
   (a) forward   one plain forward pass of the calibration windows through the model body (no hooks, no
                 cache, batch 1 like `collect`): the reference, the min of --forward-reps runs
   (b) collect   a3mod.collect(kinds=("a3",)) = forward + statistics; statistics overhead = (b) - (a)
-  (c) solves    every layer's compact modules (the solve phase of a3mod.apply: `api._compress`, i.e.
+  (c) solves    every layer's compact modules (the solve phase of a3mod.apply: `pipeline.compress._compress`, i.e.
                 `passes.a3.build_layer` per layer), not yet swapped in
-  (d) rewrite   the swaps (`rewrite.set_child`)
+  (d) rewrite   the swaps (`arch.set_child`)
   (e) save      a3mod.save(model, tmp dir, tokenizer)
 A3 total = b + c + d + e; the target is total <= 2 x forward. For comparison, in the same run and on the
 same windows (before the A3 rewrite): SVD-LLM's Gram collection and solve, ASVD's |x| collection, its rank
@@ -34,7 +34,7 @@ import a3mod
 from a3mod.pipeline import compress as api
 from a3mod.math import factorize as fz
 from a3mod.arch import layer_views
-from a3mod.passes import MODEL_HANDLERS
+from a3mod.passes.base import PassContext, run_pass
 from a3mod.passes.lowrank import ASVD, SVDLLM
 from a3mod.passes.search import PARAM_CANDIDATES, asvd_ranks, targets_of
 from a3mod.arch import set_child
@@ -95,7 +95,7 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
     say("SVD-LLM collect", t)
     rows.append(("SVD-LLM: collect (forward + X^T X per input group)", t, "a forward pass of its own"))
     cfg = SVDLLM(ratio=args.ratio)
-    t, _ = timed(lambda: MODEL_HANDLERS[SVDLLM](cfg, model, views, gram, calib, False))
+    t, _ = timed(lambda: run_pass(cfg, PassContext(model=model, views=views, stats=gram, calib=calib, progress=False)))
     say("SVD-LLM solve", t)
     rows.append(("SVD-LLM: solve (Cholesky + SVD per linear)", t, f"{len(targets)} linears"))
     gram = None                                    # free the Gram matrices before the next pass
@@ -109,7 +109,7 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
     rows.append(("ASVD: rank search (sensitivity probes + threshold search)", t,
                  (f"{len(targets)} linears x {len(PARAM_CANDIDATES)} sizes, probes {args.probe_samples} x "
                   f"{args.probe_seq_len} tokens")))
-    t, _ = timed(lambda: MODEL_HANDLERS[ASVD](cfg, model, views, absm, calib, False))    # reuses the cached table
+    t, _ = timed(lambda: run_pass(cfg, PassContext(model=model, views=views, stats=absm, calib=calib, progress=False)))    # reuses the cached table
     rows.append(("ASVD: factorization (searched ranks)", t, ""))
     return rows
 
