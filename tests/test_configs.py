@@ -79,3 +79,36 @@ def test_cross_field_rules_name_their_field():
         check_config(AttentionConfig, to_entry(AttentionConfig(**base)) | {"rot_dim": 3}, "attn")
     cfg = AttentionConfig(**{**base, "out_proj": False, "bias": dict(q=False, k=False, v=False, o=True)})
     assert cfg.bias["o"] is False                  # no output projection in the module: no output bias either
+
+
+@given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12), st.booleans())
+def test_low_rank_config_round_trips_and_bounds_its_rank(i, r, o, bias):
+    from a3mod.modules.lowrank import LowRankConfig
+
+    if r > min(i, o):
+        with pytest.raises(ConfigError, match="exceeds min"):
+            LowRankConfig(in_features=i, rank=r, out_features=o, bias=bias)
+        return
+    cfg = LowRankConfig(in_features=i, rank=r, out_features=o, bias=bias)
+    from a3mod.modules import LowRankLinear
+    m = LowRankLinear(cfg, device="meta")
+    assert from_entry(LowRankConfig, m.describe()) == cfg and m.rank == r
+    check_config(LowRankConfig, to_entry(cfg), "linears.x")
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(0, 16), st.integers(1, 16))
+def test_latent_kv_config_round_trips(kv, g, half_hd, k_rank, v_rank):
+    from a3mod.modules import LatentKVAttention
+    from a3mod.modules.latent_kv import LatentKVConfig
+
+    hd = 2 * half_hd
+    fields = dict(hidden=16, heads=kv * g, kv_heads=kv, head_dim=hd, k_rank=max(1, k_rank), v_rank=v_rank,
+                  rot_dim=hd, scaling=0.5, bias=dict(q=True, k=False, v=True, o=False))
+    if max(fields["k_rank"], v_rank) > kv * hd:
+        with pytest.raises(ConfigError, match="exceeds kv_heads x head_dim"):
+            LatentKVConfig(**fields)
+        return
+    cfg = LatentKVConfig(**fields)
+    m = LatentKVAttention(tiny_config("llama"), 0, cfg, device="meta")
+    assert from_entry(LatentKVConfig, m.describe()) == cfg
+    check_config(LatentKVConfig, to_entry(cfg), "latent_attn")

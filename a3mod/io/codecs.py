@@ -39,11 +39,13 @@ from ..arch.experts import ExpertsView, narrowed
 from ..arch.mla import is_mla, narrowed_mla
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..modules.attention import AttentionConfig
+from ..modules.latent_kv import LatentKVConfig
+from ..modules.lowrank import LowRankConfig
 from ..modules.mlp import MLPConfig
 from ..modules.configs import from_entry
 from ..modules.linears import linear_shape, quantized_linears
 from ..modules.narrow import narrowed_side
-from .schema import PATH, bias_flags, boolean, check_config, dropouts, fail, indices, integer, keys, number, string
+from .schema import PATH, boolean, check_config, fail, indices, integer, keys, string
 
 
 @dataclass
@@ -116,16 +118,6 @@ def build_layer(site: Site, entry: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ schemas
-def _heads(a: dict, path: str) -> None:
-    for n in ("hidden", "heads", "kv_heads", "head_dim"):
-        integer(a[n], f"{path}.{n}", 1)
-    if a["heads"] % a["kv_heads"]:
-        fail(f"{path}.heads", f"= {a['heads']} is not a multiple of kv_heads = {a['kv_heads']}")
-    number(a["scaling"], f"{path}.scaling", 0.0, 1e6, lo_open=True)
-    boolean(a["is_causal"], f"{path}.is_causal")
-    dropouts(a, path, ("dropout", "out_dropout"))
-
-
 def _attn(a: dict, path: str) -> None:
     """The entry of a ReducedHeadAttention: its AttentionConfig (checked from the dataclass) and its kept RoPE dims."""
     check_config(AttentionConfig, a, path, required=("rope_index",))
@@ -137,17 +129,8 @@ def _attn(a: dict, path: str) -> None:
 
 
 def _latent(a: dict, path: str) -> None:
-    keys(a, path, ("hidden", "heads", "kv_heads", "head_dim", "k_rank", "v_rank", "rot_dim", "scaling",
-                    "is_causal", "dropout", "out_dropout", "bias"))
-    _heads(a, path)
-    hd, kv = a["head_dim"], a["kv_heads"]
-    integer(a["k_rank"], f"{path}.k_rank", 1, kv * hd + 1)
-    integer(a["v_rank"], f"{path}.v_rank", 1, kv * hd + 1)
-    rot = integer(a["rot_dim"], f"{path}.rot_dim", 0, hd + 1)
-    if rot % 2:
-        fail(f"{path}.rot_dim", f"= {rot} must be even")
-    bias_flags(a["bias"], f"{path}.bias", "qkvo")
-
+    """The entry of a LatentKVAttention: its LatentKVConfig (checked from the dataclass)."""
+    check_config(LatentKVConfig, a, path)
 
 def _mlp(m: dict, path: str) -> None:
     """The entry of a ReducedMLP: its MLPConfig (checked from the dataclass) and the neurons it kept (or None)."""
@@ -239,8 +222,8 @@ def _describe_latent(site: Site) -> dict | None:
 
 
 def _build_latent(site: Site, entry: dict) -> None:
-    set_child(site.layer, site.spec.attn, LatentKVAttention(site.config, site.index, device=site.device,
-                                                            dtype=site.dtype, **entry))
+    set_child(site.layer, site.spec.attn, LatentKVAttention(site.config, site.index, from_entry(LatentKVConfig, entry),
+                                                            device=site.device, dtype=site.dtype))
 
 
 def _describe_mla(site: Site) -> dict | None:
@@ -326,17 +309,17 @@ def _build_experts(site: Site, x: dict) -> None:
 # ------------------------------------------------------------------------------------------ linears
 def _describe_lowrank(site: Site) -> dict | None:
     inside = site.spec.attn + "." if isinstance(site.attn, LatentKVAttention) else None   # described by it
-    return {n: dict(in_features=m.in_features, rank=m.rank, out_features=m.out_features, bias=m.bias is not None)
-            for n, m in site.layer.named_modules()
+    return {n: m.describe() for n, m in site.layer.named_modules()
             if isinstance(m, LowRankLinear) and not (inside and n.startswith(inside))} or None
 
 
 def _validate_lowrank(d, path: str) -> None:
-    _linear_map(d, path, ("in_features", "rank", "out_features", "bias"))
-    for p, lr in d.items():
-        if lr["rank"] > min(lr["in_features"], lr["out_features"]):
-            fail(f"{path}.{p}.rank", f"= {lr['rank']} exceeds min(in, out) = "
-                                     f"{min(lr['in_features'], lr['out_features'])}")
+    """{module path: LowRankConfig entry}."""
+    keys(d, path, (), tuple(d) if isinstance(d, dict) else ())
+    for p, e in d.items():
+        if not PATH.match(p):
+            fail(path, f"names {p!r}, which is not a module path")
+        check_config(LowRankConfig, e, f"{path}.{p}")
 
 
 def _build_linears(cls: type) -> Callable[[Site, dict], None]:

@@ -7,11 +7,14 @@ RoPE scores depend only on position differences, so this equals the original mod
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import DROP_KWARGS, eager_attention, layer_cache, rotate_half
+from .configs import ConfigError, spec, to_entry
 from .lowrank import LowRankLinear
 
 
@@ -23,15 +26,42 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> to
     return torch.cat([xr * cos + rotate_half(xr) * sin, xp], dim=-1)
 
 
+@dataclass(frozen=True)
+class LatentKVConfig:
+    """A LatentKVAttention: head counts and dims, the ranks of the K and V factors (what the cache holds per
+    token), RoPE dims, scale, biases."""
+    hidden: int = spec(kind="int", lo=1)
+    heads: int = spec(kind="int", lo=1)
+    kv_heads: int = spec(kind="int", lo=1)
+    head_dim: int = spec(kind="int", lo=1)
+    k_rank: int = spec(kind="int", lo=1)
+    v_rank: int = spec(kind="int", lo=1)
+    rot_dim: int = spec(kind="int", lo=0, le="head_dim")
+    scaling: float = spec(kind="float", lo=0.0, hi=1e6, lo_open=True)
+    bias: dict = spec(kind="bias")
+    is_causal: bool = spec(True, kind="bool")
+    dropout: float = spec(0.0, kind="float", lo=0.0, hi=1.0)
+    out_dropout: float = spec(0.0, kind="float", lo=0.0, hi=1.0)
+
+    def __post_init__(self):
+        if self.heads % self.kv_heads:
+            raise ConfigError("heads", self.heads, f"is not a multiple of kv_heads = {self.kv_heads}")
+        if not 0 <= self.rot_dim <= self.head_dim or self.rot_dim % 2:
+            raise ConfigError("rot_dim", self.rot_dim, f"must be even and within [0, head_dim = {self.head_dim}]")
+        for n in ("k_rank", "v_rank"):
+            if getattr(self, n) > self.kv_heads * self.head_dim:
+                raise ConfigError(n, getattr(self, n), f"exceeds kv_heads x head_dim = {self.kv_heads * self.head_dim}")
+
+
 class LatentKVAttention(nn.Module):
-    def __init__(self, config, layer_idx: int, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                 k_rank: int, v_rank: int, rot_dim: int, scaling: float, bias: dict[str, bool],
-                 is_causal: bool = True, dropout: float = 0.0, out_dropout: float = 0.0, device=None, dtype=None):
+    def __init__(self, config, layer_idx: int, cfg: LatentKVConfig | None = None, *, device=None, dtype=None,
+                 **fields):
+        """`cfg` (or its fields as keywords); `config` is the model's config (the attention backend)."""
         super().__init__()
-        if heads % kv_heads:
-            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        if not 0 <= rot_dim <= head_dim or rot_dim % 2:
-            raise ValueError(f"rot_dim {rot_dim} must be even and within [0, head_dim={head_dim}]")
+        c = self.cfg = cfg if cfg is not None else LatentKVConfig(**fields)
+        hidden, heads, kv_heads, head_dim, bias = c.hidden, c.heads, c.kv_heads, c.head_dim, c.bias
+        k_rank, v_rank, rot_dim, scaling = c.k_rank, c.v_rank, c.rot_dim, c.scaling
+        is_causal, dropout, out_dropout = c.is_causal, c.dropout, c.out_dropout
         kw = dict(device=device, dtype=dtype)
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.num_key_value_heads = heads, kv_heads
@@ -40,8 +70,10 @@ class LatentKVAttention(nn.Module):
         self.is_causal, self.attention_dropout, self.out_dropout = is_causal, dropout, out_dropout
         self.sliding_window = None
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias["q"], **kw)
-        self.k_proj = LowRankLinear(hidden, k_rank, kv_heads * head_dim, bias=bias["k"], **kw)
-        self.v_proj = LowRankLinear(hidden, v_rank, kv_heads * head_dim, bias=bias["v"], **kw)
+        self.k_proj = LowRankLinear(in_features=hidden, rank=k_rank, out_features=kv_heads * head_dim, bias=bias["k"],
+                                    **kw)
+        self.v_proj = LowRankLinear(in_features=hidden, rank=v_rank, out_features=kv_heads * head_dim, bias=bias["v"],
+                                    **kw)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias["o"], **kw)
         self._rotary = None
 
@@ -86,13 +118,8 @@ class LatentKVAttention(nn.Module):
     SIDECAR_KEY = "latent_attn"
 
     def describe(self) -> dict:
-        """The sidecar entry `a3mod.load` rebuilds this module from."""
-        return dict(hidden=self.o_proj.out_features, heads=self.num_heads, kv_heads=self.num_key_value_heads,
-                    head_dim=self.head_dim, k_rank=self.k_proj.rank, v_rank=self.v_proj.rank, rot_dim=self.rot_dim,
-                    scaling=self.scaling, is_causal=self.is_causal, dropout=self.attention_dropout,
-                    out_dropout=self.out_dropout,
-                    bias={"q": self.q_proj.bias is not None, "k": self.k_proj.bias is not None,
-                          "v": self.v_proj.bias is not None, "o": self.o_proj.bias is not None})
+        """The description entry `a3mod.load` rebuilds this module from: its config."""
+        return to_entry(self.cfg)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "

@@ -15,6 +15,7 @@ from ..arch import LayerView, get_path, linear_params
 from ..errors import RatioError, UnsupportedModelError
 from ..math import factorize as fz
 from ..modules import LatentKVAttention, LowRankLinear
+from ..modules.lowrank import LowRankConfig
 from .a3 import RatioOrRank
 from .base import PassConfig, PassContext, check_ratio_rank, handler, register_pass
 from .search import Target, asvd_ranks, targets_of
@@ -131,7 +132,8 @@ def _factor_all(views, targets, ranks, factor_fn, progress, name) -> list[tuple[
 
 
 def _lowrank(b: torch.Tensor, a: torch.Tensor, bias, like: torch.Tensor) -> LowRankLinear:
-    m = LowRankLinear(a.shape[1], a.shape[0], b.shape[0], bias is not None, device=like.device, dtype=like.dtype)
+    m = LowRankLinear(LowRankConfig(in_features=a.shape[1], rank=a.shape[0], out_features=b.shape[0],
+                                    bias=bias is not None), device=like.device, dtype=like.dtype)
     with torch.no_grad():
         m.in_proj.weight.copy_(a)
         m.out_proj.weight.copy_(b)
