@@ -63,7 +63,10 @@ def test_calibration_text_that_is_not_utf8_is_refused_before_the_model_loads(tmp
 
 
 def test_an_unwritable_output_is_refused_before_work(tmp_path, capsys):
-    rc = main(["compress", "--out", "/proc/a3mod-out", "--ratio", "0.2", "--no-eval", "--model", "/nonexistent"])
+    text = tmp_path / "t.txt"
+    text.write_text("some calibration text " * 50)
+    rc = main(["compress", "--out", "/proc/a3mod-out", "--ratio", "0.2", "--no-eval", "--model", "/nonexistent",
+               "--calib", str(text)])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot write to '/proc'" in err and "Traceback" not in err
 
