@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 def layer_lines(d: LayerDiscovery) -> list[str]:
     if d.qkv_layout is None:
-        qkv = f"q {d.q.describe()}, k {d.k.describe()}, v {d.v.describe()}"
+        qkv = f"q {d.q.card_text()}, k {d.k.card_text()}, v {d.v.card_text()}"
     else:
         qkv = f"fused {d.q.module} ({d.qkv_layout}: q {d.heads}x{d.head_dim}, k/v {d.kv_heads}x{d.head_dim})" + (
             " +bias" if d.q.bias else "")
@@ -21,11 +21,11 @@ def layer_lines(d: LayerDiscovery) -> list[str]:
     if d.up is None:
         mlp = "none besides the routed experts"
     elif d.gate is None:
-        mlp = f"plain: {d.up.describe()} -> {d.act} -> {d.down.describe()}"
+        mlp = f"plain: {d.up.card_text()} -> {d.act} -> {d.down.card_text()}"
     elif d.gate_up_layout is not None:
-        mlp = f"gated, fused {d.up.module} {d.gate_up_layout} -> {d.act}(gate) * up -> {d.down.describe()}"
+        mlp = f"gated, fused {d.up.module} {d.gate_up_layout} -> {d.act}(gate) * up -> {d.down.card_text()}"
     else:
-        mlp = f"gated: {d.act}({d.gate.describe()}) * {d.up.describe()} -> {d.down.describe()}"
+        mlp = f"gated: {d.act}({d.gate.card_text()}) * {d.up.card_text()} -> {d.down.card_text()}"
     norms = ", ".join(f"{k} {v}" for k, v in (("pre-attn", d.input_norm), ("attn-out", d.attn_out_norm),
                                                 ("pre-MLP", d.mlp_norm), ("MLP-out", d.mlp_out_norm),
                                                 ("output", d.output_norm)) if v)
@@ -39,7 +39,7 @@ def layer_lines(d: LayerDiscovery) -> list[str]:
            False: "unmasked, "}[d.causal] + f"scale {d.scale:.6g}" + "".join(f", {e}" for e in extra),
         f"  q/k/v      {qkv}",
         f"  positions  {rope}",
-        f"  output     {d.o.describe()}",
+        f"  output     {d.o.card_text()}",
         f"  mlp        {mlp}" + ("" if d.up is None else f" (intermediate {d.intermediate}, activation "
         f"{'from config.' + d.act_config if d.act_config else repr(d.act_name) + ' (no config attribute)'})"),
         *([f"  experts    {d.num_experts} routed experts {d.experts} in {d.moe}"

@@ -19,7 +19,7 @@ class Role:
     channels: tuple[int, ...] = dataclasses.field(default=(), repr=False)   # its output channels, role order
     width: int = 0                               # the linear's output features
 
-    def describe(self) -> str:
+    def card_text(self) -> str:
         c = self.channels
         span = "" if not c or list(c) == list(range(self.width)) else (
             f" [{c[0]}:{c[-1] + 1}]" if list(c) == list(range(c[0], c[-1] + 1)) else " (strided rows)")
