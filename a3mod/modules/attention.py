@@ -90,8 +90,8 @@ def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scaling
 
 def _gather_dims(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t (B,T,R), index (n,rot) -> (B,n,T,rot) with out[b,j,t] = t[b,t,index[j]], in t's (B,T,n,rot) memory order
-    (k's). torch.gather is 3-4x faster on CPU than advanced indexing from T ~ 64 on; at T = 1 (decode) advanced
-    indexing needs fewer dispatches."""
+    (k's). torch.gather beats advanced indexing on CPU for longer sequences (evals/bench_speed.py measures it); at
+    T = 1 (decode) advanced indexing needs fewer dispatches."""
     B, T, _ = t.shape
     if T == 1:
         return t[..., index].transpose(1, 2)

@@ -46,8 +46,8 @@ class RatioOrRank(PassConfig):
 @dataclass(frozen=True)
 class _A3Dims(RatioOrRank):
     """multiple_of (with ratio): round the kept dim to a multiple of this as well (8 or 16 suit SIMD and
-    tensor-core kernels; CPU SDPA ran head dim 58 slower than 64). Default: whole RoPE pairs for q/k, even v/o
-    heads, multiples of 8 for MLPs of >= 512 neurons."""
+    tensor-core kernels: odd head dims run slower, see evals/bench_speed.py). Default: whole RoPE pairs for q/k,
+    even v/o heads, multiples of 8 for MLPs of >= 512 neurons."""
     multiple_of: int | None = None
 
     def __post_init__(self):
