@@ -439,10 +439,11 @@ def test_narrow_linear_side_is_the_narrowed_one_even_when_widths_coincide():
     from a3mod.modules import NarrowLinear
 
     kept = list(range(0, 64, 2))
-    down = NarrowLinear(32, 32, True, 64, 32, kept)
+    dims = dict(in_features=32, out_features=32, bias=True)
+    down = NarrowLinear(kept=kept, orig_in=64, orig_out=32, **dims)
     assert down.side == "in" and down.narrow_info()["side"] == "in"
-    assert NarrowLinear(32, 32, True, 64, 32, kept, side="in").side == "in"
-    up = NarrowLinear(32, 32, True, 32, 64, kept)
+    assert NarrowLinear(kept=kept, orig_in=64, orig_out=32, side="in", **dims).side == "in"
+    up = NarrowLinear(kept=kept, orig_in=32, orig_out=64, **dims)
     assert up.side == "out"
     with pytest.raises(ValueError, match="32 original input indices in \\[0, 64\\)"):
-        NarrowLinear(32, 32, True, 64, 32, list(range(40)))
+        NarrowLinear(kept=list(range(40)), orig_in=64, orig_out=32, **dims)

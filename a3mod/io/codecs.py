@@ -44,8 +44,8 @@ from ..modules.lowrank import LowRankConfig
 from ..modules.mlp import MLPConfig
 from ..modules.configs import from_entry
 from ..modules.linears import linear_shape, quantized_linears
-from ..modules.narrow import narrowed_side
-from .schema import PATH, boolean, check_config, fail, indices, integer, keys, string
+from ..modules.narrow import NarrowConfig
+from .schema import PATH, boolean, check_config, fail, indices, integer, keys
 
 
 @dataclass
@@ -175,19 +175,17 @@ def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
 
 
 def _narrow(d, path: str) -> None:
-    _linear_map(d, path, ("in_features", "out_features", "bias", "orig_in", "orig_out", "kept"), ("side",))
+    """{module path: NarrowConfig entry + the kept indices of its narrowed side (or None)}."""
+    keys(d, path, (), tuple(d) if isinstance(d, dict) else ())
     for p, e in d.items():
+        if not PATH.match(p):
+            fail(path, f"names {p!r}, which is not a module path")
         q = f"{path}.{p}"
-        if e["in_features"] > e["orig_in"] or e["out_features"] > e["orig_out"]:
-            fail(q, f"({e['in_features']} -> {e['out_features']}) is wider than the original "
-                     f"({e['orig_in']} -> {e['orig_out']})")
-        side = string(e["side"], f"{q}.side", {"in", "out"}) if "side" in e else \
-            narrowed_side(e["in_features"], e["out_features"], e["orig_in"], e["orig_out"])
+        check_config(NarrowConfig, e, q, required=("kept",))
+        side = from_entry(NarrowConfig, e).side
         if e["kept"] is not None:
             indices(e["kept"], f"{q}.kept", e[f"{side}_features"], e[f"orig_{side}"], ascending=True)
 
-
-# ------------------------------------------------------------------------------------------ attention
 def _describe_attn(site: Site) -> dict | None:
     a = site.attn
     return a.describe() if isinstance(a, ReducedHeadAttention) else None

@@ -18,6 +18,7 @@ from ..arch.mla import narrowed_mla
 from ..errors import UnsupportedModelError
 from ..modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..modules.mlp import MLPConfig
+from ..modules.narrow import NarrowConfig
 
 
 def _aug(w: Tensor, b: Tensor | None) -> Tensor:
@@ -158,8 +159,9 @@ class LayerWork:
             _load_heads(attn.q_proj, a.wq, a.q_bias)
             _load_heads(attn.k_proj, a.wk, a.k_bias)
             _load_heads(attn.v_proj, a.wv, a.v_bias)
-            o = attn.o_proj if attn.o_proj is not None else NarrowLinear(
-                d.heads * a.wv.shape[-1], d.hidden, a.bo is not None, d.heads * d.head_dim, d.hidden, **kw)
+            o = attn.o_proj if attn.o_proj is not None else NarrowLinear(NarrowConfig(
+                in_features=d.heads * a.wv.shape[-1], out_features=d.hidden, bias=a.bo is not None,
+                orig_in=d.heads * d.head_dim, orig_out=d.hidden), **kw)
             o.weight.copy_(a.wo.reshape(-1, d.hidden).t())
             if a.bo is not None:
                 o.bias.copy_(a.bo)
@@ -208,8 +210,10 @@ class LayerWork:
                                         f"(spec gate={v.spec.gate!r}, conv1d={v.spec.conv1d})")
         (wu, bu), (wd, bd) = m.up, m.down                 # (r, d_m), (d_m, r)
         kept = m.kept.tolist()
-        up = NarrowLinear(wu.shape[1], wu.shape[0], bu is not None, wu.shape[1], m.orig, kept, side="out", **kw)
-        down = NarrowLinear(wd.shape[1], wd.shape[0], bd is not None, m.orig, wd.shape[0], kept, side="in", **kw)
+        up = NarrowLinear(NarrowConfig(in_features=wu.shape[1], out_features=wu.shape[0], bias=bu is not None,
+                                       orig_in=wu.shape[1], orig_out=m.orig, side="out"), kept, **kw)
+        down = NarrowLinear(NarrowConfig(in_features=wd.shape[1], out_features=wd.shape[0], bias=bd is not None,
+                                         orig_in=m.orig, orig_out=wd.shape[0], side="in"), kept, **kw)
         with torch.no_grad():
             for lin, (w, b) in ((up, m.up), (down, m.down)):
                 lin.weight.copy_(w)
