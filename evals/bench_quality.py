@@ -1,0 +1,144 @@
+"""Quality of A3 variants on the real asset models, one JSON line per finished run (resumable).
+
+Each run appends {variant, model, ratio, calib, seed, ppl, ppl_ratio, params_removed, kv_bytes_per_token, seconds,
+commit} to --jsonl (default evals/results/quality.jsonl) as soon as it finishes; a rerun skips every (variant,
+model, ratio, calibration, seed, eval) already there, so a long sweep can run in the background and be resumed.
+Protocol: calibration windows from the WikiText-2 validation split (the assets hold no train split), evaluation
+on the first --eval-windows x --eval-seq-len tokens of the test split; all variants of one (model, seed) share one
+calibration draw and one set of statistics. Prints the table of the rows that match the arguments.
+
+    nohup python evals/bench_quality.py --ratios 0.2 --n-samples 16 --calib-seq-len 512 --seeds 0 1 2 &
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import a3mod
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, asset_models, machine  # noqa: E402
+
+VARIANTS = {
+    "a3": lambda r: a3mod.a3_passes(r),
+    "a3-mix-layers": lambda r: [a3mod.Allocate(budget=r)],
+    "a3-mix-all": lambda r: [a3mod.Allocate(budget=r, across="all")],
+    "a3-mix-all-kv-uniform": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform")],
+}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _key(row: dict) -> tuple:
+    return (row["variant"], row["model"], row["ratio"], row["calib"], row["seed"], row["eval"])
+
+
+def _done(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {_key(r): r for r in rows}
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:                    # one line per finished run: a killed sweep loses one run at most
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+
+def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
+    model, tok = a3mod.load_pretrained(str(path))
+    ids = a3mod.eval_tokens(tok, "wikitext2-test")
+    calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=seed)
+    base = dict(model=path.name, calib=f"{args.n_samples}x{args.calib_seq_len}", seed=seed,
+                eval=f"{args.eval_windows}x{args.eval_seq_len}", machine=machine(), commit=_commit())
+
+    def ppl(m) -> float:
+        return a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+                                progress=False)["ppl"]
+
+    orig_key = ("original", path.name, 0.0, base["calib"], seed, base["eval"])
+    orig = done[orig_key]["ppl"] if orig_key in done else None
+    if orig is None:
+        orig = ppl(model)
+        row = {**base, "variant": "original", "ratio": 0.0, "ppl": orig, "ppl_ratio": 1.0, "params_removed": 0.0,
+               "kv_bytes_per_token": a3mod.report(model).kv_bytes_per_token(orig=True), "seconds": 0.0}
+        _append(out, row)
+        done[_key(row)] = row
+    stats = None
+    for ratio in args.ratios:
+        for name in args.variants:
+            key = (name, path.name, ratio, base["calib"], seed, base["eval"])
+            if key in done:
+                continue
+            if stats is None:
+                stats = a3mod.collect(model, calib, progress=False)
+            m = copy.deepcopy(model)
+            t = time.perf_counter()
+            a3mod.apply(m, VARIANTS[name](ratio), stats=stats, progress=False)
+            seconds = time.perf_counter() - t
+            rep = a3mod.report(m)
+            p = ppl(m)
+            row = {**base, "variant": name, "ratio": ratio, "ppl": p, "ppl_ratio": p / orig,
+                   "params_removed": rep.ratio, "kv_bytes_per_token": rep.kv_bytes_per_token(), "seconds": seconds}
+            _append(out, row)
+            done[key] = row
+            print(f"{path.name} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed "
+                  f"{100 * rep.ratio:.2f}%, KV {rep.kv_bytes_per_token()} B/token", flush=True)
+            del m
+
+
+def table(done: dict, args) -> str:
+    calib, ev = f"{args.n_samples}x{args.calib_seq_len}", f"{args.eval_windows}x{args.eval_seq_len}"
+    rows = [r for r in done.values() if r["calib"] == calib and r["eval"] == ev]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["variant"], r["ratio"]), []).append(r)
+    lines = ["| model | variant | ratio | ppl (mean over seeds) | x original | seeds | params removed | KV B/token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (m, v, ratio), rs in sorted(groups.items()):
+        ppls = [r["ppl"] for r in rs]
+        spread = f" (min {min(ppls):.2f}, max {max(ppls):.2f})" if len(ppls) > 1 else ""
+        lines.append(f"| {m} | {v} | {ratio:g} | {sum(ppls) / len(ppls):.3f}{spread} | "
+                     f"{sum(r['ppl_ratio'] for r in rs) / len(rs):.3f} | {len(rs)} | "
+                     f"{100 * rs[0]['params_removed']:.2f}% | {rs[0]['kv_bytes_per_token']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "quality.jsonl"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    out = Path(args.jsonl)
+    done = _done(out)
+    models = asset_models()
+    if not models:
+        sys.exit("no real model in the assets dir (set A3MOD_ASSETS)")
+    for path in models:
+        for seed in args.seeds:
+            run_model(path, seed, args, done, out)
+    print(table(done, args))
+
+
+if __name__ == "__main__":
+    main()
