@@ -24,7 +24,9 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, machine  # noqa: E402
+from common import ROOT, asset_models, machine, update_readme  # noqa: E402
+
+from a3mod.io.files import atomic_write  # noqa: E402
 
 VARIANTS = {
     "a3": lambda r: a3mod.a3_passes(r),
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "quality.jsonl"))
+    ap.add_argument("--update-readme", action="store_true",
+                    help="write the table between the README's <!-- quality-results --> markers")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = Path(args.jsonl)
@@ -137,7 +141,13 @@ def main() -> None:
     for path in models:
         for seed in args.seeds:
             run_model(path, seed, args, done, out)
-    print(table(done, args))
+    md = (f"WikiText-2 token perplexity, first {args.eval_windows} x {args.eval_seq_len} test windows; calibration "
+          f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation tokens, seeds {args.seeds} (each seed one "
+          f"draw shared by all variants); {machine()}, fp32.\n\n{table(done, args)}\n")
+    print(md)
+    atomic_write(out.with_suffix(".md"), md)
+    if args.update_readme:
+        update_readme(md, "quality-results")
 
 
 if __name__ == "__main__":
