@@ -55,3 +55,24 @@ def test_save_pretrained_of_a_quantized_model_never_replaces_a_folder(tmp_path):
     with pytest.raises(CheckpointError, match="exists"):
         q.save_pretrained(tmp_path / "q")
     assert (tmp_path / "q" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_overwrite_keeps_other_files_only_when_asked(tmp_path, capsys):
+    from a3mod.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("calibration text for a tiny model. " * 100)
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    from conftest import make_tokenizer
+    make_tokenizer().save_pretrained(src)
+    common = ["compress", "--model", str(src), "--calib", str(text), "--n-samples", "2", "--calib-seq-len", "16",
+              "--ratio", "0.3", "--no-eval", "--out", str(tmp_path / "out")]
+    assert main(common) == 0
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(common + ["--keep-other-files"]) == 2 and "give both" in capsys.readouterr().err
+    assert main(common + ["--overwrite"]) == 2 and "notes.txt" in capsys.readouterr().err
+    assert main(common + ["--overwrite"]) == 2                      # still refused: nothing was removed
+    assert main(common + ["--overwrite", "--keep-other-files"]) == 0
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert main(common + ["--overwrite", "--keep-other-files"]) == 0    # the card and result are a3mod's own

@@ -61,6 +61,8 @@ def _check_inputs(args) -> tuple:
     """Everything `compress` can check before loading a model: passes, --eval, the text sources, the output
     path (CheckpointError naming it) and the statistics file. Returns (passes, model path, output path)."""
     passes = _passes(args)
+    if args.keep_other_files and not args.overwrite:
+        raise A3ModError("--keep-other-files keeps your files when --overwrite replaces a checkpoint; give both")
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
         raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
                          f"--heal-lr {args.heal_lr} is outside (0, 1)")
