@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 from .errors import A3ModError, RatioError
 
 
@@ -69,3 +71,12 @@ def choice(owner: str, name: str, v, allowed, *, what: str = "", error=A3ModErro
         shown = what or ", ".join(map(repr, allowed))
         raise error(f"{owner}: {name}={v!r}; allowed: {shown}")
     return v
+
+
+def nonfinite_weight(model) -> str | None:
+    """The name of the first floating-point parameter of `model` holding NaN or infinite values, else None."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+                return name
+    return None

@@ -152,14 +152,14 @@ def _add_output(c) -> None:
                         "records, so a bf16 model compressed in float32 is saved in bf16; float32 where it records "
                         "none, e.g. a GGUF)")
     c.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is an a3mod checkpoint or empty (never another folder, the current or "
-                        "home directory, or the source model)")
-
-
-def _add_calib(c) -> None:
+                   help="replace --out if it is an a3mod checkpoint (only the files its a3mod.json lists) or empty "
+                        "(never another folder, the current or home directory, or the source model)")
     c.add_argument("--keep-other-files", action="store_true",
                    help="with --overwrite: keep the files in --out that a3mod did not write (notes, eval results) "
                         "beside the new checkpoint; without it such files make --overwrite refuse, naming them")
+
+
+def _add_calib(c) -> None:
     c.add_argument("--calib", default="wikitext2",
                    help="calibration text: 'wikitext2' (assets; WikiText-2 validation), a text file, a datasets "
                         "save_to_disk folder (FOLDER[@SPLIT]) or 'hf:NAME[:CONFIG][@SPLIT][#COLUMN]' (datasets' "

@@ -216,8 +216,14 @@ def _finish(model: nn.Module, p: Path, side: dict, config) -> None:
     if "heal" in side:
         model.a3mod_info["heal"] = side["heal"]
     model.eval()
-    described = getattr(config, "a3mod", None)
-    if native.is_native(config) and description.slim(described or {}).get("layers") != description.slim(side)["layers"]:
+    if native.is_native(config):
+        _check_config_matches(p, config, side)
+
+
+def _check_config_matches(p: Path, config, side: dict) -> None:
+    """config.json's description must be a3mod.json's (slim forms compared: config.json holds no index lists)."""
+    described = getattr(config, "a3mod", None) if config is not None else None
+    if description.slim(described or {}).get("layers") != description.slim(side)["layers"]:
         raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
                               f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
 
@@ -226,10 +232,7 @@ def verify_folder(p: Path, config) -> dict:
     """The checks `load` makes of an a3mod.save folder, for transformers' own loading of it (from_pretrained):
     seal, schema, file sizes and checksums, and config.json describing what a3mod.json does."""
     side = read_sidecar(p, verify=True)
-    described = getattr(config, "a3mod", None) if config is not None else None
-    if description.slim(described or {}).get("layers") != description.slim(side)["layers"]:
-        raise CheckpointError(f"config.json in {str(p)!r} describes other reduced modules than {SIDECAR} (edited or "
-                              f"from another model); {SIDECAR} is sealed, so the folder is inconsistent")
+    _check_config_matches(p, config, side)
     return side
 
 

@@ -35,6 +35,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import CheckpointError
+from ..validate import nonfinite_weight
 from . import sidecar, tensors
 from .description import (
     attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
@@ -178,9 +179,9 @@ class _NativeModel:
 
 def check_finite_weights(model: nn.Module, where) -> None:
     """CheckpointError naming the first loaded weight with NaN or infinite values."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
-            raise CheckpointError(f"weight {name!r} loaded from {str(where)!r} has NaN or infinite values")
+    name = nonfinite_weight(model)
+    if name is not None:
+        raise CheckpointError(f"weight {name!r} loaded from {str(where)!r} has NaN or infinite values")
 
 
 def description(model: nn.Module) -> dict:

@@ -20,6 +20,7 @@ from ..passes.base import PassContext, check_passes, needs, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
+from ..validate import nonfinite_weight
 from .verify import verify_model
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
@@ -59,14 +60,13 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
 
 
-@torch.no_grad()
 def check_finite(model: nn.Module) -> None:
     """A3ModError naming the first weight that holds NaN or infinite values (compressing it would spread them into
     every rotated weight of its layer, and the checkpoint would not load)."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
-            raise A3ModError(f"model weight {name!r} holds NaN or infinite values; a3mod compresses finite models "
-                             f"only (the model is left as it is)")
+    name = nonfinite_weight(model)
+    if name is not None:
+        raise A3ModError(f"model weight {name!r} holds NaN or infinite values; a3mod compresses finite models "
+                         f"only (the model is left as it is)")
 
 
 def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
