@@ -33,7 +33,15 @@ VARIANTS = {
     "a3-mix-layers": lambda r: [a3mod.Allocate(budget=r)],
     "a3-mix-all": lambda r: [a3mod.Allocate(budget=r, across="all")],
     "a3-mix-all-kv-uniform": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform")],
+    "a3-mlp-update": lambda r: _a3(r, update=True),
+    "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
+    "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
+
+
+def _a3(r: float, **mlp) -> list:
+    """Uniform A3 at ratio r with options of the MLP pass."""
+    return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
 
 
 def _commit() -> str:
@@ -89,7 +97,7 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                 stats = a3mod.collect(model, calib, progress=False)
             m = copy.deepcopy(model)
             t = time.perf_counter()
-            a3mod.apply(m, VARIANTS[name](ratio), stats=stats, progress=False)
+            a3mod.apply(m, VARIANTS[name](ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
             seconds = time.perf_counter() - t
             rep = a3mod.report(m)
             p = ppl(m)

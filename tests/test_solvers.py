@@ -423,6 +423,67 @@ def test_mlp_select_known_answer():
     assert loss.tolist() == [10.5, 6.0, 2.0, 1.0, 0.0]
 
 
+# ------------------------------------------------------------------------------------- MLP refit
+def _refit_problem(g, d_i, d_m, l=None):
+    h = tokens(g, l or 4 * d_i + 8, d_i)
+    return h, randn(g, d_i, d_m), moment(h)
+
+
+@given(d_i=st.integers(2, 24), d_m=st.integers(1, 6), seed=st.integers(0, 10_000), data=st.data())
+@settings(max_examples=25)
+def test_mlp_refit_is_the_least_squares_fit_on_data(d_i, d_m, seed, data):
+    """Undamped, the update is the minimiser of ||H W - H_K W'||^2 over the tokens (lstsq on the data), and its
+    reported errors are the data's mean squared output errors before and after."""
+    g = rng(seed)
+    h, w, hh = _refit_problem(g, d_i, d_m)
+    r = data.draw(st.integers(1, d_i - 1), label="r")
+    kept = torch.randperm(d_i, generator=g)[:r].sort().values
+    new, before, after = solvers.mlp_refit(w, hh, kept, damping=0.0)
+    ref = torch.linalg.lstsq(h[:, kept], h @ w).solution
+    assert new.shape == (r, d_m)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-6)
+    err = lambda wk: sq(h @ w - h[:, kept] @ wk, -1).mean()  # noqa: E731
+    assert before.item() == pytest.approx(err(w[kept]).item(), rel=1e-9)
+    assert after.item() == pytest.approx(err(ref).item(), rel=1e-6, abs=1e-9)
+
+
+@given(d_i=st.integers(2, 24), d_m=st.integers(1, 6), seed=st.integers(0, 10_000),
+       damping=st.sampled_from([0.0, 1e-3, 0.01, 0.1, 1.0, 100.0]), data=st.data())
+@settings(max_examples=40)
+def test_mlp_refit_never_increases_the_calibration_error(d_i, d_m, seed, damping, data):
+    """Any damping is a ridge pull toward the selected rows W_K, whose training error lies between the optimum's and
+    no update's: the update never makes the calibration objective worse."""
+    g = rng(seed)
+    _, w, hh = _refit_problem(g, d_i, d_m, l=d_i // 2 + 1)      # fewer tokens than neurons: a singular Gram too
+    r = data.draw(st.integers(1, d_i - 1), label="r")
+    kept = torch.randperm(d_i, generator=g)[:r]
+    _, before, after = solvers.mlp_refit(w, hh, kept, damping=damping)
+    assert after.item() <= before.item() * (1 + 1e-9) + 1e-9
+
+
+@given(d_i=st.integers(1, 20), d_m=st.integers(1, 6), seed=st.integers(0, 10_000))
+@settings(max_examples=20)
+def test_mlp_refit_full_rank_is_exact_and_error_shrinks_with_rank(d_i, d_m, seed):
+    """Keeping every neuron changes nothing; growing nested kept sets never increase the refitted error."""
+    g = rng(seed)
+    _, w, hh = _refit_problem(g, d_i, d_m)
+    new, before, after = solvers.mlp_refit(w, hh, torch.arange(d_i), damping=0.01)
+    assert torch.equal(new, w) and before.item() == 0.0 and after.item() == 0.0
+    order = torch.randperm(d_i, generator=g)
+    errs = [solvers.mlp_refit(w, hh, order[:r], damping=0.0)[2].item() for r in range(1, d_i + 1)]
+    scale = max(errs[0], 1e-12)
+    assert all(b <= a + 1e-6 * scale for a, b in zip(errs, errs[1:])), errs
+
+
+def test_mlp_refit_known_answer():
+    """Two perfectly correlated neurons: dropping one moves its contribution onto the other exactly."""
+    hh = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=f64)             # h_1 = 2 h_0
+    w = torch.tensor([[1.0, 0.0], [0.5, 3.0]], dtype=f64)
+    new, before, after = solvers.mlp_refit(w, hh, torch.tensor([0]), damping=0.0)
+    torch.testing.assert_close(new, torch.tensor([[2.0, 6.0]], dtype=f64), rtol=1e-6, atol=1e-6)
+    assert before.item() == pytest.approx(4.0 * (0.25 + 9.0)) and after.item() == pytest.approx(0.0, abs=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def test_tail_losses():
     s2 = torch.tensor([[5.0, 3.0, 1.0], [2.0, 2.0, 0.0]], dtype=f64)

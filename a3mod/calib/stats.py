@@ -13,6 +13,8 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 (attn_in, attn_out, mlp_in, mlp_mid):
   x2.g (d_in, d_in)   Gram matrix X^T X of the group's input   -> SVD-LLM whitening      (kind "gram")
   xa.g (d_in,)        sum of |x| per input channel             -> ASVD scaling           (kind "absmean")
+Optional for the MLP least-squares update (`A3MLP(update=True)`):
+  hh (d_i, d_i)       Gram matrix of the MLP intermediate activations (what enters down_proj)   (kind "hgram")
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from . import distributed
 from .sources import dataset_text, is_dataset_source
 
 STATS_FORMAT = 1
-KINDS = ("a3", "gram", "absmean")
-_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa."}     # a key (prefix) that marks each kind as present
+KINDS = ("a3", "gram", "absmean", "hgram")
+_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh"}   # a key (prefix) marking each kind
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -259,6 +261,13 @@ def _sq_sum(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).double().square_().sum(0)     # in place: no second N x d buffer
 
 
+def _gram(x: Tensor) -> Tensor:
+    """x (..., d) -> X^T X (d, d): products in the compute dtype (fp32 at least), returned in float64 for summing."""
+    xf = x.reshape(-1, x.shape[-1])
+    xf = xf if xf.dtype == torch.float64 else xf.float()
+    return (xf.mT @ xf).double()
+
+
 def _add(d: dict, name: str, t: Tensor) -> None:
     d[name] = d[name] + t if name in d else t
 
@@ -269,9 +278,8 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     for group, paths in view.linear_groups().items():
         def hook(m, inp, group=group):
             x = inp[0].reshape(-1, inp[0].shape[-1])
-            if "gram" in kinds:   # products in the compute dtype (fp32 at least), accumulated in float64
-                xf = x if x.dtype == torch.float64 else x.float()
-                _add(acc, f"x2.{group}", (xf.mT @ xf).double())
+            if "gram" in kinds:
+                _add(acc, f"x2.{group}", _gram(x))
             if "absmean" in kinds:
                 _add(acc, f"xa.{group}", x.abs().sum(0, dtype=torch.float64))   # |x| exact, float64 sums
         hs.append(get_path(view.layer, paths[0]).register_forward_pre_hook(hook))
@@ -283,6 +291,8 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         return []
     d = view.dims
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
+    if "hgram" in kinds and view.has_mlp:
+        hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
     if "a3" not in kinds:
         return hs
 
@@ -416,7 +426,8 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
             kinds=("a3",)) -> Stats:
     """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
 
-    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD); see the module docstring.
+    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" (the MLP update); see the module
+    docstring.
     Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
     slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the
     statistics of all windows.

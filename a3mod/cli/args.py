@@ -141,6 +141,10 @@ def _add_method(c) -> None:
     c.add_argument("--multiple-of", type=POSITIVE, default=None, metavar="N",
                    help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
                         "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
+    c.add_argument("--mlp-update", action="store_true",
+                   help="a3: also re-fit the kept MLP neurons' down_proj by least squares to what the dropped ones "
+                        "contributed (same shapes; needs many calibration tokens, >= 16 per MLP neuron, and a "
+                        "d_i x d_i float64 Gram per layer in memory)")
 
 
 def _add_output(c) -> None:

@@ -7,13 +7,14 @@ units, loss[k] for k = 0..full/granule, where a unit is `granule` kept dims (2 u
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..arch import active
 from ..errors import RatioError
-from ..validate import integer
+from ..validate import boolean, integer, number
 from ..math import solvers
 from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..pipeline.rewrite import LayerWork, MLAWork
@@ -70,7 +71,24 @@ class A3OV(_A3Dims):
 @register_pass
 @dataclass(frozen=True)
 class A3MLP(_A3Dims):
-    """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed."""
+    """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed.
+
+    update: also re-fit the kept neurons' down_proj rows by least squares to what the dropped neurons contributed,
+    W_K + H_KK^-1 H_KD W_D with H = E[h h^T] the Gram of the intermediate activations (docs/method_extensions.md,
+    "MLP least-squares update"): same shapes, exact at full rank, never worse on the calibration tokens than
+    selection alone. It estimates a d_i x d_i Gram, so it needs many tokens (a warning below `REFIT_TOKENS` per
+    neuron) and holds that Gram per layer in memory (float64). damping: added to H_KK's diagonal, times its mean."""
+    update: bool = False
+    damping: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        boolean(type(self).__name__, "update", self.update, error=RatioError)
+        number(type(self).__name__, "damping", self.damping, lo=0.0, error=RatioError)
+        object.__setattr__(self, "damping", float(self.damping))
+
+    def stat_kinds(self) -> tuple[str, ...]:
+        return ("a3", "hgram") if self.update else ("a3",)
 
 
 @register_pass
@@ -320,9 +338,24 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)
     m.up = rows(m.up)
-    m.down = (m.down[0][:, idx], m.down[1])
+    if cfg.update:
+        _check_refit_tokens(n, full)
+        down, _, _ = solvers.mlp_refit(m.down[0].t(), st["hh"] / n, idx, cfg.damping)     # (r, d_m)
+        m.down = (down.t().contiguous(), m.down[1])
+    else:
+        m.down = (m.down[0][:, idx], m.down[1])
     m.kept = m.kept[idx]
     return solved("mlp", work, loss, 1)
+
+
+REFIT_TOKENS = 16     # calibration tokens per MLP neuron below which A3MLP(update=True) warns (docs: token curve)
+
+
+def _check_refit_tokens(n: int, width: int) -> None:
+    if n < REFIT_TOKENS * width:         # Python shows one warning per message: once per MLP width
+        warnings.warn(f"a3mod: A3MLP(update=True) estimates a {width} x {width} activation Gram from {n} calibration "
+                      f"tokens; it pays from about {REFIT_TOKENS * width} ({REFIT_TOKENS} per neuron): use more "
+                      f"calibration windows", stacklevel=2)
 
 
 @handler(A3Experts, scope="layer")

@@ -11,7 +11,8 @@ registered with `@handler(Config, scope=...)` and always called as `handler(cfg,
                     [(layer index, path in the layer, new module)] (baselines, Allocate, A3KV).
     scope "linear"  ctx.linear: one nn.Linear; returns its replacement (quantization: BnbInt8, Bnb4bit, HQQ).
 
-`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.stats.KINDS).
+`NEEDS` names the calibration statistic kinds a pass reads (a3mod.calib.stats.KINDS); a config whose options need
+more overrides `stat_kinds()`.
 `rebuilds_layers()`: the pass builds compact attention / MLP modules from the layer description, so
 `a3mod.pipeline.verify` checks that description first (the low-rank baselines that only factor linears say False).
 `pass_to_dict` / `pass_from_dict` round-trip configs through JSON with their type and VERSION; a config from a
@@ -64,6 +65,10 @@ class PassConfig:
     def rebuilds_layers(self) -> bool:
         return True
 
+    def stat_kinds(self) -> tuple[str, ...]:
+        """The calibration statistic kinds this config reads (its class's NEEDS unless an option adds some)."""
+        return tuple(type(self).NEEDS)
+
     def to_dict(self) -> dict:
         return pass_to_dict(self)
 
@@ -106,7 +111,7 @@ def run_pass(p, ctx: PassContext):
 
 def needs(p) -> tuple[str, ...]:
     """Calibration statistic kinds (a3mod.calib.stats.KINDS) a pass reads."""
-    return tuple(getattr(type(p), "NEEDS", ()))
+    return tuple(p.stat_kinds())
 
 
 def pass_to_dict(p) -> dict:

@@ -51,7 +51,7 @@ from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
-from ..passes.base import check_passes
+from ..passes.base import check_passes, needs
 from ..report import linear_param_count
 from .verify import check_layer, structure_key
 from . import workdir
@@ -264,7 +264,7 @@ def _one_layer(run: StreamRun, i: int) -> None:
         check_layer(run.skel, view, *first)
         run.verified.add(key)
     orig = linear_param_count(layer)
-    with recording([view]) as (acc,):
+    with recording([view], sorted({k for p in run.passes for k in needs(p)})) as (acc,):
         for b, ids in enumerate(run.batches):
             args, kw = _with_hidden(run.calls[tuple(ids.shape)][i], store.get(i, b).to(run.device))
             h = layer(*args, **kw)

@@ -1,0 +1,106 @@
+"""A3MLP(update=True): the least-squares down_proj update through the pass, the statistics and both schedules."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import a3mod
+from a3mod.arch import get_path, layer_views
+from a3mod.errors import RatioError
+from a3mod.passes import pass_from_dict, pass_to_dict
+from a3mod.passes.base import needs
+from conftest import assert_close_logits, calib_ids, input_ids, logits, mlp_modules, tiny_model
+from test_stream import assert_streaming_equals_in_memory
+
+
+def _mlp_inputs(model, calib) -> list[torch.Tensor]:
+    """What enters every layer's MLP on `calib` (the post-attention-norm hidden states), one tensor per layer."""
+    got, hooks = [], []
+    for m in mlp_modules(model):
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp: got.append(inp[0].detach().reshape(-1, inp[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            model(input_ids=calib, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def test_stats_hold_the_gram_of_what_enters_down_proj():
+    model, calib = tiny_model("llama"), calib_ids(4, 16)
+    stats = a3mod.collect(model, calib, kinds=("hgram",), progress=False)
+    assert stats.kinds == {"hgram"}
+    v = layer_views(model)[1]
+    seen = []
+    h = v.down_module().register_forward_pre_hook(lambda m, i: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    h.remove()
+    x = seen[0].double()
+    torch.testing.assert_close(stats.layers[1]["hh"], x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_full_rank_update_reproduces_the_model():
+    model = tiny_model("llama", inter=48)
+    ref = logits(model, input_ids())
+    a3mod.apply(model, [a3mod.A3MLP(rank=48, update=True)], calib=calib_ids(8, 16), progress=False)
+    assert_close_logits(logits(model, input_ids()), ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_update_lowers_every_mlps_error_on_the_calibration_tokens(family):
+    """Only A3MLP runs, so each MLP sees the same inputs before and after: with the update its squared output error
+    on the calibration tokens is below selection alone's, layer by layer, with the same kept neurons and shapes."""
+    calib = calib_ids(16, 16)
+    orig = tiny_model(family, inter=64)
+    xs = _mlp_inputs(orig, calib)
+    outs = {}
+    for update in (False, True):
+        m = tiny_model(family, inter=64)
+        a3mod.apply(m, [a3mod.A3MLP(ratio=0.4, update=update)], calib=calib, progress=False)
+        outs[update] = [mlp for mlp in mlp_modules(m)]
+    for i, (o, x) in enumerate(zip(mlp_modules(orig), xs)):
+        with torch.no_grad():
+            y = o(x)
+            err = {u: (outs[u][i](x) - y).pow(2).sum().item() for u in outs}
+        assert outs[True][i].kept == outs[False][i].kept
+        assert err[True] < err[False], (i, err)
+
+
+def test_update_composes_with_attention_passes_and_survives_save_load(tmp_path):
+    model, calib = tiny_model("qwen2", inter=64), calib_ids(8, 16)
+    passes = [a3mod.A3QK(ratio=0.3), a3mod.A3OV(ratio=0.3), a3mod.A3MLP(ratio=0.3, update=True)]
+    a3mod.apply(model, passes, calib=calib, progress=False)
+    out = a3mod.save(model, tmp_path / "c")
+    back = a3mod.load(out)
+    assert torch.equal(logits(back, input_ids()), logits(model, input_ids()))
+    assert back.a3mod_info["passes"][2]["update"] is True
+
+
+def test_streaming_with_update_equals_in_memory(tmp_path):
+    passes = [a3mod.A3QK(ratio=0.3), a3mod.A3OV(ratio=0.3), a3mod.A3MLP(ratio=0.3, update=True, damping=0.05)]
+    assert_streaming_equals_in_memory(tiny_model("llama"), tmp_path, passes, calib_ids(8, 16))
+
+
+def test_config_options_are_checked_and_round_trip():
+    p = a3mod.A3MLP(ratio=0.2, update=True, damping=0.1)
+    assert pass_from_dict(pass_to_dict(p)) == p
+    assert set(needs(p)) == {"a3", "hgram"} and needs(a3mod.A3MLP(ratio=0.2)) == ("a3",)
+    for bad in (dict(update="yes"), dict(update=1), dict(damping=-0.1), dict(damping=float("nan")),
+                dict(damping=float("inf")), dict(damping=True)):
+        with pytest.raises(RatioError, match="A3MLP: (update|damping)="):
+            a3mod.A3MLP(ratio=0.2, **bad)
+
+
+def test_warns_when_the_calibration_is_small_for_the_gram():
+    model = tiny_model("llama", inter=64)
+    with pytest.warns(UserWarning, match="64 x 64 activation Gram from 64 calibration tokens"):
+        a3mod.apply(model, [a3mod.A3MLP(ratio=0.3, update=True)], calib=calib_ids(4, 16), progress=False)
+    model = tiny_model("llama", inter=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        a3mod.apply(model, [a3mod.A3MLP(ratio=0.3, update=True)], calib=calib_ids(64, 16), progress=False)
+    assert get_path(model, "model.layers.0.mlp").down_proj.weight.shape[1] == 45
