@@ -37,14 +37,16 @@ VARIANTS = {
     "a3-mix-layers-mlp-update": lambda r: [a3mod.Allocate(budget=r, mlp_update=True)],
     "a3-mix-all-kv-uniform-mlp-update": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform",
                                                                   mlp_update=True)],
+    "a3-ov-update": lambda r: _a3(r, ov=dict(update=True)),
+    "a3-ov-mlp-update": lambda r: _a3(r, update=True, ov=dict(update=True)),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
 
 
-def _a3(r: float, **mlp) -> list:
-    """Uniform A3 at ratio r with options of the MLP pass."""
-    return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
+def _a3(r: float, ov: dict | None = None, **mlp) -> list:
+    """Uniform A3 at ratio r with options of the OV and MLP passes."""
+    return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
 
 
 def _commit() -> str:

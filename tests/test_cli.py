@@ -151,6 +151,7 @@ def test_compress_baselines(tmp_path, model_dir, text_file, method, extra, kind)
     (["--method", "asvd", "--ratio", "0.2", "--alpha", "-1"], "alpha=-1"),
     (["--method", "svd-llm", "--ratio", "0.2", "--mlp-update"], "--mlp-update"),
     (["--method", "a3", "--kv-ratio", "0.5", "--mlp-update"], "--mlp-update"),
+    (["--method", "a3-mix", "--ratio", "0.2", "--ov-update"], "--ov-update"),
 ])
 def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     rc = main(["compress", "--model", model_dir, *argv, "--out", str(tmp_path / "o"), "--no-eval"])
@@ -166,6 +167,9 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     (["--method", "a3-mix", "--kv-ratio", "0.25"], [a3mod.A3KV(kv_ratio=0.25, mixed=True)]),
     (["--ratio", "0.2", "--mlp-update"], [a3mod.A3QK(ratio=0.2), a3mod.A3OV(ratio=0.2),
                                           a3mod.A3MLP(ratio=0.2, update=True), a3mod.A3Experts(ratio=0.2)]),
+    (["--ratio", "0.2", "--ov-update", "--mlp-update"], [a3mod.A3QK(ratio=0.2), a3mod.A3OV(ratio=0.2, update=True),
+                                                         a3mod.A3MLP(ratio=0.2, update=True),
+                                                         a3mod.A3Experts(ratio=0.2)]),
 ])
 def test_compress_mix_and_kv_passes(argv, want):
     from a3mod.cli.commands import build_parser, _passes

@@ -390,6 +390,74 @@ def test_ov_joint_full_rank_exact_and_monotone(problem):
         assert bool((b <= a + tol).all())
 
 
+# -------------------------------------------------------------------------------------- OV refit
+@st.composite
+def ov_refit_problem(draw):
+    """Attention outputs z (N, H, d_h) of H = h_kv * g heads, o_proj blocks (H, d_h, d_m), kept maps (h_kv, d_h, r)."""
+    h_kv, grp, d_h = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(2, 5))
+    r, d_m = draw(st.integers(1, d_h)), draw(st.integers(d_h, 7))     # d_m >= d_h as in every transformer
+    g = rng(draw(st.integers(0, 10_000)))
+    h = h_kv * grp
+    z = tokens(g, h * d_h + draw(st.integers(2, 20)), h * d_h)
+    return z, randn(g, h, d_h, d_m), randn(g, h_kv, d_h, r), grp
+
+
+def _reduced_inputs(z, t, grp):
+    """Every head's reduced attention output z_i t_g(i), concatenated: (N, H r)."""
+    h, d_h = t.shape[0] * grp, t.shape[1]
+    zh = z.reshape(z.shape[0], h, d_h)
+    return torch.einsum("nhd,hdr->nhr", zh, t.repeat_interleave(grp, 0)).reshape(z.shape[0], -1)
+
+
+@given(ov_refit_problem())
+@settings(max_examples=25)
+def test_ov_refit_is_the_joint_least_squares_fit_on_data(problem):
+    z, wo, t, grp = problem
+    h, d_h, d_m = wo.shape
+    r = t.shape[-1]
+    y = z @ wo.reshape(h * d_h, d_m)
+    u = _reduced_inputs(z, t, grp)
+    wo_r = randn(rng(0), h, r, d_m)
+    new, before, after = solvers.ov_refit(wo, t, moment(z), wo_r, damping=0.0)
+    ref = torch.linalg.lstsq(u, y).solution
+    err = lambda w: sq(y - u @ w.reshape(h * r, d_m), -1).mean()  # noqa: E731
+    assert new.shape == (h, r, d_m)
+    assert after.item() == pytest.approx(err(ref).item(), rel=1e-6, abs=1e-5 * sq(y, -1).mean().item())
+    assert before.item() == pytest.approx(err(wo_r).item(), rel=1e-9)
+    assert after.item() <= err(new).item() * (1 + 1e-6) + 1e-9
+
+
+@given(ov_refit_problem(), st.sampled_from([0.0, 1e-3, 0.01, 0.1, 1.0, 100.0]))
+@settings(max_examples=30)
+def test_ov_refit_never_increases_the_error_of_a3ovs_own_blocks(problem, damping):
+    """Starting from A3OV's solution (whitened by the group's values, heads separately), the joint refit on the
+    Gram of o_proj's input is never worse on that objective, for any damping."""
+    z, wo, _, grp = problem
+    h, d_h, d_m = wo.shape
+    h_kv = h // grp
+    zh = z.reshape(z.shape[0], h_kv, grp, d_h)
+    g_v = moment(zh.sum(2).transpose(0, 1))                       # a stand-in for the values' moments per group
+    r = max(1, d_h - 1)
+    _, wo_r, _, t = solvers.ov_joint(torch.eye(d_h, dtype=f64).expand(h_kv, d_h, d_h), wo.reshape(h_kv, grp, d_h, d_m),
+                                     g_v, r, return_map=True)
+    _, before, after = solvers.ov_refit(wo, t, moment(z), wo_r.reshape(h, r, d_m), damping=damping)
+    assert after.item() <= before.item() * (1 + 1e-9) + 1e-12
+
+
+@given(ov_refit_problem())
+@settings(max_examples=15)
+def test_ov_refit_at_full_rank_is_exact(problem):
+    z, wo, _, grp = problem
+    h, d_h, d_m = wo.shape
+    h_kv = h // grp
+    wv_r, wo_r, _, t = solvers.ov_joint(torch.eye(d_h, dtype=f64).expand(h_kv, d_h, d_h),
+                                        wo.reshape(h_kv, grp, d_h, d_m), moment(z[:, :d_h]).expand(h_kv, d_h, d_h),
+                                        d_h, return_map=True)
+    assert torch.allclose(wv_r, t)                                 # wv' = wv t (wv = I here)
+    new, _, after = solvers.ov_refit(wo, t, moment(z), wo_r.reshape(h, d_h, d_m), damping=0.01)
+    assert after.item() <= 1e-9 * sq(z @ wo.reshape(h * d_h, d_m), -1).mean().item()
+
+
 # ----------------------------------------------------------------------------------------------- MLP
 @given(d_i=st.integers(1, 40), d_m=st.integers(1, 8), seed=st.integers(0, 10_000), data=st.data())
 @settings(max_examples=25)

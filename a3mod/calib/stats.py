@@ -13,8 +13,9 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 (attn_in, attn_out, mlp_in, mlp_mid):
   x2.g (d_in, d_in)   Gram matrix X^T X of the group's input   -> SVD-LLM whitening      (kind "gram")
   xa.g (d_in,)        sum of |x| per input channel             -> ASVD scaling           (kind "absmean")
-Optional for the MLP least-squares update (`A3MLP(update=True)`):
+Optional for the least-squares updates (`A3MLP(update=True)`, `A3OV(update=True)`):
   hh (d_i, d_i)       Gram matrix of the MLP intermediate activations (what enters down_proj)   (kind "hgram")
+  oo (H d_h, H d_h)   Gram matrix of o_proj's input (every head's attention output)             (kind "ogram")
 """
 from __future__ import annotations
 
@@ -44,8 +45,8 @@ from . import distributed
 from .sources import dataset_text, is_dataset_source
 
 STATS_FORMAT = 1
-KINDS = ("a3", "gram", "absmean", "hgram")
-_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh"}   # a key (prefix) marking each kind
+KINDS = ("a3", "gram", "absmean", "hgram", "ogram")
+_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo"}  # key (prefix) of each kind
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -293,6 +294,8 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "hgram" in kinds and view.has_mlp:
         hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
+    if "ogram" in kinds and not view.spec.mla:
+        hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: _add(acc, "oo", _gram(inp[0]))))
     if "a3" not in kinds:
         return hs
 
@@ -426,8 +429,8 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
             kinds=("a3",)) -> Stats:
     """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
 
-    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" (the MLP update); see the module
-    docstring.
+    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" / "ogram" (the MLP / OV updates);
+    see the module docstring.
     Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
     slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the
     statistics of all windows.

@@ -146,6 +146,9 @@ def _add_method(c) -> None:
                    help="a3: also re-fit the kept MLP neurons' down_proj by least squares to what the dropped ones "
                         "contributed (same shapes; needs many calibration tokens, >= 16 per MLP neuron, and a "
                         "d_i x d_i float64 Gram per layer in memory)")
+    c.add_argument("--ov-update", action="store_true",
+                   help="a3: also re-fit o_proj on the kept value dims of all heads jointly by least squares (same "
+                        "shapes; an (H d_h)^2 Gram per layer)")
 
 
 def _add_output(c) -> None:

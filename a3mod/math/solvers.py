@@ -108,20 +108,21 @@ def qk_rope_select(q2: Tensor, k2: Tensor, rot_dim: int, layout: str, r: int):
 
 
 # ---------------------------------------------------------------------------------------------- OV
-def ov_joint(wv: Tensor, wo: Tensor, g: Tensor, r: int):
+def ov_joint(wv: Tensor, wo: Tensor, g: Tensor, r: int, return_map: bool = False):
     """OV: one value head shared by g output blocks (g = 1 for MHA, where `g` moment is the attention output).
 
     wv: (n, d_in, d_h), wo: (n, g, d_h, d_m), g: (n, d_h, d_h) second moment of what enters W_o (MHA:
     per-head attention output; GQA: the group's values). Minimises E||z [W_o,1..W_o,g] - z' W_o'||^2.
-    Returns wv' (n, d_in, r), wo' (n, g, r, d_m), loss (n, d_h+1).
+    Returns wv' (n, d_in, r), wo' (n, g, r, d_m), loss (n, d_h+1), and with return_map the value map t (n, d_h, r)
+    with wv' = wv t (what `ov_refit` reads).
     """
     n, gg, dh, dm = wo.shape
     wo_cat = wo.permute(0, 2, 1, 3).reshape(n, dh, gg * dm)   # [W_o,1 ... W_o,g]  (n, d_h, g d_m)
     _, s, vh = torch.linalg.svd(psd_sqrt(damp(g)) @ wo_cat, full_matrices=False)
     vr = vh[:, :r].mT                                          # (n, g d_m, r)
-    wv_r = wv @ (wo_cat @ vr)                                  # (n, d_in, r)
+    t = wo_cat @ vr                                            # (n, d_h, r): the kept value basis
     wo_r = vr.reshape(n, gg, dm, r).mT                         # (n, g, r, d_m)
-    return wv_r, wo_r, tail_losses(s**2)
+    return (wv @ t, wo_r, tail_losses(s**2)) + ((t,) if return_map else ())
 
 
 # --------------------------------------------------------------------------------------------- MLP
@@ -145,27 +146,52 @@ def mlp_select(h2: Tensor, w_down: Tensor, r: int):
     return order[:r].sort().values, tail_losses(score[order])
 
 
+
+# ------------------------------------------------------------------------------------- refits
+def ridge_refit(a: Tensor, b: Tensor, w0: Tensor, damping: float) -> Tensor:
+    """argmin over W of tr(W^T a W) - 2 tr(W^T b) + lam ||W - w0||^2 (lam = damping * mean diag(a)):
+    w0 + (a + lam I)^-1 (b - a w0). The least-squares fit of a target with Gram-form a = E[u u^T],
+    b = E[u y^T], pulled toward w0; for any damping its error lies between the exact fit's and w0's."""
+    l = chol_upper(damp(a, damping) if damping > 0 else a).mT          # lower: l l^T = a + lam I
+    return w0 + torch.cholesky_solve(b - a @ w0, l)
+
+
+def refit_error(w: Tensor, t: Tensor, w_new: Tensor, g: Tensor) -> Tensor:
+    """E||z W - z T W'||^2 = tr(E^T G E), E = W - T W': the output error of a reduced projection (z: the input
+    whose Gram is g; T maps it to what the reduced projection reads)."""
+    e = w - t @ w_new
+    return (e * (g @ e)).sum()
+
+
 def mlp_refit(w_down: Tensor, hh: Tensor, kept: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     """Least-squares update of the kept neurons' down projection (closed form, same shapes, no extra GEMM).
 
     w_down: (d_i, d_m) in `h @ W` form; hh: (d_i, d_i) E[h h^T] of the intermediate activations; kept: (r,) indices.
     With D the dropped neurons, the kept rows become W_K + H_KK^-1 H_KD W_D: the minimiser of E||h W - h_K W'||^2,
-    with H_KK damped by `damping` times its mean diagonal. Returns (new kept rows (r, d_m), error before, error after)
-    where the errors are E||h W - h_K W'_K||^2 evaluated on the undamped `hh` (W'_K = W_K before the update)."""
-    d_i = w_down.shape[0]
-    drop = torch.ones(d_i, dtype=torch.bool, device=w_down.device)
-    drop[kept] = False
-    wk, wd = w_down[kept], w_down[drop]
-    if wd.shape[0] == 0:
+    pulled toward W_K by `damping` (`ridge_refit`). Returns (new kept rows (r, d_m), error before, error after):
+    E||h W - h_K W'_K||^2 on the undamped `hh`, before meaning W'_K = W_K."""
+    sel = torch.zeros(w_down.shape[0], kept.numel(), dtype=w_down.dtype, device=w_down.device)
+    sel[kept, torch.arange(kept.numel(), device=w_down.device)] = 1.0          # h_K = h @ sel
+    wk = w_down[kept]
+    if kept.numel() == w_down.shape[0]:
         return wk.clone(), w_down.new_zeros(()), w_down.new_zeros(())
-    h_kk, h_kd = hh[kept][:, kept], hh[kept][:, drop]
-    l = chol_upper(damp(h_kk, damping)).mT if damping > 0 else chol_upper(h_kk).mT     # lower: h_kk ~= l l^T
-    new = wk + torch.cholesky_solve(h_kd @ wd, l)
-    return new, _refit_error(w_down, hh, kept, wk), _refit_error(w_down, hh, kept, new)
+    h_k = hh[kept]                                                               # (r, d_i) = sel^T H
+    new = ridge_refit(h_k[:, kept], h_k @ w_down, wk, damping)
+    return new, refit_error(w_down, sel, wk, hh), refit_error(w_down, sel, new, hh)
 
 
-def _refit_error(w_down: Tensor, hh: Tensor, kept: Tensor, wk_new: Tensor) -> Tensor:
-    """E||h W - h_K W'_K||^2 = tr(E^T H E) with E = W - (W'_K scattered into the kept rows, zeros elsewhere)."""
-    e = w_down.clone()
-    e[kept] -= wk_new
-    return (e * (hh @ e)).sum()
+def ov_refit(wo: Tensor, t: Tensor, gram: Tensor, wo_r: Tensor, damping: float = 0.01):
+    """Least-squares update of o_proj on reduced value bases, every head jointly (cross-head terms included).
+
+    wo: (H, d_h, d_m) original per-head o_proj blocks; t: (H_kv, d_h, r) each KV group's map from the original value
+    dims to the kept ones (W_v' = W_v t, so head i's reduced attention output is z_i t_g(i)); gram: (H d_h, H d_h)
+    E[z z^T] of o_proj's input z (all heads' bias-free attention outputs); wo_r: (H, r, d_m) the reduction's own
+    blocks. With T = blockdiag(t_g(i)): W_o' = argmin E||z W_o - z T W'||^2 = (T^T G T)^-1 T^T G W_o, pulled toward
+    wo_r by `damping`. Returns (wo' (H, r, d_m), error with wo_r, error with wo')."""
+    h, dh, dm = wo.shape
+    r = t.shape[-1]
+    big_t = torch.block_diag(*t.repeat_interleave(h // t.shape[0], 0))           # (H d_h, H r)
+    w, w0 = wo.reshape(h * dh, dm), wo_r.reshape(h * r, dm)
+    gt = gram @ big_t
+    new = ridge_refit(big_t.mT @ gt, gt.mT @ w, w0, damping)
+    return new.reshape(h, r, dm), refit_error(w, big_t, w0, gram), refit_error(w, big_t, new, gram)

@@ -62,24 +62,13 @@ class A3QK(_A3Dims):
     """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed."""
 
 
-@register_pass
 @dataclass(frozen=True)
-class A3OV(_A3Dims):
-    """Shrink the value/output head dim: ratio = fraction of v_proj + o_proj parameters removed."""
-
-
-@register_pass
-@dataclass(frozen=True)
-class A3MLP(_A3Dims):
-    """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed.
-
-    update: also re-fit the kept neurons' down_proj rows by least squares to what the dropped neurons contributed,
-    W_K + H_KK^-1 H_KD W_D with H = E[h h^T] the Gram of the intermediate activations (docs/method_extensions.md,
-    "MLP least-squares update"): same shapes, exact at full rank, never worse on the calibration tokens than
-    selection alone. It estimates a d_i x d_i Gram, so it needs many tokens (a warning below `REFIT_TOKENS` per
-    neuron) and holds that Gram per layer in memory (float64). damping: added to H_KK's diagonal, times its mean."""
+class _A3Refit(_A3Dims):
+    """update: re-fit the output projection by least squares after the reduction (kind REFIT_KIND statistics);
+    damping >= 0: the ridge pull toward the reduction's own weights, relative to the Gram's mean diagonal."""
     update: bool = False
     damping: float = 0.01
+    REFIT_KIND = ""
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,7 +77,33 @@ class A3MLP(_A3Dims):
         object.__setattr__(self, "damping", float(self.damping))
 
     def stat_kinds(self) -> tuple[str, ...]:
-        return ("a3", "hgram") if self.update else ("a3",)
+        return ("a3", self.REFIT_KIND) if self.update else ("a3",)
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3OV(_A3Refit):
+    """Shrink the value/output head dim: ratio = fraction of v_proj + o_proj parameters removed.
+
+    update: then re-fit o_proj on the kept value dims of every head jointly, W_o' = (T^T G T)^-1 T^T G W_o with
+    G = E[z z^T] the Gram of o_proj's input (all heads) and T the block map of each KV group's kept value basis
+    (docs/method_extensions.md, "OV least-squares update"): exact at full rank, never worse on the calibration
+    tokens than A3OV's own o_proj. Not for latent attention (MLA)."""
+    REFIT_KIND = "ogram"
+
+
+@register_pass
+@dataclass(frozen=True)
+class A3MLP(_A3Refit):
+    """Keep the most important MLP neurons: ratio = fraction of MLP parameters removed.
+
+    update: also re-fit the kept neurons' down_proj rows by least squares to what the dropped neurons contributed,
+    W_K + H_KK^-1 H_KD W_D with H = E[h h^T] the Gram of the intermediate activations (docs/method_extensions.md,
+    "MLP least-squares update"): same shapes, exact at full rank, never worse on the calibration tokens than
+    selection alone. It estimates a d_i x d_i Gram, so it needs many tokens (a warning below `REFIT_TOKENS` per
+    neuron) and holds that Gram per layer in memory (float64). damping: the ridge pull toward the selected rows,
+    times H_KK's mean diagonal."""
+    REFIT_KIND = "hgram"
 
 
 @register_pass
@@ -303,6 +318,9 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
     a, d = work.attn, work.view.dims
     if isinstance(a, MLAWork):       # each head's value -> o_proj block, whitened by its attention output (MHA)
         r = ov_kept(cfg, a.wv.shape[-1])
+        if cfg.update:
+            warnings.warn("a3mod: A3OV(update=True) has no o_proj update for latent attention (MLA) yet; its layers "
+                          "get A3OV alone", stacklevel=2)
         g = _centered(st["o"], st["o1"], n, None)
         wv, wo, loss = solvers.ov_joint(a.wv, a.wo[:, None], g, r)
         a.wv, a.wo = wv, wo[:, 0]
@@ -321,8 +339,13 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         g = _centered(st["o"], st["o1"], n, bv)
     else:               # GQA: whiten with the group's values
         g = _centered(st["v"], st["v1"], n, bv)
-    a.wv, wo_r, loss = solvers.ov_joint(a.wv, wo, g, r)
-    a.wo = wo_r.reshape(d.heads, r, d.hidden)
+    a.wv, wo_r, loss, t = solvers.ov_joint(a.wv, wo, g, r, return_map=True)
+    wo_r = wo_r.reshape(d.heads, r, d.hidden)
+    if cfg.update:      # every head's o_proj block re-fit jointly on the Gram of o_proj's (bias-free) input
+        b = None if bv is None else bv.repeat_interleave(d.groups, 0).reshape(-1)
+        gram = _centered(st["oo"], st["o1"].reshape(-1), n, b)
+        wo_r = solvers.ov_refit(a.wo, t, gram, wo_r, cfg.damping)[0]
+    a.wo = wo_r
     return solved("ov", work, loss.sum(0), 1)
 
 

@@ -1,4 +1,5 @@
-"""A3MLP(update=True): the least-squares down_proj update through the pass, the statistics and both schedules."""
+"""The least-squares updates (A3MLP / A3OV update=True, Allocate mlp_update): through the passes, the statistics and
+both schedules."""
 from __future__ import annotations
 
 import warnings
@@ -104,3 +105,49 @@ def test_warns_when_the_calibration_is_small_for_the_gram():
         warnings.simplefilter("error", UserWarning)
         a3mod.apply(model, [a3mod.A3MLP(ratio=0.3, update=True)], calib=calib_ids(64, 16), progress=False)
     assert get_path(model, "model.layers.0.mlp").down_proj.weight.shape[1] == 45
+
+
+def test_allocate_with_mlp_update_keeps_its_ranks_and_refits():
+    """Allocate(mlp_update=True) picks the same ranks and neurons as without, then re-fits each kept MLP."""
+    calib = calib_ids(16, 16)
+    orig = tiny_model("llama", inter=64, layers=3)
+    xs = _mlp_inputs(orig, calib)
+    got = {}
+    for update in (False, True):
+        m = tiny_model("llama", inter=64, layers=3)
+        p = a3mod.Allocate(budget=0.3, mlp_update=update)
+        assert set(needs(p)) == ({"a3", "hgram"} if update else {"a3"})
+        a3mod.apply(m, [p], calib=calib, progress=False)
+        got[update] = mlp_modules(m)
+    for i, (o, x) in enumerate(zip(mlp_modules(orig), xs)):
+        assert got[True][i].kept == got[False][i].kept
+        with torch.no_grad():
+            err = {u: (got[u][i](x) - o(x)).pow(2).sum().item() for u in got}
+        assert err[True] < err[False], (i, err)
+    with pytest.raises(RatioError, match="mlp_update=1"):
+        a3mod.Allocate(budget=0.2, mlp_update=1)
+
+
+# ------------------------------------------------------------------------------------------- OV update
+@pytest.mark.parametrize("family,kw", [("llama", dict(kv_heads=2)), ("gpt2", {}), ("qwen2", dict(kv_heads=2))])
+def test_ov_update_full_rank_exact_and_lowers_the_calibration_error(family, kw):
+    model = tiny_model(family, **kw)
+    ref = logits(model, input_ids())
+    a3mod.apply(model, [a3mod.A3OV(rank=8, update=True)], calib=calib_ids(8, 16), progress=False)
+    assert_close_logits(logits(model, input_ids()), ref, rel=1e-5)
+    calib = calib_ids(32, 16)
+    orig = tiny_model(family, **kw)
+    errs = {}
+    for update in (False, True):                      # attention-only reductions: layer 0 sees the same input
+        m = tiny_model(family, **kw)
+        p = a3mod.A3OV(ratio=0.5, update=update)
+        assert set(needs(p)) == ({"a3", "ogram"} if update else {"a3"})
+        a3mod.apply(m, [p], calib=calib, progress=False)
+        with torch.no_grad():
+            errs[update] = (m(calib).logits - orig(calib).logits).pow(2).mean().item()
+    assert errs[True] < errs[False], errs
+
+
+def test_ov_update_streams_like_in_memory(tmp_path):
+    passes = [a3mod.A3QK(ratio=0.3), a3mod.A3OV(ratio=0.3, update=True), a3mod.A3MLP(ratio=0.3, update=True)]
+    assert_streaming_equals_in_memory(tiny_model("qwen2", kv_heads=2), tmp_path, passes, calib_ids(8, 16))
