@@ -126,6 +126,24 @@ def test_allocate_with_mlp_update_keeps_its_ranks_and_refits():
         assert err[True] < err[False], (i, err)
     with pytest.raises(RatioError, match="mlp_update=1"):
         a3mod.Allocate(budget=0.2, mlp_update=1)
+    with pytest.raises(RatioError, match="ov_update='no'"):
+        a3mod.Allocate(budget=0.2, ov_update="no")
+    assert needs(a3mod.Allocate(budget=0.2, mlp_update=True, ov_update=True)) == ("a3", "hgram", "ogram")
+
+
+def test_allocate_with_ov_update_refits_o_proj_at_the_same_ranks():
+    calib = calib_ids(16, 16)
+    orig = tiny_model("llama", kv_heads=2, layers=3)
+    out = {}
+    for update in (False, True):
+        m = tiny_model("llama", kv_heads=2, layers=3)
+        a3mod.apply(m, [a3mod.Allocate(budget=0.3, ov_update=update)], calib=calib, progress=False)
+        out[update] = m
+    dims = [[tuple(p.shape) for p in o.parameters()] for o in out.values()]
+    assert dims[0] == dims[1]
+    with torch.no_grad():
+        err = {u: (m(calib).logits - orig(calib).logits).pow(2).mean().item() for u, m in out.items()}
+    assert err[True] < err[False], err
 
 
 # ------------------------------------------------------------------------------------------- OV update

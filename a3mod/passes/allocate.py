@@ -53,13 +53,15 @@ class Allocate(PassConfig):
     min_keep: float = 0.0          # every layer-component keeps at least this fraction of uniform A3's units
     kv_budget: float | str | None = None   # across="all": KV cache fraction removed at least, or "uniform"
     mlp_update: bool = False       # re-fit each kept MLP by least squares (A3MLP(update=True)) after allocating
+    ov_update: bool = False        # re-fit each o_proj by least squares (A3OV(update=True)) after allocating
     NEEDS = ("a3",)
 
     def stat_kinds(self) -> tuple[str, ...]:
-        return ("a3", "hgram") if self.mlp_update else ("a3",)
+        return ("a3",) + ("hgram",) * self.mlp_update + ("ogram",) * self.ov_update
 
     def __post_init__(self):
         boolean("Allocate", "mlp_update", self.mlp_update, error=RatioError)
+        boolean("Allocate", "ov_update", self.ov_update, error=RatioError)
         mk = fraction("Allocate", "min_keep", self.min_keep, hi_open=False, what="fraction of uniform's units kept")
         choice("Allocate", "normalize", self.normalize, NORMALIZE)
         budget = fraction("Allocate", "budget", self.budget, what="the fraction of parameters removed")
@@ -199,7 +201,8 @@ def apply_allocate(cfg: Allocate, ctx: PassContext):
     ranks = {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
     swaps = []
     for v in active(views):
-        passes = [_PASS[c](rank=ranks[v.index, c], **({"update": True} if c == "mlp" and cfg.mlp_update else {}))
+        update = {"mlp": cfg.mlp_update, "ov": cfg.ov_update}
+        passes = [_PASS[c](rank=ranks[v.index, c], **({"update": True} if update.get(c) else {}))
                   for c in COMPONENTS if (v.index, c) in ranks]
         swaps += [(v.index, path, new) for path, new in build_layer(model, v, passes, stats)]
     return swaps
