@@ -42,7 +42,8 @@ from ..modules.attention import AttentionConfig
 from ..modules.latent_kv import LatentKVConfig
 from ..modules.lowrank import LowRankConfig
 from ..modules.mlp import MLPConfig
-from ..modules.configs import from_entry
+from ..modules.configs import from_entry, to_entry
+from ..modules.inplace import ExpertsConfig, MLAConfig, mla_config
 from ..modules.linears import linear_shape, quantized_linears
 from ..modules.narrow import NarrowConfig
 from .schema import PATH, boolean, check_config, fail, indices, integer, keys
@@ -140,25 +141,27 @@ def _mlp(m: dict, path: str) -> None:
 
 
 def _experts(x: dict, path: str) -> None:
-    """Routed experts narrowed in place: every expert keeps the same number of its orig_inter neurons (which ones:
-    `kept`, one index list per expert; or only how many, `experts` x `width`, where they are not recorded)."""
-    keys(x, path, ("orig_inter",), ("kept", "experts", "width", "fallback"))
-    orig = integer(x["orig_inter"], f"{path}.orig_inter", 1)
-    if "kept" in x:
-        kept = x["kept"]
-        if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
-            fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
-        width, num = len(kept[0]), len(kept)
-        for j, r in enumerate(kept):
-            indices(r, f"{path}.kept[{j}]", width, orig, ascending=True)
-        if width < 1:
-            fail(f"{path}.kept", "keeps no neuron")
-    else:
-        keys(x, path, ("orig_inter", "experts", "width"), ("fallback",))
-        num = integer(x["experts"], f"{path}.experts", 1)
-        width = integer(x["width"], f"{path}.width", 1, orig + 1)
+    """Routed experts narrowed in place: an ExpertsConfig (checked from the dataclass) and its state, `kept` (one
+    ascending index list per expert, or absent where not recorded) and `fallback` (expert indices). An entry of
+    format 1 gives `kept` without `experts` / `width`: read as the lists' count and length."""
+    x = _experts_entry(x, path)
+    check_config(ExpertsConfig, x, path, optional=("kept", "fallback"))
+    for j, r in enumerate(x.get("kept") or []):
+        indices(r, f"{path}.kept[{j}]", x["width"], x["orig_inter"], ascending=True)
     if "fallback" in x:
-        indices(x["fallback"], f"{path}.fallback", None, num, ascending=True)
+        indices(x["fallback"], f"{path}.fallback", None, x["experts"], ascending=True)
+
+
+def _experts_entry(x, path: str):
+    """The entry with `experts` / `width` filled in from `kept` where only that was written (format 1)."""
+    if not (isinstance(x, dict) and "kept" in x and "experts" not in x and "width" not in x):
+        return x
+    kept = x["kept"]
+    if not (isinstance(kept, list) and kept and all(isinstance(r, list) for r in kept)):
+        fail(f"{path}.kept", "must be a non-empty list (one per expert) of neuron index lists")
+    if any(len(r) != len(kept[0]) for r in kept):
+        fail(f"{path}.kept", "every expert keeps the same number of neurons")
+    return {**x, "experts": len(kept), "width": len(kept[0])}
 
 
 def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
@@ -225,27 +228,19 @@ def _build_latent(site: Site, entry: dict) -> None:
 
 
 def _describe_mla(site: Site) -> dict | None:
-    a = site.attn                    # latent attention narrowed in place (arch/mla.py)
-    info = getattr(a, "a3mod_mla", None)
-    return {"qk_nope": a.qk_nope_head_dim, "v": a.v_head_dim, **info} if info else None
-
-
-def _validate_mla(m, path: str) -> None:
-    keys(m, path, ("qk_nope", "v", "orig_nope", "orig_v"))
-    for n in m:
-        integer(m[n], f"{path}.{n}", 1)
+    cfg = mla_config(site.attn)             # latent attention narrowed in place (arch/mla.py)
+    return to_entry(cfg) if cfg else None
 
 
 def _build_mla(site: Site, x: dict) -> None:
     old = get_path(site.layer, site.spec.attn)
     if not is_mla(old):
         raise ValueError(f"an 'mla' entry for a layer whose attention is a {type(old).__name__}")
-    if (x["orig_nope"], x["orig_v"]) != (old.qk_nope_head_dim, old.v_head_dim):
-        raise ValueError(f"mla orig_nope / orig_v {x['orig_nope']} / {x['orig_v']} differ from the model's "
+    cfg = from_entry(MLAConfig, x)
+    if (cfg.orig_nope, cfg.orig_v) != (old.qk_nope_head_dim, old.v_head_dim):
+        raise ValueError(f"mla orig_nope / orig_v {cfg.orig_nope} / {cfg.orig_v} differ from the model's "
                          f"{old.qk_nope_head_dim} / {old.v_head_dim}")
-    if x["qk_nope"] > x["orig_nope"] or x["v"] > x["orig_v"]:
-        raise ValueError("mla keeps more dims than the model has")
-    set_child(site.layer, site.spec.attn, narrowed_mla(old, None, None, None, None, None, x["qk_nope"], x["v"]))
+    set_child(site.layer, site.spec.attn, narrowed_mla(old, None, None, None, None, None, cfg.qk_nope, cfg.v))
 
 
 # ------------------------------------------------------------------------------------------ MLPs
@@ -269,20 +264,20 @@ def _build_mlp(site: Site, entry: dict) -> None:
 
 
 def _describe_experts(site: Site) -> dict | None:
+    """{orig_inter, kept} where the kept neurons are recorded (experts and width are the lists' count and length),
+    else the ExpertsConfig {orig_inter, experts, width}; plus `fallback` where some expert fell back."""
     path = mlp_paths(site.layer, site.spec)[1]
     info = path and getattr(get_path(site.layer, path), "a3mod_experts", None)
     if not info:                     # routed experts narrowed in place (arch/experts.py)
         return None
-    which = {"kept": info["kept"]} if info.get("kept") is not None else \
-        {"experts": info["experts"], "width": info["width"]}
-    return {"orig_inter": info["orig_inter"], **which,
-            **({"fallback": info["fallback"]} if info.get("fallback") else {})}
+    kept = info.get("kept")
+    which = {"orig_inter": info["orig_inter"], "kept": kept} if kept is not None else \
+        to_entry(ExpertsConfig(info["orig_inter"], info["experts"], info["width"]))
+    return {**which, **({"fallback": info["fallback"]} if info.get("fallback") else {})}
 
 
 def _slim_experts(x: dict) -> dict:
-    if "kept" not in x:
-        return x
-    return {**{k: v for k, v in x.items() if k != "kept"}, "experts": len(x["kept"]), "width": len(x["kept"][0])}
+    return {k: v for k, v in _experts_entry(x, "experts").items() if k != "kept"}
 
 
 def _build_experts(site: Site, x: dict) -> None:
@@ -290,17 +285,18 @@ def _build_experts(site: Site, x: dict) -> None:
     if path is None:
         raise ValueError("an 'experts' entry for a layer without routed experts")
     old = get_path(site.layer, path)
-    hidden = site.dims.hidden
-    if ExpertsView(old, hidden).inter != x["orig_inter"]:
-        raise ValueError(f"experts orig_inter {x['orig_inter']} differs from the model's "
-                         f"{ExpertsView(old, hidden).inter}")
+    x = _experts_entry(x, "experts")
+    cfg = from_entry(ExpertsConfig, x)
+    inter = ExpertsView(old, site.dims.hidden).inter
+    if inter != cfg.orig_inter:
+        raise ValueError(f"experts orig_inter {cfg.orig_inter} differs from the model's {inter}")
     if "kept" in x:
         kept = torch.tensor(x["kept"], dtype=torch.long, device="cpu")
     else:                            # not recorded (config.json): the shapes are what the weights need
-        kept = torch.arange(x["width"], device="cpu").expand(x["experts"], -1)
-    new = narrowed(old, hidden, kept, x.get("fallback"))
+        kept = torch.arange(cfg.width, device="cpu").expand(cfg.experts, -1)
+    new = narrowed(old, site.dims.hidden, kept, x.get("fallback"))
     if "kept" not in x:
-        new.a3mod_experts.update(kept=None, experts=x["experts"], width=x["width"])
+        new.a3mod_experts.update(kept=None, experts=cfg.experts, width=cfg.width)
     set_child(site.layer, path, new)
 
 
@@ -352,7 +348,7 @@ def _describe_quantized(site: Site) -> dict | None:
 register(Codec("attn", _describe_attn, _attn, _build_attn,
                slim=lambda a: {k: v for k, v in a.items() if k != "rope_index"}))
 register(Codec("mlp", _describe_mlp, _mlp, _build_mlp, slim=lambda m: {**m, "kept": None}))
-register(Codec("mla", _describe_mla, _validate_mla, _build_mla))
+register(Codec("mla", _describe_mla, lambda m, path: check_config(MLAConfig, m, path), _build_mla))
 register(Codec("experts", _describe_experts, _experts, _build_experts, slim=_slim_experts))
 register(Codec("latent_attn", _describe_latent, _latent, _build_latent))
 register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear),
