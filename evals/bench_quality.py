@@ -48,6 +48,14 @@ VARIANTS = {
 }
 
 
+# variants run by compress_streaming (one layer at a time) with sequential=True: each layer calibrated on the
+# inputs the compressed model gives it; they collect their own statistics
+SEQUENTIAL = {
+    "a3-seq": lambda r: a3mod.a3_passes(r)[:3],
+    "a3-ov-mlp-update-seq": lambda r: _a3(r, update=True, ov=dict(update=True))[:3],
+}
+
+
 def _a3(r: float, ov: dict | None = None, **mlp) -> list:
     """Uniform A3 at ratio r with options of the OV and MLP passes."""
     return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
@@ -103,22 +111,46 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
             key = (name, label, ratio, base["calib"], seed, base["eval"])
             if key in done:
                 continue
+            if name in SEQUENTIAL:
+                m, seconds = _sequential(model, path, label, SEQUENTIAL[name](ratio), calib, args)
+                _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, seed)
+                continue
             if stats is None:
-                kinds = {k for r in args.ratios for v in args.variants for p in VARIANTS[v](r) for k in p.stat_kinds()}
+                kinds = {k for r in args.ratios for v in args.variants if v in VARIANTS for p in VARIANTS[v](r)
+                         for k in p.stat_kinds()}
                 stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
             m = copy.deepcopy(model)
             t = time.perf_counter()
             a3mod.apply(m, VARIANTS[name](ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
-            seconds = time.perf_counter() - t
-            rep = a3mod.report(m)
-            p = ppl(m)
-            row = {**base, "variant": name, "ratio": ratio, "ppl": p, "ppl_ratio": p / orig,
-                   "params_removed": rep.ratio, "kv_bytes_per_token": rep.kv_bytes_per_token(), "seconds": seconds}
-            _append(out, row)
-            done[key] = row
-            print(f"{label} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed "
-                  f"{100 * rep.ratio:.2f}%, KV {rep.kv_bytes_per_token()} B/token", flush=True)
-            del m
+            _finish(m, name, ratio, time.perf_counter() - t, base, orig, ppl, out, done, key, label, seed)
+
+
+def _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, seed) -> None:
+    """Evaluate compressed model `m`, append its row, print it."""
+    rep = a3mod.report(m)
+    p = ppl(m)
+    row = {**base, "variant": name, "ratio": ratio, "ppl": p, "ppl_ratio": p / orig,
+           "params_removed": rep.ratio, "kv_bytes_per_token": rep.kv_bytes_per_token(), "seconds": seconds}
+    _append(out, row)
+    done[key] = row
+    print(f"{label} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed {100 * rep.ratio:.2f}%, "
+          f"KV {rep.kv_bytes_per_token()} B/token", flush=True)
+
+
+def _sequential(model, path: Path, label: str, passes, calib, args):
+    """compress_streaming(sequential=True) from an HF safetensors copy of the model (written once beside the
+    statistics cache, or in a temporary folder); returns (the loaded result, seconds)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(args.stats_cache or tmp) / f"{label}-hf"
+        if not (src / "config.json").is_file():
+            model.save_pretrained(src)
+        t = time.perf_counter()
+        out = a3mod.compress_streaming(src, Path(tmp) / "out", passes, calib, progress=False, sequential=True,
+                                       save_dtype=torch.float32)
+        seconds = time.perf_counter() - t
+        return a3mod.load(out), seconds
 
 
 def table(done: dict, args) -> str:
@@ -141,7 +173,7 @@ def table(done: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SEQUENTIAL])
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)

@@ -152,6 +152,7 @@ def test_compress_baselines(tmp_path, model_dir, text_file, method, extra, kind)
     (["--method", "svd-llm", "--ratio", "0.2", "--mlp-update"], "--mlp-update"),
     (["--method", "a3", "--kv-ratio", "0.5", "--mlp-update"], "--mlp-update"),
     (["--method", "a3-mix", "--ratio", "0.2", "--ov-update"], "--ov-update"),
+    (["--ratio", "0.2", "--sequential"], "with --stream"),
 ])
 def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     rc = main(["compress", "--model", model_dir, *argv, "--out", str(tmp_path / "o"), "--no-eval"])

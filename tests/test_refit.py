@@ -169,3 +169,36 @@ def test_ov_update_full_rank_exact_and_lowers_the_calibration_error(family, kw):
 def test_ov_update_streams_like_in_memory(tmp_path):
     passes = [a3mod.A3QK(ratio=0.3), a3mod.A3OV(ratio=0.3, update=True), a3mod.A3MLP(ratio=0.3, update=True)]
     assert_streaming_equals_in_memory(tiny_model("qwen2", kv_heads=2), tmp_path, passes, calib_ids(8, 16))
+
+
+# ------------------------------------------------------------------------------------------- sequential
+def test_sequential_streaming_calibrates_on_the_compressed_inputs(tmp_path):
+    """Layer 0 sees the same inputs either way (identical), later layers differ; the output loads, records how it
+    was calibrated, and with nothing to compress (full ranks) the sequential run equals the plain one exactly."""
+    from test_stream import _tensors
+    model = tiny_model("llama", layers=3)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    calib = calib_ids(8, 16)
+    passes = [a3mod.A3QK(ratio=0.3), a3mod.A3OV(ratio=0.3, update=True), a3mod.A3MLP(ratio=0.3, update=True)]
+    plain = a3mod.compress_streaming(src, tmp_path / "plain", passes, calib, progress=False)
+    seq = a3mod.compress_streaming(src, tmp_path / "seq", passes, calib, progress=False, sequential=True)
+    (tp, _), (ts, _) = _tensors(plain), _tensors(seq)
+    assert tp.keys() == ts.keys()
+    layer = lambda k: int(k.split("layers.")[1].split(".")[0]) if "layers." in k else None  # noqa: E731
+    for k in tp:
+        if layer(k) == 0:
+            assert torch.equal(tp[k], ts[k]), k
+    assert any(not torch.equal(tp[k], ts[k]) for k in tp if layer(k) == 2 and tp[k].is_floating_point())
+    m = a3mod.load(seq)
+    assert m.a3mod_info.get("sequential") is True and "sequential" not in a3mod.load(plain).a3mod_info
+    assert torch.isfinite(logits(m, input_ids())).all()
+    full = [a3mod.A3QK(rank=8), a3mod.A3OV(rank=8), a3mod.A3MLP(rank=64)]
+    a = a3mod.compress_streaming(src, tmp_path / "fa", full, calib, progress=False)
+    b = a3mod.compress_streaming(src, tmp_path / "fb", full, calib, progress=False, sequential=True)
+    assert_close_logits(logits(a3mod.load(b), input_ids()), logits(a3mod.load(a), input_ids()), rel=1e-5)
+
+
+def test_sequential_is_checked():
+    with pytest.raises(a3mod.A3ModError, match="sequential=1"):
+        a3mod.compress_streaming("nowhere", "out", [a3mod.A3QK(ratio=0.2)], calib_ids(), sequential=1)

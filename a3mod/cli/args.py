@@ -105,6 +105,10 @@ def _compress_parser(sub) -> None:
                         "the output. Resumable: re-running the same command after an interruption continues after "
                         "the last finished layer (kept in <out>'s sibling .<name>.a3mod-work); other arguments are "
                         "refused unless --restart")
+    c.add_argument("--sequential", action="store_true",
+                   help="with --stream: calibrate each layer on the inputs the compressed model gives it (the outputs "
+                        "of the layers compressed before it), so its reductions and --mlp-update / --ov-update fit "
+                        "what it will see; one more pass per layer")
     c.add_argument("--offload-dir", default=None,
                    help="--stream: keep the calibration hidden states in files in this directory, not in memory")
     c.add_argument("--restart", action="store_true",

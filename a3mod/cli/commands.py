@@ -63,6 +63,8 @@ def _check_inputs(args) -> tuple:
     passes = _passes(args)
     if args.keep_other_files and not args.overwrite:
         raise A3ModError("--keep-other-files keeps your files when --overwrite replaces a checkpoint; give both")
+    if args.sequential and not args.stream:
+        raise A3ModError("--sequential calibrates layer by layer while streaming: give it with --stream")
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
         raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
                          f"--heal-lr {args.heal_lr} is outside (0, 1)")
@@ -198,6 +200,7 @@ def _compress_stream(args, passes) -> int:
     check_folder(path)
     tok = AutoTokenizer.from_pretrained(path, **NO_CODE)
     result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "stream": True,
+              "sequential": args.sequential,
               "argv": sys.argv[1:], "calibration": {"source": args.calib, "n_samples": args.n_samples,
                                                    "seq_len": args.calib_seq_len, "seed": args.seed},
               "versions": _versions(), "timings_s": {}}
@@ -205,7 +208,8 @@ def _compress_stream(args, passes) -> int:
     calib = calibration_data(tok, args.calib, args.n_samples, args.calib_seq_len, args.seed)
     out = compress_streaming(path, args.out, passes, calib, batch_size=args.batch_size, offload_dir=args.offload_dir,
                              dtype=DTYPES[args.dtype], device=args.device, tokenizer=tok, overwrite=_overwrite(args),
-                             restart=args.restart, save_dtype=args.save_dtype, extra_names=("compress_result.json",))
+                             restart=args.restart, save_dtype=args.save_dtype, extra_names=("compress_result.json",),
+                             sequential=args.sequential)
     print(f"wrote {_bytes_written(out)}")
     result["timings_s"]["calibrate_solve_write"] = time.perf_counter() - t
     if distributed.rank_world()[0] != 0:

@@ -213,8 +213,7 @@ def _finish(model: nn.Module, p: Path, side: dict, config) -> None:
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"generation_config.json in {str(p)!r} cannot be read: {str(e)[:200]}") from None
     model.a3mod_info = {k: side.get(k) for k in ("passes", "calib_tokens", "orig_layer_params")}
-    if "heal" in side:
-        model.a3mod_info["heal"] = side["heal"]
+    model.a3mod_info.update({k: side[k] for k in description.INFO_EXTRAS if k in side})
     model.eval()
     if native.is_native(config):
         _check_config_matches(p, config, side)

@@ -19,6 +19,9 @@ FORMAT = 1
 QUANT_FORMAT = 2       # written when the model holds quantized linears (older readers refuse it)
 
 
+INFO_EXTRAS = ("heal", "sequential")   # optional provenance in a3mod_info, written only when set
+
+
 def describe_model(model: nn.Module) -> dict:
     spec = spec_for(model)
     layers = {}
@@ -34,7 +37,7 @@ def describe_model(model: nn.Module) -> dict:
             "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),
             "layers": layers, **({"quant": quant} if quant else {}),
-            **({"heal": info["heal"]} if info.get("heal") else {})}
+            **{k: info[k] for k in INFO_EXTRAS if info.get(k)}}
 
 
 def slim(side: dict) -> dict:

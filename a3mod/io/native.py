@@ -38,7 +38,7 @@ from ..errors import CheckpointError
 from ..validate import nonfinite_weight
 from . import sidecar, tensors
 from .description import (
-    attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
+    INFO_EXTRAS, attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
 )
 from .files import SIDECAR
 from .guards import NO_CODE, check_files, check_folder, recorded_dtype
@@ -52,7 +52,7 @@ _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModel
 _CONFIGS: dict[type, type] = {}      # original config class -> native config class
 _MODELS: dict[tuple, type] = {}      # (original model class, native config class) -> native model class
 _DESCRIPTION_KEYS = ("format", "a3mod_version", "model_type", "model_class", "passes", "calib_tokens",
-                     "orig_layer_params", "layers", "quant", "heal")
+                     "orig_layer_params", "layers", "quant", *INFO_EXTRAS)
 
 
 def _base_config_class(model_type) -> type:
@@ -206,7 +206,7 @@ def build(model: nn.Module, side: dict) -> None:
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("a3mod.json", "config.json's a3mod description", 1)) from None
     attach_latent_rotary(model)
-    model.a3mod_info = {k: side[k] for k in ("passes", "calib_tokens", "orig_layer_params", "heal") if k in side}
+    model.a3mod_info = {k: side[k] for k in ("passes", "calib_tokens", "orig_layer_params", *INFO_EXTRAS) if k in side}
 
 
 def config_for(config: PretrainedConfig, side: dict) -> PretrainedConfig:

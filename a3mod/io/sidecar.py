@@ -25,7 +25,7 @@ def validate(side, slim: bool = False) -> dict:
     index lists may be absent."""
     keys(side, "(top level)", ("format", "model_type", "layers"),
           ("a3mod_version", "model_class", "passes", "calib_tokens", "orig_layer_params", "quant", "aliases",
-           "files", "sha256", "heal", "extra"))
+           "files", "sha256", "heal", "sequential", "extra"))
     if side["format"] not in FORMATS or isinstance(side["format"], bool):
         raise CheckpointError(f"a3mod.json format {side['format']!r}; this a3mod reads formats {list(FORMATS)}")
     string(side["model_type"], "model_type")
@@ -48,6 +48,8 @@ def validate(side, slim: bool = False) -> dict:
         if not (k.isdigit() and str(int(k)) == k):
             fail("layers", f"has key {k!r}, not a layer index")
         validate_entry(e, f"layers.{k}", slim)
+    if "sequential" in side and side["sequential"] is not True:
+        fail("sequential", "is written only as true (calibrated layer by layer on the compressed model's inputs)")
     if "heal" in side:
         h = keys(side["heal"], "heal", ("steps", "lr", "batch_size", "temperature", "loss_first", "loss_last",
                                          "seconds", "tokens"))

@@ -53,6 +53,7 @@ from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
 from ..passes.base import check_passes, needs
 from ..report import linear_param_count
+from ..validate import boolean
 from .verify import check_layer, structure_key
 from . import workdir
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
@@ -101,7 +102,8 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
                        batch_size: int = 1, offload_dir: str | os.PathLike | None = None,
                        dtype: torch.dtype = torch.float32, device: str = "cpu", tokenizer=None,
                        overwrite: bool = False, restart: bool = False, progress: bool = True,
-                       save_dtype: torch.dtype | str | None = "auto", extra_names: tuple[str, ...] = ()) -> Path:
+                       save_dtype: torch.dtype | str | None = "auto", extra_names: tuple[str, ...] = (),
+                       sequential: bool = False) -> Path:
     """Compress the HF safetensors checkpoint in `src_dir` with A3 passes, one decoder layer in memory at a time,
     and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` + `a3mod.save` would give; `a3mod.load` opens it).
 
@@ -112,9 +114,16 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     save_dtype: of the stored floating-point weights, as in `a3mod.save` ("auto": the dtype src's config.json
     records, else the compute dtype). extra_names: files the caller writes into out_dir afterwards (e.g.
     compress_result.json): recorded as a3mod's, so a later overwrite replaces them.
+    sequential: each layer's statistics come from the inputs the compressed model gives it (the outputs of the
+    layers compressed before it), so its reductions and least-squares updates fit what it will see; the output then
+    differs from `a3mod.apply`'s (which calibrates the original model once). Single process only.
     """
 
     passes = check_passes(passes, schedule="stream")
+    boolean("compress_streaming", "sequential", sequential)
+    if sequential and distributed.rank_world()[1] > 1:
+        raise A3ModError("compress_streaming(sequential=True) runs in one process (each layer needs the compressed "
+                         "outputs of the one before it)")
     files.check_extra_names(extra_names, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     check_request(calib, ("a3",))
     src = Path(src_dir)
@@ -131,7 +140,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     skel.a3mod_source_dtype = recorded_dtype(src) if save_dtype == "auto" else as_dtype(save_dtype)
     preflight(passes, layer_views(skel))
     run = StreamRun(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
-                    restart, progress, tuple(extra_names))
+                    restart, progress, tuple(extra_names), sequential)
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
@@ -158,6 +167,7 @@ class StreamRun:
     restart: bool
     progress: bool
     extra_names: tuple = ()
+    sequential: bool = False
     spec: Any = None
     layers: Any = None
     source: Any = None
@@ -183,7 +193,7 @@ def _open(run: StreamRun) -> int:
     offload = Path(run.offload_dir) if run.offload_dir is not None else None
     run_id = None
     if rank == 0:
-        key = workdir.run_key(run.src, run.passes, run.calib, run.dtype, run.batch_size, world)
+        key = workdir.run_key(run.src, run.passes, run.calib, run.dtype, run.batch_size, world, run.sequential)
         workdir.open_work(run.work, key, run.restart)
         run_id = hashlib.sha256(json.dumps([key, str(run.out)], sort_keys=True).encode()).hexdigest()[:16]
     run_id = distributed.broadcast_object(run_id)
@@ -255,7 +265,8 @@ def _load_layer(run: StreamRun, i: int) -> nn.Module:
 def _one_layer(run: StreamRun, i: int) -> None:
     """Statistics of original layer i over every batch (outputs kept as layer i+1's inputs), all-reduced;
     on the layer's owner rank solve, build and write the compressed layer. Layer i is freed afterwards. The first
-    layer of each structure is verified first (its full-rank rewrite on the first batch == the original)."""
+    layer of each structure is verified first (its full-rank rewrite on the first batch == the original).
+    Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer)."""
     layer, prefix, store = _load_layer(run, i), f"{run.spec.layers}.{i}.", run.store
     view = layer_views(run.skel)[i]
     key = structure_key(layer)
@@ -264,12 +275,9 @@ def _one_layer(run: StreamRun, i: int) -> None:
         check_layer(run.skel, view, *first)
         run.verified.add(key)
     orig = linear_param_count(layer)
+    ahead = i + 1 < len(run.layers)
     with recording([view], sorted({k for p in run.passes for k in needs(p)})) as (acc,):
-        for b, ids in enumerate(run.batches):
-            args, kw = _with_hidden(run.calls[tuple(ids.shape)][i], store.get(i, b).to(run.device))
-            h = layer(*args, **kw)
-            if i + 1 < len(run.layers):
-                store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
+        _forward(run, i, layer, keep=ahead and not (run.sequential and not view.left))
     n = distributed.all_reduce_stats([acc], run.n_local)
     meta = {"entry": None, "orig_layer_params": orig, "calib_tokens": n}
     if distributed.rank_world()[0] == distributed.owner(i) and view.left:     # a hybrid's mixer layer: as it is
@@ -284,11 +292,23 @@ def _one_layer(run: StreamRun, i: int) -> None:
             set_child(layer, path, new)
         workdir.write_layer(run.work, i, layer, prefix, {**meta, "entry": _layer_entry(run.skel.config, run.spec,
                                                                                         layer)})
+        if run.sequential and ahead:
+            _forward(run, i, layer, keep=True)      # the next layer sees what the compressed model computes
         for path, mod in old:
             set_child(layer, path, mod)
     if i + 1 < len(run.layers):
         store.commit(i + 1)
     run.layers[i] = layer.to("meta")
+
+
+def _forward(run: StreamRun, i: int, layer: nn.Module, keep: bool) -> None:
+    """Run every calibration batch through `layer` (layer i) from its stored inputs; keep: store the outputs as
+    layer i+1's inputs."""
+    for b, ids in enumerate(run.batches):
+        args, kw = _with_hidden(run.calls[tuple(ids.shape)][i], run.store.get(i, b).to(run.device))
+        h = layer(*args, **kw)
+        if keep:
+            run.store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
 
 
 def _assemble(run: StreamRun) -> None:
@@ -299,7 +319,7 @@ def _assemble(run: StreamRun) -> None:
     plan[run.layers_at:run.layers_at] = [e for i in range(len(run.layers))
                                          for e in tensors.file_plan(workdir.layer_file(work, i, "safetensors"))]
     skel.a3mod_info = {"passes": [pass_to_dict(p) for p in run.passes], "calib_tokens": None,
-                       "orig_layer_params": [m["orig_layer_params"] for m in metas]}
+                       "orig_layer_params": [m["orig_layer_params"] for m in metas], "sequential": run.sequential}
     side = describe_model(skel)
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}

@@ -170,11 +170,12 @@ def work_dir(out_dir: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.a3mod-work"
 
 
-def run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: int) -> dict:
+def run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: int, sequential: bool = False) -> dict:
     c = calib.contiguous()
     return {"source": fingerprint(src), "passes": [pass_to_dict(p) for p in passes],
             "calib": {"shape": list(c.shape), "sha256": hashlib.sha256(c.cpu().numpy().tobytes()).hexdigest()},
-            "dtype": str(dtype), "batch_size": batch_size, "world_size": world}
+            "dtype": str(dtype), "batch_size": batch_size, "world_size": world,
+            **({"sequential": True} if sequential else {})}
 
 
 WORK_FILES = re.compile(r"^(run\.json|layer_\d{4}\.(safetensors|json|tmp|jtmp)"
