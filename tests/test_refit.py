@@ -107,23 +107,38 @@ def test_warns_when_the_calibration_is_small_for_the_gram():
     assert get_path(model, "model.layers.0.mlp").down_proj.weight.shape[1] == 45
 
 
-def test_allocate_with_mlp_update_keeps_its_ranks_and_refits():
-    """Allocate(mlp_update=True) picks the same ranks and neurons as without, then re-fits each kept MLP."""
+def test_allocate_with_mlp_update_allocates_on_the_post_update_losses():
+    """Allocate(mlp_update=True) reads every MLP's loss curve after the update (the refitted error of each CUR
+    prefix), keeps uniform A3's parameter count, and re-fits each kept MLP: lower total MLP error than allocating
+    and keeping the selection alone."""
+    from a3mod.math import solvers
+    from a3mod.passes.allocate import curves
     calib = calib_ids(16, 16)
     orig = tiny_model("llama", inter=64, layers=3)
     xs = _mlp_inputs(orig, calib)
-    got = {}
+    stats = a3mod.collect(orig, calib, kinds=("a3", "hgram"), progress=False)
+    views = layer_views(orig)
+    cs = [c for c in curves(views, stats, 0.3, mlp_update=True) if c.comp == "mlp"]
+    for c, v in zip(cs, views):
+        w = v.down_module().weight.detach().double().t()
+        h2 = stats.layers[v.index]["h2"]
+        want = solvers.mlp_refit_losses(w, stats.layers[v.index]["hh"] / stats.n,
+                                        (h2 * w.pow(2).sum(-1)).argsort(descending=True))
+        torch.testing.assert_close(c.loss * want[c.uniform] if want[c.uniform] > 0 else c.loss, want)
+    got, count = {}, {}
     for update in (False, True):
         m = tiny_model("llama", inter=64, layers=3)
         p = a3mod.Allocate(budget=0.3, mlp_update=update)
         assert set(needs(p)) == ({"a3", "hgram"} if update else {"a3"})
         a3mod.apply(m, [p], calib=calib, progress=False)
-        got[update] = mlp_modules(m)
+        got[update], count[update] = mlp_modules(m), sum(q.numel() for q in m.parameters())
+    assert count[True] == count[False]
+    err = {u: 0.0 for u in got}
     for i, (o, x) in enumerate(zip(mlp_modules(orig), xs)):
-        assert got[True][i].kept == got[False][i].kept
         with torch.no_grad():
-            err = {u: (got[u][i](x) - o(x)).pow(2).sum().item() for u in got}
-        assert err[True] < err[False], (i, err)
+            for u in got:
+                err[u] += (got[u][i](x) - o(x)).pow(2).sum().item()
+    assert err[True] < err[False], err
     with pytest.raises(RatioError, match="mlp_update=1"):
         a3mod.Allocate(budget=0.2, mlp_update=1)
     with pytest.raises(RatioError, match="ov_update='no'"):

@@ -543,6 +543,23 @@ def test_mlp_refit_full_rank_is_exact_and_error_shrinks_with_rank(d_i, d_m, seed
     assert all(b <= a + 1e-6 * scale for a, b in zip(errs, errs[1:])), errs
 
 
+@given(d_i=st.integers(1, 16), d_m=st.integers(1, 5), seed=st.integers(0, 10_000))
+@settings(max_examples=20)
+def test_mlp_refit_losses_are_the_refitted_errors_of_every_prefix(d_i, d_m, seed):
+    """One Cholesky gives, for every k, the error the (undamped) update leaves keeping the first k of the order."""
+    g = rng(seed)
+    _, w, hh = _refit_problem(g, d_i, d_m)
+    order = torch.randperm(d_i, generator=g)
+    loss = solvers.mlp_refit_losses(w, hh, order)
+    assert loss.shape == (d_i + 1,) and loss[-1].item() == 0.0
+    total = (w * (hh @ w)).sum().item()
+    assert loss[0].item() == pytest.approx(total, rel=1e-7)       # chol_upper damps by 1e-8
+    for k in range(1, d_i):
+        want = solvers.mlp_refit(w, hh, order[:k], damping=0.0)[2].item()
+        assert loss[k].item() == pytest.approx(want, rel=1e-5, abs=1e-7 * total)
+    assert bool((loss[:-1] >= loss[1:] - 1e-9 * total).all())
+
+
 def test_mlp_refit_known_answer():
     """Two perfectly correlated neurons: dropping one moves its contribution onto the other exactly."""
     hh = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=f64)             # h_1 = 2 h_0

@@ -195,3 +195,14 @@ def ov_refit(wo: Tensor, t: Tensor, gram: Tensor, wo_r: Tensor, damping: float =
     gt = gram @ big_t
     new = ridge_refit(big_t.mT @ gt, gt.mT @ w, w0, damping)
     return new.reshape(h, r, dm), refit_error(w, big_t, w0, gram), refit_error(w, big_t, new, gram)
+
+
+def mlp_refit_losses(w_down: Tensor, hh: Tensor, order: Tensor) -> Tensor:
+    """loss[k] = E||h W - h_K W'_K||^2 after the least-squares update (undamped), K the first k neurons of `order`
+    (d_i,), for k = 0..d_i: one Cholesky. With H permuted into that order, H = L L^T, the whitened activations
+    u = L^-1 h are uncorrelated and span the first k neurons' space with their first k entries; y = h W = u (L^T W),
+    so keeping k neurons explains the first k rows of M = L^T W: loss[k] = sum of ||M_j||^2 over j > k."""
+    p = order.to(hh.device)
+    l = chol_upper(hh[p][:, p]).mT                   # lower, in the given order (damped only where singular)
+    m = l.mT @ w_down[p]                             # (d_i, d_m)
+    return tail_losses(m.square().sum(-1))

@@ -94,8 +94,9 @@ class Curve:
         return self.loss.numel() - 1
 
 
-def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curve]:
-    """Loss curves of every layer and component (one full-rank solve each)."""
+def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: bool = False) -> list[Curve]:
+    """Loss curves of every layer and component (one full-rank solve each); mlp_update: the MLP's curves after its
+    least-squares update (A3MLP(update=True))."""
     out = []
     if views and views[0].spec.qk_norm:
         raise UnsupportedModelError(f"Allocate / A3KV: {views[0].spec.qk_norm!r} qk-norm layers keep q/k at the full "
@@ -117,7 +118,8 @@ def curves(views, stats, budget: float, normalize: str = "uniform") -> list[Curv
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, {"up": ev.bias}, gated=ev.gated, experts=ev.num)
             else:
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None)
-            sol = run_pass(_PASS[comp](rank=full[comp]), PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
+            cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
+            sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
             uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // granule
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
@@ -193,7 +195,7 @@ def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> d
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
-    cs = curves(views, stats, cfg.budget, cfg.normalize)
+    cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update)
     kv = cfg.kv_budget
     kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
                                     else math.ceil(kv * sum(c.units * c.kv for c in cs)))
