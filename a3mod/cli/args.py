@@ -148,7 +148,7 @@ def _add_method(c) -> None:
                         "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
     c.add_argument("--mlp-update", action="store_true",
                    help="a3: also re-fit the kept MLP neurons' down_proj by least squares to what the dropped ones "
-                        "contributed (same shapes; needs many calibration tokens, >= 16 per MLP neuron, and a "
+                        "contributed (same shapes; needs many calibration tokens, >= 8 per MLP neuron, and a "
                         "d_i x d_i float64 Gram per layer in memory)")
     c.add_argument("--ov-update", action="store_true",
                    help="a3: also re-fit o_proj on the kept value dims of all heads jointly by least squares (same "

@@ -374,7 +374,7 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     return solved("mlp", work, loss, 1)
 
 
-REFIT_TOKENS = 16     # calibration tokens per MLP neuron below which A3MLP(update=True) warns (docs: token curve)
+REFIT_TOKENS = 8      # calibration tokens per MLP neuron below which A3MLP(update=True) warns (docs: token curve)
 
 
 def _check_refit_tokens(n: int, width: int) -> None:
