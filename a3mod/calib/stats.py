@@ -294,7 +294,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "hgram" in kinds and view.has_mlp:
         hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
-    if "ogram" in kinds and not view.spec.mla:
+    if "ogram" in kinds:
         hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: _add(acc, "oo", _gram(inp[0]))))
     if "a3" not in kinds:
         return hs

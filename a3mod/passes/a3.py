@@ -88,7 +88,7 @@ class A3OV(_A3Refit):
     update: then re-fit o_proj on the kept value dims of every head jointly, W_o' = (T^T G T)^-1 T^T G W_o with
     G = E[z z^T] the Gram of o_proj's input (all heads) and T the block map of each KV group's kept value basis
     (docs/method_extensions.md, "OV least-squares update"): exact at full rank, never worse on the calibration
-    tokens than A3OV's own o_proj. Not for latent attention (MLA)."""
+    tokens than A3OV's own o_proj (latent attention too: its heads' value blocks, no value bias)."""
     REFIT_KIND = "ogram"
 
 
@@ -318,12 +318,10 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
     a, d = work.attn, work.view.dims
     if isinstance(a, MLAWork):       # each head's value -> o_proj block, whitened by its attention output (MHA)
         r = ov_kept(cfg, a.wv.shape[-1])
-        if cfg.update:
-            warnings.warn("a3mod: A3OV(update=True) has no o_proj update for latent attention (MLA) yet; its layers "
-                          "get A3OV alone", stacklevel=2)
         g = _centered(st["o"], st["o1"], n, None)
-        wv, wo, loss = solvers.ov_joint(a.wv, a.wo[:, None], g, r)
-        a.wv, a.wo = wv, wo[:, 0]
+        wv, wo, loss, t = solvers.ov_joint(a.wv, a.wo[:, None], g, r, return_map=True)
+        a.wv, a.wo = wv, (solvers.ov_refit(a.wo, t, st["oo"] / n, wo[:, 0], cfg.damping)[0] if cfg.update
+                          else wo[:, 0])
         return solved("ov", work, loss.sum(0), 1)
     full = a.wv.shape[-1]
     r = ov_kept(cfg, full)
