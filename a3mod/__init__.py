@@ -23,6 +23,7 @@ from .passes import (
     A3QK,
     ASVD,
     SVDLLM,
+    SVDLLM2,
     A3Experts,
     Allocate,
     PlainSVD,
@@ -40,7 +41,7 @@ native.register()      # model type "a3mod" for AutoConfig / AutoModel*.from_pre
 __all__ = [
     "apply", "heal", "collect", "calibration_data", "Stats", "save", "load", "load_pretrained", "report", "Report",
     "perplexity", "eval_tokens", "A3QK", "A3OV", "A3MLP", "A3Experts", "a3_passes", "Allocate", "A3KV", "ASVD",
-    "SVDLLM", "PlainSVD",
+    "SVDLLM", "SVDLLM2", "PlainSVD",
     "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
     "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "DiscoveryError",

@@ -33,6 +33,8 @@ VARIANTS = {
     "a3-mix-layers": lambda r: [a3mod.Allocate(budget=r)],
     "a3-mix-all": lambda r: [a3mod.Allocate(budget=r, across="all")],
     "a3-mix-all-kv-uniform": lambda r: [a3mod.Allocate(budget=r, across="all", kv_budget="uniform")],
+    "svd-llm": lambda r: [a3mod.SVDLLM(ratio=r)],
+    "svd-llm-v2": lambda r: [a3mod.SVDLLM2(ratio=r)],
     "a3-mlp-update": lambda r: _a3(r, update=True),
     "a3-mix-layers-mlp-update": lambda r: [a3mod.Allocate(budget=r, mlp_update=True)],
     # Allocate with both updates, its MLP curves those after the update (rows named "...-ov-mlp-update" in the results
@@ -146,8 +148,12 @@ def _sequential(model, path: Path, label: str, passes, calib, args):
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(args.stats_cache or tmp) / f"{label}-hf"
-        if not (src / "config.json").is_file():
-            model.save_pretrained(src)
+        if not (src / "config.json").is_file():       # a GGUF's dequantized weights: transformers refuses to
+            m = copy.deepcopy(model)                  # save while the GGUF loader's quantizer is attached
+            m.hf_quantizer = None
+            if hasattr(m.config, "quantization_config"):
+                del m.config.quantization_config
+            m.save_pretrained(src)
         t = time.perf_counter()
         out = a3mod.compress_streaming(src, Path(tmp) / "out", passes, calib, progress=False, sequential=True,
                                        save_dtype=torch.float32)

@@ -19,16 +19,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import a3mod
-from a3mod import ASVD, SVDLLM, LowRankLinear, PlainSVD
+from a3mod import ASVD, SVDLLM, SVDLLM2, LowRankLinear, PlainSVD
 from a3mod.math import factorize as fz
-from a3mod.arch import get_path, layer_views, spec_for
+from a3mod.arch import get_path, layer_views, linear_params, spec_for
 from a3mod.passes.search import Prober, targets_of, threshold_search
 
 from conftest import calib_ids, input_ids, logits, tiny_model
 
 FAMS = {"llama": dict(kv_heads=2), "qwen2": {}, "gpt2": {}}      # GQA, q/k/v biases, fused Conv1D c_attn
 FULL = [PlainSVD(rank=10**6, allow_larger=True), SVDLLM(rank=10**6, allow_larger=True),
-        ASVD(rank=10**6, allow_larger=True)]
+        SVDLLM2(rank=10**6, allow_larger=True), ASVD(rank=10**6, allow_larger=True)]
 UNIFORM = [PlainSVD(ratio=0.3), SVDLLM(ratio=0.3), ASVD(ratio=0.3, rank_search=False)]
 PROBE = dict(probe_samples=2, probe_seq_len=16)
 
@@ -275,7 +275,7 @@ def test_svdllm_output_error_never_above_plain_svd(family):
 
 
 @pytest.mark.parametrize("family", FAMS)
-@pytest.mark.parametrize("p", UNIFORM, ids=name)
+@pytest.mark.parametrize("p", [*UNIFORM, SVDLLM2(ratio=0.3)], ids=name)
 def test_compressed_structure_and_generate(family, p):
     orig, model = compressed(family, p)
     n_targets = len(targets_of(layer_views(orig), kv=False))
@@ -294,7 +294,7 @@ def test_compressed_structure_and_generate(family, p):
 
 
 @pytest.mark.parametrize("family", FAMS)
-@pytest.mark.parametrize("p", UNIFORM, ids=name)
+@pytest.mark.parametrize("p", [*UNIFORM, SVDLLM2(ratio=0.3)], ids=name)
 def test_save_load_round_trip(tmp_path, family, p):
     _, model = compressed(family, p)
     a3mod.save(model, tmp_path / "m")
@@ -304,6 +304,34 @@ def test_save_load_round_trip(tmp_path, family, p):
     assert a3mod.report(loaded).to_dict() == a3mod.report(model).to_dict()
     assert loaded.a3mod_info == model.a3mod_info
     assert torch.equal(greedy(loaded, ids[:, :5], True), greedy(model, ids[:, :5], True))
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_svdllm2_truncation_equals_svdllm_and_allocates_by_loss(family):
+    """At one rank SVD-LLM V2's eigen-based truncation is SVD-LLM's optimum (the same outputs); with a ratio it meets
+    it over the model, and within each group of same-type matrices a larger truncation loss keeps a higher rank."""
+    calib = calib_ids(8, 16)
+    orig = model64(family)
+    stats = a3mod.collect(orig, calib, kinds=("gram",), progress=False)
+    ids = input_ids(2, 10)
+    a = compress(copy.deepcopy(orig), SVDLLM(rank=6), calib=calib)
+    b = compress(copy.deepcopy(orig), SVDLLM2(rank=6), calib=calib)
+    assert max_rel_diff(logits(b, ids), logits(a, ids)) < 1e-6
+    v2 = compress(copy.deepcopy(orig), SVDLLM2(ratio=0.3), calib=calib)
+    assert 0.28 <= a3mod.report(v2).ratio < 0.36
+    views, targets = layer_views(orig), targets_of(layer_views(orig), kv=False)
+    ranks = [m.rank for m in modules_at(v2, targets)]
+    uniform = floor_rank(targets[0].out_f, targets[0].in_f, Fraction(7, 10))
+    by_type: dict = {}
+    for t, r in zip(targets, ranks):
+        w, _ = linear_params(get_path(views[t.layer].layer, t.path), views[t.layer].spec.conv1d)
+        s = fz.stable_whitened_svd(w[t.rows], stats.layers[t.layer][f"x2.{t.group}"])[1]
+        u = floor_rank(t.out_f, t.in_f, Fraction(7, 10))
+        by_type.setdefault((t.path, t.role), []).append((float(s[u:].square().sum()), r))
+    assert uniform > 0 and any(len({r for _, r in g}) > 1 for g in by_type.values())      # heterogeneous
+    for g in by_type.values():
+        g.sort()
+        assert all(r1 <= r2 for (_, r1), (_, r2) in zip(g, g[1:])), g
 
 
 # ================================================================================= ASVD rank search

@@ -124,7 +124,8 @@ def _add_method(c) -> None:
     c.add_argument("--method", default="a3", choices=sorted(recipes.METHODS),
                    help="a3 (default): A3 QK/OV/MLP, the same ratio in every layer; a3-mix: A3 with per-layer ranks "
                         "from the closed-form losses at the same parameter count (Allocate); asvd: activation-aware "
-                        "SVD with sensitivity rank search; svd-llm: whitened SVD; svd: plain truncated SVD")
+                        "SVD with sensitivity rank search; svd-llm: whitened SVD; svd-llm-v2: SVD-LLM V2 (eigen-based "
+                        "truncation, per-matrix ranks from truncation losses); svd: plain truncated SVD")
     c.add_argument("--ratio", type=float, default=None,
                    help="fraction of decoder-layer linear parameters to remove, in [0, 1) (e.g. 0.2); the same "
                         "count for every method")

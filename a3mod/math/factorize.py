@@ -89,3 +89,23 @@ def svdllm_factors(w: Tensor, gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
     b, a = _split(u, s, vh, r)
     a = torch.linalg.solve_triangular(l, a, upper=False, left=False)      # a @ L^-1
     return b, a
+
+
+def stable_whitened_svd(w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD-LLM V2's truncation: X^T X = U diag(lam) U^T (eigendecomposition, no Cholesky), S = U diag(sqrt(lam));
+    the SVD of W S = P diag(s) Q^T and the pseudo-inverse S^+ (directions of eigenvalue <= 1e-12 x the largest are
+    dropped). Returns (P, s, Q^T, S^+); `s**2` tails are the truncation losses ||(W - W_r) X^T||_F^2."""
+    g = gram.double()
+    lam, u = torch.linalg.eigh((g + g.mT) / 2)
+    keep = lam > 1e-12 * lam.max().clamp_min(1e-300)
+    root = lam.clamp_min(0).sqrt()
+    p, s, qh = torch.linalg.svd(w.double() @ (u * root), full_matrices=False)
+    inv = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    return p, s, qh, inv[:, None] * u.mT                      # S^+ = diag(1/sqrt(lam)) U^T
+
+
+def stable_truncate(svd: tuple[Tensor, Tensor, Tensor, Tensor], r: int) -> tuple[Tensor, Tensor]:
+    """Rank-r factors from `stable_whitened_svd`: B = P_r sqrt(s_r), A = sqrt(s_r) Q_r^T S^+."""
+    p, s, qh, pinv = svd
+    b, a = _split(p, s, qh, r)
+    return b, a @ pinv

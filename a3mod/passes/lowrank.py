@@ -1,4 +1,5 @@
-"""The low-rank baselines: PlainSVD, SVDLLM, ASVD. Each replaces decoder-layer linears by `LowRankLinear`s.
+"""The low-rank baselines: PlainSVD, SVDLLM, SVDLLM2 (SVD-LLM V2), ASVD. Each replaces decoder-layer linears by
+`LowRankLinear`s.
 
 `ratio` means what it means for A3: the fraction of decoder-layer linear parameters removed (uniform: every
 linear keeps rank floor((1-ratio) m n / (m+n))). `rank` gives every linear that rank (capped at min(m, n);
@@ -6,6 +7,7 @@ at the cap the factorization is exact). ASVD adds sensitivity-based rank search 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,19 @@ class PlainSVD(_Factored):
 @dataclass(frozen=True)
 class SVDLLM(_Factored):
     """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
+    NEEDS = ("gram",)
+
+    def rebuilds_layers(self) -> bool:
+        return False
+
+
+@register_pass
+@dataclass(frozen=True)
+class SVDLLM2(_Factored):
+    """SVD-LLM V2 (arXiv 2503.12340): SVD-LLM's whitened truncation computed from an eigendecomposition of X^T X
+    (no Cholesky), and with `ratio` heterogeneous ranks: within each group of same-type matrices (every layer's
+    q_proj, ...) matrix i removes Len(G) R Lt_i / sum Lt of its parameters, Lt_i = 1 / log(L_i), L_i its truncation
+    loss ||(W - W_r) X^T||_F at the uniform rank r over the calibration tokens; `rank`: every linear that rank."""
     NEEDS = ("gram",)
 
     def rebuilds_layers(self) -> bool:
@@ -169,6 +184,37 @@ def apply_svdllm(cfg: SVDLLM, ctx: PassContext):
     ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda t, w, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "SVD-LLM"))
+
+
+@handler(SVDLLM2, scope="model")
+def apply_svdllm2(cfg: SVDLLM2, ctx: PassContext):
+    views, stats, progress = ctx.views, ctx.stats, ctx.progress
+    targets = targets_of(views, kv=False)
+    svds = [fz.stable_whitened_svd(_weight(views[t.layer], t)[0], stats.layers[t.layer][f"x2.{t.group}"])
+            for t in tqdm(targets, desc="SVD-LLM V2", disable=not progress, unit="linear")]
+    ranks = _uniform_ranks(cfg, views, targets)
+    if cfg.ratio is not None:
+        ranks = _svdllm2_ranks(cfg.ratio, views, targets, ranks, [s for _, s, _, _ in svds])
+    return _replace_linears(views, targets, [fz.stable_truncate(svd, r) for svd, r in zip(svds, ranks)])
+
+
+def _svdllm2_ranks(ratio: float, views, targets: list[Target], uniform: list[int], spectra) -> list[int]:
+    """SVD-LLM V2's allocation: per group of same-type matrices (same path in every layer), matrix i removes
+    ratio_i = Len(G) R Lt_i / sum_G Lt of its parameters, Lt_i = 1 / log(L_i) with L_i its truncation loss at the
+    uniform rank (clipped to [0, 0.99]); ranks by `rank_for_keep` as for uniform ranks."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault((t.path, t.role, t.out_f, t.in_f), []).append(i)
+    ranks = list(uniform)
+    for members in groups.values():
+        loss = [float(spectra[i][uniform[i]:].square().sum().sqrt()) for i in members]
+        lt = [1.0 / max(math.log(x), 1e-6) if x > 1.0 else 1e6 for x in loss]      # L <= 1: nothing to lose
+        for i, w in zip(members, lt):
+            r_i = min(0.99, max(0.0, len(members) * ratio * w / sum(lt)))
+            t = targets[i]
+            bias = 0 if _weight(views[t.layer], t)[1] is None else t.out_f
+            ranks[i] = fz.rank_for_keep(t.out_f, t.in_f, 1.0 - r_i, bias)
+    return ranks
 
 
 @handler(ASVD, scope="model")

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 from ..errors import RatioError
-from ..passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, A3Experts, Allocate, PlainSVD
+from ..passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, SVDLLM2, A3Experts, Allocate, PlainSVD
 
-METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd")
-LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd": "SVD"}
+METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd-llm-v2", "svd")
+LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd-llm-v2": "SVD-LLM V2",
+          "svd": "SVD"}
 
 
 def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = None, across: str = "layers",
@@ -61,4 +62,4 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
         raise RatioError(f"qk/ov/mlp ratios are A3 options; method {method} takes only {n('ratio')}")
     if method == "a3-mix":
         return [Allocate(budget=ratio, across=across)]
-    return [{"svd-llm": SVDLLM, "svd": PlainSVD}[method](ratio=ratio)]
+    return [{"svd-llm": SVDLLM, "svd-llm-v2": SVDLLM2, "svd": PlainSVD}[method](ratio=ratio)]
