@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..arch import active, layer_views, set_child
+from ..arch import active, get_path, layer_views, set_child
 from ..calib import distributed
 from ..calib.stats import Stats
 from ..errors import A3ModError, CalibrationError
@@ -52,12 +52,43 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     swaps, info = (_compress(model, views, passes, calib, stats, progress) if passes
                    else ([], _info_so_far(model, views)))
     qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
-    for i, path, new in swaps + qswaps:
+    old = []
+    for i, path, new in swaps:
+        old.append((i, path, get_path(views[i].layer, path)))
+        set_child(views[i].layer, path, new)
+    if swaps:
+        _self_check(model, views, old, calib)
+    for i, path, new in qswaps:
         set_child(views[i].layer, path, new)
     if quant is not None:
         info["passes"] = [*info["passes"], pass_to_dict(quant)]
     model.a3mod_info = info
     return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
+
+
+@torch.no_grad()
+def _self_check(model: nn.Module, views, old: list, calib: Tensor | None) -> None:
+    """Run the compressed model once (a short window, then one cached step where it generates): an exception is
+    an A3ModError naming it, with every swapped module put back first (the model is as it was)."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+    ids = (calib[:1, :8] if calib is not None and calib.numel() else
+           torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)))
+    ids = ids.to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        if model.can_generate() if hasattr(model, "can_generate") else False:
+            out = model(input_ids=ids[:, :-1], use_cache=True)
+            model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        else:
+            model(input_ids=ids)
+    except Exception as e:          # noqa: BLE001  (whatever the compressed forward raises)
+        for i, path, mod in reversed(old):
+            set_child(views[i].layer, path, mod)
+        raise A3ModError(f"the compressed model fails its first forward ({type(e).__name__}: {str(e)[:300]}); "
+                         f"the model is restored as it was: please report this model type") from e
+    finally:
+        model.train(was_training)
 
 
 def check_finite(model: nn.Module) -> None:
