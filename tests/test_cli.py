@@ -35,6 +35,7 @@ def test_compress_then_load_and_eval(tmp_path, model_dir, text_file, capsys):
     assert result["calib_tokens"] == 64
     assert result["ppl_before"]["windows"] == result["ppl_after"]["windows"] > 0
     assert 0.1 <= result["report"]["ratio"] <= 0.3
+    assert result["ratio"] == {"requested": 0.2, "achieved": result["report"]["ratio"]}
     model = a3mod.load(out)
     assert all(isinstance(layer.self_attn, a3mod.ReducedHeadAttention) for layer in model.model.layers)
     assert [p["ratio"] for p in model.a3mod_info["passes"]] == [0.2, 0.2, 0.2, 0.2]
@@ -219,3 +220,24 @@ def test_compress_writes_a_model_card_and_plot(tmp_path, model_dir, text_file):
     pytest.importorskip("matplotlib")
     assert (out / "kept_dims.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["calibration"]["seed"] == 7 and set(result["versions"]) >= {"a3mod", "torch", "transformers"}
+
+
+def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, capsys):
+    """Under q/k norms QK stays whole, so a qwen3 model gives less than --ratio: compress_result.json records the
+    requested and achieved fractions and stderr says why."""
+    import transformers
+
+    path = tmp_path / "tiny-qwen3"
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(path), "--ratio", "0.3", "--out", str(out), "--calib", text_file,
+                 "--n-samples", "4", "--calib-seq-len", "16", "--no-eval"]) == 0
+    result = json.loads((out / "compress_result.json").read_text())
+    assert result["ratio"]["requested"] == 0.3 and result["ratio"]["achieved"] < 0.29
+    err = capsys.readouterr().err
+    assert "less than the requested 30.00%" in err and "q/k norms" in err
