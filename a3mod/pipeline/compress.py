@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +80,9 @@ def _self_check(model: nn.Module, views, old: list, calib: Tensor | None) -> Non
     try:
         if model.can_generate() if hasattr(model, "can_generate") else False:
             out = model(input_ids=ids[:, :-1], use_cache=True)
-            model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+            cache = out.get("cache", out.get("past_key_values"))        # transformers >= 5.24 names it `cache`
+            name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            model(input_ids=ids[:, -1:], use_cache=True, **{name: cache})
         else:
             model(input_ids=ids)
     except Exception as e:          # noqa: BLE001  (whatever the compressed forward raises)
