@@ -24,7 +24,8 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, cached_stats, machine, model_label, update_readme  # noqa: E402
+from common import (ROOT, asset_models, cached_stats, machine, model_label, pyplot, save_figure,  # noqa: E402
+                    update_readme)
 
 from a3mod.io.files import atomic_write  # noqa: E402
 
@@ -209,8 +210,34 @@ def main() -> None:
           f"draw shared by all variants); {machine()}, fp32.\n\n{table(done, args)}\n")
     print(md)
     atomic_write(out.with_suffix(".md"), md)
+    plot(done, args, out.with_suffix(".png"))
     if args.update_readme:
-        update_readme(md, "quality-results")
+        update_readme(md + f"\n![quality variants](evals/results/{out.with_suffix('.png').name})\n", "quality-results")
+
+
+def plot(done: dict, args, path: Path) -> None:
+    """Horizontal bars: x the original perplexity per variant (mean over seeds), one panel per model."""
+    plt = pyplot()
+    if plt is None:
+        return
+    calib, ev = f"{args.n_samples}x{args.calib_seq_len}", f"{args.eval_windows}x{args.eval_seq_len}"
+    by_model: dict = {}
+    for r in done.values():
+        if r["calib"] == calib and r["eval"] == ev and r["variant"] != "original":
+            by_model.setdefault(r["model"], {}).setdefault(r["variant"], []).append(r["ppl_ratio"])
+    if not by_model:
+        return
+    fig, axes = plt.subplots(len(by_model), 1, figsize=(8, 1.2 + 0.32 * sum(len(v) for v in by_model.values())),
+                             squeeze=False)
+    for ax, (model, rows) in zip(axes[:, 0], sorted(by_model.items())):
+        names = sorted(rows, key=lambda v: -sum(rows[v]) / len(rows[v]))
+        ax.barh(names, [sum(rows[v]) / len(rows[v]) for v in names], color="tab:blue")
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{model}, ratio {args.ratios}, calibration {calib}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("perplexity / original (lower is better)")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
