@@ -136,13 +136,18 @@ def experts_select(h2: Tensor, down_sq: Tensor, r: int):
     return order[:, :r].sort(-1).values, tail_losses(score.gather(-1, order))
 
 
+def mlp_order(h2: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
+    """(neurons by descending CUR score E[h_i^2] ||W_down[i, :]||^2, the scores); h2 (d_i,), w_down (d_i, d_m)."""
+    score = h2 * w_down.pow(2).sum(-1)
+    return score.argsort(descending=True), score
+
+
 def mlp_select(h2: Tensor, w_down: Tensor, r: int):
     """MLP CUR: keep the r intermediate neurons with the largest E[h_i^2] ||W_down[i, :]||^2.
 
     h2: (d_i,), w_down: (d_i, d_m). Returns (kept index (r,) ascending, loss (d_i+1,) dropped score).
     """
-    score = h2 * w_down.pow(2).sum(-1)
-    order = score.argsort(descending=True)
+    order, score = mlp_order(h2, w_down)
     return order[:r].sort().values, tail_losses(score[order])
 
 
@@ -163,37 +168,42 @@ def refit_error(w: Tensor, t: Tensor, w_new: Tensor, g: Tensor) -> Tensor:
     return (e * (g @ e)).sum()
 
 
-def mlp_refit(w_down: Tensor, hh: Tensor, kept: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
+def mlp_refit(w_down: Tensor, hh: Tensor, kept: Tensor, damping: float = 0.01, errors: bool = True):
     """Least-squares update of the kept neurons' down projection (closed form, same shapes, no extra GEMM).
 
     w_down: (d_i, d_m) in `h @ W` form; hh: (d_i, d_i) E[h h^T] of the intermediate activations; kept: (r,) indices.
     With D the dropped neurons, the kept rows become W_K + H_KK^-1 H_KD W_D: the minimiser of E||h W - h_K W'||^2,
     pulled toward W_K by `damping` (`ridge_refit`). Returns (new kept rows (r, d_m), error before, error after):
-    E||h W - h_K W'_K||^2 on the undamped `hh`, before meaning W'_K = W_K."""
-    sel = torch.zeros(w_down.shape[0], kept.numel(), dtype=w_down.dtype, device=w_down.device)
-    sel[kept, torch.arange(kept.numel(), device=w_down.device)] = 1.0          # h_K = h @ sel
+    E||h W - h_K W'_K||^2 on the undamped `hh`, before meaning W'_K = W_K (None, None with errors=False)."""
     wk = w_down[kept]
     if kept.numel() == w_down.shape[0]:
         return wk.clone(), w_down.new_zeros(()), w_down.new_zeros(())
     h_k = hh[kept]                                                               # (r, d_i) = sel^T H
     new = ridge_refit(h_k[:, kept], h_k @ w_down, wk, damping)
+    if not errors:
+        return new, None, None
+    sel = torch.zeros(w_down.shape[0], kept.numel(), dtype=w_down.dtype, device=w_down.device)
+    sel[kept, torch.arange(kept.numel(), device=w_down.device)] = 1.0          # h_K = h @ sel
     return new, refit_error(w_down, sel, wk, hh), refit_error(w_down, sel, new, hh)
 
 
-def ov_refit(wo: Tensor, t: Tensor, gram: Tensor, wo_r: Tensor, damping: float = 0.01):
+def ov_refit(wo: Tensor, t: Tensor, gram: Tensor, wo_r: Tensor, damping: float = 0.01, errors: bool = True):
     """Least-squares update of o_proj on reduced value bases, every head jointly (cross-head terms included).
 
     wo: (H, d_h, d_m) original per-head o_proj blocks; t: (H_kv, d_h, r) each KV group's map from the original value
     dims to the kept ones (W_v' = W_v t, so head i's reduced attention output is z_i t_g(i)); gram: (H d_h, H d_h)
     E[z z^T] of o_proj's input z (all heads' bias-free attention outputs); wo_r: (H, r, d_m) the reduction's own
     blocks. With T = blockdiag(t_g(i)): W_o' = argmin E||z W_o - z T W'||^2 = (T^T G T)^-1 T^T G W_o, pulled toward
-    wo_r by `damping`. Returns (wo' (H, r, d_m), error with wo_r, error with wo')."""
+    wo_r by `damping`. Returns (wo' (H, r, d_m), error with wo_r, error with wo'); (wo', None, None) with
+    errors=False."""
     h, dh, dm = wo.shape
     r = t.shape[-1]
     big_t = torch.block_diag(*t.repeat_interleave(h // t.shape[0], 0))           # (H d_h, H r)
     w, w0 = wo.reshape(h * dh, dm), wo_r.reshape(h * r, dm)
     gt = gram @ big_t
     new = ridge_refit(big_t.mT @ gt, gt.mT @ w, w0, damping)
+    if not errors:
+        return new.reshape(h, r, dm), None, None
     return new.reshape(h, r, dm), refit_error(w, big_t, w0, gram), refit_error(w, big_t, new, gram)
 
 

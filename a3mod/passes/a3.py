@@ -320,7 +320,7 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         r = ov_kept(cfg, a.wv.shape[-1])
         g = _centered(st["o"], st["o1"], n, None)
         wv, wo, loss, t = solvers.ov_joint(a.wv, a.wo[:, None], g, r, return_map=True)
-        a.wv, a.wo = wv, (solvers.ov_refit(a.wo, t, st["oo"] / n, wo[:, 0], cfg.damping)[0] if cfg.update
+        a.wv, a.wo = wv, (solvers.ov_refit(a.wo, t, st["oo"] / n, wo[:, 0], cfg.damping, errors=False)[0] if cfg.update
                           else wo[:, 0])
         return solved("ov", work, loss.sum(0), 1)
     full = a.wv.shape[-1]
@@ -342,7 +342,7 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
     if cfg.update:      # every head's o_proj block re-fit jointly on the Gram of o_proj's (bias-free) input
         b = None if bv is None else bv.repeat_interleave(d.groups, 0).reshape(-1)
         gram = _centered(st["oo"], st["o1"].reshape(-1), n, b)
-        wo_r = solvers.ov_refit(a.wo, t, gram, wo_r, cfg.damping)[0]
+        wo_r = solvers.ov_refit(a.wo, t, gram, wo_r, cfg.damping, errors=False)[0]
     a.wo = wo_r
     return solved("ov", work, loss.sum(0), 1)
 
@@ -357,14 +357,14 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     r = mlp_kept(cfg, full)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
     if cfg.update:          # Allocate reads the loss after the update, along the same (CUR) order of neurons
-        order = (st["h2"] * m.down[0].t().pow(2).sum(-1)).argsort(descending=True)
+        order = solvers.mlp_order(st["h2"] / n, m.down[0].t())[0]     # the order mlp_select kept from
         loss = solvers.mlp_refit_losses(m.down[0].t(), st["hh"] / n, order)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)
     m.up = rows(m.up)
     if cfg.update:
         _check_refit_tokens(n, full)
-        down, _, _ = solvers.mlp_refit(m.down[0].t(), st["hh"] / n, idx, cfg.damping)     # (r, d_m)
+        down = solvers.mlp_refit(m.down[0].t(), st["hh"] / n, idx, cfg.damping, errors=False)[0]     # (r, d_m)
         m.down = (down.t().contiguous(), m.down[1])
     else:
         m.down = (m.down[0][:, idx], m.down[1])
