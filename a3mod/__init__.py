@@ -9,11 +9,14 @@ from . import evaluation  # noqa: F401  (a3mod.evaluation.evaluate; lm-eval is i
 from .arch import ARCHS, ArchSpec, supported_types
 from .arch.discover import Discovery, LayerDiscovery, discover
 from .calib.stats import Stats, calibration_data, collect
-from .errors import A3ModError, CalibrationError, CheckpointError, DiscoveryError, RatioError, UnsupportedModelError
+from .errors import (
+    A3ModError, CalibrationError, CheckpointError, DiscoveryError, ExportError, RatioError, UnsupportedModelError,
+)
 from .evaluation.ppl import eval_tokens, perplexity
 from .heal import heal
 from .io import native
-from .io.checkpoint import load, save
+from .export.formats import save
+from .io.checkpoint import load
 from .io.loading import load_pretrained
 from .modules import LatentKVAttention, LowRankLinear, ReducedHeadAttention, ReducedMLP
 from .passes import (
@@ -44,7 +47,8 @@ __all__ = [
     "SVDLLM", "SVDLLM2", "PlainSVD",
     "pass_to_dict", "pass_from_dict",
     "ReducedHeadAttention", "ReducedMLP", "LowRankLinear", "LatentKVAttention", "ARCHS", "ArchSpec", "supported_types",
-    "A3ModError", "CalibrationError", "CheckpointError", "RatioError", "UnsupportedModelError", "DiscoveryError",
+    "A3ModError", "CalibrationError", "CheckpointError", "ExportError", "RatioError", "UnsupportedModelError",
+    "DiscoveryError",
     "discover", "Discovery", "LayerDiscovery", "compress_streaming",
     "BnbInt8", "Bnb4bit", "HQQ", "QuantizationError", "quantized_cache", "cache_bytes",
 ]

@@ -23,3 +23,7 @@ class CalibrationError(A3ModError):
 
 class CheckpointError(A3ModError):
     """An a3mod checkpoint whose sidecar and weights do not agree, or a bad output path."""
+
+
+class ExportError(A3ModError):
+    """A model a format cannot express (names the construct and the format); raised before any file is written."""

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _prepare_parser(sub)
     _report_parser(sub)
+    _export_parser(sub)
     return ap
 
 
@@ -221,3 +222,20 @@ def _report_parser(sub) -> None:
     r = sub.add_parser("report", help="per-layer dims, params, FLOPs and KV bytes of a model")
     _add_model(r)
     r.add_argument("--json", default=None, help="also write the report to this JSON file")
+
+
+def _export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a compressed model in another format (stock transformers: --format hf)",
+                       description="Write an a3mod checkpoint (or any model a3mod loads) in another format. "
+                       "--format hf: a checkpoint of the base family's own model type (llama, qwen2, mistral, gemma, "
+                       "...) that transformers loads without a3mod; layers are zero-padded to one head dim and MLP "
+                       "width (exact; the cost in zero weights and KV-cache bytes is printed and written to "
+                       "a3mod_export.json). The exported model's logits are checked against the a3mod model's "
+                       "before anything is written.")
+    _add_model(x)
+    x.add_argument("--format", default="hf", choices=("hf", "a3mod"), help="output format (default: hf)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype of the stored weights (default auto: the dtype of the checkpoint the model came from)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier export or an a3mod checkpoint (nothing else)")

@@ -22,8 +22,10 @@ from ..evaluation import evaluate
 from ..evaluation.ppl import eval_tokens, perplexity
 from ..evaluation.prepare import prepare
 from ..heal import heal
-from ..io.checkpoint import load, save
-from ..io.files import KEEP_OTHERS, atomic_write, check_output_dir, output_lock, recover
+from ..export.formats import save
+from ..export.stock import summary as stock_summary
+from ..io.checkpoint import load
+from ..io.files import EXPORT_RECORD, KEEP_OTHERS, atomic_write, check_output_dir, output_lock, recover
 from ..io.guards import NO_CODE, check_folder
 from ..io.loading import load_pretrained
 from ..passes.base import needs
@@ -304,6 +306,17 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    path = model_source(args.model)
+    out = check_output_dir(args.out, args.overwrite, [path])          # before the model loads
+    _, model, tok = _load(args, path)
+    saved = save(model, out, tokenizer=tok, overwrite=args.overwrite, dtype=args.save_dtype, format=args.format)
+    print(f"wrote {saved} ({_bytes_written(saved)})")
+    if args.format == "hf":
+        print(stock_summary(json.loads((Path(saved) / EXPORT_RECORD).read_text())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if os.environ.get("A3MOD_ONLINE") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # local paths only unless the user opts in
@@ -311,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "eval":
             return {"ppl": cmd_eval, "lm-eval": cmd_lm_eval}[args.what](args)
-        return {"compress": cmd_compress, "report": cmd_report, "prepare-eval-data": cmd_prepare}[args.cmd](args)
+        return {"compress": cmd_compress, "report": cmd_report, "prepare-eval-data": cmd_prepare,
+                "export": cmd_export}[args.cmd](args)
     except A3ModError as e:
         if args.debug:
             raise

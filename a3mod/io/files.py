@@ -31,6 +31,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 SIDECAR = "a3mod.json"
+EXPORT_RECORD = "a3mod_export.json"   # an export to another format (a3mod.export) lists the files it wrote here
 _STAGE, _OLD, _LOCK = ".a3mod-tmp-", ".a3mod-old-", ".a3mod-lock"
 _HELD: dict[str, list] = {}           # registry of output locks this process holds: path -> [fd, depth, pid]
 
@@ -109,7 +110,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Pat
     entries = sorted(os.listdir(r))
     if not entries:
         return p
-    if SIDECAR not in entries:
+    if SIDECAR not in entries and EXPORT_RECORD not in entries:
         raise CheckpointError(f"refusing to replace {str(r)!r}: it holds files and is not an a3mod checkpoint (no "
                               f"{SIDECAR}; e.g. {entries[:3]}); overwrite replaces only a3mod checkpoints or empty "
                               f"folders")
@@ -131,11 +132,12 @@ KEEP_OTHERS = "keep-others"        # overwrite=KEEP_OTHERS: replace a3mod's file
 def other_files(folder: Path) -> list[str]:
     """Files in an a3mod checkpoint folder that its a3mod.json does not list (as checkpoint files or extra files
     a3mod wrote beside them): the user's. A sidecar that cannot be read lists nothing."""
+    marker = SIDECAR if (folder / SIDECAR).is_file() else EXPORT_RECORD
     try:
-        side = json.loads((folder / SIDECAR).read_bytes())
-        ours = {SIDECAR, *side.get("files", {}), *side.get("extra", [])}
+        side = json.loads((folder / marker).read_bytes())
+        ours = {marker, *side.get("files", {}), *side.get("extra", [])}
     except (OSError, ValueError, TypeError, AttributeError):
-        ours = {SIDECAR}
+        ours = {marker}
     return sorted(e.name for e in folder.iterdir() if e.is_file() and e.name not in ours)
 
 
