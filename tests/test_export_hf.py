@@ -183,3 +183,53 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--model", str(g), "--out", str(tmp_path / "g-hf")]) == 2
     assert "a3mod: error: format 'hf': gpt2 models have a fused qkv projection" in capsys.readouterr().err
     assert not (tmp_path / "g-hf").exists()
+
+
+# ------------------------------------------------------------------------------------- portable selection
+def _rope_rows(model) -> set:
+    return {tuple(r) for m in model.modules() if isinstance(m, a3mod.ReducedHeadAttention)
+            for r in m.rope_index.tolist()}
+
+
+@pytest.mark.parametrize("mtype", ["llama", "gemma", "mistral"])
+def test_portable_selection_exports_without_padding(mtype, tmp_path):
+    model = _compressed(mtype, a3mod.a3_passes(0.3, portable=True))
+    assert len(_rope_rows(model)) == 1                   # one set of kept pairs in every layer and KV group
+    qk = a3mod.passes.A3QK
+    rec = [p for p in model.a3mod_info["passes"] if p["type"] == "A3QK"][0]
+    assert rec["portable"] and sorted(rec["pair_order"]) == list(range(model.config.head_dim // 2))
+    out = a3mod.save(model, tmp_path / "hf", format="hf")
+    r = json.loads((out / stock.RECORD).read_text())
+    assert r["decoder_layer_params"]["zeros"] == 0
+    assert r["kv_elements_per_token"]["export"] == r["kv_elements_per_token"]["a3mod"]
+    assert _rel(model, AutoModelForCausalLM.from_pretrained(out).eval(), _ids(2, 12, 0)) < 1e-5
+    # the recorded ranking reproduces the model exactly (what streaming and a re-run take)
+    again = _compressed(mtype, [qk(ratio=0.3, pair_order=tuple(rec["pair_order"])), *a3mod.a3_passes(0.3)[1:]])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_portable_equals_per_group_selection_with_one_group_and_layer():
+    """With one KV group in one layer the shared ranking is that group's own: the same pairs, the same model."""
+    from a3mod.math import solvers
+
+    g = torch.Generator().manual_seed(0)
+    q2, k2 = torch.rand(1, 3, 16, generator=g, dtype=torch.float64), torch.rand(1, 16, generator=g, dtype=torch.float64)
+    order = solvers.shared_pair_order([solvers.rope_pair_scores(q2, k2, 16, "rotate_half")[0]])
+    for r in (2, 6, 10, 16):
+        own, loss_own = solvers.qk_rope_select(q2, k2, 16, "rotate_half", r)
+        shared, loss_shared = solvers.qk_rope_select(q2, k2, 16, "rotate_half", r, order)
+        assert torch.equal(own, shared) and torch.allclose(loss_own, loss_shared)
+
+
+def test_portable_errors():
+    qk = a3mod.passes.A3QK
+    with pytest.raises(a3mod.RatioError, match="permutation"):
+        qk(ratio=0.3, pair_order=(0, 0, 1))
+    with pytest.raises(a3mod.RatioError, match="rotate 8"):
+        _compressed("llama", [qk(ratio=0.3, pair_order=(1, 0, 2))])
+    with pytest.raises(a3mod.A3ModError, match="compress_streaming never holds"):
+        from a3mod.passes.base import check_passes
+        check_passes([qk(ratio=0.3, portable=True)], schedule="stream")
+    with pytest.raises(a3mod.RatioError, match="--portable is an option of method a3"):
+        from a3mod.pipeline import recipes
+        recipes.passes("svd-llm", 0.2, portable=True, names={"portable": "--portable"})

@@ -155,6 +155,9 @@ def _add_method(c) -> None:
     c.add_argument("--ov-update", action="store_true",
                    help="a3: also re-fit o_proj on the kept value dims of all heads jointly by least squares (same "
                         "shapes; an (H d_h)^2 Gram per layer)")
+    c.add_argument("--portable", action="store_true",
+                   help="a3: keep the same RoPE pairs in every layer and KV group (ranked by the scores summed over "
+                        "all of them), so `a3mod export --format hf` writes a stock checkpoint with no zero padding")
 
 
 def _add_output(c) -> None:

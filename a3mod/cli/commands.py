@@ -263,7 +263,7 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
-         "mlp_update": "--mlp-update", "ov_update": "--ov-update"}
+         "mlp_update": "--mlp-update", "ov_update": "--ov-update", "portable": "--portable"}
 
 
 def _passes(args) -> list:
@@ -271,7 +271,7 @@ def _passes(args) -> list:
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=args.mlp_update,
-                          ov_update=args.ov_update, names=FLAGS)
+                          ov_update=args.ov_update, portable=args.portable, names=FLAGS)
 
 
 def cmd_eval(args) -> int:

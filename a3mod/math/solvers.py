@@ -91,8 +91,9 @@ def rope_pair_scores(q2: Tensor, k2: Tensor, rot_dim: int, layout: str) -> tuple
     return score[:, pairs].sum(-1), pairs
 
 
-def qk_rope_select(q2: Tensor, k2: Tensor, rot_dim: int, layout: str, r: int):
-    """QK with RoPE: keep the top r/2 RoPE pairs per KV group (CUR, no re-fit).
+def qk_rope_select(q2: Tensor, k2: Tensor, rot_dim: int, layout: str, r: int, order: Tensor | None = None):
+    """QK with RoPE: keep the top r/2 RoPE pairs per KV group (CUR, no re-fit); `order` (rot_dim/2,): one ranking
+    of the pairs for every group instead (a portable selection: `shared_pair_order`).
 
     Returns (index (h_kv, r) into the original head dims, ordered [firsts, seconds] so rotate_half on the
     reduced head pairs them correctly; loss (h_kv, rot_dim/2 + 1) = dropped score for r/2 kept pairs).
@@ -101,10 +102,18 @@ def qk_rope_select(q2: Tensor, k2: Tensor, rot_dim: int, layout: str, r: int):
     if r % 2:
         raise ValueError(f"QK rank under RoPE must be even (whole pairs), got {r}")
     scores, pairs = rope_pair_scores(q2, k2, rot_dim, layout)
-    order = scores.argsort(-1, descending=True)
+    order = scores.argsort(-1, descending=True) if order is None else order.to(scores.device).expand_as(scores)
     kept = order[:, : r // 2].sort(-1).values              # (h_kv, r/2), ascending frequency index
     idx = torch.cat([pairs[kept, 0], pairs[kept, 1]], -1)  # (h_kv, r)
     return idx, tail_losses(scores.gather(-1, order))
+
+
+def shared_pair_order(scores: list[Tensor]) -> Tensor:
+    """One ranking of the RoPE pairs for every KV group of every layer: by the summed pair scores (each (h_kv,
+    rot/2) from `rope_pair_scores`), so the pairs kept at any rank minimise the total dropped score among shared
+    selections. Returns (rot/2,) pair indices, best first."""
+    total = torch.stack([s.double().sum(0) for s in scores]).sum(0)
+    return total.argsort(descending=True)
 
 
 # ---------------------------------------------------------------------------------------------- OV

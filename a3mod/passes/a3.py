@@ -8,7 +8,7 @@ units, loss[k] for k = 0..full/granule, where a unit is `granule` kept dims (2 u
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,7 +17,7 @@ from ..errors import RatioError
 from ..validate import boolean, integer, number
 from ..math import solvers
 from ..pipeline.plan import COMPONENTS, LayerPlan, Part
-from ..pipeline.rewrite import LayerWork, MLAWork
+from ..pipeline.rewrite import LayerWork, MLAWork, rope_perm
 from .base import (
     PassConfig,
     PassContext,
@@ -59,7 +59,34 @@ class _A3Dims(RatioOrRank):
 @register_pass
 @dataclass(frozen=True)
 class A3QK(_A3Dims):
-    """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed."""
+    """Shrink the query/key head dim: ratio = fraction of q_proj + k_proj parameters removed.
+
+    portable: under RoPE, keep the same RoPE pairs in every KV group of every layer, ranked by the calibration
+    scores summed over all of them (`solvers.shared_pair_order`), so a stock export (`a3mod.save(format="hf")`)
+    needs no padding: one head dim and one vector of frequencies. `apply` resolves it into `pair_order` (the
+    ranking, recorded with the passes); give `pair_order` to reuse a ranking (e.g. when streaming)."""
+    portable: bool = False
+    pair_order: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        boolean("A3QK", "portable", self.portable, error=RatioError)
+        po = self.pair_order
+        if po is not None:
+            po = tuple(po) if isinstance(po, (list, tuple)) else po
+            if not isinstance(po, tuple) or sorted(po) != list(range(len(po))) or not po:
+                raise RatioError(f"A3QK: pair_order={self.pair_order!r} must be a ranking (a permutation of "
+                                 f"0..n-1) of the RoPE pairs")
+            object.__setattr__(self, "pair_order", tuple(int(i) for i in po))
+
+    def whole_model_stats(self) -> bool:
+        return self.portable and self.pair_order is None
+
+    def resolve(self, views, stats) -> "A3QK":
+        """portable without pair_order: the ranking from all layers' statistics."""
+        if not self.portable or self.pair_order is not None or stats is None:
+            return self
+        return replace(self, pair_order=tuple(portable_pair_order(views, stats)))
 
 
 @dataclass(frozen=True)
@@ -171,9 +198,10 @@ def build_layer(model, view, passes, stats, mlp: bool = True):
     return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
 
-def a3_passes(ratio: float, multiple_of: int | None = None) -> list:
-    """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP (kept dims rounded to `multiple_of`)."""
-    return [A3QK(ratio=ratio, multiple_of=multiple_of), A3OV(ratio=ratio, multiple_of=multiple_of),
+def a3_passes(ratio: float, multiple_of: int | None = None, portable: bool = False) -> list:
+    """Uniform A3 at `ratio`: the same fraction removed from QK, OV and MLP (kept dims rounded to `multiple_of`);
+    portable: the same RoPE pairs in every layer and KV group (A3QK), for a stock export without padding."""
+    return [A3QK(ratio=ratio, multiple_of=multiple_of, portable=portable), A3OV(ratio=ratio, multiple_of=multiple_of),
             A3MLP(ratio=ratio, multiple_of=multiple_of), A3Experts(ratio=ratio, multiple_of=multiple_of)]
 
 
@@ -251,11 +279,12 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
     if a.rot_dim:
         r = qk_kept(cfg, full, True)
         if a.rot_dim != full:
-            return solved("qk", work, *_apply_qk_partial(work, st, n, r))
+            return solved("qk", work, *_apply_qk_partial(work, st, n, r, cfg))
         p = a.perm
         q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].view(d.kv_heads, d.groups, -1)
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
-        idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r)      # (Hkv, r)
+        idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r,  # (Hkv, r)
+                                           _order(cfg, a.rot_dim))
         qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
         a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
         a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
@@ -273,6 +302,43 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
     return solved("qk", work, loss.sum(0), 1)
 
 
+def _order(cfg: A3QK, rot: int) -> torch.Tensor | None:
+    """A3QK's shared pair ranking as a tensor (None: each KV group its own); RatioError if it does not fit."""
+    if cfg.pair_order is None:
+        if cfg.portable:
+            raise RatioError("A3QK(portable=True) ranks the RoPE pairs from every layer's statistics, which this "
+                             "run does not hold (compress_streaming solves layer by layer): use a3mod.apply, or "
+                             "give pair_order (a3mod.json's passes record the one apply chose)")
+        return None
+    if len(cfg.pair_order) != rot // 2:
+        raise RatioError(f"A3QK: pair_order ranks {len(cfg.pair_order)} RoPE pairs; this model's heads rotate "
+                         f"{rot // 2}")
+    return torch.tensor(cfg.pair_order)
+
+
+def _pair_moments(view, st: dict, n: int):
+    """(q2 (Hkv, g, rot), k2 (Hkv, rot)): E[q_j^2], E[k_j^2] of a layer's rotary dims in rotate_half layout."""
+    d = view.dims
+    p = rope_perm(d.head_dim, d.rot_dim, d.rope)[:d.rot_dim]
+    q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p].reshape(d.kv_heads, d.groups, -1)
+    return q2, (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
+
+
+def portable_pair_order(views, stats) -> torch.Tensor:
+    """The RoPE pair ranking shared by every KV group of every layer (`solvers.shared_pair_order`) from the layers
+    with rotary q/k that A3QK reduces (qk-norm layers keep whole heads)."""
+    scores = []
+    for v in active(views):
+        if v.spec.mla or v.spec.qk_norm or not v.dims.rot_dim:
+            continue
+        q2, k2 = _pair_moments(v, stats.layers[v.index], stats.n)
+        scores.append(solvers.rope_pair_scores(q2, k2, v.dims.rot_dim, "rotate_half")[0])
+    if not scores:
+        raise RatioError("A3QK(portable=True): no layer has rotary q/k dims A3QK reduces (no RoPE, qk-norm or "
+                         "latent attention); leave portable off")
+    return solvers.shared_pair_order(scores)
+
+
 def rot_share(m: int, rot: int, full: int) -> int:
     """Rotary dims among `m` kept q/k dims of a partial-rotary head (`rot` of `full` rotate): in proportion,
     even (whole pairs), and no more non-rotary dims than exist."""
@@ -281,7 +347,7 @@ def rot_share(m: int, rot: int, full: int) -> int:
     return max(lo + lo % 2, min(r, rot, m - m % 2))
 
 
-def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
+def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int, cfg: A3QK):
     """Partial rotary (GPT-NeoX rotary_pct, Phi partial_rotary_factor): the scores are a rotary part plus a
     position-free part. The first gets pair selection, the second the whitened SVD; the `r` kept dims are
     split between them in proportion (`rot_share`). The reduced head is [kept pairs | SVD dims]."""
@@ -290,7 +356,8 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int):
     r_rot = rot_share(r, rot, full)
     q2 = (st["q"].diagonal(dim1=-2, dim2=-1) / n)[:, p][:, :rot].reshape(d.kv_heads, d.groups, rot)
     k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p][:, :rot]
-    idx, loss_rot = solvers.qk_rope_select(q2, k2, rot, "rotate_half", r_rot)   # (Hkv, r_rot), (Hkv, rot/2+1)
+    idx, loss_rot = solvers.qk_rope_select(q2, k2, rot, "rotate_half", r_rot,  # (Hkv, r_rot), (Hkv, rot/2+1)
+                                           _order(cfg, rot))
     qidx = idx.repeat_interleave(d.groups, 0)
     wq_rot = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
     wk_rot = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))

@@ -72,6 +72,15 @@ class PassConfig:
     def to_dict(self) -> dict:
         return pass_to_dict(self)
 
+    def whole_model_stats(self) -> bool:
+        """True when `resolve` must read every layer's statistics (which streaming never holds at once)."""
+        return False
+
+    def resolve(self, views, stats) -> "PassConfig":
+        """This config with what it reads from the whole model's statistics filled in, before any layer is
+        solved (A3QK(portable=True) -> its pair ranking); most configs return themselves."""
+        return self
+
 
 def register_pass(cls):
     """Class decorator: make a PassConfig dataclass known by name (for JSON round trip)."""
@@ -175,6 +184,11 @@ def check_passes(passes, schedule: str = "memory") -> list:
         raise A3ModError(f"compress_streaming runs layer-scope passes ({', '.join(layer)}); {bad} need the whole "
                          f"model (baselines ASVD/SVDLLM/PlainSVD, Allocate, A3KV) or are quantization: use "
                          f"a3mod.apply on a loaded model")
+    whole_stats = [n for n, p in zip(names, passes) if p.whole_model_stats()]
+    if schedule == "stream" and whole_stats:
+        raise A3ModError(f"{whole_stats[0]} reads every layer's statistics before solving one, which "
+                         f"compress_streaming never holds at once: use a3mod.apply, or give what it would read "
+                         f"(A3QK: pair_order, as a3mod.json's passes record it)")
     if len(set(names)) != len(names):
         raise A3ModError(f"each pass may appear once, got {names}")
     whole = [n for n, s in zip(names, scopes) if s == "model"]

@@ -121,6 +121,8 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
         if len(stats.layers) != len(views):
             raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
     orig = [linear_param_count(v.layer) for v in views]
+    if scope_of(passes[0]) == "layer":
+        passes = [p.resolve(views, stats) for p in passes]       # e.g. A3QK(portable=True) -> pair_order
     if scope_of(passes[0]) == "model":
         swaps = run_pass(passes[0], PassContext(model=model, views=views, stats=stats, calib=calib, progress=progress))
     else:

@@ -20,12 +20,13 @@ LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", 
 def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = None, across: str = "layers",
            qk_ratio: float | None = None, ov_ratio: float | None = None, mlp_ratio: float | None = None,
            multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
-           probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False,
+           probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, portable: bool = False,
            names: dict[str, str] | None = None) -> list:
     """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
-    (`A3MLP(update=True)`, `A3OV(update=True)`); alpha, rank_search and probe_* are ASVD's. RatioError for a
+    (`A3MLP(update=True)`, `A3OV(update=True)`); portable keeps one set of RoPE pairs in every layer (`A3QK(portable=
+    True)`: a stock export without padding); alpha, rank_search and probe_* are ASVD's. RatioError for a
     combination that does not make sense, naming it (`names` maps parameter names to how the caller spells them,
     e.g. CLI flags)."""
     n = lambda k: (names or {}).get(k, k)  # noqa: E731
@@ -35,9 +36,9 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if multiple_of is not None and (method != "a3" or kv_ratio is not None):
         raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
                          f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
-    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update)):
+    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("portable", portable)):
         if on and (method != "a3" or kv_ratio is not None):
-            raise RatioError(f"{n(flag)} re-fits a projection of method a3 with {n('ratio')}; not of method {method}"
+            raise RatioError(f"{n(flag)} is an option of method a3 with {n('ratio')}; not of method {method}"
                              + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
     if kv_ratio is not None and method not in ("asvd", "a3", "a3-mix"):
         raise RatioError(f"{n('kv_ratio')} is for methods a3, a3-mix or asvd, not {method!r}")
@@ -55,7 +56,8 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if method == "a3":
         pick = lambda x: ratio if x is None else x  # noqa: E731
         m = multiple_of
-        return [A3QK(ratio=pick(qk_ratio), multiple_of=m), A3OV(ratio=pick(ov_ratio), multiple_of=m, update=ov_update),
+        return [A3QK(ratio=pick(qk_ratio), multiple_of=m, portable=portable),
+                A3OV(ratio=pick(ov_ratio), multiple_of=m, update=ov_update),
                 A3MLP(ratio=pick(mlp_ratio), multiple_of=m, update=mlp_update),
                 A3Experts(ratio=pick(mlp_ratio), multiple_of=m)]
     if overrides:
