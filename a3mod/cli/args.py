@@ -236,9 +236,16 @@ def _export_parser(sub) -> None:
                        "a3mod_export.json). The exported model's logits are checked against the a3mod model's "
                        "before anything is written.")
     _add_model(x)
-    x.add_argument("--format", default="hf", choices=("hf", "a3mod"), help="output format (default: hf)")
-    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--format", default="hf", choices=("hf", "gguf", "a3mod"),
+                   help="output format (default: hf); gguf: one llama.cpp file (llama, mistral, qwen2 families)")
+    x.add_argument("--out", required=True, help="output directory (--format gguf: a .gguf file)")
+    x.add_argument("--vocab-from", default=None,
+                   help="gguf: the GGUF whose vocabulary (tokenizer.* keys) to copy (default: the GGUF the model "
+                        "was compressed from, as its compress_result.json names it)")
+    x.add_argument("--gguf-type", default="f32", choices=("f32", "f16", "q8_0"),
+                   help="gguf: tensor type of the weight matrices (default f32; norms and biases stay f32)")
     x.add_argument("--save-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype of the stored weights (default auto: the dtype of the checkpoint the model came from)")
     x.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds an earlier export or an a3mod checkpoint (nothing else)")
+                   help="replace --out if it holds an earlier export or an a3mod checkpoint (nothing else; a .gguf "
+                        "file with --format gguf)")

@@ -23,6 +23,7 @@ from ..evaluation.ppl import eval_tokens, perplexity
 from ..evaluation.prepare import prepare
 from ..heal import heal
 from ..export.formats import save
+from ..export.llamacpp import check_target as gguf_target
 from ..export.stock import summary as stock_summary
 from ..io.checkpoint import load
 from ..io.files import EXPORT_RECORD, KEEP_OTHERS, atomic_write, check_output_dir, output_lock, recover
@@ -306,11 +307,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _vocab_source(args, path: str) -> str | None:
+    """--vocab-from, else the GGUF the model was compressed from (its compress_result.json's "model")."""
+    if args.vocab_from:
+        return args.vocab_from
+    try:
+        src = Path(json.loads((Path(path) / "compress_result.json").read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ggufs = [src] if src.suffix == ".gguf" else sorted(src.glob("*.gguf")) if src.is_dir() else []
+    return str(ggufs[0]) if ggufs else None
+
+
 def cmd_export(args) -> int:
     path = model_source(args.model)
-    out = check_output_dir(args.out, args.overwrite, [path])          # before the model loads
+    if args.format == "gguf":
+        vocab = _vocab_source(args, path)
+        out = gguf_target(args.out, vocab, args.overwrite, args.gguf_type)            # before the model loads
+    else:
+        vocab, out = None, check_output_dir(args.out, args.overwrite, [path])          # before the model loads
     _, model, tok = _load(args, path)
-    saved = save(model, out, tokenizer=tok, overwrite=args.overwrite, dtype=args.save_dtype, format=args.format)
+    saved = save(model, out, tokenizer=tok, overwrite=args.overwrite, dtype=args.save_dtype, format=args.format,
+                 vocab_from=vocab, gguf_type=args.gguf_type)
+    if args.format == "gguf":
+        print(f"wrote {saved} ({saved.stat().st_size / 1e6:,.1f} MB, {args.gguf_type}, vocabulary from {vocab})")
+        return 0
     print(f"wrote {saved} ({_bytes_written(saved)})")
     if args.format == "hf":
         print(stock_summary(json.loads((Path(saved) / EXPORT_RECORD).read_text())))
