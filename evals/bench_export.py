@@ -153,7 +153,7 @@ def main() -> None:
     write_results(ROOT / "evals" / "results", "export", {"args": vars(args), "machine": machine()}, rows, md)
     plot(rows, ROOT / "evals" / "results" / "export.png")
     if args.update_readme:
-        update_readme(md + "\n![stock export](evals/results/export.png)\n", "export")
+        update_readme(md + "\n![stock export](evals/results/export.png)\n", "export_results")
 
 
 if __name__ == "__main__":

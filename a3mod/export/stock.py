@@ -411,7 +411,10 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwr
         raise ExportError(f"format 'hf': the stock model's logits differ from the a3mod model's by {err:.2e} "
                           f"(relative); nothing was written")
     stock = exp.model.to(dtype) if dtype is not None else exp.model
-    record = {**exp.record, "logit_error": err}
+    size = (dtype or param.dtype).itemsize
+    p, kv = exp.record["decoder_layer_params"], exp.record["kv_elements_per_token"]
+    record = {**exp.record, "logit_error": err, "bytes_per_element": size, "zero_weight_bytes": p["zeros"] * size,
+              "kv_bytes_per_token": {k: n * size for k, n in kv.items()}}
     with files.staged_output(out, overwrite, model_sources(model)) as tmp:
         stock.save_pretrained(tmp)
         if tokenizer is not None:
@@ -427,8 +430,9 @@ def summary(record: dict) -> str:
     pct = lambda a, b: f"{100 * (a - b) / b:+.1f}%" if b else "n/a"  # noqa: E731
     rope = ("the original rope" if record["rope"] == "original" else
             f"longrope ({record['rope_slots']} kept frequencies)")
+    mb = f", {record['zero_weight_bytes'] / 1e6:,.1f} MB" if "zero_weight_bytes" in record else ""
     return (f"stock {record['model_type']}: head_dim {record['head_dim']} for q/k/v of every layer, "
             f"intermediate_size {record['intermediate_size']}, {rope}\n"
-            f"padding: {p['zeros']:,} zero weights in the decoder layers ({pct(p['export'], p['a3mod'])} over a3mod's "
-            f"{p['a3mod']:,}); KV cache {kv['export']:,} elements per token ({pct(kv['export'], kv['a3mod'])} over "
-            f"a3mod's {kv['a3mod']:,})")
+            f"padding: {p['zeros']:,} zero weights in the decoder layers ({pct(p['export'], p['a3mod'])} over "
+            f"a3mod's {p['a3mod']:,}{mb}); KV cache {kv['export']:,} elements per token "
+            f"({pct(kv['export'], kv['a3mod'])} over a3mod's {kv['a3mod']:,})")
