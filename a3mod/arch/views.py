@@ -1,7 +1,7 @@
 """`LayerView`: one decoder layer seen through its adapter (weights by role, normalised), and `layer_views`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -113,6 +113,8 @@ class LayerView:
         """The attention's own window, else the config's for a layer its `layer_types` call sliding (all layers
         when it has none); 0 means none (Qwen2-MoE without use_sliding_window)."""
         if hasattr(self.attn, "sliding_window"):
+            if getattr(self.attn, "is_sliding", None) is False:    # EXAONE 4: the window of sliding layers only
+                return None
             return self.attn.sliding_window or None
         types = getattr(config, "layer_types", None)
         if isinstance(types, (list, tuple)) and len(types) > self.index and "sliding" not in str(types[self.index]):
@@ -157,6 +159,30 @@ def dropout_p(mod: nn.Module, name: str) -> float:
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else 0.0
 
 
+# model types whose full-attention layers apply no RoPE (NoPE) when the model also has sliding-window layers:
+# Cohere2 rotates only in sliding layers with a window; EXAONE 4 in every layer unless the config sets a window
+GLOBAL_NOPE = {"cohere2": "sliding", "exaone4": "window", "exaone_moe": "window"}
+
+
+def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
+    """False for a NoPE layer: the config's `no_rope_layers` (SmolLM3, Llama 4: 1 = RoPE), the attention's own
+    `use_rope` flag, or a full-attention layer of a GLOBAL_NOPE family. Reads the config first, so a compressed
+    model's views agree with the original's."""
+    flags = getattr(config, "no_rope_layers", None)
+    if isinstance(flags, (list, tuple)) and index < len(flags):
+        return bool(flags[index])
+    flag = getattr(attn, "use_rope", None)
+    if isinstance(flag, (bool, int)):
+        return bool(flag)
+    rule = GLOBAL_NOPE.get(getattr(config, "model_type", None))
+    if rule is None:
+        return True
+    types = getattr(config, "layer_types", None) or []
+    sliding = index < len(types) and types[index] == "sliding_attention"
+    window = getattr(config, "sliding_window", None)
+    return (sliding and window is not None) if rule == "sliding" else (window is None or sliding)
+
+
 def layer_views(model: nn.Module) -> list[LayerView]:
     """A `LayerView` for every decoder layer of an (uncompressed) `model`, in order (views[i].index == i). A layer
     without the described attention module (a hybrid's linear-attention, convolution or state-space layer) gets
@@ -166,8 +192,10 @@ def layer_views(model: nn.Module) -> list[LayerView]:
     views = []
     for i, layer in enumerate(get_path(model, spec.layers)):
         mlp_path, experts_path = mlp_paths(layer, spec)
-        views.append(LayerView(i, layer, find_path(layer, spec.attn), None if mlp_path is None else
-                               find_path(layer, mlp_path), spec, dims, left_reason(layer, spec), mlp_path,
+        attn = find_path(layer, spec.attn)
+        d = dims if applies_rope(model.config, i, attn) else replace(dims, rot_dim=0)     # a NoPE layer
+        views.append(LayerView(i, layer, attn, None if mlp_path is None else
+                               find_path(layer, mlp_path), spec, d, left_reason(layer, spec), mlp_path,
                                None if experts_path is None else find_path(layer, experts_path), experts_path))
     if all(v.left for v in views):
         raise UnsupportedModelError(f"no layer of {type(model).__name__} has the attention {spec.attn!r}: "

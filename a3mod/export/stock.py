@@ -21,14 +21,14 @@ import copy
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..arch import layer_views
-from ..arch.spec import get_path
+from ..arch.spec import dims_of, get_path
 from ..errors import ExportError
 from ..io import files, native
 from ..io.checkpoint import model_sources, save_dtype
@@ -51,6 +51,7 @@ class HeadFacts:
     rot: int
     pairs: tuple[tuple[int, ...], ...]
     qk_norm: str | None = None
+    nope: bool = False          # a NoPE layer of a RoPE model: the stock layer does not rotate either
 
 
 @dataclass
@@ -113,7 +114,7 @@ def plan_layout(facts: list[HeadFacts], inters: list[int | None], dims, value_ex
     value dims more than any layer keeps (a slot for an output bias, see `_attention_state`). assign(used, d): the
     frequency of each of the d/2 slots (None: free); default in order."""
     used = sorted({f for h in facts for group in h.pairs for f in group})
-    zero = max(math.ceil((h.qk - h.rot) / 2) for h in facts)
+    zero = max([math.ceil((h.qk - h.rot) / 2) for h in facts if not h.nope] or [0])
     d = max(2 * (len(used) + zero), max(h.vo for h in facts) + value_extra)
     d += d % 2
     keep = dims.rot_dim == dims.head_dim == d and used == list(range(d // 2))
@@ -122,9 +123,9 @@ def plan_layout(facts: list[HeadFacts], inters: list[int | None], dims, value_ex
     free = [s for s, f in enumerate(slots) if f is None][:zero]          # zero-frequency slots: dims RoPE skips
     rows = []
     for h in facts:
-        pass_rows = [free[k // 2] + (d // 2 if k % 2 else 0) for k in range(h.qk - h.rot)]
+        pass_rows = [] if h.nope else [free[k // 2] + (d // 2 if k % 2 else 0) for k in range(h.qk - h.rot)]
         rows.append([[slot_of[f] for f in g] + [slot_of[f] + d // 2 for f in g] + pass_rows for g in h.pairs]
-                    if dims.rot_dim else [list(range(h.qk))] * len(h.pairs))
+                    if dims.rot_dim and not h.nope else [list(range(h.qk))] * len(h.pairs))
         if h.qk_norm and rows[-1] != [list(range(d))] * len(h.pairs):
             raise ExportError(f"format 'hf': a q/k norm ({h.qk_norm}) over a padded or reordered head cannot be "
                               f"written in the stock format (head dim {d}, kept q/k dims {h.qk})")
@@ -332,7 +333,10 @@ def to_stock(model: nn.Module) -> StockExport:
         raise ExportError(f"format 'hf': {model.config.model_type} models have {', '.join(problems)}; the stock "
                           f"export writes llama-style layouts (separate q/k/v/o, gate/up/down, rotate_half RoPE)")
     _check_modules(model)
+    model_dims = dims_of(model.config, spec)            # views[i].dims has no rotary dims in a NoPE layer
     facts = [head_facts(v.attn, v.dims) for v in views]
+    if spec.rope:            # NoPE layers (a3mod.arch.views.applies_rope): rows in place, no zero-frequency slots
+        facts = [replace(f, nope=True) if not v.dims.rot_dim or not f.rot else f for f, v in zip(facts, views)]
     inters = [v.mlp.inter if isinstance(v.mlp, ReducedMLP) else getattr(model.config, "intermediate_size", None)
               for v in views]
     rotary = get_path(model, spec.rotary) if spec.rope and spec.rotary else None
@@ -341,14 +345,14 @@ def to_stock(model: nn.Module) -> StockExport:
     if rotary is not None:
         inv, base = rope_source(rotary, model.config)
         assign = lambda used, d: assign_slots(used, d, inv, base)  # noqa: E731
-    layout = plan_layout(facts, inters, views[0].dims, assign=assign)
+    layout = plan_layout(facts, inters, model_dims, assign=assign)
     stock_bias = _stock_biases(model_cls, stock_config(model, layout, rotary), spec)
     if not stock_bias["o"] and any(isinstance(v.attn, ReducedHeadAttention) and v.attn.o_proj.bias is not None
                                    for v in views):
         if not stock_bias["v"]:
             raise ExportError(f"format 'hf': the stock {model_cls.__name__} has neither an o_proj nor a v_proj bias "
                               f"for the output bias the a3mod model holds")
-        layout = plan_layout(facts, inters, views[0].dims, value_extra=1, assign=assign)
+        layout = plan_layout(facts, inters, model_dims, value_extra=1, assign=assign)
     cfg = stock_config(model, layout, rotary)
     with torch.device("meta"):
         stock = model_cls(cfg)
