@@ -24,9 +24,9 @@ def vocab_gguf(path, n: int):
     w.add_name("tiny")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list([f"t{i}" for i in range(n)])
+    w.add_token_list(["a", "b", "ab"] + [f"t{i}" for i in range(3, n)])      # llama.cpp needs one merge at least
     w.add_token_types([1] * n)
-    w.add_token_merges([])
+    w.add_token_merges(["a b"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.write_header_to_file()
@@ -109,7 +109,7 @@ def test_gguf_reproduces_the_model_in_llamacpp_semantics(mtype, shared_rope, tmp
     assert keys["llama.attention.key_length"] == keys["llama.attention.value_length"] == c.head_dim
     assert keys["llama.rope.dimension_count"] == c.head_dim and keys["llama.feed_forward_length"] == \
         c.intermediate_size
-    assert keys["tokenizer.ggml.tokens"][:3] == ["t0", "t1", "t2"]
+    assert keys["tokenizer.ggml.tokens"][:4] == ["a", "b", "ab", "t3"]
     assert ("rope_freqs.weight" in tensors) == (exp.record["rope"] == "longrope")
     sd = exp.model.state_dict()
     assert torch.equal(llamacpp.permute(sd["model.layers.0.self_attn.q_proj.weight"], c.num_attention_heads).double(),
@@ -162,10 +162,12 @@ def test_cli_export_gguf(tmp_path, capsys):
     assert float((llamacpp_forward(tmp_path / "m.gguf", ids) - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_llama_cpp_runs_the_file(tmp_path):
-    """llama.cpp itself (llama-cpp-python bindings) gives the a3mod model's logits from the exported file."""
+@pytest.mark.parametrize("mtype,shared_rope", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_llama_cpp_runs_the_file(mtype, shared_rope, tmp_path):
+    """llama.cpp itself (llama-cpp-python bindings) gives the a3mod model's logits from the exported file (its KV
+    cache is f16: 1e-3); shared RoPE pairs exercise rope_freqs."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = _compressed("llama", [a3mod.Allocate(budget=0.3)], False)
+    model = _compressed(mtype, [a3mod.Allocate(budget=0.3)], shared_rope)
     vocab = vocab_gguf(tmp_path / "vocab.gguf", model.config.vocab_size)
     out = a3mod.save(model, tmp_path / "m.gguf", format="gguf", vocab_from=vocab)
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
