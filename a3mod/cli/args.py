@@ -234,7 +234,9 @@ def _export_parser(sub) -> None:
                        "...) that transformers loads without a3mod; layers are zero-padded to one head dim and MLP "
                        "width (exact; the cost in zero weights and KV-cache bytes is printed and written to "
                        "a3mod_export.json). The exported model's logits are checked against the a3mod model's "
-                       "before anything is written.")
+                       "before anything is written. --format gguf: one llama.cpp file (llama's architecture; llama, "
+                       "mistral, qwen2), its vocabulary copied from the GGUF the model was compressed from "
+                       "(--vocab-from to name another).")
     _add_model(x)
     x.add_argument("--format", default="hf", choices=("hf", "gguf", "a3mod"),
                    help="output format (default: hf); gguf: one llama.cpp file (llama, mistral, qwen2 families)")
