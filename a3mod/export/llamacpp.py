@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
@@ -32,10 +33,6 @@ _KEEP_GENERAL = ("general.name", "general.license", "general.basename", "general
 
 def _reader(path):
     try:
-        import gguf
-    except ImportError as e:      # pragma: no cover - gguf is a dependency
-        raise ExportError("format 'gguf' needs the `gguf` package (pip install gguf)") from e
-    try:
         return gguf.GGUFReader(str(path))
     except (OSError, ValueError) as e:
         raise ExportError(f"vocab_from={str(path)!r} is not a readable GGUF file ({e})") from None
@@ -43,7 +40,6 @@ def _reader(path):
 
 def _field_value(f):
     """A GGUFReader field as (python value, value type, array element type or None)."""
-    import gguf
     t = f.types[0]
     if t == gguf.GGUFValueType.ARRAY:
         sub = f.types[-1]
@@ -108,7 +104,6 @@ def rope_freq_factors(stock: nn.Module) -> np.ndarray | None:
 def _tensor(writer, name: str, t: torch.Tensor, ftype: str) -> None:
     """One tensor in the file's type: 1-D tensors (norms, biases, rope factors) stay f32; q8_0 where rows are a
     multiple of 32, else f16 (as llama.cpp's converter does)."""
-    import gguf
     a = t.detach().float().cpu().numpy()
     if a.ndim == 1 or ftype == "f32":
         writer.add_tensor(name, a.astype(np.float32))
@@ -120,7 +115,6 @@ def _tensor(writer, name: str, t: torch.Tensor, ftype: str) -> None:
 
 
 def _hparams(writer, c, vocab: int, ftype: str) -> None:
-    import gguf
     writer.add_context_length(int(c.max_position_embeddings))
     writer.add_embedding_length(int(c.hidden_size))
     writer.add_block_count(int(c.num_hidden_layers))
@@ -166,7 +160,6 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, vocab_from=None, overwr
     """Write `model` as a llama.cpp GGUF file (see the module docstring); returns its absolute path. ExportError
     before anything is written for what the llama architecture cannot hold; the file is written to a temporary
     sibling and renamed into place (never a half-written GGUF at `path`)."""
-    import gguf
     out = check_target(path, vocab_from, overwrite, ftype)
     check_model(model)
     vocab = _reader(vocab_from)
