@@ -1,7 +1,8 @@
 """A3 models in llama.cpp: the GGUF export (a3mod.export.llamacpp) scored and timed by llama.cpp itself through the
 llama-cpp-python bindings (built from its sdist; not a dependency of a3mod).
 
-For the original model and A3 at each ratio: write the GGUF (f32, vocabulary from the asset GGUF), then in llama.cpp
+For the original model and A3 at each ratio (and with --portable A3 with one shared RoPE pair set, which exports
+without padding): write the GGUF (f32, vocabulary from the asset GGUF), then in llama.cpp
 perplexity on the same WikiText-2 windows transformers scores (the same token ids, fed directly), prefill tokens/s
 (one 512-token window) and decode tokens/s (64 single-token steps), next to transformers' perplexity of the a3mod
 model and the ideal speed ratio (bytes of weights the export holds, per token). One JSON line per run in --jsonl
@@ -79,15 +80,16 @@ def run(path: Path, args, done: dict, out: Path) -> None:
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     windows = ids[: args.eval_windows * args.eval_seq_len].view(args.eval_windows, args.eval_seq_len)
     calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=0)
-    variants = [("original", None)] + [(f"a3-{r:g}", r) for r in args.ratios]
+    variants = [("original", None, False)] + [(f"a3-{r:g}", r, False) for r in args.ratios] + [
+        (f"portable-{r:g}", r, True) for r in (args.ratios if args.portable else [])]
     stats = None
-    for name, ratio in variants:
+    for name, ratio, portable in variants:
         if (label, name) in done:
             continue
         m = copy.deepcopy(model)
         if ratio is not None:
             stats = stats or cached_stats(model, calib, {"a3"}, args.stats_cache, f"{label}-seed0")
-            a3mod.apply(m, a3mod.a3_passes(ratio), stats=stats, progress=False)
+            a3mod.apply(m, a3mod.a3_passes(ratio, portable=portable), stats=stats, progress=False)
         ppl_hf = a3mod.perplexity(m, ids, seq_len=args.eval_seq_len, max_windows=args.eval_windows,
                                   progress=False)["ppl"]
         tmp = Path(tempfile.mkdtemp(prefix="a3mod-gguf-"))
@@ -115,7 +117,7 @@ def table(rows: list[dict]) -> str:
             "| decode vs original | ideal (bytes) |\n|---|---|---|---|---|---|---|---|---|---|\n")
     orig = {r["model"]: r for r in rows if r["variant"] == "original"}
     lines = []
-    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"])):
+    for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["variant"])):
         o = orig.get(r["model"])
         speed = f"{r['decode_tok_s'] / o['decode_tok_s']:.2f}x" if o else ""
         ideal = f"{o['gguf_bytes'] / r['gguf_bytes']:.2f}x" if o else ""
@@ -131,8 +133,13 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for mname in sorted({r["model"] for r in rows}):
-        rs = sorted((r for r in rows if r["model"] == mname), key=lambda r: r["ratio"])
-        ax.plot([r["ratio"] for r in rs], [r["decode_tok_s"] for r in rs], marker="o", label=f"{mname} decode")
+        for kind, marker in (("a3", "o"), ("portable", "s")):
+            rs = sorted((r for r in rows if r["model"] == mname and (r["variant"] == "original" or
+                                                                     r["variant"].startswith(kind))),
+                        key=lambda r: r["ratio"])
+            if len(rs) > 1:
+                ax.plot([r["ratio"] for r in rs], [r["decode_tok_s"] for r in rs], marker=marker,
+                        label=f"{mname} {kind}")
     ax.set_xlabel("A3 ratio")
     ax.set_ylabel("llama.cpp decode tokens/s")
     ax.legend(fontsize=7)
@@ -148,6 +155,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--portable", action="store_true", help="also A3 with one shared RoPE pair set (no padding)")
     ap.add_argument("--stats-cache", default=None, help="keep / reuse the calibration statistics in this folder")
     ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "engines.jsonl"))
     ap.add_argument("--update-readme", action="store_true")

@@ -18,7 +18,7 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "stablelm", "olmo", "smollm3", "gemma3_text", "gpt_neo", "lfm2", "gpt_bigcode", "olmo_hybrid", "gptj", "bamba", "jamba", "mpt", "bloom", "falcon",
                  "apertus", "apertus1p5_text",
                  # NoPE layers among RoPE ones (a3mod.arch.views.applies_rope)
-                 "cohere2", "exaone4", "exaone_moe",
+                 "cohere2", "cohere2_moe", "exaone4", "exaone_moe",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

@@ -161,7 +161,8 @@ def dropout_p(mod: nn.Module, name: str) -> float:
 
 # model types whose full-attention layers apply no RoPE (NoPE) when the model also has sliding-window layers:
 # Cohere2 rotates only in sliding layers with a window; EXAONE 4 in every layer unless the config sets a window
-GLOBAL_NOPE = {"cohere2": "sliding", "exaone4": "window", "exaone_moe": "window"}
+# (Cohere2-MoE also where its attention's `force_rope` is set: dense prefix layers)
+GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "window", "exaone_moe": "window"}
 
 
 def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
@@ -180,7 +181,9 @@ def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
     types = getattr(config, "layer_types", None) or []
     sliding = index < len(types) and types[index] == "sliding_attention"
     window = getattr(config, "sliding_window", None)
-    return (sliding and window is not None) if rule == "sliding" else (window is None or sliding)
+    if rule == "sliding":
+        return (sliding and window is not None) or bool(getattr(attn, "force_rope", False))
+    return window is None or sliding
 
 
 def layer_views(model: nn.Module) -> list[LayerView]:
