@@ -19,6 +19,8 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "apertus", "apertus1p5_text",
                  # NoPE layers among RoPE ones (a3mod.arch.views.applies_rope)
                  "cohere2", "cohere2_moe", "exaone4", "exaone_moe",
+                 # q/k norms after RoPE (ArchSpec.qk_norm_after_rope)
+                 "hunyuan_v1_dense", "hunyuan_v1_moe",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",
@@ -60,3 +62,23 @@ def test_learned_activation_parameters_survive(tmp_path):
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), ids),
                                _logits(model, ids), rtol=0, atol=0)
 
+
+
+def test_qk_norms_after_rope_are_described_and_checked():
+    """HunYuan normalises q/k after RoPE: the reduced attention's config says so (written to the checkpoint only when
+    set), and the flag without per-head norms is a ConfigError naming it."""
+    import a3mod
+    from a3mod.modules.attention import AttentionConfig
+    from a3mod.modules.configs import ConfigError
+    from zoo import _ids, tiny_zoo_model
+
+    model = tiny_zoo_model("hunyuan_v1_dense")
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    entry = model.model.layers[0].self_attn.describe()
+    assert entry["qk_norm_after_rope"] is True and entry["qk_norm"] == "head"
+    qwen = tiny_zoo_model("qwen3")
+    a3mod.apply(qwen, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    assert "qk_norm_after_rope" not in qwen.model.layers[0].self_attn.describe()
+    with pytest.raises(ConfigError, match="qk_norm_after_rope"):
+        AttentionConfig(hidden=8, heads=2, kv_heads=2, head_dim=4, qk_dim=4, vo_dim=4, rot_dim=4, scaling=0.5,
+                        bias=dict(q=False, k=False, v=False, o=False), qk_norm_after_rope=True)

@@ -59,3 +59,10 @@ ARCHS: dict[str, ArchSpec] = {
 
 def supported_types() -> list[str]:
     return sorted(ARCHS)
+
+
+# facts graph discovery does not read, for types without an adapter: applied to the spec it builds (arch.lookup)
+DISCOVERED_FACTS: dict[str, dict] = {
+    "hunyuan_v1_dense": {"qk_norm_after_rope": True},       # query_layernorm / key_layernorm after RoPE
+    "hunyuan_v1_moe": {"qk_norm_after_rope": True},
+}

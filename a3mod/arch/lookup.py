@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .adapters import ARCHS, supported_types
+from .adapters import ARCHS, DISCOVERED_FACTS, supported_types
 from .discover import discovered_spec
 from .spec import ArchSpec
 
@@ -18,8 +18,9 @@ def spec_for(model: nn.Module) -> ArchSpec:
     if mtype not in ARCHS:         # no adapter: read the roles from the layer's computation graph
 
         with torch.device("cpu"):      # the probe runs on CPU even inside a meta-device context (from_pretrained)
-            return discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "
+            spec = discovered_spec(model, f"model_type {mtype!r} has no a3mod architecture adapter (supported: "
                                           f"{', '.join(supported_types())})")
+        return replace(spec, **DISCOVERED_FACTS.get(mtype, {}))
     return _for_base_model(model, ARCHS[mtype])
 
 

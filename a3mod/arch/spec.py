@@ -42,6 +42,7 @@ class ArchSpec:
     qk_norm: str | None = None     # norm on q/k after the projection, before RoPE: "head" (over each head's d_h,
                                    # Qwen3), "all" (over the whole projection output H*d_h, OLMo-2) or None
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")     # the q/k norm modules, from the attention module
+    qk_norm_after_rope: bool = False   # the q/k norms run after RoPE, not before (HunYuan)
     scale_attr: str = "scaling"    # attention-module attribute holding the softmax scale (MPT: softmax_scale)
     scaling: float | None = None   # softmax scale when the attention module holds none (GPT-Neo: 1.0);
                                    # None: the module's `scale_attr`, else 1/sqrt(d_h)

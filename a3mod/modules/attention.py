@@ -123,6 +123,8 @@ class AttentionConfig:
     out_proj: bool = spec(True, kind="bool", omit_default=True, only=False,
                           doc="the projection lives outside")
     qk_norm: str | None = spec(None, kind="str", choices={"head", "all"}, omit_default=True)
+    qk_norm_after_rope: bool = spec(False, kind="bool", omit_default=True, only=True,
+                                    doc="the q/k norms run after RoPE (HunYuan)")
     softcap: float | None = spec(None, kind="float", lo=0.0, hi=1e6, lo_open=True, omit_default=True)
     rope_table: str = spec("half", kind="str", choices=set(ROPE_TABLES), omit_default=True)
     alibi: str | None = spec(None, kind="str", choices={"position_bias", "alibi"}, omit_default=True)
@@ -142,6 +144,9 @@ class AttentionConfig:
             raise ConfigError("rot_dim", self.rot_dim, f"must be even (RoPE rotates pairs) and within [0, qk_dim = "
                                                        f"{self.qk_dim}]")
         check_choices(self)
+        if self.qk_norm_after_rope and self.qk_norm != "head":
+            raise ConfigError("qk_norm_after_rope", True, f"needs qk_norm='head' (per-head norms), not "
+                                                          f"{self.qk_norm!r}")
         if self.qk_norm and self.qk_dim != self.head_dim:
             raise ConfigError("qk_dim", self.qk_dim, f"must equal head_dim = {self.head_dim} under qk_norm (a norm "
                                                      f"over a head needs the full head dim)")
@@ -243,7 +248,7 @@ class ReducedHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, H, self.qk_dim).transpose(1, 2)                                 # (B,H,T,r_qk)
         k = k.view(B, T, Hkv, self.qk_dim).transpose(1, 2)                               # (B,Hkv,T,r_qk)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and not self.cfg.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(hidden_states).view(B, T, Hkv, self.vo_dim).transpose(1, 2)    # (B,Hkv,T,r_vo)
         if self.rot_dim:
@@ -255,6 +260,8 @@ class ReducedHeadAttention(nn.Module):
                 q = self._apply_rope(q, cos, sin)
             else:  # each query head uses its KV group's table: (B,Hkv,g,T,r_qk)
                 q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
+        if self.cfg.qk_norm_after_rope:                  # HunYuan: per-head norms on the rotated q/k
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention_mask = self._mask(attention_mask, kwargs.pop(self.alibi, None) if self.alibi else None,

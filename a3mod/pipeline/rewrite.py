@@ -228,7 +228,8 @@ def _qk_norm_args(a: AttnWork, v: LayerView) -> dict:
     if not a.qk_norm:
         return {}
     q_norm, k_norm = v.qk_norm_modules()
-    return dict(qk_norm=a.qk_norm, q_norm=copy.deepcopy(q_norm), k_norm=copy.deepcopy(k_norm))
+    return dict(qk_norm=a.qk_norm, q_norm=copy.deepcopy(q_norm), k_norm=copy.deepcopy(k_norm),
+                **({"qk_norm_after_rope": True} if v.spec.qk_norm_after_rope else {}))
 
 
 def _load_heads(lin: nn.Linear, w: Tensor, has_bias: bool) -> None:
