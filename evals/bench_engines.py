@@ -28,13 +28,12 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, asset_models, cached_stats, machine, model_label, pyplot, save_figure,  # noqa: E402
-                    update_readme, write_results)
+from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, model_label, pyplot,  # noqa: E402
+                    read_jsonl, save_figure, update_readme, write_results)
 
 
 def _done(path: Path) -> dict:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    return {(r["model"], r["variant"]): r for r in rows}
+    return {(r["model"], r["variant"]): r for r in read_jsonl(path)}
 
 
 def _source_gguf(path: Path) -> Path:
@@ -106,8 +105,7 @@ def run(path: Path, args, done: dict, out: Path) -> None:
         row = dict(model=label, variant=name, ratio=ratio or 0.0, ppl_transformers=ppl_hf, ppl_llama_cpp=ppl_cpp,
                    ppl_rel_diff=ppl_cpp / ppl_hf - 1, gguf_bytes=size, prefill_tok_s=prefill, decode_tok_s=decode,
                    threads=args.threads, eval=f"{args.eval_windows}x{args.eval_seq_len}", machine=machine())
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        append_jsonl(out, row)
         done[(label, name)] = row
         print(json.dumps(row), flush=True)
 

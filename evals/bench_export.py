@@ -27,21 +27,14 @@ from transformers import AutoModelForCausalLM
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, asset_models, cached_stats, machine, model_label, pyplot, save_figure,  # noqa: E402
-                    update_readme, write_results)
+from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, model_label, pyplot,  # noqa: E402
+                    read_jsonl, save_figure, update_readme, write_results)
 
 VARIANTS = {"a3": lambda r: a3mod.a3_passes(r), "portable": lambda r: a3mod.a3_passes(r, portable=True)}
 
 
 def _done(path: Path) -> dict:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    return {(r["model"], r["ratio"], r["variant"], r["calib"]): r for r in rows}
-
-
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    return {(r["model"], r["ratio"], r["variant"], r["calib"]): r for r in read_jsonl(path)}
 
 
 def _folder_bytes(p: Path) -> int:
@@ -87,7 +80,7 @@ def run_model(path: Path, args, done: dict, out: Path) -> None:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             row["ppl_stock_over_a3mod"] = row["ppl_stock"] / row["ppl_a3mod"]
-            _append(out, row)
+            append_jsonl(out, row)
             done[(label, ratio, name, cal)] = row
             print(json.dumps(row), flush=True)
             del m, stock

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ import torch
 import a3mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, asset_models, cached_stats, machine, model_label, pyplot, save_figure,  # noqa: E402
-                    update_readme)
+from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, model_label, pyplot,  # noqa: E402
+                    read_jsonl, save_figure, update_readme)
 
 from a3mod.io.files import atomic_write  # noqa: E402
 
@@ -79,15 +78,7 @@ def _key(row: dict) -> tuple:
 
 
 def _done(path: Path) -> dict:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {_key(r): r for r in rows}
-
-
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:                    # one line per finished run: a killed sweep loses one run at most
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
+    return {_key(r): r for r in read_jsonl(path)}
 
 
 def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
@@ -108,7 +99,7 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
         orig = ppl(model)
         row = {**base, "variant": "original", "ratio": 0.0, "ppl": orig, "ppl_ratio": 1.0, "params_removed": 0.0,
                "kv_bytes_per_token": a3mod.report(model).kv_bytes_per_token(orig=True), "seconds": 0.0}
-        _append(out, row)
+        append_jsonl(out, row)
         done[_key(row)] = row
     stats = None
     for ratio in args.ratios:
@@ -136,7 +127,7 @@ def _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, see
     p = ppl(m)
     row = {**base, "variant": name, "ratio": ratio, "ppl": p, "ppl_ratio": p / orig,
            "params_removed": rep.ratio, "kv_bytes_per_token": rep.kv_bytes_per_token(), "seconds": seconds}
-    _append(out, row)
+    append_jsonl(out, row)
     done[key] = row
     print(f"{label} seed {seed} {name} {ratio}: ppl {p:.3f} ({p / orig:.3f}x), removed {100 * rep.ratio:.2f}%, "
           f"KV {rep.kv_bytes_per_token()} B/token", flush=True)

@@ -105,6 +105,21 @@ def write_results(out: str | Path, name: str, meta: dict, rows: list[dict], md: 
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows a resumable benchmark appended to `path` (none if it does not exist yet)."""
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one finished run (one line, flushed: a killed sweep loses one run at most)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+
 def update_readme(md: str, marker: str) -> None:
     """Replace the README text between `<!-- marker -->` and `<!-- /marker -->` with `md`."""
     readme = ROOT / "README.md"
