@@ -133,6 +133,10 @@ def test_gguf_types_and_refusals(tmp_path):
         a3mod.save(model, tmp_path / "m-f16.gguf", format="gguf", vocab_from=vocab)
     with pytest.raises(ExportError, match="vocab_from"):
         a3mod.save(model, tmp_path / "n.gguf", format="gguf")
+    before = vocab.read_bytes()
+    with pytest.raises(ExportError, match="is the model or vocabulary"):
+        a3mod.save(model, vocab, format="gguf", vocab_from=vocab, overwrite=True)
+    assert vocab.read_bytes() == before                                 # the source is never replaced
     with pytest.raises(ExportError, match="has 5 tokens"):
         a3mod.save(model, tmp_path / "n.gguf", format="gguf", vocab_from=vocab_gguf(tmp_path / "v5.gguf", 5))
     with pytest.raises(ExportError, match="allowed: f32, f16, q8_0"):

@@ -323,7 +323,7 @@ def cmd_export(args) -> int:
     path = model_source(args.model)
     if args.format == "gguf":
         vocab = _vocab_source(args, path)
-        out = gguf_target(args.out, vocab, args.overwrite, args.gguf_type)            # before the model loads
+        out = gguf_target(args.out, vocab, args.overwrite, args.gguf_type, [path])    # before the model loads
     else:
         vocab, out = None, check_output_dir(args.out, args.overwrite, [path])          # before the model loads
     _, model, tok = _load(args, path)

@@ -51,14 +51,18 @@ def _field_value(f):
     return f.parts[f.data[0]].tolist()[0], t, None
 
 
-def check_target(path, vocab_from, overwrite: bool, ftype: str) -> Path:
+def check_target(path, vocab_from, overwrite: bool, ftype: str, sources=()) -> Path:
     """The output file's absolute path, after the checks that need no model: ExportError for a type, a name
-    or an existing file save_gguf would refuse, or a missing vocabulary source."""
+    or an existing file save_gguf would refuse, a missing vocabulary source, or an output that is the vocabulary
+    source or one of `sources` (the model's own files: never replaced, even with overwrite)."""
     if ftype not in TYPES:
         raise ExportError(f"format 'gguf': ftype={ftype!r}; allowed: {', '.join(TYPES)}")
     out = Path(path).absolute()
     if out.suffix != ".gguf":
         raise ExportError(f"format 'gguf' writes one file named *.gguf; got {str(out)!r}")
+    inputs = {Path(p).resolve() for p in (vocab_from, *sources) if p is not None}
+    if out.resolve() in inputs:
+        raise ExportError(f"{str(out)!r} is the model or vocabulary the export reads; write it somewhere else")
     if out.exists() and (not overwrite or not out.is_file()):
         raise ExportError(f"{str(out)!r} exists; pass overwrite=True (CLI: --overwrite) to replace the file")
     if vocab_from is None or not Path(vocab_from).is_file():
