@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..io import files
-from .stock import ZERO_FACTOR, to_stock
+from .stock import ZERO_FACTOR, base_classes, to_stock
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 TYPES = ("f32", "f16", "q8_0")
@@ -74,7 +74,7 @@ def check_target(path, vocab_from, overwrite: bool, ftype: str, sources=()) -> P
 
 def check_model(model: nn.Module) -> None:
     """ExportError for a model llama.cpp's `llama` graph does not compute."""
-    mtype = getattr(type(model.config), "a3mod_base_config", type(model.config)).model_type
+    mtype = base_classes(model)[1].model_type
     if mtype not in LLAMA_LIKE:
         raise ExportError(f"format 'gguf': model type {mtype!r}; llama.cpp's llama architecture computes "
                           f"{', '.join(LLAMA_LIKE)} (export others with format='hf')")

@@ -30,7 +30,7 @@ from torch import nn
 from ..arch import layer_views
 from ..arch.spec import dims_of, get_path
 from ..errors import ExportError
-from ..io import files, native
+from ..io import files
 from ..io.checkpoint import model_sources, save_dtype
 from ..modules import ReducedHeadAttention, ReducedMLP
 
@@ -233,7 +233,7 @@ class StockExport:
     record: dict
 
 
-def _base_classes(model: nn.Module):
+def base_classes(model: nn.Module):
     """(stock model class, stock config class) of an a3mod model (or of a plain transformers model)."""
     cfg_cls = getattr(type(model.config), "a3mod_base_config", type(model.config))
     return getattr(type(model), "a3mod_base", type(model)), cfg_cls
@@ -241,7 +241,7 @@ def _base_classes(model: nn.Module):
 
 def stock_config(model: nn.Module, layout: StockLayout, rotary: nn.Module | None):
     """The base family's own config with the export's head dim, MLP width and rope parameters."""
-    model_cls, cfg_cls = _base_classes(model)
+    model_cls, cfg_cls = base_classes(model)
     d = model.config.to_dict()
     for k in ("a3mod", "a3mod_base_model_type"):
         d.pop(k, None)
@@ -340,7 +340,7 @@ def to_stock(model: nn.Module) -> StockExport:
     inters = [v.mlp.inter if isinstance(v.mlp, ReducedMLP) else getattr(model.config, "intermediate_size", None)
               for v in views]
     rotary = get_path(model, spec.rotary) if spec.rope and spec.rotary else None
-    model_cls, _ = _base_classes(model)
+    model_cls, _ = base_classes(model)
     assign = None
     if rotary is not None:
         inv, base = rope_source(rotary, model.config)
@@ -381,7 +381,7 @@ def _record(model, views, facts: list[HeadFacts], layout: StockLayout, state: di
     ours = _layer_elems(model.state_dict(), prefix)
     theirs = _layer_elems(state, prefix)
     kv = [v.dims.kv_heads for v in views]
-    mtype = type(model.config).a3mod_base_config.model_type if native.is_native(model) else model.config.model_type
+    mtype = base_classes(model)[1].model_type
     return {"format": "hf", "model_type": mtype, "head_dim": d, "intermediate_size": layout.inter,
             "rope": "original" if layout.keep_rope else "longrope",
             "rope_slots": sum(f is not None for f in layout.slots),
