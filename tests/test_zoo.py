@@ -21,6 +21,8 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "cohere2", "cohere2_moe", "exaone4", "exaone_moe",
                  # q/k norms after RoPE (ArchSpec.qk_norm_after_rope)
                  "hunyuan_v1_dense", "hunyuan_v1_moe",
+                 # gated attention: attn_out * sigmoid(gate) before o_proj (tests/test_gated.py)
+                 "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "afmoe",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

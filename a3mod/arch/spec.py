@@ -55,6 +55,9 @@ class ArchSpec:
     attn_residual: bool = False    # the attention adds the residual handed as its 2nd argument (BLOOM)
     mla: bool = False              # multi-head latent attention (DeepSeek-V2/V3: a3mod.arch.mla); q/k/v unused
     sinks: str | None = None       # attention-module parameter (H,) of per-head sink logits in the softmax (gpt-oss)
+    attn_gate: str | None = None   # output gate, attn_out * sigmoid(gate) before `o`, elementwise per head dim:
+                                   # "q" (the q projection emits each head's [query | gate], Qwen3.5 / Qwen3-Next)
+                                   # or the path of its own projection from the attention module (AFMoE's gate_proj)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)

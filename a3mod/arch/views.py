@@ -40,10 +40,13 @@ class LayerView:
         return ExpertsView(self.experts, self.dims.hidden)
 
     def qkv_params(self):
-        """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in)."""
+        """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in) (the query rows only, under an output gate on q)."""
         s = self.spec
         if s.qkv is None:
-            return [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
+            (wq, bq), k, v = [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
+            if s.attn_gate == "q":
+                wq, bq = self.query_of(wq.t()).t(), None if bq is None else self.query_of(bq)
+            return [(wq, bq), k, v]
         w, b = linear_params(getattr(self.attn, s.qkv), s.conv1d)
         ws = self.split_qkv(w.t())
         bs = self.split_qkv(b) if b is not None else [None] * 3
@@ -62,6 +65,24 @@ class LayerView:
         if self.spec.qkv_layout != "blocks":
             raise UnsupportedModelError(f"qkv_layout {self.spec.qkv_layout!r}; known: 'blocks', 'per_head', 'grouped'")
         return list(t.split([d.heads * d.head_dim, d.kv_heads * d.head_dim, d.kv_heads * d.head_dim], dim=-1))
+
+    def query_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The q projection's output (..., out) -> the queries (..., H*d_h): under attn_gate "q" each head emits
+        [query | gate] (..., H, 2, d_h); otherwise all of it."""
+        if self.spec.attn_gate != "q":
+            return t
+        return t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., 0, :].flatten(-2)
+
+    def gate_params(self):
+        """(W (H*d_h, in), b or None) of the attention's output gate, or None without one."""
+        s = self.spec
+        if s.attn_gate is None:
+            return None
+        if s.attn_gate != "q":
+            return linear_params(get_path(self.attn, s.attn_gate), s.conv1d)
+        w, b = linear_params(getattr(self.attn, s.q), s.conv1d)
+        gate = lambda t: t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., 1, :].flatten(-2)  # noqa: E731
+        return gate(w.t()).t(), None if b is None else gate(b)
 
     def o_params(self):
         return linear_params(self.o_module(), self.spec.conv1d)
@@ -137,7 +158,8 @@ class LayerView:
         """
         s = self.spec
         a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: join(self.mlp_path, n))
-        groups = {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)],
+        gate = [a(s.attn_gate)] if s.attn_gate not in (None, "q") else []
+        groups = {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)] + gate,
                   "attn_out": [s.o if s.o_from_layer else a(s.o)]}
         if s.mla:            # the latent attention's projections of the layer input, and its output
             first = "q_proj" if getattr(self.attn, "q_proj", None) is not None else "q_a_proj"
@@ -162,7 +184,9 @@ def dropout_p(mod: nn.Module, name: str) -> float:
 # model types whose full-attention layers apply no RoPE (NoPE) when the model also has sliding-window layers:
 # Cohere2 rotates only in sliding layers with a window; EXAONE 4 in every layer unless the config sets a window
 # (Cohere2-MoE also where its attention's `force_rope` is set: dense prefix layers)
-GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "window", "exaone_moe": "window"}
+# (AFMoE: in its sliding layers only, whatever the window)
+GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "window", "exaone_moe": "window",
+               "afmoe": "local"}
 
 
 def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
@@ -181,6 +205,8 @@ def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
     types = getattr(config, "layer_types", None) or []
     sliding = index < len(types) and types[index] == "sliding_attention"
     window = getattr(config, "sliding_window", None)
+    if rule == "local":
+        return sliding
     if rule == "sliding":
         return (sliding and window is not None) or bool(getattr(attn, "force_rope", False))
     return window is None or sliding

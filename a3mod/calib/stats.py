@@ -300,7 +300,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         return hs
 
     def on_qkv(q, k, v):
-        _add(acc, "q", _outer(q, d.heads)[0])
+        _add(acc, "q", _outer(view.query_of(q), d.heads)[0])     # without the output gate's channels (Qwen3.5)
         _add(acc, "k", _outer(k, d.kv_heads)[0])
         vv, v1 = _outer(v, d.kv_heads)
         _add(acc, "v", vv)

@@ -134,6 +134,20 @@ def ov_joint(wv: Tensor, wo: Tensor, g: Tensor, r: int, return_map: bool = False
     return (wv @ t, wo_r, tail_losses(s**2)) + ((t,) if return_map else ())
 
 
+def ov_gated_select(u2: Tensor, wo: Tensor, groups: int, r: int):
+    """OV under an elementwise output gate (Qwen3.5): o_proj reads u = z * sigmoid(g) per value dim, and a rotation
+    of the value space does not commute with the gate, so whole value dims are kept (CUR, as the MLP's neurons):
+    dim i of KV group j keeps v_proj's row, every query head's gate row and o_proj column for it. Its score is
+    sum over the group's heads h of E[u_hi^2] ||W_o[h, i, :]||^2 (the output energy it carries alone).
+
+    u2: (H, d_h) E[u^2] per head dim; wo: (H, d_h, d_m); groups: query heads per KV head (consecutive).
+    Returns (kept (H_kv, r) ascending per group, loss (H_kv, d_h+1) dropped score)."""
+    h, dh, _ = wo.shape
+    score = (u2 * wo.square().sum(-1)).view(h // groups, groups, dh).sum(1)        # (H_kv, d_h)
+    order = score.argsort(-1, descending=True)
+    return order[:, :r].sort(-1).values, tail_losses(score.gather(-1, order))
+
+
 # --------------------------------------------------------------------------------------------- MLP
 def experts_select(h2: Tensor, down_sq: Tensor, r: int):
     """MLP CUR for every routed expert at once: each keeps its r neurons with the largest E[w^2 h_i^2] ||W_down[i]||^2.

@@ -132,6 +132,9 @@ class AttentionConfig:
     residual: bool = spec(False, kind="bool", omit_default=True, only=True, doc="the attention adds the residual")
     sinks: bool = spec(False, kind="bool", omit_default=True, only=True,
                        doc="the attention has per-head sink logits")
+    gate: bool = spec(False, kind="bool", omit_default=True, only=True,
+                      doc="an output gate: each head's output times sigmoid(g_proj(x)) (Qwen3.5, Qwen3-Next)")
+    gate_bias: bool = spec(False, kind="bool", omit_default=True, only=True, doc="g_proj has a bias")
 
     def __post_init__(self):
         if not isinstance(self.bias, dict) or sorted(self.bias) != ["k", "o", "q", "v"]:
@@ -144,6 +147,10 @@ class AttentionConfig:
             raise ConfigError("rot_dim", self.rot_dim, f"must be even (RoPE rotates pairs) and within [0, qk_dim = "
                                                        f"{self.qk_dim}]")
         check_choices(self)
+        if self.gate_bias and not self.gate:
+            raise ConfigError("gate_bias", True, "needs gate=True (a gate projection to hold the bias)")
+        if self.gate and not self.out_proj:
+            raise ConfigError("gate", True, "needs out_proj=True (the gate multiplies what o_proj reads)")
         if self.qk_norm_after_rope and self.qk_norm != "head":
             raise ConfigError("qk_norm_after_rope", True, f"needs qk_norm='head' (per-head norms), not "
                                                           f"{self.qk_norm!r}")
@@ -183,6 +190,8 @@ class ReducedHeadAttention(nn.Module):
         self.residual = c.residual          # forward(x, residual, ...) adds it to the output (BLOOM's attention)
         self.q_norm, self.k_norm = (q_norm, k_norm) if c.qk_norm else (None, None)
         self.sinks = nn.Parameter(torch.zeros(c.heads, **kw)) if c.sinks else None   # per-head sink logits (gpt-oss)
+        # output gate (Qwen3.5 / Qwen3-Next): elementwise over every kept value dim of every head
+        self.g_proj = nn.Linear(c.hidden, c.heads * c.vo_dim, bias=c.gate_bias, **kw) if c.gate else None
         idx = torch.arange(c.rot_dim, device=device).repeat(c.kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key, self._rope_flags = None, (False, False)
@@ -279,6 +288,8 @@ class ReducedHeadAttention(nn.Module):
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
         out = out.reshape(B, T, H * self.vo_dim)                                         # (B,T,H*r_vo)
+        if self.g_proj is not None:
+            out = out * torch.sigmoid(self.g_proj(hidden_states))                        # (B,T,H*r_vo)
         if self.o_proj is None:
             return out, weights
         out = self.o_proj(out)                                                           # (B,T,d_m)
@@ -303,6 +314,7 @@ class ReducedHeadAttention(nn.Module):
                  else f"{self.scaling:g}")
         extra = (f", qk-norm {self.qk_norm} (q/k kept at full head dim)" if self.qk_norm else "") + (
             f", softcap={self.softcap:g}" if self.softcap is not None else "") + (
+            ", sigmoid output gate" if self.g_proj is not None else "") + (
             ", output projection outside" if self.o_proj is None else "")
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
                 f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={scale}{extra}")

@@ -392,6 +392,8 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         return solved("ov", work, loss.sum(0), 1)
     full = a.wv.shape[-1]
     r = ov_kept(cfg, full)
+    if a.wg is not None:
+        return _apply_ov_gated(cfg, work, st, n, r)
     # softmax rows sum to 1, so the value bias passes through as b_v W_o: fold it into o. Not with attention sinks
     # (gpt-oss): their softmax column takes mass, the rows over the keys sum to less; the bias stays a value input
     bv = a.wv[:, -1] if a.v_bias and not work.view.spec.sinks else None             # (Hkv, d_h)
@@ -411,6 +413,24 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         gram = _centered(st["oo"], st["o1"].reshape(-1), n, b)
         wo_r = solvers.ov_refit(a.wo, t, gram, wo_r, cfg.damping, errors=False)[0]
     a.wo = wo_r
+    return solved("ov", work, loss.sum(0), 1)
+
+
+def _apply_ov_gated(cfg: A3OV, work: LayerWork, st: dict, n: int, r: int) -> Solution:
+    """OV under an output gate: keep whole value dims per KV group (`solvers.ov_gated_select`) with their gate
+    rows; update=True re-fits o_proj on the kept dims by least squares (`ov_refit` with selection maps). The value
+    bias stays a value input (it is gated, so it does not fold into o_proj's bias)."""
+    a, d = work.attn, work.view.dims
+    u2 = st["o"].diagonal(dim1=-2, dim2=-1) / n                                      # (H, d_h) E[u^2]
+    kept, loss = solvers.ov_gated_select(u2, a.wo, d.groups, r)                      # (Hkv, r)
+    per_head = kept.repeat_interleave(d.groups, 0)                                   # (H, r)
+    cols = lambda w, idx: w.gather(-1, idx[:, None, :].expand(-1, w.shape[1], -1))  # noqa: E731
+    wo_r = a.wo.gather(1, per_head[..., None].expand(-1, -1, d.hidden))             # (H, r, d_m)
+    if cfg.update:
+        t = torch.zeros(d.kv_heads, d.head_dim, r, dtype=a.wo.dtype)
+        t.scatter_(1, kept[:, None, :], 1.0)                                         # selection maps (Hkv, d_h, r)
+        wo_r = solvers.ov_refit(a.wo, t, st["oo"] / n, wo_r, cfg.damping, errors=False)[0]
+    a.wv, a.wg, a.wo = cols(a.wv, kept), cols(a.wg, per_head), wo_r
     return solved("ov", work, loss.sum(0), 1)
 
 

@@ -245,6 +245,9 @@ def apply_asvd(cfg: ASVD, ctx: PassContext):
 
 def _check_kv_mode(model, views) -> None:
     c, d = model.config, views[0].dims
+    if views[0].spec.attn_gate:
+        raise UnsupportedModelError(f"ASVD KV-cache mode does not support an attention output gate (from "
+                                    f"{views[0].spec.attn_gate!r}); use ratio= instead")
     if views[0].spec.qk_norm or views[0].softcap() is not None:
         raise UnsupportedModelError(f"ASVD KV-cache mode does not support qk-norm ({views[0].spec.qk_norm}) or "
                                     f"attention logit softcap ({views[0].softcap()}); use ratio= instead")

@@ -69,14 +69,14 @@ class Component:
         return kept_dim(self.pass_name, full, ratio, rank, self.granule(full, rope, rank is not None), multiple_of)
 
     def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False,
-                   experts: int = 1) -> int:
+                   experts: int = 1, attn_gate: bool = False) -> int:
         """Parameters one kept dim costs: a q/k head dim is a column of every query and key head (with biases); a
-        v/o head dim a column of every value head and a row of every o head; a neuron a row of up (and gate) and
+        v/o head dim a column of every value head and a row of every o head (and of the output gate, `attn_gate`); a neuron a row of up (and gate) and
         a column of down, in each of `experts` routed experts for the experts component."""
         if self.name == "qk":
             return heads * (hidden + biases.get("q", False)) + kv_heads * (hidden + biases.get("k", False))
-        if self.name == "ov":
-            return kv_heads * hidden + heads * hidden
+        if self.name == "ov":      # attn_gate: an output gate row of every query head too (Qwen3.5)
+            return kv_heads * hidden + heads * hidden * (2 if attn_gate else 1)
         return experts * ((2 if gated else 1) * (hidden + biases.get("up", False)) + hidden)
 
     def kv_per_dim(self, kv_heads: int) -> int:

@@ -58,6 +58,8 @@ class AttnWork:
     v_bias: bool
     perm: Tensor          # column order applied to the original heads (for mapping statistics)
     qk_norm: str | None = None   # q/k norm before RoPE ("head" / "all"): QK must stay at the full head dim
+    wg: Tensor | None = None     # (H, d_in[+1], r_vo) output gate per query head (bias row last if g_bias), or None
+    g_bias: bool = False
 
 
 @dataclass
@@ -107,6 +109,7 @@ class LayerWork:
             return cls(v, attn, *cls._mlp_work(v))
         (wq, bq), (wk, bk), (wv, bv) = v.qkv_params()
         wo, bo = v.o_params()
+        gate = v.gate_params()
         perm = rope_perm(d.head_dim, d.rot_dim, d.rope)
 
         def heads(w, b, n):  # (out, in) -> (n, in[+1], d_h) with columns in rotate_half order
@@ -118,7 +121,8 @@ class LayerWork:
             wv=heads(wv, bv, d.kv_heads), wo=wo.detach().double().t().reshape(d.heads, d.head_dim, d.hidden),
             bo=None if bo is None else bo.detach().double(),
             rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
-            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm)
+            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm,
+            wg=None if gate is None else heads(*gate, d.heads), g_bias=gate is not None and gate[1] is not None)
         return cls(v, attn, *cls._mlp_work(v))
 
     @staticmethod
@@ -151,7 +155,7 @@ class LayerWork:
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
             rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once") else "half", alibi=v.spec.alibi,
-            sinks=v.spec.sinks is not None,
+            sinks=v.spec.sinks is not None, gate=a.wg is not None, gate_bias=a.g_bias,
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)
@@ -159,6 +163,8 @@ class LayerWork:
             _load_heads(attn.q_proj, a.wq, a.q_bias)
             _load_heads(attn.k_proj, a.wk, a.k_bias)
             _load_heads(attn.v_proj, a.wv, a.v_bias)
+            if a.wg is not None:
+                _load_heads(attn.g_proj, a.wg, a.g_bias)
             o = attn.o_proj if attn.o_proj is not None else NarrowLinear(NarrowConfig(
                 in_features=d.heads * a.wv.shape[-1], out_features=d.hidden, bias=a.bo is not None,
                 orig_in=d.heads * d.head_dim, orig_out=d.hidden), **kw)

@@ -63,7 +63,8 @@ def _layer_text(view: LayerView) -> tuple[str, str]:
     rope = f"RoPE {d.rope} over {d.rot_dim} of {d.head_dim} dims" if d.rot_dim else "no RoPE"
     attn = (f"{qkv} -> {s.o}; {d.heads} heads, {d.kv_heads} KV heads, head dim {d.head_dim}; {rope}; scale "
             f"{view.scaling():g}" + (f"; softcap {view.softcap():g}" if s.softcap else "")
-            + (f"; q/k norm over {'each head' if s.qk_norm == 'head' else 'the projection'}" if s.qk_norm else ""))
+            + (f"; q/k norm over {'each head' if s.qk_norm == 'head' else 'the projection'}" if s.qk_norm else "")
+            + (f"; output gate from {s.attn_gate}" if s.attn_gate else ""))
     gate = f"gate {s.gate_up or s.gate} (gated)" if (s.gate or s.gate_up) else "not gated"
     act = repr(s.act_name) if s.act_name else f"config.{s.act}"
     mlp = f"up {s.up}, {gate}, down {s.down}, activation {act}"
@@ -78,7 +79,8 @@ def _unused(view: LayerView, mlp: bool) -> list[str]:
         return []
     root = view.mlp if mlp else view.attn
     used = [s.gate, s.up, s.down, s.gate_up] if mlp else [
-        s.q, s.k, s.v, s.qkv, None if s.o_from_layer else s.o, *(s.qk_norm_names if s.qk_norm else ()), s.sinks]
+        s.q, s.k, s.v, s.qkv, None if s.o_from_layer else s.o, *(s.qk_norm_names if s.qk_norm else ()), s.sinks,
+        s.attn_gate if s.attn_gate != "q" else None]
     used = [u for u in used if u]
     return [n for n, _ in root.named_parameters() if not any(n == u or n.startswith(u + ".") for u in used)]
 

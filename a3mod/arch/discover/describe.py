@@ -21,6 +21,8 @@ from .roles import (
     dropout_after,
     find_attention,
     find_mlp,
+    find_out_gate,
+    head_major,
     find_qk_norm,
     find_qkv_layout,
     find_rope,
@@ -46,7 +48,14 @@ def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDi
     if heads % krows.shape[0] or krows.shape[0] != vrows.shape[0]:
         raise g.err(f"{heads} query heads, {krows.shape[0]} key heads, {vrows.shape[0]} value heads: not a "
                     "grouping a3mod knows (each KV head serving consecutive query heads)")
-    layout = find_qkv_layout(q, k, v, q.heads, krows, vrows)
+    olins = g.consumers(a.out)
+    if len(olins) != 1:
+        raise g.err(f"expected one linear consuming the attention output, found "
+                    f"{[lin.path for lin in olins] or 'none'}")
+    o = olins[0]
+    gate = _out_gate(g, a, o, q, heads, head_dim, found)
+    qrows = torch.arange(heads * head_dim).view(heads, head_dim) if gate == "q" else q.heads
+    layout = find_qkv_layout(q, k, v, qrows, krows, vrows)
     found += [f"{what} <- {p.lin.path} via {_ops(p.trace)}" for what, p in (("query", q), ("key", k), ("value", v))]
     rq, rk = find_rope(g, q, q.heads), find_rope(g, k, krows)
     if rq != rk:
@@ -58,11 +67,6 @@ def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDi
         raise g.err(f"q norm {qn} ({qscope}) and k norm {kn} ({kscope}) do not match")
     pre = float(torch.tensor(q.trace.scalars + k.trace.scalars, dtype=torch.float64).prod())
     scale = (a.scale if a.scale is not None else head_dim ** -0.5) * pre
-    olins = g.consumers(a.out)
-    if len(olins) != 1:
-        raise g.err(f"expected one linear consuming the attention output, found "
-                    f"{[lin.path for lin in olins] or 'none'}")
-    o = olins[0]
     _check_o(g, a, o, vrows.shape[1])
     found.append(f"attention output -> {o.path} (head-major concat)")
     moe, m, mlp_in, parallel = _read_mlp(g, layer, o, found)
@@ -85,8 +89,29 @@ def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDi
         mlp_dropout_module=m and dropout_after(g, _down_node(g, m)), found=tuple(found),
         moe=moe and moe[0], experts=moe and moe[1], shared=moe and moe[2],
         num_experts=ExpertsView(_submodule(layer, moe[1]), o.out).num if moe else 0,
-        scaling_attr=float(scaling) if isinstance(scaling, (int, float)) else None,
+        scaling_attr=float(scaling) if isinstance(scaling, (int, float)) else None, out_gate=gate,
         softcap_attr=None if a.softcap is None else _attr_holding(attn_mod, a.softcap))
+
+
+def _out_gate(g: OpGraph, a: Attn, o: Lin, q, heads: int, head_dim: int, found: list[str]) -> str | None:
+    """The output gate's source: "q" (the q projection emits each head's [query | gate]), the gate projection's
+    path, or None without a gate; a DiscoveryError for a gate in another channel layout."""
+    hit = find_out_gate(g, a, o)
+    if hit is None:
+        return None
+    gl, rows = hit
+    n = heads * head_dim
+    if gl.path == q.lin.path:
+        both = torch.arange(2 * n).view(heads, 2, head_dim)
+        if not (torch.equal(q.heads, both[:, 0]) and torch.equal(rows, both[:, 1].reshape(-1))):
+            raise g.err(f"{gl.path} emits queries and an output gate in a channel layout other than each head's "
+                        "[query | gate]")
+        found.append(f"output gate: attn_out * sigmoid(gate), the gate from {gl.path} (each head's [query | gate])")
+        return "q"
+    if gl.out != n or not torch.equal(rows, torch.arange(n)):
+        raise g.err(f"the output gate {gl.path} does not emit one channel per head dim in head-major order")
+    found.append(f"output gate: attn_out * sigmoid({gl.path}(x))")
+    return gl.path
 
 
 def find_moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
@@ -166,9 +191,7 @@ def _check_o(g: OpGraph, a: Attn, o: Lin, dv: int) -> None:
     """The output projection must read the heads concatenated head-major: input channel h*d_v + d."""
     shape = shape_of(a.out)
     lead = int(torch.tensor(shape[:-2]).prod()) if len(shape) > 2 else 1
-    init = (torch.arange(lead)[:, None, None] * shape[-1] + torch.arange(shape[-1])).expand(
-        lead, shape[-2], shape[-1]).reshape(shape)
-    tr = replay_trace(g, a.out, init, o.x)
+    tr = replay_trace(g, a.out, head_major(shape), o.x)
     t = None if tr.value is None else tr.value.t
     got = None if t is None else t.reshape(-1, t.shape[-1])[0].tolist()
     if got != list(range(lead * shape[-1])):

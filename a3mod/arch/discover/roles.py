@@ -24,6 +24,7 @@ from .graph import (
     module_path,
     opname,
     replay_trace,
+    shape_of,
     users_of,
 )
 from .types import Role, common_parent
@@ -176,6 +177,50 @@ def find_qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | 
             torch.equal(r, per_head[:, j]) for j, r in enumerate((qrows, krows, vrows))):
         return "per_head"
     return "other"
+
+
+def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor] | None:
+    """(gate projection, gate channel of each o_proj input channel (n,)) of an elementwise output gate, o_proj
+    reading attn_out * sigmoid(gate(x)) (Qwen3.5, Qwen3-Next, AFMoE), or None without one."""
+    path = g.between(a.out, o.x)
+    on_path = set(path)
+    for n in path:
+        others = [x for x in n.args if isinstance(x, fx.Node) and x not in on_path]
+        ours = [x for x in n.args if isinstance(x, fx.Node) and x in on_path]
+        if opname(n) != "mul" or len(others) != 1 or len(ours) != 1:
+            continue
+        sig = others[0]
+        while (opname(sig) in IDENTITY or opname(sig) in LAYOUT) and isinstance(sig.args[0], fx.Node):
+            sig = sig.args[0]       # view / unsqueeze / to(dtype) of the gate
+        if opname(sig) != "sigmoid":
+            raise g.err(f"the attention output is multiplied by {opname(sig)}(...) before {o.path}: only a "
+                        "sigmoid output gate is modelled")
+        lins = g.producers(sig)
+        if len(lins) != 1:
+            raise g.err(f"the attention's output gate is fed by {[lin.path for lin in lins] or 'no projection'}")
+        gl, shape = lins[0], shape_of(n)
+        gate = replay_trace(g, gl.node, channels_of(gl.node), others[0]).value
+        out_shape = shape_of(a.out)
+        attn = replay_trace(g, a.out, head_major(out_shape), ours[0]).value
+        if gate is None or attn is None:
+            raise g.err(f"found the output gate {gl.path} but could not follow its channels to the heads")
+        av, gv = (torch.broadcast_to(v.t, shape).reshape(-1) for v in (attn, gate))
+        n_ch = int(head_major(out_shape).max()) + 1
+        rows = torch.full((n_ch,), -1, dtype=torch.long)
+        rows[av] = gv
+        if not torch.equal(rows[av], gv) or len(set(rows.tolist())) != n_ch or bool((rows < 0).any()):
+            raise g.err(f"{gl.path} gates the attention output but not one channel per value dim (a per-head "
+                        "gate?): only an elementwise output gate is modelled")
+        return gl, rows
+    return None
+
+
+def head_major(shape) -> torch.Tensor:
+    """Index tensor of the attention op's output (..., T, d_v), its leading dims the (batch of 1 and) heads:
+    channel h*d_v + d of the concat o_proj reads."""
+    lead = int(torch.tensor(shape[:-2]).prod()) if len(shape) > 2 else 1
+    return (torch.arange(lead)[:, None, None] * shape[-1] + torch.arange(shape[-1])).expand(
+        lead, shape[-2], shape[-1]).reshape(shape)
 
 
 def find_rope(g: OpGraph, p: _Proj, rows: torch.Tensor) -> tuple[str | None, int]:

@@ -124,6 +124,8 @@ def _attention_fields(r: Discovery, d: LayerDiscovery) -> dict[str, Any]:
         kw.update(qk_norm=d.qk_norm_scope, qk_norm_names=(rel(d.q_norm, attn), rel(d.k_norm, attn)))
     if d.softcap is not None:
         kw["softcap"] = d.softcap_attr
+    if d.out_gate is not None:
+        kw["attn_gate"] = "q" if d.out_gate == "q" else rel(d.out_gate, attn)
     return kw
 
 
@@ -145,7 +147,7 @@ def _mlp_fields(d: LayerDiscovery, moe: LayerDiscovery | None) -> dict[str, Any]
 
 def spec_key(d: LayerDiscovery) -> tuple:
     """The attention's structure (the MLP's is `mlp_key`: MoE models mix dense and expert layers)."""
-    return (d.q.module, d.k.module, d.v.module, d.o.module, d.qkv_layout, d.rope, d.rot_dim, d.q_norm)
+    return (d.q.module, d.k.module, d.v.module, d.o.module, d.qkv_layout, d.rope, d.rot_dim, d.q_norm, d.out_gate)
 
 
 def mlp_key(d: LayerDiscovery) -> tuple:
