@@ -71,8 +71,8 @@ class Component:
     def dim_params(self, hidden: int, heads: int, kv_heads: int, biases: dict[str, bool], gated: bool = False,
                    experts: int = 1, attn_gate: bool = False) -> int:
         """Parameters one kept dim costs: a q/k head dim is a column of every query and key head (with biases); a
-        v/o head dim a column of every value head and a row of every o head (and of the output gate, `attn_gate`); a neuron a row of up (and gate) and
-        a column of down, in each of `experts` routed experts for the experts component."""
+        v/o head dim a column of every value head and a row of every o head (and of the output gate, `attn_gate`);
+        a neuron a row of up (and gate) and a column of down, in each of `experts` routed experts."""
         if self.name == "qk":
             return heads * (hidden + biases.get("q", False)) + kv_heads * (hidden + biases.get("k", False))
         if self.name == "ov":      # attn_gate: an output gate row of every query head too (Qwen3.5)
