@@ -238,8 +238,8 @@ def _ratio_check(args, rep) -> dict:
     asked = args.ratio if args.kv_ratio is None else None
     if asked is not None and rep.ratio < asked - 0.01:
         print(f"a3mod: warning: removed {100 * rep.ratio:.2f}% of the decoder-layer linear parameters, less than the "
-              f"requested {100 * asked:.2f}%: some components stay whole here (q/k under q/k norms, layers a3mod "
-              f"leaves, such as a hybrid's state-space mixers) or the rounding of kept dims; see the report above",
+              f"requested {100 * asked:.2f}%: some parts stay whole here (layers a3mod leaves, such as a hybrid's "
+              f"state-space or linear-attention mixers) or the rounding of kept dims; see the report above",
               file=sys.stderr)
     return {"requested": asked, "achieved": rep.ratio}
 

@@ -34,7 +34,7 @@ from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..pipeline.plan import COMPONENTS as PLAN
 from ..pipeline.rewrite import LayerWork
 from ..validate import boolean, choice, fraction
-from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer
+from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer, raised_ratio
 from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
 COMPONENTS = ("qk", "ov", "mlp", "experts")     # experts: every routed expert of an MoE layer at one width
@@ -98,9 +98,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
     """Loss curves of every layer and component (one full-rank solve each); mlp_update: the MLP's curves after its
     least-squares update (A3MLP(update=True))."""
     out = []
-    if views and views[0].spec.qk_norm:
-        raise UnsupportedModelError(f"Allocate / A3KV: {views[0].spec.qk_norm!r} qk-norm layers keep q/k at the full "
-                                    "head dim, which these budgets do not model yet; use a3mod.a3_passes(ratio)")
+    raised = raised_ratio(views, budget, set(COMPONENTS))     # QK whole under q/k norms: the others give its share
     for v in active(views):
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp
@@ -111,6 +109,8 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
         if work.experts is not None:
             ev = v.experts_view()
             full["experts"] = ev.inter
+        if v.spec.qk_norm and not v.spec.mla:
+            del full["qk"]       # a norm needs the whole head: no QK curve (and no A3QK) in this layer
         for comp in full:
             c = PLAN[comp]
             granule = c.granule(full[comp], bool(a.rot_dim))
@@ -122,7 +122,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
             cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
             sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
-            uni = c.kept(full[comp], budget, None, bool(a.rot_dim)) // granule
+            uni = c.kept(full[comp], budget if comp == "qk" else raised, None, bool(a.rot_dim)) // granule
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
             kv = d.kv_heads * granule if comp in ("qk", "ov") else 0
@@ -196,6 +196,10 @@ def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> d
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
+    if cfg.kv_budget is not None and any(v.spec.qk_norm for v in active(views)):
+        raise UnsupportedModelError(f"Allocate(kv_budget={cfg.kv_budget!r}): qk-norm layers keep q/k at the full head "
+                                    "dim (the K cache cannot shrink), which this KV budget does not model yet; leave "
+                                    "kv_budget unset")
     cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update)
     kv = cfg.kv_budget
     kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
@@ -233,6 +237,10 @@ class A3KV(PassConfig):
 @handler(A3KV, scope="model")
 def apply_a3kv(cfg: A3KV, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
+    if views and views[0].spec.qk_norm:
+        raise UnsupportedModelError(f"A3KV: {views[0].spec.qk_norm!r} qk-norm layers keep q/k at the full head dim "
+                                    "(the K cache cannot shrink), which this KV budget does not model yet; use "
+                                    "a3mod.a3_passes(ratio) or Allocate(budget)")
     cs = [c for c in curves(views, stats, cfg.kv_ratio) if c.comp in ("qk", "ov")]
     for c in cs:                                  # budget unit: cached elements per token
         c.cost = views[c.layer].dims.kv_heads * c.granule

@@ -16,7 +16,7 @@ from ..io import native
 from ..io.codecs import describe_layer
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
-from ..passes.a3 import build_layer, preflight
+from ..passes.a3 import balance, build_layer, preflight
 from ..passes.base import PassContext, check_passes, needs, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
@@ -111,6 +111,7 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
                          "quantization pass, in one call)")
     if scope_of(passes[0]) == "layer":
+        passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
     if any(p.rebuilds_layers() for p in passes):
         verify_model(model, views)               # the description reproduces every layer structure at full rank

@@ -50,7 +50,7 @@ from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
-from ..passes.a3 import build_layer, preflight
+from ..passes.a3 import balance, build_layer, preflight
 from ..passes.base import check_passes, needs
 from ..report import linear_param_count
 from ..validate import boolean
@@ -138,7 +138,9 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
     skel.a3mod_source_dtype = recorded_dtype(src) if save_dtype == "auto" else as_dtype(save_dtype)
-    preflight(passes, layer_views(skel))
+    views = layer_views(skel)
+    passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
+    preflight(passes, views)
     run = StreamRun(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
                     restart, progress, tuple(extra_names), sequential)
     rank = distributed.rank_world()[0]
