@@ -23,6 +23,10 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "hunyuan_v1_dense", "hunyuan_v1_moe",
                  # gated attention: attn_out * sigmoid(gate) before o_proj (tests/test_gated.py)
                  "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "afmoe",
+                 # attention sinks found by discovery (tests/test_families_2026.py); NoPE global layers (flint)
+                 "granite_swa", "granitemoe_swa", "flint",
+                 # DeepSeek sparse attention: latent attention compressed, the indexer kept whole
+                 "deepseek_v32", "glm_moe_dsa",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

@@ -46,6 +46,8 @@ _SIZES = {
     "topk_group": 1, "first_k_dense_replace": 1, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16,
     "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16,
+    # DeepSeek sparse attention's indexer (real: 64 x 128 from q_lora 1536, a few % of a layer; default here: 8192 wide)
+    "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8,
 }
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 

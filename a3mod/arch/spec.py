@@ -109,6 +109,7 @@ def dims_of(config, spec: ArchSpec) -> Dims:
         kv = config.num_kv_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
     rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
+    rot += rot % 2                  # an odd product: the rotary embedding's arange(0, rot, 2) still gives whole pairs
     if spec.rope and isinstance(getattr(config, "rotary_dim", None), int):    # GPT-J / CodeGen: rotary dims given
         rot = min(config.rotary_dim, hd)
     return Dims(config.hidden_size, heads, kv, hd, rot, spec.rope)
@@ -117,6 +118,9 @@ def dims_of(config, spec: ArchSpec) -> Dims:
 def partial_rotary_factor(config) -> float:
     """Fraction of each head's dims that RoPE rotates (transformers 5 keeps it in `rope_parameters`)."""
     rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):    # per layer type (MiMo-V2)
+        factors = {v.get("partial_rotary_factor") for v in rp.values()}
+        rp = next(iter(rp.values())) if len(factors) == 1 else None
     if isinstance(rp, dict) and rp.get("partial_rotary_factor") is not None:
         return float(rp["partial_rotary_factor"])
     return float(getattr(config, "partial_rotary_factor", None) or 1.0)

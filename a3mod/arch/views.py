@@ -103,6 +103,11 @@ class LayerView:
         s = self.spec
         return [getattr(self.attn, s.qkv)] if s.qkv else [getattr(self.attn, n) for n in (s.q, s.k, s.v)]
 
+    @property
+    def has_sinks(self) -> bool:
+        """This layer's attention holds the sink logits (MiMo-V2 has them in some layers only)."""
+        return self.spec.sinks is not None and getattr(self.attn, self.spec.sinks, None) is not None
+
     def qk_norm_modules(self) -> tuple[nn.Module, nn.Module] | None:
         """(q_norm, k_norm) of a qk-norm family, else None."""
         return tuple(getattr(self.attn, n) for n in self.spec.qk_norm_names) if self.spec.qk_norm else None
@@ -184,9 +189,9 @@ def dropout_p(mod: nn.Module, name: str) -> float:
 # model types whose full-attention layers apply no RoPE (NoPE) when the model also has sliding-window layers:
 # Cohere2 rotates only in sliding layers with a window; EXAONE 4 in every layer unless the config sets a window
 # (Cohere2-MoE also where its attention's `force_rope` is set: dense prefix layers)
-# (AFMoE: in its sliding layers only, whatever the window)
+# (AFMoE, Flint: in their sliding layers only, whatever the window)
 GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "window", "exaone_moe": "window",
-               "afmoe": "local"}
+               "afmoe": "local", "flint": "local"}
 
 
 def applies_rope(config, index: int, attn: nn.Module | None) -> bool:

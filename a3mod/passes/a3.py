@@ -457,7 +457,7 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         return _apply_ov_gated(cfg, work, st, n, r)
     # softmax rows sum to 1, so the value bias passes through as b_v W_o: fold it into o. Not with attention sinks
     # (gpt-oss): their softmax column takes mass, the rows over the keys sum to less; the bias stays a value input
-    bv = a.wv[:, -1] if a.v_bias and not work.view.spec.sinks else None             # (Hkv, d_h)
+    bv = a.wv[:, -1] if a.v_bias and not work.view.has_sinks else None             # (Hkv, d_h)
     if bv is not None:
         fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)
         a.bo = fold if a.bo is None else a.bo + fold

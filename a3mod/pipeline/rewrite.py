@@ -155,7 +155,7 @@ class LayerWork:
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
             rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once") else "half", alibi=v.spec.alibi,
-            sinks=v.spec.sinks is not None, gate=a.wg is not None, gate_bias=a.g_bias,
+            sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias,
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)

@@ -3,6 +3,7 @@ per model class and config)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from ...errors import DiscoveryError
 from ..mla import is_mla
-from ..spec import ArchSpec, dims_of
+from ..spec import ArchSpec, dims_of, get_path
 from .describe import discover, find_layers, find_moe, layer_signature
 from .tospec import rel
 
@@ -42,12 +43,27 @@ def discovered_spec(model: nn.Module, context: str = ""):
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {missing}")
     try:
         result = discover(_stand_in(model))
-        spec = result.to_spec()
-        _check_dims(model, spec, result.layers[0])
+        spec = with_sinks(model, result.to_spec(), result.layers[0].heads)
+        _check_dims(model, spec, next((e for e in result.layers if e.rope), result.layers[0]))
     except DiscoveryError as e:
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {e}") from e
     if key is not None:
         SPECS[key] = spec
+    return spec
+
+
+def with_sinks(model: nn.Module, spec: ArchSpec, heads: int) -> ArchSpec:
+    """`spec` with `sinks` set when the attention modules hold a per-head parameter named like attention sinks (a
+    learned logit per head as one more softmax column: gpt-oss, DeepSeek-V4, MiMo-V2, Granite-SWA): the graph shows
+    it as a concatenated score column, which the full-rank self-check then confirms."""
+    for layer in get_path(model, spec.layers):
+        try:
+            attn = layer.get_submodule(spec.attn)
+        except AttributeError:          # a hybrid's mixer layer
+            continue
+        for name, p in attn.named_parameters(recurse=False):
+            if "sink" in name and tuple(p.shape) == (heads,):
+                return replace(spec, sinks=name)
     return spec
 
 
@@ -60,14 +76,25 @@ def _mla_spec(model: nn.Module):
     except DiscoveryError:
         return None
     attn = next((n for layer in layers for n, c in layer.named_children() if is_mla(c)), None)
-    if attn is None or any(hasattr(layer.get_submodule(attn), "indexer") for layer in layers
-                           if hasattr(layer, attn)):
-        return None          # DeepSeek sparse attention (an indexer beside MLA) is refused by _unmodelled
+    if attn is None or _mla_extras(layers, attn):
+        return None          # parts a3mod does not model (an output gate, a gated query) are refused by _unmodelled
     moe = next((m for layer in layers if (m := find_moe(layer)) is not None), None)
     rotary = next((n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "rotary_emb"), None)
     return ArchSpec(layers=path, attn=attn, mlp=moe[0] if moe else "mlp", q=None, k=None, v=None, gate="gate_proj",
                     mla=True, rotary=rotary, experts=moe and rel(moe[1], moe[0]),
                     shared=moe[2] and rel(moe[2], moe[0]) if moe else None)
+
+
+# the parts of DeepSeek-style latent attention a3mod reads or leaves whole: DeepSeek sparse attention's indexer reads
+# the layer input and q_a's output only (its own projections), so it stays as it is and the rest is compressed
+_MLA_PARTS = {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj",
+              "o_proj", "indexer", "rotary_emb"}
+
+
+def _mla_extras(layers, attn: str) -> list[str]:
+    """Children with parameters of the latent attention modules that are not `_MLA_PARTS`."""
+    return sorted({n for layer in layers if hasattr(layer, attn) for n, c in layer.get_submodule(attn).named_children()
+                   if n not in _MLA_PARTS and any(True for _ in c.parameters())})
 
 
 def _unmodelled(model: nn.Module) -> str | None:
@@ -78,17 +105,20 @@ def _unmodelled(model: nn.Module) -> str | None:
     except Exception:       # noqa: BLE001  (a heterogeneous per-layer config refuses global reads)
         rank = None
     if isinstance(rank, int) and rank > 0:
-        if any(n.rsplit(".", 1)[-1] == "indexer" for n, _ in model.named_modules()):
-            return (f"multi-head latent attention with a sparse-attention indexer (DeepSeek-V3.2 DSA, kv_lora_rank="
-                    f"{rank}): the indexer's own projections are not modelled yet")
+        try:
+            path, layers = find_layers(model)
+        except DiscoveryError:
+            layers = []
+        attn = next((n for layer in layers for n, c in layer.named_children() if is_mla(c)), None)
+        extras = _mla_extras(layers, attn) if attn else []
+        if extras:
+            return (f"multi-head latent attention with parts a3mod does not model yet ({', '.join(extras)}: e.g. an "
+                    f"output gate, which A3OV's rotation of the value dims does not commute with)")
         return (f"multi-head latent attention (MLA: kv_lora_rank={rank}) in a layout a3mod does not read (expected "
                 "q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj)")
     if any(hasattr(m, "attn_temperature_tuning") and hasattr(m, "use_rope") for m in model.modules()):
         return ("Llama 4 attention (RoPE as complex frequencies, an L2 q/k norm after it, NoPE layers with "
                 "temperature-tuned queries, chunked attention) is not supported yet")
-    sinks = next((n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "sinks"), None)
-    if sinks is not None:
-        return f"attention sinks ({sinks}: a learned per-head logit in the softmax) are not supported yet"
     return None
 
 

@@ -79,14 +79,15 @@ def _eager_attention(g: OpGraph, sm: fx.Node) -> Attn | None:
             return None
         cur = nxt[0]
     pv = sm
-    while True:                 # softmax -> [cast, dropout] -> matmul(weights, v)
+    sink = any(opname(n) == "cat" for n in chain)     # a sink logit column: [scores | sink] -> softmax -> [..., :-1]
+    while True:                 # softmax -> [cast, dropout, drop the sink column] -> matmul(weights, v)
         users = users_of(pv)
         if len(users) != 1:
             return None
         if opname(users[0]) in MATMUL and users[0].args[0] is pv:
             pv = users[0]
             break
-        if opname(users[0]) not in IDENTITY:
+        if opname(users[0]) not in IDENTITY and not (sink and opname(users[0]) == "slice"):
             return None
         pv = users[0]
     if not isinstance(cur, fx.Node) or opname(cur) not in MATMUL:
@@ -195,6 +196,8 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor] | Non
         if opname(sig) != "sigmoid":
             raise g.err(f"the attention output is multiplied by {opname(sig)}(...) before {o.path}: only a "
                         "sigmoid output gate is modelled")
+        if {a.q, a.k} & g.ancestors(sig):
+            continue        # a function of the scores (Granite-SWA's sinks as a post-softmax LSE scaling), no gate
         lins = g.producers(sig)
         if len(lins) != 1:
             raise g.err(f"the attention's output gate is fed by {[lin.path for lin in lins] or 'no projection'}")

@@ -41,8 +41,8 @@ def spec_from_discovery(r: Discovery) -> ArchSpec:
 def _reference_layer(r: Discovery) -> tuple[LayerDiscovery, LayerDiscovery | None]:
     """The layer whose roles the spec states (with the MLP facts of a layer that has a dense MLP or shared expert)
     and the first MoE layer; every layer must share their structure."""
-    d = r.layers[0]
-    others = [e.index for e in r.layers if spec_key(e) != spec_key(d)]
+    d = next((e for e in r.layers if e.rope), r.layers[0])     # NoPE layers among RoPE ones: arch.views.applies_rope
+    others = [e.index for e in r.layers if spec_key(e) != spec_key(d) and not _nope_of(e, d)]
     if others:
         raise DiscoveryError(f"layers {others} differ in structure from layer {d.index}; an ArchSpec describes one "
                              "layout")
@@ -143,6 +143,12 @@ def _mlp_fields(d: LayerDiscovery, moe: LayerDiscovery | None) -> dict[str, Any]
     else:
         kw.update(gate=rel(d.gate.module, mlp) if d.gate else None, up=rel(d.up.module, mlp))
     return kw
+
+
+def _nope_of(e: LayerDiscovery, d: LayerDiscovery) -> bool:
+    """`e` is `d` without RoPE (a NoPE layer; which layers apply RoPE is `arch.views.applies_rope`'s, and the
+    self-check verifies every distinct layer structure against it)."""
+    return e.rope is None and spec_key(dataclasses.replace(e, rope=d.rope, rot_dim=d.rot_dim)) == spec_key(d)
 
 
 def spec_key(d: LayerDiscovery) -> tuple:

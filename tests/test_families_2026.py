@@ -1,0 +1,68 @@
+"""Families released in 2025-26, on tiny random configs (no real checkpoint is reachable offline): attention sinks
+found by discovery, DeepSeek sparse attention's indexer kept whole, latent attention with parts a3mod does not
+model refused by name, RoPE facts (per-layer-type rope parameters, odd rotary products, NoPE global layers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import a3mod
+from a3mod.arch import layer_views
+from a3mod.arch.lookup import spec_for
+from a3mod.arch.spec import dims_of, partial_rotary_factor
+from a3mod.errors import DiscoveryError
+from zoo import _ids, _logits, tiny_zoo_model
+
+
+@pytest.mark.parametrize("mtype", ["granite_swa", "granitemoe_swa", "flint"])
+def test_discovery_finds_attention_sinks(mtype):
+    """A per-head `sinks` parameter (gpt-oss's column, or Granite-SWA's post-softmax LSE scaling, the same
+    function) becomes ArchSpec.sinks; the compressed attention keeps the logits, unchanged."""
+    model = tiny_zoo_model(mtype).eval()
+    assert spec_for(model).sinks == "sinks"
+    v = next(v for v in layer_views(model) if not v.left)
+    with torch.no_grad():
+        v.attn.sinks.copy_(torch.linspace(-2, 2, v.attn.sinks.numel()))
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    new = model.model.layers[v.index].self_attn
+    assert new.sinks is not None and torch.equal(new.sinks, torch.linspace(-2, 2, new.sinks.numel()))
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mtype", ["deepseek_v32", "glm_moe_dsa"])
+def test_the_sparse_attention_indexer_stays_whole(mtype):
+    model = tiny_zoo_model(mtype).eval()
+    before = {n: p.clone() for n, p in model.named_parameters() if ".indexer." in n}
+    widths = (model.model.layers[0].self_attn.kv_b_proj.out_features, model.model.layers[0].self_attn.o_proj.in_features)
+    assert before
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+    attn = model.model.layers[0].self_attn
+    assert attn.kv_b_proj.out_features < widths[0] and attn.o_proj.in_features < widths[1]
+
+
+@pytest.mark.parametrize("mtype,part", [("hy_v4", "gate_proj"), ("axk2", "q_gate_proj")])
+def test_latent_attention_with_unmodelled_parts_is_refused_by_name(mtype, part):
+    with pytest.raises(DiscoveryError, match=part):
+        spec_for(tiny_zoo_model(mtype))
+
+
+def test_rope_parameters_per_layer_type_and_an_odd_rotary_product():
+    """MiMo-V2 keeps rope parameters per layer type; 16 x 0.334 = 5.3 dims: the rotary embedding rotates 3 pairs."""
+    model = tiny_zoo_model("mimo_v2_flash")
+    assert partial_rotary_factor(model.config) == pytest.approx(0.334)
+    inv_freq = model.model.rotary_emb.full_attention_inv_freq
+    class _S:  # noqa: N801
+        rope = "rotate_half"
+    assert dims_of(model.config, _S).rot_dim == 2 * inv_freq.numel() == 6
+
+
+def test_nope_global_layers_among_rope_sliding_layers_discover_as_one_structure():
+    """Flint rotates in its sliding layers only: discovery describes the RoPE layer, applies_rope the rest."""
+    model = tiny_zoo_model("flint")
+    views = layer_views(model)
+    types = model.config.layer_types
+    assert [v.dims.rot_dim > 0 for v in views] == [t == "sliding_attention" for t in types]
