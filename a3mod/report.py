@@ -12,7 +12,7 @@ from torch import nn
 from .arch import dims_of, get_path, mlp_paths, spec_for
 from .arch.experts import ExpertsView, is_experts
 from .arch.mla import is_mla
-from .arch.views import left_reason
+from .arch.views import left_reason, mixer_reason
 from .io.tensors import dedup_tensors
 from .modules import LowRankLinear
 from .modules.linears import is_quantized
@@ -75,6 +75,8 @@ class LayerRow:
     expert_dim: int = 0
     expert_orig: int = 0
     experts_fallback: int = 0    # experts whose neurons were scored from their weights (too few routed tokens)
+    mixer: str = ""          # why the attention part is left (a hybrid's mixer beside a reduced MLP); qk/vo read 0
+    kept_whole: int = 0      # linear params a3mod leaves by design: a mixer's (a left layer: all of `params`)
     active: int = -1         # parameters one token runs through (routed experts at top-k); -1: all of `params`
     active_orig: int = -1
     qk_orig: int = -1        # original q/k and v/o head dims when they differ from head_dim (latent attention)
@@ -113,6 +115,18 @@ class Report:
         """Achieved fraction of decoder-layer linear parameters removed."""
         return 1.0 - self.params / self.params_orig
 
+    @property
+    def kept_whole(self) -> int:
+        """Linear params a3mod leaves by design: hybrid mixers and left layers."""
+        return sum(r.kept_whole for r in self.rows)
+
+    @property
+    def ratio_reducible(self) -> float:
+        """Achieved fraction of the attention and MLP parameters removed (what a ratio asks of a hybrid, whose mixers
+        stay as they are); equals `ratio` for a model without mixers."""
+        whole = self.kept_whole
+        return 1.0 - (self.params - whole) / max(1, self.params_orig - whole)
+
     def kv_bytes_per_token(self, orig: bool = False) -> int:
         return sum(r.kv_elems_orig if orig else r.kv_elems for r in self.rows) * self.dtype_bytes
 
@@ -126,7 +140,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"model_type": self.model_type, "params": self.params, "params_orig": self.params_orig,
-                "ratio": self.ratio, "kv_bytes_per_token": self.kv_bytes_per_token(),
+                "ratio": self.ratio, "ratio_reducible": self.ratio_reducible, "kept_whole": self.kept_whole,
+                "kv_bytes_per_token": self.kv_bytes_per_token(),
                 "kv_bytes_per_token_orig": self.kv_bytes_per_token(True), "flops_per_token": self.flops_per_token(),
                 "flops_per_token_orig": self.flops_per_token(True), "context": self.context,
                 "active_params": sum(r.active_params() for r in self.rows),
@@ -145,10 +160,15 @@ class Report:
                              f"attention a3mod reduces) {r.params_orig:>10,}->{r.params:<10,}")
                 continue
             qk0, vo0 = (r.qk_orig if r.qk_orig >= 0 else r.head_dim), (r.vo_orig if r.vo_orig >= 0 else r.head_dim)
-            lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {qk0:>3}->{r.qk_dim:<4} "
-                         f"{vo0:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
-                         f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
-                         f"{r.params_orig:>10,}->{r.params:<10,}")
+            if r.mixer:
+                what = r.mixer.split("(children: ", 1)[-1].split(" (")[0].split(":")[0]
+                lines.append(f"{r.layer:>5} {'mixer':>7} {'(' + what[:17] + ')':>19} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
+                             f"{'-':>11} {r.lowrank:>8} {r.params_orig:>10,}->{r.params:<10,}")
+            else:
+                lines.append(f"{r.layer:>5} {r.heads:>3}/{r.kv_heads:<3} {qk0:>3}->{r.qk_dim:<4} "
+                             f"{vo0:>3}->{r.vo_dim:<4} {r.mlp_orig:>5}->{r.mlp_dim:<5} "
+                             f"{r.kv_elems_orig:>5}->{r.kv_elems:<5} {r.lowrank:>8} "
+                             f"{r.params_orig:>10,}->{r.params:<10,}")
             if r.experts:
                 lines.append(f"{'':>5} {r.experts} routed experts (top-{r.experts_active}), each "
                              f"{r.expert_orig}->{r.expert_dim}; params per token {r.active_params(True):,}->"
@@ -157,7 +177,12 @@ class Report:
         kv0, kv1 = self.kv_bytes_per_token(True), self.kv_bytes_per_token()
         f0, f1 = self.flops_per_token(True), self.flops_per_token()
         lines += ["-" * len(head),
-                  f"params        {self.params_orig:,} -> {self.params:,}  (removed {100 * self.ratio:.4f}%)",
+                  f"params        {self.params_orig:,} -> {self.params:,}  (removed {100 * self.ratio:.4f}%)"]
+        if self.kept_whole:
+            lines.append(f"              attention and MLP parts: removed {100 * self.ratio_reducible:.4f}% "
+                         f"({self.kept_whole:,} params of hybrid mixers and left layers kept as they are)")
+        lines += [
+                  f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})",
                   f"storage       {self.model_bytes:,} bytes (state dict, tied weights once); decoder-layer linear "
@@ -192,9 +217,10 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         left = left_reason(layer, spec)
         if left:        # no attention / MLP a3mod knows: no K/V cache of this kind either (the mixer keeps its state)
             rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, 0, 0, 0, 0, n, orig[i] if orig else n,
-                                 quantized=sum(is_quantized(m) for m in layer.modules()), left=left))
+                                 quantized=sum(is_quantized(m) for m in layer.modules()), left=left, kept_whole=n))
             continue
-        attn = get_path(layer, spec.attn)
+        mixer = mixer_reason(layer, spec) or ""         # a hybrid's mixer beside a reduced MLP: no attention dims
+        attn = None if mixer else get_path(layer, spec.attn)
         plan = layer_plan(i, layer, spec, d)            # kept dims per component, from the modules themselves
         qk, vo, mi, mo = plan.kept("qk"), plan.kept("ov"), plan.kept("mlp"), plan.full("mlp")
         kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
@@ -204,9 +230,14 @@ def report(model: nn.Module, context: int = 2048) -> Report:
             kv = kv0 = attn.kv_a_proj_with_mqa.out_features
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
+        if mixer:
+            qk = vo = kv = kv0 = 0
         row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
-                       kv, kv0, lowrank, quantized)
-        if plan.full("qk") != d.head_dim or plan.full("ov") != d.head_dim:
+                       kv, kv0, lowrank, quantized, mixer=mixer)
+        if mixer:
+            row.qk_orig = row.vo_orig = 0
+            row.kept_whole = n - sum(linear_param_count(get_path(layer, p)) for p in mlp_paths(layer, spec) if p)
+        elif plan.full("qk") != d.head_dim or plan.full("ov") != d.head_dim:
             row.qk_orig, row.vo_orig = plan.full("qk"), plan.full("ov")
         if "experts" in plan.parts:
             _moe_row(row, get_path(layer, mlp_paths(layer, spec)[1]), plan, model.config)

@@ -35,7 +35,8 @@ def test_compress_then_load_and_eval(tmp_path, model_dir, text_file, capsys):
     assert result["calib_tokens"] == 64
     assert result["ppl_before"]["windows"] == result["ppl_after"]["windows"] > 0
     assert 0.1 <= result["report"]["ratio"] <= 0.3
-    assert result["ratio"] == {"requested": 0.2, "achieved": result["report"]["ratio"]}
+    assert result["ratio"] == {"requested": 0.2, "achieved": result["report"]["ratio"],
+                               "achieved_attention_mlp": result["report"]["ratio_reducible"]}
     model = a3mod.load(out)
     assert all(isinstance(layer.self_attn, a3mod.ReducedHeadAttention) for layer in model.model.layers)
     assert [p["ratio"] for p in model.a3mod_info["passes"]] == [0.2, 0.2, 0.2, 0.2]
@@ -243,8 +244,8 @@ def test_compress_gives_the_ratio_asked_under_qk_norms(tmp_path, text_file, caps
 
 
 def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, capsys):
-    """A hybrid's mixer layers stay whole, so it gives less than --ratio: compress_result.json records the
-    requested and achieved fractions and stderr says why."""
+    """A hybrid's mixers stay whole, so the model gives less than --ratio: compress_result.json records the
+    requested and achieved fractions (all layer params; the attention and MLP parts) and stderr says why."""
     from zoo import tiny_zoo_model
 
     path = tmp_path / "tiny-qwen3_5"
@@ -255,5 +256,6 @@ def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, caps
                  "--n-samples", "4", "--calib-seq-len", "16", "--no-eval"]) == 0
     result = json.loads((out / "compress_result.json").read_text())
     assert result["ratio"]["requested"] == 0.3 and result["ratio"]["achieved"] < 0.29
+    assert abs(result["ratio"]["achieved_attention_mlp"] - 0.3) < 0.03      # the parts a3mod compresses
     err = capsys.readouterr().err
-    assert "less than the requested 30.00%" in err and "hybrid" in err
+    assert "less than the requested 30.00%" in err and "hybrid mixers" in err

@@ -20,7 +20,7 @@ def test_discovery_finds_attention_sinks(mtype):
     function) becomes ArchSpec.sinks; the compressed attention keeps the logits, unchanged."""
     model = tiny_zoo_model(mtype).eval()
     assert spec_for(model).sinks == "sinks"
-    v = next(v for v in layer_views(model) if not v.left)
+    v = next(v for v in layer_views(model) if v.attn is not None)
     with torch.no_grad():
         v.attn.sinks.copy_(torch.linspace(-2, 2, v.attn.sinks.numel()))
     ids = _ids(2, 12, 0)

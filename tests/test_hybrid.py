@@ -1,5 +1,6 @@
-"""Hybrid models: attention layers are compressed, linear-attention / convolution / state-space layers are left as
-they are, and the report says which and why (LFM2 with conv layers, OLMo-hybrid with gated-delta-net layers)."""
+"""Hybrid models: attention layers are compressed; in linear-attention / convolution / state-space layers the mixer is
+left as it is and the MLP beside it compressed, and the report says which and why (LFM2 with conv layers, OLMo-hybrid
+with gated-delta-net layers)."""
 from __future__ import annotations
 
 import pytest
@@ -26,29 +27,36 @@ def make(mtype: str):
 
 
 @pytest.mark.parametrize("mtype", sorted(HYBRIDS))
-def test_hybrid_compresses_attention_layers_and_leaves_mixers(mtype, tmp_path):
+def test_hybrid_compresses_attention_and_every_mlp_and_keeps_mixers(mtype, tmp_path):
+    """Attention layers are compressed; in a mixer layer (conv, gated delta net) the mixer stays as it is and its MLP
+    is compressed; the report says which and why, and the ratio asked is met on the attention and MLP parts."""
     model, ids, calib = make(mtype), _ids(2, 12, 0), _ids(4, 16, 1)
     views = layer_views(model)
-    left = [v.index for v in views if v.left]
-    assert left and len(left) < len(views)
+    mixer = [v.index for v in views if v.mixer]
+    assert mixer and len(mixer) < len(views) and not any(v.left for v in views)
     ref = _logits(model, ids)
     a3mod.apply(model, a3mod.a3_passes(0.0), calib=calib, progress=False)
     assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4
 
     model = make(mtype)
-    mixers = {i: {n: p.clone() for n, p in layer_views(model)[i].layer.named_parameters()} for i in left}
+    mlp_path = views[mixer[0]].mlp_path
+    kept = {i: {n: p.clone() for n, p in layer_views(model)[i].layer.named_parameters()
+                if not n.startswith(mlp_path + ".")} for i in mixer}
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib, progress=False)
     out = _logits(model, ids)
     assert torch.isfinite(out).all() and not torch.allclose(out, ref)
     names = compact_modules(model)
-    for i in left:                           # untouched: no compact module, same weights
-        assert not any(n.startswith(f"model.layers.{i}.") for n in names)
-        layer = model.model.layers[i]
-        assert all(torch.equal(p, mixers[i][n]) for n, p in layer.named_parameters())
+    for i in mixer:                          # the mixer untouched (same weights), the MLP compact
+        assert not any(n.startswith(f"model.layers.{i}.") and not n.startswith(f"model.layers.{i}.{mlp_path}")
+                       for n in names)
+        assert any(n == f"model.layers.{i}.{mlp_path}" for n in names)
+        own = dict(model.model.layers[i].named_parameters())
+        assert all(torch.equal(own[n], p) for n, p in kept[i].items())
     rep = a3mod.report(model)
-    assert [r.layer for r in rep.rows if r.left] == left
-    assert all("no attention" in r.left for r in rep.rows if r.left)
-    assert "left as it is" in str(rep)
+    assert [r.layer for r in rep.rows if r.mixer] == mixer and not any(r.left for r in rep.rows)
+    assert all(r.mlp_dim < r.mlp_orig and r.qk_dim == r.vo_dim == 0 for r in rep.rows if r.mixer)
+    assert "mixer" in str(rep) and "attention and MLP parts" in str(rep)
+    assert abs(rep.ratio_reducible - 0.3) < 0.02 and rep.ratio < rep.ratio_reducible
     prompt = _ids(1, 6, 5)
     assert torch.equal(_greedy(model, prompt, True), _greedy(model, prompt, False))
     loaded = a3mod.load(a3mod.save(model, tmp_path / "ck"))

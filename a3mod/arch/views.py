@@ -23,10 +23,11 @@ class LayerView:
     mlp: nn.Module | None
     spec: ArchSpec
     dims: Dims
-    left: str | None = None        # why a3mod leaves this layer untouched (a hybrid's linear-attention / SSM mixer)
+    left: str | None = None        # why a3mod leaves this layer untouched (a hybrid's mixer layer without an MLP)
     mlp_path: str | None = None    # path of `mlp` from the layer: the dense MLP, or an MoE block's shared expert
     experts: nn.Module | None = None   # an MoE layer's routed experts (a3mod.arch.experts), else None
     experts_path: str | None = None
+    mixer: str | None = None       # why the attention part is left (a hybrid's mixer beside a reduced MLP); attn None
 
     @property
     def has_mlp(self) -> bool:
@@ -153,6 +154,10 @@ class LayerView:
     def o_module(self) -> nn.Module:
         return get_path(self.layer if self.spec.o_from_layer else self.attn, self.spec.o)
 
+    def anchor(self) -> nn.Module:
+        """The linear whose dtype and device the layer's compact modules take: o_proj, or a mixer layer's down."""
+        return self.o_module() if self.attn is not None else self.down_module()
+
     def down_module(self) -> nn.Module:
         return get_path(self.mlp, self.spec.down)
 
@@ -166,7 +171,9 @@ class LayerView:
         gate = [a(s.attn_gate)] if s.attn_gate not in (None, "q") else []
         groups = {"attn_in": [a(s.qkv)] if s.qkv else [a(s.q), a(s.k), a(s.v)] + gate,
                   "attn_out": [s.o if s.o_from_layer else a(s.o)]}
-        if s.mla:            # the latent attention's projections of the layer input, and its output
+        if self.mixer:       # a hybrid's mixer layer: only its MLP
+            groups = {}
+        elif s.mla:            # the latent attention's projections of the layer input, and its output
             first = "q_proj" if getattr(self.attn, "q_proj", None) is not None else "q_a_proj"
             groups = {"attn_in": [a(first), a("kv_a_proj_with_mqa")], "attn_out": [a(s.o)]}
         if self.has_mlp:       # an MoE layer's routed experts are not linears; its shared expert is
@@ -226,33 +233,60 @@ def layer_views(model: nn.Module) -> list[LayerView]:
     views = []
     for i, layer in enumerate(get_path(model, spec.layers)):
         mlp_path, experts_path = mlp_paths(layer, spec)
-        attn = find_path(layer, spec.attn)
+        mixer, left = mixer_reason(layer, spec), left_reason(layer, spec)
+        attn = None if mixer else find_path(layer, spec.attn)
         d = dims if applies_rope(model.config, i, attn) else replace(dims, rot_dim=0)     # a NoPE layer
         views.append(LayerView(i, layer, attn, None if mlp_path is None else
-                               find_path(layer, mlp_path), spec, d, left_reason(layer, spec), mlp_path,
-                               None if experts_path is None else find_path(layer, experts_path), experts_path))
-    if all(v.left for v in views):
+                               find_path(layer, mlp_path), spec, d, left, mlp_path,
+                               None if experts_path is None else find_path(layer, experts_path), experts_path,
+                               None if left else mixer))
+    if all(v.left or v.mixer for v in views):
         raise UnsupportedModelError(f"no layer of {type(model).__name__} has the attention {spec.attn!r}: "
                                     f"{views[0].left if views else 'no layers'}")
     return views
 
 
+def mixer_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
+    """Why a3mod leaves the attention part of `layer` (a hybrid's linear-attention, convolution or state-space
+    mixer: no attention module where the description has it, or one without the described projections), or None."""
+    attn = find_path(layer, spec.attn)
+    if attn is None:
+        mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
+                           if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))
+                           and n != spec.mlp.split(".")[0]) or "none"
+        return f"no attention {spec.attn!r} module: a mixer a3mod does not reduce (children: {mixers})"
+    names = ["kv_b_proj"] if spec.mla else [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
+    names += [] if spec.o_from_layer else [spec.o]
+    lacks = [n for n in names if find_path(attn, n) is None]
+    if not lacks or type(attn).__module__.startswith("a3mod."):    # described, or a3mod's compact attention
+        return None
+    return (f"its {spec.attn!r} is a {type(attn).__name__} without {', '.join(lacks)}: a mixer a3mod does not "
+            f"reduce (a hybrid's linear attention?)")
+
+
 def left_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
-    """Why a3mod leaves `layer` as it is (no attention or MLP module where the description has them), or None."""
-    attn, mlp = find_path(layer, spec.attn), find_path(layer, spec.mlp)
-    if attn is not None and mlp is not None:
-        names = ["kv_b_proj"] if spec.mla else [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
-        names += [] if spec.o_from_layer else [spec.o]
-        lacks = [n for n in names if find_path(attn, n) is None]
-        if not lacks or type(attn).__module__.startswith("a3mod."):    # described, or a3mod's compact attention
-            return None
-        return (f"its {spec.attn!r} is a {type(attn).__name__} without {', '.join(lacks)}: a mixer a3mod does not "
-                f"reduce (a hybrid's linear attention?)")
-    mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
-                       if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))
-                       and n != spec.mlp.split(".")[0]) or "none"
-    return (f"no {'attention ' + repr(spec.attn) if attn is None else 'MLP ' + repr(spec.mlp)} module: a mixer "
-            f"a3mod does not reduce (children: {mixers})")
+    """Why a3mod leaves `layer` as it is altogether, or None. A mixer layer with the described MLP is not left: its
+    MLP is reduced and its mixer kept (`mixer_reason`); an attention layer without an MLP module is left."""
+    mixer = mixer_reason(layer, spec)
+    if mixer is None:
+        return None if find_path(layer, spec.mlp) is not None else (
+            f"no MLP {spec.mlp!r} module: a mixer a3mod does not reduce")
+    return None if has_described_mlp(layer, spec) else mixer
+
+
+def has_described_mlp(layer: nn.Module, spec: ArchSpec) -> bool:
+    """`layer` holds the MLP the description names: routed experts, or the dense MLP's (or shared expert's) linears
+    (an original or a3mod's reduced one)."""
+    mlp_path, experts_path = mlp_paths(layer, spec)
+    if experts_path is not None:
+        return True
+    mlp = None if mlp_path is None or not spec.mlp else find_path(layer, mlp_path)
+    if mlp is None:
+        return False
+    if type(mlp).__module__.startswith("a3mod."):
+        return True
+    names = [spec.gate_up] if spec.gate_up else [n for n in (spec.gate, spec.up) if n]
+    return all(find_path(mlp, n) is not None for n in names + [spec.down])
 
 
 def join(*parts: str | None) -> str:

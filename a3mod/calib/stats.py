@@ -290,10 +290,27 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
 def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
     if view.left:                       # a layer a3mod leaves untouched needs no statistics
         return []
-    d = view.dims
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "hgram" in kinds and view.has_mlp:
         hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
+    if view.attn is not None:           # a hybrid's mixer layer has only its MLP
+        hs += _attention_hooks(view, acc, kinds)
+    if "a3" not in kinds:
+        return hs
+
+    def on_down(m, inp):
+        _add(acc, "h2", _sq_sum(inp[0]))
+
+    if view.has_mlp:
+        hs.append(view.down_module().register_forward_pre_hook(on_down))
+    if view.experts is not None:
+        hs.append(_experts_hook(view, acc))
+    return hs
+
+
+def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
+    """The attention's moments: per-head q, k, v and o_proj input ("a3"), the Gram of o_proj's input ("ogram")."""
+    d, hs = view.dims, []
     if "ogram" in kinds:
         hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: _add(acc, "oo", _gram(inp[0]))))
     if "a3" not in kinds:
@@ -332,14 +349,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         _add(acc, "o", oo)
         _add(acc, "o1", o1)
 
-    def on_down(m, inp):
-        _add(acc, "h2", _sq_sum(inp[0]))
-
     hs.append(view.o_module().register_forward_pre_hook(on_o))
-    if view.has_mlp:
-        hs.append(view.down_module().register_forward_pre_hook(on_down))
-    if view.experts is not None:
-        hs.append(_experts_hook(view, acc))
     return hs
 
 

@@ -42,6 +42,9 @@ def model_card(result: dict, rep: Report) -> str:
     for r in rep.rows:
         if r.left:
             lines.append(f"| {r.layer} | - | - | - | {r.params:,} (left: {r.left}) |")
+        elif r.mixer:
+            lines.append(f"| {r.layer} | - | - | {r.mlp_orig}->{r.mlp_dim} | {r.params_orig:,}->{r.params:,} (mixer "
+                         f"kept: {r.mixer}) |")
         else:
             lines.append(f"| {r.layer} | {r.head_dim if r.qk_orig < 0 else r.qk_orig}->{r.qk_dim} | "
                          f"{r.head_dim if r.vo_orig < 0 else r.vo_orig}->{r.vo_dim} | {r.mlp_orig}->{r.mlp_dim} | "
@@ -57,7 +60,7 @@ def kept_dims_plot(rep: Report) -> bytes | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in rep.rows if not r.left]
+    rows = [r for r in rep.rows if not r.left and not r.mixer]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = [r.layer for r in rows]
     for name, kept, full in (("qk", "qk_dim", "qk_orig"), ("vo", "vo_dim", "vo_orig"), ("mlp", "mlp_dim", "mlp_orig")):

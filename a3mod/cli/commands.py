@@ -238,10 +238,10 @@ def _ratio_check(args, rep) -> dict:
     asked = args.ratio if args.kv_ratio is None else None
     if asked is not None and rep.ratio < asked - 0.01:
         print(f"a3mod: warning: removed {100 * rep.ratio:.2f}% of the decoder-layer linear parameters, less than the "
-              f"requested {100 * asked:.2f}%: some parts stay whole here (layers a3mod leaves, such as a hybrid's "
-              f"state-space or linear-attention mixers) or the rounding of kept dims; see the report above",
-              file=sys.stderr)
-    return {"requested": asked, "achieved": rep.ratio}
+              f"requested {100 * asked:.2f}%: {rep.kept_whole:,} parameters of hybrid mixers (state-space, "
+              f"convolution or linear-attention) stay as they are; the attention and MLP parts lost "
+              f"{100 * rep.ratio_reducible:.2f}%; see the report above", file=sys.stderr)
+    return {"requested": asked, "achieved": rep.ratio, "achieved_attention_mlp": rep.ratio_reducible}
 
 
 def _lm_eval_tasks(spec: str) -> list[str]:

@@ -162,7 +162,9 @@ class Solution:
 def solved(comp: str, work: LayerWork, loss: torch.Tensor, granule: int) -> Solution:
     """The Solution of component `comp` as the layer's work now stands."""
     a, d = work.attn, work.view.dims
-    if isinstance(a, MLAWork) and comp in ("qk", "ov"):       # full: the module's dims (q/k with its RoPE part)
+    if a is None and comp in ("qk", "ov"):                    # a hybrid's mixer layer: no attention part
+        part = None
+    elif isinstance(a, MLAWork) and comp in ("qk", "ov"):       # full: the module's dims (q/k with its RoPE part)
         mv = work.view.mla_view()
         part = (Part("qk", mv.nope + mv.rope, a.wq.shape[-1] + mv.rope) if comp == "qk"
                 else Part("ov", mv.v, a.wv.shape[-1]))
@@ -194,7 +196,7 @@ def build_layer(model, view, passes, stats, mlp: bool = True):
     """Run A3 passes on one layer (`solve_layer`); returns its compact modules as (path in the layer, module) swaps
     (`LayerWork.build`); mlp=False: attention only."""
     work, _ = solve_layer(view, passes, stats)
-    o = view.o_module()
+    o = view.anchor()
     return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
 
 
@@ -232,7 +234,9 @@ _PASS_OF = {c: p for p, c in _COMPONENT_OF.items()}
 def full_dims(view) -> dict[str, int]:
     """The original dim of every component a layer has."""
     dims = {"qk": view.dims.head_dim, "ov": view.dims.head_dim}
-    if view.spec.mla:        # latent attention: A3QK reduces the position-free q/k dims, A3OV the value dims
+    if view.mixer:           # a hybrid's mixer layer: the MLP only
+        dims = {}
+    elif view.spec.mla:        # latent attention: A3QK reduces the position-free q/k dims, A3OV the value dims
         mv = view.mla_view()
         dims = {"qk": mv.nope, "ov": mv.v}
     if view.has_mlp:
@@ -328,6 +332,8 @@ def _centered(s2: torch.Tensor, s1: torch.Tensor, n: int, bias: torch.Tensor | N
 def apply_qk(cfg: A3QK, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
+    if a is None:                    # a hybrid's mixer layer: nothing of this component
+        return solved("qk", work, torch.zeros(1, dtype=torch.float64), 1)
     if isinstance(a, MLAWork):       # each head's q_nope k_nopeᵀ through the latents: the MHA whitened SVD
         r = qk_kept(cfg, a.wq.shape[-1], True)    # even: DeepSeek-V2 views its RoPE part as complex pairs
         a.wq, a.wk, loss = solvers.qk_whitened_svd(a.wq, a.wk, st["q"] / n, st["k"] / n, r)
@@ -444,6 +450,8 @@ def _apply_qk_partial(work: LayerWork, st: dict, n: int, r: int, cfg: A3QK):
 def apply_ov(cfg: A3OV, ctx: PassContext):
     work, st, n = ctx.work, ctx.stats, ctx.n
     a, d = work.attn, work.view.dims
+    if a is None:                    # a hybrid's mixer layer: nothing of this component
+        return solved("ov", work, torch.zeros(1, dtype=torch.float64), 1)
     if isinstance(a, MLAWork):       # each head's value -> o_proj block, whitened by its attention output (MHA)
         r = ov_kept(cfg, a.wv.shape[-1])
         g = _centered(st["o"], st["o1"], n, None)

@@ -102,18 +102,20 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
     for v in active(views):
         work = LayerWork.from_view(v)
         d, a, m = v.dims, work.attn, work.mlp
-        full = {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1]}
+        full = {} if a is None else {"qk": a.wq.shape[-1], "ov": a.wv.shape[-1]}     # None: a mixer layer's MLP only
         if m is not None:    # an MoE layer may have no dense MLP (only A3KV runs on MoE layers)
             full["mlp"] = m.up[0].shape[0]
-        biases = {"q": a.q_bias, "k": a.k_bias, "up": m is not None and m.up[1] is not None}
+        biases = {"q": a is not None and a.q_bias, "k": a is not None and a.k_bias,
+                  "up": m is not None and m.up[1] is not None}
+        rot = bool(a is not None and a.rot_dim)
         if work.experts is not None:
             ev = v.experts_view()
             full["experts"] = ev.inter
-        if v.spec.qk_norm and not v.spec.mla:
+        if v.spec.qk_norm and not v.spec.mla and "qk" in full:
             del full["qk"]       # a norm needs the whole head: no QK curve (and no A3QK) in this layer
         for comp in full:
             c = PLAN[comp]
-            granule = c.granule(full[comp], bool(a.rot_dim))
+            granule = c.granule(full[comp], rot)
             if comp == "experts":
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, {"up": ev.bias}, gated=ev.gated, experts=ev.num)
             else:
@@ -122,7 +124,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
             cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
             sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
-            uni = c.kept(full[comp], budget if comp == "qk" else raised, None, bool(a.rot_dim)) // granule
+            uni = c.kept(full[comp], budget if comp == "qk" else raised, None, rot) // granule
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]
             loss = loss / ref if ref > 0 else torch.zeros_like(loss)
             kv = d.kv_heads * granule if comp in ("qk", "ov") else 0
@@ -246,5 +248,5 @@ def apply_a3kv(cfg: A3KV, ctx: PassContext):
         c.cost = views[c.layer].dims.kv_heads * c.granule
     kept = allocate(cs, "all") if cfg.mixed else [c.uniform for c in cs]   # cost = kv here: one budget
     ranks = {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
-    return [(v.index, path, new) for v in active(views) for path, new in
+    return [(v.index, path, new) for v in active(views) if v.attn is not None for path, new in
             build_layer(model, v, [_PASS[c](rank=ranks[v.index, c]) for c in ("qk", "ov")], stats, mlp=False)]

@@ -52,7 +52,7 @@ def targets_of(views: list[LayerView], kv: bool) -> list[Target]:
                                         "supported; use ASVD(ratio=...) or A3KV")
         a, m = (lambda n: f"{s.attn}.{n}"), (lambda n: f"{s.mlp}.{n}" if s.mlp else n)
         roles = {a(s.q): "q", a(s.k): "k", a(s.v): "v", a(s.qkv): "qkv", m(s.gate): "gate", m(s.up): "up",
-                 m(s.gate_up): "gate_up"}                  # by path in the layer (BERT has three "dense")
+                 m(s.gate_up): "gate_up", a(s.attn_gate): "attn_gate"}   # by path in the layer (BERT: three "dense")
         for group, paths in v.linear_groups().items():
             for path in paths:
                 w, _ = linear_params(get_path(v.layer, path), s.conv1d)

@@ -135,7 +135,7 @@ def layer_plan(index: int, layer: nn.Module, spec, dims) -> LayerPlan:
     if experts_path is not None:
         full, kept = kept_width(get_path(layer, experts_path), dims.hidden)
         parts["experts"] = Part("experts", full, kept)
-    attn = get_path(layer, spec.attn)
+    attn = find_path(layer, spec.attn)      # None in a hybrid's mixer layer
     if is_mla(attn):               # latent attention narrowed in place: its own head dims
         (qf, qk), (vf, vk) = mla_dims(attn)
         parts["qk"], parts["ov"] = Part("qk", qf, qk), Part("ov", vf, vk)

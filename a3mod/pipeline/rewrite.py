@@ -94,7 +94,7 @@ class ExpertsWork:
 @dataclass
 class LayerWork:
     view: LayerView
-    attn: AttnWork | MLAWork
+    attn: AttnWork | MLAWork | None              # None: a hybrid's mixer layer (its MLP only)
     mlp: MlpWork | None                          # None: an MoE layer without a shared expert
     experts: ExpertsWork | None = None
 
@@ -103,6 +103,8 @@ class LayerWork:
         if v.left:
             raise UnsupportedModelError(f"layer {v.index}: {v.left}")
         d = v.dims
+        if v.attn is None:          # a hybrid's mixer layer: the mixer stays, the MLP is reduced
+            return cls(v, None, *cls._mlp_work(v))
         if v.spec.mla:
             mv = v.mla_view()
             attn = MLAWork(*mv.weights(), rot_dim=mv.rope)
@@ -145,6 +147,8 @@ class LayerWork:
         a, d, v = self.attn, self.view.dims, self.view
         kw = dict(device=device, dtype=dtype)
         old = v.attn
+        if a is None:                       # a hybrid's mixer layer: its MLP only
+            return self._mlp_swaps(config, kw) if mlp else []
         if isinstance(a, MLAWork):          # narrowed in place of the original (same class and forward)
             swaps = [(v.spec.attn, narrowed_mla(old, a.wq, a.wk, a.wv, a.wo, a.bo))]
             return swaps + (self._mlp_swaps(config, kw) if mlp else [])

@@ -91,7 +91,7 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
     layer = view.layer
     was = layer.training
     layer.eval()
-    o = view.o_module()
+    o = view.anchor()
     dtype, device = o.weight.dtype, o.weight.device
     x = args[0] if args else kwargs.get("hidden_states")
     ref = _hidden(layer(*args, **kwargs))

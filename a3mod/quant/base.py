@@ -96,6 +96,9 @@ def _targets(views: list[LayerView], swaps: list) -> list[tuple[int, str, nn.Mod
         mods = [(p, m) for p, m in v.layer.named_modules()
                 if not any(p == g or p.startswith(g + ".") for g in gone)]
         mods += [(f"{path}.{n}" if n else path, m) for path, mod in new for n, m in mod.named_modules()]
+        if v.mixer:                     # a hybrid's mixer stays as it is; its MLP is quantized like any other
+            keep = [x for x in (v.mlp_path, v.experts_path) if x]
+            mods = [(p, m) for p, m in mods if any(p == k or p.startswith(k + ".") for k in keep)]
         for p, m in mods:
             if is_quantized(m):
                 raise QuantizationError(f"layer {v.index} {p} is already quantized ({type(m).__name__}); quantize "

@@ -93,8 +93,16 @@ _MLA_PARTS = {"q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with
 
 def _mla_extras(layers, attn: str) -> list[str]:
     """Children with parameters of the latent attention modules that are not `_MLA_PARTS`."""
-    return sorted({n for layer in layers if hasattr(layer, attn) for n, c in layer.get_submodule(attn).named_children()
-                   if n not in _MLA_PARTS and any(True for _ in c.parameters())})
+    mods = [m for layer in layers if is_mla(m := getattr(layer, attn, None))]     # not a hybrid's other mixers
+    return sorted({n for m in mods for n, c in m.named_children()
+                   if n not in _MLA_PARTS and any(True for _ in c.parameters()) and not _head_gate(c, m)})
+
+
+def _head_gate(c: nn.Module, mla: nn.Module) -> bool:
+    """A linear emitting one value per head (Ling 3's head-wise output gate, attn_out * sigmoid(g) per head): it
+    scales each head's output as a whole, which commutes with A3OV's per-head rotation of MLA's value dims (and the
+    statistics see the gated outputs); the self-check confirms the description."""
+    return isinstance(c, nn.Linear) and c.out_features == getattr(mla, "num_heads", -1)
 
 
 def _unmodelled(model: nn.Module) -> str | None:
