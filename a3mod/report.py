@@ -76,7 +76,7 @@ class LayerRow:
     expert_orig: int = 0
     experts_fallback: int = 0    # experts whose neurons were scored from their weights (too few routed tokens)
     mixer: str = ""          # why the attention part is left (a hybrid's mixer beside a reduced MLP); qk/vo read 0
-    kept_whole: int = 0      # linear params a3mod leaves by design: a mixer's (a left layer: all of `params`)
+    kept_whole: int = 0      # linear params a3mod leaves by design: a mixer's, a router's (a left layer: all)
     active: int = -1         # parameters one token runs through (routed experts at top-k); -1: all of `params`
     active_orig: int = -1
     qk_orig: int = -1        # original q/k and v/o head dims when they differ from head_dim (latent attention)
@@ -117,7 +117,7 @@ class Report:
 
     @property
     def kept_whole(self) -> int:
-        """Linear params a3mod leaves by design: hybrid mixers and left layers."""
+        """Linear params a3mod leaves by design: hybrid mixers, MoE routers and left layers."""
         return sum(r.kept_whole for r in self.rows)
 
     @property
@@ -180,7 +180,7 @@ class Report:
                   f"params        {self.params_orig:,} -> {self.params:,}  (removed {100 * self.ratio:.4f}%)"]
         if self.kept_whole:
             lines.append(f"              attention and MLP parts: removed {100 * self.ratio_reducible:.4f}% "
-                         f"({self.kept_whole:,} params of hybrid mixers and left layers kept as they are)")
+                         f"({self.kept_whole:,} params of hybrid mixers, routers and left layers kept as they are)")
         lines += [
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
@@ -204,6 +204,18 @@ def _moe_row(row: LayerRow, experts: nn.Module, plan, config) -> None:
     was = now + (row.expert_orig - row.expert_dim) * per_neuron
     row.active = row.params - now + now * k // n
     row.active_orig = row.params_orig - was + was * k // n
+
+
+def _kept_whole(layer: nn.Module, spec, attn: nn.Module | None, n: int) -> int:
+    """Linear params of `layer` outside the attention and MLP a3mod reduces: a hybrid's mixer (in its own layer or
+    beside the attention, Falcon-H1), an MoE router. 0 when the MLP's linears sit on the layer itself (OPT, BERT)."""
+    if not spec.mlp:
+        return 0
+    used = (linear_param_count(attn) if attn is not None else 0) + sum(
+        linear_param_count(get_path(layer, p)) for p in mlp_paths(layer, spec) if p)
+    if spec.o_from_layer:
+        used += linear_param_count(get_path(layer, spec.o))
+    return max(0, n - used)
 
 
 def report(model: nn.Module, context: int = 2048) -> Report:
@@ -234,9 +246,9 @@ def report(model: nn.Module, context: int = 2048) -> Report:
             qk = vo = kv = kv0 = 0
         row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
                        kv, kv0, lowrank, quantized, mixer=mixer)
+        row.kept_whole = _kept_whole(layer, spec, attn, n)
         if mixer:
             row.qk_orig = row.vo_orig = 0
-            row.kept_whole = n - sum(linear_param_count(get_path(layer, p)) for p in mlp_paths(layer, spec) if p)
         elif plan.full("qk") != d.head_dim or plan.full("ov") != d.head_dim:
             row.qk_orig, row.vo_orig = plan.full("qk"), plan.full("ov")
         if "experts" in plan.parts:

@@ -73,3 +73,34 @@ def test_hybrid_streams_layer_by_layer(tmp_path):
     streamed = a3mod.load(out)
     ids = _ids(2, 12, 0)
     torch.testing.assert_close(_logits(streamed, ids), _logits(ref, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mixer_beside_the_attention_stays_and_its_parameters_are_reported():
+    """Falcon-H1 runs Mamba in parallel with the attention in every layer: discovery takes the MLP after both, the
+    mixer stays bit-identical, and the report counts it as kept whole (the ratio asked is met on the rest)."""
+    from zoo import tiny_zoo_model
+
+    model = tiny_zoo_model("falcon_h1").eval()
+    mamba = {n: p.clone() for n, p in model.model.layers[0].mamba.named_parameters()}
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    assert all(torch.equal(p, mamba[n]) for n, p in model.model.layers[0].mamba.named_parameters())
+    rep = a3mod.report(model)
+    from a3mod.report import linear_param_count
+
+    assert rep.kept_whole == sum(linear_param_count(layer.mamba) for layer in model.model.layers)
+    assert abs(rep.ratio_reducible - 0.3) < 0.03 and rep.ratio < rep.ratio_reducible
+
+
+def test_a_shared_expert_beside_the_moe_block_is_compressed():
+    """Granite 4.0-H keeps its shared MLP on the layer beside the MoE block (ArchSpec.shared_on_layer); the zoo
+    config keeps one attention layer among the Mamba layers, as the real checkpoints have."""
+    from a3mod.arch.lookup import spec_for
+    from zoo import tiny_zoo_model
+
+    model = tiny_zoo_model("granitemoehybrid").eval()
+    spec = spec_for(model)
+    assert spec.shared_on_layer and spec.shared == "shared_mlp"
+    views = layer_views(model)
+    assert [bool(v.mixer) for v in views] == [True, False] and all(v.mlp_path == "shared_mlp" for v in views)
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    assert all(type(layer.shared_mlp).__name__ == "ReducedMLP" for layer in model.model.layers)

@@ -27,6 +27,8 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "granite_swa", "granitemoe_swa", "flint",
                  # DeepSeek sparse attention: latent attention compressed, the indexer kept whole
                  "deepseek_v32", "glm_moe_dsa",
+                 # hybrids: mixers kept, every MLP compressed (tests/test_hybrid.py)
+                 "qwen3_5_text", "falcon_h1", "granitemoehybrid", "kimi_linear", "olmo_hybrid",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

@@ -61,6 +61,7 @@ class ArchSpec:
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)
+    shared_on_layer: bool = False  # `shared` sits on the layer beside the MoE block, a path from the layer (Granite 4)
 
 
 def module_copy(mod: nn.Module) -> nn.Module:

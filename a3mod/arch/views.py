@@ -154,9 +154,12 @@ class LayerView:
     def o_module(self) -> nn.Module:
         return get_path(self.layer if self.spec.o_from_layer else self.attn, self.spec.o)
 
-    def anchor(self) -> nn.Module:
-        """The linear whose dtype and device the layer's compact modules take: o_proj, or a mixer layer's down."""
-        return self.o_module() if self.attn is not None else self.down_module()
+    def anchor(self) -> torch.Tensor:
+        """The weight whose dtype and device the layer's compact modules take: o_proj's, else (a mixer layer) the
+        MLP's down projection's or the routed experts' first parameter."""
+        if self.attn is not None:
+            return self.o_module().weight
+        return self.down_module().weight if self.has_mlp else next(self.experts.parameters())
 
     def down_module(self) -> nn.Module:
         return get_path(self.mlp, self.spec.down)
@@ -253,7 +256,8 @@ def mixer_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
     if attn is None:
         mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
                            if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))
-                           and n != spec.mlp.split(".")[0]) or "none"
+                           and n not in (spec.mlp.split(".")[0], spec.shared if spec.shared_on_layer else None)
+                           ) or "none"
         return f"no attention {spec.attn!r} module: a mixer a3mod does not reduce (children: {mixers})"
     names = ["kv_b_proj"] if spec.mla else [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
     names += [] if spec.o_from_layer else [spec.o]
@@ -301,7 +305,8 @@ def mlp_paths(layer: nn.Module, spec: ArchSpec) -> tuple[str | None, str | None]
     if block is None:
         return None, None
     if spec.experts and find_path(block, spec.experts) is not None:
-        shared = join(spec.mlp, spec.shared) if spec.shared and find_path(block, spec.shared) is not None else None
+        where, root = (spec.shared, layer) if spec.shared_on_layer else (join(spec.mlp, spec.shared), block)
+        shared = where if spec.shared and find_path(root, spec.shared) is not None else None
         return shared, join(spec.mlp, spec.experts)
     return spec.mlp, None
 

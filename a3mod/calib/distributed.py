@@ -80,7 +80,7 @@ def solve(build, model, view, *args) -> list:
     swaps = build(model, view, *args) if torch.distributed.get_rank() == src else None
     box = [[(p, m.cpu()) for p, m in swaps] if swaps is not None else None]
     torch.distributed.broadcast_object_list(box, src=src)
-    device = view.anchor().weight.device
+    device = view.anchor().device
     return [(p, m.to(device)) for p, m in box[0]]
 
 

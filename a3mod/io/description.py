@@ -72,23 +72,39 @@ def materialize_buffers(model: nn.Module, device) -> None:
             try:
                 fresh = type(mod)(config=model.config)
             except TypeError as e:
-                if not _init_buffers(model, mod, meta, device):
+                if not _init_buffers(model, name, mod, meta, device):
                     raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
                 continue
             for n in meta:
                 mod._buffers[n] = getattr(fresh, n).to(device)
 
 
-def _init_buffers(model: nn.Module, mod: nn.Module, names: list[str], device) -> bool:
-    """Buffers of a module not built from the config (Gemma's scaled embedding: `embed_scale`): the model's own
-    `_init_weights` fills them, as in `from_pretrained`, with the loaded parameters marked initialized so they
-    stay. Returns False when the model has no `_init_weights` or it left a buffer on the meta device."""
+def _init_buffers(model: nn.Module, path: str, mod: nn.Module, names: list[str], device) -> bool:
+    """Buffers of a module not built from the config (Gemma's scaled embedding: `embed_scale`; Falcon-H1's Mamba
+    `mup_vector`, which the model's `_init_weights` writes from the decoder stack): the model's own `_init_weights`
+    fills them, as in `from_pretrained`, on the module and then on each module above it until none is left unset,
+    with every loaded parameter marked initialized so it stays. Returns False when the model has no `_init_weights`
+    or a buffer stays unset (NaN-filled before, so a skipped one is seen)."""
     init = getattr(model, "_init_weights", None)
     if init is None:
         return False
     for n in names:
-        mod._buffers[n] = torch.empty_like(mod._buffers[n], device=device)
-    params = list(mod.parameters(recurse=False))
+        b = mod._buffers[n]
+        mod._buffers[n] = torch.full(b.shape, float("nan"), dtype=b.dtype, device=device) if b.is_floating_point() \
+            else torch.zeros(b.shape, dtype=b.dtype, device=device)
+    unset = lambda: any(mod._buffers[n].is_floating_point() and bool(mod._buffers[n].isnan().any())  # noqa: E731
+                        for n in names)
+    parts = path.split(".") if path else []
+    for owner in [mod] + [model.get_submodule(".".join(parts[:k])) for k in range(len(parts) - 1, -1, -1)]:
+        _init_keeping_params(init, owner)
+        if not unset():
+            return True
+    return False
+
+
+def _init_keeping_params(init, mod: nn.Module) -> None:
+    """`init(mod)` with every parameter under `mod` marked initialized (transformers' init functions skip those)."""
+    params = list(mod.parameters())
     flags = [p.__dict__.get("_is_hf_initialized") for p in params]
     for p in params:
         p._is_hf_initialized = True
@@ -100,7 +116,6 @@ def _init_buffers(model: nn.Module, mod: nn.Module, names: list[str], device) ->
                 del p._is_hf_initialized
             else:
                 p._is_hf_initialized = f
-    return not any(mod._buffers[n].is_meta for n in names)
 
 
 def remember_narrow(model: nn.Module, side: dict) -> None:

@@ -142,6 +142,13 @@ class _NativeModel:
         if side:
             build(self, side)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """As the base class: a3mod's subclass is no remote code, and transformers' initialisation must treat it as its
+        base (custom code skips modules without direct parameters, so Falcon-H1's `mup_vector`, which the model's
+        `_init_weights` writes from the decoder stack, would stay uninitialised memory)."""
+        return cls.a3mod_base.is_custom_code()
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)

@@ -196,8 +196,8 @@ def build_layer(model, view, passes, stats, mlp: bool = True):
     """Run A3 passes on one layer (`solve_layer`); returns its compact modules as (path in the layer, module) swaps
     (`LayerWork.build`); mlp=False: attention only."""
     work, _ = solve_layer(view, passes, stats)
-    o = view.anchor()
-    return work.build(model.config, o.weight.dtype, o.weight.device, mlp=mlp)
+    w = view.anchor()
+    return work.build(model.config, w.dtype, w.device, mlp=mlp)
 
 
 def a3_passes(ratio: float, multiple_of: int | None = None, portable: bool = False) -> list:

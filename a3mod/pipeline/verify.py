@@ -91,8 +91,8 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
     layer = view.layer
     was = layer.training
     layer.eval()
-    o = view.anchor()
-    dtype, device = o.weight.dtype, o.weight.device
+    w = view.anchor()
+    dtype, device = w.dtype, w.device
     x = args[0] if args else kwargs.get("hidden_states")
     ref = _hidden(layer(*args, **kwargs))
     scale = float((ref - x).norm()) if x is not None and x.shape == ref.shape else float(ref.norm())

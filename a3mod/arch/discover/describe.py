@@ -131,7 +131,11 @@ def find_moe(layer: nn.Module) -> tuple[str, str, str | None] | None:
             and sum(_is_linear(x) for x in c.modules()) >= 2]
     if len(mlps) > 1:
         raise DiscoveryError(f"MoE block {block} has several shared-expert candidates {mlps}")
-    return block, hits[0], f"{block}.{mlps[0]}" if mlps else None
+    if mlps:
+        return block, hits[0], f"{block}.{mlps[0]}"
+    beside = [n for n, c in layer.named_children() if n != block and "mlp" in n.lower()      # Granite 4.0-H
+              and sum(_is_linear(x) for x in c.modules()) >= 2]
+    return block, hits[0], beside[0] if len(beside) == 1 else None
 
 
 def _block_input(g: OpGraph, block: str) -> Lin:

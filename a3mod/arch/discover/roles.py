@@ -299,6 +299,9 @@ def find_mlp(g: OpGraph, o: Lin, within: str | None = None) -> Mlp:
     ends = [lin for lin in g.producers(layer_out(g)) if lin.node is not o.node]
     if within is not None:
         ends = [lin for lin in ends if lin.path.startswith(within + ".")]
+    after = [lin for lin in ends if o.node in g.ancestors(lin.node)]
+    if len(ends) > 1 and len(after) == 1:   # a mixer beside the attention (Falcon-H1's Mamba): the MLP comes after
+        ends = after
     if len(ends) != 1:
         found = ", ".join(lin.path for lin in ends) or "nothing but the attention output"
         raise g.err(f"expected one MLP down projection (a linear other than {o.path} whose output reaches the "

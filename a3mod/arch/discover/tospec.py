@@ -133,7 +133,9 @@ def _mlp_fields(d: LayerDiscovery, moe: LayerDiscovery | None) -> dict[str, Any]
     mlp = d.mlp_module if d.up is not None else None
     kw: dict[str, Any] = dict(mlp=moe.moe if moe else mlp)
     if moe is not None:
-        kw.update(experts=rel(moe.experts, moe.moe), shared=moe.shared and rel(moe.shared, moe.moe))
+        beside = bool(moe.shared) and not moe.shared.startswith(moe.moe + ".")     # on the layer (Granite 4.0-H)
+        kw.update(experts=rel(moe.experts, moe.moe), shared=moe.shared if beside else moe.shared and
+                  rel(moe.shared, moe.moe), shared_on_layer=beside)
     if d.up is None:
         return kw
     kw["down"] = rel(d.down.module, mlp)
