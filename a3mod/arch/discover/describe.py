@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import UserDict
 
 import torch
 from torch import fx, nn
@@ -271,6 +272,8 @@ def _rotary_path(cap: _Outputs, kwargs: dict) -> str | None:
 
 
 def _export(layer: nn.Module, index: int, args, kwargs):
+    # a dict-like container torch.export does not take (Gemma 4's KVSharingDict, a UserDict) goes in as a plain dict
+    kwargs = {k: dict(v) if isinstance(v, UserDict) else v for k, v in kwargs.items()}
     try:
         return torch.export.export(layer, tuple(args), dict(kwargs), strict=False)
     except Exception as e:

@@ -302,6 +302,9 @@ def find_mlp(g: OpGraph, o: Lin, within: str | None = None) -> Mlp:
     after = [lin for lin in ends if o.node in g.ancestors(lin.node)]
     if len(ends) > 1 and len(after) == 1:   # a mixer beside the attention (Falcon-H1's Mamba): the MLP comes after
         ends = after
+    first = [lin for lin in ends if not any(e.node in g.ancestors(lin.node) for e in ends if e is not lin)]
+    if len(ends) > 1 and len(first) == 1:   # a projection after the MLP (Gemma 4's per-layer input) stays whole
+        ends = first
     if len(ends) != 1:
         found = ", ".join(lin.path for lin in ends) or "nothing but the attention output"
         raise g.err(f"expected one MLP down projection (a linear other than {o.path} whose output reaches the "
