@@ -108,9 +108,20 @@ def test_discovery_reads_the_output_gate(mtype, gate):
     assert wg.shape == wq.shape == (d.heads * d.head_dim, d.hidden)
 
 
-def test_a_per_head_gate_is_refused_by_name():
-    with pytest.raises(UnsupportedModelError, match="per-head gate"):
-        spec_for(tiny_zoo_model("lfm3"))
+def test_a_per_head_gate_keeps_the_joint_svd():
+    """LFM3 gates each head's output by one sigmoid: it scales the head as a whole, so A3OV's rotation of the value
+    dims commutes with it; the gate projection stays whole (H outputs) and a full-rank rotation is exact."""
+    model = tiny_zoo_model("lfm3").eval()
+    spec = spec_for(model)
+    assert spec.attn_gate == "g_proj" and spec.attn_gate_head
+    v = next(v for v in layer_views(model) if v.attn is not None)
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, [a3mod.A3OV(rank=v.dims.head_dim)], calib=_ids(8, 16, 1), progress=False)
+    new = model.model.layers[v.index].self_attn
+    assert new.cfg.gate_per_head and new.g_proj.out_features == v.dims.heads
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+    assert "per head" in repr(new)
 
 
 def _attn_layer(model):
@@ -152,7 +163,7 @@ def test_kept_dims_match_a_brute_force_gated_attention():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mtype", ["qwen3_5_text", "afmoe"])
+@pytest.mark.parametrize("mtype", ["qwen3_5_text", "afmoe", "lfm3"])
 def test_error_shrinks_as_rank_grows_and_full_rank_is_exact(mtype):
     torch.manual_seed(0)
     calib, ids = _ids(8, 16, 1), _ids(2, 12, 0)

@@ -58,6 +58,7 @@ class ArchSpec:
     attn_gate: str | None = None   # output gate, attn_out * sigmoid(gate) before `o`, elementwise per head dim:
                                    # "q" (the q projection emits each head's [query | gate], Qwen3.5 / Qwen3-Next)
                                    # or the path of its own projection from the attention module (AFMoE's gate_proj)
+    attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)

@@ -135,6 +135,8 @@ class AttentionConfig:
     gate: bool = spec(False, kind="bool", omit_default=True, only=True,
                       doc="an output gate: each head's output times sigmoid(g_proj(x)) (Qwen3.5, Qwen3-Next)")
     gate_bias: bool = spec(False, kind="bool", omit_default=True, only=True, doc="g_proj has a bias")
+    gate_per_head: bool = spec(False, kind="bool", omit_default=True, only=True,
+                               doc="one gate per head, broadcast over its value dims (LFM3)")
 
     def __post_init__(self):
         if not isinstance(self.bias, dict) or sorted(self.bias) != ["k", "o", "q", "v"]:
@@ -147,8 +149,9 @@ class AttentionConfig:
             raise ConfigError("rot_dim", self.rot_dim, f"must be even (RoPE rotates pairs) and within [0, qk_dim = "
                                                        f"{self.qk_dim}]")
         check_choices(self)
-        if self.gate_bias and not self.gate:
-            raise ConfigError("gate_bias", True, "needs gate=True (a gate projection to hold the bias)")
+        if (self.gate_bias or self.gate_per_head) and not self.gate:
+            raise ConfigError("gate_per_head" if self.gate_per_head else "gate_bias", True,
+                              "needs gate=True (a gate projection)")
         if self.gate and not self.out_proj:
             raise ConfigError("gate", True, "needs out_proj=True (the gate multiplies what o_proj reads)")
         if self.qk_norm_after_rope and self.qk_norm != "head":
@@ -191,7 +194,8 @@ class ReducedHeadAttention(nn.Module):
         self.q_norm, self.k_norm = (q_norm, k_norm) if c.qk_norm else (None, None)
         self.sinks = nn.Parameter(torch.zeros(c.heads, **kw)) if c.sinks else None   # per-head sink logits (gpt-oss)
         # output gate (Qwen3.5 / Qwen3-Next): elementwise over every kept value dim of every head
-        self.g_proj = nn.Linear(c.hidden, c.heads * c.vo_dim, bias=c.gate_bias, **kw) if c.gate else None
+        self.g_proj = nn.Linear(c.hidden, c.heads * (1 if c.gate_per_head else c.vo_dim), bias=c.gate_bias,
+                                **kw) if c.gate else None
         idx = torch.arange(c.rot_dim, device=device).repeat(c.kv_heads, 1)
         self.register_buffer("rope_index", idx, persistent=True)          # (Hkv, rot_dim) long
         self._rope_key, self._rope_flags = None, (False, False)
@@ -288,7 +292,9 @@ class ReducedHeadAttention(nn.Module):
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
         out = out.reshape(B, T, H * self.vo_dim)                                         # (B,T,H*r_vo)
-        if self.g_proj is not None:
+        if self.g_proj is not None and self.cfg.gate_per_head:                            # (B,T,H) gates
+            out = (out.view(B, T, H, self.vo_dim) * torch.sigmoid(self.g_proj(hidden_states))[..., None]).flatten(2)
+        elif self.g_proj is not None:
             out = out * torch.sigmoid(self.g_proj(hidden_states))                        # (B,T,H*r_vo)
         if self.o_proj is None:
             return out, weights
@@ -314,7 +320,8 @@ class ReducedHeadAttention(nn.Module):
                  else f"{self.scaling:g}")
         extra = (f", qk-norm {self.qk_norm} (q/k kept at full head dim)" if self.qk_norm else "") + (
             f", softcap={self.softcap:g}" if self.softcap is not None else "") + (
-            ", sigmoid output gate" if self.g_proj is not None else "") + (
+            (", sigmoid output gate" + (" per head" if self.cfg.gate_per_head else "")) if self.g_proj is not None
+            else "") + (
             ", output projection outside" if self.o_proj is None else "")
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
                 f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={scale}{extra}")

@@ -297,7 +297,7 @@ def _component_params(v) -> dict[str, int]:
     d, full = v.dims, full_dims(v)
     gated = v.has_mlp and (v.spec.gate is not None or v.spec.gate_up is not None)
     out = {c: COMPONENTS[c].dim_params(d.hidden, d.heads, d.kv_heads, {}, gated=gated,
-                                       attn_gate=v.spec.attn_gate is not None) * f
+                                       attn_gate=v.spec.attn_gate is not None and not v.spec.attn_gate_head) * f
            for c, f in full.items() if c != "experts"}
     if "experts" in full:
         ev = v.experts_view()
@@ -461,11 +461,12 @@ def apply_ov(cfg: A3OV, ctx: PassContext):
         return solved("ov", work, loss.sum(0), 1)
     full = a.wv.shape[-1]
     r = ov_kept(cfg, full)
-    if a.wg is not None:
+    if a.wg is not None and not a.gate_head:
         return _apply_ov_gated(cfg, work, st, n, r)
     # softmax rows sum to 1, so the value bias passes through as b_v W_o: fold it into o. Not with attention sinks
     # (gpt-oss): their softmax column takes mass, the rows over the keys sum to less; the bias stays a value input
-    bv = a.wv[:, -1] if a.v_bias and not work.view.has_sinks else None             # (Hkv, d_h)
+    # (a per-head output gate scales it per token too: it stays a value input there as well)
+    bv = a.wv[:, -1] if a.v_bias and not work.view.has_sinks and a.wg is None else None      # (Hkv, d_h)
     if bv is not None:
         fold = torch.einsum("hd,hdm->m", bv.repeat_interleave(d.groups, 0), a.wo)
         a.bo = fold if a.bo is None else a.bo + fold

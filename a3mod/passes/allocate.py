@@ -120,7 +120,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, {"up": ev.bias}, gated=ev.gated, experts=ev.num)
             else:
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None,
-                                    attn_gate=getattr(a, "wg", None) is not None)
+                                    attn_gate=getattr(a, "wg", None) is not None and not a.gate_head)
             cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
             sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit

@@ -60,6 +60,7 @@ class AttnWork:
     qk_norm: str | None = None   # q/k norm before RoPE ("head" / "all"): QK must stay at the full head dim
     wg: Tensor | None = None     # (H, d_in[+1], r_vo) output gate per query head (bias row last if g_bias), or None
     g_bias: bool = False
+    gate_head: bool = False      # one gate per head (wg (H, d_in[+1], 1)): untouched by the value dims
 
 
 @dataclass
@@ -124,7 +125,9 @@ class LayerWork:
             bo=None if bo is None else bo.detach().double(),
             rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
             q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm,
-            wg=None if gate is None else heads(*gate, d.heads), g_bias=gate is not None and gate[1] is not None)
+            wg=None if gate is None else _aug(*gate).view(-1, d.heads, 1).permute(1, 0, 2) if v.spec.attn_gate_head
+            else heads(*gate, d.heads), g_bias=gate is not None and gate[1] is not None,
+            gate_head=v.spec.attn_gate_head)
         return cls(v, attn, *cls._mlp_work(v))
 
     @staticmethod
@@ -159,7 +162,7 @@ class LayerWork:
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
             rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once") else "half", alibi=v.spec.alibi,
-            sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias,
+            sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias, gate_per_head=a.gate_head,
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)

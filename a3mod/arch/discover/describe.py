@@ -100,8 +100,13 @@ def _out_gate(g: OpGraph, a: Attn, o: Lin, q, heads: int, head_dim: int, found: 
     hit = find_out_gate(g, a, o)
     if hit is None:
         return None
-    gl, rows = hit
+    gl, rows, per_head = hit
     n = heads * head_dim
+    if per_head:
+        if gl.path == q.lin.path or gl.out != heads or not torch.equal(rows, torch.arange(heads)):
+            raise g.err(f"the per-head output gate {gl.path} is not its own projection with one output per head")
+        found.append(f"output gate: attn_out * sigmoid({gl.path}(x)), one per head")
+        return gl.path + "#head"
     if gl.path == q.lin.path:
         both = torch.arange(2 * n).view(heads, 2, head_dim)
         if not (torch.equal(q.heads, both[:, 0]) and torch.equal(rows, both[:, 1].reshape(-1))):

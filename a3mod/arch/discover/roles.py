@@ -180,9 +180,10 @@ def find_qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | 
     return "other"
 
 
-def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor] | None:
-    """(gate projection, gate channel of each o_proj input channel (n,)) of an elementwise output gate, o_proj
-    reading attn_out * sigmoid(gate(x)) (Qwen3.5, Qwen3-Next, AFMoE), or None without one."""
+def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool] | None:
+    """(gate projection, gate channel of each o_proj input channel (n,), one gate per head?) of a sigmoid output
+    gate, o_proj reading attn_out * sigmoid(gate(x)): elementwise per value dim (Qwen3.5, Qwen3-Next, AFMoE) or one
+    per head broadcast over its dims (LFM3); None without one."""
     path = g.between(a.out, o.x)
     on_path = set(path)
     for n in path:
@@ -211,10 +212,12 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor] | Non
         n_ch = int(head_major(out_shape).max()) + 1
         rows = torch.full((n_ch,), -1, dtype=torch.long)
         rows[av] = gv
-        if not torch.equal(rows[av], gv) or len(set(rows.tolist())) != n_ch or bool((rows < 0).any()):
-            raise g.err(f"{gl.path} gates the attention output but not one channel per value dim (a per-head "
-                        "gate?): only an elementwise output gate is modelled")
-        return gl, rows
+        dv = out_shape[-1]
+        if torch.equal(rows[av], gv) and len(set(rows.tolist())) == n_ch and not bool((rows < 0).any()):
+            return gl, rows, False
+        if torch.equal(rows[av], gv) and torch.equal(rows, torch.arange(n_ch) // dv):
+            return gl, rows[::dv], True
+        raise g.err(f"{gl.path} gates the attention output neither per value dim nor per head")
     return None
 
 

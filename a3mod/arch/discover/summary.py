@@ -31,7 +31,8 @@ def layer_lines(d: LayerDiscovery) -> list[str]:
                                                 ("output", d.output_norm)) if v)
     extra = [f"softcap {d.softcap:g}"] if d.softcap else []
     if d.out_gate:
-        extra.append(f"sigmoid output gate from {'the q projection' if d.out_gate == 'q' else d.out_gate}")
+        extra.append(f"sigmoid output gate from {'the q projection' if d.out_gate == 'q' else d.out_gate}".replace(
+            "#head", " (one per head)"))
     if d.q_norm:
         extra.append(f"q/k norm {d.q_norm}/{d.k_norm} over {'each head' if d.qk_norm_scope == 'head' else 'all heads'}")
     return [

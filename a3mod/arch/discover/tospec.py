@@ -125,7 +125,8 @@ def _attention_fields(r: Discovery, d: LayerDiscovery) -> dict[str, Any]:
     if d.softcap is not None:
         kw["softcap"] = d.softcap_attr
     if d.out_gate is not None:
-        kw["attn_gate"] = "q" if d.out_gate == "q" else rel(d.out_gate, attn)
+        path, _, head = d.out_gate.partition("#")      # "#head": one gate per head (LFM3)
+        kw.update(attn_gate="q" if path == "q" else rel(path, attn), attn_gate_head=bool(head))
     return kw
 
 

@@ -74,7 +74,8 @@ class LayerDiscovery:
     experts: str | None = None      # ... the experts module (3-D parameters; path from the layer)
     shared: str | None = None       # ... the block's shared-expert MLP, whose roles gate / up / down describe
     num_experts: int = 0
-    out_gate: str | None = None     # output gate attn_out * sigmoid(gate): "q" (in the q projection), its path, None
+    out_gate: str | None = None     # output gate attn_out * sigmoid(gate): "q" (in the q projection), its path (with
+                                    # "#head" when it is one gate per head), or None
     found: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     @property
