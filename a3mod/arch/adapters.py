@@ -52,6 +52,11 @@ ARCHS: dict[str, ArchSpec] = {
     # multi-head latent attention: q(_b)_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj read by a3mod.arch.mla
     "deepseek_v2": replace(_LLAMA, q=None, k=None, v=None, mla=True, experts="experts", shared="shared_experts"),
     "deepseek_v3": replace(_LLAMA, q=None, k=None, v=None, mla=True, experts="experts", shared="shared_experts"),
+    # complex-frequency RoPE on interleaved pairs, an L2 q/k norm after it in the RoPE layers (QK whole there), NoPE
+    # layers with temperature-tuned queries, chunked attention (the model's mask), dense and MoE layers
+    "llama4_text": replace(_LLAMA, mlp="feed_forward", rope="interleaved", rope_table="complex", qk_norm="head",
+                           qk_norm_names=("qk_norm", "qk_norm"), qk_norm_after_rope=True, attn_temperature=True,
+                           experts="experts", shared="shared_expert"),
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

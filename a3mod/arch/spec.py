@@ -34,6 +34,7 @@ class ArchSpec:
     norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
     rope: str | None = "rotate_half"   # RoPE layout: "rotate_half", "interleaved" or None (no RoPE)
     rope_table: str = "half"       # layout of the (cos, sin) the model passes: "half" (cat(freqs, freqs), the HF
+                                   # default), "complex" (one complex tensor cos + i sin, each freq once: Llama 4), or
                                    # default, also for interleaved heads), "interleaved" (each freq twice in a row)
                                    # or "sin_cos" ((sin, cos), each freq once: GPT-J, CodeGen)
                                    # or "once" ((cos, sin), each freq once: gpt-oss)
@@ -59,6 +60,8 @@ class ArchSpec:
                                    # "q" (the q projection emits each head's [query | gate], Qwen3.5 / Qwen3-Next)
                                    # or the path of its own projection from the attention module (AFMoE's gate_proj)
     attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
+    attn_temperature: bool = False # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale
+                                   # + 1 where the attention's `attn_temperature_tuning` is set (Llama 4)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)

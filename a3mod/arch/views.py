@@ -109,9 +109,24 @@ class LayerView:
         """This layer's attention holds the sink logits (MiMo-V2 has them in some layers only)."""
         return self.spec.sinks is not None and getattr(self.attn, self.spec.sinks, None) is not None
 
+    @property
+    def qk_norm(self) -> str | None:
+        """The q/k norm scope of this layer ("head" / "all"), None without one (Llama 4: only its RoPE layers)."""
+        return self.spec.qk_norm if self.qk_norm_modules() is not None else None
+
     def qk_norm_modules(self) -> tuple[nn.Module, nn.Module] | None:
-        """(q_norm, k_norm) of a qk-norm family, else None."""
-        return tuple(getattr(self.attn, n) for n in self.spec.qk_norm_names) if self.spec.qk_norm else None
+        """(q_norm, k_norm) of a qk-norm family (when this layer has them), else None."""
+        if not self.spec.qk_norm or self.attn is None:
+            return None
+        mods = tuple(getattr(self.attn, n, None) for n in self.spec.qk_norm_names)
+        return None if any(m is None for m in mods) else mods
+
+    def temperature(self) -> tuple[float, float] | None:
+        """(attn_scale, floor_scale) of Llama 4's temperature-tuned queries in a NoPE layer, else None."""
+        a = self.attn
+        if not self.spec.attn_temperature or not getattr(a, "attn_temperature_tuning", False) or self.dims.rot_dim:
+            return None
+        return float(a.attn_scale), float(a.floor_scale)
 
     def softcap(self) -> float | None:
         """Attention logit softcap (tanh capping of the scores) or None."""

@@ -33,13 +33,15 @@ def layer_cache(cache, past_key_values, kwargs: dict):
 
 # position_embeddings layouts: "half" = (cos, sin), each cat(freqs, freqs) over the rotary dims (the HF default);
 # "sin_cos" = (sin, cos), each over the rot/2 frequencies once (GPT-J, CodeGen); "once" = (cos, sin) so (gpt-oss)
-ROPE_TABLES = ("half", "sin_cos", "once")
+ROPE_TABLES = ("half", "sin_cos", "once", "complex")     # "complex": one tensor cos + i sin (Llama 4)
 
 
 def _half_table(pe, layout: str):
     """(cos, sin) in the "half" layout from the layer's position_embeddings."""
     if layout == "half":
         return pe
+    if layout == "complex":                                          # (B,T,rot/2) complex
+        return torch.cat([pe.real, pe.real], -1), torch.cat([pe.imag, pe.imag], -1)
     sin, cos = pe if layout == "sin_cos" else pe[::-1]            # (B,T,rot/2) each
     return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
@@ -137,6 +139,10 @@ class AttentionConfig:
     gate_bias: bool = spec(False, kind="bool", omit_default=True, only=True, doc="g_proj has a bias")
     gate_per_head: bool = spec(False, kind="bool", omit_default=True, only=True,
                                doc="one gate per head, broadcast over its value dims (LFM3)")
+    temperature_scale: float | None = spec(None, kind="float", lo=0.0, hi=1e6, omit_default=True,
+                                           doc="Llama 4 NoPE layers: queries times log1p(floor((pos+1)/floor)) * "
+                                               "scale + 1")
+    temperature_floor: float | None = spec(None, kind="float", lo=0.0, hi=1e12, lo_open=True, omit_default=True)
 
     def __post_init__(self):
         if not isinstance(self.bias, dict) or sorted(self.bias) != ["k", "o", "q", "v"]:
@@ -149,6 +155,8 @@ class AttentionConfig:
             raise ConfigError("rot_dim", self.rot_dim, f"must be even (RoPE rotates pairs) and within [0, qk_dim = "
                                                        f"{self.qk_dim}]")
         check_choices(self)
+        if (self.temperature_scale is None) != (self.temperature_floor is None):
+            raise ConfigError("temperature_floor", self.temperature_floor, "and temperature_scale come together")
         if (self.gate_bias or self.gate_per_head) and not self.gate:
             raise ConfigError("gate_per_head" if self.gate_per_head else "gate_bias", True,
                               "needs gate=True (a gate projection)")
@@ -275,6 +283,8 @@ class ReducedHeadAttention(nn.Module):
                 q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
         if self.cfg.qk_norm_after_rope:                  # HunYuan: per-head norms on the rotated q/k
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.temperature_scale is not None:       # Llama 4 NoPE layers: position-dependent query scale
+            q = self._temperature(q, cache)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         attention_mask = self._mask(attention_mask, kwargs.pop(self.alibi, None) if self.alibi else None,
@@ -302,6 +312,13 @@ class ReducedHeadAttention(nn.Module):
         if self.training and self.out_dropout:          # skip the no-op call (one dispatch per layer) in eval
             out = nn.functional.dropout(out, self.out_dropout, True)
         return (out if residual is None else out + residual), weights
+
+    def _temperature(self, q: torch.Tensor, cache) -> torch.Tensor:
+        """q (B,H,T,r) times log1p(floor((pos + 1) / floor)) * scale + 1 at each token's position (as Llama 4)."""
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        pos = torch.arange(q.shape[2], device=q.device) + past
+        s = torch.log1p(torch.floor((pos.float() + 1.0) / self.cfg.temperature_floor)) * self.cfg.temperature_scale + 1
+        return (q * s.view(1, 1, -1, 1)).to(q.dtype)
 
     # ------------------------------------------------------------------------------------ description
     SIDECAR_KEY = "attn"

@@ -275,7 +275,7 @@ def raised_ratio(views, r: float, comps) -> float:
             if c not in comps:
                 continue
             if c == "qk":
-                blocked, free_qk = (blocked + n, free_qk) if v.spec.qk_norm and not v.spec.mla else \
+                blocked, free_qk = (blocked + n, free_qk) if v.qk_norm and not v.spec.mla else \
                     (blocked, free_qk + n)
                 continue
             rest += n
@@ -396,7 +396,7 @@ def portable_pair_order(views, stats) -> torch.Tensor:
     with rotary q/k that A3QK reduces (qk-norm layers keep whole heads)."""
     scores = []
     for v in active(views):
-        if v.spec.mla or v.spec.qk_norm or not v.dims.rot_dim:
+        if v.spec.mla or v.qk_norm or not v.dims.rot_dim:
             continue
         q2, k2 = _pair_moments(v, stats.layers[v.index], stats.n)
         scores.append(solvers.rope_pair_scores(q2, k2, v.dims.rot_dim, "rotate_half")[0])

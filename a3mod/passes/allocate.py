@@ -111,7 +111,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
         if work.experts is not None:
             ev = v.experts_view()
             full["experts"] = ev.inter
-        if v.spec.qk_norm and not v.spec.mla and "qk" in full:
+        if v.qk_norm and not v.spec.mla and "qk" in full:
             del full["qk"]       # a norm needs the whole head: no QK curve (and no A3QK) in this layer
         for comp in full:
             c = PLAN[comp]
@@ -198,7 +198,7 @@ def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> d
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
-    if cfg.kv_budget is not None and any(v.spec.qk_norm for v in active(views)):
+    if cfg.kv_budget is not None and any(v.qk_norm for v in active(views)):
         raise UnsupportedModelError(f"Allocate(kv_budget={cfg.kv_budget!r}): qk-norm layers keep q/k at the full head "
                                     "dim (the K cache cannot shrink), which this KV budget does not model yet; leave "
                                     "kv_budget unset")

@@ -38,8 +38,9 @@ def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
 def rope_table_index(rot_dim: int, table: str) -> Tensor:
     """Index into the model's (cos, sin) table for each dim of a head in rotate_half layout: dim d rotates at
     frequency d mod rot/2, which a "half" table holds at d and an "interleaved" table at 2 (d mod rot/2)."""
-    if table not in ("half", "interleaved", "sin_cos", "once"):
-        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos', 'once'")
+    if table not in ("half", "interleaved", "sin_cos", "once", "complex"):
+        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos', 'once', "
+                                    "'complex'")
     d = torch.arange(rot_dim)
     return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos, once: "half" in the module
 
@@ -124,7 +125,7 @@ class LayerWork:
             wv=heads(wv, bv, d.kv_heads), wo=wo.detach().double().t().reshape(d.heads, d.head_dim, d.hidden),
             bo=None if bo is None else bo.detach().double(),
             rope_index=rope_table_index(d.rot_dim, v.spec.rope_table).repeat(d.kv_heads, 1), rot_dim=d.rot_dim,
-            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.spec.qk_norm,
+            q_bias=bq is not None, k_bias=bk is not None, v_bias=bv is not None, perm=perm, qk_norm=v.qk_norm,
             wg=None if gate is None else _aug(*gate).view(-1, d.heads, 1).permute(1, 0, 2) if v.spec.attn_gate_head
             else heads(*gate, d.heads), g_bias=gate is not None and gate[1] is not None,
             gate_head=v.spec.attn_gate_head)
@@ -161,7 +162,8 @@ class LayerWork:
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
-            rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once") else "half", alibi=v.spec.alibi,
+            rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once", "complex") else "half",
+            alibi=v.spec.alibi, **_temperature_args(v),
             sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias, gate_per_head=a.gate_head,
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
@@ -234,6 +236,11 @@ class LayerWork:
                     lin.bias.copy_(b)
         old_up, old_down = get_path(v.layer, v.spec.up), v.down_module()
         return [(v.spec.up, up.train(old_up.training)), (v.spec.down, down.train(old_down.training))]
+
+
+def _temperature_args(v: LayerView) -> dict:
+    t = v.temperature()
+    return {} if t is None else dict(temperature_scale=t[0], temperature_floor=t[1])
 
 
 def _qk_norm_args(a: AttnWork, v: LayerView) -> dict:
