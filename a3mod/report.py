@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .arch import dims_of, get_path, mlp_paths, spec_for
+from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
 from .arch.experts import ExpertsView, is_experts
 from .arch.mla import is_mla
 from .arch.views import left_reason, mixer_reason
@@ -218,6 +218,25 @@ def _kept_whole(layer: nn.Module, spec, attn: nn.Module | None, n: int) -> int:
     return max(0, n - used)
 
 
+def _attention_row(attn, whole, mixer: bool, plan, d) -> tuple[int, int, int, int, tuple[int, int] | None]:
+    """(kept qk, kept vo, KV elements per token now and originally, (full qk, full vo) when not the model's head
+    dim) of one layer: 0 for a hybrid's mixer, the module's own dims for an attention kept whole (Gemma 4's global
+    layers have their own head dim; K and V are cached even where V = K)."""
+    if mixer:
+        return 0, 0, 0, 0, (0, 0)
+    if whole is not None:
+        hd = int(getattr(whole, "head_dim", d.head_dim))
+        kv = 2 * whole.k_proj.out_features
+        return hd, hd, kv, kv, (hd, hd) if hd != d.head_dim else None
+    kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
+    kv = getattr(attn, "kv_elems_per_token", None) or sum(    # a latent cache says its own size
+        COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
+    if is_mla(attn):           # MLA caches its latent and the shared RoPE key, which A3 leaves whole
+        kv = kv0 = attn.kv_a_proj_with_mqa.out_features
+    full = (plan.full("qk"), plan.full("ov"))
+    return plan.kept("qk"), plan.kept("ov"), kv, kv0, full if full != (d.head_dim, d.head_dim) else None
+
+
 def report(model: nn.Module, context: int = 2048) -> Report:
     """Describe every decoder layer of `model` (compressed by a3mod or not)."""
     spec = spec_for(model)
@@ -231,26 +250,18 @@ def report(model: nn.Module, context: int = 2048) -> Report:
             rows.append(LayerRow(i, d.heads, d.kv_heads, d.head_dim, 0, 0, 0, 0, n, orig[i] if orig else n,
                                  quantized=sum(is_quantized(m) for m in layer.modules()), left=left, kept_whole=n))
             continue
-        mixer = mixer_reason(layer, spec) or ""         # a hybrid's mixer beside a reduced MLP: no attention dims
+        whole = find_path(layer, spec.attn) if spec.attn_whole else None     # kept as it is by design (Gemma 4)
+        mixer = "" if whole is not None else mixer_reason(layer, spec) or ""   # a hybrid's mixer beside an MLP
         attn = None if mixer else get_path(layer, spec.attn)
         plan = layer_plan(i, layer, spec, d)            # kept dims per component, from the modules themselves
-        qk, vo, mi, mo = plan.kept("qk"), plan.kept("ov"), plan.kept("mlp"), plan.full("mlp")
-        kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
-        kv = getattr(attn, "kv_elems_per_token", None) or sum(    # a latent cache says its own size
-            COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.kept(c) for c in COMPONENTS)
-        if is_mla(attn):           # MLA caches its latent and the shared RoPE key, which A3 leaves whole
-            kv = kv0 = attn.kv_a_proj_with_mqa.out_features
+        qk, vo, kv, kv0, full = _attention_row(attn, whole, bool(mixer), plan, d)
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
-        if mixer:
-            qk = vo = kv = kv0 = 0
-        row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, mi, mo, n, orig[i] if orig else n,
-                       kv, kv0, lowrank, quantized, mixer=mixer)
-        row.kept_whole = _kept_whole(layer, spec, attn, n)
-        if mixer:
-            row.qk_orig = row.vo_orig = 0
-        elif plan.full("qk") != d.head_dim or plan.full("ov") != d.head_dim:
-            row.qk_orig, row.vo_orig = plan.full("qk"), plan.full("ov")
+        row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, plan.kept("mlp"), plan.full("mlp"), n,
+                       orig[i] if orig else n, kv, kv0, lowrank, quantized, mixer=mixer)
+        row.kept_whole = _kept_whole(layer, spec, attn if attn is not None else whole, n)
+        if full is not None:
+            row.qk_orig, row.vo_orig = full
         if "experts" in plan.parts:
             _moe_row(row, get_path(layer, mlp_paths(layer, spec)[1]), plan, model.config)
         rows.append(row)

@@ -66,3 +66,23 @@ def test_nope_global_layers_among_rope_sliding_layers_discover_as_one_structure(
     views = layer_views(model)
     types = model.config.layer_types
     assert [v.dims.rot_dim > 0 for v in views] == [t == "sliding_attention" for t in types]
+
+
+@pytest.mark.parametrize("mtype", ["gemma4_text", "gemma4_unified_text"])
+def test_gemma4_keeps_its_attention_and_the_mlps_give_the_ratio(mtype):
+    """Gemma 4 normalises every query, key and value head (v_norm) and may share K/V across layers: the attention
+    stays as it is (ArchSpec.attn_whole, the original modules and weights), the MLPs give its share of the ratio."""
+    model = tiny_zoo_model(mtype).eval()
+    attn = {i: {n: p.clone() for n, p in layer.self_attn.named_parameters()}
+            for i, layer in enumerate(model.model.layers)}
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    for i, layer in enumerate(model.model.layers):
+        assert type(layer.self_attn).__module__.startswith("transformers.")
+        assert all(torch.equal(p, attn[i][n]) for n, p in layer.self_attn.named_parameters())
+        assert type(layer.mlp).__name__ == "ReducedMLP"
+    rep = a3mod.report(model)
+    assert abs(rep.ratio_reducible - 0.3) < 0.02
+    assert rep.kv_bytes_per_token() == rep.kv_bytes_per_token(True) > 0
+    assert all(r.qk_dim == r.vo_dim > 0 and not r.mixer for r in rep.rows)
+    with pytest.raises(a3mod.RatioError, match="attention stays whole"):
+        a3mod.apply(tiny_zoo_model(mtype).eval(), a3mod.a3_passes(0.8), calib=_ids(4, 16, 1), progress=False)

@@ -90,6 +90,12 @@ def tiny_zoo_config(mtype: str):
             elif isinstance(tok, list):
                 setattr(c, k, [t if t < VOCAB else 1 for t in tok])
         c.initializer_range = 0.1
+    if isinstance(cfg.to_dict().get("per_layer_config"), dict):     # Gemma 4: per-layer sizes (its global head_dim)
+        d = cfg.to_dict()
+        n = next(d[k] for k in _LAYER_COUNTS if isinstance(d.get(k), int))
+        d["per_layer_config"] = {k: {**v, **({"head_dim": 2 * _SIZES["head_dim"]} if "head_dim" in v else {})}
+                                 for k, v in d["per_layer_config"].items() if int(k) < n}
+        cfg = type(cfg)(**d)
     return cfg
 
 

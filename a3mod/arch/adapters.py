@@ -57,6 +57,14 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4_text": replace(_LLAMA, mlp="feed_forward", rope="interleaved", rope_table="complex", qk_norm="head",
                            qk_norm_names=("qk_norm", "qk_norm"), qk_norm_after_rope=True, attn_temperature=True,
                            experts="experts", shared="shared_expert"),
+    # every head is normalised (q, k and v: v_norm), and K/V may be shared across layers: the attention stays as it is
+    # and the MLPs give its share of a ratio (passes.a3.raised_ratio); per-layer inputs stay too
+    "gemma4_text": replace(_LLAMA, act="hidden_activation",
+                           attn_whole="norms over each query, key and value head (v_norm) need the whole head, and "
+                                      "layers may share K/V"),
+    "gemma4_unified_text": replace(_LLAMA, act="hidden_activation",
+                                   attn_whole="norms over each query, key and value head (v_norm) need the whole "
+                                              "head, and layers may share K/V"),
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

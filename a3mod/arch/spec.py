@@ -60,6 +60,8 @@ class ArchSpec:
                                    # "q" (the q projection emits each head's [query | gate], Qwen3.5 / Qwen3-Next)
                                    # or the path of its own projection from the attention module (AFMoE's gate_proj)
     attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
+    attn_whole: str | None = None  # why every layer's attention stays as it is (Gemma 4: norms over each q, k and v head,
+                                   # K/V shared across layers); the MLPs are compressed and give its share of a ratio
     attn_temperature: bool = False # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale
                                    # + 1 where the attention's `attn_temperature_tuning` is set (Llama 4)
     experts: str | None = None     # mixture of experts: the routed experts module inside the layer's `mlp` block
@@ -112,7 +114,11 @@ def dims_of(config, spec: ArchSpec) -> Dims:
         getattr(config, "num_key_value_heads", None) or heads)
     if getattr(config, "new_decoder_architecture", False):          # Falcon-40B / 180B: num_kv_heads groups
         kv = config.num_kv_heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    try:
+        hd = getattr(config, "head_dim", None)
+    except Exception:               # noqa: BLE001  a per-layer head_dim (Gemma 4) refuses a global read
+        hd = None
+    hd = hd or config.hidden_size // heads
     rot = int(hd * partial_rotary_factor(config)) if spec.rope else 0
     rot += rot % 2                  # an odd product: the rotary embedding's arange(0, rot, 2) still gives whole pairs
     if spec.rope and isinstance(getattr(config, "rotary_dim", None), int):    # GPT-J / CodeGen: rotary dims given

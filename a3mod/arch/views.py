@@ -258,7 +258,7 @@ def layer_views(model: nn.Module) -> list[LayerView]:
                                find_path(layer, mlp_path), spec, d, left, mlp_path,
                                None if experts_path is None else find_path(layer, experts_path), experts_path,
                                None if left else mixer))
-    if all(v.left or v.mixer for v in views):
+    if all(v.left or (v.mixer and not spec.attn_whole) for v in views):
         raise UnsupportedModelError(f"no layer of {type(model).__name__} has the attention {spec.attn!r}: "
                                     f"{views[0].left if views else 'no layers'}")
     return views
@@ -268,6 +268,8 @@ def mixer_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
     """Why a3mod leaves the attention part of `layer` (a hybrid's linear-attention, convolution or state-space
     mixer: no attention module where the description has it, or one without the described projections), or None."""
     attn = find_path(layer, spec.attn)
+    if attn is not None and spec.attn_whole:
+        return f"attention kept whole: {spec.attn_whole}"
     if attn is None:
         mixers = ", ".join(f"{n} ({type(m).__name__})" for n, m in layer.named_children()
                            if "norm" not in n.lower() and not n.lower().startswith(("ln", "drop"))

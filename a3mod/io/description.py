@@ -67,16 +67,35 @@ def materialize_buffers(model: nn.Module, device) -> None:
     """Non-persistent buffers (rotary inv_freq, BERT's position_ids) are not in the file: take them from a fresh
     module built from the config (the module itself, with its loaded weights, stays)."""
     for name, mod in list(model.named_modules()):
-        meta = [n for n, b in mod.named_buffers(recurse=False) if b.is_meta]
-        if meta:
-            try:
-                fresh = type(mod)(config=model.config)
-            except TypeError as e:
-                if not _init_buffers(model, name, mod, meta, device):
-                    raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
-                continue
-            for n in meta:
-                mod._buffers[n] = getattr(fresh, n).to(device)
+        _materialize(model, name, mod, device)
+
+
+def rebuild_nonpersistent(model: nn.Module) -> None:
+    """Recompute every non-persistent buffer of `model` (rotary tables, Falcon-H1's mup_vector) from its config, as
+    `materialize_buffers` does for a meta skeleton, each on its own device; the loaded weights stay."""
+    for name, mod in list(model.named_modules()):
+        bufs = {n: mod._buffers[n] for n in mod._non_persistent_buffers_set if mod._buffers.get(n) is not None}
+        bufs = {n: b for n, b in bufs.items() if not b.is_meta}
+        if not bufs:
+            continue
+        device = next(iter(bufs.values())).device
+        for n, b in bufs.items():
+            mod._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+        _materialize(model, name, mod, device)
+
+
+def _materialize(model: nn.Module, name: str, mod: nn.Module, device) -> None:
+    meta = [n for n, b in mod.named_buffers(recurse=False) if b.is_meta]
+    if not meta:
+        return
+    try:
+        fresh = type(mod)(config=model.config)
+    except TypeError as e:
+        if not _init_buffers(model, name, mod, meta, device):
+            raise CheckpointError(f"cannot rebuild buffers of {name} ({type(mod).__name__}): {e}") from e
+        return
+    for n in meta:
+        mod._buffers[n] = getattr(fresh, n).to(device)
 
 
 def _init_buffers(model: nn.Module, path: str, mod: nn.Module, names: list[str], device) -> bool:

@@ -38,7 +38,8 @@ from ..errors import CheckpointError
 from ..validate import nonfinite_weight
 from . import sidecar, tensors
 from .description import (
-    INFO_EXTRAS, attach_latent_rotary, build_reduced, check_indices, describe_model, slim, transformers_class,
+    INFO_EXTRAS, attach_latent_rotary, build_reduced, check_indices, describe_model, rebuild_nonpersistent, slim,
+    transformers_class,
 )
 from .files import SIDECAR
 from .guards import NO_CODE, check_files, check_folder, recorded_dtype
@@ -142,13 +143,6 @@ class _NativeModel:
         if side:
             build(self, side)
 
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        """As the base class: a3mod's subclass is no remote code, and transformers' initialisation must treat it as its
-        base (custom code skips modules without direct parameters, so Falcon-H1's `mup_vector`, which the model's
-        `_init_weights` writes from the decoder stack, would stay uninitialised memory)."""
-        return cls.a3mod_base.is_custom_code()
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
@@ -179,6 +173,10 @@ class _NativeModel:
             raise CheckpointError(f"{str(pretrained_model_name_or_path)!r} lacks {len(lost)} weights the described "
                                   f"model needs, e.g. {lost[:3]}; a3mod never fills weights with random values")
         model = tensors.realign(model)
+        # transformers treats this subclass as custom code, whose initialisation skips modules without parameters of
+        # their own: a non-persistent buffer a parent's _init_weights writes (Falcon-H1's mup_vector) would hold
+        # uninitialised memory. Rebuild every non-persistent buffer as a3mod.load does.
+        rebuild_nonpersistent(model)
         check_indices(model)
         check_finite_weights(model, pretrained_model_name_or_path)
         return (model, info) if asked else model

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..arch import active
+from ..arch import active, find_path
 from ..errors import RatioError
 from ..validate import boolean, integer, number
 from ..math import solvers
@@ -270,6 +270,8 @@ def raised_ratio(views, r: float, comps) -> float:
     leave a component less than its smallest kept dim."""
     blocked, free_qk, rest, top = 0, 0, 0, 1.0
     for v in active(views):
+        if v.spec.attn_whole and comps & {"qk", "ov"}:      # an attention kept whole by design (Gemma 4)
+            blocked += _linear_params(find_path(v.layer, v.spec.attn))
         full = full_dims(v)
         for c, n in _component_params(v).items():
             if c not in comps:
@@ -286,10 +288,17 @@ def raised_ratio(views, r: float, comps) -> float:
     new = r * (total - free_qk) / rest if rest else float("inf")
     if new > top + 1e-12:
         reach = (free_qk * r + rest * top) / total if rest else 0.0
-        raise RatioError(f"ratio {r:g} cannot be reached: QK stays whole in the layers with q/k norms "
+        why = (f"the attention stays whole ({views[0].spec.attn_whole})" if views[0].spec.attn_whole else
+               "QK stays whole in the layers with q/k norms")
+        raise RatioError(f"ratio {r:g} cannot be reached: {why} "
                          f"({blocked / total:.1%} of the parameters a3mod compresses here), and the other components "
                          f"can give at most {top:.3f} each: the largest reachable ratio is {reach:.3f}")
     return round(new, 6)
+
+
+def _linear_params(mod) -> int:
+    return 0 if mod is None else sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+                                     for m in mod.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _component_params(v) -> dict[str, int]:
