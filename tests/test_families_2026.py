@@ -86,3 +86,30 @@ def test_gemma4_keeps_its_attention_and_the_mlps_give_the_ratio(mtype):
     assert all(r.qk_dim == r.vo_dim > 0 and not r.mixer for r in rep.rows)
     with pytest.raises(a3mod.RatioError, match="attention stays whole"):
         a3mod.apply(tiny_zoo_model(mtype).eval(), a3mod.a3_passes(0.8), calib=_ids(4, 16, 1), progress=False)
+
+
+def test_a_flipped_rotate_half_is_the_rotation_by_minus_the_angle():
+    """NanoChat's rotate_half is (x2, -x1): rope_table "half_flipped" negates sin, which reproduces it exactly."""
+    from a3mod.modules.attention import _half_table, rotate_half
+
+    torch.manual_seed(0)
+    x, ang = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    x1, x2 = x.chunk(2, -1)
+    want = x * cos + torch.cat((x2, -x1), -1) * sin                   # NanoChat's own formula
+    c, s = _half_table((cos, sin), "half_flipped")
+    torch.testing.assert_close(x * c + rotate_half(x) * s, want)
+    assert spec_for(tiny_zoo_model("nanochat")).rope_table == "half_flipped"
+
+
+@pytest.mark.parametrize("mtype", ["lara_mini", "kolibri1"])
+def test_global_nope_layers_of_more_families(mtype):
+    """RoPE in the sliding layers only: the full-attention layers' views have no rotary dims."""
+    model = tiny_zoo_model(mtype)
+    views = [v for v in layer_views(model) if v.attn is not None]
+    types = model.config.layer_types
+    assert [v.dims.rot_dim > 0 for v in views] == [types[v.index] == "sliding_attention" for v in views]
+    ids = _ids(2, 12, 0)
+    ref = _logits(model.eval(), ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)

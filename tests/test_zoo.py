@@ -29,6 +29,8 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "granite_swa", "granitemoe_swa", "flint",
                  # DeepSeek sparse attention: latent attention compressed, the indexer kept whole
                  "deepseek_v32", "glm_moe_dsa",
+                 # rotate_half of (x2, -x1) and norms after RoPE (nanochat); NoPE global layers (lara_mini, kolibri1)
+                 "nanochat", "lara_mini", "kolibri1",
                  # hybrids: mixers kept, every MLP compressed (tests/test_hybrid.py)
                  "qwen3_5_text", "falcon_h1", "granitemoehybrid", "kimi_linear", "olmo_hybrid",
                  # mixture of experts (tests/test_moe.py)

@@ -78,4 +78,6 @@ def supported_types() -> list[str]:
 DISCOVERED_FACTS: dict[str, dict] = {
     "hunyuan_v1_dense": {"qk_norm_after_rope": True},       # query_layernorm / key_layernorm after RoPE
     "hunyuan_v1_moe": {"qk_norm_after_rope": True},
+    # weightless RMSNorm on the rotated q/k; its rotate_half is (x2, -x1): the rotation by -angle
+    "nanochat": {"qk_norm_after_rope": True, "rope_table": "half_flipped"},
 }

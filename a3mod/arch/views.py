@@ -214,9 +214,10 @@ def dropout_p(mod: nn.Module, name: str) -> float:
 # model types whose full-attention layers apply no RoPE (NoPE) when the model also has sliding-window layers:
 # Cohere2 rotates only in sliding layers with a window; EXAONE 4 in every layer unless the config sets a window
 # (Cohere2-MoE also where its attention's `force_rope` is set: dense prefix layers)
-# (AFMoE, Flint: in their sliding layers only, whatever the window)
+# (AFMoE, Flint, Lara-mini: in their sliding layers only, whatever the window)
 GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "window", "exaone_moe": "window",
-               "afmoe": "local", "flint": "local"}
+               "kolibri1": "window",
+               "afmoe": "local", "flint": "local", "lara_mini": "local"}
 
 
 def applies_rope(config, index: int, attn: nn.Module | None) -> bool:

@@ -33,13 +33,17 @@ def layer_cache(cache, past_key_values, kwargs: dict):
 
 # position_embeddings layouts: "half" = (cos, sin), each cat(freqs, freqs) over the rotary dims (the HF default);
 # "sin_cos" = (sin, cos), each over the rot/2 frequencies once (GPT-J, CodeGen); "once" = (cos, sin) so (gpt-oss)
-ROPE_TABLES = ("half", "sin_cos", "once", "complex")     # "complex": one tensor cos + i sin (Llama 4)
+# "complex": one tensor cos + i sin (Llama 4); "half_flipped": "half" for a rotate_half of (x2, -x1) (NanoChat), i.e.
+# the rotation by -angle
+ROPE_TABLES = ("half", "sin_cos", "once", "complex", "half_flipped")
 
 
 def _half_table(pe, layout: str):
     """(cos, sin) in the "half" layout from the layer's position_embeddings."""
     if layout == "half":
         return pe
+    if layout == "half_flipped":
+        return pe[0], -pe[1]
     if layout == "complex":                                          # (B,T,rot/2) complex
         return torch.cat([pe.real, pe.real], -1), torch.cat([pe.imag, pe.imag], -1)
     sin, cos = pe if layout == "sin_cos" else pe[::-1]            # (B,T,rot/2) each
