@@ -250,3 +250,21 @@ def test_allocate_on_a_gated_model_meets_its_budget(across):
                 progress=False)
     assert abs(a3mod.report(model).ratio_reducible - 0.3) < 0.05      # attention + MLP parts (routers whole)
     assert torch.isfinite(_logits(model, _ids(2, 12, 0))).all()
+
+
+def test_a_per_head_bias_on_the_gate_is_kept():
+    """Beam adds a per-head bias to its elementwise gate: it becomes g_proj's bias (one value per head, over the
+    head's kept dims); full rank is exact with a non-zero bias, and a reduced model keeps the kept dims' bias."""
+    model = tiny_zoo_model("beam").eval()
+    spec = spec_for(model)
+    assert spec.attn_gate == "gate_proj" and spec.attn_gate_bias == "gate_bias"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.gate_bias.copy_(torch.linspace(-1.5, 1.5, layer.self_attn.gate_bias.numel()))
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(8, 16, 1), progress=False)
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-5           # the zoo's full-rank measure
+    attn = model.model.layers[0].self_attn
+    assert attn.cfg.gate_bias and attn.g_proj.bias.view(attn.num_heads, -1)[:, 0].tolist() == pytest.approx(
+        torch.linspace(-1.5, 1.5, attn.num_heads).tolist())

@@ -60,6 +60,7 @@ class ArchSpec:
                                    # "q" (the q projection emits each head's [query | gate], Qwen3.5 / Qwen3-Next)
                                    # or the path of its own projection from the attention module (AFMoE's gate_proj)
     attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
+    attn_gate_bias: str | None = None  # ... plus a per-head bias parameter of the attention module (Beam's gate_bias)
     attn_whole: str | None = None  # why every layer's attention stays as it is (Gemma 4: norms over each q, k and v
                                    # head, K/V shared across layers); the MLPs are compressed and give its share
     attn_temperature: bool = False # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale

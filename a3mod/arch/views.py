@@ -80,7 +80,11 @@ class LayerView:
         if s.attn_gate is None:
             return None
         if s.attn_gate != "q":
-            return linear_params(get_path(self.attn, s.attn_gate), s.conv1d)
+            w, b = linear_params(get_path(self.attn, s.attn_gate), s.conv1d)
+            if s.attn_gate_bias:            # per head, over each of its gate rows
+                hb = getattr(self.attn, s.attn_gate_bias).repeat_interleave(w.shape[0] // self.dims.heads)
+                b = hb if b is None else b + hb
+            return w, b
         w, b = linear_params(getattr(self.attn, s.q), s.conv1d)
         gate = lambda t: t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., 1, :].flatten(-2)  # noqa: E731
         return gate(w.t()).t(), None if b is None else gate(b)
@@ -222,18 +226,21 @@ GLOBAL_NOPE = {"cohere2": "sliding", "cohere2_moe": "sliding", "exaone4": "windo
 
 def applies_rope(config, index: int, attn: nn.Module | None) -> bool:
     """False for a NoPE layer: the config's `no_rope_layers` (SmolLM3, Llama 4: 1 = RoPE), the attention's own
-    `use_rope` flag, or a full-attention layer of a GLOBAL_NOPE family. Reads the config first, so a compressed
-    model's views agree with the original's."""
+    `use_rope` flag, no rope parameters for the layer's type (Beam), or a full-attention layer of a GLOBAL_NOPE
+    family. Reads the config first, so a compressed model's views agree with the original's."""
     flags = getattr(config, "no_rope_layers", None)
     if isinstance(flags, (list, tuple)) and index < len(flags):
         return bool(flags[index])
     flag = getattr(attn, "use_rope", None)
     if isinstance(flag, (bool, int)):
         return bool(flag)
+    types = getattr(config, "layer_types", None) or []
+    rp = getattr(config, "rope_parameters", None)         # per layer type, None for a NoPE type (Beam's full layers)
+    if isinstance(rp, dict) and index < len(types) and types[index] in rp and rp[types[index]] is None:
+        return False
     rule = GLOBAL_NOPE.get(getattr(config, "model_type", None))
     if rule is None:
         return True
-    types = getattr(config, "layer_types", None) or []
     sliding = index < len(types) and types[index] == "sliding_attention"
     window = getattr(config, "sliding_window", None)
     if rule == "local":

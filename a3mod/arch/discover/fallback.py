@@ -43,7 +43,7 @@ def discovered_spec(model: nn.Module, context: str = ""):
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {missing}")
     try:
         result = discover(_stand_in(model))
-        spec = with_sinks(model, result.to_spec(), result.layers[0].heads)
+        spec = with_param_facts(model, result.to_spec(), result.layers[0].heads)
         _check_dims(model, spec, next((e for e in result.layers if e.rope), result.layers[0]))
     except DiscoveryError as e:
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {e}") from e
@@ -52,10 +52,10 @@ def discovered_spec(model: nn.Module, context: str = ""):
     return spec
 
 
-def with_sinks(model: nn.Module, spec: ArchSpec, heads: int) -> ArchSpec:
-    """`spec` with `sinks` set when the attention modules hold a per-head parameter named like attention sinks (a
-    learned logit per head as one more softmax column: gpt-oss, DeepSeek-V4, MiMo-V2, Granite-SWA): the graph shows
-    it as a concatenated score column, which the full-rank self-check then confirms."""
+def with_param_facts(model: nn.Module, spec: ArchSpec, heads: int) -> ArchSpec:
+    """`spec` with the attention's per-head parameters the graph replay does not name: `sinks` (a learned logit per
+    head as one more softmax column: gpt-oss, MiMo-V2, Granite-SWA, Flint; the graph shows a concatenated score
+    column) and `attn_gate_bias` (a per-head bias on the output gate: Beam). The full-rank self-check confirms both."""
     for layer in get_path(model, spec.layers):
         try:
             attn = layer.get_submodule(spec.attn)
@@ -64,6 +64,8 @@ def with_sinks(model: nn.Module, spec: ArchSpec, heads: int) -> ArchSpec:
         for name, p in attn.named_parameters(recurse=False):
             if "sink" in name and tuple(p.shape) == (heads,):
                 return replace(spec, sinks=name)
+            if spec.attn_gate and "gate" in name and "bias" in name and tuple(p.shape) == (heads,):
+                spec = replace(spec, attn_gate_bias=name)      # a per-head bias on the output gate (Beam)
     return spec
 
 

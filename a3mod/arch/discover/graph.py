@@ -245,7 +245,8 @@ def _layout(n: fx.Node, vals: dict, tr: Trace) -> _Idx | None:
         return a
 
     args, kwargs = conv(n.args), {k: conv(v) for k, v in n.kwargs.items()}
-    if missing and opname(n) not in ("cat", "stack"):
+    shape_only = opname(n) in ("view_as", "expand_as", "reshape_as") and n.args[0] not in missing
+    if missing and opname(n) not in ("cat", "stack") and not shape_only:    # view_as: its 2nd operand a shape
         tr.unknown.append(n)
         return None
     try:

@@ -187,19 +187,23 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool]
     path = g.between(a.out, o.x)
     on_path = set(path)
     for n in path:
-        others = [x for x in n.args if isinstance(x, fx.Node) and x not in on_path]
-        ours = [x for x in n.args if isinstance(x, fx.Node) and x in on_path]
-        if opname(n) != "mul" or len(others) != 1 or len(ours) != 1:
+        xs = [x for x in n.args if isinstance(x, fx.Node)]
+        if opname(n) != "mul" or len(xs) != 2:
             continue
-        sig = others[0]
-        while (opname(sig) in IDENTITY or opname(sig) in LAYOUT) and isinstance(sig.args[0], fx.Node):
-            sig = sig.args[0]       # view / unsqueeze / to(dtype) of the gate
-        if opname(sig) != "sigmoid":
-            raise g.err(f"the attention output is multiplied by {opname(sig)}(...) before {o.path}: only a "
-                        "sigmoid output gate is modelled")
-        if {a.q, a.k} & g.ancestors(sig):
+        sigs = [_through_layout(x) for x in xs]
+        pick = [i for i, sig in enumerate(sigs) if opname(sig) == "sigmoid"]
+        if not pick:
+            off = [x for x in xs if x not in on_path]        # a projection-fed multiplier (another gate function)
+            feeds = _data_inputs(g, off[0]) if len(off) == 1 else set()
+            if feeds and not ({a.q, a.k} & feeds) and any(x in g.linears for x in feeds):
+                raise g.err(f"the attention output is multiplied by {opname(_through_layout(off[0]))}(...) before "
+                            f"{o.path}: only a sigmoid output gate is modelled")
+            continue
+        sig, others, ours = sigs[pick[0]], [xs[pick[0]]], [xs[1 - pick[0]]]
+        feeds = _data_inputs(g, sig)
+        if {a.q, a.k} & feeds:
             continue        # a function of the scores (Granite-SWA's sinks as a post-softmax LSE scaling), no gate
-        lins = g.producers(sig)
+        lins = [g.linears[x] for x in sorted(feeds, key=g.order.__getitem__) if x in g.linears]   # the nearest
         if len(lins) != 1:
             raise g.err(f"the attention's output gate is fed by {[lin.path for lin in lins] or 'no projection'}")
         gl, shape = lins[0], shape_of(n)
@@ -219,6 +223,32 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool]
             return gl, rows[::dv], True
         raise g.err(f"{gl.path} gates the attention output neither per value dim nor per head")
     return None
+
+
+_SHAPE_ONLY = {"view_as", "expand_as", "reshape_as", "type_as"}     # their 2nd operand gives a shape / dtype only
+
+
+def _data_inputs(g: OpGraph, n: fx.Node) -> set:
+    """The nodes whose values reach `n` (not through the shape-only operand of view_as and the like), stopping at
+    linears (each linear's own inputs are not followed)."""
+    seen, todo = set(), [n]
+    while todo:
+        cur = todo.pop()
+        if cur is not n and cur in g.linears:
+            continue
+        ins = cur.args[:1] if opname(cur) in _SHAPE_ONLY else cur.all_input_nodes
+        for x in ins:
+            if isinstance(x, fx.Node) and x not in seen and x.name not in g.params:
+                seen.add(x)
+                todo.append(x)
+    return seen
+
+
+def _through_layout(x: fx.Node) -> fx.Node:
+    """`x` with view / unsqueeze / to(dtype) ops before it stepped over."""
+    while (opname(x) in IDENTITY or opname(x) in LAYOUT) and x.args and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x
 
 
 def head_major(shape) -> torch.Tensor:
