@@ -264,7 +264,7 @@ def test_a_per_head_bias_on_the_gate_is_kept():
     ids = _ids(2, 12, 0)
     ref = _logits(model, ids)
     a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(8, 16, 1), progress=False)
-X
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4           # the zoo's full-rank measure
     attn = model.model.layers[0].self_attn
     assert attn.cfg.gate_bias and attn.g_proj.bias.view(attn.num_heads, -1)[:, 0].tolist() == pytest.approx(
         torch.linspace(-1.5, 1.5, attn.num_heads).tolist())
