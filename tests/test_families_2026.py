@@ -113,3 +113,21 @@ def test_global_nope_layers_of_more_families(mtype):
     ref = _logits(model.eval(), ids)
     a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_laguna_softplus_head_gate_and_rotary_dims_per_layer_type():
+    """Laguna gates each head by softplus(g_proj(x)) and rotates half the dims in full-attention layers, all of them
+    in sliding ones (rope parameters per layer type): both are read, and full rank is exact."""
+    model = tiny_zoo_model("laguna").eval()
+    spec = spec_for(model)
+    assert (spec.attn_gate, spec.attn_gate_head, spec.attn_gate_act) == ("g_proj", True, "softplus")
+    views = [v for v in layer_views(model) if v.attn is not None]
+    types = model.config.layer_types
+    hd = views[0].dims.head_dim
+    assert [v.dims.rot_dim for v in views] == [hd // 2 if types[v.index] == "full_attention" else hd for v in views]
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4
+    attn = model.model.layers[views[0].index].self_attn
+    assert attn.cfg.gate_act == "softplus" and "softplus output gate per head" in repr(attn)

@@ -22,7 +22,7 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  # q/k norms after RoPE (ArchSpec.qk_norm_after_rope)
                  "hunyuan_v1_dense", "hunyuan_v1_moe",
                  # gated attention: attn_out * sigmoid(gate) before o_proj (tests/test_gated.py)
-                 "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "afmoe", "lfm3", "beam",
+                 "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "afmoe", "lfm3", "beam", "laguna",
                  # Llama 4 (adapter; tests/test_llama4.py); Gemma 4: attention kept whole, MLPs give the ratio
                  "llama4_text", "gemma4_text", "gemma4_unified_text",
                  # attention sinks found by discovery (tests/test_families_2026.py); NoPE global layers (flint)

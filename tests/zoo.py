@@ -116,6 +116,8 @@ _FIXES = {
     "gemma3n_text": {"num_kv_shared_layers": 0, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128,
                      "laurel_rank": 8},
     "smollm3": {"no_rope_layers": [1, 0]},
+    # Laguna: a per-layer head count list (default 48 each)
+    "laguna": {"num_attention_heads_per_layer": lambda c: [c.num_attention_heads] * c.num_hidden_layers},
     # Llama 4: temperature tuning and chunked attention inside the zoo's short windows (defaults: 8192 tokens)
     "llama4_text": {"floor_scale": 4, "attention_chunk_size": 6},
     # Granite 4.0-H: Mamba-2 layers with an attention layer every few (the default config has none)

@@ -61,6 +61,7 @@ class ArchSpec:
                                    # or the path of its own projection from the attention module (AFMoE's gate_proj)
     attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
     attn_gate_bias: str | None = None  # ... plus a per-head bias parameter of the attention module (Beam's gate_bias)
+    attn_gate_act: str = "sigmoid" # ... its function: "sigmoid" or "softplus" (Laguna)
     attn_whole: str | None = None  # why every layer's attention stays as it is (Gemma 4: norms over each q, k and v
                                    # head, K/V shared across layers); the MLPs are compressed and give its share
     attn_temperature: bool = False # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale
@@ -125,6 +126,19 @@ def dims_of(config, spec: ArchSpec) -> Dims:
     if spec.rope and isinstance(getattr(config, "rotary_dim", None), int):    # GPT-J / CodeGen: rotary dims given
         rot = min(config.rotary_dim, hd)
     return Dims(config.hidden_size, heads, kv, hd, rot, spec.rope)
+
+
+def layer_rot_dim(config, index: int, dims: Dims) -> int:
+    """Rotary dims of layer `index`: the partial rotary factor of its layer type where rope parameters are given per
+    type and differ (Laguna: 0.5 in full-attention layers, 1 in sliding ones), else the model's."""
+    rp, types = getattr(config, "rope_parameters", None), getattr(config, "layer_types", None)
+    if dims.rope and isinstance(rp, dict) and isinstance(types, (list, tuple)) and index < len(types):
+        own = rp.get(types[index])      # a "proportional" rope rotates every dim (some at zero frequency: LFM3)
+        if isinstance(own, dict) and own.get("partial_rotary_factor") is not None and \
+                own.get("rope_type", "default") == "default":
+            r = int(dims.head_dim * float(own["partial_rotary_factor"]))
+            return r + r % 2
+    return dims.rot_dim
 
 
 def partial_rotary_factor(config) -> float:

@@ -10,7 +10,7 @@ from ..errors import UnsupportedModelError
 from .experts import ExpertsView
 from .lookup import spec_for
 from .mla import MLAView
-from .spec import ArchSpec, Dims, dims_of, get_path, linear_params
+from .spec import ArchSpec, Dims, dims_of, get_path, layer_rot_dim, linear_params
 
 
 @dataclass
@@ -261,7 +261,8 @@ def layer_views(model: nn.Module) -> list[LayerView]:
         mlp_path, experts_path = mlp_paths(layer, spec)
         mixer, left = mixer_reason(layer, spec), left_reason(layer, spec)
         attn = None if mixer else find_path(layer, spec.attn)
-        d = dims if applies_rope(model.config, i, attn) else replace(dims, rot_dim=0)     # a NoPE layer
+        rot = layer_rot_dim(model.config, i, dims) if applies_rope(model.config, i, attn) else 0    # 0: NoPE
+        d = dims if rot == dims.rot_dim else replace(dims, rot_dim=rot)
         views.append(LayerView(i, layer, attn, None if mlp_path is None else
                                find_path(layer, mlp_path), spec, d, left, mlp_path,
                                None if experts_path is None else find_path(layer, experts_path), experts_path,

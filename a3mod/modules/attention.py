@@ -143,6 +143,8 @@ class AttentionConfig:
     gate_bias: bool = spec(False, kind="bool", omit_default=True, only=True, doc="g_proj has a bias")
     gate_per_head: bool = spec(False, kind="bool", omit_default=True, only=True,
                                doc="one gate per head, broadcast over its value dims (LFM3)")
+    gate_act: str = spec("sigmoid", kind="str", choices={"softplus"}, omit_default=True,
+                         doc="the gate's function: sigmoid, or softplus (Laguna)")
     temperature_scale: float | None = spec(None, kind="float", lo=0.0, hi=1e6, omit_default=True,
                                            doc="Llama 4 NoPE layers: queries times log1p(floor((pos+1)/floor)) * "
                                                "scale + 1")
@@ -161,9 +163,9 @@ class AttentionConfig:
         check_choices(self)
         if (self.temperature_scale is None) != (self.temperature_floor is None):
             raise ConfigError("temperature_floor", self.temperature_floor, "and temperature_scale come together")
-        if (self.gate_bias or self.gate_per_head) and not self.gate:
-            raise ConfigError("gate_per_head" if self.gate_per_head else "gate_bias", True,
-                              "needs gate=True (a gate projection)")
+        if (self.gate_bias or self.gate_per_head or self.gate_act != "sigmoid") and not self.gate:
+            name = "gate_per_head" if self.gate_per_head else "gate_bias" if self.gate_bias else "gate_act"
+            raise ConfigError(name, getattr(self, name), "needs gate=True (a gate projection)")
         if self.gate and not self.out_proj:
             raise ConfigError("gate", True, "needs out_proj=True (the gate multiplies what o_proj reads)")
         if self.qk_norm_after_rope and self.qk_norm != "head":
@@ -306,10 +308,12 @@ class ReducedHeadAttention(nn.Module):
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, **extra)
         out = out.reshape(B, T, H * self.vo_dim)                                         # (B,T,H*r_vo)
-        if self.g_proj is not None and self.cfg.gate_per_head:                            # (B,T,H) gates
-            out = (out.view(B, T, H, self.vo_dim) * torch.sigmoid(self.g_proj(hidden_states))[..., None]).flatten(2)
-        elif self.g_proj is not None:
-            out = out * torch.sigmoid(self.g_proj(hidden_states))                        # (B,T,H*r_vo)
+        if self.g_proj is not None:
+            gate = self.g_proj(hidden_states)                                     # (B,T,H*r_vo), per head (B,T,H)
+            gate = torch.sigmoid(gate) if self.cfg.gate_act == "sigmoid" else nn.functional.softplus(
+                gate.float()).to(gate.dtype)
+            out = (out.view(B, T, H, self.vo_dim) * gate[..., None]).flatten(2) if self.cfg.gate_per_head else \
+                out * gate
         if self.o_proj is None:
             return out, weights
         out = self.o_proj(out)                                                           # (B,T,d_m)
@@ -341,8 +345,8 @@ class ReducedHeadAttention(nn.Module):
                  else f"{self.scaling:g}")
         extra = (f", qk-norm {self.qk_norm} (q/k kept at full head dim)" if self.qk_norm else "") + (
             f", softcap={self.softcap:g}" if self.softcap is not None else "") + (
-            (", sigmoid output gate" + (" per head" if self.cfg.gate_per_head else "")) if self.g_proj is not None
-            else "") + (
+            (f", {self.cfg.gate_act} output gate" + (" per head" if self.cfg.gate_per_head else ""))
+            if self.g_proj is not None else "") + (
             ", output projection outside" if self.o_proj is None else "")
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim {self.head_dim} -> "
                 f"qk {self.qk_dim} / vo {self.vo_dim}, {rope}, scale={scale}{extra}")

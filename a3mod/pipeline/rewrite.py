@@ -166,6 +166,7 @@ class LayerWork:
             else "half",
             alibi=v.spec.alibi, **_temperature_args(v),
             sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias, gate_per_head=a.gate_head,
+            **({"gate_act": v.spec.attn_gate_act} if a.wg is not None and v.spec.attn_gate_act != "sigmoid" else {}),
             bool_mask=v.spec.bool_mask, residual=v.spec.attn_residual,
             out_proj=not v.spec.o_from_layer,
             **_qk_norm_args(a, v), **kw)

@@ -54,7 +54,7 @@ from ..passes.a3 import balance, build_layer, preflight
 from ..passes.base import check_passes, needs
 from ..report import linear_param_count
 from ..validate import boolean
-from .verify import check_layer, structure_key
+from .verify import check_layer, view_key
 from . import workdir
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
 
@@ -271,7 +271,7 @@ def _one_layer(run: StreamRun, i: int) -> None:
     Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer)."""
     layer, prefix, store = _load_layer(run, i), f"{run.spec.layers}.{i}.", run.store
     view = layer_views(run.skel)[i]
-    key = structure_key(layer)
+    key = view_key(view)
     if key not in run.verified and not view.left:
         first = _with_hidden(run.calls[tuple(run.batches[0].shape)][i], store.get(i, 0).to(run.device))
         check_layer(run.skel, view, *first)

@@ -135,6 +135,13 @@ def check_layer(model: nn.Module, view: LayerView, args: tuple, kwargs: dict, sa
     return Check(view.index, tuple(same), errs[0], errs[1], tol)
 
 
+def view_key(v: LayerView) -> tuple:
+    """What makes two layers' rewrites differ: the module structure and the facts a3mod reads per layer (RoPE dims
+    (NoPE layers), mixer or attention, gate, q/k norms, sinks), so a layer whose facts differ is checked on its own."""
+    return (structure_key(v.layer), v.dims.rot_dim, v.dims.head_dim, bool(v.mixer), v.qk_norm, v.has_sinks,
+            v.temperature() is not None if v.attn is not None else None)
+
+
 @torch.no_grad()
 def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) -> list[Check]:
     """Check one layer of every distinct structure (`structure_key`) on a probe of `seq_len` tokens; the
@@ -142,7 +149,7 @@ def verify_model(model: nn.Module, views: list[LayerView], seq_len: int = 12) ->
     groups: dict[tuple, list[int]] = {}
     for v in views:
         if not v.left:
-            groups.setdefault(structure_key(v.layer), []).append(v.index)
+            groups.setdefault(view_key(v), []).append(v.index)
     reps = {g[0]: tuple(g[1:]) for g in groups.values()}
     layers = [v.layer for v in views]
     was = model.training

@@ -55,7 +55,7 @@ def layer_discovery(g: OpGraph, index: int, layer: nn.Module, config) -> LayerDi
                     f"{[lin.path for lin in olins] or 'none'}")
     o = olins[0]
     gate = _out_gate(g, a, o, q, heads, head_dim, found)
-    qrows = torch.arange(heads * head_dim).view(heads, head_dim) if gate == "q" else q.heads
+    qrows = torch.arange(heads * head_dim).view(heads, head_dim) if gate and gate.split("@")[0] == "q" else q.heads
     layout = find_qkv_layout(q, k, v, qrows, krows, vrows)
     found += [f"{what} <- {p.lin.path} via {_ops(p.trace)}" for what, p in (("query", q), ("key", k), ("value", v))]
     rq, rk = find_rope(g, q, q.heads), find_rope(g, k, krows)
@@ -100,24 +100,25 @@ def _out_gate(g: OpGraph, a: Attn, o: Lin, q, heads: int, head_dim: int, found: 
     hit = find_out_gate(g, a, o)
     if hit is None:
         return None
-    gl, rows, per_head = hit
+    gl, rows, per_head, act = hit
+    tag = "" if act == "sigmoid" else f"@{act}"              # "@softplus": Laguna
     n = heads * head_dim
     if per_head:
         if gl.path == q.lin.path or gl.out != heads or not torch.equal(rows, torch.arange(heads)):
             raise g.err(f"the per-head output gate {gl.path} is not its own projection with one output per head")
-        found.append(f"output gate: attn_out * sigmoid({gl.path}(x)), one per head")
-        return gl.path + "#head"
+        found.append(f"output gate: attn_out * {act}({gl.path}(x)), one per head")
+        return gl.path + "#head" + tag
     if gl.path == q.lin.path:
         both = torch.arange(2 * n).view(heads, 2, head_dim)
         if not (torch.equal(q.heads, both[:, 0]) and torch.equal(rows, both[:, 1].reshape(-1))):
             raise g.err(f"{gl.path} emits queries and an output gate in a channel layout other than each head's "
                         "[query | gate]")
-        found.append(f"output gate: attn_out * sigmoid(gate), the gate from {gl.path} (each head's [query | gate])")
-        return "q"
+        found.append(f"output gate: attn_out * {act}(gate), the gate from {gl.path} (each head's [query | gate])")
+        return "q" + tag
     if gl.out != n or not torch.equal(rows, torch.arange(n)):
         raise g.err(f"the output gate {gl.path} does not emit one channel per head dim in head-major order")
-    found.append(f"output gate: attn_out * sigmoid({gl.path}(x))")
-    return gl.path
+    found.append(f"output gate: attn_out * {act}({gl.path}(x))")
+    return gl.path + tag
 
 
 def find_moe(layer: nn.Module) -> tuple[str, str, str | None] | None:

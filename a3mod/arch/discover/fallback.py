@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import DiscoveryError
 from ..mla import is_mla
-from ..spec import ArchSpec, dims_of, get_path
+from ..spec import ArchSpec, dims_of, get_path, layer_rot_dim
 from .describe import discover, find_layers, find_moe, layer_signature
 from .tospec import rel
 
@@ -44,7 +44,8 @@ def discovered_spec(model: nn.Module, context: str = ""):
     try:
         result = discover(_stand_in(model))
         spec = with_param_facts(model, result.to_spec(), result.layers[0].heads)
-        _check_dims(model, spec, next((e for e in result.layers if e.rope), result.layers[0]))
+        ref = next((e for e in result.layers if e.rope), result.layers[0])
+        _check_dims(model, spec, ref)
     except DiscoveryError as e:
         raise DiscoveryError(f"{context}{'; ' if context else ''}graph discovery could not describe it: {e}") from e
     if key is not None:
@@ -186,7 +187,7 @@ def _check_dims(model: nn.Module, spec, d: LayerDiscovery) -> None:
         dims = dims_of(model.config, spec)
     except AttributeError as e:
         raise DiscoveryError(f"the config lacks a standard attribute for the head geometry ({e})") from e
-    got = (dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.rot_dim)
+    got = (dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, layer_rot_dim(model.config, d.index, dims))
     want = (d.hidden, d.heads, d.kv_heads, d.head_dim, d.rot_dim)
     if got != want:
         names = "hidden, heads, kv_heads, head_dim, rot_dim"

@@ -180,10 +180,10 @@ def find_qkv_layout(q: _Proj, k: _Proj, v: _Proj, qrows, krows, vrows) -> str | 
     return "other"
 
 
-def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool] | None:
-    """(gate projection, gate channel of each o_proj input channel (n,), one gate per head?) of a sigmoid output
-    gate, o_proj reading attn_out * sigmoid(gate(x)): elementwise per value dim (Qwen3.5, Qwen3-Next, AFMoE) or one
-    per head broadcast over its dims (LFM3); None without one."""
+def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool, str] | None:
+    """(gate projection, gate channel of each o_proj input channel (n,), one gate per head?, its function) of an
+    output gate, o_proj reading attn_out * act(gate(x)) with act sigmoid or softplus (Laguna): elementwise per value
+    dim (Qwen3.5, Qwen3-Next, AFMoE) or one per head broadcast over its dims (LFM3); None without one."""
     path = g.between(a.out, o.x)
     on_path = set(path)
     for n in path:
@@ -191,13 +191,13 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool]
         if opname(n) != "mul" or len(xs) != 2:
             continue
         sigs = [_through_layout(x) for x in xs]
-        pick = [i for i, sig in enumerate(sigs) if opname(sig) == "sigmoid"]
+        pick = [i for i, sig in enumerate(sigs) if opname(sig) in GATE_ACTS]
         if not pick:
             off = [x for x in xs if x not in on_path]        # a projection-fed multiplier (another gate function)
             feeds = _data_inputs(g, off[0]) if len(off) == 1 else set()
             if feeds and not ({a.q, a.k} & feeds) and any(x in g.linears for x in feeds):
                 raise g.err(f"the attention output is multiplied by {opname(_through_layout(off[0]))}(...) before "
-                            f"{o.path}: only a sigmoid output gate is modelled")
+                            f"{o.path}: only {' / '.join(GATE_ACTS)} output gates are modelled")
             continue
         sig, others, ours = sigs[pick[0]], [xs[pick[0]]], [xs[1 - pick[0]]]
         feeds = _data_inputs(g, sig)
@@ -218,13 +218,14 @@ def find_out_gate(g: OpGraph, a: Attn, o: Lin) -> tuple[Lin, torch.Tensor, bool]
         rows[av] = gv
         dv = out_shape[-1]
         if torch.equal(rows[av], gv) and len(set(rows.tolist())) == n_ch and not bool((rows < 0).any()):
-            return gl, rows, False
+            return gl, rows, False, opname(sig)
         if torch.equal(rows[av], gv) and torch.equal(rows, torch.arange(n_ch) // dv):
-            return gl, rows[::dv], True
+            return gl, rows[::dv], True, opname(sig)
         raise g.err(f"{gl.path} gates the attention output neither per value dim nor per head")
     return None
 
 
+GATE_ACTS = ("sigmoid", "softplus")         # the output-gate functions a3mod models (ArchSpec.attn_gate_act)
 _SHAPE_ONLY = {"view_as", "expand_as", "reshape_as", "type_as"}     # their 2nd operand gives a shape / dtype only
 
 

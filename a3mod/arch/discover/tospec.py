@@ -125,8 +125,10 @@ def _attention_fields(r: Discovery, d: LayerDiscovery) -> dict[str, Any]:
     if d.softcap is not None:
         kw["softcap"] = d.softcap_attr
     if d.out_gate is not None:
-        path, _, head = d.out_gate.partition("#")      # "#head": one gate per head (LFM3)
-        kw.update(attn_gate="q" if path == "q" else rel(path, attn), attn_gate_head=bool(head))
+        gate, _, act = d.out_gate.partition("@")       # "@softplus": its function (Laguna)
+        path, _, head = gate.partition("#")            # "#head": one gate per head (LFM3)
+        kw.update(attn_gate="q" if path == "q" else rel(path, attn), attn_gate_head=bool(head),
+                  attn_gate_act=act or "sigmoid")
     return kw
 
 
@@ -149,9 +151,10 @@ def _mlp_fields(d: LayerDiscovery, moe: LayerDiscovery | None) -> dict[str, Any]
 
 
 def _nope_of(e: LayerDiscovery, d: LayerDiscovery) -> bool:
-    """`e` is `d` without RoPE (a NoPE layer; which layers apply RoPE is `arch.views.applies_rope`'s, and the
-    self-check verifies every distinct layer structure against it)."""
-    return e.rope is None and spec_key(dataclasses.replace(e, rope=d.rope, rot_dim=d.rot_dim)) == spec_key(d)
+    """`e` is `d` without RoPE or with other rotary dims (a NoPE layer, a layer type with its own partial rotary
+    factor: `arch.views.applies_rope` and `arch.spec.layer_rot_dim` say which; the self-check verifies every layer
+    whose facts differ, `pipeline.verify.view_key`)."""
+    return e.rope in (None, d.rope) and spec_key(dataclasses.replace(e, rope=d.rope, rot_dim=d.rot_dim)) == spec_key(d)
 
 
 def spec_key(d: LayerDiscovery) -> tuple:

@@ -75,7 +75,7 @@ class LayerDiscovery:
     shared: str | None = None       # ... the block's shared-expert MLP, whose roles gate / up / down describe
     num_experts: int = 0
     out_gate: str | None = None     # output gate attn_out * sigmoid(gate): "q" (in the q projection), its path (with
-                                    # "#head" when it is one gate per head), or None
+                                    # "#head" when it is one gate per head, "@softplus" for another function), None
     found: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     @property
