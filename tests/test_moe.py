@@ -265,10 +265,13 @@ def test_full_rank_is_exact_for_every_moe_family(mtype, seed):
     assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_llama4_is_refused_by_name():
+def test_llama4_moe_layers_compress():
+    """Llama 4 (adapter): its MoE layers' routed experts and shared expert are narrowed (tests/test_llama4.py for the
+    attention)."""
     model = tiny_zoo_model("llama4_text")
-    with pytest.raises(a3mod.errors.DiscoveryError, match="Llama 4 attention"):
-        a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(2, 12, 1), progress=False)
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    rep = a3mod.report(model)
+    assert all(r.experts and r.expert_dim < r.expert_orig for r in rep.rows)
 
 
 def test_experts_narrowed_in_place_count_as_compressed():
