@@ -104,3 +104,24 @@ def test_a_shared_expert_beside_the_moe_block_is_compressed():
     assert [bool(v.mixer) for v in views] == [True, False] and all(v.mlp_path == "shared_mlp" for v in views)
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
     assert all(type(layer.shared_mlp).__name__ == "ReducedMLP" for layer in model.model.layers)
+
+
+def test_one_mixer_per_layer_nemotron_h():
+    """Nemotron-H holds one mixer per layer at the same path: Mamba-2 (left as it is), attention (reduced, no MLP
+    beside it), a plain MLP or an MoE block (reduced, no attention): each layer's view reads which."""
+    from zoo import tiny_zoo_model
+
+    model = tiny_zoo_model("nemotron_h").eval()
+    kinds = model.config.layers_block_type
+    views = layer_views(model)
+    for v, kind in zip(views, kinds):
+        if kind == "full_attention":
+            assert v.attn is not None and not v.has_mlp and v.experts is None
+        elif kind in ("mlp", "moe"):
+            assert v.attn is None and v.mixer.startswith("an MLP layer") and (v.has_mlp or v.experts is not None)
+        else:
+            assert v.left
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4

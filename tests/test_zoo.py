@@ -32,7 +32,7 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  # rotate_half of (x2, -x1) and norms after RoPE (nanochat); NoPE global layers (lara_mini, kolibri1)
                  "nanochat", "lara_mini", "kolibri1",
                  # hybrids: mixers kept, every MLP compressed (tests/test_hybrid.py)
-                 "qwen3_5_text", "falcon_h1", "granitemoehybrid", "kimi_linear", "olmo_hybrid",
+                 "qwen3_5_text", "falcon_h1", "granitemoehybrid", "kimi_linear", "olmo_hybrid", "nemotron_h",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

@@ -42,6 +42,7 @@ _SIZES = {
     # partial rotary given in dims (GPT-J, CodeGen), multi-head latent attention, experts, linear attention / SSMs
     "rotary_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32,
     "q_lora_rank": 48, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "num_experts": 4,
+    "moe_shared_expert_intermediate_size": 64,
     "n_routed_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1,
     "topk_group": 1, "first_k_dense_replace": 1, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16,

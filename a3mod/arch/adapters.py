@@ -65,6 +65,10 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma4_unified_text": replace(_LLAMA, act="hidden_activation",
                                    attn_whole="norms over each query, key and value head (v_norm) need the whole "
                                               "head, and layers may share K/V"),
+    # one mixer per layer, at the same path: Mamba-2 (left), attention (no RoPE), a plain MLP (relu^2) or an MoE block
+    "nemotron_h": ArchSpec(layers="model.layers", attn="mixer", mlp="mixer", q="q_proj", k="k_proj", v="v_proj",
+                           gate=None, act="mlp_hidden_act", norms=("norm", "norm"), rope=None, rotary=None,
+                           experts="experts", shared="shared_experts"),
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

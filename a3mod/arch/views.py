@@ -288,6 +288,8 @@ def mixer_reason(layer: nn.Module, spec: ArchSpec) -> str | None:
     names = ["kv_b_proj"] if spec.mla else [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
     names += [] if spec.o_from_layer else [spec.o]
     lacks = [n for n in names if find_path(attn, n) is None]
+    if lacks and spec.mlp == spec.attn and has_described_mlp(layer, spec):    # Nemotron-H: one mixer per layer
+        return f"an MLP layer ({type(attn).__name__} at {spec.attn!r}): no attention here"
     if not lacks or type(attn).__module__.startswith("a3mod."):    # described, or a3mod's compact attention
         return None
     return (f"its {spec.attn!r} is a {type(attn).__name__} without {', '.join(lacks)}: a mixer a3mod does not "
@@ -328,13 +330,19 @@ def mlp_paths(layer: nn.Module, spec: ArchSpec) -> tuple[str | None, str | None]
     """(path of the dense MLP or of an MoE block's shared expert, path of the routed experts) in `layer`; None for
     what the layer does not have. A layer is an MoE layer when its `spec.mlp` block holds `spec.experts`."""
     block = find_path(layer, spec.mlp)
-    if block is None:
+    if block is None or (spec.mlp == spec.attn and _is_attention(block, spec)):    # Nemotron-H's attention layers
         return None, None
     if spec.experts and find_path(block, spec.experts) is not None:
         where, root = (spec.shared, layer) if spec.shared_on_layer else (join(spec.mlp, spec.shared), block)
         shared = where if spec.shared and find_path(root, spec.shared) is not None else None
         return shared, join(spec.mlp, spec.experts)
     return spec.mlp, None
+
+
+def _is_attention(mod: nn.Module, spec: ArchSpec) -> bool:
+    """`mod` is the described attention (its projections, or a3mod's compact attention): where one path holds the
+    attention in some layers and the MLP in others (Nemotron-H's `mixer`), an attention layer has no MLP."""
+    return any(find_path(mod, n) is not None for n in (spec.q, spec.qkv) if n)
 
 
 def find_path(root: nn.Module, path: str) -> nn.Module | None:
