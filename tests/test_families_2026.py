@@ -131,3 +131,21 @@ def test_laguna_softplus_head_gate_and_rotary_dims_per_layer_type():
     assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4
     attn = model.model.layers[views[0].index].self_attn
     assert attn.cfg.gate_act == "softplus" and "softplus output gate per head" in repr(attn)
+
+
+def test_mimo_v2_kv_heads_per_layer_value_scale_and_sinks_in_some_layers():
+    """MiMo-V2-Flash: sliding layers have twice the K/V heads and attention sinks, values are scaled by a constant
+    (folded into v_proj); the views read each layer's own K/V heads, and full rank is exact with a scale != 1."""
+    model = tiny_zoo_model("mimo_v2_flash").eval()
+    views = [v for v in layer_views(model) if v.attn is not None]
+    types = model.config.layer_types
+    base = model.config.num_key_value_heads
+    assert [v.dims.kv_heads for v in views] == [2 * base if types[v.index] == "sliding_attention" else base
+                                                for v in views]
+    assert [v.has_sinks for v in views] == [types[v.index] == "sliding_attention" for v in views]
+    for layer in model.model.layers:
+        layer.self_attn.v_scale = 0.37
+    ids = _ids(2, 12, 0)
+    ref = _logits(model, ids)
+    a3mod.apply(model, a3mod.a3_passes(0.0), calib=_ids(4, 16, 1), progress=False)
+    assert float((_logits(model, ids) - ref).norm() / ref.norm()) < 1e-4

@@ -26,7 +26,7 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  # Llama 4 (adapter; tests/test_llama4.py); Gemma 4: attention kept whole, MLPs give the ratio
                  "llama4_text", "gemma4_text", "gemma4_unified_text",
                  # attention sinks found by discovery (tests/test_families_2026.py); NoPE global layers (flint)
-                 "granite_swa", "granitemoe_swa", "flint",
+                 "granite_swa", "granitemoe_swa", "flint", "mimo_v2_flash",
                  # DeepSeek sparse attention: latent attention compressed, the indexer kept whole
                  "deepseek_v32", "glm_moe_dsa",
                  # rotate_half of (x2, -x1) and norms after RoPE (nanochat); NoPE global layers (lara_mini, kolibri1)

@@ -84,4 +84,5 @@ DISCOVERED_FACTS: dict[str, dict] = {
     "hunyuan_v1_moe": {"qk_norm_after_rope": True},
     # weightless RMSNorm on the rotated q/k; its rotate_half is (x2, -x1): the rotation by -angle
     "nanochat": {"qk_norm_after_rope": True, "rope_table": "half_flipped"},
+    "mimo_v2_flash": {"v_scale": "v_scale"},                # values times attention_value_scale
 }

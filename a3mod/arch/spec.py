@@ -62,6 +62,7 @@ class ArchSpec:
     attn_gate_head: bool = False   # ... one gate per head, broadcast over its dims (LFM3's g_proj: H outputs)
     attn_gate_bias: str | None = None  # ... plus a per-head bias parameter of the attention module (Beam's gate_bias)
     attn_gate_act: str = "sigmoid" # ... its function: "sigmoid" or "softplus" (Laguna)
+    v_scale: str | None = None     # attention attribute: a constant factor on the values (MiMo-V2), folded into v
     attn_whole: str | None = None  # why every layer's attention stays as it is (Gemma 4: norms over each q, k and v
                                    # head, K/V shared across layers); the MLPs are compressed and give its share
     attn_temperature: bool = False # NoPE layers scale queries by log1p(floor((pos + 1) / floor_scale)) * attn_scale

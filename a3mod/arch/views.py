@@ -44,10 +44,13 @@ class LayerView:
         """[(Wq, bq), (Wk, bk), (Wv, bv)] with W (out, in) (the query rows only, under an output gate on q)."""
         s = self.spec
         if s.qkv is None:
-            (wq, bq), k, v = [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
+            (wq, bq), k, (wv, bv) = [linear_params(getattr(self.attn, n), s.conv1d) for n in (s.q, s.k, s.v)]
             if s.attn_gate == "q":
                 wq, bq = self.query_of(wq.t()).t(), None if bq is None else self.query_of(bq)
-            return [(wq, bq), k, v]
+            f = float(getattr(self.attn, s.v_scale, 1.0)) if s.v_scale else 1.0
+            if f != 1.0:                 # a constant factor on the values (MiMo-V2): part of v_proj from here on
+                wv, bv = wv * f, None if bv is None else bv * f
+            return [(wq, bq), k, (wv, bv)]
         w, b = linear_params(getattr(self.attn, s.qkv), s.conv1d)
         ws = self.split_qkv(w.t())
         bs = self.split_qkv(b) if b is not None else [None] * 3
@@ -263,6 +266,8 @@ def layer_views(model: nn.Module) -> list[LayerView]:
         attn = None if mixer else find_path(layer, spec.attn)
         rot = layer_rot_dim(model.config, i, dims) if applies_rope(model.config, i, attn) else 0    # 0: NoPE
         d = dims if rot == dims.rot_dim else replace(dims, rot_dim=rot)
+        kv = _kv_heads(attn, spec, d)
+        d = d if kv == d.kv_heads else replace(d, kv_heads=kv)
         views.append(LayerView(i, layer, attn, None if mlp_path is None else
                                find_path(layer, mlp_path), spec, d, left, mlp_path,
                                None if experts_path is None else find_path(layer, experts_path), experts_path,
@@ -337,6 +342,21 @@ def mlp_paths(layer: nn.Module, spec: ArchSpec) -> tuple[str | None, str | None]
         shared = where if spec.shared and find_path(root, spec.shared) is not None else None
         return shared, join(spec.mlp, spec.experts)
     return spec.mlp, None
+
+
+def _kv_heads(attn: nn.Module | None, spec: ArchSpec, d: Dims) -> int:
+    """This layer's K/V heads: a3mod's compact attention says it; else its k projection's width over the head dim
+    (MiMo-V2's sliding layers have twice the model's); else the model's."""
+    if attn is None or spec.mla or not spec.k:
+        return d.kv_heads
+    own = getattr(attn, "num_key_value_heads", None)
+    if type(attn).__module__.startswith("a3mod.") and isinstance(own, int):
+        return own
+    k = find_path(attn, spec.k)
+    if k is None or not hasattr(k, "out_features"):
+        return d.kv_heads
+    n, r = divmod(k.out_features, d.head_dim)
+    return n if r == 0 and n and d.heads % n == 0 else d.kv_heads
 
 
 def _is_attention(mod: nn.Module, spec: ArchSpec) -> bool:
