@@ -45,8 +45,10 @@ _SIZES = {
     "moe_shared_expert_intermediate_size": 64,
     "n_routed_experts": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1,
     "topk_group": 1, "first_k_dense_replace": 1, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
-    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_head_dim": 16, "linear_num_heads": 4, "mamba_n_heads": 4, "mamba_d_head": 16,
     "mamba_d_state": 16, "ssm_state_size": 16, "state_size": 16,
+    # Gemma 3n / 4 per-layer inputs (default: a 262,144-token table of 256-wide vectors per layer)
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 16,
     # DeepSeek sparse attention's indexer (real: 64 x 128 from q_lora 1536, a few % of a layer; default here: 8192 wide)
     "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8,
 }
