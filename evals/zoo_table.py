@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import json
 import io
 import sys
 import tempfile
@@ -32,6 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--types", nargs="*", help="model types to check (default: the whole zoo)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
     ap.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --types: replace only those rows of the existing zoo.json (the others are kept)")
     args = ap.parse_args(argv)
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
@@ -44,6 +47,11 @@ def main(argv=None) -> None:
             rows.append({"model_type": t, "status": r.status, "detail": r.detail,
                          "seconds": round(time.perf_counter() - t0, 2)})
             print(f"{t:28s} {r.status:10s} {r.detail[:100]}", file=sys.stderr)
+    if args.merge:
+        done = {r["model_type"]: r for r in rows}
+        prev = json.loads((Path(args.out) / "zoo.json").read_text())["rows"]
+        rows = [done.pop(r["model_type"], r) for r in prev] + list(done.values())
+        rows.sort(key=lambda r: r["model_type"])
     counts = collections.Counter(r["status"] for r in rows)
     head = (f"transformers {transformers.__version__}: {len(rows)} decoder-only causal-LM types; "
             + ", ".join(f"{counts[s]} {s}" for s in ("compressed", "refused", "not run")) + ".\n\n")
