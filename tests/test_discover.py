@@ -112,7 +112,9 @@ NOT_DISCOVERED = {"bloom": "scores come from alibi.baddbmm(q, k), which discover
                   "llama4_text": "its RoPE multiplies complex numbers (view_as_complex), which the channel replay does "
                                  "not follow (tests/test_llama4.py checks the adapter)",
                   "gemma4_text": "its attention is kept whole by design; per-layer head dims (tests/test_families_2026.py)",
-                  "gemma4_unified_text": "as gemma4_text (tests/test_families_2026.py)"}
+                  "gemma4_unified_text": "as gemma4_text (tests/test_families_2026.py)",
+                  "nemotron_h": "one mixer per layer at one path (attention, MLP or Mamba-2): no single layer shows "
+                                "both roles (tests/test_hybrid.py checks the adapter)"}
 
 
 def test_every_adapted_family_is_checked():
