@@ -164,7 +164,7 @@ def _expected_ratio_keep_qk(model, ratio: float) -> float:
 
 @pytest.mark.parametrize("family", list(QK_NORM))
 def test_qk_norm_achieved_ratio(family):
-    """QK whole, OV and MLP give its share at one raised ratio (passes.a3.balance): the report states exactly what
+    """QK whole, OV and MLP give its share at one raised ratio (passes.balance.balance): the report states exactly what
     that removes, and it is the target up to the rounding of kept dims."""
     model = model_a(family, kv_heads=2)
     a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
@@ -326,7 +326,7 @@ def test_gemma_head_dim_independent_of_hidden():
 
 
 @pytest.mark.parametrize("family,expect", [
-    # qk-norm: OV and the MLP give QK's share at 36% (passes.a3.balance)
+    # qk-norm: OV and the MLP give QK's share at 36% (passes.balance.balance)
     ("qwen3", ["head_dim 8 -> qk 8 / vo 6", "qk-norm head (q/k kept at full head dim)", "intermediate 64 -> 41"]),
     ("olmo2", ["head_dim 8 -> qk 8 / vo 6", "qk-norm all (q/k kept at full head dim)", "intermediate 64 -> 41"]),
     ("gemma", ["head_dim 16 -> qk 12 / vo 12", "rope dims 12 (per KV group)", "intermediate 64 -> 45"]),

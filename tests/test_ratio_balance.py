@@ -1,4 +1,4 @@
-"""The ratio asked is the ratio removed: with q/k norms QK stays whole, and `passes.a3.balance` takes its share
+"""The ratio asked is the ratio removed: with q/k norms QK stays whole, and `passes.balance.balance` takes its share
 from OV and MLP (one raised ratio), or names the largest reachable ratio in a RatioError."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import a3mod
 from a3mod.arch import layer_views
 from a3mod.errors import RatioError
-from a3mod.passes.a3 import A3MLP, A3OV, A3QK, balance
+from a3mod.passes.a3 import A3MLP, A3OV, A3QK
+from a3mod.passes.balance import balance
 from a3mod.report import report
 from zoo import _ids, _logits, tiny_zoo_model
 

@@ -58,7 +58,7 @@ ARCHS: dict[str, ArchSpec] = {
                            qk_norm_names=("qk_norm", "qk_norm"), qk_norm_after_rope=True, attn_temperature=True,
                            experts="experts", shared="shared_expert"),
     # every head is normalised (q, k and v: v_norm), and K/V may be shared across layers: the attention stays as it is
-    # and the MLPs give its share of a ratio (passes.a3.raised_ratio); per-layer inputs stay too
+    # and the MLPs give its share of a ratio (passes.balance.raised_ratio); per-layer inputs stay too
     "gemma4_text": replace(_LLAMA, act="hidden_activation",
                            attn_whole="norms over each query, key and value head (v_norm) need the whole head, and "
                                       "layers may share K/V"),

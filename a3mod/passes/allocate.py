@@ -34,7 +34,8 @@ from ..errors import A3ModError, RatioError, UnsupportedModelError
 from ..pipeline.plan import COMPONENTS as PLAN
 from ..pipeline.rewrite import LayerWork
 from ..validate import boolean, choice, fraction
-from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer, raised_ratio
+from .a3 import A3MLP, A3OV, A3QK, A3Experts, build_layer
+from .balance import raised_ratio
 from .base import PassConfig, PassContext, handler, register_pass, run_pass
 
 COMPONENTS = ("qk", "ov", "mlp", "experts")     # experts: every routed expert of an MoE layer at one width

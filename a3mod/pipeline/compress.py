@@ -16,7 +16,8 @@ from ..io import native
 from ..io.codecs import describe_layer
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
-from ..passes.a3 import balance, build_layer, preflight
+from ..passes.a3 import build_layer, preflight
+from ..passes.balance import balance
 from ..passes.base import PassContext, check_passes, needs, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for

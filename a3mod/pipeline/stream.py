@@ -50,7 +50,8 @@ from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
-from ..passes.a3 import balance, build_layer, preflight
+from ..passes.a3 import build_layer, preflight
+from ..passes.balance import balance
 from ..passes.base import check_passes, needs
 from ..report import linear_param_count
 from ..validate import boolean
