@@ -5,14 +5,14 @@ lm_head excluded), the quantity every a3mod ratio refers to.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
 from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
 from .arch.experts import ExpertsView, is_experts
 from .arch.mla import is_mla
-from .arch.views import left_reason, mixer_reason
+from .arch.views import kv_heads_of, left_reason, mixer_reason
 from .io.tensors import dedup_tensors
 from .modules import LowRankLinear
 from .modules.linears import is_quantized
@@ -254,7 +254,8 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         mixer = "" if whole is not None else mixer_reason(layer, spec) or ""   # a hybrid's mixer beside an MLP
         attn = None if mixer else get_path(layer, spec.attn)
         plan = layer_plan(i, layer, spec, d)            # kept dims per component, from the modules themselves
-        qk, vo, kv, kv0, full = _attention_row(attn, whole, bool(mixer), plan, d)
+        kvh = kv_heads_of(attn, spec, d) if attn is not None else d.kv_heads     # MiMo-V2: per layer
+        qk, vo, kv, kv0, full = _attention_row(attn, whole, bool(mixer), plan, replace(d, kv_heads=kvh))
         lowrank = sum(isinstance(m, LowRankLinear) for m in layer.modules())
         quantized = sum(is_quantized(m) for m in layer.modules())
         row = LayerRow(i, d.heads, d.kv_heads, d.head_dim, qk, vo, plan.kept("mlp"), plan.full("mlp"), n,

@@ -143,6 +143,8 @@ def test_mimo_v2_kv_heads_per_layer_value_scale_and_sinks_in_some_layers():
     assert [v.dims.kv_heads for v in views] == [2 * base if types[v.index] == "sliding_attention" else base
                                                 for v in views]
     assert [v.has_sinks for v in views] == [types[v.index] == "sliding_attention" for v in views]
+    rep = a3mod.report(model)                   # K and V per token: each layer's own K/V heads
+    assert [r.kv_elems_orig for r in rep.rows] == [2 * v.dims.kv_heads * v.dims.head_dim for v in views]
     for layer in model.model.layers:
         layer.self_attn.v_scale = 0.37
     ids = _ids(2, 12, 0)

@@ -266,7 +266,7 @@ def layer_views(model: nn.Module) -> list[LayerView]:
         attn = None if mixer else find_path(layer, spec.attn)
         rot = layer_rot_dim(model.config, i, dims) if applies_rope(model.config, i, attn) else 0    # 0: NoPE
         d = dims if rot == dims.rot_dim else replace(dims, rot_dim=rot)
-        kv = _kv_heads(attn, spec, d)
+        kv = kv_heads_of(attn, spec, d)
         d = d if kv == d.kv_heads else replace(d, kv_heads=kv)
         views.append(LayerView(i, layer, attn, None if mlp_path is None else
                                find_path(layer, mlp_path), spec, d, left, mlp_path,
@@ -344,7 +344,7 @@ def mlp_paths(layer: nn.Module, spec: ArchSpec) -> tuple[str | None, str | None]
     return spec.mlp, None
 
 
-def _kv_heads(attn: nn.Module | None, spec: ArchSpec, d: Dims) -> int:
+def kv_heads_of(attn: nn.Module | None, spec: ArchSpec, d: Dims) -> int:
     """This layer's K/V heads: a3mod's compact attention says it; else its k projection's width over the head dim
     (MiMo-V2's sliding layers have twice the model's); else the model's."""
     if attn is None or spec.mla or not spec.k:
