@@ -73,9 +73,11 @@ class LayerView:
     def query_of(self, t: torch.Tensor) -> torch.Tensor:
         """The q projection's output (..., out) -> the queries (..., H*d_h): under attn_gate "q" each head emits
         [query | gate] (..., H, 2, d_h); otherwise all of it."""
-        if self.spec.attn_gate != "q":
-            return t
-        return t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., 0, :].flatten(-2)
+        return self._q_half(t, 0) if self.spec.attn_gate == "q" else t
+
+    def _q_half(self, t: torch.Tensor, j: int) -> torch.Tensor:
+        """Half j of each head's [query | gate] channels: (..., H*2*d_h) -> (..., H*d_h)."""
+        return t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., j, :].flatten(-2)
 
     def gate_params(self):
         """(W (H*d_h, in), b or None) of the attention's output gate, or None without one."""
@@ -89,8 +91,7 @@ class LayerView:
                 b = hb if b is None else b + hb
             return w, b
         w, b = linear_params(getattr(self.attn, s.q), s.conv1d)
-        gate = lambda t: t.unflatten(-1, (self.dims.heads, 2, self.dims.head_dim))[..., 1, :].flatten(-2)  # noqa: E731
-        return gate(w.t()).t(), None if b is None else gate(b)
+        return self._q_half(w.t(), 1).t(), None if b is None else self._q_half(b, 1)
 
     def o_params(self):
         return linear_params(self.o_module(), self.spec.conv1d)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
 from ..arch import active, find_path
 from ..errors import RatioError
 from ..pipeline.plan import COMPONENTS
+from ..report import linear_param_count
 from .a3 import A3QK, COMPONENT_OF, full_dims
 
 PASS_OF = {c: p for p, c in COMPONENT_OF.items()}
@@ -39,8 +38,9 @@ def raised_ratio(views, r: float, comps) -> float:
     leave a component less than its smallest kept dim."""
     blocked, free_qk, rest, top = 0, 0, 0, 1.0
     for v in active(views):
-        if v.spec.attn_whole and comps & {"qk", "ov"}:      # an attention kept whole by design (Gemma 4)
-            blocked += _linear_params(find_path(v.layer, v.spec.attn))
+        whole = find_path(v.layer, v.spec.attn) if v.spec.attn_whole and comps & {"qk", "ov"} else None
+        if whole is not None:                                # an attention kept whole by design (Gemma 4)
+            blocked += linear_param_count(whole)
         full = full_dims(v)
         for c, n in _component_params(v).items():
             if c not in comps:
@@ -63,11 +63,6 @@ def raised_ratio(views, r: float, comps) -> float:
                          f"({blocked / total:.1%} of the parameters a3mod compresses here), and the other components "
                          f"can give at most {top:.3f} each: the largest reachable ratio is {reach:.3f}")
     return round(new, 6)
-
-
-def _linear_params(mod) -> int:
-    return 0 if mod is None else sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
-                                     for m in mod.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _component_params(v) -> dict[str, int]:
