@@ -17,6 +17,7 @@ from ..arch.experts import narrowed
 from ..arch.mla import narrowed_mla
 from ..errors import UnsupportedModelError
 from ..modules import NarrowLinear, ReducedHeadAttention, ReducedMLP
+from ..modules.attention import ROPE_TABLES
 from ..modules.mlp import MLPConfig
 from ..modules.narrow import NarrowConfig
 
@@ -38,9 +39,8 @@ def rope_perm(head_dim: int, rot_dim: int, layout: str | None) -> Tensor:
 def rope_table_index(rot_dim: int, table: str) -> Tensor:
     """Index into the model's (cos, sin) table for each dim of a head in rotate_half layout: dim d rotates at
     frequency d mod rot/2, which a "half" table holds at d and an "interleaved" table at 2 (d mod rot/2)."""
-    if table not in ("half", "interleaved", "sin_cos", "once", "complex", "half_flipped"):
-        raise UnsupportedModelError(f"rope_table {table!r}; known: 'half', 'interleaved', 'sin_cos', 'once', "
-                                    "'complex', 'half_flipped'")
+    if table not in (*ROPE_TABLES, "interleaved"):
+        raise UnsupportedModelError(f"rope_table {table!r}; known: {sorted((*ROPE_TABLES, 'interleaved'))}")
     d = torch.arange(rot_dim)
     return 2 * (d % max(rot_dim // 2, 1)) if table == "interleaved" else d    # sin_cos, once: "half" in the module
 
@@ -162,8 +162,7 @@ class LayerWork:
             bias=dict(q=a.q_bias, k=a.k_bias, v=a.v_bias, o=a.bo is not None),
             sliding_window=v.sliding_window(config), is_causal=v.is_causal(),
             dropout=v.attn_dropout(), out_dropout=v.out_dropouts()[0], softcap=v.softcap(),
-            rope_table=v.spec.rope_table if v.spec.rope_table in ("sin_cos", "once", "complex", "half_flipped")
-            else "half",
+            rope_table=v.spec.rope_table if v.spec.rope_table in ROPE_TABLES else "half",   # interleaved: permuted
             alibi=v.spec.alibi, **_temperature_args(v),
             sinks=v.has_sinks, gate=a.wg is not None, gate_bias=a.g_bias, gate_per_head=a.gate_head,
             **({"gate_act": v.spec.attn_gate_act} if a.wg is not None and v.spec.attn_gate_act != "sigmoid" else {}),
