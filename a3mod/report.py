@@ -183,7 +183,6 @@ class Report:
                          f"({self.kept_whole:,} params of hybrid mixers, routers and left layers kept as they are)")
         lines += [
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
-                  f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})",
                   f"storage       {self.model_bytes:,} bytes (state dict, tied weights once); decoder-layer linear "
                   f"weights {self.bits_per_param:.3f} bits/param ({sum(r.quantized for r in self.rows)} quantized)"]

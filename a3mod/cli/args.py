@@ -101,8 +101,9 @@ def _compress_parser(sub) -> None:
                    help="print the plan (per-layer kept dims, params, FLOPs, KV bytes) and exit: no calibration, "
                         "nothing written (uniform methods only: a3-mix and asvd's rank search pick dims from data)")
     c.add_argument("--stream", action="store_true",
-                   help="A3 only: compress layer by layer from an HF safetensors folder (--model), one decoder layer "
-                        "in memory at a time (a3mod.compress_streaming); no perplexity before, the one after loads "
+                   help="A3 only: compress layer by layer from an HF safetensors folder or a GGUF file (--model; "
+                        "a GGUF is dequantized one tensor at a time), one decoder layer in memory at a time "
+                        "(a3mod.compress_streaming); no perplexity before, the one after loads "
                         "the output. Resumable: re-running the same command after an interruption continues after "
                         "the last finished layer (kept in <out>'s sibling .<name>.a3mod-work); other arguments are "
                         "refused unless --restart")

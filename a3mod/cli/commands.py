@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer
 
 from .. import __version__
 from ..calib import distributed
@@ -27,8 +26,7 @@ from ..export.llamacpp import check_target as gguf_target
 from ..export.stock import summary as stock_summary
 from ..io.checkpoint import load
 from ..io.files import EXPORT_RECORD, KEEP_OTHERS, atomic_write, check_output_dir, output_lock, recover
-from ..io.guards import NO_CODE, check_folder
-from ..io.loading import load_pretrained
+from ..io.loading import load_pretrained, load_tokenizer
 from ..passes.base import needs
 from ..paths import dataset_file, model_source
 from ..pipeline import recipes
@@ -196,13 +194,12 @@ def _eval_name(args) -> str:
 
 
 def _compress_stream(args, passes) -> int:
-    """`compress --stream`: a3mod.compress_streaming on an HF safetensors folder, then report (and perplexity)."""
+    """`compress --stream`: a3mod.compress_streaming from safetensors or a GGUF, then report (and perplexity)."""
     if args.method != "a3" or args.stats:
         raise A3ModError("--stream runs the A3 passes layer by layer; it takes neither --method "
                          f"{args.method!r} (baselines need the whole model) nor --stats")
     path = model_source(args.model)
-    check_folder(path)
-    tok = AutoTokenizer.from_pretrained(path, **NO_CODE)
+    tok = load_tokenizer(path)
     result = {"model": path, "method": args.method, "passes": [repr(p) for p in passes], "stream": True,
               "sequential": args.sequential,
               "argv": sys.argv[1:], "calibration": {"source": args.calib, "n_samples": args.n_samples,

@@ -5,9 +5,9 @@
   but other weights differ; the same weights in another float dtype they can represent exactly agree.
 - `tokens_fingerprint(ids)`: sha256 and shape of the calibration token ids (so another seed, source or sample
   count is a different set).
-- `file_digest(path)`: size plus sha256 of the safetensors header and of 64 evenly spaced 64 KiB blocks of the
-  data (a sampled digest: cheap on 100 GB checkpoints; it catches a replaced or re-saved file, not one flipped
-  byte between samples; use `a3mod.io.files.sha256_file` for that).
+- `file_digest(path)`: size plus sha256 of the safetensors header (a GGUF's first MiB) and of 64 evenly spaced
+  64 KiB blocks of the data (a sampled digest: cheap on 100 GB checkpoints; it catches a replaced or re-saved
+  file, not one flipped byte between samples; use `a3mod.io.files.sha256_file` for that).
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ def file_digest(path: str | os.PathLike, blocks: int = 64, block: int = 1 << 16)
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if head[:4] == b"GGUF":                    # no safetensors header length: its first MiB stands for it
+            n = 1 << 20
         h.update(head + f.read(min(n, size)))
         start = f.tell()
         span = max(0, size - start - block)

@@ -63,15 +63,29 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device:
         if p.is_dir() and not kw and not (p / "config.json").is_file():
             raise CheckpointError(f"{str(p)!r} holds no config.json (nor a .gguf file): not a model folder")
         check_folder(src)
-    # a tokenizer.json beside a GGUF is used as is; otherwise the tokenizer comes from the checkpoint itself
-    tok_kw = {} if kw and (Path(src) / "tokenizer.json").exists() else kw
-    tok = _hf_call(AutoTokenizer.from_pretrained, src, local_files_only=local, **tok_kw, **NO_CODE)
+    tok = _tokenizer(src, kw, local)
     wkw = _weights_kwargs(Path(src), kw)
     model = _hf_call(AutoModelForCausalLM.from_pretrained, src, dtype=dtype, local_files_only=local, **wkw,
                      **NO_CODE).to(device)
     model.eval()
     model.a3mod_source_dtype = None if kw else recorded_dtype(src)    # what `save` stores by default (not a GGUF's)
     return model, tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a local model folder or GGUF file (as `load_pretrained` gives it, without the weights)."""
+    p = Path(path)
+    if p.exists() and not is_a3mod_checkpoint(p):
+        src, kw = _gguf(p)
+        check_folder(src)
+        return _tokenizer(src, kw, True)
+    return _hf_call(AutoTokenizer.from_pretrained, str(p), **NO_CODE)
+
+
+def _tokenizer(src: str, kw: dict, local: bool):
+    # a tokenizer.json beside a GGUF is used as is; otherwise the tokenizer comes from the checkpoint itself
+    tok_kw = {} if kw and (Path(src) / "tokenizer.json").exists() else kw
+    return _hf_call(AutoTokenizer.from_pretrained, src, local_files_only=local, **tok_kw, **NO_CODE)
 
 
 def _hf_call(fn, *args, **kwargs):

@@ -1,9 +1,11 @@
-"""Layer-by-layer (streaming) A3 compression of a safetensors checkpoint: one decoder layer in memory at a time.
+"""Layer-by-layer (streaming) A3 compression of a safetensors or GGUF checkpoint: one decoder layer in memory at a time.
 
     a3mod.compress_streaming("hf-folder/", "out/", a3mod.a3_passes(0.2), calib)   # -> a normal a3mod checkpoint
+    a3mod.compress_streaming("model.gguf", "out/", a3mod.a3_passes(0.2), calib)   # dequantized tensor by tensor
 
 1. The model is a skeleton on the meta device; the source tensors are read from the safetensors shards by
-   name (`safe_open`, only the tensors asked for).
+   name (`safe_open`, only the tensors asked for), or from the GGUF file one tensor at a time, dequantized
+   (`a3mod.io.gguf_source`: the values `from_pretrained(..., gguf_file=...)` gives).
 2. Capture: the weights the forward needs before the first layer (embeddings; not lm_head) are loaded and each
    batch of calibration windows runs through the model with every decoder layer's `forward` replaced by a
    recorder: layer 0's hidden states for every batch, and every layer's other arguments (position embeddings,
@@ -48,6 +50,7 @@ from ..io import files, native, tensors
 from ..io.checkpoint import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
+from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
@@ -105,16 +108,17 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
                        overwrite: bool = False, restart: bool = False, progress: bool = True,
                        save_dtype: torch.dtype | str | None = "auto", extra_names: tuple[str, ...] = (),
                        sequential: bool = False) -> Path:
-    """Compress the HF safetensors checkpoint in `src_dir` with A3 passes, one decoder layer in memory at a time,
-    and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` + `a3mod.save` would give; `a3mod.load` opens it).
+    """Compress the HF safetensors checkpoint in `src_dir` (or a GGUF file, or a folder holding one) with A3 passes,
+    one decoder layer in memory at a time, and write an a3mod checkpoint to `out_dir` (what `a3mod.apply` +
+    `a3mod.save` would give; `a3mod.load` opens it).
 
     passes: A3QK / A3OV / A3MLP configs (each once). calib: (n, T) token ids (every rank passes all of them).
     batch_size: windows per forward. offload_dir: keep the calibration hidden states in files there (one per
     batch) instead of memory. dtype/device: compute dtype and device (the hidden states stay on the CPU).
     tokenizer: saved with the checkpoint. restart: discard an interrupted run's work dir instead of resuming.
     save_dtype: of the stored floating-point weights, as in `a3mod.save` ("auto": the dtype src's config.json
-    records, else the compute dtype). extra_names: files the caller writes into out_dir afterwards (e.g.
-    compress_result.json): recorded as a3mod's, so a later overwrite replaces them.
+    records, else the compute dtype; from a GGUF: the compute dtype). extra_names: files the caller writes into
+    out_dir afterwards (e.g. compress_result.json): recorded as a3mod's, so a later overwrite replaces them.
     sequential: each layer's statistics come from the inputs the compressed model gives it (the outputs of the
     layers compressed before it), so its reductions and least-squares updates fit what it will see; the output then
     differs from `a3mod.apply`'s (which calibrates the original model once). Single process only.
@@ -127,22 +131,27 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
                          "outputs of the one before it)")
     files.check_extra_names(extra_names, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     check_request(calib, ("a3",))
-    src = Path(src_dir)
-    if not (src / "config.json").is_file() or not any(src.glob("*.safetensors")):
-        raise A3ModError(f"{str(src)!r} is not an HF folder with config.json and *.safetensors; streaming reads "
-                         f"those (convert other formats once: a3mod.load_pretrained(path) then save_pretrained)")
-    check_folder(src)
+    src, gguf = Path(src_dir), gguf_file(src_dir)
+    if gguf is None and (not (src / "config.json").is_file() or not any(src.glob("*.safetensors"))):
+        raise A3ModError(f"{str(src)!r} is neither an HF folder with config.json and *.safetensors nor a .gguf file "
+                         f"(or a folder holding one); streaming reads those (convert other formats once: "
+                         f"a3mod.load_pretrained(path) then save_pretrained)")
+    if src.is_dir():
+        check_folder(src)
+    if gguf is not None:
+        check_gguf(gguf)
     out = files.check_output_dir(out_dir, overwrite, [src])
-    config = AutoConfig.from_pretrained(src, **NO_CODE)
+    config = gguf_config(gguf) if gguf is not None else AutoConfig.from_pretrained(src, **NO_CODE)
     check_token_ids(calib, config.vocab_size)
     with torch.device("meta"):
         skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     skel.eval()
-    skel.a3mod_source_dtype = recorded_dtype(src) if save_dtype == "auto" else as_dtype(save_dtype)
+    auto = None if gguf is not None else recorded_dtype(src)          # a GGUF stores the compute dtype, as `save`
+    skel.a3mod_source_dtype = auto if save_dtype == "auto" else as_dtype(save_dtype)
     views = layer_views(skel)
     passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
     preflight(passes, views)
-    run = StreamRun(skel, src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
+    run = StreamRun(skel, gguf or src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
                     restart, progress, tuple(extra_names), sequential)
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
@@ -157,7 +166,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
 class StreamRun:
     """One streaming run: its arguments, then what `_open` derives (layers, source, work dir, batches, ...)."""
     skel: nn.Module
-    src: Path
+    src: Path                                         # the safetensors folder, or the GGUF file
     out: Path
     passes: list
     calib: Tensor
@@ -191,7 +200,8 @@ def _open(run: StreamRun) -> int:
     run.spec = spec_for(run.skel)
     run.layers = get_path(run.skel, run.spec.layers)
     run.nonlayer, run.aliases, run.layers_at = _nonlayer_keys(run.skel, run.spec.layers)
-    run.source = workdir.Source(run.src, run.skel.base_model_prefix)
+    run.source = (GGUFSource(run.src, run.skel, run.spec.layers) if run.src.is_file()
+                  else workdir.Source(run.src, run.skel.base_model_prefix))
     run.work = workdir.work_dir(run.out)
     offload = Path(run.offload_dir) if run.offload_dir is not None else None
     run_id = None

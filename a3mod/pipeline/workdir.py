@@ -85,8 +85,10 @@ class Source:
 
 
 def fingerprint(src: Path) -> dict:
-    """The source folder as a resume must find it again: path, config bytes and each weight file's sampled digest
-    (a3mod.io.fingerprint.file_digest: size, header and 64 blocks of data)."""
+    """The source as a resume must find it again: path, config bytes and each weight file's sampled digest
+    (a3mod.io.fingerprint.file_digest: size, header and 64 blocks of data); a GGUF file: path and its digest."""
+    if src.is_file():
+        return {"src": str(src.resolve()), "files": {src.name: file_digest(src)}}
     return {"src": str(src.resolve()), "files": {f.name: file_digest(f) for f in sorted(src.glob("*.safetensors"))},
             "config_sha256": hashlib.sha256((src / "config.json").read_bytes()).hexdigest()}
 
