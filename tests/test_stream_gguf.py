@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import a3mod
 from a3mod.errors import A3ModError, CheckpointError
 from a3mod.export.llamacpp import permute
-from a3mod.io.gguf_source import GGUFSource, gguf_config
+from a3mod.io.gguf_source import GGUFSource, gguf_config, load_gguf_model, read_header
 from a3mod.pipeline import workdir
 
 from conftest import calib_ids, input_ids, make_tokenizer, tiny_model
@@ -93,6 +93,13 @@ def test_source_reads_what_transformers_loads(tmp_path, family):
     assert sorted(got) == sorted(keys)
     for k in keys:
         assert torch.equal(got[k], want[k]), k                              # bit for bit, dequantized alike
+    table = read_header(path).tensors                                       # the lean header reader == gguf's
+    assert {t.name: (t.tensor_type, t.data_offset, t.n_bytes, t.data.shape, t.data.dtype)
+            for t in gguf.GGUFReader(str(path)).tensors} == \
+        {n: (t.type, t.offset, t.n_bytes, t.shape, np.dtype(t.item)) for n, t in table.items()}
+    mine = load_gguf_model(path)                      # the in-memory loader: block by block, the same weights
+    assert mine.state_dict().keys() == want.keys() and all(torch.equal(mine.state_dict()[k], want[k]) for k in want)
+    assert torch.equal(mine(ids).logits, ref(ids).logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

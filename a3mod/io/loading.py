@@ -3,7 +3,8 @@
 No code from a checkpoint ever runs: every transformers loader call passes `trust_remote_code=False`, and a local
 folder whose config.json (or tokenizer_config.json) has an `auto_map`, or a `model_type` this transformers does
 not know, is refused with a CheckpointError before transformers sees it. Weights are read only from safetensors
-(or GGUF, which transformers dequantizes); pickle files (`*.bin`, `*.pt`) are never opened.
+(or GGUF, dequantized tensor by tensor as transformers does: a3mod.io.gguf_source); pickle files (`*.bin`,
+`*.pt`) are never opened.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import A3ModError, CheckpointError
 from .checkpoint import is_a3mod_checkpoint, load
+from .gguf_source import load_gguf_model
 from .guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -64,9 +66,11 @@ def load_pretrained(path: str, dtype: torch.dtype | str = torch.float32, device:
             raise CheckpointError(f"{str(p)!r} holds no config.json (nor a .gguf file): not a model folder")
         check_folder(src)
     tok = _tokenizer(src, kw, local)
-    wkw = _weights_kwargs(Path(src), kw)
-    model = _hf_call(AutoModelForCausalLM.from_pretrained, src, dtype=dtype, local_files_only=local, **wkw,
-                     **NO_CODE).to(device)
+    if kw:              # GGUF: filled block by block (transformers' loader holds every dequantized tensor beside it)
+        model = load_gguf_model(Path(src) / kw["gguf_file"], dtype).to(device)
+    else:
+        model = _hf_call(AutoModelForCausalLM.from_pretrained, src, dtype=dtype, local_files_only=local,
+                         **_weights_kwargs(Path(src), kw), **NO_CODE).to(device)
     model.eval()
     model.a3mod_source_dtype = None if kw else recorded_dtype(src)    # what `save` stores by default (not a GGUF's)
     return model, tok

@@ -138,8 +138,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
                          f"a3mod.load_pretrained(path) then save_pretrained)")
     if src.is_dir():
         check_folder(src)
-    if gguf is not None:
-        check_gguf(gguf)
+    header = check_gguf(gguf) if gguf is not None else None
     out = files.check_output_dir(out_dir, overwrite, [src])
     config = gguf_config(gguf) if gguf is not None else AutoConfig.from_pretrained(src, **NO_CODE)
     check_token_ids(calib, config.vocab_size)
@@ -152,7 +151,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
     preflight(passes, views)
     run = StreamRun(skel, gguf or src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
-                    restart, progress, tuple(extra_names), sequential)
+                    restart, progress, tuple(extra_names), sequential, header)
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
@@ -180,6 +179,7 @@ class StreamRun:
     progress: bool
     extra_names: tuple = ()
     sequential: bool = False
+    gguf_header: Any = None                           # the GGUF source's, read once
     spec: Any = None
     layers: Any = None
     source: Any = None
@@ -200,7 +200,7 @@ def _open(run: StreamRun) -> int:
     run.spec = spec_for(run.skel)
     run.layers = get_path(run.skel, run.spec.layers)
     run.nonlayer, run.aliases, run.layers_at = _nonlayer_keys(run.skel, run.spec.layers)
-    run.source = (GGUFSource(run.src, run.skel, run.spec.layers) if run.src.is_file()
+    run.source = (GGUFSource(run.src, run.skel, run.spec.layers, run.gguf_header) if run.src.is_file()
                   else workdir.Source(run.src, run.skel.base_model_prefix))
     run.work = workdir.work_dir(run.out)
     offload = Path(run.offload_dir) if run.offload_dir is not None else None
