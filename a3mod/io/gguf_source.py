@@ -216,16 +216,31 @@ class GGUFSource:
 
     def _process(self, name: str) -> dict[str, Tensor]:
         """Model tensors that GGUF tensor `name` gives, as transformers' loader makes them."""
-        t = self.tensors[name]
-        with open(self.path, "rb") as f:
-            raw = np.frombuffer(os.pread(f.fileno(), t.n_bytes, t.offset), dtype=t.item).reshape(t.shape)
-        weights = gguf.quants.dequantize(raw, t.type)
+        weights = self._dequantized(self.tensors[name])
         scratch: dict = {"tensors": {}}
         res = self.processor.process(weights=weights, name=name, tensor_key_mapping=self.to_model,
                                      parsed_parameters=scratch)
         out = {k: torch.as_tensor(v) for k, v in scratch["tensors"].items()}
-        if res.name in self.to_model:
-            out[self.to_model[res.name]] = torch.from_numpy(np.array(res.weights, copy=True))
+        if res.name in self.to_model:     # a copy only where the processor returned a strided view (q/k permute)
+            out[self.to_model[res.name]] = torch.from_numpy(np.ascontiguousarray(res.weights))
+        return out
+
+    def _dequantized(self, t: TensorInfo, rows: int = 4096) -> np.ndarray:
+        """Tensor `t` as float32 (integers as they are): its bytes read into one buffer (no copy of the file's),
+        quantized types dequantized `rows` rows at a time into the output (gguf's per-row temporaries stay small:
+        a whole 150k-token embedding at once would need several times its size)."""
+        raw = np.empty(t.n_bytes, np.uint8)
+        with open(self.path, "rb") as f:
+            if os.preadv(f.fileno(), [raw], t.offset) != t.n_bytes:
+                raise CheckpointError(f"{str(self.path)!r} ended while reading a tensor; it may be truncated")
+        raw = raw.view(t.item).reshape(t.shape)
+        if t.item is not np.uint8 or raw.ndim < 2 or raw.shape[0] <= rows:
+            return gguf.quants.dequantize(raw, t.type)
+        first = gguf.quants.dequantize(raw[:rows], t.type)
+        out = np.empty((raw.shape[0], *first.shape[1:]), first.dtype)
+        out[:rows] = first
+        for r in range(rows, raw.shape[0], rows):
+            out[r:r + rows] = gguf.quants.dequantize(raw[r:r + rows], t.type)
         return out
 
 
