@@ -10,8 +10,10 @@ from a3mod.modules import ReducedHeadAttention, ReducedMLP
 from conftest import calib_ids, input_ids, logits, tiny_model
 
 
+@pytest.mark.parametrize("budget", ["0", str(1 << 30)], ids=["spilled", "in-memory"])     # a3mod.pipeline.undo
 @pytest.mark.parametrize("broken", [ReducedMLP, ReducedHeadAttention])
-def test_a_failing_compressed_forward_is_refused_and_the_model_restored(monkeypatch, broken):
+def test_a_failing_compressed_forward_is_refused_and_the_model_restored(monkeypatch, broken, budget):
+    monkeypatch.setenv("A3MOD_UNDO_MEMORY", budget)
     model = tiny_model("llama", kv_heads=2)
     ref = logits(model, input_ids())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..arch import active, get_path, layer_views, set_child
+from ..arch import active, layer_views
 from ..calib import distributed
 from ..calib.stats import Stats
 from ..errors import A3ModError, CalibrationError
@@ -23,6 +23,7 @@ from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
 from ..validate import nonfinite_weight
+from .undo import UndoLog
 from .verify import verify_model
 
 COMPACT = (ReducedHeadAttention, ReducedMLP, LowRankLinear, LatentKVAttention, NarrowLinear)
@@ -37,7 +38,9 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
             which may also be given alone (then the model may already be compressed, e.g. from a3mod.load).
     calib:  (n_samples, seq_len) token ids (see `calibration_data`), or
     stats:  statistics from `collect(model, calib, kinds=...)`, to apply several ratios without recalibrating.
-    The whole model is solved (and quantized) first and only then rewritten, so an error leaves it untouched.
+    Each layer is swapped in as soon as it is solved; the modules swapped out are kept (beyond 1 GiB, or
+    $A3MOD_UNDO_MEMORY bytes, in temporary files: `a3mod.pipeline.undo`) until the rewrite and its self-check
+    succeeded, so an error anywhere puts every one back and leaves the model as it was.
     """
     if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
         raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
@@ -51,27 +54,38 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
         handler_for(quant)                      # its library is installed, before any solving
     check_finite(model)
     views = layer_views(model)
-    swaps, info = (_compress(model, views, passes, calib, stats, progress) if passes
-                   else ([], _info_so_far(model, views)))
-    qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
-    old = []
-    for i, path, new in swaps:
-        old.append((i, path, get_path(views[i].layer, path)))
-        set_child(views[i].layer, path, new)
-    if swaps:
-        _self_check(model, views, old, calib)
-    for i, path, new in qswaps:
-        set_child(views[i].layer, path, new)
-    if quant is not None:
-        info["passes"] = [*info["passes"], pass_to_dict(quant)]
+    with UndoLog() as undo:
+        try:
+            info = _rewrite(model, views, passes, quant, calib, stats, progress, undo)
+        except BaseException:
+            undo.restore()              # every swapped module back: the model is as it was
+            raise
     model.a3mod_info = info
     return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
 
 
+def _rewrite(model, views, passes, quant, calib, stats, progress, undo: UndoLog) -> dict:
+    """Compress (A3: each layer swapped in as soon as it is solved; baselines: once all are) and quantize, every
+    swap logged in `undo`; returns the model's new a3mod_info."""
+    swaps, info = (_compress(model, views, passes, calib, stats, progress, undo) if passes
+                   else ([], _info_so_far(model, views)))
+    if passes and scope_of(passes[0]) == "model":
+        for i, path, new in swaps:
+            undo.swap(views[i].layer, path, new)
+    if swaps:
+        _self_check(model, calib)
+    qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
+    for i, path, new in qswaps:
+        undo.swap(views[i].layer, path, new)
+    if quant is not None:
+        info["passes"] = [*info["passes"], pass_to_dict(quant)]
+    return info
+
+
 @torch.no_grad()
-def _self_check(model: nn.Module, views, old: list, calib: Tensor | None) -> None:
+def _self_check(model: nn.Module, calib: Tensor | None) -> None:
     """Run the compressed model once (a short window, then one cached step where it generates): an exception is
-    an A3ModError naming it, with every swapped module put back first (the model is as it was)."""
+    an A3ModError naming it (`apply` then puts every swapped module back)."""
     vocab = int(getattr(model.config, "vocab_size", 0) or 2)
     ids = (calib[:1, :8] if calib is not None and calib.numel() else
            torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)))
@@ -87,8 +101,6 @@ def _self_check(model: nn.Module, views, old: list, calib: Tensor | None) -> Non
         else:
             model(input_ids=ids)
     except Exception as e:          # noqa: BLE001  (whatever the compressed forward raises)
-        for i, path, mod in reversed(old):
-            set_child(views[i].layer, path, mod)
         raise A3ModError(f"the compressed model fails its first forward ({type(e).__name__}: {str(e)[:300]}); "
                          f"the model is restored as it was: please report this model type") from e
     finally:
@@ -104,7 +116,7 @@ def check_finite(model: nn.Module) -> None:
                          f"only (the model is left as it is)")
 
 
-def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]:
+def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tuple[list, dict]:
     """The compact modules the compression passes make (not yet swapped in) and the model's new a3mod_info."""
     if any(set(describe_layer(v.layer, v.spec)) - {"quantized"} for v in views):    # a codec finds a compact kind
         raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
@@ -128,7 +140,7 @@ def _compress(model, views, passes, calib, stats, progress) -> tuple[list, dict]
     if scope_of(passes[0]) == "model":
         swaps = run_pass(passes[0], PassContext(model=model, views=views, stats=stats, calib=calib, progress=progress))
     else:
-        swaps = _a3_swaps(model, views, passes, stats, progress)
+        swaps = _a3_swaps(model, views, passes, stats, progress, undo)
     info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
             "orig_layer_params": orig}
     return swaps, info
@@ -144,10 +156,15 @@ def _info_so_far(model, views) -> dict:
     return info
 
 
-def _a3_swaps(model, views, passes, stats, progress) -> list:
+def _a3_swaps(model, views, passes, stats, progress, undo: UndoLog) -> list:
+    """Solve each layer and swap its compact modules in at once (the layer's originals go to `undo`), so the model
+    never holds two copies of more than the undo log's memory budget."""
     out = []
     for v in tqdm(active(views), desc="solving", disable=not progress, unit="layer"):
-        out += [(v.index, path, new) for path, new in distributed.solve(build_layer, model, v, passes, stats)]
+        built = distributed.solve(build_layer, model, v, passes, stats)
+        for path, new in built:
+            undo.swap(v.layer, path, new)
+        out += [(v.index, path, new) for path, new in built]
     return out
 
 
