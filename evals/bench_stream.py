@@ -132,14 +132,14 @@ def table(rows: list[dict]) -> str:
     names = {"import": "import only (floor)", "memory": "in memory (load_pretrained + apply + save)",
              "stream": "streaming", "stream-offload": "streaming, hidden states offloaded"}
     md = ("| model | fp32 weights MiB | calibration | path | peak RSS MiB | x fp32 weights | compress s | "
-          "x one forward |\n|---|---|---|---|---|---|---|---|\n")
+          "x one forward | code |\n|---|---|---|---|---|---|---|---|---|\n")
     fwd = {(r["model"], r["calib"]): r["forward_s"] for r in rows if r.get("forward_s")}
     for r in rows:
         f = fwd.get((r["model"], r["calib"]))
         rel = f"{r['compress_s'] / f:.2f}" if f and r.get("compress_s") else "-"
         md += (f"| {r['model']} | {r['fp32_mib']:.0f} | {r['calib']} | {names[r['mode']]} | "
                f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / r['fp32_mib']:.2f} | "
-               f"{r.get('compress_s', 0):.1f} | {rel} |\n")
+               f"{r.get('compress_s', 0):.1f} | {rel} | {r.get('commit', '')} {r.get('note', '')} |\n")
     return md
 
 
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the outputs in /tmp/a3mod-bench-stream/<model> (a "
                     "later run compares its stream outputs with a kept in-memory one)")
     ap.add_argument("--rerun", action="store_true", help="measure again runs found in stream_runs.jsonl")
+    ap.add_argument("--note", default="", help="what this run measures (shown in the table; e.g. a code change)")
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
     if args.worker:
@@ -170,7 +171,10 @@ def main() -> None:
     log = Path(args.results) / "stream_runs.jsonl"
     done = {(r["model"], r["mode"], r["ratio"], r["calib"]) for r in read_jsonl(log)}
     tmp = Path("/tmp/a3mod-bench-stream") / label
-    base = {"model": label, "ratio": args.ratio, "calib": calib, "fp32_mib": fp32_mib(src), "machine": machine()}
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    base = {"model": label, "ratio": args.ratio, "calib": calib, "fp32_mib": fp32_mib(src), "machine": machine(),
+            "commit": commit, "note": args.note}
     for mode in modes:
         if (label, mode, args.ratio, calib) in done and not args.rerun:
             print(f"{label} {mode}: in {log.name}, skipped", file=sys.stderr)

@@ -78,7 +78,7 @@ def test_spill_frees_the_old_tensors_and_restore_rebuilds_them():
     layer[1].weight = layer[0].weight.__class__(torch.randn(8))           # a separate tensor
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     old0 = layer[0]
-    with UndoLog(budget_bytes=0) as log:
+    with UndoLog(layer, budget_bytes=0) as log:
         log.swap(layer, "0", nn.Identity())
         assert isinstance(layer[0], nn.Identity) and log.spilled == 1
         assert all(t.is_meta for t in [*old0.parameters(), *old0.buffers()])   # its memory is released
@@ -97,7 +97,7 @@ def test_tied_tensors_in_a_spilled_module_stay_tied():
     block.b.weight = block.a.weight
     holder = nn.Module()
     holder.block = block
-    with UndoLog(budget_bytes=0) as log:
+    with UndoLog(holder, budget_bytes=0) as log:
         log.swap(holder, "block", nn.Identity())
         log.restore()
     assert holder.block.a.weight is holder.block.b.weight and not holder.block.a.weight.is_meta
@@ -111,3 +111,17 @@ def test_a_bad_budget_is_a_typed_error_before_any_work(monkeypatch, bad):
     with pytest.raises(A3ModError, match="A3MOD_UNDO_MEMORY"):
         a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
     assert _same(model, snap)
+
+
+def test_a_submodule_the_new_module_took_over_is_not_spilled():
+    """Compact modules may take over a part of the one they replace (a norm): spilling the old one must not turn
+    the new one's part into meta tensors (bailing_hybrid's MLA did, before)."""
+    old = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    layer = nn.Sequential(old)
+    new = nn.Sequential(nn.Linear(4, 4), old[1])
+    before = old[0].weight.clone()
+    with UndoLog(layer, budget_bytes=0) as log:
+        log.swap(layer, "0", new)
+        assert old[0].weight.is_meta and not new[1].weight.is_meta
+        log.restore()
+    assert layer[0] is old and torch.equal(old[0].weight, before)

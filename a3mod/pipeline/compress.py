@@ -54,7 +54,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
         handler_for(quant)                      # its library is installed, before any solving
     check_finite(model)
     views = layer_views(model)
-    with UndoLog() as undo:
+    with UndoLog(model) as undo:
         try:
             info = _rewrite(model, views, passes, quant, calib, stats, progress, undo)
         except BaseException:

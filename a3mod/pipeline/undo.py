@@ -1,7 +1,7 @@
 """An undo log for module swaps: every module `apply` swaps out of a model is kept until the rewrite succeeded, so
 an error (in a later layer's solve, in the self-check) can put every one back and leave the model as it was.
 
-    with UndoLog(budget_bytes) as undo:
+    with UndoLog(model, budget_bytes) as undo:
         undo.swap(layer, "self_attn", new_attention)      # new module in; the old one logged
         ...
         undo.restore()                                    # on error: every old module back, newest first
@@ -38,21 +38,28 @@ def default_budget() -> int:
     return value
 
 
-def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `module` by its state-dict-like name (non-persistent buffers included)."""
+def _own_tensors(old: nn.Module, root: nn.Module) -> dict[str, tuple[dict, str, torch.Tensor]]:
+    """{name: (its module's parameter or buffer dict, key, tensor)} of every tensor that only `old` holds: none of a
+    submodule or tensor that `root` still reaches after the swap (a norm the new module took over, say)."""
+    mods = {id(m) for m in root.modules()}
+    alive = {id(t) for t in [*root.parameters(), *root.buffers()]}
     out = {}
-    for name, mod in module.named_modules():
+    for name, mod in old.named_modules():
+        if id(mod) in mods:
+            continue
         prefix = f"{name}." if name else ""
-        for n, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is not None:
-                out[prefix + n] = t
+        for store in (mod._parameters, mod._buffers):
+            for n, t in store.items():
+                if t is not None and not t.is_meta and id(t) not in alive:
+                    out[prefix + n] = (store, n, t)
     return out
 
 
 class UndoLog:
     """See the module docstring."""
 
-    def __init__(self, budget_bytes: int | None = None):
+    def __init__(self, root: nn.Module, budget_bytes: int | None = None):
+        self.root = root                # the model the swaps are made in: what it still holds is never spilled
         self.budget = default_budget() if budget_bytes is None else budget_bytes
         self.kept = 0
         self.entries: list[tuple[nn.Module, str, nn.Module, Path | None]] = []
@@ -72,35 +79,30 @@ class UndoLog:
         """Put `new` at `path` in `layer`, logging the module it replaces."""
         old = get_path(layer, path)
         set_child(layer, path, new)
-        tensors = _own_tensors(old)
-        size = sum(t.numel() * t.element_size() for t in tensors.values() if not t.is_meta)
+        tensors = _own_tensors(old, self.root)
+        size = sum(t.numel() * t.element_size() for _, _, t in tensors.values())
         spill = None
         if self.kept + size > self.budget and size:
-            spill = self._spill(old, tensors)
+            spill = self._spill(tensors)
         else:
             self.kept += size
         self.entries.append((layer, path, old, spill))
 
-    def _spill(self, old: nn.Module, tensors: dict[str, torch.Tensor]) -> Path:
-        """Write `old`'s tensors to a file and give the module meta tensors in their place (the module object
-        itself, and any tensor another module shares, stay alive)."""
+    def _spill(self, tensors: dict[str, tuple[dict, str, torch.Tensor]]) -> Path:
+        """Write the tensors to a file and put meta tensors in their place (in the old module's own dicts: the
+        module objects stay, and whatever else holds one of them keeps it)."""
         if self.dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="a3mod-undo-"))
         f = self.dir / f"{len(self.entries):05d}.safetensors"
-        live = {k: t for k, t in tensors.items() if not t.is_meta}
         canon: dict[tuple, str] = {}
-        for k, t in live.items():                          # tied tensors are written once
+        for k, (_, _, t) in tensors.items():                 # tied tensors are written once
             canon.setdefault(_key(t), k)
-        save_file({k: live[k].detach().cpu().contiguous() for k in canon.values()}, str(f))
-        ties = [f"{k}\t{canon[_key(t)]}\t{t.device}" for k, t in live.items()]
+        save_file({k: tensors[k][2].detach().cpu().contiguous() for k in canon.values()}, str(f))
+        ties = [f"{k}\t{canon[_key(t)]}\t{t.device}" for k, (_, _, t) in tensors.items()]
         f.with_suffix(".ties").write_text("\n".join(ties))
-        for mod in old.modules():
-            for store in (mod._parameters, mod._buffers):
-                for n, t in list(store.items()):
-                    if t is not None and not t.is_meta:
-                        meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                        store[n] = nn.Parameter(meta, requires_grad=t.requires_grad) \
-                            if isinstance(t, nn.Parameter) else meta
+        for store, n, t in tensors.values():
+            meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            store[n] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
         self.spilled += 1
         return f
 
