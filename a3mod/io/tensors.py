@@ -90,6 +90,7 @@ def write(path: str | Path, plan: Plan, metadata: dict[str, str]) -> None:
                 raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, planned {dt} {tuple(shape)}")
             if t.numel():
                 f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del t           # before the next getter runs: one tensor read from a source in memory at a time
 
 
 def realign(model: nn.Module, align: int = 64) -> nn.Module:
