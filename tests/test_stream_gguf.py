@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.modeling_gguf_pytorch_utils import TensorProcessor
 
 import a3mod
 from a3mod.errors import A3ModError, CheckpointError
 from a3mod.export.llamacpp import permute
-from a3mod.io.gguf_source import GGUFSource, gguf_config, load_gguf_model, read_header
+from a3mod.io.gguf_source import GGUFSource, gguf_config, load_gguf_model, read_header, weights_map
 from a3mod.pipeline import workdir
 
 from conftest import calib_ids, input_ids, make_tokenizer, tiny_model
@@ -193,3 +194,38 @@ def test_cli_streams_a_gguf(tmp_path, text_file, capsys):
     assert main(["compress", "--stream", *common[:0], "--model", str(cut), *common[2:],
                  "--out", str(tmp_path / "x")]) == 2
     assert "a3mod: error:" in capsys.readouterr().err
+
+
+def test_fused_experts_are_assembled_from_their_gguf_parts(tmp_path):
+    """A MoE GGUF stores each layer's experts as ffn_gate_exps / ffn_up_exps / ffn_down_exps; transformers' processor
+    assembles [gate | up] into one parameter from two file tensors: the source reads both (F32 here: exact)."""
+    from zoo import tiny_zoo_model
+
+    model = tiny_zoo_model("qwen3_moe")
+    sd, n_layers = model.state_dict(), model.config.num_hidden_layers
+    names = {v: k for k, v in weights_map(model, TensorProcessor(), gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.QWEN3MOE, n_layers)).items()}
+    w = gguf.GGUFWriter(str(tmp_path / "moe.gguf"), "qwen3moe")
+    for k, t in sd.items():
+        a = t.detach().float().numpy()
+        if k.endswith("experts.gate_up_proj"):
+            i = k.split(".")[2]
+            half = a.shape[1] // 2
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(a[:, :half]))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(a[:, half:]))
+        elif k.endswith("experts.down_proj"):
+            w.add_tensor(f"blk.{k.split('.')[2]}.ffn_down_exps.weight", a)
+        elif k in names:
+            w.add_tensor(names[k], a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with torch.device("meta"):
+        skel = AutoModelForCausalLM.from_config(model.config)
+    keys = list(sd)
+    got = GGUFSource(tmp_path / "moe.gguf", skel, "model.layers").read(keys, torch.float32)
+    assert all(torch.equal(got[k], sd[k]) for k in keys)
+    layer0 = [k for k in keys if k.startswith("model.layers.0.")]
+    assert sorted(GGUFSource(tmp_path / "moe.gguf", skel, "model.layers").read(layer0, torch.float32)) == \
+        sorted(layer0)

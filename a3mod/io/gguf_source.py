@@ -61,6 +61,9 @@ class Header:
     tensors: dict[str, TensorInfo]
 
 
+# llama.cpp's architecture names that transformers' GGUF loader knows under another name (load_gguf_checkpoint)
+ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+                "t5encoder": "t5"}
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _ITEMS = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
           "I32": np.int32, "I64": np.int64}
@@ -156,7 +159,7 @@ def check_gguf(path: Path) -> Header:
     end = max((t.offset + t.n_bytes for t in header.tensors.values()), default=0)
     if end > size:
         raise CheckpointError(f"{str(path)!r} is truncated: its tensors need {end:,} bytes, the file has {size:,}")
-    if header.architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+    if ARCH_ALIASES.get(header.architecture, header.architecture) not in GGUF_SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{str(path)!r} holds a {header.architecture!r} model; transformers reads GGUF files "
                               f"of {sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {'general', 'tokenizer'})}")
     return header
@@ -186,18 +189,23 @@ class GGUFSource:
                                   f"{arch!r}")
         names = gguf.get_tensor_name_map(ids[0], skel.config.num_hidden_layers)
         self.to_model = weights_map(skel, self.processor, names)          # gguf name -> model key
-        self.to_file = {k: g for g, k in self.to_model.items()}
+        self.sources: dict[str, list[str]] = {}                            # model key -> gguf names
+        for g, k in self.to_model.items():
+            self.sources.setdefault(k, []).append(g)
         self.layers_path = layers_path + "."
 
     def read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
-        """{key: tensor} for model keys (floating tensors cast to `dtype`). Keys with one GGUF tensor each read
-        that tensor; the rest (experts the file stores fused) process their whole block."""
-        direct = [self.to_file[k] for k in keys if self.to_file.get(k) in self.tensors]
-        rest = [k for k in keys if self.to_file.get(k) not in self.tensors]
-        names = direct + sorted({n for k in rest for n in self._block(k)} - set(direct))
+        """{key: tensor} for model keys (floating tensors cast to `dtype`). Each key reads the GGUF tensors that
+        make it (two for fused experts' [gate | up]); a key the name map misses processes its whole block."""
+        names: list[str] = []
+        for k in keys:
+            made_of = [n for n in self.sources.get(k, ()) if n in self.tensors]
+            names += made_of or self._block(k)
+        scratch: dict = {"tensors": {}}            # where processors assemble tensors from several GGUF ones
         found: dict[str, Tensor] = {}
-        for name in names:
-            found.update(self._process(name))
+        for name in dict.fromkeys(names):
+            found.update(self._process(name, scratch))
+        found.update({k: torch.as_tensor(v) for k, v in scratch["tensors"].items()})
         lost = [k for k in keys if k not in found]
         if lost:
             raise CheckpointError(f"{str(self.path)!r} lacks {len(lost)} tensors the model needs, e.g. {lost[:3]}")
@@ -214,16 +222,15 @@ class GGUFSource:
             return [n for n in self.tensors if n.startswith(f"blk.{i}.")]
         return [n for n in self.tensors if not n.startswith("blk.")]
 
-    def _process(self, name: str) -> dict[str, Tensor]:
-        """Model tensors that GGUF tensor `name` gives, as transformers' loader makes them."""
+    def _process(self, name: str, scratch: dict) -> dict[str, Tensor]:
+        """The model tensor GGUF tensor `name` gives, as transformers' loader makes it (processors that assemble
+        one from several, fused experts' [gate | up], write into `scratch` instead)."""
         weights = self._dequantized(self.tensors[name])
-        scratch: dict = {"tensors": {}}
         res = self.processor.process(weights=weights, name=name, tensor_key_mapping=self.to_model,
                                      parsed_parameters=scratch)
-        out = {k: torch.as_tensor(v) for k, v in scratch["tensors"].items()}
         if res.name in self.to_model:     # a copy only where the processor returned a strided view (q/k permute)
-            out[self.to_model[res.name]] = torch.from_numpy(np.ascontiguousarray(res.weights))
-        return out
+            return {self.to_model[res.name]: torch.from_numpy(np.ascontiguousarray(res.weights))}
+        return {}
 
     def _dequantized(self, t: TensorInfo, rows: int = 4096) -> np.ndarray:
         """Tensor `t` as float32 (integers as they are): its bytes read into one buffer (no copy of the file's),
