@@ -4,11 +4,10 @@ On every real model in the assets dir (fp32, CPU), with N x L calibration tokens
   (a) forward   one plain forward pass of the calibration windows through the model body (no hooks, no
                 cache, batch 1 like `collect`): the reference, the min of --forward-reps runs
   (b) collect   a3mod.collect(kinds=("a3",)) = forward + statistics; statistics overhead = (b) - (a)
-  (c) solves    every layer's compact modules (the solve phase of a3mod.apply: `pipeline.compress._compress`, i.e.
-                `passes.a3.build_layer` per layer), not yet swapped in
-  (d) rewrite   the swaps (`arch.set_child`)
+  (c) solve     a3mod.apply with those statistics: every layer's compact modules (`passes.a3.build_layer`),
+                swapped in layer by layer with the undo log, and the self-check
   (e) save      a3mod.save(model, tmp dir, tokenizer)
-A3 total = b + c + d + e; the target is total <= 2 x forward. For comparison, in the same run and on the
+A3 total = b + c + e; the target is total <= 2 x forward. For comparison, in the same run and on the
 same windows (before the A3 rewrite): SVD-LLM's Gram collection and solve, ASVD's |x| collection, its rank
 search (sensitivity probes on the first --probe-samples x --probe-seq-len calibration tokens, as in
 evals/compare.py) and its factorization. Every piece is timed with time.perf_counter.
@@ -31,16 +30,14 @@ from typing import NamedTuple
 import torch
 
 import a3mod
-from a3mod.pipeline import compress as api
 from a3mod.math import factorize as fz
 from a3mod.arch import layer_views
 from a3mod.passes.base import PassContext, run_pass
 from a3mod.passes.lowrank import ASVD, SVDLLM
 from a3mod.passes.search import PARAM_CANDIDATES, asvd_ranks, targets_of
-from a3mod.arch import set_child
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, machine, update_readme, write_results
+from common import ROOT, asset_models, machine, model_label, update_readme, write_results
 
 TARGET = 2.0            # A3 total / one forward pass
 
@@ -127,26 +124,20 @@ def run_model(name: str, model, tok, calib: torch.Tensor, args) -> list[dict]:
     say("collect", t_collect)
     views = layer_views(model)
     base = [] if args.skip_baselines else baselines(model, views, calib, args)
-    t_solve, (swaps, info) = timed(lambda: api._compress(model, views, passes, None, stats, False))
-
-    def rewrite():
-        for i, path, new in swaps:
-            set_child(views[i].layer, path, new)
-        model.a3mod_info = info
-    t_rewrite, _ = timed(rewrite)
+    t_solve, _ = timed(lambda: a3mod.apply(model, passes, stats=stats, progress=False))
     ratio = a3mod.report(model).ratio
     with tempfile.TemporaryDirectory(prefix="a3mod-bench-compress-") as tmp:
         t_save, out = timed(lambda: a3mod.save(model, Path(tmp) / "out", tokenizer=tok))
         size = sum(p.stat().st_size for p in out.iterdir())
-    total = t_collect + t_solve + t_rewrite + t_save
+    total = t_collect + t_solve + t_save
     passed = total.wall <= TARGET * f.wall
     steps = [("(a) forward pass (reference)", f, f"min of {len(fwd)}: {[round(x.wall, 2) for x in fwd]} s"),
              ("(b) collect = forward + A3 statistics", t_collect, ""),
              ("statistics overhead (b - a)", t_collect - f, ""),
-             ("(c) solves (build_layer, every layer)", t_solve, f"{len(views)} layers, {len(swaps)} modules"),
-             ("(d) rewrite (swap modules in)", t_rewrite, ""),
+             ("(c) solve and swap in (apply with the statistics: every layer's build_layer, its swap, the "
+              "undo log, the self-check)", t_solve, f"{len(views)} layers"),
              ("(e) save (safetensors + sidecar + tokenizer)", t_save, f"{size / 2**20:.0f} MiB"),
-             ("**A3 total (b + c + d + e)**", total, f"target <= {TARGET:g}x forward: {'PASS' if passed else 'FAIL'}"),
+             ("**A3 total (b + c + e)**", total, f"target <= {TARGET:g}x forward: {'PASS' if passed else 'FAIL'}"),
              *base]
     rows = [{"model": name, "tokens": int(calib.numel()), "step": s, "seconds": t.wall, "cpu_s": t.cpu,
              "x_forward": t.wall / f.wall, "x_forward_cpu": t.cpu / f.cpu, "note": n} for s, t, n in steps]
@@ -181,6 +172,9 @@ def main() -> None:
     ap.add_argument("--random", type=int, metavar="LAYERS", default=None,
                     help="a SmolLM2-shaped random llama with LAYERS layers and random tokens instead of the assets")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="packaged names, asset folders or paths (default: the asset models)")
+    ap.add_argument("--tag", default="compress", help="results file name (default: compress -> compress.json/md)")
     ap.add_argument("--out", default=str(ROOT / "evals" / "results"))
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args()
@@ -194,11 +188,11 @@ def main() -> None:
         calib = torch.randint(0, 49152, (args.n_samples, args.calib_seq_len), generator=g)
         rows += run_model(f"random-llama-{args.random}L", random_model(args.random), None, calib, args)
     else:
-        for path in asset_models():
+        for path in asset_models(args.models):
             model, tok = a3mod.load_pretrained(str(path))
             calib = a3mod.calibration_data(tok, "wikitext2", args.n_samples, args.calib_seq_len, seed=args.seed)
             try:
-                rows += run_model(path.name, model, tok, calib, args)
+                rows += run_model(model_label(path), model, tok, calib, args)
             except a3mod.UnsupportedModelError as e:
                 print(f"skip {path.name}: {e}", file=sys.stderr)
             del model
@@ -206,7 +200,7 @@ def main() -> None:
     meta = {"calib": f"{args.n_samples} x {args.calib_seq_len} tokens of {src}, seed {args.seed}",
             "ratio": args.ratio, "machine": machine(), "threads": torch.get_num_threads(), "args": vars(args)}
     md = markdown(rows, meta)
-    write_results(args.out, "compress", meta, rows, md)
+    write_results(args.out, args.tag, meta, rows, md)
     if args.update_readme:
         update_readme(md, "compress-results")
 
