@@ -229,3 +229,16 @@ def test_fused_experts_are_assembled_from_their_gguf_parts(tmp_path):
     layer0 = [k for k in keys if k.startswith("model.layers.0.")]
     assert sorted(GGUFSource(tmp_path / "moe.gguf", skel, "model.layers").read(layer0, torch.float32)) == \
         sorted(layer0)
+
+
+def test_a_gguf_of_a_model_that_is_not_a_causal_lm_is_refused_by_name(tmp_path, monkeypatch):
+    from transformers import T5Config
+
+    from a3mod.errors import UnsupportedModelError
+    from a3mod.pipeline import stream
+
+    _, path = gguf_source(tmp_path, "llama")
+    monkeypatch.setattr(stream, "gguf_config", lambda p: T5Config(num_layers=1, d_model=32))    # a t5 GGUF's config
+    with pytest.raises(UnsupportedModelError, match=r"holds a 't5' model, which transformers has no causal-LM"):
+        a3mod.compress_streaming(path, tmp_path / "out", a3mod.a3_passes(0.3), calib_ids(4, 16), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, TENSOR_PROCESSORS, TensorProcessor
 
 from ..arch import spec_for
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from .description import materialize_buffers
 from .guards import NO_CODE
 
@@ -272,13 +272,23 @@ def weights_map(module: nn.Module, processor, names, qual: str = "") -> dict[str
     return out
 
 
+def meta_causal_lm(config: PretrainedConfig, source: Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` on the meta device; UnsupportedModelError naming `source` for a model type that
+    is not a causal LM in transformers (an encoder-decoder GGUF, say)."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{str(source)!r} holds a {config.model_type!r} model, which transformers has "
+                                    f"no causal-LM class for; a3mod compresses causal LMs ({str(e)[:120]})") from None
+
+
 def load_gguf_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of GGUF file `path` in `dtype` (eval mode, CPU), with the weights `from_pretrained(...,
     gguf_file=...)` gives, read block by block into a meta skeleton (see the module docstring)."""
     header = check_gguf(path)
     config = gguf_config(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = meta_causal_lm(config, path, dtype)
     layers = spec_for(model).layers
     src = GGUFSource(path, model, layers, header)
     seen, groups = set(), {}

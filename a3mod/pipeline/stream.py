@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from ..arch import get_path, layer_views, set_child, spec_for
 from ..arch.capture import layer_inputs
@@ -50,7 +50,7 @@ from ..io import files, native, tensors
 from ..io.checkpoint import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
-from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file
+from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file, meta_causal_lm
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
@@ -142,8 +142,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     out = files.check_output_dir(out_dir, overwrite, [src])
     config = gguf_config(gguf) if gguf is not None else AutoConfig.from_pretrained(src, **NO_CODE)
     check_token_ids(calib, config.vocab_size)
-    with torch.device("meta"):
-        skel = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    skel = meta_causal_lm(config, gguf or src, dtype)
     skel.eval()
     auto = None if gguf is not None else recorded_dtype(src)          # a GGUF stores the compute dtype, as `save`
     skel.a3mod_source_dtype = auto if save_dtype == "auto" else as_dtype(save_dtype)
