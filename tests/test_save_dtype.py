@@ -68,6 +68,11 @@ def test_streaming_saves_in_the_source_dtype(tmp_path, bf16_source):
     calib, passes = calib_ids(), a3mod.a3_passes(0.3)
     out = a3mod.compress_streaming(bf16_source, tmp_path / "out", passes, calib, progress=False)
     assert _dtypes(out) == {"BF16"}
+    from safetensors.torch import load_file
+
+    src, got = load_file(str(bf16_source / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    outside = [k for k in got if ".layers." not in k]       # read in the stored dtype, written as they are
+    assert outside and all(torch.equal(got[k], src[k]) for k in outside)
     model, _ = a3mod.load_pretrained(str(bf16_source))
     a3mod.apply(model, passes, calib=calib, progress=False)
     ref = a3mod.save(model, tmp_path / "ref")

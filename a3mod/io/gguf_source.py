@@ -194,6 +194,10 @@ class GGUFSource:
             self.sources.setdefault(k, []).append(g)
         self.layers_path = layers_path + "."
 
+    def stored_dtype(self, key: str) -> None:
+        """None: every tensor is dequantized (to float32), none is stored in a model dtype as such."""
+        return None
+
     def read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
         """{key: tensor} for model keys (floating tensors cast to `dtype`). Each key reads the GGUF tensors that
         make it (two for fused experts' [gate | up]); a key the name map misses processes its whole block."""

@@ -323,11 +323,21 @@ def _forward(run: StreamRun, i: int, layer: nn.Module, keep: bool) -> None:
             run.store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
 
 
+def _source_entry(run: StreamRun, key: str, t: Tensor, store: torch.dtype | None) -> tuple:
+    """The write-plan entry of non-layer tensor `key`, read from the source when written: in the stored dtype when
+    the source holds it so (no compute-dtype copy to cast back: the embedding and lm_head are the largest
+    tensors), else in the compute dtype (cast by the plan)."""
+    if store is not None and run.source.stored_dtype(key) == store:
+        return key, store, tuple(t.shape), lambda: run.source.read([key], store)[key]
+    return key, t.dtype, tuple(t.shape), lambda: run.source.read([key], run.dtype)[key]
+
+
 def _assemble(run: StreamRun) -> None:
     """Write the a3mod checkpoint (the format of `a3mod.save`) from the work dir, atomically."""
     skel, src, work = run.skel, run.src, run.work
     metas = [json.loads(workdir.layer_file(work, i, "json").read_text()) for i in range(len(run.layers))]
-    plan = [(k, t.dtype, tuple(t.shape), lambda k=k: run.source.read([k], run.dtype)[k]) for k, t in run.nonlayer]
+    store = skel.a3mod_source_dtype
+    plan = [_source_entry(run, k, t, store) for k, t in run.nonlayer]
     plan[run.layers_at:run.layers_at] = [e for i in range(len(run.layers))
                                          for e in tensors.file_plan(workdir.layer_file(work, i, "safetensors"))]
     skel.a3mod_info = {"passes": [pass_to_dict(p) for p in run.passes], "calib_tokens": None,
@@ -335,7 +345,6 @@ def _assemble(run: StreamRun) -> None:
     side = describe_model(skel)
     side["calib_tokens"] = metas[0]["calib_tokens"]
     side["layers"] = {str(i): m["entry"] for i, m in enumerate(metas) if m["entry"]}
-    store = skel.a3mod_source_dtype
     config = native.config_for(skel.config, side)
     config.dtype = store or next((dt for _, dt, _, _ in plan if dt.is_floating_point), None)   # what is stored
     gen = (GenerationConfig.from_pretrained(src, **NO_CODE) if (src / "generation_config.json").exists()

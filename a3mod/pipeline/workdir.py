@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..io import files
 from ..io.fingerprint import file_digest
+from ..io.tensors import TORCH_DTYPES
 from ..passes import pass_to_dict
 
 
@@ -39,6 +40,14 @@ class Source:
         if self.prefix and key.startswith(self.prefix) and key[len(self.prefix):] in self.files:
             return key[len(self.prefix):]
         return None
+
+    def stored_dtype(self, key: str) -> torch.dtype | None:
+        """The dtype model key `key` has in the files (None for tensors assembled from several)."""
+        name = self.name(key)
+        if name is None:
+            return None
+        with safe_open(str(self.files[name]), "pt") as h:
+            return TORCH_DTYPES.get(h.get_slice(name).get_dtype())
 
     def read(self, keys: list[str], dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
         """{key: tensor} for model keys (floating tensors cast to `dtype`); one file opened at a time. Routed
