@@ -89,26 +89,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from common import pyplot, save_figure
+    from common import ppl_vs_ratio_plot
 
-    plt = pyplot()
-    models = list(dict.fromkeys(r["model"] for r in rows if "ppl" in r))
-    if plt is None or not models:
-        return
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        rr = [r for r in rows if r["model"] == name and "ppl" in r]
-        for method in dict.fromkeys(r["method"] for r in rr):
-            pts = sorted((100 * r["ratio"], r["ppl"]) for r in rr if r["method"] in (method, "original"))
-            ax.plot(*zip(*pts), "o-" if method != "original" else "k*", label=method)
-        ax.set_yscale("log")
-        ax.set_xlabel("decoder-layer linear params removed (%)")
-        ax.set_ylabel("WikiText-2 perplexity (log)")
-        ax.set_title(name, fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    ppl_vs_ratio_plot(rows, path)
 
 
 def main() -> None:
@@ -129,7 +112,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--rerun", nargs="*", default=None, metavar="METHOD",
+                    help="measure again runs already in the results: all of them, or only these methods")
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args()
@@ -148,14 +132,17 @@ def main() -> None:
         plan = [("original", 0.0)] + [(m, r) for m in args.methods
                                       for r in (args.ratios if m == "a3" else [args.baseline_ratio])]
         for method, ratio in plan:
-            if (label, method, ratio) in done and not args.rerun or f"{name}:{method}" in args.skip:
+            again = args.rerun is not None and (not args.rerun or method in args.rerun)
+            if (label, method, ratio) in done and not again or f"{name}:{method}" in args.skip:
                 continue
             print(f"{label} {method} {ratio:.0%} ...", file=sys.stderr, flush=True)
             row = {"model": label, "method": method, "ratio_target": ratio, **proto, "machine": machine(),
                    **run(str(src), method, ratio, args)}
             append_jsonl(log, row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    rows = [r for r in read_jsonl(log) if all(r.get(k) == v for k, v in proto.items())]
+    latest = {(r["model"], r["method"], r["ratio_target"]): r for r in read_jsonl(log)
+              if all(r.get(k) == v for k, v in proto.items())}          # a rerun replaces the earlier row
+    rows = list(latest.values())
     md = (f"WikiText-2 token perplexity over the first {proto['eval']} test windows; calibration {proto['calib']} "
           f"tokens of WikiText-2 validation, seed {args.seed}, the same windows for every method; {machine()}, fp32, "
           f"each run in a fresh process (2 cores shared with other jobs: times are upper bounds). x one forward = "

@@ -165,3 +165,31 @@ def pyplot():
         print("matplotlib not installed: no plot", file=sys.stderr)
         return None
     return plt
+
+
+def ppl_vs_ratio_plot(rows: list[dict], path, methods=None) -> None:
+    """One panel per model: perplexity (log) against the fraction of decoder-layer linear params removed, a line
+    per method (in `methods` order when given), the original as a dashed line. Rows: model, method, ratio, ppl."""
+    plt = pyplot()
+    rows = [r for r in rows if "ppl" in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if plt is None or not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        rr = [r for r in rows if r["model"] == name]
+        base = next((r["ppl"] for r in rr if r["method"] == "original"), None)
+        if base is not None:
+            ax.axhline(base, color="k", ls="--", lw=1, label="original")
+        found = dict.fromkeys(r["method"] for r in rr if r["method"] != "original")
+        for method in [m for m in (methods or found) if m in found]:
+            pts = sorted((100 * r["ratio"], r["ppl"]) for r in rr if r["method"] == method)
+            ax.plot(*zip(*pts), "o-", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("decoder-layer linear params removed (%)")
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_title(name, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -25,7 +25,7 @@ import torch
 import a3mod
 from a3mod.pipeline import recipes
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, asset_models, eval_desc, machine, pyplot, save_figure, update_readme, write_results  # noqa: E402
+from common import ROOT, asset_models, eval_desc, machine, ppl_vs_ratio_plot, update_readme, write_results  # noqa: E402
 
 METHODS = {recipes.LABELS[m]: (lambda r, a, m=m: recipes.passes(m, r, probe_samples=a.probe_samples,
                                                                   probe_seq_len=a.probe_seq_len))
@@ -105,26 +105,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], models):
-        rr = [r for r in rows if r["model"] == name]
-        base = next(r["ppl"] for r in rr if r["method"] == "original")
-        ax.axhline(base, color="k", ls="--", lw=1, label="original")
-        for method in [m for m in METHODS if any(r["method"] == m for r in rr)]:
-            pts = sorted((100 * r["ratio"], r["ppl"]) for r in rr if r["method"] == method)
-            ax.plot(*zip(*pts), "o-", label=method)
-        ax.set_yscale("log")
-        ax.set_xlabel("decoder-layer linear params removed (%)")
-        ax.set_ylabel("WikiText-2 perplexity (log)")
-        ax.set_title(name, fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
+    ppl_vs_ratio_plot(sorted(rows, key=lambda r: r["model"]), path, METHODS)
 
 
 def main() -> None:

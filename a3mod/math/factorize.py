@@ -91,17 +91,29 @@ def svdllm_factors(w: Tensor, gram: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return b, a
 
 
-def stable_whitened_svd(w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SVD-LLM V2's truncation: X^T X = U diag(lam) U^T (eigendecomposition, no Cholesky), S = U diag(sqrt(lam));
-    the SVD of W S = P diag(s) Q^T and the pseudo-inverse S^+ (directions of eigenvalue <= 1e-12 x the largest are
-    dropped). Returns (P, s, Q^T, S^+); `s**2` tails are the truncation losses ||(W - W_r) X^T||_F^2."""
+def _eig_root(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """X^T X = U diag(lam) U^T: (S = U diag(sqrt(lam)), S^+ = diag(1/sqrt(lam)) U^T with directions of eigenvalue
+    <= 1e-12 x the largest dropped)."""
     g = gram.double()
     lam, u = torch.linalg.eigh((g + g.mT) / 2)
     keep = lam > 1e-12 * lam.max().clamp_min(1e-300)
     root = lam.clamp_min(0).sqrt()
-    p, s, qh = torch.linalg.svd(w.double() @ (u * root), full_matrices=False)
     inv = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
-    return p, s, qh, inv[:, None] * u.mT                      # S^+ = diag(1/sqrt(lam)) U^T
+    return u * root, inv[:, None] * u.mT
+
+
+def stable_whitened_svd(w: Tensor, gram: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD-LLM V2's truncation: X^T X = U diag(lam) U^T (eigendecomposition, no Cholesky), S = U diag(sqrt(lam));
+    the SVD of W S = P diag(s) Q^T and the pseudo-inverse S^+ (directions of eigenvalue <= 1e-12 x the largest are
+    dropped). Returns (P, s, Q^T, S^+); `s**2` tails are the truncation losses ||(W - W_r) X^T||_F^2."""
+    root, pinv = _eig_root(gram)
+    p, s, qh = torch.linalg.svd(w.double() @ root, full_matrices=False)
+    return p, s, qh, pinv
+
+
+def whitened_spectrum(w: Tensor, gram: Tensor) -> Tensor:
+    """The `s` of `stable_whitened_svd` alone (singular values only: no factors held)."""
+    return torch.linalg.svdvals(w.double() @ _eig_root(gram)[0])
 
 
 def stable_truncate(svd: tuple[Tensor, Tensor, Tensor, Tensor], r: int) -> tuple[Tensor, Tensor]:

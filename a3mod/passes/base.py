@@ -24,6 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from ..errors import A3ModError, RatioError
 from ..validate import fraction, integer, is_int
 from ..pipeline.plan import kept_dim as kept_dim  # the rounding rule lives with the components
@@ -114,8 +116,10 @@ def scope_of(p) -> str:
 
 
 def run_pass(p, ctx: PassContext):
-    """Call `p`'s handler on `ctx`."""
-    return pass_def(p).fn(p, ctx)
+    """Call `p`'s handler on `ctx`, without autograd (a graph through the float64 solves would keep all of them
+    alive: SVD-LLM held 2.5 GB more on a 135M model)."""
+    with torch.no_grad():
+        return pass_def(p).fn(p, ctx)
 
 
 def needs(p) -> tuple[str, ...]:

@@ -141,9 +141,13 @@ def _weight(view: LayerView, t: Target) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def _factor_all(views, targets, ranks, factor_fn, progress, name) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """factor_fn(target, W (out, in), rank) -> (B, A) for every target, with a progress bar."""
-    return [factor_fn(t, _weight(views[t.layer], t)[0], r)
-            for t, r in tqdm(list(zip(targets, ranks)), desc=name, disable=not progress, unit="linear")]
+    """factor_fn(target, W (out, in), rank) -> (B, A) for every target, with a progress bar; each pair in W's
+    dtype as soon as it is made (the float64 solves are not held)."""
+    out = []
+    for t, r in tqdm(list(zip(targets, ranks)), desc=name, disable=not progress, unit="linear"):
+        w = _weight(views[t.layer], t)[0]
+        out.append(tuple(f.to(w.dtype) for f in factor_fn(t, w, r)))
+    return out
 
 
 def _lowrank(b: torch.Tensor, a: torch.Tensor, bias, like: torch.Tensor) -> LowRankLinear:
@@ -190,12 +194,14 @@ def apply_svdllm(cfg: SVDLLM, ctx: PassContext):
 def apply_svdllm2(cfg: SVDLLM2, ctx: PassContext):
     views, stats, progress = ctx.views, ctx.stats, ctx.progress
     targets = targets_of(views, kv=False)
-    svds = [fz.stable_whitened_svd(_weight(views[t.layer], t)[0], stats.layers[t.layer][f"x2.{t.group}"])
-            for t in tqdm(targets, desc="SVD-LLM V2", disable=not progress, unit="linear")]
+    gram = lambda t: stats.layers[t.layer][f"x2.{t.group}"]  # noqa: E731
     ranks = _uniform_ranks(cfg, views, targets)
-    if cfg.ratio is not None:
-        ranks = _svdllm2_ranks(cfg.ratio, views, targets, ranks, [s for _, s, _, _ in svds])
-    return _replace_linears(views, targets, [fz.stable_truncate(svd, r) for svd, r in zip(svds, ranks)])
+    if cfg.ratio is not None:           # ranks from the spectra first, then one decomposition at a time
+        spectra = [fz.whitened_spectrum(_weight(views[t.layer], t)[0], gram(t))
+                   for t in tqdm(targets, desc="SVD-LLM V2 spectra", disable=not progress, unit="linear")]
+        ranks = _svdllm2_ranks(cfg.ratio, views, targets, ranks, spectra)
+    fn = lambda t, w, r: fz.stable_truncate(fz.stable_whitened_svd(w, gram(t)), r)  # noqa: E731
+    return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "SVD-LLM V2"))
 
 
 def _svdllm2_ranks(ratio: float, views, targets: list[Target], uniform: list[int], spectra) -> list[int]:

@@ -56,7 +56,8 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     views = layer_views(model)
     with UndoLog(model) as undo:
         try:
-            info = _rewrite(model, views, passes, quant, calib, stats, progress, undo)
+            with torch.no_grad():       # no autograd graph: it would keep every float64 solve alive
+                info = _rewrite(model, views, passes, quant, calib, stats, progress, undo)
         except BaseException:
             undo.restore()              # every swapped module back: the model is as it was
             raise
