@@ -96,6 +96,7 @@ class Report:
     model_bytes: int = 0             # every state-dict tensor (tied weights once, quantization metadata included)
     linear_weight_bytes: int = 0     # decoder-layer linear weights + their quantization metadata (no biases)
     linear_weights: int = 0          # their logical element count (in x out per linear)
+    attn_whole: str = ""             # why every layer's attention stays as it is (ArchSpec.attn_whole), or ""
 
     @property
     def bits_per_param(self) -> float:
@@ -146,7 +147,7 @@ class Report:
                 "flops_per_token_orig": self.flops_per_token(True), "context": self.context,
                 "active_params": sum(r.active_params() for r in self.rows),
                 "active_params_orig": sum(r.active_params(True) for r in self.rows),
-                "model_bytes": self.model_bytes, "bits_per_param": self.bits_per_param,
+                "model_bytes": self.model_bytes, "bits_per_param": self.bits_per_param, "attn_whole": self.attn_whole,
                 "layers": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
@@ -181,6 +182,8 @@ class Report:
         if self.kept_whole:
             lines.append(f"              attention and MLP parts: removed {100 * self.ratio_reducible:.4f}% "
                          f"({self.kept_whole:,} params of hybrid mixers, routers and left layers kept as they are)")
+        if self.attn_whole:
+            lines.append(f"              attention kept whole in every layer: {self.attn_whole}")
         lines += [
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})",
@@ -225,7 +228,7 @@ def _attention_row(attn, whole, mixer: bool, plan, d) -> tuple[int, int, int, in
         return 0, 0, 0, 0, (0, 0)
     if whole is not None:
         hd = int(getattr(whole, "head_dim", d.head_dim))
-        kv = 2 * whole.k_proj.out_features
+        kv = _whole_kv(whole)
         return hd, hd, kv, kv, (hd, hd) if hd != d.head_dim else None
     kv0 = sum(COMPONENTS[c].kv_per_dim(d.kv_heads) * plan.full(c) for c in COMPONENTS)
     kv = getattr(attn, "kv_elems_per_token", None) or sum(    # a latent cache says its own size
@@ -234,6 +237,14 @@ def _attention_row(attn, whole, mixer: bool, plan, d) -> tuple[int, int, int, in
         kv = kv0 = attn.kv_a_proj_with_mqa.out_features
     full = (plan.full("qk"), plan.full("ov"))
     return plan.kept("qk"), plan.kept("ov"), kv, kv0, full if full != (d.head_dim, d.head_dim) else None
+
+
+def _whole_kv(attn: nn.Module) -> int:
+    """KV elements per token an attention kept whole caches: MLA its latent and RoPE key, else K and V (cached as two
+    tensors even where one projection gives both, DeepSeek-V4's kv_proj; its compressor's entries not counted)."""
+    if is_mla(attn):
+        return attn.kv_a_proj_with_mqa.out_features
+    return 2 * (find_path(attn, "k_proj") or find_path(attn, "kv_proj")).out_features
 
 
 def report(model: nn.Module, context: int = 2048) -> Report:
@@ -267,4 +278,4 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         rows.append(row)
     p = next(model.parameters())
     return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context,
-                  *_storage(model, spec))
+                  *_storage(model, spec), attn_whole=spec.attn_whole or "")

@@ -10,7 +10,6 @@ import a3mod
 from a3mod.arch import layer_views
 from a3mod.arch.lookup import spec_for
 from a3mod.arch.spec import dims_of, partial_rotary_factor
-from a3mod.errors import DiscoveryError
 from zoo import _ids, _logits, tiny_zoo_model
 
 
@@ -44,10 +43,28 @@ def test_the_sparse_attention_indexer_stays_whole(mtype):
     assert attn.kv_b_proj.out_features < widths[0] and attn.o_proj.in_features < widths[1]
 
 
-@pytest.mark.parametrize("mtype,part", [("hy_v4", "gate_proj"), ("axk2", "q_gate_proj")])
-def test_latent_attention_with_unmodelled_parts_is_refused_by_name(mtype, part):
-    with pytest.raises(DiscoveryError, match=part):
-        spec_for(tiny_zoo_model(mtype))
+@pytest.mark.parametrize("mtype", ["hy_v4", "axk2", "deepseek_v4"])
+def test_attention_a3_cannot_model_stays_whole_and_the_mlps_and_experts_give_the_ratio(mtype):
+    """Latent attention with an output gate (HY-V4) or a gated query (AXK2) and DeepSeek-V4's compressed sparse
+    attention stay as they are (the original modules and weights, the reason in the report); every MLP, shared
+    expert and routed expert is compressed, and the ratio asked is the ratio of attention + MLP params removed."""
+    model = tiny_zoo_model(mtype).eval()
+    attn = [{n: p.clone() for n, p in layer.self_attn.named_parameters()} for layer in model.model.layers]
+    experts = [layer.mlp.experts.gate_up_proj.shape for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert experts
+    a3mod.apply(model, a3mod.a3_passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    for layer, before in zip(model.model.layers, attn):
+        assert type(layer.self_attn).__module__.startswith("transformers.")
+        after = dict(layer.self_attn.named_parameters())
+        assert all(torch.equal(after[n], p) for n, p in before.items())
+        mlp = layer.mlp if not hasattr(layer.mlp, "experts") else layer.mlp.shared_experts
+        assert type(mlp).__name__ == "ReducedMLP"
+    shrunk = [layer.mlp.experts.gate_up_proj.shape for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert all(a[1] < b[1] for a, b in zip(shrunk, experts))
+    rep = a3mod.report(model)
+    assert rep.ratio_reducible == pytest.approx(0.3, abs=0.03)
+    assert rep.kv_bytes_per_token() == rep.kv_bytes_per_token(orig=True)
+    assert "attention kept whole" in str(rep)
 
 
 def test_rope_parameters_per_layer_type_and_an_odd_rotary_product():

@@ -29,6 +29,9 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "granite_swa", "granitemoe_swa", "flint", "mimo_v2_flash",
                  # DeepSeek sparse attention: latent attention compressed, the indexer kept whole
                  "deepseek_v32", "glm_moe_dsa",
+                 # attention kept whole (gated latent attention; DeepSeek-V4's compressed sparse attention), MLPs and
+                 # experts compressed (tests/test_families_2026.py)
+                 "hy_v4", "axk2", "deepseek_v4",
                  # rotate_half of (x2, -x1) and norms after RoPE (nanochat); NoPE global layers (lara_mini, kolibri1)
                  "nanochat", "lara_mini", "kolibri1",
                  # hybrids: mixers kept, every MLP compressed (tests/test_hybrid.py)

@@ -116,6 +116,9 @@ _FIXES = {
              "ffn_config": lambda c: (setattr(c.ffn_config, "hidden_size", _SIZES["hidden_size"]),   # its own copy
                                       setattr(c.ffn_config, "ffn_hidden_size", 32), c.ffn_config)[2]},
     "longcat_flash": {"qk_head_dim": 24, "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "moe_topk": 2},
+    # DeepSeek-V4: the grouped output projection's low rank (default 1024 per group, 8 groups) would outweigh the
+    # tiny experts 100 to 1 (the real model's experts dominate)
+    "deepseek_v4": {"o_lora_rank": 16},
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "kv_channels": 16, "num_query_groups": 4},
     "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 8},
     "xlstm": {"embedding_dim": 64, "num_blocks": 2},
@@ -253,4 +256,5 @@ def check_type(mtype: str, tmp_dir) -> Result:
     left, mixers = sum(bool(r.left) for r in rep.rows), sum(bool(r.mixer) for r in rep.rows)
     return Result(mtype, "compressed", f"at 30%: {ratio:.1%} of attention + MLP params removed, KV cache x{kv:.2f}" + (
         f"; {left} of {len(rep.rows)} layers left as they are" if left else "") + (
-        f"; {mixers} of {len(rep.rows)} layers: hybrid mixer kept, its MLP compressed" if mixers else ""))
+        f"; {mixers} of {len(rep.rows)} layers: hybrid mixer kept, its MLP compressed" if mixers else "") + (
+        f"; attention kept whole ({rep.attn_whole}), MLPs compressed" if rep.attn_whole else ""))

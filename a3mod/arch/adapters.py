@@ -65,6 +65,18 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma4_unified_text": replace(_LLAMA, act="hidden_activation",
                                    attn_whole="norms over each query, key and value head (v_norm) need the whole "
                                               "head, and layers may share K/V"),
+    # latent attention with parts A3's latent-attention forms do not model (an elementwise output gate from x:
+    # HY-V4; a gated query norm: AXK2), compressed sparse attention (DeepSeek-V4: K = V from one projection, a
+    # compressor's extra entries, a grouped low-rank output): the attention stays, the MLPs / experts give its share
+    "hy_v4": replace(_LLAMA, experts="experts", shared="shared_experts",
+                     attn_whole="latent attention with an elementwise output gate (gate_proj): A3's latent-attention "
+                                "forms do not model the gate"),
+    "axk2": replace(_LLAMA, experts="experts", shared="shared_experts",
+                    attn_whole="latent attention with a gated query projection (q_gate_proj): A3's latent-attention "
+                               "forms do not model the gate"),
+    "deepseek_v4": replace(_LLAMA, experts="experts", shared="shared_experts",
+                           attn_whole="compressed sparse attention: K = V from one projection (kv_proj) plus a "
+                                      "compressor's entries, and a grouped low-rank output projection"),
     # one mixer per layer, at the same path: Mamba-2 (left), attention (no RoPE), a plain MLP (relu^2) or an MoE block
     "nemotron_h": ArchSpec(layers="model.layers", attn="mixer", mlp="mixer", q="q_proj", k="k_proj", v="v_proj",
                            gate=None, act="mlp_hidden_act", norms=("norm", "norm"), rope=None, rotary=None,
