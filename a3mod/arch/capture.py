@@ -6,6 +6,7 @@ running any layer) and ASVD's rank search (replay recorded layer outputs instead
     calls = layer_inputs(model, layers, ids, run_layers=False)      # every layer, none of them run
     with recording_inputs(layers, wanted) as calls: run_until_stopped(model, ids)   # beside other hooks
     with replaying(layers, outputs, upto=3): model(ids)             # layers 0..2 return their recorded outputs
+    args, kw = with_hidden(layer_calls(model, layers, ids)[i], h); layers[i](*args, **kw)     # layer i on h
 """
 from __future__ import annotations
 
@@ -94,3 +95,18 @@ def replaying(layers: nn.ModuleList, outputs: list, upto: int) -> Iterator[None]
     finally:
         for i in range(upto):
             del layers[i].forward
+
+
+def layer_calls(model: nn.Module, layers: nn.ModuleList, ids: Tensor) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) every decoder layer receives when `ids` runs through the model (no layer is run: each passes
+    its hidden states on unchanged; the run stops after the last one)."""
+    calls = layer_inputs(getattr(model, "base_model", model), layers, ids, run_layers=False)
+    return [calls[i] for i in range(len(layers))]
+
+
+def with_hidden(call: tuple[tuple, dict], h: Tensor | None) -> tuple[tuple, dict]:
+    """A recorded layer call with its hidden states replaced by `h`."""
+    args, kwargs = call
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from ..arch import get_path, layer_views, set_child, spec_for
-from ..arch.capture import layer_inputs
+from ..arch.capture import layer_calls, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording
 from ..errors import A3ModError, UnsupportedModelError
@@ -61,21 +61,6 @@ from ..validate import boolean
 from .verify import check_layer, view_key
 from . import workdir
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
-
-
-# ------------------------------------------------------------------------------------------ capture
-def _capture(model: nn.Module, layers: nn.ModuleList, ids: Tensor) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) every decoder layer receives when `ids` runs through the model (no layer is run: each passes
-    its hidden states on unchanged; the run stops after the last one)."""
-    calls = layer_inputs(getattr(model, "base_model", model), layers, ids, run_layers=False)
-    return [calls[i] for i in range(len(layers))]
-
-
-def _with_hidden(call: tuple[tuple, dict], h: Tensor) -> tuple[tuple, dict]:
-    args, kwargs = call
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
 
 
 # -------------------------------------------------------------------------------------------- output
@@ -252,11 +237,11 @@ def _prepare(run: StreamRun, start: int) -> dict:
     for b, ids in enumerate(run.batches):
         if start > 0 and tuple(ids.shape) in calls:
             continue
-        seen = _capture(skel, run.layers, ids.to(run.device))
+        seen = layer_calls(skel, run.layers, ids.to(run.device))
         if start == 0:
             args, kw = seen[0]
             run.store.put(0, b, (args[0] if args else kw["hidden_states"]).to("cpu"))
-        calls.setdefault(tuple(ids.shape), [_with_hidden(c, None) for c in seen])
+        calls.setdefault(tuple(ids.shape), [with_hidden(c, None) for c in seen])
     if start > 0:
         run.store.restore(start)
     skel.to("meta")         # free them again (the output reads non-layer tensors from the source)
@@ -283,7 +268,7 @@ def _one_layer(run: StreamRun, i: int) -> None:
     view = layer_views(run.skel)[i]
     key = view_key(view)
     if key not in run.verified and not view.left:
-        first = _with_hidden(run.calls[tuple(run.batches[0].shape)][i], store.get(i, 0).to(run.device))
+        first = with_hidden(run.calls[tuple(run.batches[0].shape)][i], store.get(i, 0).to(run.device))
         check_layer(run.skel, view, *first)
         run.verified.add(key)
     orig = linear_param_count(layer)
@@ -317,7 +302,7 @@ def _forward(run: StreamRun, i: int, layer: nn.Module, keep: bool) -> None:
     """Run every calibration batch through `layer` (layer i) from its stored inputs; keep: store the outputs as
     layer i+1's inputs."""
     for b, ids in enumerate(run.batches):
-        args, kw = _with_hidden(run.calls[tuple(ids.shape)][i], run.store.get(i, b).to(run.device))
+        args, kw = with_hidden(run.calls[tuple(ids.shape)][i], run.store.get(i, b).to(run.device))
         h = layer(*args, **kw)
         if keep:
             run.store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
