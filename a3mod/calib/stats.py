@@ -127,9 +127,11 @@ class Stats:
 
     @property
     def kinds(self) -> set[str]:
-        """Which statistic kinds (see KINDS) these stats hold."""
-        keys = self.layers[0].keys() if self.layers else ()
-        return {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
+        """Which statistic kinds (see KINDS) these stats hold (in any layer: a hybrid's first layer may be a mixer,
+        an MoE model's first MLP may be routed experts)."""
+        keys = {k for layer in self.layers for k in layer}
+        found = {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
+        return found | set(self.source.get("kinds", ()))     # collected, even where no layer has that part
 
     def merge(self, other: "Stats") -> None:
         """Add the statistics of `other` (same model and tokens, other kinds) to these."""
@@ -142,6 +144,8 @@ class Stats:
                 raise CalibrationError(f"cannot merge statistics of another {what} (fingerprints differ)")
         for mine, theirs in zip(self.layers, other.layers):
             mine.update(theirs)
+        if "kinds" in self.source or "kinds" in other.source:
+            self.source["kinds"] = sorted(self.kinds | other.kinds)
 
     @classmethod
     def ensure(cls, model: nn.Module, calib: Tensor | None, kinds, stats: "Stats | None" = None, *,
@@ -464,6 +468,6 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     finally:
         model.train(was_training)
     stats = Stats(distributed.all_reduce_stats(accs, int(calib.numel())), accs, model=fingerprints[0],
-                  calib=fingerprints[1])
+                  calib=fingerprints[1], source={"kinds": sorted(kinds)})
     stats.check(min_tokens=max(v.dims.head_dim for v in views) + 1)
     return stats

@@ -78,6 +78,11 @@ class PassConfig:
         """True when `resolve` must read every layer's statistics (which streaming never holds at once)."""
         return False
 
+    def reads_all_layers(self) -> bool:
+        """Whether `resolve` reads every layer's statistics before any layer is solved (then `apply` collects them
+        all first instead of layer by layer)."""
+        return False
+
     def resolve(self, views, stats) -> "PassConfig":
         """This config with what it reads from the whole model's statistics filled in, before any layer is
         solved (A3QK(portable=True) -> its pair ranking); most configs return themselves."""

@@ -23,6 +23,7 @@ from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
 from ..validate import nonfinite_weight
+from . import layerwise
 from .undo import UndoLog
 from .verify import verify_model
 
@@ -129,13 +130,17 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
     if any(p.rebuilds_layers() for p in passes):
         verify_model(model, views)               # the description reproduces every layer structure at full rank
-    stats = Stats.ensure(model, calib, {k for p in passes for k in needs(p)}, stats, progress=progress,
-                         who=str([type(p).__name__ for p in passes]))
+    orig = [linear_param_count(v.layer) for v in views]
+    kinds = {k for p in passes for k in needs(p)}
+    if (scope_of(passes[0]) == "layer" and layerwise.wanted(passes, kinds, calib, stats)
+            and layerwise.replays(model, views, calib)):
+        swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
+        return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
+    stats = Stats.ensure(model, calib, kinds, stats, progress=progress, who=str([type(p).__name__ for p in passes]))
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)
         if len(stats.layers) != len(views):
             raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
-    orig = [linear_param_count(v.layer) for v in views]
     if scope_of(passes[0]) == "layer":
         passes = [p.resolve(views, stats) for p in passes]       # e.g. A3QK(portable=True) -> pair_order
     if scope_of(passes[0]) == "model":

@@ -1,0 +1,125 @@
+"""`apply`'s layer-by-layer schedule: the statistics of one layer at a time, in memory.
+
+`a3mod.collect` runs the calibration windows through the whole model once and holds every layer's statistics
+until the passes have solved; the Grams the least-squares updates read (`hgram`: intermediate x intermediate per
+MLP, `ogram`: per attention output) make that 0.6 GB a layer on Qwen2.5-1.5B (18 GB for 28 layers). This schedule
+computes the same statistics as `collect` (each layer sees the activations of the *original* model) from the same
+calibration windows, one layer at a time, as streaming does:
+
+1. capture every layer's call arguments once per window shape and layer 0's hidden states for every window
+   (`arch.capture.layer_calls`: the layers are not run);
+2. per layer: run every window through the original layer with the statistic hooks attached (`calib.recording`),
+   keep its outputs as the next layer's inputs, solve and build its compact modules (`passes.a3.build_layer`),
+   swap them in (logged in the undo log) and drop the layer's statistics.
+
+Peak: the model, the hidden states of the calibration windows (twice: inputs and outputs of one layer), and one
+layer's statistics. `apply` picks it for layer-scope passes that read those Grams when given calib= (not stats=),
+in one process.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..arch import get_path
+from ..arch.capture import layer_calls, layer_inputs, with_hidden
+from ..calib import distributed
+from ..calib.stats import Stats, check_request, check_token_ids, recording, vocab_size
+from ..passes.a3 import build_layer
+from .undo import UndoLog
+
+BIG_KINDS = frozenset({"gram", "hgram", "ogram"})        # per-layer Grams too large to hold for every layer at once
+
+
+def wanted(passes, kinds: set[str], calib: Tensor | None, stats: Stats | None) -> bool:
+    """Whether `apply` runs this schedule: calibration to collect (no stats given), kinds that hold large Grams,
+    every pass solved layer by layer with nothing read from other layers, one process."""
+    return (calib is not None and stats is None and bool(kinds & BIG_KINDS) and not distributed.active()
+            and not any(p.reads_all_layers() for p in passes))
+
+
+@torch.no_grad()
+def replays(model: nn.Module, views, calib: Tensor) -> bool:
+    """Whether this schedule gives every layer the hidden states the model's own forward gives it, bit for bit, on
+    the first two calibration windows run as `layerwise_swaps` runs them (each layer over both windows before the
+    next layer). False where layers pass other state along (HY-V4's indexer hands its top-k to the next layer, Gemma
+    4's layers share K/V through an object in their arguments) or the loop does more than chain them: `apply` then
+    collects every layer's statistics in one forward instead."""
+    layers = get_path(model, views[0].spec.layers)
+    device = next(model.parameters()).device
+    windows = [calib[b:b + 1].to(device) for b in range(min(2, calib.shape[0]))]
+    was_training = model.training
+    model.eval()
+    try:
+        body = getattr(model, "base_model", model)
+        true = [layer_inputs(body, layers, ids) for ids in windows]
+        calls, hidden = _capture(model, layers, windows)
+        shapes = [tuple(ids.shape) for ids in windows]
+        for v in views:
+            if any(v.index not in t or not torch.equal(h, _hidden(t[v.index])) for t, h in zip(true, hidden)):
+                return False
+            hidden, _ = _run_layer(layers[v.index], v, calls, shapes, hidden, ())
+    except Exception:           # noqa: BLE001  (a layer that cannot be called alone: not replayable)
+        return False
+    finally:
+        model.train(was_training)
+    return True
+
+
+def _capture(model: nn.Module, layers: nn.ModuleList, windows: list[Tensor]) -> tuple[dict, list[Tensor]]:
+    """Every layer's call arguments once per window shape, and layer 0's hidden states for every window."""
+    calls, hidden = {}, []
+    for ids in windows:
+        seen = layer_calls(model, layers, ids)
+        hidden.append(_hidden(seen[0]))
+        calls.setdefault(tuple(ids.shape), [with_hidden(c, None) for c in seen])
+    return calls, hidden
+
+
+def _hidden(call: tuple[tuple, dict]) -> Tensor:
+    args, kw = call
+    return args[0] if args else kw["hidden_states"]
+
+
+@torch.no_grad()
+def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[str], progress: bool,
+                    undo: UndoLog) -> tuple[list, int]:
+    """Solve every active layer of `model` from its own statistics (the original model's activations of `calib`),
+    swapping its compact modules in as it goes; returns ([(layer, path, module)], calibration tokens)."""
+    check_request(calib, sorted(kinds))
+    check_token_ids(calib, vocab_size(model))
+    layers = get_path(model, views[0].spec.layers)
+    device = next(model.parameters()).device
+    windows = [calib[b:b + 1].to(device) for b in range(calib.shape[0])]      # one window a batch, as collect
+    was_training = model.training
+    model.eval()
+    try:
+        calls, hidden = _capture(model, layers, windows)
+        shapes = [tuple(ids.shape) for ids in windows]
+        n, out = int(calib.numel()), []
+        for v in tqdm(views, desc="calibrating + solving", disable=not progress, unit="layer"):
+            hidden, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
+            if v.left:
+                continue
+            stats = Stats(n, [{} for _ in views])
+            stats.layers[v.index] = acc
+            stats.check(min_tokens=v.dims.head_dim + 1)
+            for path, new in build_layer(model, v, passes, stats):
+                undo.swap(v.layer, path, new)
+                out.append((v.index, path, new))
+    finally:
+        model.train(was_training)
+    return out, n
+
+
+def _run_layer(layer: nn.Module, view, calls: dict, shapes: list, hidden: list[Tensor], kinds) -> tuple[list, dict]:
+    """Every window's hidden states through original `layer` with the statistic hooks of `view` attached (none for
+    a left layer): (the outputs, the statistic sums)."""
+    nxt = []
+    with recording([] if view.left or not kinds else [view], sorted(kinds)) as accs:
+        for h, shape in zip(hidden, shapes):
+            args, kw = with_hidden(calls[shape][view.index], h)
+            y = layer(*args, **kw)
+            nxt.append(y[0] if isinstance(y, tuple) else y)
+    return nxt, (accs[0] if accs else {})

@@ -1,0 +1,117 @@
+"""apply's layer-by-layer schedule (a3mod.pipeline.layerwise): the same compressed model as collecting every layer's
+statistics in one forward, one layer's statistics held at a time, the fallback where layers cannot be replayed
+one by one, and the model restored when a layer fails."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import a3mod
+from a3mod.arch import layer_views
+from a3mod.pipeline import compress, layerwise
+
+from conftest import calib_ids, input_ids, logits, tiny_model
+from zoo import _ids, tiny_zoo_model
+
+
+def updating(ratio: float) -> list:
+    """A3 at `ratio` with both least-squares updates (they read the large Grams: the layer-by-layer schedule)."""
+    return [dataclasses.replace(p, update=True) if hasattr(p, "update") else p for p in a3mod.a3_passes(ratio)]
+
+
+def kinds(passes) -> set[str]:
+    return {k for p in passes for k in p.stat_kinds()}
+
+
+def both_schedules(model, passes, calib):
+    """(layer by layer from calib=, every layer's statistics first through stats=)."""
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    a3mod.apply(a, passes, calib=calib, progress=False)
+    a3mod.apply(b, passes, stats=a3mod.collect(b, calib, kinds=kinds(passes), progress=False), progress=False)
+    return a, b
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mixtral"])
+def test_layer_by_layer_gives_the_model_collecting_everything_first_gives(family, monkeypatch):
+    model = tiny_zoo_model(family).eval() if family == "mixtral" else tiny_model(family, kv_heads=2 if family == "llama" else None)
+    calls = []
+    real = layerwise.layerwise_swaps
+    monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib = _ids(6, 16, 1) if family == "mixtral" else calib_ids(6, 16)
+    a, b = both_schedules(model, updating(0.3), calib)
+    assert calls == [1]                                 # the calib= run took the layer-by-layer schedule
+    ids = _ids(2, 12, 2) if family == "mixtral" else input_ids()
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    assert a.a3mod_info == b.a3mod_info
+    assert a3mod.report(a).to_dict() == a3mod.report(b).to_dict()
+
+
+def test_one_layers_statistics_at_a_time(monkeypatch):
+    model = tiny_model("llama", kv_heads=2, layers=3)
+    held = []
+    real = layerwise.build_layer
+
+    def spy(m, view, passes, stats):
+        held.append([i for i, d in enumerate(stats.layers) if d])
+        return real(m, view, passes, stats)
+
+    monkeypatch.setattr(layerwise, "build_layer", spy)
+    a3mod.apply(model, updating(0.3), calib=calib_ids(4, 16), progress=False)
+    assert held == [[v.index] for v in layer_views(model)]
+
+
+def test_plain_a3_and_given_stats_keep_collecting_everything_first(monkeypatch):
+    """Without the large Grams (plain A3) or with stats= given, apply keeps its one-forward collection."""
+    monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: pytest.fail("layer-by-layer schedule taken"))
+    model = tiny_model("llama", kv_heads=2)
+    a3mod.apply(copy.deepcopy(model), a3mod.a3_passes(0.3), calib=calib_ids(4, 16), progress=False)
+    st = a3mod.collect(model, calib_ids(4, 16), kinds=kinds(updating(0.3)), progress=False)
+    a3mod.apply(copy.deepcopy(model), updating(0.3), stats=st, progress=False)
+    portable = [dataclasses.replace(p, portable=True) if type(p).__name__ == "A3QK" else p for p in updating(0.3)]
+    assert portable[0].reads_all_layers()
+    a3mod.apply(copy.deepcopy(model), portable, calib=calib_ids(4, 16), progress=False)
+
+
+@pytest.mark.parametrize("mtype", ["hy_v4", "gemma4_text"])
+def test_models_whose_layers_cannot_be_replayed_one_by_one_fall_back(mtype):
+    """HY-V4's indexer hands its top-k to the next layer; Gemma 4's layers share K/V through an object in their
+    arguments (replayed window by window within a layer, the sharing layer reads another window's K/V): the check
+    on two windows sees it, and apply collects every layer's statistics in one forward (the same model as stats=)."""
+    model = tiny_zoo_model(mtype).eval()
+    calib = _ids(4, 16, 1)
+    assert not layerwise.replays(model, layer_views(model), calib)
+    a, b = both_schedules(model, updating(0.3), calib)
+    ids = _ids(2, 12, 2)
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_a_failing_layer_restores_the_model(monkeypatch):
+    model = tiny_model("llama", kv_heads=2)
+    before = copy.deepcopy(model.state_dict())
+    real, seen = layerwise.build_layer, []
+
+    def fail_second(m, view, passes, stats):
+        seen.append(view.index)
+        if len(seen) == 2:
+            raise RuntimeError("solver failed")
+        return real(m, view, passes, stats)
+
+    monkeypatch.setattr(layerwise, "build_layer", fail_second)
+    with pytest.raises(RuntimeError, match="solver failed"):
+        a3mod.apply(model, updating(0.3), calib=calib_ids(4, 16), progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not compress.compact_modules(model)
+
+
+def test_stats_of_a_kind_no_layer_has_count_as_collected():
+    """An all-MoE model has no dense MLP: the hgram statistics A3MLP(update=True) asks for are empty in every layer,
+    and stats= from collect(kinds=...) with them is accepted (it was refused as missing those kinds)."""
+    model = tiny_zoo_model("mixtral").eval()
+    passes = updating(0.3)
+    st = a3mod.collect(model, _ids(4, 16, 1), kinds=kinds(passes), progress=False)
+    assert "hgram" in st.kinds and not any(k.startswith("h") and "gram" in k for d in st.layers for k in d)
+    a3mod.apply(model, passes, stats=st, progress=False)
