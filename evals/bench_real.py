@@ -105,9 +105,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="A3's ratios")
     ap.add_argument("--baseline-ratio", type=float, default=0.2, help="the baselines' one ratio")
-    ap.add_argument("--skip", nargs="*", default=["qwen2.5-coder-1.5b:svd-llm"],
-                    help="model:method pairs not to run (default: SVD-LLM on the 1.5B model, whose float64 Grams "
-                         "of every linear's input, 18 GB, do not fit beside the model in 24 GB)")
+    ap.add_argument("--skip", nargs="*", default=[], help="model:method pairs not to run")
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)

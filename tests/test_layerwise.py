@@ -71,7 +71,7 @@ def test_plain_a3_and_given_stats_keep_collecting_everything_first(monkeypatch):
     st = a3mod.collect(model, calib_ids(4, 16), kinds=kinds(updating(0.3)), progress=False)
     a3mod.apply(copy.deepcopy(model), updating(0.3), stats=st, progress=False)
     portable = [dataclasses.replace(p, portable=True) if type(p).__name__ == "A3QK" else p for p in updating(0.3)]
-    assert portable[0].reads_all_layers()
+    assert portable[0].whole_model_stats()
     a3mod.apply(copy.deepcopy(model), portable, calib=calib_ids(4, 16), progress=False)
 
 
@@ -115,3 +115,27 @@ def test_stats_of_a_kind_no_layer_has_count_as_collected():
     st = a3mod.collect(model, _ids(4, 16, 1), kinds=kinds(passes), progress=False)
     assert "hgram" in st.kinds and not any(k.startswith("h") and "gram" in k for d in st.layers for k in d)
     a3mod.apply(model, passes, stats=st, progress=False)
+
+
+@pytest.mark.parametrize("p", [a3mod.SVDLLM(ratio=0.3), a3mod.SVDLLM2(rank=6)], ids=lambda p: type(p).__name__)
+def test_svdllm_with_uniform_ranks_calibrates_layer_by_layer(p, monkeypatch):
+    """SVD-LLM's per-linear Grams (18 GB for Qwen2.5-1.5B) are held one layer at a time: the same model."""
+    model = tiny_model("llama", kv_heads=2, layers=3)
+    held, real = [], layerwise.run_pass
+
+    def spy(cfg, ctx):
+        held.append((sorted(ctx.layers), [i for i, d in enumerate(ctx.stats.layers) if d]))
+        return real(cfg, ctx)
+
+    monkeypatch.setattr(layerwise, "run_pass", spy)
+    a, b = both_schedules(model, [p], calib_ids(6, 16))
+    assert held == [([i], [i]) for i in range(3)]
+    ids = input_ids()
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    assert a3mod.report(a).to_dict() == a3mod.report(b).to_dict()
+
+
+def test_svdllm2_ranking_across_layers_collects_everything_first(monkeypatch):
+    monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: pytest.fail("layer-by-layer schedule taken"))
+    assert a3mod.SVDLLM2(ratio=0.3).whole_model_stats() and not a3mod.SVDLLM(ratio=0.3).whole_model_stats()
+    a3mod.apply(tiny_model("llama", kv_heads=2), [a3mod.SVDLLM2(ratio=0.3)], calib=calib_ids(4, 16), progress=False)

@@ -82,9 +82,6 @@ class A3QK(_A3Dims):
     def whole_model_stats(self) -> bool:
         return self.portable and self.pair_order is None
 
-    def reads_all_layers(self) -> bool:
-        return self.portable and self.pair_order is None
-
     def resolve(self, views, stats) -> "A3QK":
         """portable without pair_order: the ranking from all layers' statistics."""
         if not self.portable or self.pair_order is not None or stats is None:

@@ -57,6 +57,7 @@ class PassContext:
     work: Any = None
     n: int = 0
     linear: Any = None
+    layers: frozenset | None = None     # model scope: solve only these layers (apply's layer-by-layer schedule)
 
 
 class PassConfig:
@@ -75,13 +76,10 @@ class PassConfig:
         return pass_to_dict(self)
 
     def whole_model_stats(self) -> bool:
-        """True when `resolve` must read every layer's statistics (which streaming never holds at once)."""
-        return False
-
-    def reads_all_layers(self) -> bool:
-        """Whether `resolve` reads every layer's statistics before any layer is solved (then `apply` collects them
-        all first instead of layer by layer)."""
-        return False
+        """True when solving any layer reads every layer's statistics, which streaming and apply's layer-by-layer
+        schedule never hold at once: a model-scope pass unless it says otherwise, a layer-scope pass whose
+        `resolve` ranks across layers (A3QK portable without pair_order)."""
+        return scope_of(self) == "model"
 
     def resolve(self, views, stats) -> "PassConfig":
         """This config with what it reads from the whole model's statistics filled in, before any layer is

@@ -41,6 +41,9 @@ class PlainSVD(_Factored):
     """Truncated SVD of every decoder-layer linear, no activation information (the floor to beat)."""
     NEEDS = ()
 
+    def whole_model_stats(self) -> bool:
+        return False
+
     def rebuilds_layers(self) -> bool:
         return False
 
@@ -50,6 +53,9 @@ class PlainSVD(_Factored):
 class SVDLLM(_Factored):
     """SVD-LLM: truncated SVD of W L, with L the Cholesky factor of the calibration inputs' X^T X."""
     NEEDS = ("gram",)
+
+    def whole_model_stats(self) -> bool:       # uniform ranks: each layer from its own Grams
+        return False
 
     def rebuilds_layers(self) -> bool:
         return False
@@ -63,6 +69,9 @@ class SVDLLM2(_Factored):
     q_proj, ...) matrix i removes Len(G) R Lt_i / sum Lt of its parameters, Lt_i = 1 / log(L_i), L_i its truncation
     loss ||(W - W_r) X^T||_F at the uniform rank r over the calibration tokens; `rank`: every linear that rank."""
     NEEDS = ("gram",)
+
+    def whole_model_stats(self) -> bool:       # a ratio ranks every layer's matrices against each other
+        return self.ratio is not None
 
     def rebuilds_layers(self) -> bool:
         return False
@@ -175,7 +184,7 @@ def _replace_linears(views, targets, factors) -> list:
 @handler(PlainSVD, scope="model")
 def apply_plain(cfg: PlainSVD, ctx: PassContext):
     views, progress = ctx.views, ctx.progress
-    targets = targets_of(views, kv=False)
+    targets = targets_of(views, kv=False, only=ctx.layers)
     ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda t, w, r: fz.svd_factors(w, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "plain SVD"))
@@ -184,7 +193,7 @@ def apply_plain(cfg: PlainSVD, ctx: PassContext):
 @handler(SVDLLM, scope="model")
 def apply_svdllm(cfg: SVDLLM, ctx: PassContext):
     views, stats, progress = ctx.views, ctx.stats, ctx.progress
-    targets = targets_of(views, kv=False)
+    targets = targets_of(views, kv=False, only=ctx.layers)
     ranks = _uniform_ranks(cfg, views, targets)
     fn = lambda t, w, r: fz.svdllm_factors(w, stats.layers[t.layer][f"x2.{t.group}"] / stats.n, r)  # noqa: E731
     return _replace_linears(views, targets, _factor_all(views, targets, ranks, fn, progress, "SVD-LLM"))
@@ -193,7 +202,7 @@ def apply_svdllm(cfg: SVDLLM, ctx: PassContext):
 @handler(SVDLLM2, scope="model")
 def apply_svdllm2(cfg: SVDLLM2, ctx: PassContext):
     views, stats, progress = ctx.views, ctx.stats, ctx.progress
-    targets = targets_of(views, kv=False)
+    targets = targets_of(views, kv=False, only=ctx.layers)
     gram = lambda t: stats.layers[t.layer][f"x2.{t.group}"]  # noqa: E731
     ranks = _uniform_ranks(cfg, views, targets)
     if cfg.ratio is not None:           # ranks from the spectra first, then one decomposition at a time

@@ -41,10 +41,13 @@ class Target:
     in_f: int
 
 
-def targets_of(views: list[LayerView], kv: bool) -> list[Target]:
-    """Every projection of every layer, or (kv=True) only the key and value projections."""
+def targets_of(views: list[LayerView], kv: bool, only=None) -> list[Target]:
+    """Every projection of every layer (of the layers in `only`, when given), or (kv=True) only the key and value
+    projections."""
     out = []
     for v in active(views):             # a hybrid's left layers keep their linears
+        if only is not None and v.index not in only:
+            continue
         s, d = v.spec, v.dims
         if kv and (s.qkv_layout != "blocks" or s.o_from_layer):
             raise UnsupportedModelError(f"KV-cache mode: the {v.layer.__class__.__name__} layout (fused qkv "

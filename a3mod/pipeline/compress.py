@@ -67,13 +67,10 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
 
 
 def _rewrite(model, views, passes, quant, calib, stats, progress, undo: UndoLog) -> dict:
-    """Compress (A3: each layer swapped in as soon as it is solved; baselines: once all are) and quantize, every
-    swap logged in `undo`; returns the model's new a3mod_info."""
+    """Compress (each layer swapped in as soon as it is solved; baselines reading every layer: once all are) and
+    quantize, every swap logged in `undo`; returns the model's new a3mod_info."""
     swaps, info = (_compress(model, views, passes, calib, stats, progress, undo) if passes
                    else ([], _info_so_far(model, views)))
-    if passes and scope_of(passes[0]) == "model":
-        for i, path, new in swaps:
-            undo.swap(views[i].layer, path, new)
     if swaps:
         _self_check(model, calib)
     qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
@@ -119,7 +116,8 @@ def check_finite(model: nn.Module) -> None:
 
 
 def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tuple[list, dict]:
-    """The compact modules the compression passes make (not yet swapped in) and the model's new a3mod_info."""
+    """The compact modules the compression passes make, swapped in (each logged in `undo`), and the model's new
+    a3mod_info."""
     if any(set(describe_layer(v.layer, v.spec)) - {"quantized"} for v in views):    # a codec finds a compact kind
         raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
@@ -132,8 +130,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         verify_model(model, views)               # the description reproduces every layer structure at full rank
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
-    if (scope_of(passes[0]) == "layer" and layerwise.wanted(passes, kinds, calib, stats)
-            and layerwise.replays(model, views, calib)):
+    if layerwise.wanted(passes, kinds, calib, stats) and layerwise.replays(model, views, calib):
         swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
         return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
     stats = Stats.ensure(model, calib, kinds, stats, progress=progress, who=str([type(p).__name__ for p in passes]))
@@ -143,8 +140,10 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
             raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
     if scope_of(passes[0]) == "layer":
         passes = [p.resolve(views, stats) for p in passes]       # e.g. A3QK(portable=True) -> pair_order
-    if scope_of(passes[0]) == "model":
+    if scope_of(passes[0]) == "model":          # every layer built, then swapped in
         swaps = run_pass(passes[0], PassContext(model=model, views=views, stats=stats, calib=calib, progress=progress))
+        for i, path, new in swaps:
+            undo.swap(views[i].layer, path, new)
     else:
         swaps = _a3_swaps(model, views, passes, stats, progress, undo)
     info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,

@@ -13,8 +13,8 @@ calibration windows, one layer at a time, as streaming does:
    swap them in (logged in the undo log) and drop the layer's statistics.
 
 Peak: the model, the hidden states of the calibration windows (twice: inputs and outputs of one layer), and one
-layer's statistics. `apply` picks it for layer-scope passes that read those Grams when given calib= (not stats=),
-in one process.
+layer's statistics. `apply` picks it for passes that read those Grams (A3 with the updates, SVD-LLM with uniform
+ranks) and solve each layer from its own statistics, when given calib= (not stats=), in one process.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..arch.capture import layer_calls, layer_inputs, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording, vocab_size
 from ..passes.a3 import build_layer
+from ..passes.base import PassContext, run_pass, scope_of
 from .undo import UndoLog
 
 BIG_KINDS = frozenset({"gram", "hgram", "ogram"})        # per-layer Grams too large to hold for every layer at once
@@ -36,7 +37,7 @@ def wanted(passes, kinds: set[str], calib: Tensor | None, stats: Stats | None) -
     """Whether `apply` runs this schedule: calibration to collect (no stats given), kinds that hold large Grams,
     every pass solved layer by layer with nothing read from other layers, one process."""
     return (calib is not None and stats is None and bool(kinds & BIG_KINDS) and not distributed.active()
-            and not any(p.reads_all_layers() for p in passes))
+            and not any(p.whole_model_stats() for p in passes))
 
 
 @torch.no_grad()
@@ -86,7 +87,8 @@ def _hidden(call: tuple[tuple, dict]) -> Tensor:
 def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[str], progress: bool,
                     undo: UndoLog) -> tuple[list, int]:
     """Solve every active layer of `model` from its own statistics (the original model's activations of `calib`),
-    swapping its compact modules in as it goes; returns ([(layer, path, module)], calibration tokens)."""
+    swapping its compact modules in as it goes (A3's passes, or one baseline that solves layer by layer); returns
+    ([(layer, path, module)], calibration tokens)."""
     check_request(calib, sorted(kinds))
     check_token_ids(calib, vocab_size(model))
     layers = get_path(model, views[0].spec.layers)
@@ -105,12 +107,21 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
             stats = Stats(n, [{} for _ in views])
             stats.layers[v.index] = acc
             stats.check(min_tokens=v.dims.head_dim + 1)
-            for path, new in build_layer(model, v, passes, stats):
+            for path, new in _solve(model, views, v, passes, stats):
                 undo.swap(v.layer, path, new)
                 out.append((v.index, path, new))
     finally:
         model.train(was_training)
     return out, n
+
+
+def _solve(model: nn.Module, views, view, passes, stats: Stats) -> list[tuple[str, nn.Module]]:
+    """[(path, compact module)] of one layer: A3's layer-scope passes, or a model-scope pass that solves each layer
+    from its own statistics (SVD-LLM, plain SVD: `PassContext.layers`)."""
+    if scope_of(passes[0]) == "layer":
+        return build_layer(model, view, passes, stats)
+    ctx = PassContext(model=model, views=views, stats=stats, progress=False, layers=frozenset({view.index}))
+    return [(path, new) for _, path, new in run_pass(passes[0], ctx)]
 
 
 def _run_layer(layer: nn.Module, view, calls: dict, shapes: list, hidden: list[Tensor], kinds) -> tuple[list, dict]:
