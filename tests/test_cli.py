@@ -259,3 +259,47 @@ def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, caps
     assert abs(result["ratio"]["achieved_attention_mlp"] - 0.3) < 0.03      # the parts a3mod compresses
     err = capsys.readouterr().err
     assert "less than the requested 30.00%" in err and "hybrid mixers" in err
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["--ratio", "0.2"], (True, True)),                                            # 128 x 2048 by default
+    (["--ratio", "0.2", "--n-samples", "16", "--calib-seq-len", "512"], (False, False)),   # 8,192 tokens
+    (["--ratio", "0.2", "--n-samples", "128", "--calib-seq-len", "512"], (True, True)),    # 65,536: on
+    (["--ratio", "0.2", "--updates", "off"], (False, False)),
+    (["--ratio", "0.2", "--n-samples", "4", "--updates", "on"], (True, True)),
+    (["--ratio", "0.2", "--mlp-update"], (True, False)),
+    (["--method", "svd-llm", "--ratio", "0.2"], (False, False)),                  # auto: a3 only, no error
+    (["--method", "a3", "--kv-ratio", "0.3"], (False, False)),
+])
+def test_updates_are_on_by_default_with_enough_calibration(argv, want):
+    from a3mod.cli.commands import _passes, _updates, build_parser
+    args = build_parser().parse_args(["compress", "--model", "m", "--out", "o", *argv])
+    assert _updates(args) == want
+    passes = _passes(args)
+    ups = {type(p).__name__: p.update for p in passes if hasattr(p, "update")}
+    assert ups in ({}, {"A3OV": want[1], "A3MLP": want[0]})
+
+
+def test_updates_on_for_another_method_is_refused(capsys, tmp_path, model_dir):
+    rc = main(["compress", "--model", model_dir, "--method", "svd-llm", "--ratio", "0.2", "--updates", "on",
+               "--out", str(tmp_path / "o"), "--no-eval"])
+    assert rc == 2 and "--updates on" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_compress_with_updates_by_default_calibrates_layer_by_layer(tmp_path, model_dir, text_file, capsys,
+                                                                     monkeypatch):
+    """--updates auto with enough tokens (the threshold lowered to this tiny run's 128): both updates in the
+    checkpoint's passes, the statistics collected one layer at a time inside apply (not before it)."""
+    from a3mod.cli import commands
+    from a3mod.pipeline import layerwise
+    monkeypatch.setattr(commands, "UPDATE_TOKENS", 128)
+    seen, real = [], layerwise.layerwise_swaps
+    monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: seen.append(1) or real(*a, **k))
+    out = tmp_path / "out"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.2", "--out", str(out), "--calib", text_file,
+                 "--n-samples", "8", "--calib-seq-len", "16", "--no-eval"]) == 0
+    assert "least-squares updates: on" in capsys.readouterr().err and seen == [1]
+    result = json.loads((out / "compress_result.json").read_text())
+    assert result["calib_tokens"] == 128
+    info = a3mod.load(out).a3mod_info
+    assert {p["type"]: p.get("update") for p in info["passes"]}["A3MLP"] is True

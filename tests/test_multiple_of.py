@@ -73,7 +73,7 @@ def test_multiple_of_round_trips_and_validates():
         a3mod.SVDLLM(ratio=0.2, multiple_of=8)                   # only the A3 passes take it
 
 
-@pytest.mark.parametrize("argv,ok", [(["--method", "a3", "--ratio", "0.2", "--multiple-of", "8"], True),
+@pytest.mark.parametrize("argv,ok", [(["--method", "a3", "--ratio", "0.2", "--multiple-of", "8", "--updates", "off"], True),
                                      (["--method", "svd-llm", "--ratio", "0.2", "--multiple-of", "8"], False),
                                      (["--method", "a3", "--kv-ratio", "0.5", "--multiple-of", "8"], False)])
 def test_cli_multiple_of(argv, ok):

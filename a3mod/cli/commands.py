@@ -29,12 +29,12 @@ from ..io.files import EXPORT_RECORD, KEEP_OTHERS, atomic_write, check_output_di
 from ..io.loading import load_pretrained, load_tokenizer
 from ..passes.base import needs
 from ..paths import dataset_file, model_source
-from ..pipeline import recipes
+from ..pipeline import layerwise, recipes
 from ..pipeline.compress import apply, data_dependent, preview
 from ..pipeline.stream import compress_streaming
 from ..report import report
 from . import card
-from .args import DTYPES, build_parser  # noqa: F401  (the parser lives in args.py)
+from .args import DTYPES, UPDATE_TOKENS, build_parser  # noqa: F401  (the parser lives in args.py)
 
 
 def _load(args, path: str | None = None):
@@ -86,7 +86,10 @@ def _check_inputs(args) -> tuple:
 def _stats(args, model, calib):
     """(statistics for the passes, whether to write --stats): the file's if it belongs to this model and these
     tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
-    want = {k for p in _passes(args) for k in needs(p)}
+    passes = _passes(args)
+    want = {k for p in passes for k in needs(p)}
+    if not args.stats and layerwise.wanted(passes, want, calib, None):
+        return None, False          # apply calibrates and solves one layer at a time (one layer's Grams held)
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
     if stats is not None:
         try:
@@ -107,6 +110,9 @@ def _stats(args, model, calib):
 
 def cmd_compress(args) -> int:
     passes, path, out = _check_inputs(args)        # before any loading or calibration
+    line = updates_line(args)
+    if line and not args.dry_run:
+        print(line, file=sys.stderr)
     if args.dry_run:
         return _dry_run(args, passes, path)
     distributed.init_from_env(args.device)     # torchrun: each rank calibrates its share, rank 0 evaluates and saves
@@ -134,12 +140,12 @@ def _compress(args, passes, path, out) -> int:
         print(f"perplexity before: {result['ppl_before']['ppl']:.4f}", file=sys.stderr)
     t = time.perf_counter()
     stats, write_stats = _stats(args, model, calib)
-    result["timings_s"]["calibration"] = time.perf_counter() - t
-    result["calib_tokens"] = stats.n if stats else 0
+    result["timings_s"]["calibration"] = time.perf_counter() - t          # 0 when apply calibrates layer by layer
     teacher = copy.deepcopy(model) if args.heal_steps else None
     t = time.perf_counter()
     apply(model, passes, calib=calib, stats=stats)
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
+    result["calib_tokens"] = model.a3mod_info["calib_tokens"]
     if teacher is not None:
         result["heal"] = heal(model, teacher, calib, steps=args.heal_steps, lr=args.heal_lr)
         result["timings_s"]["heal"] = result["heal"]["seconds"]
@@ -261,15 +267,42 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
-         "mlp_update": "--mlp-update", "ov_update": "--ov-update", "portable": "--portable"}
+         "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
+         "portable": "--portable"}
 
 
 def _passes(args) -> list:
+    mlp, ov = _updates(args)
     return recipes.passes(args.method, args.ratio, kv_ratio=args.kv_ratio, across=args.across, qk_ratio=args.qk_ratio,
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
-                          probe_seq_len=args.probe_seq_len, mlp_update=args.mlp_update,
-                          ov_update=args.ov_update, portable=args.portable, names=FLAGS)
+                          probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
+                          names=FLAGS)
+
+
+def _updates(args) -> tuple[bool, bool]:
+    """(MLP update, OV update): --mlp-update / --ov-update as given, else --updates (auto: on for method a3 with
+    --ratio when the calibration holds at least UPDATE_TOKENS tokens)."""
+    if getattr(args, "mlp_update", False) or getattr(args, "ov_update", False):
+        return bool(args.mlp_update), bool(args.ov_update)
+    mode = getattr(args, "updates", "off")
+    if mode == "auto":
+        on = (args.method == "a3" and args.ratio is not None and args.kv_ratio is None
+              and args.n_samples * args.calib_seq_len >= UPDATE_TOKENS)
+        return on, on
+    return mode == "on", mode == "on"
+
+
+def updates_line(args) -> str | None:
+    """What --updates auto decided, for method a3 with --ratio (None otherwise or when given explicitly)."""
+    if getattr(args, "updates", None) != "auto" or args.mlp_update or args.ov_update or args.method != "a3" \
+            or args.ratio is None or args.kv_ratio is not None:
+        return None
+    n = args.n_samples * args.calib_seq_len
+    return (f"least-squares updates: on (--updates auto: {n:,} calibration tokens >= {UPDATE_TOKENS:,}; "
+            f"--updates off for selection alone)" if n >= UPDATE_TOKENS else
+            f"least-squares updates: off (--updates auto: {n:,} calibration tokens < {UPDATE_TOKENS:,}, where "
+            f"they stop paying; --updates on forces them)")
 
 
 def cmd_eval(args) -> int:
