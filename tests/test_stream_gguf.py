@@ -242,3 +242,17 @@ def test_a_gguf_of_a_model_that_is_not_a_causal_lm_is_refused_by_name(tmp_path, 
     with pytest.raises(UnsupportedModelError, match=r"holds a 't5' model, which transformers has no causal-LM"):
         a3mod.compress_streaming(path, tmp_path / "out", a3mod.a3_passes(0.3), calib_ids(4, 16), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_model_has_one_fingerprint_whichever_loader_dequantized_it():
+    """transformers' GGUF loader records quantization_config = {quant_method: gguf, gguf_file: ...} on the config,
+    a3mod's block-by-block loader does not: statistics collected on one are accepted for the other."""
+    from transformers import LlamaConfig
+    from a3mod.io.fingerprint import config_digest
+
+    c = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    base = config_digest(c)
+    c.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    assert config_digest(c) == base
+    c.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    assert config_digest(c) != base

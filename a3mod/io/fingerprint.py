@@ -24,9 +24,16 @@ SAMPLES = 4096
 
 
 def config_digest(config) -> str:
+    """sha256 of the config's structural fields (not the volatile ones, not a GGUF loader's quantization_config,
+    which names the file the weights were dequantized from: transformers' loader sets it, a3mod's does not)."""
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config)) if config is not None else {}
-    d = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _VOLATILE}
+    d = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _VOLATILE and not _gguf_provenance(k, v)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _gguf_provenance(key: str, value) -> bool:
+    method = value.get("quant_method") if isinstance(value, dict) else getattr(value, "quant_method", None)
+    return key == "quantization_config" and str(getattr(method, "value", method)).lower() == "gguf"
 
 
 def _sample(t: Tensor) -> bytes:
