@@ -67,6 +67,9 @@ def test_compress_with_overrides_and_stats_file(tmp_path, model_dir, text_file):
     assert [layer.self_attn.qk_dim for layer in a.model.layers] == [6, 6]
     result = json.loads((tmp_path / "a" / "compress_result.json").read_text())
     assert "ppl_before" not in result
+    src = a3mod.Stats.load(stats).source          # where the statistics' tokens came from, and what was collected
+    assert src["calib"] == text_file and (src["n_samples"], src["seq_len"], src["seed"]) == (4, 16, 0)
+    assert src["kinds"] == ["a3"]
 
 
 @pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1.0"])

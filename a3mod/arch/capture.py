@@ -51,8 +51,7 @@ def recording_inputs(layers: nn.ModuleList, wanted=None, run_layers: bool = True
                     record(i, args, kwargs)
                 return args[0] if args else kwargs["hidden_states"]
             return forward
-        for i, layer in enumerate(layers):
-            layer.forward = passing(i)
+        saved = _override(layers, [passing(i) for i in range(len(layers))])
     try:
         yield calls
     finally:
@@ -60,8 +59,7 @@ def recording_inputs(layers: nn.ModuleList, wanted=None, run_layers: bool = True
             for h in handles:
                 h.remove()
         else:
-            for layer in layers:
-                del layer.forward
+            _restore(layers, saved)
 
 
 @torch.no_grad()
@@ -88,13 +86,28 @@ def layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: Tensor, wanted=No
 @contextlib.contextmanager
 def replaying(layers: nn.ModuleList, outputs: list, upto: int) -> Iterator[None]:
     """Layers before `upto` return their recorded `outputs` instead of computing them."""
-    for i in range(upto):
-        layers[i].forward = (lambda out: (lambda *a, **k: out))(outputs[i])
+    saved = _override(layers[:upto], [(lambda out: (lambda *a, **k: out))(outputs[i]) for i in range(upto)])
     try:
         yield
     finally:
-        for i in range(upto):
-            del layers[i].forward
+        _restore(layers[:upto], saved)
+
+
+def _override(layers, forwards: list) -> list:
+    """Set each layer's instance `forward`; returns what the instances held before (accelerate keeps its device
+    hooks' wrapper there: it is put back, not deleted)."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer, fwd in zip(layers, forwards):
+        layer.forward = fwd
+    return saved
+
+
+def _restore(layers, saved: list) -> None:
+    for layer, fwd in zip(layers, saved):
+        if fwd is None:
+            del layer.forward
+        else:
+            layer.forward = fwd
 
 
 def layer_calls(model: nn.Module, layers: nn.ModuleList, ids: Tensor) -> list[tuple[tuple, dict]]:

@@ -131,7 +131,8 @@ class Stats:
         an MoE model's first MLP may be routed experts)."""
         keys = {k for layer in self.layers for k in layer}
         found = {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
-        return found | set(self.source.get("kinds", ()))     # collected, even where no layer has that part
+        asked = self.source.get("kinds", ())         # what collect was asked for, even where no layer has that part
+        return found | ({k for k in asked if k in KINDS} if isinstance(asked, list) else set())
 
     def merge(self, other: "Stats") -> None:
         """Add the statistics of `other` (same model and tokens, other kinds) to these."""

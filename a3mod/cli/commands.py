@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -101,9 +102,9 @@ def _stats(args, model, calib):
             stats = None
     had = stats.kinds if stats is not None else set()
     stats = Stats.ensure(model, calib, want, stats, batch_size=args.batch_size)
-    if stats is not None and not stats.source:
-        stats.source = {"calib": args.calib, "n_samples": args.n_samples, "seq_len": args.calib_seq_len,
-                        "seed": args.seed}
+    if stats is not None and "calib" not in stats.source:     # collect records only the kinds it was asked for
+        stats.source = {**stats.source, "calib": args.calib, "n_samples": args.n_samples,
+                        "seq_len": args.calib_seq_len, "seed": args.seed}
     grew = stats is not None and stats.kinds != had
     return stats, bool(args.stats) and (grew or not os.path.exists(args.stats))
 
@@ -188,7 +189,8 @@ def _dry_run(args, passes, path) -> int:
         raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
                          "preview them" if args.stream else "its kept dims come from calibration data"))
     _, model, _ = _load(args, path)
-    rep = preview(model, passes, inplace=True)
+    plain = [dataclasses.replace(p, update=False) if getattr(p, "update", False) else p for p in passes]
+    rep = preview(model, plain, inplace=True)      # the updates change weights, not shapes: not solved here
     print(rep)
     print(f"\ndry run: the plan of {args.method} at the given ratios (kept dims from shapes alone); nothing was "
           f"calibrated or written")

@@ -47,6 +47,8 @@ def replays(model: nn.Module, views, calib: Tensor) -> bool:
     next layer). False where layers pass other state along (HY-V4's indexer hands its top-k to the next layer, Gemma
     4's layers share K/V through an object in their arguments) or the loop does more than chain them: `apply` then
     collects every layer's statistics in one forward instead."""
+    check_request(calib, ("a3",))                    # bad token ids: the typed error, before any forward
+    check_token_ids(calib, vocab_size(model))
     layers = get_path(model, views[0].spec.layers)
     device = next(model.parameters()).device
     windows = [calib[b:b + 1].to(device) for b in range(min(2, calib.shape[0]))]
@@ -58,9 +60,12 @@ def replays(model: nn.Module, views, calib: Tensor) -> bool:
         calls, hidden = _capture(model, layers, windows)
         shapes = [tuple(ids.shape) for ids in windows]
         for v in views:
-            if any(v.index not in t or not torch.equal(h, _hidden(t[v.index])) for t, h in zip(true, hidden)):
+            if any(v.index not in t or not torch.equal(h.to(device), _hidden(t[v.index]))
+                   for t, h in zip(true, hidden)):
                 return False
             hidden, _ = _run_layer(layers[v.index], v, calls, shapes, hidden, ())
+    except torch.OutOfMemoryError:
+        raise
     except Exception:           # noqa: BLE001  (a layer that cannot be called alone: not replayable)
         return False
     finally:
@@ -69,11 +74,12 @@ def replays(model: nn.Module, views, calib: Tensor) -> bool:
 
 
 def _capture(model: nn.Module, layers: nn.ModuleList, windows: list[Tensor]) -> tuple[dict, list[Tensor]]:
-    """Every layer's call arguments once per window shape, and layer 0's hidden states for every window."""
+    """Every layer's call arguments once per window shape, and layer 0's hidden states for every window (on the
+    CPU, as streaming keeps them: an accelerator holds one window's at a time)."""
     calls, hidden = {}, []
     for ids in windows:
         seen = layer_calls(model, layers, ids)
-        hidden.append(_hidden(seen[0]))
+        hidden.append(_hidden(seen[0]).to("cpu"))
         calls.setdefault(tuple(ids.shape), [with_hidden(c, None) for c in seen])
     return calls, hidden
 
@@ -110,6 +116,7 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
             for path, new in _solve(model, views, v, passes, stats):
                 undo.swap(v.layer, path, new)
                 out.append((v.index, path, new))
+            del acc, stats            # this layer's Grams go before the next layer's are summed
     finally:
         model.train(was_training)
     return out, n
@@ -128,9 +135,10 @@ def _run_layer(layer: nn.Module, view, calls: dict, shapes: list, hidden: list[T
     """Every window's hidden states through original `layer` with the statistic hooks of `view` attached (none for
     a left layer): (the outputs, the statistic sums)."""
     nxt = []
+    device = next(layer.parameters()).device
     with recording([] if view.left or not kinds else [view], sorted(kinds)) as accs:
         for h, shape in zip(hidden, shapes):
-            args, kw = with_hidden(calls[shape][view.index], h)
+            args, kw = with_hidden(calls[shape][view.index], h.to(device))
             y = layer(*args, **kw)
-            nxt.append(y[0] if isinstance(y, tuple) else y)
+            nxt.append((y[0] if isinstance(y, tuple) else y).to("cpu"))
     return nxt, (accs[0] if accs else {})
