@@ -113,6 +113,10 @@ NOT_DISCOVERED = {"bloom": "scores come from alibi.baddbmm(q, k), which discover
                                  "not follow (tests/test_llama4.py checks the adapter)",
                   "gemma4_text": "its attention is kept whole by design; per-layer head dims (tests/test_families_2026.py)",
                   "gemma4_unified_text": "as gemma4_text (tests/test_families_2026.py)",
+                  "hy_v4": "its gated latent attention is kept whole by design (tests/test_families_2026.py)",
+                  "axk2": "its gated latent attention is kept whole by design (tests/test_families_2026.py)",
+                  "deepseek_v4": "its compressed sparse attention is kept whole by design; the indexer's top-k and "
+                                 "the compressor's entries are not one graph of attention (tests/test_families_2026.py)",
                   "nemotron_h": "one mixer per layer at one path (attention, MLP or Mamba-2): no single layer shows "
                                 "both roles (tests/test_hybrid.py checks the adapter)"}
 
