@@ -140,7 +140,10 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
     latest = {(r["model"], r["method"], r["ratio_target"]): r for r in read_jsonl(log)
               if all(r.get(k) == v for k, v in proto.items())}          # a rerun replaces the earlier row
-    rows = list(latest.values())
+    order = {m: i for i, m in enumerate(("original", *METHODS))}
+    models = list(dict.fromkeys(k[0] for k in latest))
+    rows = sorted(latest.values(), key=lambda r: (models.index(r["model"]), order.get(r["method"], 99),
+                                                  r["ratio_target"]))
     md = (f"WikiText-2 token perplexity over the first {proto['eval']} test windows; calibration {proto['calib']} "
           f"tokens of WikiText-2 validation, seed {args.seed}, the same windows for every method; {machine()}, fp32, "
           f"each run in a fresh process (2 cores shared with other jobs: times are upper bounds). x one forward = "
