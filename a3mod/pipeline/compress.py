@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -130,9 +131,13 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         verify_model(model, views)               # the description reproduces every layer structure at full rank
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
-    if layerwise.wanted(passes, kinds, calib, stats) and layerwise.replays(model, views, calib):
-        swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
-        return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
+    if layerwise.wanted(passes, kinds, calib, stats):
+        if layerwise.replays(model, views, calib):
+            swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
+            return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
+        warnings.warn(f"a3mod: {type(model).__name__}'s layers cannot be replayed one by one (they pass other state "
+                      f"along or share it through their arguments): every layer's {sorted(kinds)} statistics are "
+                      f"collected in one forward and held at once", stacklevel=3)
     stats = Stats.ensure(model, calib, kinds, stats, progress=progress, who=str([type(p).__name__ for p in passes]))
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)
