@@ -64,13 +64,14 @@ def test_one_layers_statistics_at_a_time(monkeypatch):
 
 
 def test_plain_a3_and_given_stats_keep_collecting_everything_first(monkeypatch):
-    """Without the large Grams (plain A3) or with stats= given, apply keeps its one-forward collection."""
+    """Without the large Grams (plain A3, portable or not) or with stats= given, apply keeps its one-forward
+    collection."""
     monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: pytest.fail("layer-by-layer schedule taken"))
     model = tiny_model("llama", kv_heads=2)
     a3mod.apply(copy.deepcopy(model), a3mod.a3_passes(0.3), calib=calib_ids(4, 16), progress=False)
     st = a3mod.collect(model, calib_ids(4, 16), kinds=kinds(updating(0.3)), progress=False)
     a3mod.apply(copy.deepcopy(model), updating(0.3), stats=st, progress=False)
-    portable = [dataclasses.replace(p, portable=True) if type(p).__name__ == "A3QK" else p for p in updating(0.3)]
+    portable = [dataclasses.replace(p, portable=True) if type(p).__name__ == "A3QK" else p for p in a3mod.a3_passes(0.3)]
     assert portable[0].whole_model_stats()
     a3mod.apply(copy.deepcopy(model), portable, calib=calib_ids(4, 16), progress=False)
 
@@ -168,3 +169,15 @@ def test_dry_run_does_not_solve_the_updates(tmp_path, capsys, recwarn):
     assert main(["compress", "--model", str(path), "--ratio", "0.3", "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     assert not [w for w in recwarn if "update=True" in str(w.message)]
     assert not (tmp_path / "o").exists()
+
+
+def test_portable_pairs_are_ranked_first_and_the_grams_still_come_one_layer_at_a_time(monkeypatch):
+    """A3QK(portable=True) ranks RoPE pairs over every layer's "a3" statistics: those are collected in one forward,
+    the pair order resolved, and the updates' Grams still one layer at a time; the same model as stats=."""
+    passes = [dataclasses.replace(p, portable=True) if type(p).__name__ == "A3QK" else p for p in updating(0.3)]
+    calls, real = [], layerwise.layerwise_swaps
+    monkeypatch.setattr(layerwise, "layerwise_swaps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = both_schedules(tiny_model("llama", kv_heads=2, layers=3), passes, calib_ids(6, 16))
+    assert calls == [1]
+    assert torch.equal(logits(a, input_ids()), logits(b, input_ids()))
+    assert a.a3mod_info == b.a3mod_info and a.a3mod_info["passes"][0]["pair_order"] is not None

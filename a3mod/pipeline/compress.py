@@ -131,6 +131,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         verify_model(model, views)               # the description reproduces every layer structure at full rank
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
+    passes = _resolve_first(model, views, passes, calib, stats, kinds, progress)
     if layerwise.wanted(passes, kinds, calib, stats):
         if layerwise.replays(model, views, calib):
             swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
@@ -154,6 +155,18 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
             "orig_layer_params": orig}
     return swaps, info
+
+
+def _resolve_first(model, views, passes, calib, stats, kinds: set[str], progress: bool) -> list:
+    """Where a layer-scope pass ranks across layers from small statistics (A3QK(portable=True): the "a3" kind) and
+    others need the large Grams, resolve it from one forward of the small kinds alone, so the Grams can still be
+    collected one layer at a time (the same passes as resolving from everything)."""
+    whole = [p for p in passes if p.whole_model_stats()]
+    if (not whole or scope_of(passes[0]) != "layer" or calib is None or stats is not None
+            or not kinds & layerwise.BIG_KINDS or {k for p in whole for k in needs(p)} & layerwise.BIG_KINDS):
+        return passes
+    small = Stats.ensure(model, calib, {k for p in whole for k in needs(p)}, progress=progress)
+    return [p.resolve(views, small) for p in passes]
 
 
 def _info_so_far(model, views) -> dict:
