@@ -5,14 +5,15 @@ lm_head excluded), the quantity every a3mod ratio refers to.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from torch import nn
 
-from .arch import dims_of, find_path, get_path, mlp_paths, spec_for
+from .arch import dims_of, find_path, get_path, layer_views, mlp_paths, shared_groups, spec_for
 from .arch.experts import ExpertsView, is_experts
 from .arch.mla import is_mla
 from .arch.views import kv_heads_of, left_reason, mixer_reason
+from .errors import UnsupportedModelError
 from .io.tensors import dedup_tensors
 from .modules import LowRankLinear
 from .modules.linears import is_quantized
@@ -97,6 +98,7 @@ class Report:
     linear_weight_bytes: int = 0     # decoder-layer linear weights + their quantization metadata (no biases)
     linear_weights: int = 0          # their logical element count (in x out per linear)
     attn_whole: str = ""             # why every layer's attention stays as it is (ArchSpec.attn_whole), or ""
+    shared: list = field(default_factory=list)   # the layers running each shared block (Zamba2), counted per use
 
     @property
     def bits_per_param(self) -> float:
@@ -148,7 +150,7 @@ class Report:
                 "active_params": sum(r.active_params() for r in self.rows),
                 "active_params_orig": sum(r.active_params(True) for r in self.rows),
                 "model_bytes": self.model_bytes, "bits_per_param": self.bits_per_param, "attn_whole": self.attn_whole,
-                "layers": [asdict(r) for r in self.rows]}
+                "shared": self.shared, "layers": [asdict(r) for r in self.rows]}
 
     def __str__(self) -> str:
         head = (f"{'layer':>5} {'heads':>7} {'qk':>9} {'vo':>9} {'mlp':>11} {'kv/token':>11} {'low-rank':>8} "
@@ -184,6 +186,9 @@ class Report:
                          f"({self.kept_whole:,} params of hybrid mixers, routers and left layers kept as they are)")
         if self.attn_whole:
             lines.append(f"              attention kept whole in every layer: {self.attn_whole}")
+        for g in self.shared:
+            lines.append(f"              layers {g} run one shared block (tied): its parameters are counted once per "
+                         f"use above, stored once")
         lines += [
                   f"KV bytes/token {kv0:,} -> {kv1:,}  ({kv1 / kv0:.4f}x, {self.dtype_bytes}-byte elements)",
                   f"FLOPs/token   {f0:,} -> {f1:,}  ({f1 / f0:.4f}x at context {self.context})",
@@ -278,4 +283,12 @@ def report(model: nn.Module, context: int = 2048) -> Report:
         rows.append(row)
     p = next(model.parameters())
     return Report(model.config.model_type, rows, p.element_size() if p.is_floating_point() else 2, context,
-                  *_storage(model, spec), attn_whole=spec.attn_whole or "")
+                  *_storage(model, spec), attn_whole=spec.attn_whole or "", shared=_shared(model))
+
+
+def _shared(model: nn.Module) -> list[list[int]]:
+    """The layers running each shared block (tied), or [] (also where a3mod sees no layer it reduces)."""
+    try:
+        return shared_groups(layer_views(model))
+    except UnsupportedModelError:
+        return []

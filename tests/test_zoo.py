@@ -36,6 +36,8 @@ MUST_COMPRESS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"
                  "nanochat", "lara_mini", "kolibri1",
                  # hybrids: mixers kept, every MLP compressed (tests/test_hybrid.py)
                  "qwen3_5_text", "falcon_h1", "granitemoehybrid", "kimi_linear", "olmo_hybrid", "nemotron_h",
+                 # one shared transformer block per few layers, tied, per-use adapters (tests/test_zamba2.py)
+                 "zamba2",
                  # mixture of experts (tests/test_moe.py)
                  "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "glm4_moe",
                  "gpt_oss", "minimax", "ernie4_5_moe", "dots1", "solar_open", "lfm2_moe",

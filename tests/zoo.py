@@ -119,7 +119,15 @@ _FIXES = {
     # DeepSeek-V4: the grouped output projection's low rank (default 1024 per group, 8 groups) would outweigh the
     # tiny experts 100 to 1 (the real model's experts dominate)
     "deepseek_v4": {"o_lora_rank": 16},
-    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "kv_channels": 16, "num_query_groups": 4},
+    # Zamba2: keep what its real checkpoints have: a shared block used by several layers (two blocks, three uses:
+    # layers 1 and 4 share block 0), per-use adapters in the shared MLP and attention, RoPE in the shared attention
+    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "kv_channels": 16, "num_query_groups": 4,
+               "num_hidden_layers": 5, "layers_block_type": ["linear_attention", "hybrid", "hybrid", "linear_attention",
+                                                             "hybrid"],
+               "hybrid_layer_ids": [1, 2, 4], "num_mem_blocks": 2, "use_shared_attention_adapter": True,
+               "adapter_rank": 8, "use_mem_rope": True,
+               "num_key_value_heads": lambda c: c.num_attention_heads,    # its attention adapters need MHA
+               "intermediate_size": 256},     # 4 x hidden as in Zamba2-1.2B / 2.7B: the MLP gives the whole ratio
     "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_dt_rank": 8},
     "xlstm": {"embedding_dim": 64, "num_blocks": 2},
     "gemma3n_text": {"num_kv_shared_layers": 0, "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 128,

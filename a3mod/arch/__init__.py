@@ -21,8 +21,8 @@ from .spec import (
     partial_rotary_factor,
     set_child,
 )
-from .views import LayerView, active, find_path, join, layer_views, mlp_paths
+from .views import LayerView, active, find_path, join, layer_views, mlp_paths, shared_groups
 
 __all__ = ["ARCHS", "ArchSpec", "Dims", "LayerView", "active", "dims_of", "find_path", "get_path", "is_linear",
            "join", "layer_views", "linear_params", "mlp_paths", "out_features", "partial_rotary_factor", "set_child",
-           "spec_for", "supported_types"]
+           "shared_groups", "spec_for", "supported_types"]

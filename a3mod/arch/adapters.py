@@ -81,6 +81,14 @@ ARCHS: dict[str, ArchSpec] = {
     "nemotron_h": ArchSpec(layers="model.layers", attn="mixer", mlp="mixer", q="q_proj", k="k_proj", v="v_proj",
                            gate=None, act="mlp_hidden_act", norms=("norm", "norm"), rope=None, rotary=None,
                            experts="experts", shared="shared_experts"),
+    # Mamba-2 layers (left) and hybrid layers that run one of `num_mem_blocks` shared transformer blocks (tied
+    # across the layers that use it) beside their Mamba-2 mixer; per-use adapters inside the shared MLP
+    "zamba2": replace(_LLAMA, attn="shared_transformer.self_attn", mlp="shared_transformer.feed_forward", gate=None,
+                      gate_up="gate_up_proj", mlp_adapters="gate_up_proj_adapter_list",
+                      norms=("shared_transformer.input_layernorm", "shared_transformer.pre_ff_layernorm"),
+                      attn_whole="one attention block shared by several layers, with per-use low-rank adapters on "
+                                 "q/k/v and its input the concatenation [hidden | embeddings]: not modelled by A3's "
+                                 "attention forms yet"),
     "bert": _BERT,
     "roberta": replace(_BERT, layers="roberta.encoder.layer"),
 }

@@ -71,6 +71,9 @@ class ArchSpec:
                                    # (fused 3-D parameters, a3mod.arch.experts); layers without it are dense
     shared: str | None = None      # ... and the block's shared-expert MLP (gate / up / down named as a dense MLP)
     shared_on_layer: bool = False  # `shared` sits on the layer beside the MoE block, a path from the layer (Granite 4)
+    mlp_adapters: str | None = None    # ModuleList (from the MLP) of per-use low-rank adds on the fused gate_up output,
+                                   # Sequential(Linear(d_m, r), Linear(r, 2I)) or Identity, picked by the layer the
+                                   # MLP runs in (Zamba2's shared block): narrowed with gate_up's rows
 
 
 def module_copy(mod: nn.Module) -> nn.Module:

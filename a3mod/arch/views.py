@@ -377,3 +377,23 @@ def find_path(root: nn.Module, path: str) -> nn.Module | None:
 def active(views: list[LayerView]) -> list[LayerView]:
     """The views a3mod compresses (not `left`)."""
     return [v for v in views if not v.left]
+
+
+def shared_groups(views: list[LayerView]) -> list[list[int]]:
+    """Layers that run one block with the same parameters (Zamba2's shared transformer blocks, tied across the
+    layers that use them): the indices of each block's uses, when it has several. They are solved once, from the
+    statistics of all their uses, and then hold the same compact modules (the tie stays)."""
+    by: dict[int, list[LayerView]] = {}
+    for v in active(views):
+        params = [p for m in (v.mlp, None if v.mixer else v.attn) if m is not None for p in m.parameters()]
+        if params:
+            by.setdefault(id(params[0]), []).append(v)
+    groups = [g for g in by.values() if len(g) > 1]
+    for g in groups:
+        own = [{id(p) for m in (v.mlp, None if v.mixer else v.attn) if m is not None for p in m.parameters()}
+               for v in g]
+        if any(o != own[0] for o in own):
+            raise UnsupportedModelError(f"layers {[v.index for v in g]} share some but not all parameters of their "
+                                        f"attention / MLP: a3mod reduces a block shared whole, or blocks of their own")
+    return [[v.index for v in g] for g in groups]
+

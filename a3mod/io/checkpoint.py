@@ -163,6 +163,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
         sd = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in sd.items()}
     missing, _ = model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
+    tensors.retie(model, side.get("aliases", {}))
     tensors.realign(model)
     _check_loaded(model, missing, quantized, rope)
     description.materialize_buffers(model, device)

@@ -126,3 +126,25 @@ def dedup_tensors(sd: dict) -> tuple[dict, dict]:
         if storages[(t.device, t.untyped_storage().data_ptr())] > 1:
             kept[k] = t.clone()
     return kept, aliases
+
+
+def retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each module whose every tensor was saved as an alias of one other module's same-named tensor that module
+    itself (a shared block's linears, narrowed or quantized once: the same object in every layer using it, as when
+    saved). Modules of different types (an embedding tied to the LM head) keep their own objects."""
+    srcs: dict[str, set] = {}
+    for k, src in aliases.items():
+        (mk, _, nk), (ms, _, ns) = k.rpartition("."), src.rpartition(".")
+        srcs.setdefault(mk, set()).add(ms if nk == ns and mk and ms else None)
+    for mk, found in srcs.items():
+        if len(found) != 1 or None in found:
+            continue
+        try:
+            mod, src = model.get_submodule(mk), model.get_submodule(next(iter(found)))
+        except AttributeError:          # a tensor's own state (bitsandbytes 4-bit: weight.absmax), not a module's
+            continue
+        own = [n for n, _ in mod.named_parameters()]
+        if type(mod) is type(src) and own and all(f"{mk}.{n}" in aliases for n in own):
+            parent, _, name = mk.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, src)
+

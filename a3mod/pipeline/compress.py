@@ -4,15 +4,16 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..arch import active, layer_views
+from ..arch import active, layer_views, shared_groups
 from ..calib import distributed
 from ..calib.stats import Stats
-from ..errors import A3ModError, CalibrationError
+from ..errors import A3ModError, CalibrationError, UnsupportedModelError
 from ..io import native
 from ..io.codecs import describe_layer
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
@@ -124,6 +125,11 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
                          "quantization pass, in one call)")
+    groups = shared_groups(views)                # blocks several layers run (Zamba2): solved once, tie kept
+    if groups and scope_of(passes[0]) == "model":
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: layers {groups} run one shared block each; {type(passes[0]).__name__} factors "
+            f"every layer's linears on its own and would untie them (a larger model): use the A3 passes")
     if scope_of(passes[0]) == "layer":
         passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
@@ -132,7 +138,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
     passes = _resolve_first(model, views, passes, calib, stats, kinds, progress)
-    if layerwise.wanted(passes, kinds, calib, stats):
+    if not groups and layerwise.wanted(passes, kinds, calib, stats):
         if layerwise.replays(model, views, calib):
             swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
             return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
@@ -144,6 +150,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         stats.check(min_tokens=views[0].dims.head_dim + 1)
         if len(stats.layers) != len(views):
             raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
+        stats = pooled(stats, groups)
     if scope_of(passes[0]) == "layer":
         passes = [p.resolve(views, stats) for p in passes]       # e.g. A3QK(portable=True) -> pair_order
     if scope_of(passes[0]) == "model":          # every layer built, then swapped in
@@ -151,7 +158,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         for i, path, new in swaps:
             undo.swap(views[i].layer, path, new)
     else:
-        swaps = _a3_swaps(model, views, passes, stats, progress, undo)
+        swaps = _a3_swaps(model, views, passes, stats, progress, undo, groups)
     info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
             "orig_layer_params": orig}
     return swaps, info
@@ -179,12 +186,33 @@ def _info_so_far(model, views) -> dict:
     return info
 
 
-def _a3_swaps(model, views, passes, stats, progress, undo: UndoLog) -> list:
+def pooled(stats: Stats, groups: list[list[int]]) -> Stats:
+    """`stats` with the layers of each group (the uses of one shared block) holding the mean of their sums: the
+    statistics of the block over all its uses (every use sees every calibration token). A new object; `stats` is
+    left as it is."""
+    if not groups:
+        return stats
+    layers = list(stats.layers)
+    for g in groups:
+        keys = set(layers[g[0]])
+        if any(set(layers[i]) != keys for i in g):
+            raise CalibrationError(f"the statistics of layers {g} (one shared block) hold different kinds")
+        mean = {k: sum(layers[i][k] for i in g) / len(g) for k in keys}
+        for i in g:
+            layers[i] = mean
+    return replace(stats, layers=layers)
+
+
+def _a3_swaps(model, views, passes, stats, progress, undo: UndoLog, groups=()) -> list:
     """Solve each layer and swap its compact modules in at once (the layer's originals go to `undo`), so the model
-    never holds two copies of more than the undo log's memory budget."""
-    out = []
+    never holds two copies of more than the undo log's memory budget. The later uses of a shared block get the
+    modules solved for its first use (the same objects: the block stays tied)."""
+    out, lead, first = [], {i: g[0] for g in groups for i in g[1:]}, {}
     for v in tqdm(active(views), desc="solving", disable=not progress, unit="layer"):
-        built = distributed.solve(build_layer, model, v, passes, stats)
+        built = (first[lead[v.index]] if v.index in lead
+                 else distributed.solve(build_layer, model, v, passes, stats))
+        if any(v.index == g[0] for g in groups):
+            first[v.index] = built
         for path, new in built:
             undo.swap(v.layer, path, new)
         out += [(v.index, path, new) for path, new in built]

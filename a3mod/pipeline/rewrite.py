@@ -200,6 +200,8 @@ class LayerWork:
             return swaps
         if not v.spec.mlp:
             return self._narrow_mlp(kw)
+        if v.spec.mlp_adapters:
+            return swaps + self._adapted_mlp(kw)
         cfg = MLPConfig(hidden=d.hidden, orig_inter=m.orig, inter=m.up[0].shape[0], act=v.act_name(config),
                         gated=m.gate is not None, up_bias=m.up[1] is not None, down_bias=m.down[1] is not None,
                         dropout=v.out_dropouts()[1], residual=v.spec.mlp_residual)
@@ -224,19 +226,49 @@ class LayerWork:
         if m.gate is not None or v.spec.conv1d:
             raise UnsupportedModelError("an MLP on the layer itself must be non-gated nn.Linear up/down "
                                         f"(spec gate={v.spec.gate!r}, conv1d={v.spec.conv1d})")
-        (wu, bu), (wd, bd) = m.up, m.down                 # (r, d_m), (d_m, r)
         kept = m.kept.tolist()
-        up = NarrowLinear(NarrowConfig(in_features=wu.shape[1], out_features=wu.shape[0], bias=bu is not None,
-                                       orig_in=wu.shape[1], orig_out=m.orig, side="out"), kept, **kw)
-        down = NarrowLinear(NarrowConfig(in_features=wd.shape[1], out_features=wd.shape[0], bias=bd is not None,
-                                         orig_in=m.orig, orig_out=wd.shape[0], side="in"), kept, **kw)
-        with torch.no_grad():
-            for lin, (w, b) in ((up, m.up), (down, m.down)):
-                lin.weight.copy_(w)
-                if b is not None:
-                    lin.bias.copy_(b)
         old_up, old_down = get_path(v.layer, v.spec.up), v.down_module()
-        return [(v.spec.up, up.train(old_up.training)), (v.spec.down, down.train(old_down.training))]
+        return [(v.spec.up, _narrowed(m.up, m.orig, kept, "out", kw).train(old_up.training)),
+                (v.spec.down, _narrowed(m.down, m.orig, kept, "in", kw).train(old_down.training))]
+
+    def _adapted_mlp(self, kw) -> list[tuple[str, nn.Module]]:
+        """A gated MLP with a fused [gate | up] projection and per-use low-rank adapters added to its output
+        (Zamba2's shared MLP, `ArchSpec.mlp_adapters`): gate_up, the output linear of every adapter and down become
+        narrower linears in place (the kept neurons' rows of each half, and their columns of down), so the MLP's own
+        forward keeps running and picks the adapter of the layer it runs in."""
+        m, v, s = self.mlp, self.view, self.view.spec
+        kept = m.kept.tolist()
+        rows = kept + [m.orig + k for k in kept]                  # the kept neurons in [gate | up]
+        (wg, bg), (wu, bu) = m.gate, m.up
+        fused = (torch.cat([wg, wu]), None if bu is None else torch.cat([bg, bu]))     # (2r, d_m)
+        old_gu, old_down = get_path(v.mlp, s.gate_up), v.down_module()
+        swaps = [(f"{v.mlp_path}.{s.gate_up}", _narrowed(fused, 2 * m.orig, rows, "out", kw).train(old_gu.training)),
+                 (f"{v.mlp_path}.{s.down}", _narrowed(m.down, m.orig, kept, "in", kw).train(old_down.training))]
+        for i, ad in enumerate(get_path(v.mlp, s.mlp_adapters)):
+            if isinstance(ad, nn.Identity):                       # a slot of another shared block
+                continue
+            out = ad[-1] if isinstance(ad, nn.Sequential) and len(ad) else None
+            if type(out) is not nn.Linear or out.out_features != 2 * m.orig:
+                raise UnsupportedModelError(f"{v.mlp_path}.{s.mlp_adapters}.{i}: an adapter must be Identity or a "
+                                            f"Sequential ending in an nn.Linear with {2 * m.orig} outputs, got {ad}")
+            w, b = out.weight.detach().double()[rows], None if out.bias is None else out.bias.detach().double()[rows]
+            swaps.append((f"{v.mlp_path}.{s.mlp_adapters}.{i}.{len(ad) - 1}",
+                          _narrowed((w, b), 2 * m.orig, rows, "out", kw).train(out.training)))
+        return swaps
+
+
+def _narrowed(wb: tuple[Tensor, Tensor | None], orig: int, kept: list[int], side: str, kw) -> NarrowLinear:
+    """A NarrowLinear holding weight (out, in) and bias `wb`, cut from a linear whose `side` was `orig` wide."""
+    w, b = wb
+    out_f, in_f = w.shape
+    lin = NarrowLinear(NarrowConfig(in_features=in_f, out_features=out_f, bias=b is not None,
+                                    orig_in=orig if side == "in" else in_f, orig_out=orig if side == "out" else out_f,
+                                    side=side), kept, **kw)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin
 
 
 def _temperature_args(v: LayerView) -> dict:

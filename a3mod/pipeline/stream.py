@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from ..arch import get_path, layer_views, set_child, spec_for
+from ..arch import get_path, layer_views, set_child, shared_groups, spec_for
 from ..arch.capture import layer_calls, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording
@@ -132,6 +132,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     auto = None if gguf is not None else recorded_dtype(src)          # a GGUF stores the compute dtype, as `save`
     skel.a3mod_source_dtype = auto if save_dtype == "auto" else as_dtype(save_dtype)
     views = layer_views(skel)
+    _refuse_shared(skel, views)
     passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
     preflight(passes, views)
     run = StreamRun(skel, gguf or src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
@@ -176,6 +177,15 @@ class StreamRun:
     nonlayer: list = field(default_factory=list)      # (key, tensor) outside the decoder layers, written as is
     aliases: dict = field(default_factory=dict)
     layers_at: int = 0
+
+
+def _refuse_shared(skel: nn.Module, views) -> None:
+    """UnsupportedModelError for a model whose layers share blocks (Zamba2): each is solved from all its uses."""
+    if shared_groups(views):
+        raise UnsupportedModelError(
+            f"{type(skel).__name__}: layers {shared_groups(views)} run one shared block each, which is solved from "
+            f"the statistics of all its uses; streaming holds one layer at a time: compress it in memory "
+            f"(a3mod.apply, or `a3mod compress` without --stream)")
 
 
 def _open(run: StreamRun) -> int:

@@ -78,7 +78,7 @@ def _unused(view: LayerView, mlp: bool) -> list[str]:
     if mlp and (not s.mlp or view.mlp is None):
         return []
     root = view.mlp if mlp else view.attn
-    used = [s.gate, s.up, s.down, s.gate_up] if mlp else [
+    used = [s.gate, s.up, s.down, s.gate_up, s.mlp_adapters] if mlp else [
         s.q, s.k, s.v, s.qkv, None if s.o_from_layer else s.o, *(s.qk_norm_names if s.qk_norm else ()), s.sinks,
         s.attn_gate if s.attn_gate != "q" else None, s.attn_gate_bias]
     used = [u for u in used if u]

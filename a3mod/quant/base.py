@@ -117,10 +117,13 @@ def quant_swaps(cfg, views: list[LayerView], swaps: list, progress: bool = True)
         problem = h.check(cfg, in_f, out_f)
         if problem:
             raise QuantizationError(f"{cfg}: layer {i} {p} (weight {out_f} x {in_f}): {problem}")
-    out = []
+    out, made = [], {}          # a linear several layers share (a tied shared block) is quantized once, kept shared
     with torch.no_grad():
         for i, p, m in tqdm(targets, desc="quantizing", disable=not progress, unit="linear"):
-            q = h.quantize(cfg, as_linear(m))
+            if id(m) in made:
+                out.append((i, p, made[id(m)]))
+                continue
+            q = made[id(m)] = h.quantize(cfg, as_linear(m))
             q.train(m.training)
             q.a3mod_quant = cfg
             if hasattr(m, "narrow_info"):        # a NarrowLinear (OPT/BERT MLP, BERT o): remembered for save/load
