@@ -118,7 +118,10 @@ NOT_DISCOVERED = {"bloom": "scores come from alibi.baddbmm(q, k), which discover
                   "deepseek_v4": "its compressed sparse attention is kept whole by design; the indexer's top-k and "
                                  "the compressor's entries are not one graph of attention (tests/test_families_2026.py)",
                   "nemotron_h": "one mixer per layer at one path (attention, MLP or Mamba-2): no single layer shows "
-                                "both roles (tests/test_hybrid.py checks the adapter)"}
+                                "both roles (tests/test_hybrid.py checks the adapter)",
+                  "zamba2": "the shared block's q/k/v each sum a projection and a per-use adapter, and its MLP's "
+                            "gate/up output adds one: no single projection per role (tests/test_zamba2.py checks the "
+                            "adapter)"}
 
 
 def test_every_adapted_family_is_checked():
