@@ -7,6 +7,7 @@ running any layer) and ASVD's rank search (replay recorded layer outputs instead
     with recording_inputs(layers, wanted) as calls: run_until_stopped(model, ids)   # beside other hooks
     with replaying(layers, outputs, upto=3): model(ids)             # layers 0..2 return their recorded outputs
     args, kw = with_hidden(layer_calls(model, layers, ids)[i], h); layers[i](*args, **kw)     # layer i on h
+    through_layer(layers[i], i, {shape: calls}, [shape] * n, get, put)                # every window through it
 """
 from __future__ import annotations
 
@@ -123,3 +124,16 @@ def with_hidden(call: tuple[tuple, dict], h: Tensor | None) -> tuple[tuple, dict
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
+
+
+def through_layer(layer: nn.Module, i: int, calls: dict, shapes: list, get, put=None, device=None) -> None:
+    """Run calibration window b (for each b, shape in `shapes`) through `layer` (layer i): its hidden states get(b),
+    its other arguments the ones captured for windows of that shape (`calls[shape][i]`); put(b, hidden states out),
+    moved to the CPU, unless put is None. Streaming and `apply`'s layer-by-layer schedule both step this way."""
+    for b, shape in enumerate(shapes):
+        h = get(b)
+        args, kw = with_hidden(calls[shape][i], h if device is None else h.to(device))
+        y = layer(*args, **kw)
+        if put is not None:
+            put(b, (y[0] if isinstance(y, tuple) else y).to("cpu"))
+

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..arch import get_path
-from ..arch.capture import layer_calls, layer_inputs, with_hidden
+from ..arch.capture import layer_calls, layer_inputs, through_layer, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording, vocab_size
 from ..passes.a3 import build_layer
@@ -137,8 +137,5 @@ def _run_layer(layer: nn.Module, view, calls: dict, shapes: list, hidden: list[T
     nxt = []
     device = next(layer.parameters()).device
     with recording([] if view.left or not kinds else [view], sorted(kinds)) as accs:
-        for h, shape in zip(hidden, shapes):
-            args, kw = with_hidden(calls[shape][view.index], h.to(device))
-            y = layer(*args, **kw)
-            nxt.append((y[0] if isinstance(y, tuple) else y).to("cpu"))
+        through_layer(layer, view.index, calls, shapes, hidden.__getitem__, lambda b, y: nxt.append(y), device)
     return nxt, (accs[0] if accs else {})

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from ..arch import get_path, layer_views, set_child, shared_groups, spec_for
-from ..arch.capture import layer_calls, with_hidden
+from ..arch.capture import layer_calls, through_layer, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, recording
 from ..errors import A3ModError, UnsupportedModelError
@@ -311,11 +311,8 @@ def _one_layer(run: StreamRun, i: int) -> None:
 def _forward(run: StreamRun, i: int, layer: nn.Module, keep: bool) -> None:
     """Run every calibration batch through `layer` (layer i) from its stored inputs; keep: store the outputs as
     layer i+1's inputs."""
-    for b, ids in enumerate(run.batches):
-        args, kw = with_hidden(run.calls[tuple(ids.shape)][i], run.store.get(i, b).to(run.device))
-        h = layer(*args, **kw)
-        if keep:
-            run.store.put(i + 1, b, (h[0] if isinstance(h, tuple) else h).to("cpu"))
+    through_layer(layer, i, run.calls, [tuple(ids.shape) for ids in run.batches], lambda b: run.store.get(i, b),
+                  (lambda b, h: run.store.put(i + 1, b, h)) if keep else None, run.device)
 
 
 def _source_entry(run: StreamRun, key: str, t: Tensor, store: torch.dtype | None) -> tuple:
