@@ -101,10 +101,12 @@ def test_full_rank_reproduces_the_model():
     assert torch.allclose(_logits(model, ids), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: a3mod.SVDLLM(ratio=0.2), lambda: a3mod.PlainSVD(ratio=0.2)])
-def test_baselines_refuse_a_shared_block_by_name(make):
-    """The baselines factor each layer's linears on their own: on a shared block that would untie it (a larger
-    model). A typed error naming the layers, before any work; the model is left as it was."""
+@pytest.mark.parametrize("make", [lambda: a3mod.SVDLLM(ratio=0.2), lambda: a3mod.PlainSVD(ratio=0.2),
+                                  lambda: a3mod.Allocate(budget=0.2)])
+def test_model_scope_passes_refuse_a_shared_block_by_name(make):
+    """The baselines factor each layer's linears on their own and Allocate picks each layer's dims: on a shared
+    block either would untie it (a larger model). A typed error naming the layers, before any work; the model is
+    left as it was."""
     model = tiny_zoo_model("zamba2")
     ref = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(a3mod.UnsupportedModelError, match=r"layers \[\[1, 4\]\] run one shared block"):

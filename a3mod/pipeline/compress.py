@@ -128,8 +128,8 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     groups = shared_groups(views)                # blocks several layers run (Zamba2): solved once, tie kept
     if groups and scope_of(passes[0]) == "model":
         raise UnsupportedModelError(
-            f"{type(model).__name__}: layers {groups} run one shared block each; {type(passes[0]).__name__} factors "
-            f"every layer's linears on its own and would untie them (a larger model): use the A3 passes")
+            f"{type(model).__name__}: layers {groups} run one shared block each; {type(passes[0]).__name__} reduces "
+            f"every layer on its own and would untie them (a larger model): use uniform A3 (a3mod.a3_passes)")
     if scope_of(passes[0]) == "layer":
         passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
         preflight(passes, views)                 # kept dims fit every layer, before any calibration
