@@ -11,7 +11,7 @@ import torch
 
 import a3mod
 from a3mod.arch import layer_views
-from a3mod.pipeline import compress, layerwise
+from a3mod.pipeline import compress, layerwise, steps
 
 from conftest import calib_ids, input_ids, logits, tiny_model
 from zoo import _ids, tiny_zoo_model
@@ -52,13 +52,13 @@ def test_layer_by_layer_gives_the_model_collecting_everything_first_gives(family
 def test_one_layers_statistics_at_a_time(monkeypatch):
     model = tiny_model("llama", kv_heads=2, layers=3)
     held = []
-    real = layerwise.build_layer
+    real = steps.build_layer
 
     def spy(m, view, passes, stats):
         held.append([i for i, d in enumerate(stats.layers) if d])
         return real(m, view, passes, stats)
 
-    monkeypatch.setattr(layerwise, "build_layer", spy)
+    monkeypatch.setattr(steps, "build_layer", spy)
     a3mod.apply(model, updating(0.3), calib=calib_ids(4, 16), progress=False)
     assert held == [[v.index] for v in layer_views(model)]
 
@@ -93,7 +93,7 @@ def test_models_whose_layers_cannot_be_replayed_one_by_one_fall_back(mtype):
 def test_a_failing_layer_restores_the_model(monkeypatch):
     model = tiny_model("llama", kv_heads=2)
     before = copy.deepcopy(model.state_dict())
-    real, seen = layerwise.build_layer, []
+    real, seen = steps.build_layer, []
 
     def fail_second(m, view, passes, stats):
         seen.append(view.index)
@@ -101,7 +101,7 @@ def test_a_failing_layer_restores_the_model(monkeypatch):
             raise RuntimeError("solver failed")
         return real(m, view, passes, stats)
 
-    monkeypatch.setattr(layerwise, "build_layer", fail_second)
+    monkeypatch.setattr(steps, "build_layer", fail_second)
     with pytest.raises(RuntimeError, match="solver failed"):
         a3mod.apply(model, updating(0.3), calib=calib_ids(4, 16), progress=False)
     after = model.state_dict()
@@ -123,13 +123,13 @@ def test_stats_of_a_kind_no_layer_has_count_as_collected():
 def test_svdllm_with_uniform_ranks_calibrates_layer_by_layer(p, monkeypatch):
     """SVD-LLM's per-linear Grams (18 GB for Qwen2.5-1.5B) are held one layer at a time: the same model."""
     model = tiny_model("llama", kv_heads=2, layers=3)
-    held, real = [], layerwise.run_pass
+    held, real = [], steps.run_pass
 
     def spy(cfg, ctx):
         held.append((sorted(ctx.layers), [i for i, d in enumerate(ctx.stats.layers) if d]))
         return real(cfg, ctx)
 
-    monkeypatch.setattr(layerwise, "run_pass", spy)
+    monkeypatch.setattr(steps, "run_pass", spy)
     a, b = both_schedules(model, [p], calib_ids(6, 16))
     assert held == [([i], [i]) for i in range(3)]
     ids = input_ids()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import a3mod
-from a3mod.pipeline import stream, workdir
+from a3mod.pipeline import steps, workdir
 from a3mod.errors import A3ModError, CheckpointError
 
 from conftest import calib_ids, input_ids, logits, tiny_model
@@ -141,8 +141,8 @@ def test_resume_continues_after_the_last_finished_layer(tmp_path, monkeypatch, o
     assert not (tmp_path / "out").exists()
     monkeypatch.setattr(workdir, "write_layer", write)
     built = []
-    build = stream.build_layer
-    monkeypatch.setattr(stream, "build_layer", lambda m, v, *a: built.append(v.index) or build(m, v, *a))
+    build = steps.build_layer
+    monkeypatch.setattr(steps, "build_layer", lambda m, v, *a: built.append(v.index) or build(m, v, *a))
     out = a3mod.compress_streaming(src, tmp_path / "out", passes, calib, **kw)
     assert built == [2]                                  # layers 0 and 1 were neither recalibrated nor solved
     assert_same_checkpoint(out, ref, rel=0.0)

@@ -9,7 +9,8 @@ calibration windows, one layer at a time, as streaming does:
 1. capture every layer's call arguments once per window shape and layer 0's hidden states for every window
    (`arch.capture.layer_calls`: the layers are not run);
 2. per layer: run every window through the original layer with the statistic hooks attached (`calib.recording`),
-   keep its outputs as the next layer's inputs, solve and build its compact modules (`passes.a3.build_layer`),
+   keep its outputs as the next layer's inputs, solve and build its compact modules (the steps
+   `pipeline.steps.collect_layer` / `solve_layer`, which streaming runs too),
    swap them in (logged in the undo log) and drop the layer's statistics.
 
 Peak: the model, the hidden states of the calibration windows (twice: inputs and outputs of one layer), and one
@@ -23,11 +24,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..arch import get_path
-from ..arch.capture import layer_calls, layer_inputs, through_layer, with_hidden
+from ..arch.capture import layer_calls, layer_inputs, with_hidden
 from ..calib import distributed
-from ..calib.stats import Stats, check_request, check_token_ids, recording, vocab_size
-from ..passes.a3 import build_layer
-from ..passes.base import PassContext, run_pass, scope_of
+from ..calib.stats import Stats, check_request, check_token_ids, vocab_size
+from .steps import collect_layer, solve_layer
 from .undo import UndoLog
 
 BIG_KINDS = frozenset({"gram", "hgram", "ogram"})        # per-layer Grams too large to hold for every layer at once
@@ -110,32 +110,19 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
             hidden, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
             if v.left:
                 continue
-            stats = Stats(n, [{} for _ in views])
-            stats.layers[v.index] = acc
-            stats.check(min_tokens=v.dims.head_dim + 1)
-            for path, new in _solve(model, views, v, passes, stats):
+            for path, new in solve_layer(model, views, v, passes, acc, n):
                 undo.swap(v.layer, path, new)
                 out.append((v.index, path, new))
-            del acc, stats            # this layer's Grams go before the next layer's are summed
+            del acc                   # this layer's Grams go before the next layer's are summed
     finally:
         model.train(was_training)
     return out, n
-
-
-def _solve(model: nn.Module, views, view, passes, stats: Stats) -> list[tuple[str, nn.Module]]:
-    """[(path, compact module)] of one layer: A3's layer-scope passes, or a model-scope pass that solves each layer
-    from its own statistics (SVD-LLM, plain SVD: `PassContext.layers`)."""
-    if scope_of(passes[0]) == "layer":
-        return build_layer(model, view, passes, stats)
-    ctx = PassContext(model=model, views=views, stats=stats, progress=False, layers=frozenset({view.index}))
-    return [(path, new) for _, path, new in run_pass(passes[0], ctx)]
 
 
 def _run_layer(layer: nn.Module, view, calls: dict, shapes: list, hidden: list[Tensor], kinds) -> tuple[list, dict]:
     """Every window's hidden states through original `layer` with the statistic hooks of `view` attached (none for
     a left layer): (the outputs, the statistic sums)."""
     nxt = []
-    device = next(layer.parameters()).device
-    with recording([] if view.left or not kinds else [view], sorted(kinds)) as accs:
-        through_layer(layer, view.index, calls, shapes, hidden.__getitem__, lambda b, y: nxt.append(y), device)
-    return nxt, (accs[0] if accs else {})
+    acc = collect_layer(layer, view, calls, shapes, hidden.__getitem__, lambda b, y: nxt.append(y), kinds,
+                        next(layer.parameters()).device)
+    return nxt, acc

@@ -44,7 +44,7 @@ from transformers import AutoConfig, GenerationConfig
 from ..arch import get_path, layer_views, set_child, shared_groups, spec_for
 from ..arch.capture import layer_calls, through_layer, with_hidden
 from ..calib import distributed
-from ..calib.stats import Stats, check_request, check_token_ids, recording
+from ..calib.stats import check_request, check_token_ids
 from ..errors import A3ModError, UnsupportedModelError
 from ..io import files, native, tensors
 from ..io.checkpoint import WEIGHTS, write_sidecar
@@ -53,11 +53,12 @@ from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file, meta_causal_lm
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
-from ..passes.a3 import build_layer, preflight
+from ..passes.a3 import preflight
 from ..passes.balance import balance
 from ..passes.base import check_passes, needs
 from ..report import linear_param_count
 from ..validate import boolean
+from .steps import collect_layer, solve_layer
 from .verify import check_layer, view_key
 from . import workdir
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
@@ -275,7 +276,8 @@ def _one_layer(run: StreamRun, i: int) -> None:
     layer of each structure is verified first (its full-rank rewrite on the first batch == the original).
     Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer)."""
     layer, prefix, store = _load_layer(run, i), f"{run.spec.layers}.{i}.", run.store
-    view = layer_views(run.skel)[i]
+    views = layer_views(run.skel)
+    view = views[i]
     key = view_key(view)
     if key not in run.verified and not view.left:
         first = with_hidden(run.calls[tuple(run.batches[0].shape)][i], store.get(i, 0).to(run.device))
@@ -283,17 +285,16 @@ def _one_layer(run: StreamRun, i: int) -> None:
         run.verified.add(key)
     orig = linear_param_count(layer)
     ahead = i + 1 < len(run.layers)
-    with recording([view], sorted({k for p in run.passes for k in needs(p)})) as (acc,):
-        _forward(run, i, layer, keep=ahead and not (run.sequential and not view.left))
+    keep = ahead and not (run.sequential and not view.left)
+    acc = collect_layer(layer, view, run.calls, [tuple(ids.shape) for ids in run.batches],
+                        lambda b: run.store.get(i, b), (lambda b, h: run.store.put(i + 1, b, h)) if keep else None,
+                        {k for p in run.passes for k in needs(p)}, run.device)
     n = distributed.all_reduce_stats([acc], run.n_local)
     meta = {"entry": None, "orig_layer_params": orig, "calib_tokens": n}
     if distributed.rank_world()[0] == distributed.owner(i) and view.left:     # a hybrid's mixer layer: as it is
         workdir.write_layer(run.work, i, layer, prefix, meta)
     elif distributed.rank_world()[0] == distributed.owner(i):
-        stats = Stats(n, [{} for _ in run.layers])
-        stats.layers[i] = acc
-        stats.check(min_tokens=view.dims.head_dim + 1)
-        swaps = build_layer(run.skel, view, run.passes, stats)
+        swaps = solve_layer(run.skel, views, view, run.passes, acc, n)
         old = [(path, get_path(layer, path)) for path, _ in swaps]
         for path, new in swaps:
             set_child(layer, path, new)
