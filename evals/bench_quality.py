@@ -27,6 +27,7 @@ from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, mod
                     read_jsonl, save_figure, update_readme)
 
 from a3mod.io.files import atomic_write  # noqa: E402
+from refit_seq import refit_sequential  # noqa: E402
 
 VARIANTS = {
     "a3": lambda r: a3mod.a3_passes(r),
@@ -60,9 +61,19 @@ SEQUENTIAL = {
 }
 
 
+# variants that re-fit o_proj and down_proj after A3 + both updates on the compressed model's own inputs (evals/
+# refit_seq.py; issue 32 item 3): value = whether the targets also carry the residual-stream drift
+REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift": True}
+
+
 def _a3(r: float, ov: dict | None = None, **mlp) -> list:
     """Uniform A3 at ratio r with options of the OV and MLP passes."""
     return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
+
+
+def _passes(name: str, r: float) -> list:
+    """The passes `apply` runs for variant `name` (none for the streamed ones: they collect their own statistics)."""
+    return VARIANTS["a3-ov-mlp-update" if name in REFIT else name](r) if name not in SEQUENTIAL else []
 
 
 def _commit() -> str:
@@ -112,12 +123,13 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                 _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, seed)
                 continue
             if stats is None:
-                kinds = {k for r in args.ratios for v in args.variants if v in VARIANTS for p in VARIANTS[v](r)
-                         for k in p.stat_kinds()}
+                kinds = {k for r in args.ratios for v in args.variants for p in _passes(v, r) for k in p.stat_kinds()}
                 stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
             m = copy.deepcopy(model)
             t = time.perf_counter()
-            a3mod.apply(m, VARIANTS[name](ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
+            a3mod.apply(m, _passes(name, ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
+            if name in REFIT:
+                refit_sequential(model, m, calib, drift=REFIT[name])
             _finish(m, name, ratio, time.perf_counter() - t, base, orig, ppl, out, done, key, label, seed)
 
 
@@ -173,7 +185,7 @@ def table(done: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SEQUENTIAL])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SEQUENTIAL, *REFIT])
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
