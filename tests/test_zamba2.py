@@ -138,3 +138,25 @@ def test_quantized_shared_block_stays_one_module_through_save_and_load(quant, tm
     assert _mlp(back, 1).down_proj is _mlp(back, 4).down_proj
     assert _mlp(back, 2).down_proj is not _mlp(back, 1).down_proj
     assert torch.equal(_logits(back, ids), ref)
+
+
+def test_cli_compresses_zamba2_and_refuses_streaming_it(tmp_path, capsys):
+    """`a3mod compress` on a Zamba2 folder: the report lists the shared block and the checkpoint loads tied;
+    `--stream` is refused with one `a3mod: error:` line naming the layers, nothing written."""
+    from a3mod.cli import main
+    from conftest import make_tokenizer, write_text
+
+    src, text = tmp_path / "zamba2", write_text(tmp_path / "corpus.txt")
+    tiny_zoo_model("zamba2").save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    common = ["compress", "--model", str(src), "--ratio", "0.3", "--calib", text, "--n-samples", "4",
+              "--calib-seq-len", "16", "--no-eval"]
+    assert main([*common, "--out", str(tmp_path / "out")]) == 0
+    assert "layers [1, 4] run one shared block" in capsys.readouterr().out
+    back = a3mod.load(tmp_path / "out")
+    assert _mlp(back, 1).down_proj is _mlp(back, 4).down_proj
+    assert main([*common, "--stream", "--out", str(tmp_path / "streamed")]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("a3mod: error:"))
+    assert "layers [[1, 4]] run one shared block" in line
+    assert "Traceback" not in err and not (tmp_path / "streamed").exists()
