@@ -41,7 +41,8 @@ def heal(model: nn.Module, teacher: nn.Module, calib: Tensor, steps: int = 100, 
     steps = integer("heal", "steps", steps)
     batch_size = integer("heal", "batch_size", batch_size)
     lr = number("heal", "lr", lr, 0.0, 1.0, lo_open=True, hi_open=True)
-    temperature = number("heal", "temperature", temperature, 0.0, lo_open=True)
+    temperature = number("heal", "temperature", temperature, 0.01, 100.0,
+                         what="the softening of both distributions; the loss is scaled by its square")
     weight_decay = number("heal", "weight_decay", weight_decay, 0.0)
     _check_models(model, teacher, calib)
     params = _layer_params(model)

@@ -496,6 +496,7 @@ def test_prober_replay_equals_full_forward(family):
     (lambda: ASVD(ratio=1.2), a3mod.RatioError, "1.2"),
     (lambda: ASVD(ratio=-0.1), a3mod.RatioError, "-0.1"),
     (lambda: ASVD(alpha=-0.5, ratio=0.2), a3mod.A3ModError, "-0.5"),
+    (lambda: ASVD(alpha=200.0, ratio=0.2), a3mod.A3ModError, "alpha=200.0 is outside"),   # scales under/overflow
     (lambda: ASVD(kv_ratio=1.0), a3mod.RatioError, "kv_ratio=1.0"),
     (lambda: ASVD(kv_ratio=0.0), a3mod.RatioError, "kv_ratio=0.0"),
     (lambda: ASVD(ratio=0.2, kv_ratio=0.5), a3mod.RatioError, "kv_ratio"),

@@ -38,11 +38,20 @@ def test_a3mods_own_extra_files_are_replaced(tmp_path, model):
 
 
 @pytest.mark.parametrize("name", ["../x", "/tmp/x", "sub/x", ".hidden", "a3mod.json", "model.safetensors",
-                                  "config.json", "", "..", "a\\b"])
+                                  "config.json", "", "..", "a\\b", "A3MOD.JSON", "Model.safetensors", "x" * 300])
 def test_extra_file_names_are_plain_and_not_a3mods(tmp_path, model, name):
     with pytest.raises(CheckpointError, match="extra file name"):
         a3mod.save(model, tmp_path / "ck", extra_files={name: "x"})
     assert list(tmp_path.iterdir()) == []                                      # nothing written anywhere
+
+
+@pytest.mark.parametrize("data", [None, 5, ["a"], bytearray(b"x"), "\ud800"])
+def test_extra_file_contents_are_text_or_bytes(tmp_path, model, data):
+    """A value that is not text or bytes (or text that cannot be written as UTF-8): a typed error naming the file,
+    before anything is written."""
+    with pytest.raises(CheckpointError, match="extra file 'notes.md': its content must be text"):
+        a3mod.save(model, tmp_path / "ck", extra_files={"notes.md": data})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_pretrained_of_a_quantized_model_never_replaces_a_folder(tmp_path):

@@ -77,6 +77,7 @@ def healing():
 
 @pytest.mark.parametrize("kw,needle", [({"steps": True}, "steps=True"), ({"steps": 2.0}, "steps=2.0"),
                                        ({"temperature": math.inf}, "temperature=inf"),
+                                       ({"temperature": 1e-30}, "temperature=1e-30"),
                                        ({"lr": math.nan}, "lr=nan"), ({"batch_size": 0}, "batch_size=0"),
                                        ({"weight_decay": -1.0}, "weight_decay=-1.0")])
 def test_heal_refuses_bad_numbers_before_any_step(healing, kw, needle):

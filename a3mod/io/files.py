@@ -142,16 +142,30 @@ def other_files(folder: Path) -> list[str]:
 
 
 def check_extra_names(names, reserved=()) -> None:
-    """Names of extra files written into a checkpoint folder: plain file names inside it, none a3mod writes itself
-    (`reserved`), none hidden. CheckpointError naming the first bad one."""
+    """Names of extra files written into a checkpoint folder: plain file names inside it (at most 200 bytes), none
+    a3mod writes itself (`reserved`, compared without case), none hidden; and, for a dict, each value text (UTF-8
+    encodable) or bytes. CheckpointError naming the first bad one."""
+    taken = {r.lower() for r in (*reserved, SIDECAR)}
     for n in names:
         ok = isinstance(n, str) and n and n == os.path.basename(n) and n not in (".", "..") and "\\" not in n \
-            and not n.startswith(".") and "\x00" not in n
+            and not n.startswith(".") and "\x00" not in n and len(n.encode("utf-8", "replace")) <= 200
         if not ok:
             raise CheckpointError(f"extra file name {n!r} must be a plain file name inside the checkpoint folder "
-                                  f"(no path, not hidden)")
-        if n in reserved or n == SIDECAR:
+                                  f"(no path, not hidden, at most 200 bytes)")
+        if n.lower() in taken:
             raise CheckpointError(f"extra file name {n!r} is a file a3mod writes itself; choose another name")
+        data = names[n] if isinstance(names, dict) else b""
+        if not isinstance(data, (str, bytes)) or (isinstance(data, str) and not _encodes(data)):
+            raise CheckpointError(f"extra file {n!r}: its content must be text (UTF-8 encodable) or bytes, got "
+                                  f"{type(data).__name__}")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:                   # a lone surrogate
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ locks
