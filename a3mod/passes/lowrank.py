@@ -112,8 +112,8 @@ class ASVD(PassConfig):
             check_ratio_rank("ASVD", self.ratio, self.rank)          # same checks as every other pass
         else:
             fraction("ASVD", "kv_ratio", self.kv_ratio, lo_open=True, what="the fraction of the KV cache removed")
-        number("ASVD", "alpha", self.alpha, 0.0, 10.0, what="the exponent of mean|x| in the scaling: 0 = plain SVD, 0.5 "
-               "= the paper's; above 10 the scales under- or overflow float64 on real activations")
+        number("ASVD", "alpha", self.alpha, 0.0, 10.0, what="the exponent of mean|x| in the scaling: 0 = plain SVD, "
+               "0.5 = the paper's; above 10 the scales under- or overflow float64 on real activations")
         integer("ASVD", "probe_samples", self.probe_samples, 1)
         integer("ASVD", "probe_seq_len", self.probe_seq_len, 2)
         boolean("ASVD", "rank_search", self.rank_search)
