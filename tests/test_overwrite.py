@@ -61,9 +61,13 @@ def test_save_pretrained_of_a_quantized_model_never_replaces_a_folder(tmp_path):
                     progress=False)
     q.save_pretrained(tmp_path / "q")
     (tmp_path / "q" / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="exists"):
+    with pytest.raises(CheckpointError, match="exists") as e:
         q.save_pretrained(tmp_path / "q")
+    assert "overwrite=True)" in str(e.value) and "a3mod.save" in str(e.value)    # an option that exists
     assert (tmp_path / "q" / "notes.txt").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="max_shard_size"):                # not silently dropped
+        q.save_pretrained(tmp_path / "q2", max_shard_size="1MB")
+    assert not (tmp_path / "q2").exists()
 
 
 def test_cli_overwrite_keeps_other_files_only_when_asked(tmp_path, capsys):

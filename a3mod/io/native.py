@@ -146,7 +146,16 @@ class _NativeModel:
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
-            return SEALED["save"](self, save_directory)        # never replaces a folder on its own
+            ignored = sorted(k for k in kwargs if k not in ("is_main_process", "state_dict", "safe_serialization"))
+            if args or ignored:
+                raise CheckpointError(f"save_pretrained of a quantized a3mod model writes a3mod's own folder and takes "
+                                      f"no other options (got {ignored or list(args)}); use a3mod.save(model, folder, "
+                                      f"overwrite=...) to choose more")
+            if Path(save_directory).exists():
+                raise CheckpointError(f"{str(save_directory)!r} exists: save_pretrained of a quantized a3mod model "
+                                      f"never replaces a folder; remove it, or use a3mod.save(model, folder, "
+                                      f"overwrite=True)")
+            return SEALED["save"](self, save_directory)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
