@@ -65,6 +65,21 @@ def test_nan_weights_are_refused(tmp_path, model):
         AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("key,dtype", [("model.layers.0.mlp.down_proj.weight", torch.int32),
+                                       ("model.layers.0.self_attn.rope_index", torch.float32)])
+def test_a_tensor_stored_as_the_wrong_kind_is_refused(tmp_path, model, key, dtype):
+    """Integers where the model holds floating-point values (or the other way round): transformers would cast them
+    silently; both loaders refuse, naming the tensor."""
+    model.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(f))
+    sd[key] = sd[key].to(dtype)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for load in (AutoModelForCausalLM.from_pretrained, a3mod.load):
+        with pytest.raises(CheckpointError, match=f"{key}.* is stored as {dtype}"):
+            load(tmp_path / "hf")
+
+
 def test_loading_info_still_returned_when_asked(tmp_path, model):
     model.save_pretrained(tmp_path / "hf")
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)

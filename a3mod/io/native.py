@@ -188,7 +188,22 @@ class _NativeModel:
         rebuild_nonpersistent(model)
         check_indices(model)
         check_finite_weights(model, pretrained_model_name_or_path)
+        if folder.is_dir():
+            check_stored_kinds(folder, model)
         return (model, info) if asked else model
+
+
+def check_stored_kinds(folder: Path, model: nn.Module) -> None:
+    """CheckpointError when a tensor of the folder's safetensors files is stored as integers (or bool) where the
+    model holds floating-point values, or the other way round: transformers casts it silently (a corrupted or edited
+    file). Widths may differ (weights kept in float32 beside bf16 ones)."""
+    floating = {k: t.is_floating_point() for k, t in model.state_dict().items()}
+    for f in sorted(folder.glob("*.safetensors")):
+        for key, dt, _, _ in tensors.file_plan(f):
+            if key in floating and floating[key] != dt.is_floating_point:
+                raise CheckpointError(f"{key!r} is stored as {dt} in {f.name}, where the model holds "
+                                      f"{'floating-point' if floating[key] else 'integer'} values (a corrupted or "
+                                      f"edited weights file)")
 
 
 def check_finite_weights(model: nn.Module, where) -> None:
