@@ -11,7 +11,8 @@ load (GGUF dequantized block by block), compress in memory (a3mod.apply with cal
 peak RSS = that process's VmHWM (imports and the evaluation included). The "original" row times one forward pass
 of the calibration windows through the model body: compression time is reported as a multiple of it. Finished
 runs are appended to evals/results/real_runs.jsonl and skipped when found there (resumable; --rerun measures them
-again); the table goes to evals/results/real.{json,md,png} and, with --update-readme, between the README's
+again); ASVD's sensitivity table is checkpointed row by row into the cache, so a killed ASVD run resumes where it
+stopped (its row then says "resumed" and its time covers the resumed part only); the table goes to evals/results/real.{json,md,png} and, with --update-readme, between the README's
 `<!-- real-results -->` markers.
 """
 from __future__ import annotations
@@ -47,14 +48,39 @@ def worker(args) -> None:
     else:
         passes = recipes.passes(args.method, args.ratio, probe_samples=1, probe_seq_len=256)
         t = time.perf_counter()
-        a3mod.apply(model, passes, calib=calib, progress=False)
+        stats = _resumable_stats(model, calib, passes, args) if args.method == "asvd" else None
+        if stats is not None and stats.saved_at == 0.0:
+            res["resumed"] = True             # the sensitivity rows an interrupted run saved: its time not counted
+        a3mod.apply(model, passes, calib=calib, stats=stats, progress=False)
         res["compress_s"] = time.perf_counter() - t
+        if stats is not None:
+            stats.save(stats.autosave)        # the whole table: a --rerun reuses it (and says "resumed")
     rep = a3mod.report(model, context=args.seq_len)
     ids = a3mod.eval_tokens(tok, "wikitext2-test")
     res.update(ppl=a3mod.perplexity(model, ids, seq_len=args.seq_len, max_windows=args.eval_windows)["ppl"],
                ratio=rep.ratio, params=rep.params, kv_bytes_per_token=rep.kv_bytes_per_token(),
                peak_rss_mib=vm_hwm_mib())
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def _resumable_stats(model, calib, passes, args):
+    """ASVD's statistics in a file of the cache (`a3mod.paths.cache_dir()`), its sensitivity table checkpointed
+    there row by row (`Stats.autosave`): a run killed part way (hours on the 1.5B model) resumes from the rows it
+    probed. A fresh file is collected and saved first; one left by an interrupted run is loaded (its
+    `saved_at` is 0 then)."""
+    import a3mod
+    from a3mod.paths import cache_dir
+
+    n, seq = calib.shape
+    path = cache_dir() / f"bench-real-{Path(args.src).stem}-{args.method}-{n}x{seq}-seed{args.seed}.safetensors"
+    if path.is_file():
+        stats = a3mod.Stats.load(path)
+    else:
+        stats = a3mod.collect(model, calib, kinds=sorted({k for p in passes for k in p.stat_kinds()}), progress=False)
+        stats.save(path)
+        stats.saved_at = time.monotonic()
+    stats.autosave = path
+    return stats
 
 
 def run(src: str, method: str, ratio: float, args) -> dict:

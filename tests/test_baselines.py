@@ -440,6 +440,41 @@ def test_threshold_search_properties(table, data):
         threshold_search(ppl, saved, best + 1)
 
 
+def test_an_interrupted_sensitivity_search_resumes_from_its_saved_rows(tmp_path, monkeypatch):
+    """With `Stats.autosave` set, the sensitivity table is checkpointed row by row; a run killed part way leaves a
+    statistics file a second run resumes from: it probes only the remaining rows and compresses bit for bit as an
+    uninterrupted run does."""
+    calib, base, p = calib_ids(8, 32), model64("qwen2"), ASVD(ratio=0.2, **PROBE)
+    key, path = "asvd:params:alpha=0.5:probe=2x16", tmp_path / "stats.safetensors"
+    ref_stats = a3mod.collect(base, calib, kinds=("absmean",), progress=False)
+    ref = compress(copy.deepcopy(base), p, calib=calib, stats=ref_stats)
+    save_every_row = a3mod.Stats.checkpoint
+    monkeypatch.setattr(a3mod.Stats, "checkpoint", lambda self, every_s=0.0: save_every_row(self, 0.0))
+    probes, real = [], Prober.nll_from
+
+    def killed_at_probe_14(self, first):
+        probes.append(first)
+        if len(probes) == 14:
+            raise KeyboardInterrupt
+        return real(self, first)
+    monkeypatch.setattr(Prober, "nll_from", killed_at_probe_14)
+    stats = a3mod.collect(base, calib, kinds=("absmean",), progress=False)
+    stats.autosave = path
+    model = copy.deepcopy(base)
+    with pytest.raises(KeyboardInterrupt):
+        a3mod.apply(model, [p], stats=stats, calib=calib, progress=False)
+    saved = a3mod.Stats.load(path)
+    assert int(saved.extra[key + ":done"][0]) == 2                     # 6 candidates a row: rows 0 and 1 kept
+    assert torch.equal(saved.extra[key][:2], ref_stats.extra[key][:2])
+    probes.clear()
+    monkeypatch.setattr(Prober, "nll_from", lambda self, first: probes.append(first) or real(self, first))
+    resumed = a3mod.apply(model, [p], stats=saved, calib=calib, progress=False)
+    assert len(probes) == (len(targets_of(layer_views(base), kv=False)) - 2) * 6
+    assert torch.equal(saved.extra[key], ref_stats.extra[key]) and key + ":done" not in saved.extra
+    s1, s2 = ref.state_dict(), resumed.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 def test_sensitivity_table_is_cached_in_stats(tmp_path, monkeypatch):
     calib = calib_ids(8, 32)
     base = model64("qwen2")

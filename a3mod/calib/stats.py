@@ -25,6 +25,7 @@ import json
 import os
 import random
 import stat
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,6 +125,8 @@ class Stats:
     model: str | None = None                                   # model_fingerprint of the model collected on
     calib: dict | None = None                                  # tokens_fingerprint of the calibration ids
     source: dict = field(default_factory=dict)                 # free-form: seed, text source, sample counts
+    autosave: str | os.PathLike | None = field(default=None, repr=False, compare=False)   # checkpoint()'s file
+    saved_at: float = field(default=0.0, repr=False, compare=False)
 
     @property
     def kinds(self) -> set[str]:
@@ -201,6 +204,14 @@ class Stats:
                 **({"source": json.dumps(self.source, sort_keys=True)} if self.source else {})}
         meta["sha256"] = _stats_digest(flat, meta)
         atomic_write(p, save(flat, metadata=meta))
+
+    def checkpoint(self, every_s: float = 300.0) -> None:
+        """Save to `autosave` (when set) if `every_s` seconds passed since the last checkpoint, so a long derived
+        table (ASVD's sensitivity, filled row by row) survives an interrupted run: a run given the saved file
+        resumes from the rows it holds."""
+        if self.autosave is not None and time.monotonic() - self.saved_at >= every_s:
+            self.save(self.autosave)
+            self.saved_at = time.monotonic()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Stats":

@@ -118,16 +118,22 @@ def _candidate_ranks(t: Target, kv: bool) -> list[int]:
 
 
 @torch.no_grad()
-def sensitivity(model, views, targets, scale_fn, ids, kv: bool, progress: bool) -> torch.Tensor:
-    """ppl[t, j]: calibration perplexity with only target t truncated to its j-th candidate rank."""
+def sensitivity(model, views, targets, scale_fn, ids, kv: bool, progress: bool, table: torch.Tensor | None = None,
+                start: int = 0, on_row=None) -> torch.Tensor:
+    """ppl[t, j]: calibration perplexity with only target t truncated to its j-th candidate rank. Resuming: `table`
+    with its rows before `start` filled; on_row(t) after row t is."""
     layers = get_path(model, views[0].spec.layers)
     was_training = model.training
     model.eval()
     try:
         prober = Prober(model, layers, ids)
-        table = torch.empty(len(targets), len(_candidate_ranks(targets[0], kv)), dtype=torch.float64)
-        bar = tqdm(total=table.numel(), desc="ASVD sensitivity", disable=not progress, unit="probe")
+        if table is None:
+            table = torch.empty(len(targets), len(_candidate_ranks(targets[0], kv)), dtype=torch.float64)
+        bar = tqdm(total=table.numel(), initial=start * table.shape[1], desc="ASVD sensitivity",
+                   disable=not progress, unit="probe")
         for ti, t in enumerate(targets):
+            if ti < start:
+                continue
             v = views[t.layer]
             mod = get_path(v.layer, t.path)
             w_full, _ = linear_params(mod, v.spec.conv1d)
@@ -142,6 +148,8 @@ def sensitivity(model, views, targets, scale_fn, ids, kv: bool, progress: bool) 
                     bar.update()
             finally:
                 _set_rows(mod, t.rows, w, v.spec.conv1d)
+            if on_row is not None:
+                on_row(ti)
         bar.close()
     finally:
         model.train(was_training)
@@ -178,16 +186,7 @@ def asvd_ranks(cfg, model, views, targets, scale_fn, stats, calib, progress) -> 
     """Per-target ranks from ASVD's sensitivity search (budget: params for ratio=, cache size for kv_ratio=)."""
     kv = cfg.kv_ratio is not None
     key = f"asvd:{'kv' if kv else 'params'}:alpha={cfg.alpha:g}:probe={cfg.probe_samples}x{cfg.probe_seq_len}"
-    table = stats.extra.get(key)
-    if table is None or table.shape[0] != len(targets):
-        if calib is None:
-            raise CalibrationError("ASVD rank_search probes calibration perplexity: pass calib= (token ids) too, "
-                                   "or rank_search=False")
-        ids = calib[: cfg.probe_samples, : cfg.probe_seq_len].to(next(model.parameters()).device)
-        t0 = time.perf_counter()
-        table = sensitivity(model, views, targets, scale_fn, ids, kv, progress)
-        stats.extra[key] = table
-        stats.extra[key + ":seconds"] = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    table = _sensitivity_table(cfg, key, model, views, targets, scale_fn, stats, calib, kv, progress)
     cands = [_candidate_ranks(t, kv) for t in targets]
     cost = [(1 if kv else t.out_f + t.in_f) for t in targets]           # budget units per rank
     full = [(t.out_f if kv else None) for t in targets]
@@ -208,3 +207,31 @@ def asvd_ranks(cfg, model, views, targets, scale_fn, stats, calib, progress) -> 
         ranks[t] += add
         slack -= add * cost[t]
     return ranks                     # None: the target stays dense (params mode only)
+
+
+def _sensitivity_table(cfg, key, model, views, targets, scale_fn, stats, calib, kv, progress) -> torch.Tensor:
+    """ASVD's sensitivity table from `stats.extra[key]`, else probed; a table an interrupted run left part way
+    (`key:done` rows, saved by `Stats.checkpoint` when the stats have an `autosave` file) is resumed."""
+    table, done = stats.extra.get(key), stats.extra.get(key + ":done")
+    if table is not None and table.shape[0] == len(targets) and done is None:
+        return table
+    start = int(done[0]) if table is not None and table.shape[0] == len(targets) and done is not None else 0
+    start = start if 0 <= start <= len(targets) else 0          # a damaged record: probe everything again
+    if calib is None:
+        raise CalibrationError("ASVD rank_search probes calibration perplexity: pass calib= (token ids) too, "
+                               "or rank_search=False")
+    ids = calib[: cfg.probe_samples, : cfg.probe_seq_len].to(next(model.parameters()).device)
+    table = table.clone() if start else torch.empty(len(targets), len(_candidate_ranks(targets[0], kv)),
+                                                    dtype=torch.float64)
+    t0 = time.perf_counter()
+
+    def on_row(ti: int) -> None:                 # rows 0..ti are filled: what a resumed run starts from
+        stats.extra[key], stats.extra[key + ":done"] = table, torch.tensor([ti + 1])
+        stats.checkpoint()
+
+    sensitivity(model, views, targets, scale_fn, ids, kv, progress, table, start, on_row)     # fills `table`
+    stats.extra.pop(key + ":done", None)
+    stats.extra[key] = table
+    stats.extra[key + ":seconds"] = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    return table
+
