@@ -85,7 +85,8 @@ def test_the_update_fits_the_gram_of_every_use():
     model, cfg = tiny_zoo_model("zamba2"), a3mod.A3MLP(ratio=0.3, update=True)
     h = _down_inputs(model, [1, 4])
     w_down = _mlp(model, 1).down_proj.weight.detach().double()          # (d_m, I)
-    a3mod.apply(model, [cfg], calib=CALIB, progress=False)
+    with pytest.warns(UserWarning, match=r"run shared blocks.*\['hgram'\] statistics are collected in one forward"):
+        a3mod.apply(model, [cfg], calib=CALIB, progress=False)
     down = _mlp(model, 1).down_proj
     assert down is _mlp(model, 4).down_proj
     kept = torch.tensor(down.kept)
@@ -160,3 +161,33 @@ def test_cli_compresses_zamba2_and_refuses_streaming_it(tmp_path, capsys):
     line = next(x for x in err.splitlines() if x.startswith("a3mod: error:"))
     assert "layers [[1, 4]] run one shared block" in line
     assert "Traceback" not in err and not (tmp_path / "streamed").exists()
+
+
+def test_a_rolled_back_compression_keeps_the_block_tied(monkeypatch):
+    """An error after the swaps (here the final self-check) puts every module back; with the undo log spilling to
+    disk (budget 0) a tied block's tensors must come back as one tensor, not one copy per layer."""
+    from a3mod.pipeline import compress
+
+    monkeypatch.setenv("A3MOD_UNDO_MEMORY", "0")
+    model = tiny_zoo_model("zamba2")
+    before, ref = _unique_params(model), _logits(model, _ids(2, 12, 0))
+
+    def fails(*a, **k):
+        raise a3mod.A3ModError("the self-check failed")
+    monkeypatch.setattr(compress, "_self_check", fails)
+    with pytest.raises(a3mod.A3ModError, match="self-check failed"):
+        a3mod.apply(model, [a3mod.A3MLP(ratio=0.3)], calib=CALIB, progress=False)
+    assert _mlp(model, 1).gate_up_proj.weight is _mlp(model, 4).gate_up_proj.weight
+    assert _unique_params(model) == before and torch.equal(_logits(model, _ids(2, 12, 0)), ref)
+
+
+def test_quantization_alone_quantizes_a_tied_linear_once():
+    """Tied weights in separate modules (an uncompressed Zamba2, or the adapters' first linears after A3): one
+    quantized module serves every layer using it."""
+    pytest.importorskip("hqq")
+    model = tiny_zoo_model("zamba2")
+    a3mod.apply(model, [a3mod.HQQ(group_size=8)], progress=False)
+    assert _mlp(model, 1).down_proj is _mlp(model, 4).down_proj
+    model = tiny_zoo_model("zamba2")
+    a3mod.apply(model, a3mod.a3_passes(0.3) + [a3mod.HQQ(group_size=8)], calib=CALIB, progress=False)
+    assert _mlp(model, 1).gate_up_proj_adapter_list[0][0] is _mlp(model, 4).gate_up_proj_adapter_list[0][0]

@@ -381,19 +381,35 @@ def active(views: list[LayerView]) -> list[LayerView]:
 
 def shared_groups(views: list[LayerView]) -> list[list[int]]:
     """Layers that run one block with the same parameters (Zamba2's shared transformer blocks, tied across the
-    layers that use them): the indices of each block's uses, when it has several. They are solved once, from the
-    statistics of all their uses, and then hold the same compact modules (the tie stays)."""
+    layers that use them): the indices of each block's uses, when it has several (layers sharing any parameter of
+    their attention / MLP are one group). They are solved once, from the statistics of all their uses, and then
+    hold the same compact modules (the tie stays)."""
+    def params(v):
+        return [p for m in (v.mlp, None if v.mixer else v.attn) if m is not None for p in m.parameters()]
+
+    root: dict[int, int] = {}
+    owner: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+    for v in active(views):
+        root.setdefault(v.index, v.index)
+        for p in params(v):
+            j = owner.setdefault(id(p), v.index)
+            root[find(v.index)] = find(j)
     by: dict[int, list[LayerView]] = {}
     for v in active(views):
-        params = [p for m in (v.mlp, None if v.mixer else v.attn) if m is not None for p in m.parameters()]
-        if params:
-            by.setdefault(id(params[0]), []).append(v)
+        by.setdefault(find(v.index), []).append(v)
     groups = [g for g in by.values() if len(g) > 1]
     for g in groups:
-        own = [{id(p) for m in (v.mlp, None if v.mixer else v.attn) if m is not None for p in m.parameters()}
-               for v in g]
+        own = [{id(p) for p in params(v)} for v in g]
         if any(o != own[0] for o in own):
             raise UnsupportedModelError(f"layers {[v.index for v in g]} share some but not all parameters of their "
                                         f"attention / MLP: a3mod reduces a block shared whole, or blocks of their own")
+        if any(v.attn is not None and not v.mixer for v in g):
+            raise UnsupportedModelError(f"layers {[v.index for v in g]} share their attention: a3mod's reduced "
+                                        f"attention holds its layer's index (the KV cache), so one module cannot "
+                                        f"serve several layers; only shared MLPs are reduced (the attention whole)")
     return [[v.index for v in g] for g in groups]
-

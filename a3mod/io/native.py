@@ -146,11 +146,13 @@ class _NativeModel:
     def save_pretrained(self, save_directory, *args, **kwargs):
         refresh(self)
         if "quant" in self.config.a3mod:      # library-quantized linears: a3mod's own format (see load_quantized)
-            ignored = sorted(k for k in kwargs if k not in ("is_main_process", "state_dict", "safe_serialization"))
-            if args or ignored:
+            if not kwargs.pop("is_main_process", True):     # another rank of a distributed run writes it
+                return None
+            kwargs.pop("safe_serialization", None)           # always safetensors
+            if args or kwargs:
                 raise CheckpointError(f"save_pretrained of a quantized a3mod model writes a3mod's own folder and takes "
-                                      f"no other options (got {ignored or list(args)}); use a3mod.save(model, folder, "
-                                      f"overwrite=...) to choose more")
+                                      f"no other options (got {sorted(kwargs) or list(args)}; transformers' "
+                                      f"push_to_hub passes some itself); use a3mod.save(model, folder, overwrite=...)")
             if Path(save_directory).exists():
                 raise CheckpointError(f"{str(save_directory)!r} exists: save_pretrained of a quantized a3mod model "
                                       f"never replaces a folder; remove it, or use a3mod.save(model, folder, "
@@ -199,7 +201,11 @@ def check_stored_kinds(folder: Path, model: nn.Module) -> None:
     file). Widths may differ (weights kept in float32 beside bf16 ones)."""
     floating = {k: t.is_floating_point() for k, t in model.state_dict().items()}
     for f in sorted(folder.glob("*.safetensors")):
-        for key, dt, _, _ in tensors.file_plan(f):
+        try:
+            plan = tensors.file_plan(f)
+        except KeyError as e:                 # a safetensors dtype torch has no name for here (F8_E8M0, ...)
+            raise CheckpointError(f"{f.name} stores a tensor in dtype {e}, which a3mod does not read") from None
+        for key, dt, _, _ in plan:
             if key in floating and floating[key] != dt.is_floating_point:
                 raise CheckpointError(f"{key!r} is stored as {dt} in {f.name}, where the model holds "
                                       f"{'floating-point' if floating[key] else 'integer'} values (a corrupted or "

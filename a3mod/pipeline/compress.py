@@ -138,7 +138,11 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
     passes = _resolve_first(model, views, passes, calib, stats, kinds, progress)
-    if not groups and layerwise.wanted(passes, kinds, calib, stats):
+    if groups and layerwise.wanted(passes, kinds, calib, stats):
+        warnings.warn(f"a3mod: layers {groups} of {type(model).__name__} run shared blocks, solved from all their "
+                      f"uses: every layer's {sorted(kinds & layerwise.BIG_KINDS)} statistics are collected in one "
+                      f"forward and held at once (not one layer at a time)", stacklevel=3)
+    elif layerwise.wanted(passes, kinds, calib, stats):
         if layerwise.replays(model, views, calib):
             swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
             return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}

@@ -38,11 +38,13 @@ def default_budget() -> int:
     return value
 
 
-def _own_tensors(old: nn.Module, root: nn.Module) -> dict[str, tuple[dict, str, torch.Tensor]]:
+def _own_tensors(old: nn.Module, root: nn.Module, held=frozenset()) -> dict[str, tuple[dict, str, torch.Tensor]]:
     """{name: (its module's parameter or buffer dict, key, tensor)} of every tensor that only `old` holds: none of a
-    submodule or tensor that `root` still reaches after the swap (a norm the new module took over, say)."""
+    submodule or tensor that `root` still reaches after the swap (a norm the new module took over, say), nor one in
+    `held` (ids of tensors an earlier logged module keeps in memory: a block tied across layers, spilled twice,
+    would come back as two copies)."""
     mods = {id(m) for m in root.modules()}
-    alive = {id(t) for t in [*root.parameters(), *root.buffers()]}
+    alive = {id(t) for t in [*root.parameters(), *root.buffers()]} | set(held)
     out = {}
     for name, mod in old.named_modules():
         if id(mod) in mods:
@@ -79,7 +81,8 @@ class UndoLog:
         """Put `new` at `path` in `layer`, logging the module it replaces."""
         old = get_path(layer, path)
         set_child(layer, path, new)
-        tensors = _own_tensors(old, self.root)
+        held = {id(t) for _, _, o, _ in self.entries for t in [*o.parameters(), *o.buffers()] if not t.is_meta}
+        tensors = _own_tensors(old, self.root, held)
         size = sum(t.numel() * t.element_size() for _, _, t in tensors.values())
         spill = None
         if self.kept + size > self.budget and size:

@@ -117,13 +117,14 @@ def quant_swaps(cfg, views: list[LayerView], swaps: list, progress: bool = True)
         problem = h.check(cfg, in_f, out_f)
         if problem:
             raise QuantizationError(f"{cfg}: layer {i} {p} (weight {out_f} x {in_f}): {problem}")
-    out, made = [], {}          # a linear several layers share (a tied shared block) is quantized once, kept shared
+    out, made = [], {}          # a linear several layers share (one module, or tied weights) is quantized once
     with torch.no_grad():
         for i, p, m in tqdm(targets, desc="quantizing", disable=not progress, unit="linear"):
-            if id(m) in made:
-                out.append((i, p, made[id(m)]))
+            key = (id(getattr(m, "weight", m)), id(getattr(m, "bias", None)))
+            if key in made:
+                out.append((i, p, made[key]))
                 continue
-            q = made[id(m)] = h.quantize(cfg, as_linear(m))
+            q = made[key] = h.quantize(cfg, as_linear(m))
             q.train(m.training)
             q.a3mod_quant = cfg
             if hasattr(m, "narrow_info"):        # a NarrowLinear (OPT/BERT MLP, BERT o): remembered for save/load
