@@ -289,3 +289,20 @@ def test_heal_lowers_the_distillation_loss_and_round_trips(tmp_path):
             a3mod.heal(model, teacher, calib, progress=False, **kw)
     with pytest.raises(A3ModError, match="teacher is the model"):
         a3mod.heal(model, model, calib, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collecting_statistics_leaves_the_activations_the_model_runs_on_alone(dtype):
+    """The statistic hooks read activations and never change them (a float64 model's MLP input was squared in place
+    by the "a3" kind's sum of squares: every later layer saw other inputs)."""
+    from a3mod.arch import layer_views
+    from a3mod.calib.stats import recording
+
+    model = tiny_model("llama", layers=3).to(dtype).eval()
+    ids = calib_ids(2, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with recording(layer_views(model), ["a3", "hgram", "ogram", "gram", "absmean"]) as accs:
+            got = model(ids).logits
+    assert accs[0]["h2"].dtype == torch.float64
+    assert torch.equal(got, ref)

@@ -274,8 +274,11 @@ def _outer(x: Tensor, heads: int) -> tuple[Tensor, Tensor]:
 
 
 def _sq_sum(x: Tensor) -> Tensor:
-    """x (..., d) -> sum of x**2 over every leading dim, (d,) float64 (exact squares of fp32 values)."""
-    return x.reshape(-1, x.shape[-1]).double().square_().sum(0)     # in place: no second N x d buffer
+    """x (..., d) -> sum of x**2 over every leading dim, (d,) float64 (exact squares of fp32 values). `x` is left
+    as it is: a float64 x is squared into a new buffer (squaring in place would change the activations the model
+    runs on), a lower-precision one in its float64 copy (no second N x d buffer)."""
+    xf = x.reshape(-1, x.shape[-1])
+    return (xf.square() if xf.dtype == torch.float64 else xf.double().square_()).sum(0)
 
 
 def _gram(x: Tensor) -> Tensor:
