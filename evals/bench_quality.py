@@ -47,6 +47,8 @@ VARIANTS = {
                                                                   mlp_update=True)],
     "a3-ov-update": lambda r: _a3(r, ov=dict(update=True)),
     "a3-ov-mlp-update": lambda r: _a3(r, update=True, ov=dict(update=True)),
+    # + the sequential re-fit of apply (A3OV/A3MLP(seq_refit=True)): calibrates itself, layer by layer, from calib=
+    "a3-ov-mlp-update-seq-refit": lambda r: _a3(r, update=True, seq_refit=True, ov=dict(update=True, seq_refit=True)),
     "a3-ov-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1, ov=dict(update=True)),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
@@ -122,12 +124,14 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                 m, seconds = _sequential(model, path, label, SEQUENTIAL[name](ratio), calib, args)
                 _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, seed)
                 continue
-            if stats is None:
+            passes = _passes(name, ratio)
+            own = any(getattr(p, "seq_refit", False) for p in passes)      # seq_refit: calibrates itself from calib=
+            if stats is None and not own:
                 kinds = {k for r in args.ratios for v in args.variants for p in _passes(v, r) for k in p.stat_kinds()}
                 stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
             m = copy.deepcopy(model)
             t = time.perf_counter()
-            a3mod.apply(m, _passes(name, ratio), stats=stats, calib=calib, progress=False)   # adds missing kinds
+            a3mod.apply(m, passes, stats=None if own else stats, calib=calib, progress=False)   # adds missing kinds
             if name in REFIT:
                 refit_sequential(model, m, calib, drift=REFIT[name])
             _finish(m, name, ratio, time.perf_counter() - t, base, orig, ppl, out, done, key, label, seed)

@@ -189,8 +189,8 @@ def _dry_run(args, passes, path) -> int:
         raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
                          "preview them" if args.stream else "its kept dims come from calibration data"))
     _, model, _ = _load(args, path)
-    plain = [dataclasses.replace(p, update=False) if getattr(p, "update", False) else p for p in passes]
-    rep = preview(model, plain, inplace=True)      # the updates change weights, not shapes: not solved here
+    plain = [dataclasses.replace(p, update=False, seq_refit=False) if hasattr(p, "seq_refit") else p for p in passes]
+    rep = preview(model, plain, inplace=True)      # the updates / re-fits change weights, not shapes: not solved here
     print(rep)
     print(f"\ndry run: the plan of {args.method} at the given ratios (kept dims from shapes alone); nothing was "
           f"calibrated or written")
@@ -270,7 +270,7 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
-         "portable": "--portable"}
+         "portable": "--portable", "seq_refit": "--seq-refit"}
 
 
 def _passes(args) -> list:
@@ -279,7 +279,7 @@ def _passes(args) -> list:
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
-                          names=FLAGS)
+                          seq_refit=getattr(args, "seq_refit", False), names=FLAGS)
 
 
 def _updates(args) -> tuple[bool, bool]:

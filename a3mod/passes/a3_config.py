@@ -77,14 +77,20 @@ class A3QK(_A3Dims):
 @dataclass(frozen=True)
 class _A3Refit(_A3Dims):
     """update: re-fit the output projection by least squares after the reduction (kind REFIT_KIND statistics);
-    damping >= 0: the ridge pull toward the reduction's own weights, relative to the Gram's mean diagonal."""
+    damping >= 0: the ridge pull toward the reduction's own weights, relative to the Gram's mean diagonal.
+    seq_refit: then, layer by layer, re-fit it again on the inputs the *compressed* model gives it (earlier layers
+    and this layer's compressed parts in place) toward the *original* model's output plus the residual-stream drift
+    (`a3mod.pipeline.seq_refit`; docs/method_extensions.md "Sequential re-fit"): the same shapes, two more passes
+    of the calibration windows through each compressed layer; pre-norm residual layers with a dense MLP."""
     update: bool = False
     damping: float = 0.01
+    seq_refit: bool = False
     REFIT_KIND = ""
 
     def __post_init__(self):
         super().__post_init__()
         boolean(type(self).__name__, "update", self.update, error=RatioError)
+        boolean(type(self).__name__, "seq_refit", self.seq_refit, error=RatioError)
         number(type(self).__name__, "damping", self.damping, lo=0.0, error=RatioError)
         object.__setattr__(self, "damping", float(self.damping))
 

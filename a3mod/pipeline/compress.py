@@ -25,7 +25,7 @@ from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
 from ..validate import nonfinite_weight
-from . import layerwise
+from . import layerwise, seq_refit
 from .undo import UndoLog
 from .verify import verify_model
 
@@ -137,6 +137,7 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         verify_model(model, views)               # the description reproduces every layer structure at full rank
     orig = [linear_param_count(v.layer) for v in views]
     kinds = {k for p in passes for k in needs(p)}
+    _check_seq_refit(model, passes, calib, stats, groups)
     passes = _resolve_first(model, views, passes, calib, stats, kinds, progress)
     if groups and layerwise.wanted(passes, kinds, calib, stats):
         warnings.warn(f"a3mod: layers {groups} of {type(model).__name__} run shared blocks, solved from all their "
@@ -146,6 +147,10 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
         if layerwise.replays(model, views, calib):
             swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
             return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
+        if seq_refit.dampings(passes):
+            raise UnsupportedModelError(f"{type(model).__name__}'s layers cannot be replayed one by one (they pass "
+                                        f"other state along): the sequential re-fit (seq_refit=True) needs that; "
+                                        f"leave it off for this model")
         warnings.warn(f"a3mod: {type(model).__name__}'s layers cannot be replayed one by one (they pass other state "
                       f"along or share it through their arguments): every layer's {sorted(kinds)} statistics are "
                       f"collected in one forward and held at once", stacklevel=3)
@@ -168,13 +173,26 @@ def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tu
     return swaps, info
 
 
+def _check_seq_refit(model, passes, calib, stats, groups) -> None:
+    """A sequential re-fit runs in the layer-by-layer schedule only: refuse, before any work, what rules it out."""
+    if not seq_refit.dampings(passes):
+        return
+    why = ("it needs calib= (the calibration windows), not stats=" if stats is not None or calib is None else
+           f"layers {groups} run shared blocks (solved from all their uses at once)" if groups else
+           "it runs in one process (not under torch.distributed)" if distributed.active() else None)
+    if why:
+        raise A3ModError(f"seq_refit=True (A3OV / A3MLP) re-fits each layer on the compressed model's stream, layer "
+                         f"by layer: {why}")
+
+
 def _resolve_first(model, views, passes, calib, stats, kinds: set[str], progress: bool) -> list:
     """Where a layer-scope pass ranks across layers from small statistics (A3QK(portable=True): the "a3" kind) and
     others need the large Grams, resolve it from one forward of the small kinds alone, so the Grams can still be
     collected one layer at a time (the same passes as resolving from everything)."""
     whole = [p for p in passes if p.whole_model_stats()]
     if (not whole or scope_of(passes[0]) != "layer" or calib is None or stats is not None
-            or not kinds & layerwise.BIG_KINDS or {k for p in whole for k in needs(p)} & layerwise.BIG_KINDS):
+            or not (kinds & layerwise.BIG_KINDS or seq_refit.dampings(passes))
+            or {k for p in whole for k in needs(p)} & layerwise.BIG_KINDS):
         return passes
     small = Stats.ensure(model, calib, {k for p in whole for k in needs(p)}, progress=progress)
     return [p.resolve(views, small) for p in passes]

@@ -11,13 +11,17 @@ calibration windows, one layer at a time, as streaming does:
 2. per layer: run every window through the original layer with the statistic hooks attached (`calib.recording`),
    keep its outputs as the next layer's inputs, solve and build its compact modules (the steps
    `pipeline.steps.collect_layer` / `solve_layer`, which streaming runs too),
-   swap them in (logged in the undo log) and drop the layer's statistics.
+   swap them in (logged in the undo log) and drop the layer's statistics;
+3. with A3OV / A3MLP(seq_refit=True), re-fit the layer's o_proj / down_proj on the compressed model's stream of
+   the same windows (pipeline/seq_refit.py: targets from the original layer's pass of step 2).
 
 Peak: the model, the hidden states of the calibration windows (twice: inputs and outputs of one layer), and one
 layer's statistics. `apply` picks it for passes that read those Grams (A3 with the updates, SVD-LLM with uniform
 ranks) and solve each layer from its own statistics, when given calib= (not stats=), in one process.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +31,7 @@ from ..arch import get_path
 from ..arch.capture import layer_calls, layer_inputs, with_hidden
 from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, vocab_size
+from . import seq_refit
 from .steps import collect_layer, solve_layer
 from .undo import UndoLog
 
@@ -34,10 +39,11 @@ BIG_KINDS = frozenset({"gram", "hgram", "ogram"})        # per-layer Grams too l
 
 
 def wanted(passes, kinds: set[str], calib: Tensor | None, stats: Stats | None) -> bool:
-    """Whether `apply` runs this schedule: calibration to collect (no stats given), kinds that hold large Grams,
-    every pass solved layer by layer with nothing read from other layers, one process."""
-    return (calib is not None and stats is None and bool(kinds & BIG_KINDS) and not distributed.active()
-            and not any(p.whole_model_stats() for p in passes))
+    """Whether `apply` runs this schedule: calibration to collect (no stats given), kinds that hold large Grams or a
+    sequential re-fit (pipeline/seq_refit.py), every pass solved layer by layer with nothing read from other
+    layers, one process."""
+    return (calib is not None and stats is None and bool(kinds & BIG_KINDS or seq_refit.dampings(passes))
+            and not distributed.active() and not any(p.whole_model_stats() for p in passes))
 
 
 @torch.no_grad()
@@ -106,14 +112,24 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
         calls, hidden = _capture(model, layers, windows)
         shapes = [tuple(ids.shape) for ids in windows]
         n, out = int(calib.numel()), []
-        for v in tqdm(views, desc="calibrating + solving", disable=not progress, unit="layer"):
-            hidden, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
-            if v.left:
-                continue
-            for path, new in solve_layer(model, views, v, passes, acc, n):
+        damping = seq_refit.dampings(passes)
+        h_c = list(hidden) if damping else None          # the compressed model's stream (sequential re-fit)
+        bar = tqdm(views, desc="calibrating + solving", disable=not progress, unit="layer")
+        for v in bar:
+            targets = seq_refit.Targets(v, hidden, h_c) if damping and not v.left else None
+            with targets.hooked() if targets else contextlib.nullcontext():
+                nxt, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
+            if targets:
+                targets.check_outputs(nxt)
+            for path, new in ([] if v.left else solve_layer(model, views, v, passes, acc, n)):
                 undo.swap(v.layer, path, new)
                 out.append((v.index, path, new))
             del acc                   # this layer's Grams go before the next layer's are summed
+            if damping:
+                h_c, err = seq_refit.refit_layer(layers[v.index], v, calls, shapes, h_c, targets,
+                                                  {} if v.left else damping)
+                bar.set_postfix({k: f"{a:.3f}->{b:.3f}" for k, (a, b) in err.items()})
+            hidden = nxt
     finally:
         model.train(was_training)
     return out, n

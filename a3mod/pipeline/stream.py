@@ -60,7 +60,7 @@ from ..report import linear_param_count
 from ..validate import boolean
 from .steps import collect_layer, solve_layer
 from .verify import check_layer, view_key
-from . import workdir
+from . import seq_refit, workdir
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
 
 
@@ -111,6 +111,10 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     """
 
     passes = check_passes(passes, schedule="stream")
+    if seq_refit.dampings(passes):
+        raise A3ModError("seq_refit=True (A3OV / A3MLP) runs in a3mod.apply's layer-by-layer schedule, not in "
+                         "compress_streaming (its sequential=True calibrates each layer on the compressed stream "
+                         "instead)")
     boolean("compress_streaming", "sequential", sequential)
     if sequential and distributed.rank_world()[1] > 1:
         raise A3ModError("compress_streaming(sequential=True) runs in one process (each layer needs the compressed "

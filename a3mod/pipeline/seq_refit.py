@@ -1,0 +1,192 @@
+"""Sequential re-fit (`A3OV(seq_refit=True)`, `A3MLP(seq_refit=True)`): every layer's o_proj / down_proj fitted
+again on the inputs the *compressed* model gives them, toward the *original* model's outputs.
+
+`apply`'s layer-by-layer schedule (pipeline/layerwise.py) then carries two residual streams of the calibration
+windows: h_O, the original model's (its statistics are collected on it, as without this option), and h_C, the
+compressed model's (earlier layers compressed and re-fitted). For layer l, with its compact modules solved from
+its statistics and swapped in:
+
+    original pass (the statistics pass; hooks beside): a_O = o_proj's output, mid_O = the stream after attention
+        (the second norm's input), m_O = down_proj's output; checked to add up: mid_O = h_O + a_O, out = mid_O + m_O
+    1. o_proj <- ridge fit of z_C -> a_O + (h_O - h_C)        z_C: what the compressed o_proj reads on h_C
+    2. down   <- ridge fit of u_C -> m_O + (mid_O - mid_C)    u_C, mid_C: the compressed path with o_proj re-fitted
+    3. h_C    <- the compressed layer on h_C
+
+The targets carry the drift of the stream, so each fit also pulls h_C back toward h_O. Each fit is
+`solvers.ridge_refit` (the pass's damping, toward the weights the pass solved), so its error on these windows lies
+between the exact fit's and the solved weights' (never above where it started; `refit_layer` returns both).
+Same shapes, no new GEMM. Beside the layer-by-layer schedule it holds three more hidden-state copies (h_C and two
+targets) and the Gram of each re-fitted projection's input; compute: two more passes through each compressed layer.
+Derivation: docs/method_extensions.md, "Sequential re-fit".
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from ..arch import get_path
+from ..arch.capture import through_layer
+from ..arch.views import find_path
+from ..errors import UnsupportedModelError
+from ..math.solvers import ridge_refit
+from ..modules import ReducedHeadAttention, ReducedMLP
+
+TOLERANCE = 1e-2        # relative: how closely the layer's parts must add up to the residual stream
+
+
+def dampings(passes) -> dict[str, float]:
+    """{"o": damping, "down": damping} for the A3OV / A3MLP passes with seq_refit=True (empty: none asks)."""
+    comp = {"A3OV": "o", "A3MLP": "down"}
+    return {comp[type(p).__name__]: p.damping for p in passes
+            if type(p).__name__ in comp and getattr(p, "seq_refit", False)}
+
+
+class Targets:
+    """Hooks on one original layer during its statistics pass: per window, the o_proj fit's target
+    a_O + h_O - h_C and the down fit's partial target m_O + mid_O (float32, on the CPU), the residual layout checked.
+    Windows arrive in order (one call of the layer each)."""
+
+    def __init__(self, view, h_o: list[Tensor], h_c: list[Tensor]):
+        self.view, self.h_o, self.h_c = view, h_o, h_c
+        self.att: list[Tensor] = []
+        self.mlp: list[Tensor] = []
+        self._a = self._mid = None
+
+    @contextlib.contextmanager
+    def hooked(self):
+        v = self.view
+        hooks = [get_path(v.layer, _mid_norm(v)).register_forward_pre_hook(self._on_mid),
+                 v.down_module().register_forward_hook(self._on_down)]
+        if v.attn is not None:
+            hooks.append(v.o_module().register_forward_hook(self._on_o))
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _on_o(self, mod, args, y):
+        self._a = y.float()
+
+    def _on_mid(self, mod, args):
+        w, mid = len(self.mlp), args[0].float()
+        h_o = self.h_o[w].to(mid.device).float()
+        if self._a is not None:
+            if w == 0:
+                _check(self.view, "h + o_proj(...)", mid, h_o + self._a)
+            self.att.append((self._a + h_o - self.h_c[w].to(mid.device).float()).cpu())
+        self._mid, self._a = mid, None
+
+    def _on_down(self, mod, args, y):
+        self.mlp.append((y.float() + self._mid).cpu())
+
+    def check_outputs(self, out: list[Tensor]) -> None:
+        """The layer's output is the stream after attention plus the MLP's (window 0)."""
+        _check(self.view, "mid + down_proj(...)", out[0].float(), self.mlp[0])
+
+
+def _mid_norm(view) -> str:
+    norm = view.spec.norms[1] if len(view.spec.norms) > 1 else None
+    lacks = ("routed experts" if view.experts is not None else "no dense MLP" if not view.has_mlp
+             else None if norm and find_path(view.layer, norm) is not None else "no norm before its MLP")
+    if lacks:
+        raise UnsupportedModelError(
+            f"layer {view.index}: the sequential re-fit (seq_refit=True) needs pre-norm residual layers with a "
+            f"dense MLP behind a second norm (Llama, Qwen2, Mistral layouts); this layer has {lacks}")
+    return norm
+
+
+def _check(view, what: str, got: Tensor, want: Tensor) -> None:
+    err = float((got - want).norm() / got.norm().clamp_min(1e-30))
+    if not err <= TOLERANCE:
+        raise UnsupportedModelError(
+            f"layer {view.index}: the sequential re-fit (seq_refit=True) needs the attention and MLP outputs added "
+            f"straight onto the residual stream; the stream here is not {what} (relative difference {err:.2g}: "
+            f"post-norms, a parallel block or scaled residuals): leave seq_refit off for this model")
+
+
+def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
+    """The projection the re-fit changes in `layer` as it is now (compact modules swapped in): "o" or "down"."""
+    if part == "o":
+        attn = find_path(layer, view.spec.attn)
+        lin = attn.o_proj if isinstance(attn, ReducedHeadAttention) else view.o_module()
+    else:
+        mlp = find_path(layer, view.mlp_path)
+        lin = mlp.down_proj if isinstance(mlp, ReducedMLP) else view.down_module()
+    if type(lin) is not nn.Linear:
+        raise UnsupportedModelError(f"layer {view.index}: the sequential re-fit changes a plain nn.Linear "
+                                    f"{part}_proj; this layer holds {type(lin).__name__}")
+    return lin
+
+
+class _Fit:
+    """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook; float64) and the target t of the
+    current window `w` (target(w, device), bias taken off)."""
+
+    def __init__(self, lin: nn.Linear, target):
+        self.lin, self.target, self.w = lin, target, 0
+        self.g = self.c = self.tt = 0.0
+        self.n = 0
+
+    def __call__(self, mod, args):
+        u = args[0].reshape(-1, args[0].shape[-1]).double()
+        t = self.target(self.w, u.device).reshape(-1, self.lin.out_features).double()
+        if self.lin.bias is not None:
+            t = t - self.lin.bias.double()
+        self.g, self.c = self.g + u.T @ u, self.c + u.T @ t
+        self.tt, self.n = self.tt + float(t.square().sum()), self.n + u.shape[0]
+
+    def error(self, w: Tensor) -> float:
+        """Mean squared error of u -> t with weight w (in, out), relative to the target's mean square."""
+        e = (w * (self.g @ w)).sum() - 2 * (w * self.c).sum() + self.tt
+        return float(e / max(self.tt, 1e-300))
+
+    def solve(self, damping: float) -> tuple[float, float]:
+        """Re-fit lin.weight in place; (relative error before, after)."""
+        w0 = self.lin.weight.double().T
+        w = ridge_refit(self.g / self.n, self.c / self.n, w0, damping)
+        before, after = self.error(w0), self.error(w)
+        self.lin.weight.copy_(w.T.to(self.lin.weight.dtype))
+        return before, after
+
+
+def _through(layer, i, calls, shapes, h_c, hooks, fits, keep=False) -> list[Tensor]:
+    """Every window's h_C through `layer` with (module, pre?, fn) hooks attached, each fit told the window; the
+    outputs (on the CPU) when keep."""
+    out, handles = [], []
+    for mod, pre, fn in hooks:
+        handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
+    device = next(layer.parameters()).device
+
+    def get(b):
+        for f in fits:
+            f.w = b
+        return h_c[b]
+    try:
+        through_layer(layer, i, calls, shapes, get, (lambda b, y: out.append(y)) if keep else None, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c: list[Tensor], targets: Targets,
+                damping: dict[str, float]) -> tuple[list[Tensor], dict[str, tuple[float, float]]]:
+    """Re-fit compressed `layer`'s o_proj, then its down_proj (the parts in `damping`, see `dampings`) on h_C toward
+    `targets`; returns (h_C after the layer, {part: (relative error before, after)})."""
+    i, errors = view.index, {}
+    if "o" in damping and view.attn is not None:
+        fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev))
+        _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], [fit])
+        errors["o"] = fit.solve(damping["o"])
+    if "down" in damping:
+        cur: dict[str, Tensor] = {}           # the current window's mid_C (the norm runs before down_proj)
+        fit = _Fit(out_linear(layer, view, "down"), lambda w, dev: targets.mlp[w].to(dev) - cur["mid"])
+        norm = get_path(layer, _mid_norm(view))
+        _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: cur.update(mid=a[0].float())),
+                                                (fit.lin, True, fit)], [fit])
+        errors["down"] = fit.solve(damping["down"])
+    return _through(layer, i, calls, shapes, h_c, [], [], keep=True), errors

@@ -1,0 +1,175 @@
+"""The sequential re-fit (A3OV / A3MLP(seq_refit=True), a3mod.pipeline.seq_refit): equal to a brute-force reference
+that re-fits o_proj and down_proj layer by layer from whole-model forwards, exact at full rank, never above the
+error it starts from on the calibration windows, refused (model untouched) where it cannot run."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import a3mod
+from a3mod.arch import get_path, layer_views
+from a3mod.cli.commands import main
+from a3mod.errors import A3ModError, UnsupportedModelError
+from a3mod.pipeline import seq_refit
+
+from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model
+from zoo import _ids, tiny_zoo_model
+
+
+def passes(ratio: float = 0.3, refit: bool = True, update: bool = True, **rank) -> list:
+    ps = a3mod.a3_passes(ratio) if not rank else [a3mod.A3QK(rank=rank["qk"]), a3mod.A3OV(rank=rank["ov"]),
+                                                  a3mod.A3MLP(rank=rank["mlp"])]
+    return [dataclasses.replace(p, update=update, seq_refit=refit) if hasattr(p, "seq_refit") else p for p in ps]
+
+
+def _record(model, ids, mods: dict) -> dict:
+    """{name: [output or input per window]} of `mods` ({name: (module, "in"|"out")}) over every window of ids."""
+    got = {k: [] for k in mods}
+    hs = []
+    for k, (m, side) in mods.items():
+        if side == "in":
+            hs.append(m.register_forward_pre_hook(lambda mod, a, k=k: got[k].append(a[0].double())))
+        else:
+            hs.append(m.register_forward_hook(lambda mod, a, y, k=k: got[k].append(y.double())))
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            model(ids[b:b + 1])
+    for h in hs:
+        h.remove()
+    return {k: torch.cat([x.reshape(-1, x.shape[-1]) for x in v]) for k, v in got.items()}
+
+
+def _ridge(lin, u, t, damping):
+    """Brute force: argmin |U W - T|^2/n + lam |W - W0|^2, lam = damping * mean diag(U^T U / n)."""
+    t = t - (lin.bias.double() if lin.bias is not None else 0)
+    g = u.T @ u / u.shape[0]
+    lam = damping * g.diagonal().mean()
+    w0 = lin.weight.double().T
+    w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), u.T @ t / u.shape[0] + lam * w0)
+    with torch.no_grad():
+        lin.weight.copy_(w.T.to(lin.weight.dtype))
+
+
+def reference(orig, calib, ratio: float):
+    """A3 + both updates, then for each layer in order: o_proj, then down_proj, fitted by ridge least squares on
+    what whole forwards of the compressed model give them, toward the original layer's parts plus the drift."""
+    comp = copy.deepcopy(orig)
+    a3mod.apply(comp, passes(ratio, refit=False), calib=calib, progress=False)
+    vo = layer_views(orig)
+    for i, v in enumerate(vo):
+        lay = get_path(comp, v.spec.layers)[i]
+        o, down = lay.self_attn.o_proj, lay.mlp.down_proj
+        mid_o, mid_c = get_path(v.layer, v.spec.norms[1]), get_path(lay, v.spec.norms[1])
+        r = _record(orig, calib, {"h": (v.layer, "in"), "a": (v.o_module(), "out"), "mid": (mid_o, "in"),
+                                  "m": (v.down_module(), "out")})
+        c = _record(comp, calib, {"h": (lay, "in"), "z": (o, "in")})
+        _ridge(o, c["z"], r["a"] + r["h"] - c["h"], 0.01)
+        c = _record(comp, calib, {"mid": (mid_c, "in"), "u": (down, "in")})
+        _ridge(down, c["u"], r["m"] + r["mid"] - c["mid"], 0.01)
+    return comp
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_equal_to_the_brute_force_reference(family):
+    orig = tiny_model(family, kv_heads=2, layers=3)
+    calib = calib_ids(24, 16)
+    got = copy.deepcopy(orig)
+    a3mod.apply(got, passes(0.3), calib=calib, progress=False)
+    ref = reference(orig, calib, 0.3)
+    for (n, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
+    plain = copy.deepcopy(orig)
+    a3mod.apply(plain, passes(0.3, refit=False), calib=calib, progress=False)
+    moved = [n for (n, a), (_, b) in zip(got.named_parameters(), plain.named_parameters()) if not torch.equal(a, b)]
+    assert moved and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in moved)
+    assert got.a3mod_info["passes"][1]["seq_refit"] and got.a3mod_info["passes"][2]["seq_refit"]
+
+
+def test_full_rank_reproduces_the_original():
+    orig = tiny_model("llama", kv_heads=2, layers=3)
+    got = copy.deepcopy(orig)
+    a3mod.apply(got, passes(qk=8, ov=8, mlp=64), calib=calib_ids(16, 16), progress=False)
+    ids = input_ids()
+    ref = logits(orig, ids)
+    assert (logits(got, ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), ratio=st.sampled_from([0.2, 0.4, 0.6]), update=st.booleans())
+def test_each_refit_ends_no_worse_than_it_started(seed, ratio, update):
+    errors = []
+    real = seq_refit.refit_layer
+
+    def spy(*a, **k):
+        h, err = real(*a, **k)
+        errors.append(err)
+        return h, err
+
+    model = tiny_model("llama", seed=seed % 7, kv_heads=2, layers=3)
+    try:
+        seq_refit.refit_layer = spy
+        a3mod.apply(model, passes(ratio, update=update), calib=calib_ids(12, 16, seed=seed), progress=False)
+    finally:
+        seq_refit.refit_layer = real
+    assert [sorted(e) for e in errors] == [["down", "o"]] * 3
+    for e in errors:
+        for before, after in e.values():
+            assert after <= before * (1 + 1e-9) + 1e-12
+
+
+def _params(model) -> dict:
+    return {n: p.clone() for n, p in model.state_dict().items()}
+
+
+def _untouched(model, before: dict) -> bool:
+    now = model.state_dict()
+    return set(now) == set(before) and all(torch.equal(now[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("mtype,error", [("gemma2", UnsupportedModelError), ("mixtral", UnsupportedModelError)])
+def test_layouts_it_does_not_cover_are_refused_and_the_model_is_untouched(mtype, error):
+    model = tiny_zoo_model(mtype)
+    before = _params(model)
+    with pytest.raises(error, match="seq_refit"):
+        a3mod.apply(model, passes(0.3), calib=_ids(4, 16, 1), progress=False)
+    assert _untouched(model, before)
+
+
+def test_statistics_given_instead_of_calibration_are_refused():
+    model = tiny_model("llama", kv_heads=2)
+    stats = a3mod.collect(model, calib_ids(8, 16), kinds=["a3", "hgram", "ogram"], progress=False)
+    before = _params(model)
+    with pytest.raises(A3ModError, match="needs calib="):
+        a3mod.apply(model, passes(0.3), stats=stats, progress=False)
+    assert _untouched(model, before)
+
+
+def test_streaming_refuses_it(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama", kv_heads=2).save_pretrained(src)
+    with pytest.raises(A3ModError, match="seq_refit=True"):
+        a3mod.compress_streaming(src, tmp_path / "out", passes(0.3)[:3], calib_ids(4, 16))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_seq_refit_end_to_end(tmp_path, text_file):
+    src = tmp_path / "tiny"
+    orig = tiny_model("llama", kv_heads=2)
+    orig.save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    args = ["compress", "--model", str(src), "--ratio", "0.3", "--calib", text_file, "--n-samples", "8",
+            "--calib-seq-len", "16", "--no-eval", "--updates", "on"]
+    assert main([*args, "--seq-refit", "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    side = json.loads((out / "a3mod.json").read_text())
+    assert [p.get("seq_refit") for p in side["passes"]][1:3] == [True, True]
+    a, b = a3mod.load(str(out)), a3mod.load(str(tmp_path / "plain"))
+    assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
+    assert main([*args, "--seq-refit", "--stream", "--out", str(tmp_path / "s")]) == 2
