@@ -163,7 +163,7 @@ def _add_method(c) -> None:
     c.add_argument("--seq-refit", action="store_true",
                    help="a3 with --ratio: after each layer is compressed, re-fit its o_proj and down_proj again on the "
                         "inputs the compressed model gives them, toward the original model's outputs and residual "
-                        "stream (same shapes; two more passes of the calibration through each compressed layer; "
+                        "stream (same shapes; about two more passes of the calibration through each layer; "
                         "pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts). SmolLM2 20%% with the "
                         "updates, 128 x 512: 1.56x -> 1.47x the original perplexity")
     c.add_argument("--portable", action="store_true",

@@ -80,8 +80,8 @@ class _A3Refit(_A3Dims):
     damping >= 0: the ridge pull toward the reduction's own weights, relative to the Gram's mean diagonal.
     seq_refit: then, layer by layer, re-fit it again on the inputs the *compressed* model gives it (earlier layers
     and this layer's compressed parts in place) toward the *original* model's output plus the residual-stream drift
-    (`a3mod.pipeline.seq_refit`; docs/method_extensions.md "Sequential re-fit"): the same shapes, two more passes
-    of the calibration windows through each compressed layer; pre-norm residual layers with a dense MLP."""
+    (`a3mod.pipeline.seq_refit`; docs/method_extensions.md "Sequential re-fit"): the same shapes, about two more
+    passes of the calibration windows through each compressed layer; pre-norm residual layers with a dense MLP."""
     update: bool = False
     damping: float = 0.01
     seq_refit: bool = False

@@ -16,7 +16,8 @@ The targets carry the drift of the stream, so each fit also pulls h_C back towar
 `solvers.ridge_refit` (the pass's damping, toward the weights the pass solved), so its error on these windows lies
 between the exact fit's and the solved weights' (never above where it started; `refit_layer` returns both).
 Same shapes, no new GEMM. Beside the layer-by-layer schedule it holds three more hidden-state copies (h_C and two
-targets) and the Gram of each re-fitted projection's input; compute: two more passes through each compressed layer.
+targets) and the Gram of each re-fitted projection's input; compute: the compressed layer's attention (o_proj's
+input), the layer up to down_proj's input, then the whole layer (h_C): about two more passes of the windows.
 Derivation: docs/method_extensions.md, "Sequential re-fit".
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
 
 class _Fit:
     """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook; float64) and the target t of the
-    current window `w` (target(w, device), bias taken off)."""
+    current window `w` (target(w, device), bias taken off); the window's forward stops there (`_Stop`)."""
 
     def __init__(self, lin: nn.Linear, target):
         self.lin, self.target, self.w = lin, target, 0
@@ -137,6 +138,7 @@ class _Fit:
             t = t - self.lin.bias.double()
         self.g, self.c = self.g + u.T @ u, self.c + u.T @ t
         self.tt, self.n = self.tt + float(t.square().sum()), self.n + u.shape[0]
+        raise _Stop                     # what the layer computes after this input is not needed
 
     def error(self, w: Tensor) -> float:
         """Mean squared error of u -> t with weight w (in, out), relative to the target's mean square."""
@@ -152,20 +154,26 @@ class _Fit:
         return before, after
 
 
-def _through(layer, i, calls, shapes, h_c, hooks, fits, keep=False) -> list[Tensor]:
-    """Every window's h_C through `layer` with (module, pre?, fn) hooks attached, each fit told the window; the
-    outputs (on the CPU) when keep."""
+class _Stop(Exception):
+    """Raised by a fit's hook once it has read its input: the rest of the layer is not run for that window."""
+
+
+def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False) -> list[Tensor]:
+    """Every window's h_C through `layer` with (module, pre?, fn) hooks attached, `fit` told the window (the layer
+    stops where the fit has read its input); the outputs (on the CPU) when keep."""
     out, handles = [], []
     for mod, pre, fn in hooks:
         handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
     device = next(layer.parameters()).device
-
-    def get(b):
-        for f in fits:
-            f.w = b
-        return h_c[b]
     try:
-        through_layer(layer, i, calls, shapes, get, (lambda b, y: out.append(y)) if keep else None, device)
+        for b, shape in enumerate(shapes):
+            if fit is not None:
+                fit.w = b
+            try:
+                through_layer(layer, i, calls, [shape], lambda _, b=b: h_c[b],
+                              (lambda _, y: out.append(y)) if keep else None, device)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -180,13 +188,13 @@ def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c: list[Ten
     i, errors = view.index, {}
     if "o" in damping and view.attn is not None:
         fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev))
-        _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], [fit])
+        _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], fit)        # attention only
         errors["o"] = fit.solve(damping["o"])
     if "down" in damping:
         cur: dict[str, Tensor] = {}           # the current window's mid_C (the norm runs before down_proj)
         fit = _Fit(out_linear(layer, view, "down"), lambda w, dev: targets.mlp[w].to(dev) - cur["mid"])
         norm = get_path(layer, _mid_norm(view))
         _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: cur.update(mid=a[0].float())),
-                                                (fit.lin, True, fit)], [fit])
+                                                (fit.lin, True, fit)], fit)
         errors["down"] = fit.solve(damping["down"])
-    return _through(layer, i, calls, shapes, h_c, [], [], keep=True), errors
+    return _through(layer, i, calls, shapes, h_c, [], keep=True), errors
