@@ -164,8 +164,7 @@ def _add_method(c) -> None:
                    help="a3 with --ratio: after each layer is compressed, re-fit its o_proj and down_proj again on the "
                         "inputs the compressed model gives them, toward the original model's outputs and residual "
                         "stream (same shapes; about two more passes of the calibration through each layer; "
-                        "pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts). SmolLM2 20%% with the "
-                        "updates, 128 x 512: 1.56x -> 1.47x the original perplexity")
+                        "pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts; results: README, Quality)")
     c.add_argument("--portable", action="store_true",
                    help="a3: keep the same RoPE pairs in every layer and KV group (ranked by the scores summed over "
                         "all of them), so `a3mod export --format hf` writes a stock checkpoint with no zero padding")

@@ -110,15 +110,7 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     differs from `a3mod.apply`'s (which calibrates the original model once). Single process only.
     """
 
-    passes = check_passes(passes, schedule="stream")
-    if seq_refit.dampings(passes):
-        raise A3ModError("seq_refit=True (A3OV / A3MLP) runs in a3mod.apply's layer-by-layer schedule, not in "
-                         "compress_streaming (its sequential=True calibrates each layer on the compressed stream "
-                         "instead)")
-    boolean("compress_streaming", "sequential", sequential)
-    if sequential and distributed.rank_world()[1] > 1:
-        raise A3ModError("compress_streaming(sequential=True) runs in one process (each layer needs the compressed "
-                         "outputs of the one before it)")
+    passes = _checked(passes, sequential)
     files.check_extra_names(extra_names, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     check_request(calib, ("a3",))
     src, gguf = Path(src_dir), gguf_file(src_dir)
@@ -182,6 +174,20 @@ class StreamRun:
     nonlayer: list = field(default_factory=list)      # (key, tensor) outside the decoder layers, written as is
     aliases: dict = field(default_factory=dict)
     layers_at: int = 0
+
+
+def _checked(passes, sequential: bool) -> list:
+    """The passes checked for streaming, and the options they run with."""
+    passes = check_passes(passes, schedule="stream")
+    if seq_refit.dampings(passes):
+        raise A3ModError("seq_refit=True (A3OV / A3MLP) runs in a3mod.apply's layer-by-layer schedule, not in "
+                         "compress_streaming (its sequential=True calibrates each layer on the compressed stream "
+                         "instead)")
+    boolean("compress_streaming", "sequential", sequential)
+    if sequential and distributed.rank_world()[1] > 1:
+        raise A3ModError("compress_streaming(sequential=True) runs in one process (each layer needs the compressed "
+                         "outputs of the one before it)")
+    return passes
 
 
 def _refuse_shared(skel: nn.Module, views) -> None:
