@@ -48,6 +48,19 @@ def test_no_import_of_private_names():
     assert not bad
 
 
+def test_no_private_attribute_of_an_imported_module():
+    """`files._resolved(...)` where `files` came from `from ..io import files`: a private name reached through the
+    module (or class) object another a3mod module exports."""
+    bad = []
+    for p in FILES:
+        bound = {a.asname or a.name.split(".")[0] for n, mods, _ in _imports(p) if mods[0].startswith("a3mod")
+                 for a in n.names}
+        bad += [f"{p.relative_to(PKG)}:{n.lineno} {n.value.id}.{n.attr}" for n in ast.walk(_tree(p))
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in bound
+                and n.attr.startswith("_") and not n.attr.startswith("__")]
+    assert not bad
+
+
 def test_function_level_imports_only_for_optional_dependencies():
     bad = [f"{p.relative_to(PKG)}:{n.lineno} {ast.unparse(n)}" for p in FILES for n, mods, local in _imports(p)
            if local and not any(m.split(".")[0] in OPTIONAL or m == "a3mod.evaluation.harness" for m in mods)]

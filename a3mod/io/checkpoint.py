@@ -79,7 +79,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite
                 raise CheckpointError(f"extra file name {name!r} is a file the checkpoint already holds (its "
                                       f"tokenizer's?); choose another name")
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
-    return files._resolved(out_dir)
+    return files.resolved(out_dir)
 
 
 

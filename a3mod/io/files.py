@@ -37,7 +37,7 @@ _HELD: dict[str, list] = {}           # registry of output locks this process ho
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _resolved(path: str | os.PathLike) -> Path:
+def resolved(path: str | os.PathLike) -> Path:
     if path is None or not str(path).strip():
         raise CheckpointError(f"output path {path!r} is empty; give a directory name")
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
@@ -86,7 +86,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, sources=()) -> Pat
     write: an existing path without overwrite; a file; a path under a file; with overwrite, a folder that is not
     an a3mod checkpoint nor empty, the current directory or an ancestor, the home directory or an ancestor, a
     filesystem root, a symbolic link, or the source model's folder (or one containing it)."""
-    p = _resolved(out)
+    p = resolved(out)
     _check_parents(p)
     _check_writable(p)
     if not os.path.lexists(p):
@@ -173,7 +173,7 @@ def _encodes(text: str) -> bool:
 def output_lock(out: str | os.PathLike):
     """Hold the writer lock of output path `out` (a sibling `.<name>.a3mod-lock`) for the block; reentrant within
     the process. CheckpointError at once when another process holds it."""
-    p = _resolved(out)
+    p = resolved(out)
     key = str(p)
     if key in _HELD and _HELD[key][2] == os.getpid():        # (a forked child inherits the registry, not the lock)
         _HELD[key][1] += 1
@@ -354,7 +354,7 @@ def _carry_others(out: Path, tmp: Path, overwrite) -> None:
 def recover(out: str | os.PathLike) -> list[str]:
     """Repair what killed writers of `out` left (the caller holds the lock): an old checkpoint set aside with
     nothing at `out` is renamed back; other set-aside copies and staging folders are removed. Returns messages."""
-    p = _resolved(out)
+    p = resolved(out)
     if not p.parent.is_dir():
         return []
     msgs = []
