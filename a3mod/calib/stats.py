@@ -176,9 +176,9 @@ class Stats:
 
     def check_origin(self, model=None, calib: Tensor | None = None) -> None:
         """CalibrationError when these statistics were collected on another model or other tokens than given.
-        Statistics without fingerprints (files of a3mod before 0.2) pass with a warning."""
+        Statistics without a model fingerprint (built by hand, not by `collect`) pass with a warning."""
         if self.model is None:
-            warnings.warn("a3mod: these statistics carry no model fingerprint (an older a3mod wrote them); cannot "
+            warnings.warn("a3mod: these statistics carry no model fingerprint (not made by a3mod.collect); cannot "
                           "check they belong to this model", stacklevel=3)
         elif model is not None and self.model != (fp := model_fingerprint(model)):
             raise CalibrationError(f"these statistics were collected on another model (fingerprint {self.model[:12]}, "

@@ -1,9 +1,9 @@
 """Components and layer plans: what a decoder layer is made of, in one place.
 
 A `Component` is one reducible part of a layer: QK (the query/key head dim), OV (the value/output head dim) and
-MLP (the intermediate width). It owns the calibration statistic sums its solver reads, its unit of rank (a RoPE
-pair, an even head dim, a multiple of 8 neurons), the rounding rule from a ratio to a kept dim (`kept_dim`,
-the only one in a3mod), the parameters and KV-cache elements one kept dim costs, and its report column.
+MLP (the intermediate width). It owns its granule (the step kept dims move by: a RoPE pair, an even head dim, a
+multiple of 8 neurons), the rounding rule from a ratio to a kept dim (`kept_dim`, the only one in a3mod), and the
+parameters and KV-cache elements one kept dim costs.
 
 A `LayerPlan` says, per component, the full and kept dims of one layer (and which original units were kept).
 Compact modules describe themselves as parts of a plan (`plan_parts()`), so the report and Allocate read plans
