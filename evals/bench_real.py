@@ -27,7 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 DEFAULT_MODELS = ("smollm2-135m-instruct-q4_1-gguf", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
-METHODS = ("a3", "svd-llm", "asvd")
+METHODS = ("a3", "svd-llm", "asvd", "asvd-uniform")
+# "asvd-uniform": ASVD without its sensitivity search (rank_search=False: every linear at the ratio's uniform rank,
+# the activation-aware scaling kept); the search probes every linear at several ranks, hours on the 1.5B model here
+RECIPE = {"asvd-uniform": ("asvd", {"rank_search": False})}
 
 
 def worker(args) -> None:
@@ -46,7 +49,8 @@ def worker(args) -> None:
     if args.method == "original":
         res["forward_s"] = forward_s(model, calib)
     else:
-        passes = recipes.passes(args.method, args.ratio, probe_samples=1, probe_seq_len=256)
+        method, extra = RECIPE.get(args.method, (args.method, {}))
+        passes = recipes.passes(method, args.ratio, probe_samples=1, probe_seq_len=256, **extra)
         t = time.perf_counter()
         stats = _resumable_stats(model, calib, passes, args) if args.method == "asvd" else None
         if stats is not None and stats.saved_at == 0.0:

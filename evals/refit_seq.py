@@ -60,9 +60,41 @@ def _through(layer, i, calls, hidden, hooks, keep=False):
     return out
 
 
+class _Transport:
+    """Sums of x_C x_C^T and x_C x_O^T for a norm's output x_C (forward hook on the compressed layer's norm) and the
+    original layer's x_O of the same window; `fold` multiplies the projections reading x by the ridge map
+    M = argmin E|M x_C - x_O|^2 + lam |M - I|^2 (W <- W M: same shapes)."""
+
+    def __init__(self, x_o: list):
+        self.x_o, self.g, self.c, self.n, self.w = x_o, 0.0, 0.0, 0, 0
+
+    def __call__(self, mod, args, y):
+        u = y.reshape(-1, y.shape[-1]).double()
+        t = self.x_o[self.w].reshape(-1, y.shape[-1]).double()
+        self.g, self.c, self.n = self.g + u.T @ u, self.c + u.T @ t, self.n + u.shape[0]
+
+    def fold(self, lins, damping: float) -> None:
+        eye = torch.eye(self.g.shape[0], dtype=torch.float64)
+        m_t = ridge_refit(self.g / self.n, self.c / self.n, eye, damping)        # M^T
+        for lin in lins:
+            lin.weight.copy_((lin.weight.double() @ m_t.T).to(lin.weight.dtype))
+
+
+def _transport(layer_c, i, calls, h_c, norm_path, x_o, lins, damping):
+    tr = _Transport(x_o)
+    seen = {"b": 0}
+
+    def hook(m, a, y):
+        tr.w = seen["b"]
+        tr(m, a, y)
+        seen["b"] += 1
+    _through(layer_c, i, calls, h_c, [(get_path(layer_c, norm_path), False, hook)])
+    tr.fold(lins, damping)
+
+
 @torch.no_grad()
 def refit_sequential(orig: nn.Module, comp: nn.Module, calib: torch.Tensor, drift: bool, damping: float = 0.01,
-                     progress: bool = False) -> None:
+                     progress: bool = False, inputs: bool = False) -> None:
     """Re-fit `comp`'s (A3-compressed `orig`) o_proj and down_proj layer by layer in place (see the module doc)."""
     vo, vc = layer_views(orig), layer_views(comp)
     layers_o, layers_c = get_path(orig, vo[0].spec.layers), get_path(comp, vc[0].spec.layers)
@@ -70,16 +102,23 @@ def refit_sequential(orig: nn.Module, comp: nn.Module, calib: torch.Tensor, drif
     calls = {(1, calib.shape[1]): seen[0]}
     h_o = [(s[0][0][0] if s[0][0] else s[0][1]["hidden_states"]).clone() for s in seen]
     h_c = [h.clone() for h in h_o]
-    mid_norm = vo[0].spec.norms[1]
+    in_norm, mid_norm = vo[0].spec.norms
     for i, (a, b) in enumerate(zip(vo, vc)):
-        att_o, mid_o, mlp_o, mid_c = [], [], [], []
+        att_o, mid_o, mlp_o, mid_c, x1_o, x2_o = [], [], [], [], [], []
         nxt = _through(layers_o[i], i, calls, h_o, [
             (a.o_module(), False, lambda m, x, y: att_o.append(y)),
             (get_path(a.layer, mid_norm), True, lambda m, x: mid_o.append(x[0])),
+            (get_path(a.layer, in_norm), False, lambda m, x, y: x1_o.append(y)),
+            (get_path(a.layer, mid_norm), False, lambda m, x, y: x2_o.append(y)),
             (a.down_module(), False, lambda m, x, y: mlp_o.append(y))], keep=True)
+        if inputs:
+            at = b.attn
+            _transport(layers_c[i], i, calls, h_c, in_norm, x1_o, [at.q_proj, at.k_proj, at.v_proj], damping)
         fit = _Fit(b.o_module(), lambda w: att_o[w] + ((h_o[w] - h_c[w]) if drift else 0))
         _through(layers_c[i], i, calls, h_c, [(b.o_module(), True, fit)])
         fit.solve(damping)
+        if inputs:
+            _transport(layers_c[i], i, calls, h_c, mid_norm, x2_o, [b.mlp.gate_proj, b.mlp.up_proj], damping)
         fit = _Fit(b.down_module(), lambda w: mlp_o[w] + ((mid_o[w] - mid_c[w]) if drift else 0))
         _through(layers_c[i], i, calls, h_c, [(get_path(b.layer, mid_norm), True, lambda m, x: mid_c.append(x[0])),
                                              (b.down_module(), True, fit)])
