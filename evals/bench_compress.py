@@ -20,11 +20,13 @@ Writes compress.json and compress.md to --out; --update-readme fills the README'
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -112,6 +114,21 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
 
 
 
+def with_updates(model, calib, passes, f: T) -> list[tuple[str, T, str]]:
+    """(step, T, note) rows of A3 with both least-squares updates (apply from calib=: the layer-by-layer schedule,
+    statistics collected inside) and of the same with the sequential re-fit, each on a copy of the model."""
+    rows = []
+    for step, seq in (("(f) A3 + both updates: apply(calib=), layer by layer, everything included", False),
+                      ("(g) A3 + both updates + the sequential re-fit (seq_refit=True)", True)):
+        m = copy.deepcopy(model)
+        ps = [replace(p, update=True, seq_refit=seq) if hasattr(p, "seq_refit") else p for p in passes]
+        t, _ = timed(lambda m=m, ps=ps: a3mod.apply(m, ps, calib=calib, progress=False))
+        say(step, t)
+        rows.append((step, t, f"target <= {TARGET:g}x forward: {'PASS' if t.wall <= TARGET * f.wall else 'FAIL'}"))
+        del m
+    return rows
+
+
 def run_model(name: str, model, tok, calib: torch.Tensor, args) -> list[dict]:
     model.eval()
     passes = a3mod.a3_passes(args.ratio)
@@ -124,6 +141,7 @@ def run_model(name: str, model, tok, calib: torch.Tensor, args) -> list[dict]:
     say("collect", t_collect)
     views = layer_views(model)
     base = [] if args.skip_baselines else baselines(model, views, calib, args)
+    base = (with_updates(model, calib, passes, f) if args.updates else []) + base
     t_solve, _ = timed(lambda: a3mod.apply(model, passes, stats=stats, progress=False))
     ratio = a3mod.report(model).ratio
     with tempfile.TemporaryDirectory(prefix="a3mod-bench-compress-") as tmp:
@@ -169,6 +187,8 @@ def main() -> None:
     ap.add_argument("--probe-samples", type=int, default=1, help="ASVD sensitivity probe windows")
     ap.add_argument("--probe-seq-len", type=int, default=256, help="ASVD sensitivity probe length")
     ap.add_argument("--skip-baselines", action="store_true", help="A3 only (no SVD-LLM / ASVD rows)")
+    ap.add_argument("--updates", action="store_true",
+                    help="also time A3 with both least-squares updates, and with the sequential re-fit (from calib=)")
     ap.add_argument("--random", type=int, metavar="LAYERS", default=None,
                     help="a SmolLM2-shaped random llama with LAYERS layers and random tokens instead of the assets")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
