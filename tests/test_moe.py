@@ -281,3 +281,19 @@ def test_experts_narrowed_in_place_count_as_compressed():
     a3mod.apply(model, [A3Experts(ratio=0.3, min_tokens=0)], calib=_ids(4, 16, 1), progress=False)
     with pytest.raises(a3mod.A3ModError, match="already compressed"):
         a3mod.apply(model, [A3Experts(ratio=0.3, min_tokens=0)], calib=_ids(4, 16, 1), progress=False)
+
+
+def test_llama4_experts_narrowed_to_the_hidden_size_report_save_and_load(tmp_path):
+    """Llama 4's experts carry no layout flags; narrowed to exactly d_m neurons their down_proj is square, and the
+    fused gate/up projection's shape tells the layout (this was refused as ambiguous: no report, no load)."""
+    model = tiny_zoo_model("llama4_text")
+    hidden = model.config.hidden_size
+    v = next(v for v in layer_views(model) if v.experts is not None)
+    ratio = 1 - hidden / v.experts_view().inter
+    a3mod.apply(model, [A3Experts(ratio=ratio, min_tokens=0)], calib=_ids(4, 16, 1), progress=False)
+    mod = next(v for v in layer_views(model) if v.experts is not None).experts
+    assert mod.down_proj.shape[1] == mod.down_proj.shape[2] == hidden
+    assert any(r.experts and r.expert_dim == hidden for r in a3mod.report(model).rows)
+    loaded = a3mod.load(a3mod.save(model, tmp_path / "m"))
+    ids = _ids(2, 10, 0)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))

@@ -57,12 +57,11 @@ class ExpertsView:
         else:
             params = [p for p in inspect.signature(mod.forward).parameters.values()
                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            down = mod._parameters["down_proj"]
-            if len(params) != 1 or down.shape[1] == down.shape[2]:
+            self.transposed = _stored_in_out(mod, hidden)       # (E, I, d_m): stored (in, out); None: unknown
+            if len(params) != 1 or self.transposed is None:
                 raise UnsupportedModelError(f"{type(mod).__name__}: experts without transformers' experts flags "
                                             "(is_transposed, has_gate) whose forward is not f(pre-scaled inputs) "
                                             "with an unambiguous weight layout")
-            self.transposed = down.shape[2] == hidden          # (E, I, d_m): stored (in, out)
             self.concatenated, self.bias = True, False
         self.scaled_inputs = not self.contract
         down = mod._parameters["down_proj"]
@@ -138,10 +137,25 @@ class ExpertsView:
         return torch.stack([2 * idx, 2 * idx + 1], -1).flatten(-2)
 
 
-def narrowed(mod: nn.Module, hidden: int, idx: torch.Tensor, fallback: list[int] | None = None) -> nn.Module:
+def _stored_in_out(mod: nn.Module, hidden: int) -> bool | None:
+    """Whether flag-less experts store their projections (in, out): down_proj (E, I, d_m). Where down_proj is square
+    (I == d_m: e.g. narrowed to d_m neurons), the fused gate/up projection tells ((E, d_m, 2I) against (E, 2I, d_m));
+    None where nothing does."""
+    down = mod._parameters["down_proj"]
+    if down.shape[1] != down.shape[2]:
+        return down.shape[2] == hidden
+    up = mod._parameters.get("gate_up_proj")
+    if up is None or up.shape[1] == up.shape[2]:
+        return None
+    return up.shape[1] == hidden
+
+
+def narrowed(mod: nn.Module, hidden: int, idx: torch.Tensor, fallback: list[int] | None = None,
+             down: torch.Tensor | None = None) -> nn.Module:
     """A copy of experts module `mod` keeping neurons idx (E, k) of every expert (same class, same forward, the same
     k for each), parameters new tensors, its other attributes shared. Works on meta tensors (`a3mod.load`).
-    `fallback`: the experts whose neurons were chosen from their weights alone (recorded for the report)."""
+    `fallback`: the experts whose neurons were chosen from their weights alone (recorded for the report).
+    `down`: (E, d_m, k) new down-projection columns of the kept neurons (a least-squares update), else sliced."""
     v = ExpertsView(mod, hidden)
     if idx.dim() != 2 or idx.shape[0] != v.num:
         raise ValueError(f"kept neurons must be (experts={v.num}, k), got {tuple(idx.shape)}")
@@ -161,7 +175,9 @@ def narrowed(mod: nn.Module, hidden: int, idx: torch.Tensor, fallback: list[int]
             new._parameters[f"{up_name}_bias"] = nn.Parameter(b.gather(1, ch) if not b.is_meta else
                                                               b.new_empty(b.shape[0], ch.shape[1]), b.requires_grad)
         d = mod._parameters["down_proj"]
-        new._parameters["down_proj"] = nn.Parameter(_take(d, idx.to(d.device), in_dim), d.requires_grad)
+        kept = (_take(d, idx.to(d.device), in_dim) if down is None else
+                (down.transpose(1, 2) if v.transposed else down).to(device=d.device, dtype=d.dtype).contiguous())
+        new._parameters["down_proj"] = nn.Parameter(kept, d.requires_grad)
     for a in _WIDTH_ATTRS:
         if getattr(mod, a, None) == v.inter:
             setattr(new, a, k)

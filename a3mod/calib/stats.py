@@ -16,6 +16,8 @@ Optional kinds for the per-linear baselines, for each input group g of `LayerVie
 Optional for the least-squares updates (`A3MLP(update=True)`, `A3OV(update=True)`):
   hh (d_i, d_i)       Gram matrix of the MLP intermediate activations (what enters down_proj)   (kind "hgram")
   oo (H d_h, H d_h)   Gram matrix of o_proj's input (every head's attention output)             (kind "ogram")
+  eh (E, d_e, d_e)    MoE layers: per routed expert, the Gram of its intermediate activations times its combine
+                      weight, over the tokens routed to it (`A3Experts(update=True)`)            (kind "ehgram")
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ from . import distributed
 from .sources import dataset_text, is_dataset_source
 
 STATS_FORMAT = 1
-KINDS = ("a3", "gram", "absmean", "hgram", "ogram")
-_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo"}  # key (prefix) of each kind
+KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram")
+_KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo",
+             "ehgram": "eh"}                              # the key (prefix) of each kind
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -314,6 +317,8 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
     if view.attn is not None:           # a hybrid's mixer layer has only its MLP
         hs += _attention_hooks(view, acc, kinds)
+    if view.experts is not None and {"a3", "ehgram"} & set(kinds):
+        hs.append(_experts_hook(view, acc, kinds))
     if "a3" not in kinds:
         return hs
 
@@ -322,8 +327,6 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
 
     if view.has_mlp:
         hs.append(view.down_module().register_forward_pre_hook(on_down))
-    if view.experts is not None:
-        hs.append(_experts_hook(view, acc))
     return hs
 
 
@@ -372,21 +375,30 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     return hs
 
 
-def _experts_hook(view: LayerView, acc: dict[str, Tensor]):
-    """Routed experts: e2 (E, I) sums over the tokens routed to each expert of (combine weight)^2 * h^2 (h: the
-    expert's intermediate activations, recomputed from its inputs with its own gate), en (E,) those token counts."""
+def _experts_hook(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)):
+    """Routed experts ("a3"): e2 (E, I) sums over the tokens routed to each expert of (combine weight)^2 * h^2 (h: the
+    expert's intermediate activations, recomputed from its inputs with its own gate), en (E,) those token counts;
+    ("ehgram"): eh (E, I, I) the sums of (w h)(w h)^T."""
     ev = view.experts_view()
+    a3, gram = "a3" in kinds, "ehgram" in kinds
 
     def hook(mod, args, kwargs, out):
         dev = mod.down_proj.device
         e2 = torch.zeros(ev.num, ev.inter, dtype=torch.float64, device=dev)
         en = torch.zeros(ev.num, dtype=torch.float64, device=dev)
+        eh = torch.zeros(ev.num, ev.inter, ev.inter, dtype=torch.float64, device=dev) if gram else None
         for e, x, w in ev.routed(args, kwargs):
-            h = ev.hidden_states(x, e)
-            e2[e] = (h.double().square() * w.double().square()[:, None]).sum(0)
+            h, w = ev.hidden_states(x, e).double(), w.double()
+            e2[e] = (h.square() * w.square()[:, None]).sum(0)
             en[e] = x.shape[0]
-        _add(acc, "e2", e2)
-        _add(acc, "en", en)
+            if gram:
+                hw = h * w[:, None]
+                eh[e] = hw.T @ hw
+        if a3:
+            _add(acc, "e2", e2)
+            _add(acc, "en", en)
+        if gram:
+            _add(acc, "eh", eh)
     return view.experts.register_forward_hook(hook, with_kwargs=True)
 
 
@@ -458,7 +470,8 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
             kinds=("a3",)) -> Stats:
     """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
 
-    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" / "ogram" (the MLP / OV updates);
+    kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" / "ogram" / "ehgram" (the MLP / OV /
+    routed experts' updates);
     see the module docstring.
     Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
     slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the

@@ -340,6 +340,26 @@ def apply_experts(cfg: A3Experts, ctx: PassContext):
         h2[e] = up.detach().double().square().sum(-1) * (
             1.0 if gate is None else gate.detach().double().square().sum(-1))
     idx, loss = solvers.experts_select(h2, down_sq, r)
+    if cfg.update and r < x.orig:
+        x.down = _experts_update(down, st, idx, set(few), cfg.damping)
     x.kept = x.kept.gather(1, idx)
     x.fallback = few
     return solved("experts", work, loss.sum(0), 1)
+
+
+def _experts_update(down: torch.Tensor, st: dict, idx: torch.Tensor, few: set, damping: float) -> torch.Tensor:
+    """(E, d_m, k) kept down columns of every expert, re-fitted by least squares (`solvers.mlp_refit`) on the Gram
+    of its combine-weighted activations; an expert in `few` (or routed no token) keeps its columns as they are."""
+    width, out = down.shape[2], []
+    low = [e for e in range(down.shape[0]) if e not in few and 0 < st["en"][e] < REFIT_TOKENS * width]
+    if low:
+        warnings.warn(f"a3mod: A3Experts(update=True): experts {low[:8]}{' ...' if len(low) > 8 else ''} were routed "
+                      f"fewer than {REFIT_TOKENS * width} calibration tokens ({REFIT_TOKENS} per neuron) for their "
+                      f"{width} x {width} Grams: use more calibration windows", stacklevel=3)
+    for e in range(down.shape[0]):
+        if e in few or not st["en"][e] > 0:
+            out.append(down[e][:, idx[e]].double())
+            continue
+        w = down[e].double().t()                                        # (I, d_m) in h @ W form
+        out.append(solvers.mlp_refit(w, st["eh"][e] / st["en"][e], idx[e], damping, errors=False)[0].t())
+    return torch.stack(out)

@@ -132,12 +132,23 @@ class A3Experts(_A3Dims):
     MLP CUR score over the tokens routed to that expert, each weighted by its squared combine weight (the weight
     scales the expert's output after the down projection; Llama 4 scales the input instead, which the activations
     already carry). An expert routed fewer than `min_tokens` calibration tokens is scored from its weights alone
-    (||gate row||^2 ||up row||^2 ||down column||^2: isotropic inputs). Dense layers: nothing to do."""
+    (||gate row||^2 ||up row||^2 ||down column||^2: isotropic inputs). Dense layers: nothing to do.
+    update: then re-fit each expert's kept down-projection columns by least squares, as A3MLP(update=True) does,
+    from the Gram of its combine-weighted activations over the tokens routed to it (kind "ehgram": E x d_e x d_e
+    float64 per layer); experts scored from their weights keep their columns. damping: as A3MLP's."""
     min_tokens: int = 16
+    update: bool = False
+    damping: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         integer(type(self).__name__, "min_tokens", self.min_tokens, lo=0, error=RatioError)
+        boolean(type(self).__name__, "update", self.update, error=RatioError)
+        number(type(self).__name__, "damping", self.damping, lo=0.0, error=RatioError)
+        object.__setattr__(self, "damping", float(self.damping))
+
+    def stat_kinds(self) -> tuple[str, ...]:
+        return ("a3", "ehgram") if self.update else ("a3",)
 
 
 def a3_passes(ratio: float, multiple_of: int | None = None, portable: bool = False) -> list:

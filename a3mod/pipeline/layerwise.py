@@ -35,7 +35,7 @@ from . import seq_refit
 from .steps import collect_layer, solve_layer
 from .undo import UndoLog
 
-BIG_KINDS = frozenset({"gram", "hgram", "ogram"})        # per-layer Grams too large to hold for every layer at once
+BIG_KINDS = frozenset({"gram", "hgram", "ogram", "ehgram"})    # per-layer Grams too large to hold for every layer
 
 
 def wanted(passes, kinds: set[str], calib: Tensor | None, stats: Stats | None) -> bool:

@@ -91,6 +91,7 @@ class ExpertsWork:
     kept: Tensor                                 # (E, k) original neuron indices per expert, ascending
     orig: int                                    # original width of each expert
     fallback: list[int] | None = None            # experts scored from their weights (too few routed tokens)
+    down: Tensor | None = None                   # (E, d_m, k) re-fitted down columns (A3Experts(update=True))
 
 
 @dataclass
@@ -195,7 +196,8 @@ class LayerWork:
         swaps = []
         if self.experts is not None:      # the experts module, narrowed in place of the original (same class)
             x = self.experts
-            swaps.append((v.experts_path, narrowed(v.experts, d.hidden, x.kept, x.fallback).train(v.experts.training)))
+            swaps.append((v.experts_path, narrowed(v.experts, d.hidden, x.kept, x.fallback, x.down)
+                          .train(v.experts.training)))
         if m is None:
             return swaps
         if not v.spec.mlp:
