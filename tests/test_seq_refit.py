@@ -150,11 +150,49 @@ def test_statistics_given_instead_of_calibration_are_refused():
     assert _untouched(model, before)
 
 
-def test_streaming_refuses_it(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_streaming_equals_in_memory(tmp_path, family, offload):
+    """compress_streaming carries the compressed stream beside the original one (two hidden-state stores): the
+    checkpoint equals apply + save."""
+    from test_stream import assert_same_checkpoint, in_memory, saved_source
+
+    src = saved_source(tmp_path, family)
+    calib, ps = calib_ids(16, 16), passes(0.3)[:3]
+    ref = in_memory(tmp_path, src, ps, calib)
+    off = tmp_path / "off" if offload else None
+    out = a3mod.compress_streaming(src, tmp_path / "out", ps, calib, progress=False, offload_dir=off)
+    assert_same_checkpoint(out, ref, rel=1e-5)
+    assert off is None or list(off.iterdir()) == []
+
+
+def test_streaming_resumes_both_streams(tmp_path, monkeypatch):
+    from a3mod.pipeline import workdir
+    from test_stream import Interrupt, assert_same_checkpoint, saved_source
+
+    src = saved_source(tmp_path, "llama")
+    calib, ps = calib_ids(16, 16), passes(0.3)[:3]
+    ref = a3mod.compress_streaming(src, tmp_path / "ref", ps, calib, progress=False)
+    write = workdir.write_layer
+
+    def write_then_stop(work, i, *a):
+        if i == 2:
+            raise Interrupt("killed during layer 2")
+        write(work, i, *a)
+    monkeypatch.setattr(workdir, "write_layer", write_then_stop)
+    with pytest.raises(Interrupt):
+        a3mod.compress_streaming(src, tmp_path / "out", ps, calib, progress=False)
+    assert list(workdir.work_dir(tmp_path / "out").glob("hiddenc_*"))       # the compressed stream's checkpoint
+    monkeypatch.setattr(workdir, "write_layer", write)
+    out = a3mod.compress_streaming(src, tmp_path / "out", ps, calib, progress=False)
+    assert_same_checkpoint(out, ref, rel=0.0)
+
+
+def test_streaming_refuses_it_with_sequential_statistics(tmp_path):
     src = tmp_path / "src"
     tiny_model("llama", kv_heads=2).save_pretrained(src)
-    with pytest.raises(A3ModError, match="seq_refit=True"):
-        a3mod.compress_streaming(src, tmp_path / "out", passes(0.3)[:3], calib_ids(4, 16))
+    with pytest.raises(A3ModError, match="choose one"):
+        a3mod.compress_streaming(src, tmp_path / "out", passes(0.3)[:3], calib_ids(4, 16), sequential=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -172,4 +210,7 @@ def test_cli_seq_refit_end_to_end(tmp_path, text_file):
     assert [p.get("seq_refit") for p in side["passes"]][1:3] == [True, True]
     a, b = a3mod.load(str(out)), a3mod.load(str(tmp_path / "plain"))
     assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
-    assert main([*args, "--seq-refit", "--stream", "--out", str(tmp_path / "s")]) == 2
+    assert main([*args, "--seq-refit", "--stream", "--out", str(tmp_path / "s")]) == 0
+    c = a3mod.load(str(tmp_path / "s"))
+    ids = input_ids()
+    assert torch.allclose(logits(c, ids), logits(a, ids), rtol=1e-4, atol=1e-5)

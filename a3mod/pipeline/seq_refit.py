@@ -1,8 +1,8 @@
 """Sequential re-fit (`A3OV(seq_refit=True)`, `A3MLP(seq_refit=True)`): every layer's o_proj / down_proj fitted
 again on the inputs the *compressed* model gives them, toward the *original* model's outputs.
 
-`apply`'s layer-by-layer schedule (pipeline/layerwise.py) then carries two residual streams of the calibration
-windows: h_O, the original model's (its statistics are collected on it, as without this option), and h_C, the
+`apply`'s layer-by-layer schedule (pipeline/layerwise.py) and streaming (pipeline/stream.py: a second hidden-state
+store, resumable like the first) then carry two residual streams of the calibration windows: h_O, the original model's (its statistics are collected on it, as without this option), and h_C, the
 compressed model's (earlier layers compressed and re-fitted). For layer l, with its compact modules solved from
 its statistics and swapped in:
 
@@ -158,10 +158,11 @@ class _Stop(Exception):
     """Raised by a fit's hook once it has read its input: the rest of the layer is not run for that window."""
 
 
-def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False) -> list[Tensor]:
+def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False, put=None) -> list[Tensor]:
     """Every window's h_C through `layer` with (module, pre?, fn) hooks attached, `fit` told the window (the layer
-    stops where the fit has read its input); the outputs (on the CPU) when keep."""
+    stops where the fit has read its input); the outputs (on the CPU) when keep: returned, or given to put(b, h)."""
     out, handles = [], []
+    put = put or (lambda b, y: out.append(y))
     for mod, pre, fn in hooks:
         handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
     device = next(layer.parameters()).device
@@ -171,7 +172,7 @@ def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False) -> list[
                 fit.w = b
             try:
                 through_layer(layer, i, calls, [shape], lambda _, b=b: h_c[b],
-                              (lambda _, y: out.append(y)) if keep else None, device)
+                              (lambda _, y, b=b: put(b, y)) if keep else None, device)
             except _Stop:
                 pass
     finally:
@@ -181,10 +182,11 @@ def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False) -> list[
 
 
 @torch.no_grad()
-def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c: list[Tensor], targets: Targets,
-                damping: dict[str, float]) -> tuple[list[Tensor], dict[str, tuple[float, float]]]:
-    """Re-fit compressed `layer`'s o_proj, then its down_proj (the parts in `damping`, see `dampings`) on h_C toward
-    `targets`; returns (h_C after the layer, {part: (relative error before, after)})."""
+def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c, targets: Targets,
+                damping: dict[str, float], put=None) -> tuple[list[Tensor], dict[str, tuple[float, float]]]:
+    """Re-fit compressed `layer`'s o_proj, then its down_proj (the parts in `damping`, see `dampings`) on h_C (h_c[b]:
+    window b's) toward `targets`; returns (h_C after the layer: a list, or [] when given to put(b, h) instead,
+    {part: (relative error before, after)})."""
     i, errors = view.index, {}
     if "o" in damping and view.attn is not None:
         fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev))
@@ -197,4 +199,4 @@ def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c: list[Ten
         _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: cur.update(mid=a[0].float())),
                                                 (fit.lin, True, fit)], fit)
         errors["down"] = fit.solve(damping["down"])
-    return _through(layer, i, calls, shapes, h_c, [], keep=True), errors
+    return _through(layer, i, calls, shapes, h_c, [], keep=True, put=put), errors

@@ -167,6 +167,7 @@ class StreamRun:
     source: Any = None
     work: Path | None = None
     store: Any = None
+    comp: Any = None                                  # the compressed model's stream (seq_refit), else None
     batches: list = field(default_factory=list)
     calls: dict = field(default_factory=dict)         # batch shape -> every layer's (args, kwargs)
     n_local: int = 0
@@ -179,14 +180,14 @@ class StreamRun:
 def _checked(passes, sequential: bool) -> list:
     """The passes checked for streaming, and the options they run with."""
     passes = check_passes(passes, schedule="stream")
-    if seq_refit.dampings(passes):
-        raise A3ModError("seq_refit=True (A3OV / A3MLP) runs in a3mod.apply's layer-by-layer schedule, not in "
-                         "compress_streaming (its sequential=True calibrates each layer on the compressed stream "
-                         "instead)")
     boolean("compress_streaming", "sequential", sequential)
-    if sequential and distributed.rank_world()[1] > 1:
-        raise A3ModError("compress_streaming(sequential=True) runs in one process (each layer needs the compressed "
-                         "outputs of the one before it)")
+    if sequential and seq_refit.dampings(passes):
+        raise A3ModError("compress_streaming: sequential=True (statistics from the compressed stream) and seq_refit="
+                         "True (A3OV / A3MLP: re-fit toward the original layer on the compressed stream) read the "
+                         "original layer differently; choose one")
+    if (sequential or seq_refit.dampings(passes)) and distributed.rank_world()[1] > 1:
+        raise A3ModError("compress_streaming with sequential=True or seq_refit=True runs in one process (each layer "
+                         "needs the compressed outputs of the one before it)")
     return passes
 
 
@@ -216,15 +217,22 @@ def _open(run: StreamRun) -> int:
         run_id = hashlib.sha256(json.dumps([key, str(run.out)], sort_keys=True).encode()).hexdigest()[:16]
     run_id = distributed.broadcast_object(run_id)
     distributed.barrier()
-    start = distributed.broadcast_object(workdir.resume_point(run.work, len(run.layers), world, offload, run_id)
-                                         if rank == 0 else None)
+    tags = ("", "c") if seq_refit.dampings(run.passes) else ("",)
+    start = distributed.broadcast_object(workdir.resume_point(run.work, len(run.layers), world, offload, run_id,
+                                                              tags) if rank == 0 else None)
     shard = distributed.shard(run.calib)
     run.batches = [shard[b:b + run.batch_size] for b in range(0, shard.shape[0], run.batch_size)]
     run.n_local = int(shard.numel())
     run.store = workdir.Store(run.work, offload, rank, run_id)
+    run.comp = workdir.Store(run.work, offload, rank, run_id, "c") if len(tags) > 1 else None
     for j in range(0 if start == 0 else start + 1, len(run.layers) + 1):
-        run.store.drop(j)      # hidden states a crashed or restarted run left beyond the resume point
+        for st in _stores(run):
+            st.drop(j)         # hidden states a crashed or restarted run left beyond the resume point
     return start
+
+
+def _stores(run: StreamRun) -> list:
+    return [run.store] + ([run.comp] if run.comp is not None else [])
 
 
 def _stream(run: StreamRun) -> None:
@@ -239,9 +247,10 @@ def _stream(run: StreamRun) -> None:
     if rank == 0:
         _assemble(run)
         workdir.remove_work(run.work)
-    for j in range(len(run.layers)):
-        run.store.drop(j)
-    run.store.close()
+    for st in _stores(run):
+        for j in range(len(run.layers)):
+            st.drop(j)
+        st.close()
     distributed.barrier()
 
 
@@ -261,10 +270,12 @@ def _prepare(run: StreamRun, start: int) -> dict:
         seen = layer_calls(skel, run.layers, ids.to(run.device))
         if start == 0:
             args, kw = seen[0]
-            run.store.put(0, b, (args[0] if args else kw["hidden_states"]).to("cpu"))
+            for st in _stores(run):
+                st.put(0, b, (args[0] if args else kw["hidden_states"]).to("cpu"))
         calls.setdefault(tuple(ids.shape), [with_hidden(c, None) for c in seen])
     if start > 0:
-        run.store.restore(start)
+        for st in _stores(run):
+            st.restore(start)
     skel.to("meta")         # free them again (the output reads non-layer tensors from the source)
     return calls
 
@@ -284,7 +295,8 @@ def _one_layer(run: StreamRun, i: int) -> None:
     """Statistics of original layer i over every batch (outputs kept as layer i+1's inputs), all-reduced;
     on the layer's owner rank solve, build and write the compressed layer. Layer i is freed afterwards. The first
     layer of each structure is verified first (its full-rank rewrite on the first batch == the original).
-    Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer)."""
+    Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer);
+    with seq_refit, the compressed model's stream is carried beside (`_refit`)."""
     layer, prefix, store = _load_layer(run, i), f"{run.spec.layers}.{i}.", run.store
     views = layer_views(run.skel)
     view = views[i]
@@ -296,27 +308,62 @@ def _one_layer(run: StreamRun, i: int) -> None:
     orig = linear_param_count(layer)
     ahead = i + 1 < len(run.layers)
     keep = ahead and not (run.sequential and not view.left)
-    acc = collect_layer(layer, view, run.calls, [tuple(ids.shape) for ids in run.batches],
-                        lambda b: run.store.get(i, b), (lambda b, h: run.store.put(i + 1, b, h)) if keep else None,
-                        {k for p in run.passes for k in needs(p)}, run.device)
+    targets = (seq_refit.Targets(view, _Stream(store, i), _Stream(run.comp, i))
+               if run.comp is not None and not view.left else None)
+    out0 = []                                         # window 0's output: the seq_refit layout check
+
+    def put(b, h):
+        if b == 0:
+            out0.append(h)
+        if keep:
+            store.put(i + 1, b, h)
+    with targets.hooked() if targets else contextlib.nullcontext():
+        acc = collect_layer(layer, view, run.calls, [tuple(ids.shape) for ids in run.batches],
+                            lambda b: store.get(i, b), put, {k for p in run.passes for k in needs(p)}, run.device)
+    if targets:
+        targets.check_outputs(out0)
     n = distributed.all_reduce_stats([acc], run.n_local)
     meta = {"entry": None, "orig_layer_params": orig, "calib_tokens": n}
     if distributed.rank_world()[0] == distributed.owner(i) and view.left:     # a hybrid's mixer layer: as it is
+        _refit(run, i, layer, view, None, ahead)
         workdir.write_layer(run.work, i, layer, prefix, meta)
     elif distributed.rank_world()[0] == distributed.owner(i):
         swaps = solve_layer(run.skel, views, view, run.passes, acc, n)
         old = [(path, get_path(layer, path)) for path, _ in swaps]
         for path, new in swaps:
             set_child(layer, path, new)
+        _refit(run, i, layer, view, targets, ahead)
         workdir.write_layer(run.work, i, layer, prefix, {**meta, "entry": _layer_entry(run.skel.config, run.spec,
                                                                                         layer)})
         if run.sequential and ahead:
             _forward(run, i, layer, keep=True)      # the next layer sees what the compressed model computes
         for path, mod in old:
             set_child(layer, path, mod)
-    if i + 1 < len(run.layers):
-        store.commit(i + 1)
+    if ahead:
+        for st in _stores(run):
+            st.commit(i + 1)
     run.layers[i] = layer.to("meta")
+
+
+class _Stream:
+    """One stream's hidden states entering layer j as a sequence over batches (`store.get(j, b)`)."""
+
+    def __init__(self, store, j: int):
+        self.store, self.j = store, j
+
+    def __getitem__(self, b: int) -> Tensor:
+        return self.store.get(self.j, b)
+
+
+def _refit(run: StreamRun, i: int, layer: nn.Module, view, targets, ahead: bool) -> None:
+    """With seq_refit: re-fit compressed layer i's o_proj / down_proj toward `targets` on the compressed stream
+    (`seq_refit.refit_layer`; none for a layer left as it is) and put its outputs as layer i+1's inputs."""
+    if run.comp is None:
+        return
+    damping = {} if targets is None else seq_refit.dampings(run.passes)
+    put = (lambda b, h: run.comp.put(i + 1, b, h)) if ahead else (lambda b, h: None)
+    seq_refit.refit_layer(layer, view, run.calls, [tuple(ids.shape) for ids in run.batches], _Stream(run.comp, i),
+                          targets, damping, put=put)
 
 
 def _forward(run: StreamRun, i: int, layer: nn.Module, keep: bool) -> None:

@@ -106,17 +106,18 @@ def fingerprint(src: Path) -> dict:
 class Store:
     """Hidden states between layers, per batch b: `get(j, b)` = inputs of layer j. In memory (a resume
     checkpoint is one file per layer boundary in the work dir), or with `offload` one safetensors file per
-    batch under offload_dir/r<rank>_in<j>/ (those files are then the checkpoint)."""
+    batch under offload_dir/r<rank>_in<j>/ (those files are then the checkpoint). `tag` names a second stream
+    (the compressed model's, for the sequential re-fit) kept beside the first."""
 
-    def __init__(self, work: Path, offload: Path | None, rank: int, run_id: str = ""):
-        self.work, self.rank, self.mem, self.run_id = work, rank, {}, run_id
+    def __init__(self, work: Path, offload: Path | None, rank: int, run_id: str = "", tag: str = ""):
+        self.work, self.rank, self.mem, self.run_id, self.tag = work, rank, {}, run_id, tag
         self.offload = offload / f"a3mod-run-{run_id}" if offload is not None else None   # one folder per run
 
     def _dir(self, j: int) -> Path:
-        return self.offload / f"r{self.rank}_in{j:04d}"
+        return self.offload / f"{self.tag}r{self.rank}_in{j:04d}"
 
     def _file(self, j: int) -> Path:
-        return self.work / f"hidden_r{self.rank}_in{j:04d}.safetensors"
+        return self.work / f"hidden{self.tag}_r{self.rank}_in{j:04d}.safetensors"
 
     def get(self, j: int, b: int) -> Tensor:
         if self.offload is None:
@@ -190,7 +191,7 @@ def run_key(src: Path, passes, calib: Tensor, dtype, batch_size: int, world: int
 
 
 WORK_FILES = re.compile(r"^(run\.json|layer_\d{4}\.(safetensors|json|tmp|jtmp)"
-                         r"|hidden_r\d+_in\d{4}\.(safetensors|tmp))$")
+                         r"|hidden(c)?_r\d+_in\d{4}\.(safetensors|tmp))$")
 
 
 def remove_work(work: Path) -> None:
@@ -230,15 +231,17 @@ def layer_file(work: Path, i: int, ext: str) -> Path:
     return work / f"layer_{i:04d}.{ext}"
 
 
-def resume_point(work: Path, n_layers: int, world: int, offload: Path | None, run_id: str) -> int:
-    """First layer to compute: after the longest prefix of finished layers whose inputs every rank still has."""
+def resume_point(work: Path, n_layers: int, world: int, offload: Path | None, run_id: str,
+                 tags: tuple[str, ...] = ("",)) -> int:
+    """First layer to compute: after the longest prefix of finished layers whose inputs (of every stream in `tags`)
+    every rank still has."""
     done = 0
     while done < n_layers and layer_file(work, done, "json").exists():
         done += 1
     if done == n_layers:
         return done
     for k in range(done, 0, -1):
-        if all(Store(work, offload, r, run_id).has(k) for r in range(world)):
+        if all(Store(work, offload, r, run_id, t).has(k) for r in range(world) for t in tags):
             return k
     return 0
 
