@@ -2,8 +2,9 @@
 again on the inputs the *compressed* model gives them, toward the *original* model's outputs.
 
 `apply`'s layer-by-layer schedule (pipeline/layerwise.py) and streaming (pipeline/stream.py: a second hidden-state
-store, resumable like the first) then carry two residual streams of the calibration windows: h_O, the original model's (its statistics are collected on it, as without this option), and h_C, the
-compressed model's (earlier layers compressed and re-fitted). For layer l, with its compact modules solved from
+store, resumable like the first) then carry two residual streams of the calibration windows: h_O, the original
+model's (its statistics are collected on it, as without this option), and h_C, the compressed model's (earlier
+layers compressed and re-fitted). For layer l, with its compact modules solved from
 its statistics and swapped in:
 
     original pass (the statistics pass; hooks beside): a_O = o_proj's output, mid_O = the stream after attention
