@@ -210,6 +210,9 @@ def test_cli_seq_refit_end_to_end(tmp_path, text_file):
     assert [p.get("seq_refit") for p in side["passes"]][1:3] == [True, True]
     a, b = a3mod.load(str(out)), a3mod.load(str(tmp_path / "plain"))
     assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
+    for bad in (["--stats", str(tmp_path / "st.safetensors")], ["--stream", "--sequential"]):
+        assert main([*args, "--seq-refit", *bad, "--out", str(tmp_path / "x")]) == 2
+        assert not (tmp_path / "x").exists() and not (tmp_path / "st.safetensors").exists()
     assert main([*args, "--seq-refit", "--stream", "--out", str(tmp_path / "s")]) == 0
     c = a3mod.load(str(tmp_path / "s"))
     ids = input_ids()

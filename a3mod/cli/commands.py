@@ -67,6 +67,10 @@ def _check_inputs(args) -> tuple:
         raise A3ModError("--keep-other-files keeps your files when --overwrite replaces a checkpoint; give both")
     if args.sequential and not args.stream:
         raise A3ModError("--sequential calibrates layer by layer while streaming: give it with --stream")
+    if getattr(args, "seq_refit", False) and (args.stats or args.sequential):
+        raise A3ModError("--seq-refit calibrates each layer from the windows as it goes: drop " +
+                         ("--stats (a statistics file is not used with it)" if args.stats else
+                          "--sequential (choose one way of reading the compressed stream)"))
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
         raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
                          f"--heal-lr {args.heal_lr} is outside (0, 1)")
