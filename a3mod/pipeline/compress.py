@@ -26,6 +26,7 @@ from ..quant.base import handler_for
 from ..report import linear_param_count, report
 from ..validate import nonfinite_weight
 from . import layerwise, seq_refit
+from .job import ApplyJob
 from .undo import UndoLog
 from .verify import verify_model
 
@@ -60,7 +61,9 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     with UndoLog(model) as undo:
         try:
             with torch.no_grad():       # no autograd graph: it would keep every float64 solve alive
-                info = _rewrite(model, views, passes, quant, calib, stats, progress, undo)
+                job = ApplyJob(model=model, views=views, passes=passes, calib=calib, stats=stats,
+                               progress=progress, undo=undo)
+                info = _rewrite(job, quant)
         except BaseException:
             undo.restore()              # every swapped module back: the model is as it was
             raise
@@ -68,16 +71,16 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     return native.adopt(model)          # save_pretrained now writes the compressed description (a3mod.io.native)
 
 
-def _rewrite(model, views, passes, quant, calib, stats, progress, undo: UndoLog) -> dict:
+def _rewrite(job: ApplyJob, quant) -> dict:
     """Compress (each layer swapped in as soon as it is solved; baselines reading every layer: once all are) and
-    quantize, every swap logged in `undo`; returns the model's new a3mod_info."""
-    swaps, info = (_compress(model, views, passes, calib, stats, progress, undo) if passes
-                   else ([], _info_so_far(model, views)))
+    quantize, every swap logged in `job.undo`; returns the model's new a3mod_info."""
+    views = job.views
+    swaps, info = _compress(job) if job.passes else ([], _info_so_far(job.model, views))
     if swaps:
-        _self_check(model, calib)
-    qswaps = quant_swaps(quant, views, swaps, progress) if quant is not None else []
+        _self_check(job.model, job.calib)
+    qswaps = quant_swaps(quant, views, swaps, job.progress) if quant is not None else []
     for i, path, new in qswaps:
-        undo.swap(views[i].layer, path, new)
+        job.undo.swap(views[i].layer, path, new)
     if quant is not None:
         info["passes"] = [*info["passes"], pass_to_dict(quant)]
     return info
@@ -117,85 +120,109 @@ def check_finite(model: nn.Module) -> None:
                          f"only (the model is left as it is)")
 
 
-def _compress(model, views, passes, calib, stats, progress, undo: UndoLog) -> tuple[list, dict]:
-    """The compact modules the compression passes make, swapped in (each logged in `undo`), and the model's new
+def _compress(job: ApplyJob) -> tuple[list, dict]:
+    """The compact modules the compression passes make, swapped in (each logged in `job.undo`), and the model's new
     a3mod_info."""
+    _check_model(job)
+    model, views = job.model, job.views
+    orig = [linear_param_count(v.layer) for v in views]
+    _check_seq_refit(job)
+    job.passes = _resolve_first(job)
+    done = _layer_by_layer(job)
+    if done is not None:
+        return done[0], _info(job, done[1], orig)
+    stats = Stats.ensure(model, job.calib, job.kinds, job.stats, progress=job.progress,
+                         who=str([type(p).__name__ for p in job.passes]))
+    if stats is not None:
+        stats.check(min_tokens=views[0].dims.head_dim + 1)
+        if len(stats.layers) != len(views):
+            raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
+        stats = pooled(stats, job.groups)
+    job.stats = stats
+    if scope_of(job.passes[0]) == "layer":
+        job.passes = [p.resolve(views, stats) for p in job.passes]       # e.g. A3QK(portable=True) -> pair_order
+    if scope_of(job.passes[0]) == "model":          # every layer built, then swapped in
+        swaps = run_pass(job.passes[0], PassContext(model=model, views=views, stats=stats, calib=job.calib,
+                                                    progress=job.progress))
+        for i, path, new in swaps:
+            job.undo.swap(views[i].layer, path, new)
+    else:
+        swaps = _a3_swaps(job)
+    return swaps, _info(job, stats.n if stats else 0, orig)
+
+
+def _info(job: ApplyJob, tokens: int, orig: list[int]) -> dict:
+    return {"passes": [pass_to_dict(p) for p in job.passes], "calib_tokens": tokens, "orig_layer_params": orig}
+
+
+def _check_model(job: ApplyJob) -> None:
+    """Before any calibration: the model is neither compressed nor quantized, the passes fit it (shared blocks, kept
+    dims, the layer descriptions at full rank); the passes balanced around parts kept whole."""
+    model, views, passes = job.model, job.views, job.passes
     if any(set(describe_layer(v.layer, v.spec)) - {"quantized"} for v in views):    # a codec finds a compact kind
         raise A3ModError("model is already compressed by a3mod; apply all passes in one call to the original")
     if any(is_quantized(m) for v in views for m in v.layer.modules()):
         raise A3ModError("model is quantized; compress the unquantized model (compression passes first, then one "
                          "quantization pass, in one call)")
-    groups = shared_groups(views)                # blocks several layers run (Zamba2): solved once, tie kept
-    if groups and scope_of(passes[0]) == "model":
+    job.groups = shared_groups(views)                # blocks several layers run (Zamba2): solved once, tie kept
+    if job.groups and scope_of(passes[0]) == "model":
         raise UnsupportedModelError(
-            f"{type(model).__name__}: layers {groups} run one shared block each; {type(passes[0]).__name__} reduces "
-            f"every layer on its own and would untie them (a larger model): use uniform A3 (a3mod.a3_passes)")
+            f"{type(model).__name__}: layers {job.groups} run one shared block each; {type(passes[0]).__name__} "
+            f"reduces every layer on its own and would untie them (a larger model): use uniform A3 (a3mod.a3_passes)")
     if scope_of(passes[0]) == "layer":
-        passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
-        preflight(passes, views)                 # kept dims fit every layer, before any calibration
-    if any(p.rebuilds_layers() for p in passes):
-        verify_model(model, views)               # the description reproduces every layer structure at full rank
-    orig = [linear_param_count(v.layer) for v in views]
-    kinds = {k for p in passes for k in needs(p)}
-    _check_seq_refit(model, passes, calib, stats, groups)
-    passes = _resolve_first(model, views, passes, calib, stats, kinds, progress)
-    if groups and layerwise.wanted(passes, kinds, calib, stats):
-        warnings.warn(f"a3mod: layers {groups} of {type(model).__name__} run shared blocks, solved from all their "
-                      f"uses: every layer's {sorted(kinds & layerwise.BIG_KINDS)} statistics are collected in one "
-                      f"forward and held at once (not one layer at a time)", stacklevel=3)
-    elif layerwise.wanted(passes, kinds, calib, stats):
-        if layerwise.replays(model, views, calib):
-            swaps, n = layerwise.layerwise_swaps(model, views, passes, calib, kinds, progress, undo)
-            return swaps, {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": n, "orig_layer_params": orig}
-        if seq_refit.dampings(passes):
-            raise UnsupportedModelError(f"{type(model).__name__}'s layers cannot be replayed one by one (they pass "
-                                        f"other state along): the sequential re-fit (seq_refit=True) needs that; "
-                                        f"leave it off for this model")
-        warnings.warn(f"a3mod: {type(model).__name__}'s layers cannot be replayed one by one (they pass other state "
-                      f"along or share it through their arguments): every layer's {sorted(kinds)} statistics are "
-                      f"collected in one forward and held at once", stacklevel=3)
-    stats = Stats.ensure(model, calib, kinds, stats, progress=progress, who=str([type(p).__name__ for p in passes]))
-    if stats is not None:
-        stats.check(min_tokens=views[0].dims.head_dim + 1)
-        if len(stats.layers) != len(views):
-            raise CalibrationError(f"stats cover {len(stats.layers)} layers, the model has {len(views)}")
-        stats = pooled(stats, groups)
-    if scope_of(passes[0]) == "layer":
-        passes = [p.resolve(views, stats) for p in passes]       # e.g. A3QK(portable=True) -> pair_order
-    if scope_of(passes[0]) == "model":          # every layer built, then swapped in
-        swaps = run_pass(passes[0], PassContext(model=model, views=views, stats=stats, calib=calib, progress=progress))
-        for i, path, new in swaps:
-            undo.swap(views[i].layer, path, new)
-    else:
-        swaps = _a3_swaps(model, views, passes, stats, progress, undo, groups)
-    info = {"passes": [pass_to_dict(p) for p in passes], "calib_tokens": stats.n if stats else 0,
-            "orig_layer_params": orig}
-    return swaps, info
+        job.passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
+        preflight(job.passes, views)                 # kept dims fit every layer, before any calibration
+    if any(p.rebuilds_layers() for p in job.passes):
+        verify_model(model, views)                   # the description reproduces every layer structure at full rank
 
 
-def _check_seq_refit(model, passes, calib, stats, groups) -> None:
+def _layer_by_layer(job: ApplyJob):
+    """(swaps, calibration tokens) of `apply`'s layer-by-layer schedule where it runs, else None (every layer's
+    statistics are then collected in one forward)."""
+    model, kinds = job.model, job.kinds
+    if not layerwise.wanted(job.passes, kinds, job.calib, job.stats):
+        return None
+    if job.groups:
+        warnings.warn(f"a3mod: layers {job.groups} of {type(model).__name__} run shared blocks, solved from all "
+                      f"their uses: every layer's {sorted(kinds & layerwise.BIG_KINDS)} statistics are collected in "
+                      f"one forward and held at once (not one layer at a time)", stacklevel=4)
+        return None
+    if layerwise.replays(model, job.views, job.calib):
+        return layerwise.layerwise_swaps(job)
+    if seq_refit.dampings(job.passes):
+        raise UnsupportedModelError(f"{type(model).__name__}'s layers cannot be replayed one by one (they pass "
+                                    f"other state along): the sequential re-fit (seq_refit=True) needs that; "
+                                    f"leave it off for this model")
+    warnings.warn(f"a3mod: {type(model).__name__}'s layers cannot be replayed one by one (they pass other state "
+                  f"along or share it through their arguments): every layer's {sorted(kinds)} statistics are "
+                  f"collected in one forward and held at once", stacklevel=4)
+    return None
+
+
+def _check_seq_refit(job: ApplyJob) -> None:
     """A sequential re-fit runs in the layer-by-layer schedule only: refuse, before any work, what rules it out."""
-    if not seq_refit.dampings(passes):
+    if not seq_refit.dampings(job.passes):
         return
-    why = ("it needs calib= (the calibration windows), not stats=" if stats is not None or calib is None else
-           f"layers {groups} run shared blocks (solved from all their uses at once)" if groups else
+    why = ("it needs calib= (the calibration windows), not stats=" if job.stats is not None or job.calib is None
+           else f"layers {job.groups} run shared blocks (solved from all their uses at once)" if job.groups else
            "it runs in one process (not under torch.distributed)" if distributed.active() else None)
     if why:
         raise A3ModError(f"seq_refit=True (A3OV / A3MLP) re-fits each layer on the compressed model's stream, layer "
                          f"by layer: {why}")
 
 
-def _resolve_first(model, views, passes, calib, stats, kinds: set[str], progress: bool) -> list:
+def _resolve_first(job: ApplyJob) -> list:
     """Where a layer-scope pass ranks across layers from small statistics (A3QK(portable=True): the "a3" kind) and
     others need the large Grams, resolve it from one forward of the small kinds alone, so the Grams can still be
     collected one layer at a time (the same passes as resolving from everything)."""
+    passes, kinds = job.passes, job.kinds
     whole = [p for p in passes if p.whole_model_stats()]
-    if (not whole or scope_of(passes[0]) != "layer" or calib is None or stats is not None
+    if (not whole or scope_of(passes[0]) != "layer" or job.calib is None or job.stats is not None
             or not (kinds & layerwise.BIG_KINDS or seq_refit.dampings(passes))
             or {k for p in whole for k in needs(p)} & layerwise.BIG_KINDS):
         return passes
-    small = Stats.ensure(model, calib, {k for p in whole for k in needs(p)}, progress=progress)
-    return [p.resolve(views, small) for p in passes]
+    small = Stats.ensure(job.model, job.calib, {k for p in whole for k in needs(p)}, progress=job.progress)
+    return [p.resolve(job.views, small) for p in passes]
 
 
 def _info_so_far(model, views) -> dict:
@@ -225,18 +252,19 @@ def pooled(stats: Stats, groups: list[list[int]]) -> Stats:
     return replace(stats, layers=layers)
 
 
-def _a3_swaps(model, views, passes, stats, progress, undo: UndoLog, groups=()) -> list:
-    """Solve each layer and swap its compact modules in at once (the layer's originals go to `undo`), so the model
+def _a3_swaps(job: ApplyJob) -> list:
+    """Solve each layer and swap its compact modules in at once (the layer's originals go to `job.undo`), so the model
     never holds two copies of more than the undo log's memory budget. The later uses of a shared block get the
     modules solved for its first use (the same objects: the block stays tied)."""
+    groups = job.groups
     out, lead, first = [], {i: g[0] for g in groups for i in g[1:]}, {}
-    for v in tqdm(active(views), desc="solving", disable=not progress, unit="layer"):
+    for v in tqdm(active(job.views), desc="solving", disable=not job.progress, unit="layer"):
         built = (first[lead[v.index]] if v.index in lead
-                 else distributed.solve(build_layer, model, v, passes, stats))
+                 else distributed.solve(build_layer, job.model, v, job.passes, job.stats))
         if any(v.index == g[0] for g in groups):
             first[v.index] = built
         for path, new in built:
-            undo.swap(v.layer, path, new)
+            job.undo.swap(v.layer, path, new)
         out += [(v.index, path, new) for path, new in built]
     return out
 

@@ -33,7 +33,6 @@ from ..calib import distributed
 from ..calib.stats import Stats, check_request, check_token_ids, vocab_size
 from . import seq_refit
 from .steps import collect_layer, solve_layer
-from .undo import UndoLog
 
 BIG_KINDS = frozenset({"gram", "hgram", "ogram", "ehgram"})    # per-layer Grams too large to hold for every layer
 
@@ -96,11 +95,11 @@ def _hidden(call: tuple[tuple, dict]) -> Tensor:
 
 
 @torch.no_grad()
-def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[str], progress: bool,
-                    undo: UndoLog) -> tuple[list, int]:
-    """Solve every active layer of `model` from its own statistics (the original model's activations of `calib`),
-    swapping its compact modules in as it goes (A3's passes, or one baseline that solves layer by layer); returns
-    ([(layer, path, module)], calibration tokens)."""
+def layerwise_swaps(job) -> tuple[list, int]:
+    """Solve every active layer of `job.model` from its own statistics (the original model's activations of
+    `job.calib`), swapping its compact modules in as it goes (A3's passes, or one baseline that solves layer by layer;
+    each swap logged in `job.undo`); returns ([(layer, path, module)], calibration tokens)."""
+    model, views, passes, calib, kinds = job.model, job.views, job.passes, job.calib, job.kinds
     check_request(calib, sorted(kinds))
     check_token_ids(calib, vocab_size(model))
     layers = get_path(model, views[0].spec.layers)
@@ -114,7 +113,7 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
         n, out = int(calib.numel()), []
         damping = seq_refit.dampings(passes)
         h_c = list(hidden) if damping else None          # the compressed model's stream (sequential re-fit)
-        bar = tqdm(views, desc="calibrating + solving", disable=not progress, unit="layer")
+        bar = tqdm(views, desc="calibrating + solving", disable=not job.progress, unit="layer")
         for v in bar:
             targets = seq_refit.Targets(v, hidden, h_c) if damping and not v.left else None
             with targets.hooked() if targets else contextlib.nullcontext():
@@ -122,12 +121,12 @@ def layerwise_swaps(model: nn.Module, views, passes, calib: Tensor, kinds: set[s
             if targets:
                 targets.check_outputs(nxt)
             for path, new in ([] if v.left else solve_layer(model, views, v, passes, acc, n)):
-                undo.swap(v.layer, path, new)
+                job.undo.swap(v.layer, path, new)
                 out.append((v.index, path, new))
             del acc                   # this layer's Grams go before the next layer's are summed
             if damping:
                 h_c, err = seq_refit.refit_layer(layers[v.index], v, calls, shapes, h_c, targets,
-                                                  {} if v.left else damping)
+                                                 {} if v.left else damping)
                 bar.set_postfix({k: f"{a:.3f}->{b:.3f}" for k, (a, b) in err.items()})
             hidden = nxt
     finally:
