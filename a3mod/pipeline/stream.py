@@ -55,12 +55,13 @@ from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
 from ..passes.a3 import preflight
 from ..passes.balance import balance
-from ..passes.base import check_passes, needs
+from ..passes.base import check_passes
 from ..report import linear_param_count
 from ..validate import boolean
 from .steps import collect_layer, solve_layer
 from .verify import check_layer, view_key
 from . import seq_refit, workdir
+from .job import Job
 from .workdir import work_dir  # noqa: F401  (a3mod.pipeline.stream.work_dir: where a run resumes from)
 
 
@@ -132,8 +133,10 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     _refuse_shared(skel, views)
     passes = balance(passes, views)          # QK kept whole under q/k norms: the others give its share
     preflight(passes, views)
-    run = StreamRun(skel, gguf or src, out, passes, calib, batch_size, offload_dir, dtype, device, tokenizer, overwrite,
-                    restart, progress, tuple(extra_names), sequential, header)
+    run = StreamRun(model=skel, views=views, passes=passes, calib=calib, progress=progress, src=gguf or src, out=out,
+                    batch_size=batch_size, offload_dir=offload_dir, dtype=dtype, device=device, tokenizer=tokenizer,
+                    overwrite=overwrite, restart=restart, extra_names=tuple(extra_names), sequential=sequential,
+                    gguf_header=header)
     rank = distributed.rank_world()[0]
     with files.output_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
@@ -143,14 +146,12 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     return out
 
 
-@dataclass
-class StreamRun:
-    """One streaming run: its arguments, then what `_open` derives (layers, source, work dir, batches, ...)."""
-    skel: nn.Module
+@dataclass(kw_only=True)
+class StreamRun(Job):
+    """One streaming run (`job.Job`: model = the meta-device skeleton): its arguments, then what `_open` derives
+    (layers, source, work dir, batches, ...)."""
     src: Path                                         # the safetensors folder, or the GGUF file
     out: Path
-    passes: list
-    calib: Tensor
     batch_size: int
     offload_dir: str | os.PathLike | None
     dtype: torch.dtype
@@ -158,7 +159,6 @@ class StreamRun:
     tokenizer: Any
     overwrite: bool
     restart: bool
-    progress: bool
     extra_names: tuple = ()
     sequential: bool = False
     gguf_header: Any = None                           # the GGUF source's, read once
@@ -203,11 +203,11 @@ def _refuse_shared(skel: nn.Module, views) -> None:
 def _open(run: StreamRun) -> int:
     """Fill in `run` (every rank), open or resume the work dir (rank 0); returns the first layer to compute."""
     rank, world = distributed.rank_world()
-    run.spec = spec_for(run.skel)
-    run.layers = get_path(run.skel, run.spec.layers)
-    run.nonlayer, run.aliases, run.layers_at = _nonlayer_keys(run.skel, run.spec.layers)
-    run.source = (GGUFSource(run.src, run.skel, run.spec.layers, run.gguf_header) if run.src.is_file()
-                  else workdir.Source(run.src, run.skel.base_model_prefix))
+    run.spec = spec_for(run.model)
+    run.layers = get_path(run.model, run.spec.layers)
+    run.nonlayer, run.aliases, run.layers_at = _nonlayer_keys(run.model, run.spec.layers)
+    run.source = (GGUFSource(run.src, run.model, run.spec.layers, run.gguf_header) if run.src.is_file()
+                  else workdir.Source(run.src, run.model.base_model_prefix))
     run.work = workdir.work_dir(run.out)
     offload = Path(run.offload_dir) if run.offload_dir is not None else None
     run_id = None
@@ -257,7 +257,7 @@ def _stream(run: StreamRun) -> None:
 def _prepare(run: StreamRun, start: int) -> dict:
     """Load the non-layer weights the forward needs, capture each layer's arguments per batch shape (and, when
     starting at layer 0, layer 0's inputs for every batch), free them; restore the hidden states otherwise."""
-    skel = run.skel
+    skel = run.model
     head = {id(p) for p in skel.get_output_embeddings().parameters()} if skel.get_output_embeddings() else set()
     tied = {id(p) for p in skel.get_input_embeddings().parameters()}
     keys = [k for k, t in run.nonlayer if id(t) not in head or id(t) in tied]
@@ -298,12 +298,12 @@ def _one_layer(run: StreamRun, i: int) -> None:
     Sequential runs keep the compressed layer's outputs as the next inputs instead (one more pass per layer);
     with seq_refit, the compressed model's stream is carried beside (`_refit`)."""
     layer, prefix, store = _load_layer(run, i), f"{run.spec.layers}.{i}.", run.store
-    views = layer_views(run.skel)
+    views = layer_views(run.model)
     view = views[i]
     key = view_key(view)
     if key not in run.verified and not view.left:
         first = with_hidden(run.calls[tuple(run.batches[0].shape)][i], store.get(i, 0).to(run.device))
-        check_layer(run.skel, view, *first)
+        check_layer(run.model, view, *first)
         run.verified.add(key)
     orig = linear_param_count(layer)
     ahead = i + 1 < len(run.layers)
@@ -319,7 +319,7 @@ def _one_layer(run: StreamRun, i: int) -> None:
             store.put(i + 1, b, h)
     with targets.hooked() if targets else contextlib.nullcontext():
         acc = collect_layer(layer, view, run.calls, [tuple(ids.shape) for ids in run.batches],
-                            lambda b: store.get(i, b), put, {k for p in run.passes for k in needs(p)}, run.device)
+                            lambda b: store.get(i, b), put, run.kinds, run.device)
     if targets:
         targets.check_outputs(out0)
     n = distributed.all_reduce_stats([acc], run.n_local)
@@ -328,12 +328,12 @@ def _one_layer(run: StreamRun, i: int) -> None:
         _refit(run, i, layer, view, None, ahead)
         workdir.write_layer(run.work, i, layer, prefix, meta)
     elif distributed.rank_world()[0] == distributed.owner(i):
-        swaps = solve_layer(run.skel, views, view, run.passes, acc, n)
+        swaps = solve_layer(run.model, views, view, run.passes, acc, n)
         old = [(path, get_path(layer, path)) for path, _ in swaps]
         for path, new in swaps:
             set_child(layer, path, new)
         _refit(run, i, layer, view, targets, ahead)
-        workdir.write_layer(run.work, i, layer, prefix, {**meta, "entry": _layer_entry(run.skel.config, run.spec,
+        workdir.write_layer(run.work, i, layer, prefix, {**meta, "entry": _layer_entry(run.model.config, run.spec,
                                                                                         layer)})
         if run.sequential and ahead:
             _forward(run, i, layer, keep=True)      # the next layer sees what the compressed model computes
@@ -384,7 +384,7 @@ def _source_entry(run: StreamRun, key: str, t: Tensor, store: torch.dtype | None
 
 def _assemble(run: StreamRun) -> None:
     """Write the a3mod checkpoint (the format of `a3mod.save`) from the work dir, atomically."""
-    skel, src, work = run.skel, run.src, run.work
+    skel, src, work = run.model, run.src, run.work
     metas = [json.loads(workdir.layer_file(work, i, "json").read_text()) for i in range(len(run.layers))]
     store = skel.a3mod_source_dtype
     plan = [_source_entry(run, k, t, store) for k, t in run.nonlayer]
