@@ -44,9 +44,9 @@ from ..modules.lowrank import LowRankConfig
 from ..modules.mlp import MLPConfig
 from ..modules.configs import from_entry, to_entry
 from ..modules.inplace import ExpertsConfig, MLAConfig, mla_config
-from ..modules.linears import linear_shape, quantized_linears
+from ..modules.linears import QuantizedLinearConfig, linear_shape, quantized_config, quantized_linears
 from ..modules.narrow import NarrowConfig
-from .schema import PATH, boolean, check_config, fail, indices, integer, keys
+from .schema import PATH, check_config, fail, indices, keys
 
 
 @dataclass
@@ -164,17 +164,13 @@ def _experts_entry(x, path: str):
     return {**x, "experts": len(kept), "width": len(kept[0])}
 
 
-def _linear_map(d, path: str, required: tuple, optional: tuple = ()) -> None:
+def _quantized(d, path: str) -> None:
+    """{module path: QuantizedLinearConfig entry}."""
     keys(d, path, (), tuple(d) if isinstance(d, dict) else ())
     for p, e in d.items():
         if not PATH.match(p):
             fail(path, f"names {p!r}, which is not a module path")
-        q = f"{path}.{p}"
-        keys(e, q, required, optional)
-        for n in ("in_features", "out_features", "rank", "orig_in", "orig_out"):
-            if n in e:
-                integer(e[n], f"{q}.{n}", 1)
-        boolean(e["bias"], f"{q}.bias")
+        check_config(QuantizedLinearConfig, e, f"{path}.{p}")
 
 
 def _narrow(d, path: str) -> None:
@@ -338,10 +334,7 @@ def _narrow_entry(m: nn.Module) -> dict:
 
 def _describe_quantized(site: Site) -> dict | None:
     """{path: dims} of the quantized linears (their modules are rebuilt from their tensors, quant/io.py)."""
-    out = {}
-    for path, m in quantized_linears(site.layer).items():
-        in_f, out_f = linear_shape(m)
-        out[path] = dict(in_features=int(in_f), out_features=int(out_f), bias=getattr(m, "bias", None) is not None)
+    out = {path: to_entry(quantized_config(m)) for path, m in quantized_linears(site.layer).items()}
     return out or None
 
 
@@ -354,5 +347,4 @@ register(Codec("latent_attn", _describe_latent, _latent, _build_latent))
 register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear),
                slim=lambda d: {p: {**e, "kept": None} for p, e in d.items()}))
 register(Codec("linears", _describe_lowrank, _validate_lowrank, _build_linears(LowRankLinear)))
-register(Codec("quantized", _describe_quantized,
-               lambda d, path: _linear_map(d, path, ("in_features", "out_features", "bias"))))
+register(Codec("quantized", _describe_quantized, _quantized))

@@ -1,7 +1,25 @@
 """Facts about linear modules that every layer of a3mod reads: quantized or not, and their shape."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+from .configs import spec
+
+
+@dataclass(frozen=True)
+class QuantizedLinearConfig:
+    """A quantized linear as a checkpoint describes it: its dims and bias (the codec-specific state, e.g. HQQ's
+    group size or bitsandbytes' quant state, travels with its tensors: a3mod/quant/io.py rebuilds the module)."""
+    in_features: int = spec(kind="int", lo=1)
+    out_features: int = spec(kind="int", lo=1)
+    bias: bool = spec(kind="bool")
+
+
+def quantized_config(m: nn.Module) -> QuantizedLinearConfig:
+    in_f, out_f = linear_shape(m)
+    return QuantizedLinearConfig(int(in_f), int(out_f), getattr(m, "bias", None) is not None)
 
 
 def is_quantized(m: nn.Module) -> bool:
