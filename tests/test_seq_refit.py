@@ -133,12 +133,23 @@ def _untouched(model, before: dict) -> bool:
 
 
 @pytest.mark.parametrize("mtype,error", [("gemma2", UnsupportedModelError), ("mixtral", UnsupportedModelError)])
-def test_layouts_it_does_not_cover_are_refused_and_the_model_is_untouched(mtype, error):
+def test_layouts_it_does_not_cover_are_refused_and_the_model_is_untouched(mtype, error, monkeypatch):
+    from a3mod.pipeline import layerwise
+
     model = tiny_zoo_model(mtype)
     before = _params(model)
+    monkeypatch.setattr(layerwise, "_capture", lambda *a: pytest.fail("calibration started"))
     with pytest.raises(error, match="seq_refit"):
         a3mod.apply(model, passes(0.3), calib=_ids(4, 16, 1), progress=False)
     assert _untouched(model, before)
+
+
+@pytest.mark.parametrize("mtype,ok", [("llama", True), ("qwen2", True), ("mistral", True), ("gemma2", False),
+                                      ("gemma3_text", False), ("cohere", False), ("mixtral", False)])
+def test_layout_probe(mtype, ok):
+    model = tiny_zoo_model(mtype)
+    problem = seq_refit.layout_problem(model, layer_views(model), _ids(1, 12, 0))
+    assert (problem is None) == ok, problem
 
 
 def test_statistics_given_instead_of_calibration_are_refused():

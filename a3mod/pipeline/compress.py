@@ -209,6 +209,14 @@ def _check_seq_refit(job: ApplyJob) -> None:
     if why:
         raise A3ModError(f"seq_refit=True (A3OV / A3MLP) re-fits each layer on the compressed model's stream, layer "
                          f"by layer: {why}")
+    was = job.model.training
+    job.model.eval()
+    try:
+        problem = seq_refit.layout_problem(job.model, job.views, job.calib[:1, :16].to(job.views[0].anchor().device))
+    finally:
+        job.model.train(was)
+    if problem:
+        raise UnsupportedModelError(f"{type(job.model).__name__}: {problem}")
 
 
 def _resolve_first(job: ApplyJob) -> list:

@@ -101,12 +101,61 @@ def _mid_norm(view) -> str:
 
 
 def _check(view, what: str, got: Tensor, want: Tensor) -> None:
-    err = float((got - want).norm() / got.norm().clamp_min(1e-30))
-    if not err <= TOLERANCE:
-        raise UnsupportedModelError(
-            f"layer {view.index}: the sequential re-fit (seq_refit=True) needs the attention and MLP outputs added "
+    problem = _mismatch(view, what, got, want)
+    if problem:
+        raise UnsupportedModelError(problem)
+
+
+def _mismatch(view, what: str, got: Tensor, want: Tensor) -> str | None:
+    err = float((got.float() - want.float()).norm() / got.float().norm().clamp_min(1e-30))
+    if err <= TOLERANCE:
+        return None
+    return (f"layer {view.index}: the sequential re-fit (seq_refit=True) needs the attention and MLP outputs added "
             f"straight onto the residual stream; the stream here is not {what} (relative difference {err:.2g}: "
             f"post-norms, a parallel block or scaled residuals): leave seq_refit off for this model")
+
+
+def _recorder(rec: dict):
+    """put(key, tensor or tuple): keep the first value seen under key (a hook's return value stays None)."""
+    def put(k, t) -> None:
+        rec.setdefault(k, t[0] if isinstance(t, tuple) else t)
+    return put
+
+
+@torch.no_grad()
+def layout_problem(model: nn.Module, views, ids: Tensor) -> str | None:
+    """Why the sequential re-fit cannot run on `model` (None: it can), before any calibration: every active layer's
+    structure (a dense MLP behind a second norm), then the residual identities on one short window through the whole
+    model (mid = h + o_proj(..), out = mid + down_proj(..), the check each layer's statistics pass repeats)."""
+    seen: dict[int, dict] = {}
+    hooks = []
+    try:
+        for v in views:
+            if v.left:
+                continue
+            put = _recorder(seen.setdefault(v.index, {}))
+            hooks += [v.layer.register_forward_pre_hook(
+                          lambda m, a, kw, put=put: put("h", a[0] if a else kw["hidden_states"]), with_kwargs=True),
+                      v.layer.register_forward_hook(lambda m, a, y, put=put: put("out", y)),
+                      get_path(v.layer, _mid_norm(v)).register_forward_pre_hook(lambda m, a, put=put: put("mid", a)),
+                      v.down_module().register_forward_hook(lambda m, a, y, put=put: put("m", y))]
+            if v.attn is not None:
+                hooks.append(v.o_module().register_forward_hook(lambda m, a, y, put=put: put("a", y)))
+        model(input_ids=ids)
+    except UnsupportedModelError as e:
+        return str(e)
+    finally:
+        for h in hooks:
+            h.remove()
+    for v in views:
+        r = seen.get(v.index, {})
+        if v.left or not r:
+            continue
+        problem = ((_mismatch(v, "h + o_proj(...)", r["mid"], r["h"] + r["a"]) if "a" in r else None)
+                   or _mismatch(v, "mid + down_proj(...)", r["out"], r["mid"] + r["m"]))
+        if problem:
+            return problem
+    return None
 
 
 def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
