@@ -228,3 +228,15 @@ def test_cli_seq_refit_end_to_end(tmp_path, text_file):
     c = a3mod.load(str(tmp_path / "s"))
     ids = input_ids()
     assert torch.allclose(logits(c, ids), logits(a, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_from_kept_inputs_equal_a_third_pass(monkeypatch):
+    """down_proj's kept inputs give the layer's outputs (mid + down_proj(u)) as a third pass through the layer would."""
+    orig = tiny_model("llama", kv_heads=2, layers=3)
+    calib = calib_ids(12, 16)
+    a, b = copy.deepcopy(orig), copy.deepcopy(orig)
+    a3mod.apply(a, passes(0.3), calib=calib, progress=False)
+    monkeypatch.setattr(seq_refit, "KEEP_BYTES", 0)
+    a3mod.apply(b, passes(0.3), calib=calib, progress=False)
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-7), n

@@ -36,6 +36,7 @@ from ..math.solvers import ridge_refit
 from ..modules import ReducedHeadAttention, ReducedMLP
 
 TOLERANCE = 1e-2        # relative: how closely the layer's parts must add up to the residual stream
+KEEP_BYTES = 2 << 30    # down_proj's inputs up to this size are kept, so the layer's outputs need no third pass
 
 
 def dampings(passes) -> dict[str, float]:
@@ -173,21 +174,27 @@ def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
 
 
 class _Fit:
-    """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook; float64) and the target t of the
-    current window `w` (target(w, device), bias taken off); the window's forward stops there (`_Stop`)."""
+    """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook) and the target t of the current window
+    `w` (target(w, device), bias taken off): products in the compute dtype (float32 at least), summed in float64;
+    the window's forward stops there (`_Stop`). `keep`: also keep each window's input (model dtype, on the CPU)."""
 
-    def __init__(self, lin: nn.Linear, target):
-        self.lin, self.target, self.w = lin, target, 0
+    def __init__(self, lin: nn.Linear, target, keep: bool = False):
+        self.lin, self.target, self.w, self.keep = lin, target, 0, keep
         self.g = self.c = self.tt = 0.0
         self.n = 0
+        self.inputs: list[Tensor] = []
 
     def __call__(self, mod, args):
-        u = args[0].reshape(-1, args[0].shape[-1]).double()
-        t = self.target(self.w, u.device).reshape(-1, self.lin.out_features).double()
+        x = args[0]
+        u = x.reshape(-1, x.shape[-1])
+        u = u if u.dtype in (torch.float32, torch.float64) else u.float()
+        t = self.target(self.w, u.device).reshape(-1, self.lin.out_features).to(u.dtype)
         if self.lin.bias is not None:
-            t = t - self.lin.bias.double()
-        self.g, self.c = self.g + u.T @ u, self.c + u.T @ t
-        self.tt, self.n = self.tt + float(t.square().sum()), self.n + u.shape[0]
+            t = t - self.lin.bias.to(u.dtype)
+        self.g, self.c = self.g + (u.T @ u).double(), self.c + (u.T @ t).double()
+        self.tt, self.n = self.tt + float(t.double().square().sum()), self.n + u.shape[0]
+        if self.keep:
+            self.inputs.append(x.to("cpu"))
         raise _Stop                     # what the layer computes after this input is not needed
 
     def error(self, w: Tensor) -> float:
@@ -243,10 +250,25 @@ def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c, targets:
         _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], fit)        # attention only
         errors["o"] = fit.solve(damping["o"])
     if "down" in damping:
-        cur: dict[str, Tensor] = {}           # the current window's mid_C (the norm runs before down_proj)
-        fit = _Fit(out_linear(layer, view, "down"), lambda w, dev: targets.mlp[w].to(dev) - cur["mid"])
+        lin = out_linear(layer, view, "down")
+        tokens = sum(s[0] * s[1] for s in shapes)
+        keep = tokens * lin.in_features * lin.weight.element_size() <= KEEP_BYTES
+        mids: list[Tensor] = []               # every window's mid_C (the norm runs before down_proj)
+        fit = _Fit(lin, lambda w, dev: targets.mlp[w].to(dev) - mids[w].to(dev).float(), keep)
         norm = get_path(layer, _mid_norm(view))
-        _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: cur.update(mid=a[0].float())),
+        _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: mids.append(a[0].to("cpu"))),
                                                 (fit.lin, True, fit)], fit)
         errors["down"] = fit.solve(damping["down"])
+        if keep:                              # out = mid_C + down_proj(u_C): no third pass through the layer
+            return _outputs(lin, mids, fit.inputs, put), errors
     return _through(layer, i, calls, shapes, h_c, [], keep=True, put=put), errors
+
+
+def _outputs(lin: nn.Linear, mids: list[Tensor], inputs: list[Tensor], put=None) -> list[Tensor]:
+    """The layer's outputs from its kept stream after attention and down_proj's inputs (the layout check holds the
+    layer to out = mid + down_proj(u)): returned, or given to put(b, h)."""
+    out, dev = [], lin.weight.device
+    for b, (mid, u) in enumerate(zip(mids, inputs)):
+        y = (mid.to(dev) + lin(u.to(dev))).to("cpu")
+        out.append(y) if put is None else put(b, y)
+    return out
