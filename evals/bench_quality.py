@@ -66,7 +66,8 @@ SEQUENTIAL = {
 # variants that re-fit o_proj and down_proj after A3 + both updates on the compressed model's own inputs (evals/
 # refit_seq.py; issue 32 item 3): value = whether the targets also carry the residual-stream drift
 REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift": True,
-         "a3-ov-mlp-update-refit-seq-drift-inputs": "inputs"}   # + the input transport (refit_seq._Transport)
+         "a3-ov-mlp-update-refit-seq-drift-inputs": "inputs",   # + the input transport (refit_seq._Transport)
+         "a3-ov-mlp-update-refit-seq-drift-weighted": "weighted"}   # tokens weighted by 1 / the next norm's scale
 
 
 def _a3(r: float, ov: dict | None = None, **mlp) -> list:
@@ -134,7 +135,8 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
             t = time.perf_counter()
             a3mod.apply(m, passes, stats=None if own else stats, calib=calib, progress=False)   # adds missing kinds
             if name in REFIT:
-                refit_sequential(model, m, calib, drift=bool(REFIT[name]), inputs=REFIT[name] == "inputs")
+                refit_sequential(model, m, calib, drift=bool(REFIT[name]), inputs=REFIT[name] == "inputs",
+                                 weighted=REFIT[name] == "weighted")
             _finish(m, name, ratio, time.perf_counter() - t, base, orig, ppl, out, done, key, label, seed)
 
 

@@ -8,10 +8,14 @@ For layer l, with h_O / h_C the original / compressed model's hidden states ente
   2. down_proj (the kept neurons in) <- the same of u_C -> m_O (the MLP's intermediate activations on the compressed
      path, the original MLP output);
   "drift" adds the residual-stream difference to each target (a_O + h_O - h_C; m_O + mid_O - mid_C), so the fit also
-  pulls the stream back toward the original model's. Same shapes, no extra GEMM; three passes of the windows through
-  each compressed layer and one through each original layer. Llama-layout models (the adapter's o / down / norms).
+  pulls the stream back toward the original model's; "weighted" weights each token's squared error by 1 / the mean
+  square of the original stream the next norm reads (a few tokens with massive activations no longer dominate);
+  "inputs" also folds a ridge map from the compressed to the original norm outputs into q/k/v and gate/up. Same
+  shapes, no extra GEMM; three passes of the windows through each compressed layer and one through each original
+  layer. Llama-layout models (the adapter's o / down / norms). The drift variant is built into the passes as
+  `A3OV/A3MLP(seq_refit=True)` (a3mod/pipeline/seq_refit.py); this prototype stays for the variants not built.
 
-Used by evals/bench_quality.py (variants "a3-ov-mlp-update-refit-seq" / "-refit-seq-drift").
+Used by evals/bench_quality.py (variants "a3-ov-mlp-update-refit-seq[-drift[-weighted|-inputs]]").
 """
 from __future__ import annotations
 
@@ -26,14 +30,18 @@ from a3mod.math.solvers import ridge_refit
 class _Fit:
     """Sums of u u^T and u t^T for `lin`'s input u (a forward pre-hook) and targets t given per window."""
 
-    def __init__(self, lin: nn.Linear, target):
+    def __init__(self, lin: nn.Linear, target, weight=None):
         self.lin, self.target, self.g, self.c, self.n, self.w = lin, target, 0.0, 0.0, 0, 0
+        self.weight = weight          # weight(w) -> (tokens,) per-token weights of the squared error, or None
 
     def __call__(self, mod, args):
         u = args[0].reshape(-1, args[0].shape[-1]).double()
         t = self.target(self.w).reshape(-1, self.lin.out_features).double()
         if self.lin.bias is not None:
             t = t - self.lin.bias.double()
+        if self.weight is not None:
+            s = self.weight(self.w).reshape(-1, 1).double().sqrt()
+            u, t = u * s, t * s
         self.g, self.c, self.n = self.g + u.T @ u, self.c + u.T @ t, self.n + u.shape[0]
 
     def solve(self, damping: float) -> None:
@@ -93,8 +101,13 @@ def _transport(layer_c, i, calls, h_c, norm_path, x_o, lins, damping):
 
 
 @torch.no_grad()
+def _inv_ms(x: torch.Tensor) -> torch.Tensor:
+    """1 / mean square over the hidden dim, per token: how much the next RMSNorm scales that token's stream down."""
+    return 1.0 / x.double().square().mean(-1).clamp_min(1e-12)
+
+
 def refit_sequential(orig: nn.Module, comp: nn.Module, calib: torch.Tensor, drift: bool, damping: float = 0.01,
-                     progress: bool = False, inputs: bool = False) -> None:
+                     progress: bool = False, inputs: bool = False, weighted: bool = False) -> None:
     """Re-fit `comp`'s (A3-compressed `orig`) o_proj and down_proj layer by layer in place (see the module doc)."""
     vo, vc = layer_views(orig), layer_views(comp)
     layers_o, layers_c = get_path(orig, vo[0].spec.layers), get_path(comp, vc[0].spec.layers)
@@ -114,12 +127,14 @@ def refit_sequential(orig: nn.Module, comp: nn.Module, calib: torch.Tensor, drif
         if inputs:
             at = b.attn
             _transport(layers_c[i], i, calls, h_c, in_norm, x1_o, [at.q_proj, at.k_proj, at.v_proj], damping)
-        fit = _Fit(b.o_module(), lambda w: att_o[w] + ((h_o[w] - h_c[w]) if drift else 0))
+        fit = _Fit(b.o_module(), lambda w: att_o[w] + ((h_o[w] - h_c[w]) if drift else 0),
+                   (lambda w: _inv_ms(mid_o[w])) if weighted else None)       # the mid norm reads mid_O
         _through(layers_c[i], i, calls, h_c, [(b.o_module(), True, fit)])
         fit.solve(damping)
         if inputs:
             _transport(layers_c[i], i, calls, h_c, mid_norm, x2_o, [b.mlp.gate_proj, b.mlp.up_proj], damping)
-        fit = _Fit(b.down_module(), lambda w: mlp_o[w] + ((mid_o[w] - mid_c[w]) if drift else 0))
+        fit = _Fit(b.down_module(), lambda w: mlp_o[w] + ((mid_o[w] - mid_c[w]) if drift else 0),
+                   (lambda w: _inv_ms(mlp_o[w] + mid_o[w])) if weighted else None)   # the next layer's norm
         _through(layers_c[i], i, calls, h_c, [(get_path(b.layer, mid_norm), True, lambda m, x: mid_c.append(x[0])),
                                              (b.down_module(), True, fit)])
         fit.solve(damping)
