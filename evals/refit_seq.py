@@ -100,12 +100,12 @@ def _transport(layer_c, i, calls, h_c, norm_path, x_o, lins, damping):
     tr.fold(lins, damping)
 
 
-@torch.no_grad()
 def _inv_ms(x: torch.Tensor) -> torch.Tensor:
     """1 / mean square over the hidden dim, per token: how much the next RMSNorm scales that token's stream down."""
     return 1.0 / x.double().square().mean(-1).clamp_min(1e-12)
 
 
+@torch.no_grad()
 def refit_sequential(orig: nn.Module, comp: nn.Module, calib: torch.Tensor, drift: bool, damping: float = 0.01,
                      progress: bool = False, inputs: bool = False, weighted: bool = False) -> None:
     """Re-fit `comp`'s (A3-compressed `orig`) o_proj and down_proj layer by layer in place (see the module doc)."""
