@@ -118,3 +118,23 @@ def test_failed_heal_leaves_the_model_as_it_was(healing, monkeypatch):
     assert calls["n"] >= 3
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "heal" not in (getattr(model, "a3mod_info", None) or {})
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(seq_len=True), "seq_len=True"), (dict(seq_len=1), "seq_len=1"),
+                                       (dict(batch_size=0), "batch_size=0"), (dict(max_windows=2.0), "max_windows"),
+                                       (dict(cache=lambda: None, chunk=True), "chunk=True")])
+def test_perplexity_arguments_go_through_the_shared_checks(kw, needle):
+    """Booleans are not counts (the ad-hoc checks let True through as 1)."""
+    model = tiny_model("llama")
+    with pytest.raises(A3ModError, match=f"perplexity: {needle}"):
+        a3mod.perplexity(model, calib_ids(1, 64), progress=False, **{"seq_len": 16, **kw})
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(group_size=True), "group_size=True"),
+                                       (dict(residual_length=-1), "residual_length=-1"),
+                                       (dict(nbits=True), "nbits=True"), (dict(nbits=5), "nbits=5")])
+def test_quantized_cache_arguments_go_through_the_shared_checks(kw, needle):
+    from a3mod.quant.configs import QuantizationError
+
+    with pytest.raises(QuantizationError, match=needle):
+        a3mod.quantized_cache(tiny_model("llama"), "hqq", **{"nbits": 4, **kw})

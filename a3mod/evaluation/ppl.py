@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..calib.stats import check_token_ids, read_text, vocab_size
 from ..errors import A3ModError
 from ..hf_compat import cache_kwargs
+from ..validate import integer
 
 
 def eval_tokens(tokenizer, source: str = "wikitext2-test") -> Tensor:
@@ -28,16 +29,15 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 2048, batch_size: i
     Returns {"ppl", "nll", "tokens", "windows", "seq_len"}; `tokens` counts the scored positions.
     """
     for name, v, lo in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows, 1)):
-        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
-            raise A3ModError(f"{name}={v!r} must be an integer >= {lo}")
+        if v is not None:
+            integer("perplexity", name, v, lo=lo)
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32):
         raise A3ModError(f"ids must be an integer tensor of token ids, got {type(ids).__name__} "
                          f"{getattr(ids, 'dtype', '')}")
     check_token_ids(ids, vocab_size(model), "evaluation")
     if cache is not None:
         batch_size = 1
-        if not (isinstance(chunk, int) and chunk >= 1):
-            raise A3ModError(f"chunk={chunk!r} must be a positive integer (tokens fed per step through the cache)")
+        integer("perplexity", "chunk", chunk, what="tokens fed per step through the cache")
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.cache_utils import Cache, Fp8QuantizedLayer, HQQQuantizedLayer
 
 from ..arch import layer_views
+from ..validate import choice, integer
 from .configs import QuantizationError
 
 KV_BACKENDS = ("hqq", "fp8")
@@ -61,12 +62,10 @@ def quantized_cache(model: nn.Module, backend: str = "hqq", nbits: int = 4, grou
     """A transformers `Cache` for `model` (compressed or not) whose layers quantize keys and values."""
     if backend not in KV_BACKENDS:
         raise QuantizationError(f"KV-cache backend {backend!r}; allowed: {', '.join(KV_BACKENDS)}")
-    if backend == "hqq" and nbits not in (1, 2, 3, 4, 8):
-        raise QuantizationError(f"hqq KV-cache nbits={nbits!r}; allowed: 1, 2, 3, 4, 8")
-    if not (isinstance(group_size, int) and group_size >= 1):
-        raise QuantizationError(f"group_size={group_size!r} must be a positive integer")
-    if not (isinstance(residual_length, int) and residual_length >= 0):
-        raise QuantizationError(f"residual_length={residual_length!r} must be a non-negative integer")
+    if backend == "hqq":
+        choice("quantized_cache(backend='hqq')", "nbits", nbits, (1, 2, 3, 4, 8), error=QuantizationError)
+    integer("quantized_cache", "group_size", group_size, error=QuantizationError)
+    integer("quantized_cache", "residual_length", residual_length, lo=0, error=QuantizationError)
     views = layer_views(model)
     windowed = [v.index for v in views if _windowed(model.config, v)]
     if windowed:
