@@ -179,18 +179,13 @@ def test_streaming_equals_in_memory(tmp_path, family, offload):
 
 def test_streaming_resumes_both_streams(tmp_path, monkeypatch):
     from a3mod.pipeline import workdir
-    from test_stream import Interrupt, assert_same_checkpoint, saved_source
+    from test_stream import Interrupt, assert_same_checkpoint, killed_at, saved_source
 
     src = saved_source(tmp_path, "llama")
     calib, ps = calib_ids(16, 16), passes(0.3)[:3]
     ref = a3mod.compress_streaming(src, tmp_path / "ref", ps, calib, progress=False)
     write = workdir.write_layer
-
-    def write_then_stop(work, i, *a):
-        if i == 2:
-            raise Interrupt("killed during layer 2")
-        write(work, i, *a)
-    monkeypatch.setattr(workdir, "write_layer", write_then_stop)
+    monkeypatch.setattr(workdir, "write_layer", killed_at(2))
     with pytest.raises(Interrupt):
         a3mod.compress_streaming(src, tmp_path / "out", ps, calib, progress=False)
     assert list(workdir.work_dir(tmp_path / "out").glob("hiddenc_*"))       # the compressed stream's checkpoint

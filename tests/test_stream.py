@@ -120,6 +120,17 @@ class Interrupt(Exception):
     pass
 
 
+def killed_at(layer: int):
+    """A workdir.write_layer that raises Interrupt when asked to write `layer` (a run killed during that layer)."""
+    write = workdir.write_layer
+
+    def write_then_stop(work, i, *a):
+        if i == layer:
+            raise Interrupt(f"killed during layer {layer}")
+        write(work, i, *a)
+    return write_then_stop
+
+
 @pytest.mark.parametrize("offload", [False, True])
 def test_resume_continues_after_the_last_finished_layer(tmp_path, monkeypatch, offload):
     src = saved_source(tmp_path, "llama")
@@ -127,13 +138,7 @@ def test_resume_continues_after_the_last_finished_layer(tmp_path, monkeypatch, o
     kw = dict(progress=False, offload_dir=tmp_path / "off" if offload else None)
     ref = a3mod.compress_streaming(src, tmp_path / "ref", passes, calib, **kw)
     write = workdir.write_layer
-
-    def write_then_stop(work, i, *a):
-        if i == 2:
-            raise Interrupt("killed during layer 2")
-        write(work, i, *a)
-
-    monkeypatch.setattr(workdir, "write_layer", write_then_stop)
+    monkeypatch.setattr(workdir, "write_layer", killed_at(2))
     with pytest.raises(Interrupt):
         a3mod.compress_streaming(src, tmp_path / "out", passes, calib, **kw)
     work = workdir.work_dir(tmp_path / "out")

@@ -17,7 +17,7 @@ from a3mod.io.gguf_source import GGUFSource, gguf_config, load_gguf_model, read_
 from a3mod.pipeline import workdir
 
 from conftest import calib_ids, input_ids, make_tokenizer, tiny_model
-from test_stream import Interrupt, _tensors, assert_same_checkpoint
+from test_stream import Interrupt, _tensors, assert_same_checkpoint, killed_at
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -122,12 +122,7 @@ def test_streaming_from_gguf_resumes(tmp_path, monkeypatch):
     calib, passes = calib_ids(4, 16), a3mod.a3_passes(0.3)
     ref = a3mod.compress_streaming(path.parent, tmp_path / "ref", passes, calib, progress=False)   # the folder
     write = workdir.write_layer
-
-    def write_then_stop(work, i, *a):
-        if i == 1:
-            raise Interrupt("killed during layer 1")
-        write(work, i, *a)
-
+    write_then_stop = killed_at(1)
     monkeypatch.setattr(workdir, "write_layer", write_then_stop)
     with pytest.raises(Interrupt):
         a3mod.compress_streaming(path, tmp_path / "out", passes, calib, progress=False)
