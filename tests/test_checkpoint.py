@@ -169,7 +169,7 @@ def test_overwrite_replaces_the_dir(tmp_path):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
-    import a3mod.io.checkpoint as ck
+    import a3mod.io.sealed as ck
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import a3mod
-from a3mod.io import checkpoint, files, tensors
+from a3mod.io import files, sealed, tensors
 from a3mod.pipeline import workdir
 from a3mod.cli.commands import main
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 # the steps of every writer: each is a point to kill at, just before and just after it
 STEPS = [(files, "staging_dir"), (files, "rename"), (files, "exchange"), (files, "remove_tree"),
-         (files, "fsync_tree"), (files, "atomic_write"), (tensors, "write"), (checkpoint, "write_sidecar"),
+         (files, "fsync_tree"), (files, "atomic_write"), (tensors, "write"), (sealed, "write_sidecar"),
          (workdir, "write_layer"), (workdir.Store, "commit"), (workdir, "remove_work"), (os, "replace")]
 
 

@@ -73,7 +73,8 @@ def test_few_modules_directly_in_the_package():
 
 @pytest.mark.parametrize("low,high", [("a3mod.modules", "a3mod.passes"), ("a3mod.math", "a3mod.passes"),
                                       ("a3mod.math", "transformers"), ("a3mod.arch", "a3mod.passes"),
-                                      ("a3mod.io.native", "a3mod.io.checkpoint")])
+                                      ("a3mod.io.native", "a3mod.io.checkpoint"),
+                                      ("a3mod.io.sealed", "a3mod.io.native"), ("a3mod.io.sealed", "a3mod.io.checkpoint")])
 def test_layers_do_not_import_upwards(low, high):
     files = [p for p in FILES if ".".join(p.relative_to(PKG.parent).with_suffix("").parts).startswith(low)]
     assert files

@@ -31,7 +31,7 @@ from ..arch import layer_views
 from ..arch.spec import dims_of, get_path
 from ..errors import ExportError
 from ..io import files
-from ..io.checkpoint import model_sources, save_dtype
+from ..io.sealed import model_sources, save_dtype
 from ..modules import ReducedHeadAttention, ReducedMLP
 
 RECORD = files.EXPORT_RECORD         # what the export cost (padding) and the files it wrote

@@ -1,3 +1,4 @@
-"""Checkpoint files: the folder format (checkpoint.py), the native Hugging Face type (native.py), loading guards
-(loading.py), the a3mod.json description (sidecar.py), deterministic safetensors (tensors.py), atomic files
-(files.py) and fingerprints (fingerprint.py)."""
+"""Checkpoint files: `a3mod.save` / `a3mod.load` (checkpoint.py) over the sealed folder format (sealed.py) and the
+native Hugging Face type (native.py; its quantized models use the sealed format), loading guards (guards.py,
+loading.py), the a3mod.json description (description.py, sidecar.py, schema.py, codecs.py), deterministic
+safetensors (tensors.py), atomic files (files.py) and fingerprints (fingerprint.py)."""

@@ -26,7 +26,6 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers
@@ -36,7 +35,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..errors import CheckpointError
 from ..validate import nonfinite_weight
-from . import sidecar, tensors
+from . import sealed, sidecar, tensors
 from .description import (
     INFO_EXTRAS, attach_latent_rotary, build_reduced, check_indices, describe_model, rebuild_nonpersistent, slim,
     transformers_class,
@@ -45,9 +44,6 @@ from .files import SIDECAR
 from .guards import NO_CODE, check_files, check_folder, recorded_dtype
 
 MODEL_TYPE = "a3mod"
-# a3mod's own sealed folder format: io/checkpoint.py (which sits above this module) registers its save and load here
-# when imported. transformers has no loader for a3mod's quantized linears, so native classes hand those models to it.
-SEALED: dict[str, Callable] = {}
 _AUTO = ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForSequenceClassification",
          "AutoModelForTokenClassification", "AutoModelForQuestionAnswering")
 _CONFIGS: dict[type, type] = {}      # original config class -> native config class
@@ -157,7 +153,7 @@ class _NativeModel:
                 raise CheckpointError(f"{str(save_directory)!r} exists: save_pretrained of a quantized a3mod model "
                                       f"never replaces a folder; remove it, or use a3mod.save(model, folder, "
                                       f"overwrite=True)")
-            return SEALED["save"](self, save_directory)
+            return sealed.write(self, save_directory, config_for(self.config, describe_model(self)))
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -174,7 +170,7 @@ class _NativeModel:
         if folder.is_dir():
             check_files(folder)
             if (folder / SIDECAR).is_file():      # an a3mod.save folder: its seal and checksums hold here too
-                SEALED["verify"](folder, config)
+                sealed.verify_folder(folder, config)
         asked = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
                                               **kwargs)
@@ -318,7 +314,8 @@ def load_quantized(path, kwargs: dict) -> nn.Module:
         raise CheckpointError(f"device_map={device!r}: a quantized a3mod checkpoint loads onto one device")
     if not (Path(path) / SIDECAR).is_file():
         raise CheckpointError(f"{str(path)!r} describes a quantized a3mod model but holds no a3mod.json")
-    return SEALED["load"](path, device=str(torch.device(device)), dtype=None if dtype == "auto" else dtype)
+    model = sealed.read(path, device=str(torch.device(device)), dtype=None if dtype == "auto" else dtype)
+    return adopt(model)
 
 
 def _base_model_class(name, config) -> type:

@@ -47,7 +47,7 @@ from ..calib import distributed
 from ..calib.stats import check_request, check_token_ids
 from ..errors import A3ModError, UnsupportedModelError
 from ..io import files, native, tensors
-from ..io.checkpoint import WEIGHTS, write_sidecar
+from ..io.sealed import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
 from ..io.description import FORMAT, describe_model, materialize_buffers
 from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file, meta_causal_lm
