@@ -204,7 +204,7 @@ def test_round_trip(tmp_path, family, method, quant):
     before, gen_before = logits(model, ids), gen(model, prompt)
     path = a3mod.save(model, tmp_path / "ckpt")
     side = json.loads((path / "a3mod.json").read_text())
-    assert side["format"] == 2 and side["quant"]["config"] == a3mod.pass_to_dict(quant)
+    assert side["format"] == 3 and side["quant"]["config"] == a3mod.pass_to_dict(quant)
     listed = sum(len(e.get("quantized", {})) for e in side["layers"].values())
     assert listed == len(quantized(model))
     header, data_bytes = safetensors_header(path / "model.safetensors")

@@ -15,8 +15,13 @@ from ..quant import io as quant_io
 from .codecs import Site, build_layer, describe_layer, slim_layer
 from .files import SIDECAR
 
-FORMAT = 1
-QUANT_FORMAT = 2       # written when the model holds quantized linears (older readers refuse it)
+# The description's format (a3mod.json and config.json's "a3mod"); readers take every one listed in sidecar.FORMATS.
+#   1  the first: config.json carried the whole description, kept-index lists included
+#   2  1 with quantized linears ("quant"), so that readers without them refuse it
+#   3  config.json carries the slim description (dims and small facts; index lists only in a3mod.json and the
+#      weights), written by every save since, quantized or not ("quant" tells)
+FORMAT = 3
+WEIGHTS_FORMAT = 1     # model.safetensors' layout (its metadata "a3mod"): unchanged since format 1
 
 
 INFO_EXTRAS = ("heal", "sequential")   # optional provenance in a3mod_info, written only when set
@@ -32,7 +37,7 @@ def describe_model(model: nn.Module) -> dict:
     info = getattr(model, "a3mod_info", {})
     quant = quant_io.model_entry(model)
     base = getattr(type(model), "a3mod_base", type(model))         # the original class of a native one
-    return {"format": QUANT_FORMAT if quant else FORMAT, "a3mod_version": __version__,
+    return {"format": FORMAT, "a3mod_version": __version__,
             "model_type": model.config.model_type, "model_class": base.__name__,
             "passes": info.get("passes", []),
             "calib_tokens": info.get("calib_tokens"), "orig_layer_params": info.get("orig_layer_params"),

@@ -2,7 +2,7 @@
 
 config.json of a compressed model is the original model's config plus three keys:
     "model_type": "a3mod", "a3mod_base_model_type": "llama",
-    "a3mod": {"format": 1, "model_class": "LlamaForCausalLM", "layers": {"0": {"attn": {...}, "mlp": {...}}, ...}}
+    "a3mod": {"format": 3, "model_class": "LlamaForCausalLM", "layers": {"0": {"attn": {...}, "mlp": {...}}, ...}}
 `a3mod` is the description a3mod.json's sidecar has always held (per-layer q/k and v/o head dims, kept RoPE dims,
 MLP widths and kept neurons, narrowed and low-rank linears, experts, latent attention), validated by
 `a3mod.io.sidecar.validate` before any module is built. Importing a3mod registers model type "a3mod" with

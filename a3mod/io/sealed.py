@@ -75,7 +75,7 @@ def write(model: nn.Module, out_dir: str | os.PathLike, config, tokenizer=None, 
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tensors.write(tmp / WEIGHTS, tensors.cast_plan(tensors.plan_of(state), dtype),
-                      {"format": "pt", "a3mod": str(description.FORMAT)})
+                      {"format": "pt", "a3mod": str(description.WEIGHTS_FORMAT)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": aliases, **({"extra": sorted(extra)} if extra else {})})

@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from .codecs import validate_entry
 from .schema import fail, integer, keys, number, string
 
-FORMATS = (1, 2)
+FORMATS = (1, 2, 3)       # what each is: io/description.py
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 

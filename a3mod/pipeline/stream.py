@@ -49,7 +49,7 @@ from ..errors import A3ModError, UnsupportedModelError
 from ..io import files, native, tensors
 from ..io.sealed import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
-from ..io.description import FORMAT, describe_model, materialize_buffers
+from ..io.description import WEIGHTS_FORMAT, describe_model, materialize_buffers
 from ..io.gguf_source import GGUFSource, check_gguf, gguf_config, gguf_file, meta_causal_lm
 from ..io.guards import NO_CODE, as_dtype, check_folder, recorded_dtype
 from ..passes import pass_to_dict
@@ -402,7 +402,7 @@ def _assemble(run: StreamRun) -> None:
     with files.staged_output(run.out, run.overwrite, [src]) as tmp:
         config.save_pretrained(tmp)                                     # model_type "a3mod" (a3mod.io.native)
         gen.save_pretrained(tmp)
-        tensors.write(tmp / WEIGHTS, tensors.cast_plan(plan, store), {"format": "pt", "a3mod": str(FORMAT)})
+        tensors.write(tmp / WEIGHTS, tensors.cast_plan(plan, store), {"format": "pt", "a3mod": str(WEIGHTS_FORMAT)})
         if run.tokenizer is not None:
             run.tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, {**side, "aliases": run.aliases,
