@@ -2,7 +2,8 @@
 check returns the value as a plain Python type or raises `error` with one message shape,
     "<owner>: <name>=<value> <what is wrong>"
 e.g. "Allocate: budget=1.0 is outside [0, 1) (the fraction of parameters removed)". Booleans are never numbers,
-NaN and infinities are never in a range. (a3mod.json's schema has its own path-style messages: io/schema.py.)
+NaN and infinities are never in a range. (a3mod.json's schema, io/schema.py, uses these predicates with path-style
+messages.)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _span(lo, hi, lo_open: bool, hi_open: bool) -> str:
+def span(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    """How every a3mod message writes a range: "[0, 1)", "(0, 1]"."""
     return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
@@ -36,7 +38,7 @@ def number(owner: str, name: str, v, lo: float = -math.inf, hi: float = math.inf
         elif math.isinf(hi):
             problem = f"must be a finite number {'>' if lo_open else '>='} {lo:g}"
         else:
-            problem = f"is outside {_span(lo, hi, lo_open, hi_open)}"
+            problem = f"is outside {span(lo, hi, lo_open, hi_open)}"
         raise error(f"{owner}: {name}={v!r} {problem}" + (f" ({what})" if what else ""))
     return float(v)
 

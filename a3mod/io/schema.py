@@ -1,5 +1,6 @@
 """The primitives of a3mod.json's schema: each checks one value and raises a CheckpointError naming its path
-(e.g. "a3mod.json: layers.3.attn.rope_index[5] = 999 is outside [0, 64)")."""
+(e.g. "a3mod.json: layers.3.attn.rope_index[5] = 999 is outside [0, 64)"). What counts as an integer or a number
+and how a span is written are a3mod.validate's (the checks of user arguments); only the message names a path."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import re
 
 from ..errors import CheckpointError
 from ..modules.configs import ConfigError, from_entry
+from ..validate import is_int, is_real, span
 
 PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")     # a module path inside a layer
 BIG = 1 << 40
@@ -30,7 +32,7 @@ def keys(d, path: str, required: tuple, optional: tuple = ()) -> dict:
 
 
 def integer(v, path: str, lo: int = 0, hi: int = BIG) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
+    if not isinstance(v, int) or not is_int(v):          # JSON integers only (no numpy scalars)
         fail(path, f"= {v!r} must be an integer")
     if not lo <= v < hi:
         fail(path, f"= {v} is outside [{lo}, {hi})")
@@ -44,10 +46,10 @@ def boolean(v, path: str) -> bool:
 
 
 def number(v, path: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = True) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+    if not isinstance(v, (int, float)) or not is_real(v) or not math.isfinite(v):
         fail(path, f"= {v!r} must be a finite number")
     if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-        fail(path, f"= {v!r} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        fail(path, f"= {v!r} is outside {span(lo, hi, lo_open, hi_open)}")
     return float(v)
 
 
