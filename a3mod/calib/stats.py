@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..arch import LayerView, get_path, layer_views
 from ..errors import CalibrationError
 from ..io.files import atomic_write
+from .sums import add, gram, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
 from . import distributed
@@ -266,35 +267,6 @@ class Stats:
                                            f"(overflowing activations? try float32 or fewer tokens per window)")
 
 
-def _outer(x: Tensor, heads: int) -> tuple[Tensor, Tensor]:
-    """x (..., heads*d) -> (sum of per-head outer products (heads, d, d), sum (heads, d)), float64.
-
-    One contiguous float64 copy in (heads, N, d) layout (transpose, then convert), so the batched matmul
-    reads plain row-major blocks: half the time of a strided (N, heads, d) view, the same numbers.
-    """
-    z = x.reshape(-1, heads, x.shape[-1] // heads).transpose(0, 1).double()     # (heads, N, d) contiguous
-    return z.mT @ z, z.sum(1)
-
-
-def _sq_sum(x: Tensor) -> Tensor:
-    """x (..., d) -> sum of x**2 over every leading dim, (d,) float64 (exact squares of fp32 values). `x` is left
-    as it is: a float64 x is squared into a new buffer (squaring in place would change the activations the model
-    runs on), a lower-precision one in its float64 copy (no second N x d buffer)."""
-    xf = x.reshape(-1, x.shape[-1])
-    return (xf.square() if xf.dtype == torch.float64 else xf.double().square_()).sum(0)
-
-
-def _gram(x: Tensor) -> Tensor:
-    """x (..., d) -> X^T X (d, d): products in the compute dtype (fp32 at least), returned in float64 for summing."""
-    xf = x.reshape(-1, x.shape[-1])
-    xf = xf if xf.dtype == torch.float64 else xf.float()
-    return (xf.mT @ xf).double()
-
-
-def _add(d: dict, name: str, t: Tensor) -> None:
-    d[name] = d[name] + t if name in d else t
-
-
 def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     """Per input group (shared by its projections): Gram matrix X^T X and/or sum |x| of the input."""
     hs = []
@@ -302,9 +274,9 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
         def hook(m, inp, group=group):
             x = inp[0].reshape(-1, inp[0].shape[-1])
             if "gram" in kinds:
-                _add(acc, f"x2.{group}", _gram(x))
+                add(acc, f"x2.{group}", gram(x))
             if "absmean" in kinds:
-                _add(acc, f"xa.{group}", x.abs().sum(0, dtype=torch.float64))   # |x| exact, float64 sums
+                add(acc, f"xa.{group}", x.abs().sum(0, dtype=torch.float64))   # |x| exact, float64 sums
         hs.append(get_path(view.layer, paths[0]).register_forward_pre_hook(hook))
     return hs
 
@@ -314,7 +286,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         return []
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "hgram" in kinds and view.has_mlp:
-        hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: _add(acc, "hh", _gram(inp[0]))))
+        hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: add(acc, "hh", gram(inp[0]))))
     if view.attn is not None:           # a hybrid's mixer layer has only its MLP
         hs += _attention_hooks(view, acc, kinds)
     if view.experts is not None and {"a3", "ehgram"} & set(kinds):
@@ -323,7 +295,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         return hs
 
     def on_down(m, inp):
-        _add(acc, "h2", _sq_sum(inp[0]))
+        add(acc, "h2", sq_sum(inp[0]))
 
     if view.has_mlp:
         hs.append(view.down_module().register_forward_pre_hook(on_down))
@@ -334,24 +306,24 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     """The attention's moments: per-head q, k, v and o_proj input ("a3"), the Gram of o_proj's input ("ogram")."""
     d, hs = view.dims, []
     if "ogram" in kinds:
-        hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: _add(acc, "oo", _gram(inp[0]))))
+        hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: add(acc, "oo", gram(inp[0]))))
     if "a3" not in kinds:
         return hs
 
     def on_qkv(q, k, v):
-        _add(acc, "q", _outer(view.query_of(q), d.heads)[0])     # without the output gate's channels (Qwen3.5)
-        _add(acc, "k", _outer(k, d.kv_heads)[0])
-        vv, v1 = _outer(v, d.kv_heads)
-        _add(acc, "v", vv)
-        _add(acc, "v1", v1)
+        add(acc, "q", outer(view.query_of(q), d.heads)[0])     # without the output gate's channels (Qwen3.5)
+        add(acc, "k", outer(k, d.kv_heads)[0])
+        vv, v1 = outer(v, d.kv_heads)
+        add(acc, "v", vv)
+        add(acc, "v1", v1)
 
     mods = [] if view.spec.mla else view.qkv_modules()
     if view.spec.mla:       # latent attention: each head's position-free q and k dims (a3mod.arch.mla)
         mv = view.mla_view()
         hs.append(mv.q_linear.register_forward_hook(
-            lambda m, i, out: _add(acc, "q", _outer(mv.split_q(out), mv.heads)[0])))
+            lambda m, i, out: add(acc, "q", outer(mv.split_q(out), mv.heads)[0])))
         hs.append(view.attn.kv_b_proj.register_forward_hook(
-            lambda m, i, out: _add(acc, "k", _outer(mv.split_kv(out), mv.heads)[0])))
+            lambda m, i, out: add(acc, "k", outer(mv.split_kv(out), mv.heads)[0])))
     elif len(mods) == 1:
         hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*view.split_qkv(out))))
     else:
@@ -367,9 +339,9 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
         hs += [m.register_forward_hook(make(j)) for j, m in enumerate(mods)]
 
     def on_o(m, inp):
-        oo, o1 = _outer(inp[0], d.heads)
-        _add(acc, "o", oo)
-        _add(acc, "o1", o1)
+        oo, o1 = outer(inp[0], d.heads)
+        add(acc, "o", oo)
+        add(acc, "o1", o1)
 
     hs.append(view.o_module().register_forward_pre_hook(on_o))
     return hs
@@ -380,25 +352,25 @@ def _experts_hook(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)):
     expert's intermediate activations, recomputed from its inputs with its own gate), en (E,) those token counts;
     ("ehgram"): eh (E, I, I) the sums of (w h)(w h)^T."""
     ev = view.experts_view()
-    a3, gram = "a3" in kinds, "ehgram" in kinds
+    a3, per_expert = "a3" in kinds, "ehgram" in kinds
 
     def hook(mod, args, kwargs, out):
         dev = mod.down_proj.device
         e2 = torch.zeros(ev.num, ev.inter, dtype=torch.float64, device=dev)
         en = torch.zeros(ev.num, dtype=torch.float64, device=dev)
-        eh = torch.zeros(ev.num, ev.inter, ev.inter, dtype=torch.float64, device=dev) if gram else None
+        eh = torch.zeros(ev.num, ev.inter, ev.inter, dtype=torch.float64, device=dev) if per_expert else None
         for e, x, w in ev.routed(args, kwargs):
             h, w = ev.hidden_states(x, e).double(), w.double()
             e2[e] = (h.square() * w.square()[:, None]).sum(0)
             en[e] = x.shape[0]
-            if gram:
+            if per_expert:
                 hw = h * w[:, None]
                 eh[e] = hw.T @ hw
         if a3:
-            _add(acc, "e2", e2)
-            _add(acc, "en", en)
-        if gram:
-            _add(acc, "eh", eh)
+            add(acc, "e2", e2)
+            add(acc, "en", en)
+        if per_expert:
+            add(acc, "eh", eh)
     return view.experts.register_forward_hook(hook, with_kwargs=True)
 
 
