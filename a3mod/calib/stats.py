@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..arch import LayerView, get_path, layer_views
 from ..errors import CalibrationError
 from ..io.files import atomic_write
-from .sums import add, gram, outer, sq_sum
+from .sums import add, add_gram, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
 from . import distributed
@@ -274,7 +274,7 @@ def _input_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
         def hook(m, inp, group=group):
             x = inp[0].reshape(-1, inp[0].shape[-1])
             if "gram" in kinds:
-                add(acc, f"x2.{group}", gram(x))
+                add_gram(acc, f"x2.{group}", x)
             if "absmean" in kinds:
                 add(acc, f"xa.{group}", x.abs().sum(0, dtype=torch.float64))   # |x| exact, float64 sums
         hs.append(get_path(view.layer, paths[0]).register_forward_pre_hook(hook))
@@ -286,7 +286,7 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
         return []
     hs = _input_hooks(view, acc, kinds) if set(kinds) & {"gram", "absmean"} else []
     if "hgram" in kinds and view.has_mlp:
-        hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: add(acc, "hh", gram(inp[0]))))
+        hs.append(view.down_module().register_forward_pre_hook(lambda m, inp: add_gram(acc, "hh", inp[0])))
     if view.attn is not None:           # a hybrid's mixer layer has only its MLP
         hs += _attention_hooks(view, acc, kinds)
     if view.experts is not None and {"a3", "ehgram"} & set(kinds):
@@ -306,7 +306,7 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     """The attention's moments: per-head q, k, v and o_proj input ("a3"), the Gram of o_proj's input ("ogram")."""
     d, hs = view.dims, []
     if "ogram" in kinds:
-        hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: add(acc, "oo", gram(inp[0]))))
+        hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: add_gram(acc, "oo", inp[0])))
     if "a3" not in kinds:
         return hs
 
