@@ -3,7 +3,7 @@
     model = a3mod.apply(model, passes=a3mod.a3_passes(0.2), calib=a3mod.calibration_data(tok))
     a3mod.save(model, "out/");  model = a3mod.load("out/");  print(a3mod.report(model))
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from . import evaluation  # noqa: F401  (a3mod.evaluation.evaluate; lm-eval is imported when used)
 from .arch import ARCHS, ArchSpec, supported_types

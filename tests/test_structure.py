@@ -81,3 +81,61 @@ def test_layers_do_not_import_upwards(low, high):
     bad = [f"{p.relative_to(PKG)}:{n.lineno}" for p in files for n, mods, _ in _imports(p)
            if any(m == high or m.startswith(high + ".") for m in mods)]
     assert not bad
+
+
+def _module_name(p: Path) -> str:
+    parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module-level imports between a3mod's modules (not those under `if TYPE_CHECKING:`), `from pkg import mod`
+    resolved to the module; the implicit import of a module's parent packages is not an edge."""
+    mods = {_module_name(p): p for p in FILES}
+    graph = {}
+    for name, p in mods.items():
+        tree = _tree(p)
+        typing_only = {n.lineno for f in ast.walk(tree) if isinstance(f, ast.If) and "TYPE_CHECKING" in ast.unparse(f.test)
+                       for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        out = set()
+        for n, targets, local in _imports(p):
+            if local or n.lineno in typing_only:
+                continue
+            names = [a.name for a in n.names] if isinstance(n, ast.ImportFrom) else [None]
+            for t in targets:
+                for a in names:
+                    sub = f"{t}.{a}" if a else t
+                    out.add(sub if sub in mods else t)
+        graph[name] = {t for t in out if t in mods and t != name}
+    return graph
+
+
+def test_no_import_cycle():
+    """Tarjan's strongly connected components of the import graph: every one is a single module."""
+    graph, index, low, stack, on, cycles = _import_graph(), {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles

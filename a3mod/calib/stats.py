@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView, get_path, layer_views
+from .. import validate
 from ..errors import CalibrationError
 from ..io.files import atomic_write
 from .sums import add, add_gram, outer, sq_sum
@@ -450,8 +451,7 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     statistics of all windows.
     """
     kinds = check_request(calib, kinds)
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-        raise CalibrationError(f"batch_size={batch_size!r} must be a positive integer")
+    batch_size = validate.integer("collect", "batch_size", batch_size, error=CalibrationError)
     views = layer_views(model)
     check_token_ids(calib, vocab_size(model))
     fingerprints = model_fingerprint(model), tokens_fingerprint(calib)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .. import __version__
+from ..version import __version__
 from ..calib import distributed
 from ..calib.sources import check_source, is_dataset_source
 from ..calib.stats import text_file, Stats, calibration_data, is_stats_file
@@ -393,9 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _bytes_written(folder) -> str:
     """'N files, X MB (weights Y MB in DTYPE)' of a checkpoint folder."""
@@ -410,3 +407,7 @@ def _bytes_written(folder) -> str:
 def _overwrite(args):
     """--overwrite [--keep-other-files] as the `overwrite` argument of save / compress_streaming."""
     return KEEP_OTHERS if args.overwrite and args.keep_other_files else args.overwrite
+
+
+if __name__ == "__main__":
+    sys.exit(main())

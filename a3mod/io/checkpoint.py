@@ -43,7 +43,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     or by `save_pretrained` of a native model, as its native class.
 
     The sidecar is validated before any module is built; `verify` (default) also checks the sha256 of every file
-    the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.io.guards.check_folder)."""
+    the sidecar records (it reads every byte once). No code from the folder runs (a3mod.io.guards.check_folder)."""
     dtype = as_dtype(dtype)
     p = Path(path)
     check_files(p)                                         # before any file of it is read

@@ -7,7 +7,7 @@ import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .. import __version__
+from ..version import __version__
 from ..arch import dims_of, get_path, spec_for
 from ..errors import CheckpointError
 from ..modules import LatentKVAttention, NarrowLinear, ReducedHeadAttention

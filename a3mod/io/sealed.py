@@ -141,7 +141,7 @@ def read(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | str 
     sidecar, weights assigned.
 
     The sidecar is validated before any module is built; `verify` (default) also checks the sha256 of every file
-    the sidecar records (about 1 s per GB). No code from the folder runs (a3mod.io.guards.check_folder)."""
+    the sidecar records (it reads every byte once). No code from the folder runs (a3mod.io.guards.check_folder)."""
     dtype = as_dtype(dtype)
     p = Path(path)
     check_files(p)                                         # before any file of it is read

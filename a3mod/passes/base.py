@@ -119,8 +119,8 @@ def scope_of(p) -> str:
 
 
 def run_pass(p, ctx: PassContext):
-    """Call `p`'s handler on `ctx`, without autograd (a graph through the float64 solves would keep all of them
-    alive: SVD-LLM held 2.5 GB more on a 135M model)."""
+    """Call `p`'s handler on `ctx`, without autograd (a graph through the float64 solves would keep every solve's
+    intermediates alive until the pass returns)."""
     with torch.no_grad():
         return pass_def(p).fn(p, ctx)
 
@@ -173,13 +173,18 @@ def check_multiple(name: str, multiple_of: int | None, rank: int | None) -> None
                          f"given (drop one of them)")
 
 
+def pass_list(passes) -> list:
+    """`passes` as a list (A3ModError for what is not a list of pass configs: None, a string, one config)."""
+    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
+        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
+    return list(passes)
+
+
 def check_passes(passes, schedule: str = "memory") -> list:
     """The compression passes of one run, checked before any work: a list of registered pass configs, each once,
     a model-scope pass (baselines, Allocate, A3KV) alone, no quantization pass (split off before). schedule:
     "memory" (`apply`) or "stream" (`compress_streaming`: layer-scope passes only, each layer solved on its own)."""
-    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
-        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
-    passes = list(passes)
+    passes = pass_list(passes)
     if not passes:
         raise A3ModError("passes is empty; give e.g. a3mod.a3_passes(0.2)" + (
             "" if schedule == "stream" else " or [A3QK(ratio=..), A3OV(..), A3MLP(..)]"))

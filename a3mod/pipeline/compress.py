@@ -20,7 +20,7 @@ from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHea
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
 from ..passes.balance import balance
-from ..passes.base import PassContext, check_passes, needs, run_pass, scope_of
+from ..passes.base import PassContext, check_passes, needs, pass_list, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
 from ..quant.base import handler_for
 from ..report import linear_param_count, report
@@ -46,8 +46,7 @@ def apply(model: nn.Module, passes, calib: Tensor | None = None, stats: Stats | 
     $A3MOD_UNDO_MEMORY bytes, in temporary files: `a3mod.pipeline.undo`) until the rewrite and its self-check
     succeeded, so an error anywhere puts every one back and leaves the model as it was.
     """
-    if passes is None or isinstance(passes, (str, bytes, dict)) or not hasattr(passes, "__iter__"):
-        raise A3ModError(f"passes={passes!r} must be a list of pass configs, e.g. a3mod.a3_passes(0.2)")
+    passes = pass_list(passes)
     if stats is not None and not isinstance(stats, Stats):
         raise CalibrationError(f"stats must be a3mod.Stats (from a3mod.collect or Stats.load), got "
                                f"{type(stats).__name__}")
