@@ -71,7 +71,7 @@ def test_few_modules_directly_in_the_package():
     assert len(list(PKG.glob("*.py"))) <= 12
 
 
-@pytest.mark.parametrize("low,high", [("a3mod.modules", "a3mod.passes"), ("a3mod.math", "a3mod.passes"),
+@pytest.mark.parametrize("low,high", [("a3mod.modules", "a3mod.passes"), ("a3mod.modules", "a3mod.pipeline"), ("a3mod.math", "a3mod.passes"),
                                       ("a3mod.math", "transformers"), ("a3mod.arch", "a3mod.passes"),
                                       ("a3mod.io.native", "a3mod.io.checkpoint"),
                                       ("a3mod.io.sealed", "a3mod.io.native"), ("a3mod.io.sealed", "a3mod.io.checkpoint")])

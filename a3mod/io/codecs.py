@@ -312,11 +312,15 @@ def _validate_lowrank(d, path: str) -> None:
         check_config(LowRankConfig, e, f"{path}.{p}")
 
 
-def _build_linears(cls: type) -> Callable[[Site, dict], None]:
+def _build_linears(cls: type, cfg_cls: type, state: tuple[str, ...] = ()) -> Callable[[Site, dict], None]:
+    """build for {module path: entry}: `cls(config, **state)` per path, the config read from the entry
+    (`from_entry`), its state (kept indices) passed beside it."""
     def build(site: Site, entry: dict) -> None:
-        for path, kw in entry.items():
+        for path, e in entry.items():
             get_path(site.layer, path)          # the path must exist in the skeleton
-            set_child(site.layer, path, cls(**kw, device=site.device, dtype=site.dtype))
+            cfg = from_entry(cfg_cls, {k: v for k, v in e.items() if k not in state})
+            set_child(site.layer, path, cls(cfg, **{k: e[k] for k in state if k in e}, device=site.device,
+                                             dtype=site.dtype))
     return build
 
 
@@ -344,7 +348,7 @@ register(Codec("mlp", _describe_mlp, _mlp, _build_mlp, slim=lambda m: {**m, "kep
 register(Codec("mla", _describe_mla, lambda m, path: check_config(MLAConfig, m, path), _build_mla))
 register(Codec("experts", _describe_experts, _experts, _build_experts, slim=_slim_experts))
 register(Codec("latent_attn", _describe_latent, _latent, _build_latent))
-register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear),
+register(Codec("narrow", _describe_narrow, _narrow, _build_linears(NarrowLinear, NarrowConfig, ("kept",)),
                slim=lambda d: {p: {**e, "kept": None} for p, e in d.items()}))
-register(Codec("linears", _describe_lowrank, _validate_lowrank, _build_linears(LowRankLinear)))
+register(Codec("linears", _describe_lowrank, _validate_lowrank, _build_linears(LowRankLinear, LowRankConfig)))
 register(Codec("quantized", _describe_quantized, _quantized))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..pipeline.plan import Part
+from .configs import Part
 from .configs import ConfigError, check_choices, spec, to_entry
 
 DROP_KWARGS = ("use_cache", "output_attentions", "encoder_hidden_states", "encoder_attention_mask", "head_mask",

@@ -57,3 +57,17 @@ def from_entry(cls, entry: dict):
     """The config a description entry holds (keys that are not fields are ignored: the module's own state)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in entry.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One component of one layer: full and kept dims, and the original units kept (None: all, in order)."""
+
+    comp: str
+    full: int
+    kept: int
+    index: tuple[int, ...] | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.kept != self.full

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2CLS, ACT2FN
 
-from ..pipeline.plan import Part
+from .configs import Part
 from .configs import ConfigError, check_choices, spec, to_entry
 
 

@@ -20,6 +20,7 @@ from ..arch import find_path, get_path, mlp_paths, out_features
 from ..arch.experts import kept_width
 from ..arch.mla import is_mla, mla_dims
 from ..errors import RatioError
+from ..modules.configs import Part
 
 
 def kept_dim(name: str, full: int, ratio: float | None, rank: int | None, granule: int,
@@ -90,20 +91,6 @@ COMPONENTS: dict[str, Component] = {
     "mlp": Component("mlp", "A3MLP"),
     "experts": Component("experts", "A3Experts"),   # every routed expert's width
 }
-
-
-@dataclass(frozen=True)
-class Part:
-    """One component of one layer: full and kept dims, and the original units kept (None: all, in order)."""
-
-    comp: str
-    full: int
-    kept: int
-    index: tuple[int, ...] | None = None
-
-    @property
-    def reduced(self) -> bool:
-        return self.kept != self.full
 
 
 @dataclass(frozen=True)
