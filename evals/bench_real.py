@@ -76,7 +76,9 @@ def _resumable_stats(model, calib, passes, args):
     from a3mod.paths import cache_dir
 
     n, seq = calib.shape
-    path = cache_dir() / f"bench-real-{Path(args.src).stem}-{args.method}-{n}x{seq}-seed{args.seed}.safetensors"
+    base = Path(args.state_dir) if args.state_dir else cache_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f"bench-real-{Path(args.src).stem}-{args.method}-{n}x{seq}-seed{args.seed}.safetensors"
     if path.is_file():
         stats = a3mod.Stats.load(path)
     else:
@@ -90,7 +92,7 @@ def _resumable_stats(model, calib, passes, args):
 def run(src: str, method: str, ratio: float, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--src", src, "--method", method, "--ratio", str(ratio),
            "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "--eval-windows",
-           str(args.eval_windows), "--seed", str(args.seed)]
+           str(args.eval_windows), "--seed", str(args.seed)] + (["--state-dir", args.state_dir] if args.state_dir else [])
     t = time.perf_counter()
     p = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, check=False)
     if p.returncode:
@@ -143,6 +145,10 @@ def main() -> None:
     ap.add_argument("--rerun", nargs="*", default=None, metavar="METHOD",
                     help="measure again runs already in the results: all of them, or only these methods")
     ap.add_argument("--results", default=str(HERE / "results"))
+    ap.add_argument("--state-dir", default=None,
+                    help="where ASVD's resumable statistics and sensitivity table live (default: the a3mod cache); a "
+                         "folder in the repository, committed as the search goes, lets a search longer than one "
+                         "machine's life resume on the next")
     ap.add_argument("--update-readme", action="store_true")
     args = ap.parse_args()
     if args.worker:
