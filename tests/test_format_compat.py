@@ -1,6 +1,6 @@
-"""Checkpoints written by earlier a3mod code keep loading bit for bit (tests/fixtures/format1: written once by
-make_format1.py at the commit that defined format 1), and a save is deterministic: the same model gives the same
-bytes in every file."""
+"""Checkpoints written by earlier a3mod code keep loading bit for bit (tests/fixtures/format<N>: written once by
+the a3mod of that format, make_format1.py / make_fixtures.py say which commit), and a save is deterministic: the same
+model gives the same bytes in every file. Format 2 holds quantized linears; format 3 is what a3mod writes now."""
 from __future__ import annotations
 
 import json
@@ -13,22 +13,27 @@ from transformers import AutoModelForCausalLM
 
 import a3mod
 
-FIXTURES = Path(__file__).parent / "fixtures" / "format1"
+ROOT = Path(__file__).parent / "fixtures"
+FIXTURES = ROOT / "format1"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+ALL = [f"format{n}/{p.name}" for n in (1, 2, 3) for p in sorted((ROOT / f"format{n}").iterdir()) if p.is_dir()]
 
 
 def test_fixtures_present():
     assert {"llama_a3_30", "qwen2_allocate_all", "gpt2_asvd", "deepseek_v3_a3_30"} <= set(CASES)
+    assert {"format2/llama_a3_30_int8", "format2/qwen2_a3_30_hqq8", "format3/qwen2_a3_updates",
+            "format3/deepseek_v3_a3_30"} <= set(ALL)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_format1_checkpoint_loads_bit_exactly(name):
+@pytest.mark.parametrize("case", ALL)
+def test_old_checkpoint_loads_bit_exactly(case):
     """Every stored tensor is loaded bit for bit by both loaders, both compute the same logits as each other, and
     those match the logits the writing code computed (to round-off: another CPU may round differently)."""
-    expected = load_file(str(FIXTURES / f"{name}.expected.safetensors"))
-    stored = load_file(str(FIXTURES / name / "model.safetensors"))
+    _skip_without_library(case)
+    expected = load_file(str(ROOT / f"{case}.expected.safetensors"))
+    stored = load_file(str(ROOT / case / "model.safetensors"))
     outs = []
-    for model in (a3mod.load(FIXTURES / name), AutoModelForCausalLM.from_pretrained(FIXTURES / name)):
+    for model in (a3mod.load(ROOT / case), AutoModelForCausalLM.from_pretrained(ROOT / case)):
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in stored.items())
         with torch.no_grad():
@@ -37,20 +42,26 @@ def test_format1_checkpoint_loads_bit_exactly(name):
     torch.testing.assert_close(outs[0], expected["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_resave_is_deterministic(name, tmp_path):
-    model = a3mod.load(FIXTURES / name)
+def _skip_without_library(case: str) -> None:
+    if "_int8" in case or "_hqq" in case:
+        pytest.importorskip("bitsandbytes" if "_int8" in case else "hqq")
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_resave_is_deterministic(case, tmp_path):
+    _skip_without_library(case)
+    model = a3mod.load(ROOT / case)
     a, b = a3mod.save(model, tmp_path / "a"), a3mod.save(model, tmp_path / "b")
     names = sorted(f.name for f in a.iterdir())
     assert names == sorted(f.name for f in b.iterdir())
     for f in names:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     # the description and the weights are those of the fixture (config.json now holds the slim description)
-    side, old = (json.loads((d / "a3mod.json").read_text()) for d in (a, FIXTURES / name))
+    side, old = (json.loads((d / "a3mod.json").read_text()) for d in (a, ROOT / case))
     drop = lambda s: {k: v for k, v in s.items() if k not in ("files", "sha256", "format")}   # noqa: E731
-    assert drop(side) == drop(old) and (old["format"], side["format"]) == (1, 3)
+    assert drop(side) == drop(old) and (f"format{old['format']}", side["format"]) == (case.split("/")[0], 3)
     assert side["files"]["model.safetensors"] == old["files"]["model.safetensors"]
-    assert (a / "model.safetensors").read_bytes() == (FIXTURES / name / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() == (ROOT / case / "model.safetensors").read_bytes()
 
 
 def _walk(x):
@@ -59,13 +70,15 @@ def _walk(x):
         yield from _walk(v)
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_a_resave_writes_format_3_with_a_slim_config(name, tmp_path):
+@pytest.mark.parametrize("case", ALL)
+def test_a_resave_writes_format_3_with_a_slim_config(case, tmp_path):
     """Format 3: config.json's description holds no index lists (format 1 held them all); a3mod.json keeps them."""
-    out = a3mod.save(a3mod.load(FIXTURES / name), tmp_path / "m")
+    _skip_without_library(case)
+    name = case.split("/")[1]
+    out = a3mod.save(a3mod.load(ROOT / case), tmp_path / "m")
     cfg, side = (json.loads((out / f).read_text()) for f in ("config.json", "a3mod.json"))
-    old_cfg = json.loads((FIXTURES / name / "config.json").read_text())
-    assert cfg["a3mod"]["format"] == side["format"] == 3 and old_cfg["a3mod"]["format"] == 1
+    old_cfg = json.loads((ROOT / case / "config.json").read_text())
+    assert cfg["a3mod"]["format"] == side["format"] == 3 and f"format{old_cfg['a3mod']['format']}" in case
     lists = lambda d: [v for v in _walk(d) if isinstance(v, list) and len(v) > 8]   # noqa: E731
     assert lists(cfg["a3mod"]["layers"]) == [] and (lists(side["layers"]) != [] or name == "gpt2_asvd")   # low rank only
 
