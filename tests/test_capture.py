@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from a3mod.arch.capture import layer_inputs, replaying
+from a3mod.arch.capture import layer_inputs, recording_outputs, replaying
 
 from conftest import input_ids, tiny_model
 
@@ -51,13 +51,9 @@ def test_without_running_layers_every_layer_gets_its_arguments():
 
 def test_replayed_outputs_give_the_same_logits():
     model, ids = tiny_model("qwen2", layers=3), input_ids()
-    outs = [None] * 3
-    hooks = [l.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
-             for i, l in enumerate(model.model.layers)]
-    with torch.no_grad():
+    with torch.no_grad(), recording_outputs(model.model.layers) as outs:
         ref = model(input_ids=ids, use_cache=False).logits
-    for h in hooks:
-        h.remove()
+    assert all(o is not None for o in outs) and not any(l._forward_hooks for l in model.model.layers)
     counts, hooks = _counting(model.model.layers)
     with torch.no_grad(), replaying(model.model.layers, outs, upto=2):
         got = model(input_ids=ids, use_cache=False).logits

@@ -85,6 +85,20 @@ def layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: Tensor, wanted=No
 
 
 @contextlib.contextmanager
+def recording_outputs(layers: nn.ModuleList) -> Iterator[list]:
+    """Each layer's output of the forward passes run inside, in a list by layer index (the last call's): what
+    `replaying` plays back."""
+    outs: list = [None] * len(layers)
+    handles = [layer.register_forward_hook(lambda m, a, y, i=i: outs.__setitem__(i, y))
+               for i, layer in enumerate(layers)]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def replaying(layers: nn.ModuleList, outputs: list, upto: int) -> Iterator[None]:
     """Layers before `upto` return their recorded `outputs` instead of computing them."""
     saved = _override(layers[:upto], [(lambda out: (lambda *a, **k: out))(outputs[i]) for i in range(upto)])

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import LayerView, active, get_path, linear_params
-from ..arch.capture import replaying
+from ..arch.capture import recording_outputs, replaying
 from ..errors import CalibrationError, RatioError, UnsupportedModelError
 from ..math import factorize as fz
 from ..report import linear_param_count
@@ -80,18 +80,8 @@ class Prober:
             raise UnsupportedModelError(f"ASVD's sensitivity probes measure next-token perplexity; "
                                         f"{type(model).__name__} is not a causal LM (use SVDLLM / PlainSVD / A3)")
         self.model, self.layers, self.ids = model, layers, ids
-        self.outs: list = [None] * len(layers)
-        hooks = [l.register_forward_hook(self._keeper(i)) for i, l in enumerate(layers)]
-        try:
+        with recording_outputs(layers) as self.outs:
             self.base = self._nll()
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def _keeper(self, i):
-        def hook(m, inp, out):
-            self.outs[i] = out
-        return hook
 
     @torch.no_grad()
     def _nll(self) -> float:
