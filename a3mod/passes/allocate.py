@@ -123,7 +123,7 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None,
                                     attn_gate=getattr(a, "wg", None) is not None and not a.gate_head)
             cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
-            sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n))
+            sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n, curves=True))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
             uni = c.kept(full[comp], budget if comp == "qk" else raised, None, rot) // granule
             ref = {"relative": loss[0], "uniform": loss[uni], "absolute": 1.0}[normalize]

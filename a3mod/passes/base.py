@@ -58,6 +58,7 @@ class PassContext:
     n: int = 0
     linear: Any = None
     layers: frozenset | None = None     # model scope: solve only these layers (apply's layer-by-layer schedule)
+    curves: bool = False                # layer scope: the solution's loss curve is read (Allocate)
 
 
 class PassConfig:
