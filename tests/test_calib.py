@@ -310,20 +310,23 @@ def test_collecting_statistics_leaves_the_activations_the_model_runs_on_alone(dt
 
 @pytest.mark.parametrize("d", [7, 511, 512, 700, 2048, 2049, 2600])
 def test_add_gram_sums_the_full_gram_in_float64(d):
-    """The block-row Gram (upper triangle, mirrored) summed over batches equals X^T X in float64 to fp32 products'
-    round-off, is exactly symmetric, and a float64 input gives float64 products."""
-    from a3mod.calib.sums import add_gram
+    """The block-row Gram (upper triangle, mirrored) of batches gathered in chunks equals X^T X in float64 to fp32
+    products' round-off, is symmetric, and a float64 input gives float64 products."""
+    from a3mod.calib.sums import add_gram, finish
 
     g = torch.Generator().manual_seed(d)
-    xs = [torch.randn(2, 37, d, generator=g) * (1 + torch.rand(d, generator=g) * 10) for _ in range(3)]
+    rows = 1500 if d < 1000 else 37                  # past CHUNK_ROWS where it is cheap: chunks and a remainder
+    xs = [torch.randn(2, rows, d, generator=g) * (1 + torch.rand(d, generator=g) * 10) for _ in range(3)]
     acc = {}
     for x in xs:
         add_gram(acc, "hh", x)
+    finish(acc)
     ref = sum(x.reshape(-1, d).double().mT @ x.reshape(-1, d).double() for x in xs)
     assert acc["hh"].dtype == torch.float64
     torch.testing.assert_close(acc["hh"], acc["hh"].mT, rtol=1e-12, atol=1e-9)
     assert float((acc["hh"] - ref).abs().max() / ref.abs().max()) < 1e-6
     acc64 = {}
     add_gram(acc64, "hh", xs[0].double())
+    finish(acc64)
     x0 = xs[0].reshape(-1, d).double()
     torch.testing.assert_close(acc64["hh"], x0.mT @ x0, rtol=1e-12, atol=1e-9)

@@ -43,7 +43,7 @@ from ..arch import LayerView, get_path, layer_views
 from .. import validate
 from ..errors import CalibrationError
 from ..io.files import atomic_write
-from .sums import add, add_gram, outer, sq_sum
+from .sums import add, add_gram, finish, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
 from . import distributed
@@ -386,6 +386,8 @@ def recording(views: list[LayerView], kinds=("a3",)):
     handles = [h for v, a in zip(views, accs) for h in _hooks(v, a, kinds)]
     try:
         yield accs
+        for a in accs:
+            finish(a)                   # the Grams' last chunks
     finally:
         for h in handles:
             h.remove()

@@ -24,22 +24,62 @@ def sq_sum(x: Tensor) -> Tensor:
     return (xf.square() if xf.dtype == torch.float64 else xf.double().square_()).sum(0)
 
 
+CHUNK_ROWS = 2048     # rows gathered before one Gram product: larger GEMMs and fewer d x d float64 additions than one
+#                       window at a time, for 8 KB x d of pending rows per Gram (evals/bench_compress.py --updates)
+
+
+class GramSum:
+    """X^T X over every batch added, in float64: the batches are gathered into chunks of at least CHUNK_ROWS rows,
+    each chunk's Gram made of products in the compute dtype (fp32 at least) from the block rows of its upper
+    triangle, each mirrored below the diagonal (~2/3 of the products of a full X^T X), then added to the total."""
+
+    def __init__(self):
+        self.pending: list[Tensor] = []
+        self.rows = 0
+        self.total: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        xf = x.reshape(-1, x.shape[-1])
+        # an own copy: the model may reuse the buffer before the chunk is multiplied
+        xf = xf.clone() if xf.dtype in (torch.float32, torch.float64) else xf.float()
+        self.pending.append(xf)
+        self.rows += xf.shape[0]
+        if self.rows >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]     # (N, d)
+        self.pending, self.rows = [], 0
+        d = x.shape[1]
+        if self.total is None:
+            self.total = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        step = d if d < 512 else 256 if d <= 2048 else 512     # the fastest block widths measured on CPU
+        for i in range(0, d, step):
+            row = x[:, i:i + step].mT @ x[:, i:]              # (b, d - i): block row i of the upper triangle
+            b = row.shape[0]
+            self.total[i:i + b, i:] += row
+            self.total[i + b:, i:i + b] += row[:, b:].mT
+
+    def value(self) -> Tensor:
+        self.flush()
+        return self.total
+
+
 def add_gram(acc: dict, name: str, x: Tensor) -> None:
-    """acc[name] (d, d) float64 += X^T X for x (..., d): products in the compute dtype (fp32 at least), summed in
-    float64 in place. A wide Gram is built from the block rows of its upper triangle, each mirrored below the
-    diagonal: ~2/3 of the products of a full X^T X, and no d x d temporary (a Gram 8,960 wide is 640 MB in float64)."""
-    xf = x.reshape(-1, x.shape[-1])
-    xf = xf if xf.dtype == torch.float64 else xf.float()
-    d = xf.shape[1]
-    g = acc.get(name)
-    if g is None:
-        g = acc[name] = torch.zeros(d, d, dtype=torch.float64, device=xf.device)
-    step = d if d < 512 else 256 if d <= 2048 else 512     # the fastest block widths measured on CPU
-    for i in range(0, d, step):
-        row = xf[:, i:i + step].mT @ xf[:, i:]              # (b, d - i): block row i of the upper triangle
-        b = row.shape[0]
-        g[i:i + b, i:] += row
-        g[i + b:, i:i + b] += row[:, b:].mT
+    """acc[name] += X^T X for x (..., d) (a GramSum until `finish(acc)`)."""
+    if name not in acc:
+        acc[name] = GramSum()
+    acc[name].add(x)
+
+
+def finish(acc: dict) -> dict:
+    """`acc` with every GramSum replaced by its float64 total (what the statistics hold)."""
+    for k, v in acc.items():
+        if isinstance(v, GramSum):
+            acc[k] = v.value()
+    return acc
 
 
 def add(d: dict, name: str, t: Tensor) -> None:
