@@ -309,24 +309,32 @@ def test_collecting_statistics_leaves_the_activations_the_model_runs_on_alone(dt
 
 
 @pytest.mark.parametrize("d", [7, 511, 512, 700, 2048, 2049, 2600])
-def test_add_gram_sums_the_full_gram_in_float64(d):
-    """The block-row Gram (upper triangle, mirrored) of batches gathered in chunks equals X^T X in float64 to fp32
-    products' round-off, is symmetric, and a float64 input gives float64 products."""
-    from a3mod.calib.sums import add_gram, finish
+def test_add_gram_sums_the_full_gram_in_float64(d, monkeypatch):
+    """The block-row Gram (upper triangle, mirrored) of batches gathered in chunks (uneven batches: chunks, a batch
+    long enough to be one alone, a remainder at the end) equals X^T X in float64 to fp32 products' round-off; a batch
+    changed in place after it was added does not change the sum; bf16 batches are multiplied in fp32; a float64
+    input gives float64 products."""
+    from a3mod.calib import sums
 
+    monkeypatch.setattr(sums, "CHUNK_ROWS", 100)
     g = torch.Generator().manual_seed(d)
-    rows = 1500 if d < 1000 else 37                  # past CHUNK_ROWS where it is cheap: chunks and a remainder
-    xs = [torch.randn(2, rows, d, generator=g) * (1 + torch.rand(d, generator=g) * 10) for _ in range(3)]
+    scale = 1 + torch.rand(d, generator=g) * 10
+    xs = [torch.randn(r, d, generator=g) * scale for r in (70, 70, 70, 130, 30)]
     acc = {}
     for x in xs:
-        add_gram(acc, "hh", x)
-    finish(acc)
-    ref = sum(x.reshape(-1, d).double().mT @ x.reshape(-1, d).double() for x in xs)
+        sums.add_gram(acc, "hh", x)
+        x.mul_(-3.0).add_(1.0)                     # the model reusing its buffer
+    sums.finish(acc)
+    ref = sum(x.double().add(-1.0).div(-3.0).mT @ x.double().add(-1.0).div(-3.0) for x in xs)
     assert acc["hh"].dtype == torch.float64
-    torch.testing.assert_close(acc["hh"], acc["hh"].mT, rtol=1e-12, atol=1e-9)
-    assert float((acc["hh"] - ref).abs().max() / ref.abs().max()) < 1e-6
+    torch.testing.assert_close(acc["hh"], acc["hh"].mT, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    assert float((acc["hh"] - ref).abs().max() / ref.abs().max()) < 1e-5
+    bf = {}
+    for x in xs:
+        sums.add_gram(bf, "hh", x.bfloat16())
+    xb = torch.cat([x.bfloat16().double() for x in xs])
+    assert float((sums.finish(bf)["hh"] - xb.mT @ xb).abs().max() / (xb.mT @ xb).abs().max()) < 1e-6
     acc64 = {}
-    add_gram(acc64, "hh", xs[0].double())
-    finish(acc64)
-    x0 = xs[0].reshape(-1, d).double()
-    torch.testing.assert_close(acc64["hh"], x0.mT @ x0, rtol=1e-12, atol=1e-9)
+    sums.add_gram(acc64, "hh", xs[0].double())
+    x0 = xs[0].double()
+    torch.testing.assert_close(sums.finish(acc64)["hh"], x0.mT @ x0, rtol=1e-12, atol=1e-9)

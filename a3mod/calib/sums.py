@@ -25,13 +25,15 @@ def sq_sum(x: Tensor) -> Tensor:
 
 
 CHUNK_ROWS = 2048     # rows gathered before one Gram product: larger GEMMs and fewer d x d float64 additions than one
-#                       window at a time, for 8 KB x d of pending rows per Gram (evals/bench_compress.py --updates)
+#                       window at a time, for at most 8 KB x d of pending rows per Gram (evals/bench_compress.py
+#                       --updates); where many Grams are summed at once (a whole-model `collect`), that is the cost
 
 
 class GramSum:
-    """X^T X over every batch added, in float64: the batches are gathered into chunks of at least CHUNK_ROWS rows,
-    each chunk's Gram made of products in the compute dtype (fp32 at least) from the block rows of its upper
-    triangle, each mirrored below the diagonal (~2/3 of the products of a full X^T X), then added to the total."""
+    """X^T X over every batch added, in float64. The batches are gathered into chunks of about CHUNK_ROWS rows (a
+    batch that long is one by itself); each chunk's Gram is made of products in the compute dtype (fp32 at least),
+    from the block rows of its upper triangle, each mirrored below the diagonal (~2/3 of the products of a full
+    X^T X), and added to the total."""
 
     def __init__(self):
         self.pending: list[Tensor] = []
@@ -40,18 +42,28 @@ class GramSum:
 
     def add(self, x: Tensor) -> None:
         xf = x.reshape(-1, x.shape[-1])
-        # an own copy: the model may reuse the buffer before the chunk is multiplied
-        xf = xf.clone() if xf.dtype in (torch.float32, torch.float64) else xf.float()
-        self.pending.append(xf)
+        keep_dtype = xf.dtype in (torch.float32, torch.float64)
+        if not self.pending and xf.shape[0] >= self._chunk(xf.shape[1]):
+            self._multiply(xf if keep_dtype else xf.float())    # a chunk by itself: no copy
+            return
+        self.pending.append(xf.clone() if keep_dtype else xf.float())   # own copy: the model may reuse its buffer
         self.rows += xf.shape[0]
-        if self.rows >= CHUNK_ROWS:
+        if self.rows >= self._chunk(xf.shape[1]):
             self.flush()
 
+    @staticmethod
+    def _chunk(d: int) -> int:
+        """Rows per product: CHUNK_ROWS, fewer for a narrow Gram (its pending rows stay near its own size)."""
+        return min(CHUNK_ROWS, max(d, 1024))
+
     def flush(self) -> None:
-        if not self.pending:
-            return
-        x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]     # (N, d)
-        self.pending, self.rows = [], 0
+        if self.pending:
+            x = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+            self.pending, self.rows = [], 0
+            self._multiply(x)
+
+    def _multiply(self, x: Tensor) -> None:
+        """total += x^T x for x (N, d)."""
         d = x.shape[1]
         if self.total is None:
             self.total = torch.zeros(d, d, dtype=torch.float64, device=x.device)

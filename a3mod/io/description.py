@@ -16,10 +16,11 @@ from .codecs import Site, build_layer, describe_layer, slim_layer
 from .files import SIDECAR
 
 # The description's format (a3mod.json and config.json's "a3mod"); readers take every one listed in sidecar.FORMATS.
-#   1  the first: config.json carried the whole description, kept-index lists included
+#   1  the first; its config.json carried the whole description, kept-index lists included, until commit a16302e,
+#      which slimmed config.json without a new number (readers never branch on it: both forms load)
 #   2  1 with quantized linears ("quant"), so that readers without them refuse it
-#   3  config.json carries the slim description (dims and small facts; index lists only in a3mod.json and the
-#      weights), written by every save since, quantized or not ("quant" tells)
+#   3  every save since: config.json's description is the slim one (dims and small facts; index lists only in
+#      a3mod.json and the weights), quantized or not ("quant" tells); readers from before it refuse it
 FORMAT = 3
 WEIGHTS_FORMAT = 1     # model.safetensors' layout (its metadata "a3mod"): unchanged since format 1
 

@@ -297,7 +297,8 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
     full = m.up[0].shape[0]
     r = mlp_kept(cfg, full)
     idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
-    if cfg.update and ctx.curves:   # Allocate reads the loss after the update, along the same (CUR) order of neurons
+    if cfg.update and ctx.curves:   # Allocate reads the loss after the update, along the same (CUR) order of neurons;
+        # without `curves` the loss stays the selection's (nothing reads it then)
         order = solvers.mlp_order(st["h2"] / n, m.down[0].t())[0]     # the order mlp_select kept from
         loss = solvers.mlp_refit_losses(m.down[0].t(), st["hh"] / n, order)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
