@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "quality.jsonl"))
     ap.add_argument("--update-readme", action="store_true",
                     help="write the table between the README's <!-- quality-results --> markers")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: the table, plot and README section from the rows --jsonl already holds")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = Path(args.jsonl)
@@ -212,7 +214,7 @@ def main() -> None:
     models = asset_models(args.models)
     if not models:
         sys.exit("no real model in the assets dir (set A3MOD_ASSETS)")
-    for path in models:
+    for path in [] if args.table_only else models:
         for seed in args.seeds:
             run_model(path, seed, args, done, out)
     md = (f"WikiText-2 token perplexity, first {args.eval_windows} x {args.eval_seq_len} test windows; calibration "
