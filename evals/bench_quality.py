@@ -50,6 +50,9 @@ VARIANTS = {
     # + the sequential re-fit of apply (A3OV/A3MLP(seq_refit=True)): calibrates itself, layer by layer, from calib=
     "a3-ov-mlp-update-seq-refit": lambda r: _a3(r, update=True, seq_refit=True, ov=dict(update=True, seq_refit=True)),
     "a3-ov-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1, ov=dict(update=True)),
+    # the re-fit (and the updates it starts from) with 10x the damping: a probe of the re-fit's loss on Qwen
+    "a3-ov-mlp-update-seq-refit-damp0.1": lambda r: _a3(r, update=True, seq_refit=True, damping=0.1,
+                                                        ov=dict(update=True, seq_refit=True, damping=0.1)),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
