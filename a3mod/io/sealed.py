@@ -51,17 +51,8 @@ def write_sidecar(tmp: Path, side: dict) -> None:
 def write(model: nn.Module, out_dir: str | os.PathLike, config, tokenizer=None, overwrite: bool = False,
           extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | str | None = "auto") -> Path:
     """Write `model` (compressed or not) to `out_dir` with config.json from `config` (a config object describing
-    the model; `a3mod.save` gives the native one); returns the folder's absolute path.
-
-    The folder is assembled next to `out_dir` and published atomically (a3mod.io.files): `out_dir` holds the old
-    checkpoint or the new one, never a mix. overwrite=True replaces only an a3mod checkpoint or an empty folder,
-    never the folder the model was loaded from. extra_files: {name: text} added beside the checkpoint (e.g.
-    compress_result.json, README.md): plain names, none a3mod writes itself; their names are recorded (so an
-    overwrite knows them as a3mod's), not their checksums (edit a model card freely). overwrite: True replaces an
-    a3mod checkpoint whose files are all a3mod's; "keep-others" also keeps the user's files in it (copied over).
-    dtype: of the stored floating-point weights; "auto" (default) is the dtype of the checkpoint the model was
-    loaded from (`load_pretrained` / `load` record it: a bf16 model compressed in float32 is saved in bf16), None
-    keeps the weights' own."""
+    the model; `a3mod.save` gives the native one); returns the folder's absolute path. The folder is published
+    atomically (a3mod.io.files); the other arguments are `a3mod.save`'s (io/checkpoint.py documents them)."""
     sources = model_sources(model)
     extra = dict(extra_files or {})
     files.check_extra_names(extra, reserved=(WEIGHTS, "config.json", "generation_config.json"))
