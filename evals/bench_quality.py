@@ -53,6 +53,9 @@ VARIANTS = {
     # the re-fit (and the updates it starts from) with 10x the damping: a probe of the re-fit's loss on Qwen
     "a3-ov-mlp-update-seq-refit-damp0.1": lambda r: _a3(r, update=True, seq_refit=True, damping=0.1,
                                                         ov=dict(update=True, seq_refit=True, damping=0.1)),
+    # the re-fit's damping chosen per layer and part on held-out windows (refit_damping="heldout")
+    "a3-ov-mlp-update-seq-refit-heldout": lambda r: _a3(r, update=True, seq_refit=True, refit_damping="heldout",
+                                                        ov=dict(update=True, seq_refit=True, refit_damping="heldout")),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
@@ -84,9 +87,13 @@ def _passes(name: str, r: float) -> list:
 
 
 def _commit() -> str:
+    """HEAD's short hash, "+dirty" when a3mod/ or evals/ differ from it (the row then came from uncommitted code)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "a3mod", "evals"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -22,10 +22,11 @@ from conftest import calib_ids, input_ids, logits, make_tokenizer, tiny_model
 from zoo import _ids, tiny_zoo_model
 
 
-def passes(ratio: float = 0.3, refit: bool = True, update: bool = True, **rank) -> list:
+def passes(ratio: float = 0.3, refit: bool = True, update: bool = True, refit_damping=None, **rank) -> list:
     ps = a3mod.a3_passes(ratio) if not rank else [a3mod.A3QK(rank=rank["qk"]), a3mod.A3OV(rank=rank["ov"]),
                                                   a3mod.A3MLP(rank=rank["mlp"])]
-    return [dataclasses.replace(p, update=update, seq_refit=refit) if hasattr(p, "seq_refit") else p for p in ps]
+    return [dataclasses.replace(p, update=update, seq_refit=refit, refit_damping=refit_damping)
+            if hasattr(p, "seq_refit") else p for p in ps]
 
 
 def _record(model, ids, mods: dict) -> dict:
@@ -45,18 +46,31 @@ def _record(model, ids, mods: dict) -> dict:
     return {k: torch.cat([x.reshape(-1, x.shape[-1]) for x in v]) for k, v in got.items()}
 
 
-def _ridge(lin, u, t, damping):
-    """Brute force: argmin |U W - T|^2/n + lam |W - W0|^2, lam = damping * mean diag(U^T U / n)."""
-    t = t - (lin.bias.double() if lin.bias is not None else 0)
+def _solve(lin, u, t, damping):
+    """argmin |U W - T|^2/n + lam |W - W0|^2, lam = damping * mean diag(U^T U / n), by a plain linear solve."""
     g = u.T @ u / u.shape[0]
     lam = damping * g.diagonal().mean()
     w0 = lin.weight.double().T
-    w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), u.T @ t / u.shape[0] + lam * w0)
+    return torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), u.T @ t / u.shape[0] + lam * w0)
+
+
+def _ridge(lin, u, t, damping, windows: int):
+    """Brute force on the rows of `windows` equal windows; damping "heldout": the GRID value whose fit on the other
+    windows has the least squared error on every HOLD-th one (the last of fewer), then fitted on all rows."""
+    t = t - (lin.bias.double() if lin.bias is not None else 0)
+    if damping == "heldout":
+        per = u.shape[0] // windows
+        held = torch.tensor([(b % seq_refit.HOLD == seq_refit.HOLD - 1) or (windows < seq_refit.HOLD and
+                                                                          b == windows - 1) for b in range(windows)])
+        held = held.repeat_interleave(per)
+        errs = [((u[held] @ _solve(lin, u[~held], t[~held], d) - t[held]) ** 2).sum() for d in seq_refit.GRID]
+        damping = seq_refit.GRID[int(torch.stack(errs).argmin())]
+    w = _solve(lin, u, t, damping)
     with torch.no_grad():
         lin.weight.copy_(w.T.to(lin.weight.dtype))
 
 
-def reference(orig, calib, ratio: float):
+def reference(orig, calib, ratio: float, damping=0.01):
     """A3 + both updates, then for each layer in order: o_proj, then down_proj, fitted by ridge least squares on
     what whole forwards of the compressed model give them, toward the original layer's parts plus the drift."""
     comp = copy.deepcopy(orig)
@@ -69,19 +83,20 @@ def reference(orig, calib, ratio: float):
         r = _record(orig, calib, {"h": (v.layer, "in"), "a": (v.o_module(), "out"), "mid": (mid_o, "in"),
                                   "m": (v.down_module(), "out")})
         c = _record(comp, calib, {"h": (lay, "in"), "z": (o, "in")})
-        _ridge(o, c["z"], r["a"] + r["h"] - c["h"], 0.01)
+        _ridge(o, c["z"], r["a"] + r["h"] - c["h"], damping, calib.shape[0])
         c = _record(comp, calib, {"mid": (mid_c, "in"), "u": (down, "in")})
-        _ridge(down, c["u"], r["m"] + r["mid"] - c["mid"], 0.01)
+        _ridge(down, c["u"], r["m"] + r["mid"] - c["mid"], damping, calib.shape[0])
     return comp
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_equal_to_the_brute_force_reference(family):
+@pytest.mark.parametrize("family,damping,windows", [("llama", None, 24), ("qwen2", None, 24),
+                                                    ("llama", "heldout", 24), ("qwen2", "heldout", 3)])
+def test_equal_to_the_brute_force_reference(family, damping, windows):
     orig = tiny_model(family, kv_heads=2, layers=3)
-    calib = calib_ids(24, 16)
+    calib = calib_ids(windows, 16)
     got = copy.deepcopy(orig)
-    a3mod.apply(got, passes(0.3), calib=calib, progress=False)
-    ref = reference(orig, calib, 0.3)
+    a3mod.apply(got, passes(0.3, refit_damping=damping), calib=calib, progress=False)
+    ref = reference(orig, calib, 0.3, damping or 0.01)
     for (n, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
     plain = copy.deepcopy(orig)
@@ -119,8 +134,61 @@ def test_each_refit_ends_no_worse_than_it_started(seed, ratio, update):
         seq_refit.refit_layer = real
     assert [sorted(e) for e in errors] == [["down", "o"]] * 3
     for e in errors:
-        for before, after in e.values():
-            assert after <= before * (1 + 1e-9) + 1e-12
+        for before, after, damping in e.values():
+            assert after <= before * (1 + 1e-9) + 1e-12 and damping == 0.01
+
+
+def test_heldout_damping_is_chosen_per_layer_and_part():
+    """refit_damping="heldout": each re-fit reports a damping of GRID (not all the same here), and never ends above
+    where it started on the calibration windows."""
+    errors = []
+    real = seq_refit.refit_layer
+
+    def spy(*a, **k):
+        h, err = real(*a, **k)
+        errors.append(err)
+        return h, err
+
+    model = tiny_model("llama", kv_heads=2, layers=3)
+    try:
+        seq_refit.refit_layer = spy
+        a3mod.apply(model, passes(0.5, refit_damping="heldout"), calib=calib_ids(64, 16), progress=False)
+    finally:
+        seq_refit.refit_layer = real
+    chosen = [d for e in errors for _, _, d in e.values()]
+    assert len(chosen) == 6 and set(chosen) <= set(seq_refit.GRID) and len(set(chosen)) > 1
+    assert all(after <= before * (1 + 1e-9) + 1e-12 for e in errors for before, after, _ in e.values())
+
+
+@pytest.mark.parametrize("kw,match", [(dict(refit_damping="heldout"), "seq_refit=True"),
+                                      (dict(seq_refit=True, refit_damping="best"), "refit_damping"),
+                                      (dict(seq_refit=True, refit_damping=-0.1), "refit_damping"),
+                                      (dict(seq_refit=True, refit_damping=True), "refit_damping")])
+def test_bad_refit_damping_is_refused(kw, match):
+    from a3mod.errors import RatioError
+
+    for cls in (a3mod.A3OV, a3mod.A3MLP):
+        with pytest.raises(RatioError, match=match):
+            cls(ratio=0.2, **kw)
+    assert a3mod.A3MLP(ratio=0.2, seq_refit=True, refit_damping=1).refit_damping == 1.0
+
+
+def test_heldout_with_one_window_is_refused_before_any_work(tmp_path, monkeypatch):
+    from a3mod.errors import CalibrationError
+    from a3mod.pipeline import layerwise
+
+    model = tiny_model("llama", kv_heads=2)
+    before = _params(model)
+    monkeypatch.setattr(layerwise, "_capture", lambda *a: pytest.fail("calibration started"))
+    with pytest.raises(A3ModError, match="at least 2"):
+        a3mod.apply(model, passes(0.3, refit_damping="heldout"), calib=calib_ids(1, 16), progress=False)
+    assert _untouched(model, before)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    with pytest.raises(CalibrationError, match="at least 2 batches"):
+        a3mod.compress_streaming(src, tmp_path / "out", passes(0.3, refit_damping="heldout")[:3], calib_ids(4, 16),
+                                 batch_size=4, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def _params(model) -> dict:
@@ -161,15 +229,15 @@ def test_statistics_given_instead_of_calibration_are_refused():
     assert _untouched(model, before)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("offload", [False, True])
-def test_streaming_equals_in_memory(tmp_path, family, offload):
+@pytest.mark.parametrize("family,offload,damping", [("llama", False, None), ("llama", True, None),
+                                                    ("qwen2", False, None), ("qwen2", True, "heldout")])
+def test_streaming_equals_in_memory(tmp_path, family, offload, damping):
     """compress_streaming carries the compressed stream beside the original one (two hidden-state stores): the
     checkpoint equals apply + save."""
     from test_stream import assert_same_checkpoint, in_memory, saved_source
 
     src = saved_source(tmp_path, family)
-    calib, ps = calib_ids(16, 16), passes(0.3)[:3]
+    calib, ps = calib_ids(16, 16), passes(0.3, refit_damping=damping)[:3]
     ref = in_memory(tmp_path, src, ps, calib)
     off = tmp_path / "off" if offload else None
     out = a3mod.compress_streaming(src, tmp_path / "out", ps, calib, progress=False, offload_dir=off)

@@ -193,7 +193,8 @@ def _dry_run(args, passes, path) -> int:
         raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
                          "preview them" if args.stream else "its kept dims come from calibration data"))
     _, model, _ = _load(args, path)
-    plain = [dataclasses.replace(p, update=False, seq_refit=False) if hasattr(p, "seq_refit") else p for p in passes]
+    plain = [dataclasses.replace(p, update=False, seq_refit=False, refit_damping=None) if hasattr(p, "seq_refit")
+             else p for p in passes]
     rep = preview(model, plain, inplace=True)      # the updates / re-fits change weights, not shapes: not solved here
     print(rep)
     print(f"\ndry run: the plan of {args.method} at the given ratios (kept dims from shapes alone); nothing was "

@@ -81,18 +81,29 @@ class _A3Refit(_A3Dims):
     seq_refit: then, layer by layer, re-fit it again on the inputs the *compressed* model gives it (earlier layers
     and this layer's compressed parts in place) toward the *original* model's output plus the residual-stream drift
     (`a3mod.pipeline.seq_refit`; docs/method_extensions.md "Sequential re-fit"): the same shapes, about two more
-    passes of the calibration windows through each compressed layer; pre-norm residual layers with a dense MLP."""
+    passes of the calibration windows through each compressed layer; pre-norm residual layers with a dense MLP.
+    refit_damping: the re-fit's damping: None (the pass's damping), a number >= 0, or "heldout" (per layer, the one of
+    `seq_refit.GRID` whose fit on the other windows is best on every HOLD-th window; then fitted on all of them)."""
     update: bool = False
     damping: float = 0.01
     seq_refit: bool = False
+    refit_damping: float | str | None = None
     REFIT_KIND = ""
 
     def __post_init__(self):
         super().__post_init__()
-        boolean(type(self).__name__, "update", self.update, error=RatioError)
-        boolean(type(self).__name__, "seq_refit", self.seq_refit, error=RatioError)
-        number(type(self).__name__, "damping", self.damping, lo=0.0, error=RatioError)
+        name = type(self).__name__
+        boolean(name, "update", self.update, error=RatioError)
+        boolean(name, "seq_refit", self.seq_refit, error=RatioError)
+        number(name, "damping", self.damping, lo=0.0, error=RatioError)
         object.__setattr__(self, "damping", float(self.damping))
+        if self.refit_damping is not None and self.refit_damping != "heldout":
+            number(name, "refit_damping", self.refit_damping, lo=0.0, error=RatioError,
+                   what='or None (the damping) or "heldout"')
+            object.__setattr__(self, "refit_damping", float(self.refit_damping))
+        if self.refit_damping is not None and not self.seq_refit:
+            raise RatioError(f"{name}: refit_damping={self.refit_damping!r} is the sequential re-fit's damping: "
+                             f"set seq_refit=True too (or leave refit_damping None)")
 
     def stat_kinds(self) -> tuple[str, ...]:
         return ("a3", self.REFIT_KIND) if self.update else ("a3",)

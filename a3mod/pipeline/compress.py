@@ -204,7 +204,9 @@ def _check_seq_refit(job: ApplyJob) -> None:
         return
     why = ("it needs calib= (the calibration windows), not stats=" if job.stats is not None or job.calib is None
            else f"layers {job.groups} run shared blocks (solved from all their uses at once)" if job.groups else
-           "it runs in one process (not under torch.distributed)" if distributed.active() else None)
+           "it runs in one process (not under torch.distributed)" if distributed.active() else
+           f"refit_damping='heldout' holds windows out, and calib has {job.calib.shape[0]} window (at least 2)"
+           if seq_refit.HELDOUT in seq_refit.dampings(job.passes).values() and job.calib.shape[0] < 2 else None)
     if why:
         raise A3ModError(f"seq_refit=True (A3OV / A3MLP) re-fits each layer on the compressed model's stream, layer "
                          f"by layer: {why}")

@@ -127,7 +127,7 @@ def layerwise_swaps(job) -> tuple[list, int]:
             if damping:
                 h_c, err = seq_refit.refit_layer(layers[v.index], v, calls, shapes, h_c, targets,
                                                  {} if v.left else damping)
-                bar.set_postfix({k: f"{a:.3f}->{b:.3f}" for k, (a, b) in err.items()})
+                bar.set_postfix({k: f"{a:.3f}->{b:.3f} (damping {d:g})" for k, (a, b, d) in err.items()})
             hidden = nxt
     finally:
         model.train(was_training)

@@ -31,19 +31,29 @@ from torch import Tensor, nn
 from ..arch import get_path
 from ..arch.capture import through_layer
 from ..arch.views import find_path
-from ..errors import UnsupportedModelError
+from ..errors import CalibrationError, UnsupportedModelError
 from ..math.solvers import ridge_refit
 from ..modules import ReducedHeadAttention, ReducedMLP
 
 TOLERANCE = 1e-2        # relative: how closely the layer's parts must add up to the residual stream
 KEEP_BYTES = 2 << 30    # down_proj's inputs up to this size are kept, so the layer's outputs need no third pass
+HELDOUT = "heldout"     # refit_damping: chosen per layer and part from GRID on held-out windows
+GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+HOLD = 4                # every HOLD-th window is held out (the last window when there are fewer)
 
 
-def dampings(passes) -> dict[str, float]:
-    """{"o": damping, "down": damping} for the A3OV / A3MLP passes with seq_refit=True (empty: none asks)."""
+def dampings(passes) -> dict[str, float | str]:
+    """{"o": damping, "down": damping} for the A3OV / A3MLP passes with seq_refit=True (empty: none asks): their
+    refit_damping, or their damping when it is None; HELDOUT: chosen per layer on held-out windows."""
     comp = {"A3OV": "o", "A3MLP": "down"}
-    return {comp[type(p).__name__]: p.damping for p in passes
+    return {comp[type(p).__name__]: p.damping if p.refit_damping is None else p.refit_damping for p in passes
             if type(p).__name__ in comp and getattr(p, "seq_refit", False)}
+
+
+def held_out(n_windows: int) -> set[int]:
+    """The windows held out when the damping is chosen: every HOLD-th, or the last of fewer (none of one)."""
+    every = set(range(HOLD - 1, n_windows, HOLD))
+    return every or ({n_windows - 1} if n_windows > 1 else set())
 
 
 class Targets:
@@ -175,13 +185,13 @@ def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
 
 class _Fit:
     """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook) and the target t of the current window
-    `w` (target(w, device), bias taken off): products in the compute dtype (float32 at least), summed in float64;
-    the window's forward stops there (`_Stop`). `keep`: also keep each window's input (model dtype, on the CPU)."""
+    `w` (target(w, device), bias taken off): products in the compute dtype (float32 at least), summed in float64, apart
+    for the `held` windows (the damping's choice); the window's forward stops there (`_Stop`). `keep`: also keep each
+    window's input (model dtype, on the CPU)."""
 
-    def __init__(self, lin: nn.Linear, target, keep: bool = False):
-        self.lin, self.target, self.w, self.keep = lin, target, 0, keep
-        self.g = self.c = self.tt = 0.0
-        self.n = 0
+    def __init__(self, lin: nn.Linear, target, keep: bool = False, held: set[int] = frozenset()):
+        self.lin, self.target, self.w, self.keep, self.held = lin, target, 0, keep, held
+        self.sums = [[0.0, 0.0, 0.0, 0] for _ in range(2)]      # [fit, held out] x [g, c, tt, n]
         self.inputs: list[Tensor] = []
 
     def __call__(self, mod, args):
@@ -191,24 +201,41 @@ class _Fit:
         t = self.target(self.w, u.device).reshape(-1, self.lin.out_features).to(u.dtype)
         if self.lin.bias is not None:
             t = t - self.lin.bias.to(u.dtype)
-        self.g, self.c = self.g + (u.T @ u).double(), self.c + (u.T @ t).double()
-        self.tt, self.n = self.tt + float(t.double().square().sum()), self.n + u.shape[0]
+        s = self.sums[self.w in self.held]
+        s[0], s[1] = s[0] + (u.T @ u).double(), s[1] + (u.T @ t).double()
+        s[2], s[3] = s[2] + float(t.double().square().sum()), s[3] + u.shape[0]
         if self.keep:
             self.inputs.append(x.to("cpu"))
         raise _Stop                     # what the layer computes after this input is not needed
 
-    def error(self, w: Tensor) -> float:
-        """Mean squared error of u -> t with weight w (in, out), relative to the target's mean square."""
-        e = (w * (self.g @ w)).sum() - 2 * (w * self.c).sum() + self.tt
-        return float(e / max(self.tt, 1e-300))
+    @staticmethod
+    def _error(s, w: Tensor) -> float:
+        """Mean squared error of u -> t with weight w (in, out) on sums s, relative to the target's mean square."""
+        g, c, tt, _ = s
+        e = (w * (g @ w)).sum() - 2 * (w * c).sum() + tt
+        return float(e / max(tt, 1e-300))
 
-    def solve(self, damping: float) -> tuple[float, float]:
-        """Re-fit lin.weight in place; (relative error before, after)."""
+    def _total(self) -> list:
+        (g, c, tt, n), (gh, ch, tth, nh) = self.sums
+        return [g + gh, c + ch, tt + tth, n + nh]
+
+    def choose(self, w0: Tensor) -> float:
+        """The damping of GRID whose fit on the kept windows has the least error on the held-out ones."""
+        (g, c, _, n), held = self.sums
+        if not held[3]:
+            raise CalibrationError("refit_damping='heldout' needs at least two calibration windows")
+        errs = [self._error(held, ridge_refit(g / n, c / n, w0, d)) for d in GRID]
+        return GRID[min(range(len(GRID)), key=errs.__getitem__)]
+
+    def solve(self, damping: float | str) -> tuple[float, float, float]:
+        """Re-fit lin.weight in place on every window; (relative error before, after, the damping used)."""
         w0 = self.lin.weight.double().T
-        w = ridge_refit(self.g / self.n, self.c / self.n, w0, damping)
-        before, after = self.error(w0), self.error(w)
+        damping = self.choose(w0) if damping == HELDOUT else damping
+        g, c, tt, n = s = self._total()
+        w = ridge_refit(g / n, c / n, w0, damping)
+        before, after = self._error(s, w0), self._error(s, w)
         self.lin.weight.copy_(w.T.to(self.lin.weight.dtype))
-        return before, after
+        return before, after, damping
 
 
 class _Stop(Exception):
@@ -240,13 +267,13 @@ def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False, put=None
 
 @torch.no_grad()
 def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c, targets: Targets,
-                damping: dict[str, float], put=None) -> tuple[list[Tensor], dict[str, tuple[float, float]]]:
+                damping: dict[str, float | str], put=None) -> tuple[list[Tensor], dict[str, tuple]]:
     """Re-fit compressed `layer`'s o_proj, then its down_proj (the parts in `damping`, see `dampings`) on h_C (h_c[b]:
     window b's) toward `targets`; returns (h_C after the layer: a list, or [] when given to put(b, h) instead,
-    {part: (relative error before, after)})."""
-    i, errors = view.index, {}
+    {part: (relative error before, after, damping used)})."""
+    i, errors, held = view.index, {}, held_out(len(shapes))
     if "o" in damping and view.attn is not None:
-        fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev))
+        fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev), held=held)
         _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], fit)        # attention only
         errors["o"] = fit.solve(damping["o"])
     if "down" in damping:
@@ -254,7 +281,7 @@ def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c, targets:
         tokens = sum(s[0] * s[1] for s in shapes)
         keep = tokens * lin.in_features * lin.weight.element_size() <= KEEP_BYTES
         mids: list[Tensor] = []               # every window's mid_C (the norm runs before down_proj)
-        fit = _Fit(lin, lambda w, dev: targets.mlp[w].to(dev) - mids[w].to(dev).float(), keep)
+        fit = _Fit(lin, lambda w, dev: targets.mlp[w].to(dev) - mids[w].to(dev).float(), keep, held)
         norm = get_path(layer, _mid_norm(view))
         _through(layer, i, calls, shapes, h_c, [(norm, True, lambda m, a: mids.append(a[0].to("cpu"))),
                                                 (fit.lin, True, fit)], fit)

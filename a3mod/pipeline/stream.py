@@ -45,7 +45,7 @@ from ..arch import get_path, layer_views, set_child, shared_groups, spec_for
 from ..arch.capture import layer_calls, through_layer, with_hidden
 from ..calib import distributed
 from ..calib.stats import check_request, check_token_ids
-from ..errors import A3ModError, UnsupportedModelError
+from ..errors import A3ModError, CalibrationError, UnsupportedModelError
 from ..io import files, native, tensors
 from ..io.sealed import WEIGHTS, write_sidecar
 from ..io.codecs import describe_layer
@@ -57,7 +57,7 @@ from ..passes.a3 import preflight
 from ..passes.balance import balance
 from ..passes.base import check_passes
 from ..report import linear_param_count
-from ..validate import boolean
+from ..validate import boolean, integer
 from .steps import collect_layer, solve_layer
 from .verify import check_layer, view_key
 from . import seq_refit, workdir
@@ -114,6 +114,10 @@ def compress_streaming(src_dir: str | os.PathLike, out_dir: str | os.PathLike, p
     passes = _checked(passes, sequential)
     files.check_extra_names(extra_names, reserved=(WEIGHTS, "config.json", "generation_config.json"))
     check_request(calib, ("a3",))
+    batch_size = integer("compress_streaming", "batch_size", batch_size, error=CalibrationError)
+    if seq_refit.HELDOUT in seq_refit.dampings(passes).values() and -(-calib.shape[0] // batch_size) < 2:
+        raise CalibrationError(f"refit_damping='heldout' holds batches of windows out: calib has {calib.shape[0]} "
+                               f"window(s) in batches of {batch_size} (at least 2 batches needed)")
     src, gguf = Path(src_dir), gguf_file(src_dir)
     if gguf is None and (not (src / "config.json").is_file() or not any(src.glob("*.safetensors"))):
         raise A3ModError(f"{str(src)!r} is neither an HF folder with config.json and *.safetensors nor a .gguf file "
