@@ -97,8 +97,8 @@ def test_equal_to_the_brute_force_reference(family, damping, windows):
     got = copy.deepcopy(orig)
     a3mod.apply(got, passes(0.3, refit_damping=damping), calib=calib, progress=False)
     ref = reference(orig, calib, 0.3, damping or 0.01)
-    for (n, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), n
+    for (n, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):      # fp32 products, float64 sums
+        assert (a - b).abs().max() <= 2e-4 * b.abs().max(), n
     plain = copy.deepcopy(orig)
     a3mod.apply(plain, passes(0.3, refit=False), calib=calib, progress=False)
     moved = [n for (n, a), (_, b) in zip(got.named_parameters(), plain.named_parameters()) if not torch.equal(a, b)]

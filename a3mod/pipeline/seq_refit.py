@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..arch import get_path
 from ..arch.capture import through_layer
 from ..arch.views import find_path
+from ..calib.sums import GramSum
 from ..errors import CalibrationError, UnsupportedModelError
 from ..math.solvers import ridge_refit
 from ..modules import ReducedHeadAttention, ReducedMLP
@@ -184,14 +185,15 @@ def out_linear(layer: nn.Module, view, part: str) -> nn.Linear:
 
 
 class _Fit:
-    """Sums of u u^T, u t^T and |t|^2 for `lin`'s input u (a forward pre-hook) and the target t of the current window
-    `w` (target(w, device), bias taken off): products in the compute dtype (float32 at least), summed in float64, apart
-    for the `held` windows (the damping's choice); the window's forward stops there (`_Stop`). `keep`: also keep each
-    window's input (model dtype, on the CPU)."""
+    """Sums of u u^T (`GramSum`), u t^T and |t|^2 for `lin`'s input u (a forward pre-hook) and the target t of the
+    current window `w` (target(w, device), bias taken off): products in the compute dtype (float32 at least), summed
+    in float64, apart for the `held` windows (the damping's choice); the window's forward stops there (`_Stop`).
+    `keep`: also keep each window's input (model dtype, on the CPU)."""
 
     def __init__(self, lin: nn.Linear, target, keep: bool = False, held: set[int] = frozenset()):
         self.lin, self.target, self.w, self.keep, self.held = lin, target, 0, keep, held
-        self.sums = [[0.0, 0.0, 0.0, 0] for _ in range(2)]      # [fit, held out] x [g, c, tt, n]
+        self.grams = [GramSum(), GramSum()]                     # u^T u of [the fitted, the held-out] windows
+        self.sums = [[0.0, 0.0, 0] for _ in range(2)]           # [fit, held out] x [u^T t, |t|^2, tokens]
         self.inputs: list[Tensor] = []
 
     def __call__(self, mod, args):
@@ -201,12 +203,18 @@ class _Fit:
         t = self.target(self.w, u.device).reshape(-1, self.lin.out_features).to(u.dtype)
         if self.lin.bias is not None:
             t = t - self.lin.bias.to(u.dtype)
-        s = self.sums[self.w in self.held]
-        s[0], s[1] = s[0] + (u.T @ u).double(), s[1] + (u.T @ t).double()
-        s[2], s[3] = s[2] + float(t.double().square().sum()), s[3] + u.shape[0]
+        fold = self.w in self.held
+        self.grams[fold].add(u)
+        s = self.sums[fold]
+        s[0], s[1], s[2] = s[0] + (u.T @ t).double(), s[1] + float(t.double().square().sum()), s[2] + u.shape[0]
         if self.keep:
             self.inputs.append(x.to("cpu"))
         raise _Stop                     # what the layer computes after this input is not needed
+
+    def _fold(self, f: int) -> list:
+        """[g, c, tt, n] of fold f (0: fitted, 1: held out)."""
+        g = self.grams[f].value()
+        return [0.0 if g is None else g, *self.sums[f]]
 
     @staticmethod
     def _error(s, w: Tensor) -> float:
@@ -216,12 +224,11 @@ class _Fit:
         return float(e / max(tt, 1e-300))
 
     def _total(self) -> list:
-        (g, c, tt, n), (gh, ch, tth, nh) = self.sums
-        return [g + gh, c + ch, tt + tth, n + nh]
+        return [a + b for a, b in zip(self._fold(0), self._fold(1))]
 
     def choose(self, w0: Tensor) -> float:
         """The damping of GRID whose fit on the kept windows has the least error on the held-out ones."""
-        (g, c, _, n), held = self.sums
+        (g, c, _, n), held = self._fold(0), self._fold(1)
         if not held[3]:
             raise CalibrationError("refit_damping='heldout' needs at least two calibration windows")
         errs = [self._error(held, ridge_refit(g / n, c / n, w0, d)) for d in GRID]
