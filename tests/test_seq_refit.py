@@ -3,6 +3,7 @@ that re-fits o_proj and down_proj layer by layer from whole-model forwards, exac
 error it starts from on the calibration windows, refused (model untouched) where it cannot run."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -303,3 +304,23 @@ def test_outputs_from_kept_inputs_equal_a_third_pass(monkeypatch):
     a3mod.apply(b, passes(0.3), calib=calib, progress=False)
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-7), n
+
+
+def test_cli_refit_damping(tmp_path, text_file, capsys):
+    src = tmp_path / "tiny"
+    tiny_model("llama", kv_heads=2).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    args = ["compress", "--model", str(src), "--ratio", "0.3", "--calib", text_file, "--n-samples", "8",
+            "--calib-seq-len", "16", "--no-eval", "--updates", "on"]
+    assert main([*args, "--seq-refit", "--refit-damping", "heldout", "--out", str(tmp_path / "h")]) == 0
+    side = json.loads((tmp_path / "h" / "a3mod.json").read_text())
+    assert [p.get("refit_damping") for p in side["passes"]][1:3] == ["heldout", "heldout"]
+    for bad, says in ((["--refit-damping", "0.1"], "--refit-damping is the damping of --seq-refit"),
+                      (["--seq-refit", "--refit-damping", "best"], "neither heldout nor a number"),
+                      (["--seq-refit", "--refit-damping", "-1"], "finite number >= 0")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) if "best" in bad or "-1" in bad else contextlib.nullcontext():
+            assert main([*args, *bad, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "a3mod: error:" in err and says in err and "Traceback" not in err
+        assert not (tmp_path / "x").exists()

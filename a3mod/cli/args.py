@@ -36,6 +36,19 @@ def _int_at_least(lo: int):
 POSITIVE, SEQ_LEN = _int_at_least(1), _int_at_least(2)
 
 
+def _refit_damping(text: str) -> float | str:
+    """--refit-damping: "heldout" or a finite number >= 0."""
+    if text == "heldout":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither heldout nor a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be heldout or a finite number >= 0")
+    return v
+
+
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
     p.add_argument("--model", default=None,
                    help="HF folder or hub id, a .gguf file or a folder holding one, an a3mod output dir, or a real "
@@ -165,6 +178,10 @@ def _add_method(c) -> None:
                         "inputs the compressed model gives them, toward the original model's outputs and residual "
                         "stream (same shapes; about two more passes of the calibration through each layer; "
                         "pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts; results: README, Quality)")
+    c.add_argument("--refit-damping", type=_refit_damping, default=None, metavar="{heldout,NUMBER}",
+                   help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "
+                        "diagonal: a number >= 0, or heldout (chosen per layer and part on every 4th calibration "
+                        "window, then fitted on all); default: the updates' damping (0.01)")
     c.add_argument("--portable", action="store_true",
                    help="a3: keep the same RoPE pairs in every layer and KV group (ranked by the scores summed over "
                         "all of them), so `a3mod export --format hf` writes a stock checkpoint with no zero padding")

@@ -275,7 +275,7 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
-         "portable": "--portable", "seq_refit": "--seq-refit"}
+         "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping"}
 
 
 def _passes(args) -> list:
@@ -284,7 +284,8 @@ def _passes(args) -> list:
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
-                          seq_refit=getattr(args, "seq_refit", False), names=FLAGS)
+                          seq_refit=getattr(args, "seq_refit", False),
+                          refit_damping=getattr(args, "refit_damping", None), names=FLAGS)
 
 
 def _updates(args) -> tuple[bool, bool]:
