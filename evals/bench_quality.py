@@ -56,6 +56,12 @@ VARIANTS = {
     # the re-fit's damping chosen per layer and part on held-out windows (refit_damping="heldout")
     "a3-ov-mlp-update-seq-refit-heldout": lambda r: _a3(r, update=True, seq_refit=True, refit_damping="heldout",
                                                         ov=dict(update=True, seq_refit=True, refit_damping="heldout")),
+    # structured OBS selection of the MLP's neurons (A3MLP(select="obs"), with the update it assumes)
+    "a3-ov-mlp-update-obs": lambda r: _a3(r, update=True, select="obs", ov=dict(update=True)),
+    "a3-ov-mlp-update-obs-seq-refit-heldout": lambda r: _a3(r, update=True, select="obs", seq_refit=True,
+                                                            refit_damping="heldout",
+                                                            ov=dict(update=True, seq_refit=True,
+                                                                    refit_damping="heldout")),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }

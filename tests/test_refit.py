@@ -217,3 +217,33 @@ def test_sequential_streaming_calibrates_on_the_compressed_inputs(tmp_path):
 def test_sequential_is_checked():
     with pytest.raises(a3mod.A3ModError, match="sequential=1"):
         a3mod.compress_streaming("nowhere", "out", [a3mod.A3QK(ratio=0.2)], calib_ids(), sequential=1)
+
+
+def test_obs_selection_through_the_pass(tmp_path):
+    """A3MLP(select="obs", update=True): checked, round-trips, exact at full rank, keeps the set the solver ranks
+    first (from the stats' Gram), with the update's weights; streams like in memory."""
+    p = a3mod.A3MLP(ratio=0.3, update=True, select="obs")
+    assert pass_from_dict(pass_to_dict(p)) == p and set(needs(p)) == {"a3", "hgram"}
+    with pytest.raises(RatioError, match="select='best'; allowed: cur, obs"):
+        a3mod.A3MLP(ratio=0.3, update=True, select="best")
+    with pytest.raises(RatioError, match="update=True"):
+        a3mod.A3MLP(ratio=0.3, select="obs")
+    model = tiny_model("llama", inter=48)
+    ref = logits(model, input_ids())
+    a3mod.apply(model, [a3mod.A3MLP(rank=48, update=True, select="obs")], calib=calib_ids(8, 16), progress=False)
+    assert_close_logits(logits(model, input_ids()), ref, rel=1e-5)
+    from a3mod.math import solvers
+
+    orig, calib = tiny_model("llama", inter=64), calib_ids(32, 16)
+    stats = a3mod.collect(orig, calib, kinds=("a3", "hgram"), progress=False)
+    got = tiny_model("llama", inter=64)
+    a3mod.apply(got, [p], stats=stats, progress=False)
+    for v, mlp in zip(layer_views(orig), mlp_modules(got)):
+        w = v.down_module().weight.detach().double().t()
+        hh = stats.layers[v.index]["hh"] / stats.n
+        r = mlp.down_proj.weight.shape[1]
+        kept = solvers.mlp_obs_order(w, hh, r, 0.01)[:r].sort().values
+        assert list(mlp.kept) == kept.tolist()
+        want = solvers.mlp_refit(w, hh, kept, 0.01, errors=False)[0].t()
+        torch.testing.assert_close(mlp.down_proj.weight.double(), want, rtol=1e-5, atol=1e-6)
+    assert_streaming_equals_in_memory(tiny_model("qwen2"), tmp_path, [p], calib_ids(16, 16))

@@ -569,6 +569,72 @@ def test_mlp_refit_known_answer():
     assert before.item() == pytest.approx(4.0 * (0.25 + 9.0)) and after.item() == pytest.approx(0.0, abs=1e-6)
 
 
+# ------------------------------------------------------------------------------------- MLP OBS selection
+def _greedy_by_refit(w, hh, r: int) -> list[int]:
+    """Brute force: remove, one at a time, the neuron whose removal leaves the least (undamped) refitted error."""
+    alive = list(range(w.shape[0]))
+    err = lambda k: solvers.mlp_refit(w, hh, torch.tensor(sorted(k)), damping=0.0)[2].item()  # noqa: E731
+    while len(alive) > r:
+        alive.remove(min(alive, key=lambda q: err([a for a in alive if a != q])))
+    return sorted(alive)
+
+
+@given(d_i=st.integers(2, 12), d_m=st.integers(1, 5), seed=st.integers(0, 10_000), data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_mlp_obs_one_at_a_time_is_the_greedy_removal_by_refitted_error(d_i, d_m, seed, data):
+    """block=1: each step drops the neuron of least ||W_q||^2 / (H^-1)_qq, the error its removal leaves after the
+    update, on the weights the earlier removals updated: the brute-force greedy on the refitted error."""
+    g = rng(seed)
+    _, w, hh = _refit_problem(g, d_i, d_m)
+    r = data.draw(st.integers(1, d_i - 1), label="r")
+    order = solvers.mlp_obs_order(w, hh, r, damping=0.0, block=1)
+    got = order[:r].sort().values.tolist()
+    want = _greedy_by_refit(w, hh, r)
+    if got != want:          # a tie: the two sets must leave the same error
+        e = [solvers.mlp_refit(w, hh, torch.tensor(k), damping=0.0)[2].item() for k in (got, want)]
+        assert e[0] == pytest.approx(e[1], rel=1e-6, abs=1e-9)
+
+
+@given(d_i=st.integers(2, 40), d_m=st.integers(1, 5), seed=st.integers(0, 10_000), block=st.integers(1, 9),
+       data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_mlp_obs_order_is_a_nested_ranking(d_i, d_m, seed, block, data):
+    """The order is a permutation; its first r are the survivors at r whether removal stops there or goes on
+    (to=0), so the prefixes of one order serve every rank >= r; keeping all changes nothing."""
+    g = rng(seed)
+    _, w, hh = _refit_problem(g, d_i, d_m)
+    r = data.draw(st.integers(1, d_i), label="r")
+    stop = solvers.mlp_obs_order(w, hh, r, block=block)
+    full = solvers.mlp_obs_order(w, hh, r, block=block, to=0)
+    assert sorted(full.tolist()) == list(range(d_i)) == sorted(stop.tolist())
+    assert set(stop[:r].tolist()) == set(full[:r].tolist())
+    assert solvers.mlp_obs_order(w, hh, d_i, block=block)[:d_i].tolist() == list(range(d_i))
+
+
+@given(d_i=st.integers(2, 30), d_m=st.integers(1, 5), seed=st.integers(0, 10_000), data=st.data())
+@settings(max_examples=25, deadline=None)
+def test_mlp_obs_with_a_diagonal_gram_is_cur(d_i, d_m, seed, data):
+    """Uncorrelated neurons: (H^-1)_qq = 1 / H_qq and no update moves W, so OBS keeps what CUR keeps."""
+    g = rng(seed)
+    h2 = torch.exp(randn(g, d_i))
+    w = randn(g, d_i, d_m)
+    r = data.draw(st.integers(1, d_i - 1), label="r")
+    kept = solvers.mlp_obs_order(w, torch.diag(h2), r, damping=0.0)[:r].sort().values
+    assert torch.equal(kept, solvers.mlp_select(h2, w, r)[0])
+
+
+def test_mlp_obs_keeps_what_the_others_cannot_rebuild():
+    """Neuron 1 copies neuron 0 (h_1 = h_0) with the larger output weights; neuron 2 is independent and small.
+    CUR keeps the copy pair's larger member and drops neuron 2 last-but-one; OBS drops one of the copies first,
+    whose contribution the other rebuilds exactly, and keeps both the copy and neuron 2 at r = 2."""
+    hh = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=f64) + 1e-9 * torch.eye(3, dtype=f64)
+    w = torch.tensor([[2.0], [3.0], [1.0]], dtype=f64)
+    assert solvers.mlp_select(hh.diagonal(), w, 2)[0].tolist() == [0, 1]
+    kept = solvers.mlp_obs_order(w, hh, 2, damping=0.0, block=1)[:2].sort().values
+    assert 2 in kept.tolist()
+    assert solvers.mlp_refit(w, hh, kept, damping=0.0)[2].item() < 1e-6
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def test_tail_losses():
     s2 = torch.tensor([[5.0, 3.0, 1.0], [2.0, 2.0, 0.0]], dtype=f64)

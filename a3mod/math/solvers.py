@@ -174,6 +174,36 @@ def mlp_select(h2: Tensor, w_down: Tensor, r: int):
     return order[:r].sort().values, tail_losses(score[order])
 
 
+def mlp_obs_order(w_down: Tensor, hh: Tensor, r: int, damping: float = 0.01, block: int = 64, to: int | None = None):
+    """Structured OBS selection (ZipLM / SlimGPT; ../shared/docs/quality_levers.md 2.1): neurons in the order it keeps
+    them. w_down: (d_i, d_m) in `h @ W` form; hh: (d_i, d_i) E[h h^T], damped by `damping` x its mean diagonal.
+
+    Greedy removal, `block` neurons a step: those of least ||W_q||^2 / (H^-1)_qq among the alive (the output error
+    their removal leaves once the others are re-fitted), then the exact joint update of the rest,
+    W_R -= (H^-1)_RQ (H^-1)_QQ^-1 W_Q and H^-1 -= (H^-1)_:Q (H^-1)_QQ^-1 (H^-1)_Q: (the inverse Gram of the alive).
+    The last step before `r` alive is cut to land on r exactly; removal goes on to `to` alive (default r).
+    Returns (d_i,): the survivors at `to` (ascending), then the removed in reverse order of removal, so that [:k] is
+    the set alive at k for every k >= to. With a diagonal H no update moves W and the order is the CUR order."""
+    d = w_down.shape[0]
+    to = r if to is None else to
+    hinv = torch.cholesky_inverse(chol_upper(damp(hh, damping) if damping > 0 else hh), upper=True)
+    w = w_down.clone()
+    alive = torch.ones(d, dtype=torch.bool, device=w.device)
+    removed: list[Tensor] = []
+    while int(alive.sum()) > to:
+        n = int(alive.sum())
+        k = min(block, n - r if n > r else n - to)
+        score = w.square().sum(-1) / hinv.diagonal().clamp_min(1e-300)
+        q = torch.where(alive, score, torch.inf).topk(k, largest=False).indices
+        q = q[score[q].argsort(descending=True)]        # within a block: the most important first
+        m = torch.linalg.solve(hinv[q][:, q], torch.cat([w[q], hinv[q]], 1))      # (k, d_m + d_i)
+        w -= hinv[:, q] @ m[:, :w.shape[1]]
+        hinv -= hinv[:, q] @ m[:, w.shape[1]:]
+        alive[q] = False
+        w[q], hinv[q], hinv[:, q] = 0.0, 0.0, 0.0
+        removed.append(q)
+    return torch.cat([alive.nonzero().flatten(), *reversed(removed)])
+
 
 # ------------------------------------------------------------------------------------- refits
 def ridge_refit(a: Tensor, b: Tensor, w0: Tensor, damping: float) -> Tensor:

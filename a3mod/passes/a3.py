@@ -296,10 +296,9 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
         return solved("mlp", work, torch.zeros(1, dtype=torch.float64), 1)
     full = m.up[0].shape[0]
     r = mlp_kept(cfg, full)
-    idx, loss = solvers.mlp_select(st["h2"] / n, m.down[0].t(), r)
-    if cfg.update and ctx.curves:   # Allocate reads the loss after the update, along the same (CUR) order of neurons;
+    idx, loss, order = _mlp_kept_order(cfg, st, n, m.down[0].t(), r, ctx.curves)
+    if cfg.update and ctx.curves:   # Allocate reads the loss after the update, along the same order of neurons;
         # without `curves` the loss stays the selection's (nothing reads it then)
-        order = solvers.mlp_order(st["h2"] / n, m.down[0].t())[0]     # the order mlp_select kept from
         loss = solvers.mlp_refit_losses(m.down[0].t(), st["hh"] / n, order)
     rows = lambda p: (p[0][idx], None if p[1] is None else p[1][idx])  # noqa: E731
     m.gate = None if m.gate is None else rows(m.gate)
@@ -312,6 +311,17 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
         m.down = (m.down[0][:, idx], m.down[1])
     m.kept = m.kept[idx]
     return solved("mlp", work, loss, 1)
+
+
+def _mlp_kept_order(cfg: A3MLP, st: dict, n: int, w_down: torch.Tensor, r: int, curves: bool):
+    """(kept neurons (r,) ascending, the selection's loss curve, every neuron in the order kept): CUR, or structured
+    OBS (its removal goes on to one neuron when the curves are read, so that the order covers every rank)."""
+    if cfg.select == "obs":
+        order = solvers.mlp_obs_order(w_down, st["hh"] / n, r, cfg.damping, to=0 if curves else r)
+        score = solvers.mlp_order(st["h2"] / n, w_down)[1]
+        return order[:r].sort().values, solvers.tail_losses(score[order]), order
+    idx, loss = solvers.mlp_select(st["h2"] / n, w_down, r)
+    return idx, loss, solvers.mlp_order(st["h2"] / n, w_down)[0]     # the order mlp_select kept from
 
 
 REFIT_TOKENS = 8      # calibration tokens per MLP neuron below which A3MLP(update=True) warns (docs: token curve)

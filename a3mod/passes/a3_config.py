@@ -131,8 +131,20 @@ class A3MLP(_A3Refit):
     "MLP least-squares update"): same shapes, exact at full rank, never worse on the calibration tokens than
     selection alone. It estimates a d_i x d_i Gram, so it needs many tokens (a warning below `REFIT_TOKENS` per
     neuron) and holds that Gram per layer in memory (float64). damping: the ridge pull toward the selected rows,
-    times H_KK's mean diagonal."""
+    times H_KK's mean diagonal.
+    select: which neurons are kept: "cur" (A3's score E[h_i^2] ||W_down[i]||^2) or "obs" (structured OBS with
+    update=True: greedy removal by the error left after the update, `solvers.mlp_obs_order`; H damped as above)."""
+    select: str = "cur"
     REFIT_KIND = "hgram"
+    SELECTS = ("cur", "obs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.select not in self.SELECTS:
+            raise RatioError(f"A3MLP: select={self.select!r}; allowed: {', '.join(self.SELECTS)}")
+        if self.select == "obs" and not self.update:
+            raise RatioError("A3MLP: select='obs' keeps the neurons the least-squares update reconstructs worst: "
+                             "set update=True too")
 
 
 @register_pass
