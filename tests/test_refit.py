@@ -247,3 +247,23 @@ def test_obs_selection_through_the_pass(tmp_path):
         want = solvers.mlp_refit(w, hh, kept, 0.01, errors=False)[0].t()
         torch.testing.assert_close(mlp.down_proj.weight.double(), want, rtol=1e-5, atol=1e-6)
     assert_streaming_equals_in_memory(tiny_model("qwen2"), tmp_path, [p], calib_ids(16, 16))
+
+
+def test_cli_mlp_select(tmp_path, text_file, capsys):
+    from a3mod.cli.commands import main
+    from conftest import make_tokenizer
+
+    src = tmp_path / "tiny"
+    tiny_model("llama", inter=64).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    args = ["compress", "--model", str(src), "--ratio", "0.3", "--calib", text_file, "--n-samples", "8",
+            "--calib-seq-len", "16", "--no-eval"]
+    assert main([*args, "--updates", "on", "--mlp-select", "obs", "--out", str(tmp_path / "o")]) == 0
+    side = __import__("json").loads((tmp_path / "o" / "a3mod.json").read_text())
+    assert side["passes"][2]["select"] == "obs" and side["passes"][2]["update"] is True
+    for bad, says in ((["--updates", "off", "--mlp-select", "obs"], "--mlp-select obs keeps the neurons"),
+                      (["--method", "svd-llm", "--mlp-select", "obs"], "--mlp-select is an option of method a3")):
+        capsys.readouterr()
+        assert main([*args, *bad, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "a3mod: error:" in err and says in err and not (tmp_path / "x").exists()

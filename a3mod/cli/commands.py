@@ -275,7 +275,8 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
-         "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping"}
+         "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping",
+         "mlp_select": "--mlp-select"}
 
 
 def _passes(args) -> list:
@@ -285,7 +286,8 @@ def _passes(args) -> list:
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
                           seq_refit=getattr(args, "seq_refit", False),
-                          refit_damping=getattr(args, "refit_damping", None), names=FLAGS)
+                          refit_damping=getattr(args, "refit_damping", None),
+                          mlp_select=getattr(args, "mlp_select", "cur"), names=FLAGS)
 
 
 def _updates(args) -> tuple[bool, bool]:

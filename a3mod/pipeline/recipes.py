@@ -21,14 +21,15 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
            qk_ratio: float | None = None, ov_ratio: float | None = None, mlp_ratio: float | None = None,
            multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
            probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, portable: bool = False,
-           seq_refit: bool = False, refit_damping: float | str | None = None,
+           seq_refit: bool = False, refit_damping: float | str | None = None, mlp_select: str = "cur",
            names: dict[str, str] | None = None) -> list:
     """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
     (`A3MLP(update=True)`, `A3OV(update=True)`); portable keeps one set of RoPE pairs in every layer (`A3QK(portable=
     True)`: a stock export without padding); seq_refit re-fits both again, layer by layer, on the compressed model's
-    stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; alpha, rank_search and probe_* are ASVD's.
+    stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; mlp_select "obs" keeps A3MLP's neurons by
+    structured OBS (with mlp_update); alpha, rank_search and probe_* are ASVD's.
     RatioError for a combination that does not make sense, naming it (`names` maps parameter names to how the caller
     spells them, e.g. CLI flags)."""
     n = lambda k: (names or {}).get(k, k)  # noqa: E731
@@ -39,12 +40,15 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
         raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
                          f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
     for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("portable", portable),
-                     ("seq_refit", seq_refit)):
+                     ("mlp_select", mlp_select != "cur"), ("seq_refit", seq_refit)):
         if on and (method != "a3" or kv_ratio is not None):
             raise RatioError(f"{n(flag)} is an option of method a3 with {n('ratio')}; not of method {method}"
                              + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
     if refit_damping is not None and not seq_refit:
         raise RatioError(f"{n('refit_damping')} is the damping of {n('seq_refit')}: give both")
+    if mlp_select != "cur" and not mlp_update:
+        raise RatioError(f"{n('mlp_select')} {mlp_select} keeps the neurons the MLP's least-squares update rebuilds "
+                         f"worst: it needs {n('mlp_update')}")
     if kv_ratio is not None and method not in ("asvd", "a3", "a3-mix"):
         raise RatioError(f"{n('kv_ratio')} is for methods a3, a3-mix or asvd, not {method!r}")
     if method in ("a3", "a3-mix") and kv_ratio is not None:
@@ -65,7 +69,7 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
                 A3OV(ratio=pick(ov_ratio), multiple_of=m, update=ov_update, seq_refit=seq_refit,
                      refit_damping=refit_damping),
                 A3MLP(ratio=pick(mlp_ratio), multiple_of=m, update=mlp_update, seq_refit=seq_refit,
-                      refit_damping=refit_damping),
+                      refit_damping=refit_damping, select=mlp_select),
                 A3Experts(ratio=pick(mlp_ratio), multiple_of=m)]
     if overrides:
         raise RatioError(f"qk/ov/mlp ratios are A3 options; method {method} takes only {n('ratio')}")
