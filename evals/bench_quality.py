@@ -93,12 +93,13 @@ def _passes(name: str, r: float) -> list:
 
 
 def _commit() -> str:
-    """HEAD's short hash, "+dirty" when a3mod/ or evals/ differ from it (the row then came from uncommitted code)."""
+    """HEAD's short hash, "+dirty" when the code (a3mod/, evals/*.py) differs from it (the row then came from
+    uncommitted code; the results files this script writes do not count)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "a3mod", "evals"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "a3mod", "evals/*.py"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
