@@ -283,6 +283,7 @@ def test_cli_seq_refit_end_to_end(tmp_path, text_file):
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     side = json.loads((out / "a3mod.json").read_text())
     assert [p.get("seq_refit") for p in side["passes"]][1:3] == [True, True]
+    assert [p.get("refit_damping") for p in side["passes"]][1:3] == ["heldout", "heldout"]      # the CLI's default
     a, b = a3mod.load(str(out)), a3mod.load(str(tmp_path / "plain"))
     assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
     for bad in (["--stats", str(tmp_path / "st.safetensors")], ["--stream", "--sequential"]):
@@ -315,6 +316,9 @@ def test_cli_refit_damping(tmp_path, text_file, capsys):
     assert main([*args, "--seq-refit", "--refit-damping", "heldout", "--out", str(tmp_path / "h")]) == 0
     side = json.loads((tmp_path / "h" / "a3mod.json").read_text())
     assert [p.get("refit_damping") for p in side["passes"]][1:3] == ["heldout", "heldout"]
+    assert main([*args, "--seq-refit", "--refit-damping", "0.01", "--out", str(tmp_path / "d")]) == 0
+    side = json.loads((tmp_path / "d" / "a3mod.json").read_text())
+    assert [p.get("refit_damping") for p in side["passes"]][1:3] == [0.01, 0.01]
     for bad, says in ((["--refit-damping", "0.1"], "--refit-damping is the damping of --seq-refit"),
                       (["--seq-refit", "--refit-damping", "best"], "neither heldout nor a number"),
                       (["--seq-refit", "--refit-damping", "-1"], "finite number >= 0")):

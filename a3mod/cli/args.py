@@ -181,7 +181,7 @@ def _add_method(c) -> None:
     c.add_argument("--refit-damping", type=_refit_damping, default=None, metavar="{heldout,NUMBER}",
                    help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "
                         "diagonal: a number >= 0, or heldout (chosen per layer and part on every 4th calibration "
-                        "window, then fitted on all); default: the updates' damping (0.01)")
+                        "window, then fitted on all; the default with --seq-refit); 0.01 is the updates' damping")
     c.add_argument("--mlp-select", choices=("cur", "obs"), default="cur",
                    help="a3 with the MLP update: which neurons are kept: cur (A3's score, default) or obs (structured "
                         "OBS: greedy removal by the error left after the update; one inverse of each MLP's Gram)")

@@ -286,8 +286,14 @@ def _passes(args) -> list:
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
                           seq_refit=getattr(args, "seq_refit", False),
-                          refit_damping=getattr(args, "refit_damping", None),
+                          refit_damping=_refit_damping(args),
                           mlp_select=getattr(args, "mlp_select", "cur"), names=FLAGS)
+
+
+def _refit_damping(args):
+    """--refit-damping as given; with --seq-refit alone "heldout" (it matched or beat 0.01 on both real models)."""
+    given = getattr(args, "refit_damping", None)
+    return "heldout" if given is None and getattr(args, "seq_refit", False) else given
 
 
 def _updates(args) -> tuple[bool, bool]:
