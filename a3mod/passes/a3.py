@@ -316,12 +316,10 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
 def _mlp_kept_order(cfg: A3MLP, st: dict, n: int, w_down: torch.Tensor, r: int, curves: bool):
     """(kept neurons (r,) ascending, the selection's loss curve, every neuron in the order kept): CUR, or structured
     OBS (its removal goes on to one neuron when the curves are read, so that the order covers every rank)."""
+    order, score = solvers.mlp_order(st["h2"] / n, w_down)          # CUR (what mlp_select keeps)
     if cfg.select == "obs":
         order = solvers.mlp_obs_order(w_down, st["hh"] / n, r, cfg.damping, to=0 if curves else r)
-        score = solvers.mlp_order(st["h2"] / n, w_down)[1]
-        return order[:r].sort().values, solvers.tail_losses(score[order]), order
-    idx, loss = solvers.mlp_select(st["h2"] / n, w_down, r)
-    return idx, loss, solvers.mlp_order(st["h2"] / n, w_down)[0]     # the order mlp_select kept from
+    return order[:r].sort().values, solvers.tail_losses(score[order]), order
 
 
 REFIT_TOKENS = 8      # calibration tokens per MLP neuron below which A3MLP(update=True) warns (docs: token curve)
