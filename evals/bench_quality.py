@@ -206,6 +206,37 @@ def table(done: dict, args) -> str:
     return "\n".join(lines)
 
 
+# paired comparisons on the same calibration draw (issue 32: a gain < 5% is claimed only over 3 draws)
+PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"),
+         ("a3-ov-mlp-update-seq-refit", "a3-ov-mlp-update"), ("a3-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update"),
+         ("a3-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit"),
+         ("a3-ov-mlp-update-seq-refit-heldout", "a3"))
+
+
+def paired(done: dict, args) -> str:
+    """Per (model, ratio, variant, reference): the change of ppl and of dPPL (ppl - original) against the reference
+    on each seed both ran, mean (min, max) over those seeds."""
+    calib, ev = f"{args.n_samples}x{args.calib_seq_len}", f"{args.eval_windows}x{args.eval_seq_len}"
+    by = {(r["model"], r["ratio"], r["variant"], r["seed"]): r["ppl"] for r in done.values()
+          if r["calib"] == calib and r["eval"] == ev}
+    fmt = lambda xs: f"{100 * sum(xs) / len(xs):+.1f}% ({100 * min(xs):+.1f}, {100 * max(xs):+.1f})"  # noqa: E731
+    lines = ["| model | ratio | variant | against | seeds | ppl change: mean (min, max) | dPPL change |",
+             "|---|---|---|---|---|---|---|"]
+    for model, ratio in sorted({(k[0], k[1]) for k in by if k[2] != "original"}):
+        for var, ref in PAIRS:
+            seeds = sorted(s for (m, r, v, s) in by if (m, r, v) == (model, ratio, var)
+                           and (model, ratio, ref, s) in by and (model, 0.0, "original", s) in by)
+            if not seeds:
+                continue
+            a = [by[model, ratio, var, s] for s in seeds]
+            b = [by[model, ratio, ref, s] for s in seeds]
+            o = [by[model, 0.0, "original", s] for s in seeds]
+            lines.append(f"| {model} | {ratio:g} | {var} | {ref} | {len(seeds)} | "
+                         f"{fmt([x / y - 1 for x, y in zip(a, b)])} | "
+                         f"{fmt([(x - z) / (y - z) - 1 for x, y, z in zip(a, b, o)])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
@@ -236,7 +267,8 @@ def main() -> None:
             run_model(path, seed, args, done, out)
     md = (f"WikiText-2 token perplexity, first {args.eval_windows} x {args.eval_seq_len} test windows; calibration "
           f"{args.n_samples} x {args.calib_seq_len} WikiText-2 validation tokens, seeds {args.seeds} (each seed one "
-          f"draw shared by all variants); {machine()}, fp32.\n\n{table(done, args)}\n")
+          f"draw shared by all variants); {machine()}, fp32.\n\n{table(done, args)}\n\n"
+          f"Paired on the same draws (each seed's variant against its reference):\n\n{paired(done, args)}\n")
     print(md)
     atomic_write(out.with_suffix(".md"), md)
     plot(done, args, out.with_suffix(".png"))
