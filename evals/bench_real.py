@@ -112,10 +112,11 @@ def table(rows: list[dict]) -> str:
             md += f"| {r['model']} | {r['method']} | {r['ratio_target']:.0%} | failed: {r['error']} | | | | | | |\n"
             continue
         cs = r.get("compress_s")
-        rel = f"{cs / b['forward_s']:.2f}" if cs and b else "-"
+        rel = f"{cs / b['forward_s']:.2f}" if cs and b and not r.get("resumed") else "-"
+        cs_s = "-" if cs is None else f"{cs:.0f}" + (" (resumed)" if r.get("resumed") else "")
         md += (f"| {r['model']} | {r['method']} | {r['ratio_target']:.0%} | {100 * r['ratio']:.2f}% | "
                f"{r['kv_bytes_per_token']:,} | {r['ppl']:.2f} | {r['ppl'] / b['ppl']:.3f} | "
-               f"{'-' if cs is None else f'{cs:.0f}'} | {rel} | {r['peak_rss_mib']:,.0f} |\n"
+               f"{cs_s} | {rel} | {r['peak_rss_mib']:,.0f} |\n"
                if b else "")
     return md
 
@@ -183,7 +184,8 @@ def main() -> None:
     md = (f"WikiText-2 token perplexity over the first {proto['eval']} test windows; calibration {proto['calib']} "
           f"tokens of WikiText-2 validation, seed {args.seed}, the same windows for every method; {machine()}, fp32, "
           f"each run in a fresh process (2 cores shared with other jobs: times are upper bounds). x one forward = "
-          f"compression time over one forward pass of the calibration windows; peak RSS includes the imports and "
+          f"compression time over one forward pass of the calibration windows (\"resumed\": the run finished a search "
+          f"an earlier run left part way, its time that last part only); peak RSS includes the imports and "
           f"the evaluation. `python evals/bench_real.py`\n\n" + table(rows))
     write_results(args.results, "real", {**proto, "runs": log.name}, rows, md)
     plot(rows, Path(args.results) / "real.png")
