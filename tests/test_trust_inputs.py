@@ -3,6 +3,7 @@ that is not UTF-8, an output where nothing can be written, NaN weights in the in
 float widths."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -80,6 +81,23 @@ def test_nan_weights_in_the_input_model_are_refused_and_the_model_untouched():
         a3mod.apply(model, a3mod.a3_passes(0.3), calib=calib_ids(), progress=False)
     assert all(torch.equal(v, before[k]) or torch.isnan(v).any() for k, v in model.state_dict().items())
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize("bad", [[math.inf], [-math.inf], [math.inf, -math.inf], [math.nan, 1.0]])
+def test_each_non_finite_weight_is_named_and_large_finite_ones_are_not(bad):
+    """The check sums a weight first (one read); an infinity, infinities that cancel to NaN, or a NaN must still be
+    named, and a weight whose finite values overflow the sum must not be."""
+    from a3mod.validate import nonfinite_weight
+
+    model = tiny_model("llama")
+    assert nonfinite_weight(model) is None
+    with torch.no_grad():
+        w = model.model.layers[1].self_attn.o_proj.weight
+        w.view(-1)[: len(bad)] = torch.tensor(bad)
+    assert nonfinite_weight(model) == "model.layers.1.self_attn.o_proj.weight"
+    with torch.no_grad():
+        w.fill_(3e38)                            # finite, but their fp32 sum overflows to inf
+    assert not torch.isfinite(w.sum()) and nonfinite_weight(model) is None
 
 
 def test_a_weights_file_mixing_float_widths_is_refused(ckpt):
