@@ -46,9 +46,8 @@ def worker(args) -> None:
     res = {"load_s": time.perf_counter() - t}
     calib = a3mod.calibration_data(tok, "wikitext2", n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
     torch.manual_seed(0)
-    if args.method == "original":
-        res["forward_s"] = forward_s(model, calib)
-    else:
+    res["forward_s"] = forward_s(model, calib)       # in this process too: "x one forward" is a ratio within one run
+    if args.method != "original":
         method, extra = RECIPE.get(args.method, (args.method, {}))
         passes = recipes.passes(method, args.ratio, probe_samples=1, probe_seq_len=256, **extra)
         t = time.perf_counter()
@@ -112,7 +111,8 @@ def table(rows: list[dict]) -> str:
             md += f"| {r['model']} | {r['method']} | {r['ratio_target']:.0%} | failed: {r['error']} | | | | | | |\n"
             continue
         cs = r.get("compress_s")
-        rel = f"{cs / b['forward_s']:.2f}" if cs and b and not r.get("resumed") else "-"
+        fwd = r.get("forward_s") or (b or {}).get("forward_s")      # rows before the worker timed its own forward
+        rel = f"{cs / fwd:.2f}" if cs and fwd and not r.get("resumed") else "-"
         cs_s = "-" if cs is None else f"{cs:.0f}" + (" (resumed)" if r.get("resumed") else "")
         md += (f"| {r['model']} | {r['method']} | {r['ratio_target']:.0%} | {100 * r['ratio']:.2f}% | "
                f"{r['kv_bytes_per_token']:,} | {r['ppl']:.2f} | {r['ppl'] / b['ppl']:.3f} | "
@@ -184,7 +184,8 @@ def main() -> None:
     md = (f"WikiText-2 token perplexity over the first {proto['eval']} test windows; calibration {proto['calib']} "
           f"tokens of WikiText-2 validation, seed {args.seed}, the same windows for every method; {machine()}, fp32, "
           f"each run in a fresh process (2 cores shared with other jobs: times are upper bounds). x one forward = "
-          f"compression time over one forward pass of the calibration windows (\"resumed\": the run finished a search "
+          f"compression time over one forward pass of the calibration windows, timed in the same process where the row "
+          f"has it, else in the original's (\"resumed\": the run finished a search "
           f"an earlier run left part way, its time that last part only); peak RSS includes the imports and "
           f"the evaluation. `python evals/bench_real.py`\n\n" + table(rows))
     write_results(args.results, "real", {**proto, "runs": log.name}, rows, md)
