@@ -311,7 +311,6 @@ def _keep_learned_activation(mlp: nn.Module, orig: nn.Module) -> None:
         mlp.act_fn = copy.deepcopy(same[0])
 
 
-
 def _materialize(mod: nn.Module, device) -> nn.Module:
     """`mod` with the parameters and buffers it was built with on the meta device put on `device` (None: the default
     device) uninitialized, for a module whose every weight is copied in next: nn.Linear's random init skipped (about
