@@ -62,6 +62,11 @@ VARIANTS = {
                                                             refit_damping="heldout",
                                                             ov=dict(update=True, seq_refit=True,
                                                                     refit_damping="heldout")),
+    "a3-qk-ov-mlp-update": lambda r: _a3(r, update=True, ov=dict(update=True), qk=dict(update=True)),
+    "a3-qk-ov-mlp-update-seq-refit-heldout": lambda r: _a3(r, update=True, seq_refit=True, refit_damping="heldout",
+                                                           ov=dict(update=True, seq_refit=True,
+                                                                   refit_damping="heldout"),
+                                                           qk=dict(update=True)),
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
@@ -82,9 +87,10 @@ REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift"
          "a3-ov-mlp-update-refit-seq-drift-weighted": "weighted"}   # tokens weighted by 1 / the next norm's scale
 
 
-def _a3(r: float, ov: dict | None = None, **mlp) -> list:
-    """Uniform A3 at ratio r with options of the OV and MLP passes."""
-    return [a3mod.A3QK(ratio=r), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp), a3mod.A3Experts(ratio=r)]
+def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list:
+    """Uniform A3 at ratio r with options of the QK, OV and MLP passes."""
+    return [a3mod.A3QK(ratio=r, **(qk or {})), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp),
+            a3mod.A3Experts(ratio=r)]
 
 
 def _passes(name: str, r: float) -> list:
@@ -210,7 +216,9 @@ def table(done: dict, args) -> str:
 PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"),
          ("a3-ov-mlp-update-seq-refit", "a3-ov-mlp-update"), ("a3-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update"),
          ("a3-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit"),
-         ("a3-ov-mlp-update-seq-refit-heldout", "a3"))
+         ("a3-ov-mlp-update-seq-refit-heldout", "a3"), ("a3-qk-ov-mlp-update", "a3-ov-mlp-update"),
+         ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit-heldout"),
+         ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3"))
 
 
 def paired(done: dict, args) -> str:

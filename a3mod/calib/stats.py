@@ -18,6 +18,9 @@ Optional for the least-squares updates (`A3MLP(update=True)`, `A3OV(update=True)
   oo (H d_h, H d_h)   Gram matrix of o_proj's input (every head's attention output)             (kind "ogram")
   eh (E, d_e, d_e)    MoE layers: per routed expert, the Gram of its intermediate activations times its combine
                       weight, over the tokens routed to it (`A3Experts(update=True)`)            (kind "ehgram")
+  qs (H, d_h, d_h)    layers with fully rotary q/k (no qk-norm, no latent attention): per query head, the
+                      attention-weighted Gram of its score's per-pair features (`calib.scores.score_gram`;
+                      `A3QK(update=True)`)                                                        (kind "qkgram")
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from ..arch import LayerView, get_path, layer_views
 from .. import validate
 from ..errors import CalibrationError
 from ..io.files import atomic_write
+from .scores import score_gram
 from .sums import add, add_gram, finish, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
@@ -50,9 +54,9 @@ from . import distributed
 from .sources import dataset_text, is_dataset_source
 
 STATS_FORMAT = 1
-KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram")
+KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram", "qkgram")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo",
-             "ehgram": "eh"}                              # the key (prefix) of each kind
+             "ehgram": "eh", "qkgram": "qs"}                # the key (prefix) of each kind
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -311,12 +315,16 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     if "a3" not in kinds:
         return hs
 
+    scores = _score_hook(view, acc, hs) if "qkgram" in kinds and scored(view) else None
+
     def on_qkv(q, k, v):
         add(acc, "q", outer(view.query_of(q), d.heads)[0])     # without the output gate's channels (Qwen3.5)
         add(acc, "k", outer(k, d.kv_heads)[0])
         vv, v1 = outer(v, d.kv_heads)
         add(acc, "v", vv)
         add(acc, "v1", v1)
+        if scores is not None:
+            scores(view.query_of(q), k)
 
     mods = [] if view.spec.mla else view.qkv_modules()
     if view.spec.mla:       # latent attention: each head's position-free q and k dims (a3mod.arch.mla)
@@ -346,6 +354,42 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
 
     hs.append(view.o_module().register_forward_pre_hook(on_o))
     return hs
+
+
+def scored(view: LayerView) -> bool:
+    """Whether kind "qkgram" covers this layer: fully rotary q/k that A3QK reduces by pair selection (no qk-norm,
+    no latent attention, no partial rotary)."""
+    d = view.dims
+    return view.attn is not None and not view.spec.mla and not view.qk_norm and 0 < d.rot_dim == d.head_dim
+
+
+def _score_hook(view: LayerView, acc: dict[str, Tensor], hs: list):
+    """Kind "qkgram": a pre-hook on the attention keeps the rotation the layer is given (position_embeddings);
+    returns the function that adds `score_gram` of a batch's pre-RoPE q and k (called where they are captured)."""
+    from ..modules.attention import ROPE_TABLES, half_table
+    from ..pipeline.rewrite import rope_perm, rope_table_index
+
+    d, table, rot = view.dims, view.spec.rope_table, view.dims.rot_dim
+    perm, index = rope_perm(d.head_dim, rot, d.rope), rope_table_index(rot, table)
+    seen: dict = {}
+
+    def on_attn(m, args, kwargs):
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            raise CalibrationError(f"A3QK(update=True): layer {view.index}'s attention was called without "
+                                   f"position_embeddings (the rotation it applies), which the QK update reads")
+        cos, sin = half_table(pe, table) if table in ROPE_TABLES else pe
+        seen["rot"] = tuple(t.reshape(-1, *t.shape[-2:])[..., index.to(t.device)] for t in (cos, sin))
+
+    def add_scores(q, k):
+        cos, sin = seen.pop("rot")
+        q = q.reshape(*q.shape[:-1], d.heads, d.head_dim)[..., perm]
+        k = k.reshape(*k.shape[:-1], d.kv_heads, d.head_dim)[..., perm]
+        add(acc, "qs", score_gram(q, k, cos, sin, view.scaling(), window=getattr(view.attn, "sliding_window", None),
+                                  softcap=view.softcap()))
+
+    hs.append(view.attn.register_forward_pre_hook(on_attn, with_kwargs=True))
+    return add_scores
 
 
 def _experts_hook(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)):

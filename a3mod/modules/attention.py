@@ -38,7 +38,7 @@ def layer_cache(cache, past_key_values, kwargs: dict):
 ROPE_TABLES = ("half", "sin_cos", "once", "complex", "half_flipped")
 
 
-def _half_table(pe, layout: str):
+def half_table(pe, layout: str):
     """(cos, sin) in the "half" layout from the layer's position_embeddings."""
     if layout == "half":
         return pe
@@ -281,7 +281,7 @@ class ReducedHeadAttention(nn.Module):
         if self.rot_dim:
             if position_embeddings is None:
                 raise ValueError("this attention uses RoPE but was called without position_embeddings (cos, sin)")
-            cos, sin = self._rope_tables(*_half_table(position_embeddings, self.rope_table))  # (B,Hkv|1,T,rot)
+            cos, sin = self._rope_tables(*half_table(position_embeddings, self.rope_table))  # (B,Hkv|1,T,rot)
             k = self._apply_rope(k, cos, sin)
             if cos.shape[1] == 1:
                 q = self._apply_rope(q, cos, sin)

@@ -14,7 +14,7 @@ import torch
 
 from ..arch import active
 from ..errors import RatioError
-from ..math import solvers
+from ..math import qk_refit, solvers
 from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..pipeline.rewrite import LayerWork, MLAWork
 from .a3_config import A3MLP, A3OV, A3QK, A3Experts, RatioOrRank, a3_passes, portable_pair_order
@@ -159,8 +159,12 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
         idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r,  # (Hkv, r)
                                            _order(cfg, a.rot_dim))
+        if cfg.update and "qs" in st:
+            idx = _qk_update_pairs(cfg, st["qs"], d, r, idx)
         qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
         a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
+        if cfg.update and "qs" in st:
+            a.wq = qk_refit.gain_rows(a.wq, qk_refit.pair_gains(st["qs"], qidx[:, : r // 2], cfg.damping)[0])
         a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
         a.rope_index = a.rope_index.gather(-1, idx)
         a.rot_dim = r
@@ -174,6 +178,16 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         wq, a.wk, loss = solvers.qk_whitened_svd_gqa(wq, a.wk, gq.view(d.kv_heads, d.groups, full, full), gk, r)
         a.wq = wq.reshape(d.heads, *wq.shape[2:])
     return solved("qk", work, loss.sum(0), 1)
+
+
+def _qk_update_pairs(cfg: A3QK, gram: torch.Tensor, d, r: int, idx: torch.Tensor) -> torch.Tensor:
+    """A3QK(update=True): the kept dims (Hkv, r) from the score Gram (H, rot, rot) by greedy removal
+    (`qk_refit.select_pairs`), unless a shared ranking fixed them (`idx` as A3's selection gave it)."""
+    if cfg.pair_order is not None:
+        return idx
+    half = gram.shape[-1] // 2
+    kept = qk_refit.select_pairs(gram.view(d.kv_heads, d.groups, *gram.shape[1:]), r // 2, cfg.damping)
+    return torch.cat([kept, kept + half], -1)
 
 
 def _order(cfg: A3QK, rot: int) -> torch.Tensor | None:

@@ -49,13 +49,26 @@ class A3QK(_A3Dims):
     portable: under RoPE, keep the same RoPE pairs in every KV group of every layer, ranked by the calibration
     scores summed over all of them (`solvers.shared_pair_order`), so a stock export (`a3mod.save(format="hf")`)
     needs no padding: one head dim and one vector of frequencies. `apply` resolves it into `pair_order` (the
-    ranking, recorded with the passes); give `pair_order` to reuse a ranking (e.g. when streaming)."""
+    ranking, recorded with the passes); give `pair_order` to reuse a ranking (e.g. when streaming).
+
+    update: under RoPE, choose the kept pairs and fit a complex gain per kept query pair (a 2 x 2 rotation-scale
+    of its two q_proj rows, which commutes with RoPE) to the attention-weighted, per-query-centred score error of
+    the original model (kind "qkgram"; `a3mod.math.qk_refit`, docs/method_extensions.md "QK update"): same shapes
+    and KV cache, exact at full rank, never worse on that objective than plain selection of the same pairs.
+    Layers without full RoPE (partial rotary, NoPE, qk-norm, latent attention) keep A3's solution. With
+    `pair_order` / portable the pairs are those of the ranking and only the gains are fitted. damping: the ridge
+    pull of the gains toward 1, relative to the Gram's mean diagonal."""
     portable: bool = False
     pair_order: tuple[int, ...] | None = None
+    update: bool = False
+    damping: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         boolean("A3QK", "portable", self.portable, error=RatioError)
+        boolean("A3QK", "update", self.update, error=RatioError)
+        number("A3QK", "damping", self.damping, lo=0.0, error=RatioError)
+        object.__setattr__(self, "damping", float(self.damping))
         po = self.pair_order
         if po is not None:
             po = tuple(po) if isinstance(po, (list, tuple)) else po
@@ -66,6 +79,9 @@ class A3QK(_A3Dims):
 
     def whole_model_stats(self) -> bool:
         return self.portable and self.pair_order is None
+
+    def stat_kinds(self) -> tuple[str, ...]:
+        return ("a3", "qkgram") if self.update else ("a3",)
 
     def resolve(self, views, stats) -> "A3QK":
         """portable without pair_order: the ranking from all layers' statistics."""
