@@ -173,6 +173,10 @@ def _add_method(c) -> None:
                    help="a3: the MLP's least-squares update only (with --ov-update: both; overrides --updates)")
     c.add_argument("--ov-update", action="store_true",
                    help="a3: o_proj's least-squares update only (with --mlp-update: both; overrides --updates)")
+    c.add_argument("--qk-update", action="store_true",
+                   help="a3: choose the kept RoPE pairs and fit a complex gain per kept query pair to the original "
+                        "model's attention-weighted score error (same shapes and KV cache; one more statistic, "
+                        "computed from every 64th query of each window; layers with full RoPE)")
     c.add_argument("--seq-refit", action="store_true",
                    help="a3 with --ratio: after each layer is compressed, re-fit its o_proj and down_proj again on the "
                         "inputs the compressed model gives them, toward the original model's outputs and residual "

@@ -193,8 +193,8 @@ def _dry_run(args, passes, path) -> int:
         raise A3ModError(f"--dry-run with {what}: " + ("streaming plans are those of --method a3; drop --stream to "
                          "preview them" if args.stream else "its kept dims come from calibration data"))
     _, model, _ = _load(args, path)
-    plain = [dataclasses.replace(p, update=False, seq_refit=False, refit_damping=None) if hasattr(p, "seq_refit")
-             else p for p in passes]
+    off = dict(update=False, seq_refit=False, refit_damping=None)
+    plain = [dataclasses.replace(p, **{k: v for k, v in off.items() if hasattr(p, k)}) for p in passes]
     rep = preview(model, plain, inplace=True)      # the updates / re-fits change weights, not shapes: not solved here
     print(rep)
     print(f"\ndry run: the plan of {args.method} at the given ratios (kept dims from shapes alone); nothing was "
@@ -275,6 +275,7 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
+         "qk_update": "--qk-update",
          "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping",
          "mlp_select": "--mlp-select"}
 
@@ -287,7 +288,8 @@ def _passes(args) -> list:
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
                           seq_refit=getattr(args, "seq_refit", False),
                           refit_damping=_refit_damping(args),
-                          mlp_select=getattr(args, "mlp_select", "cur"), names=FLAGS)
+                          mlp_select=getattr(args, "mlp_select", "cur"), qk_update=getattr(args, "qk_update", False),
+                          names=FLAGS)
 
 
 def _refit_damping(args):

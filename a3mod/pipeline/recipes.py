@@ -22,11 +22,12 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
            multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
            probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, portable: bool = False,
            seq_refit: bool = False, refit_damping: float | str | None = None, mlp_select: str = "cur",
-           names: dict[str, str] | None = None) -> list:
+           qk_update: bool = False, names: dict[str, str] | None = None) -> list:
     """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
-    (`A3MLP(update=True)`, `A3OV(update=True)`); portable keeps one set of RoPE pairs in every layer (`A3QK(portable=
+    (`A3MLP(update=True)`, `A3OV(update=True)`); qk_update fits A3QK's RoPE pairs and query gains to the
+    attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer (`A3QK(portable=
     True)`: a stock export without padding); seq_refit re-fits both again, layer by layer, on the compressed model's
     stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; mlp_select "obs" keeps A3MLP's neurons by
     structured OBS (with mlp_update); alpha, rank_search and probe_* are ASVD's.
@@ -39,7 +40,8 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if multiple_of is not None and (method != "a3" or kv_ratio is not None):
         raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
                          f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
-    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("portable", portable),
+    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("qk_update", qk_update),
+                     ("portable", portable),
                      ("mlp_select", mlp_select != "cur"), ("seq_refit", seq_refit)):
         if on and (method != "a3" or kv_ratio is not None):
             raise RatioError(f"{n(flag)} is an option of method a3 with {n('ratio')}; not of method {method}"
@@ -65,7 +67,7 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if method == "a3":
         pick = lambda x: ratio if x is None else x  # noqa: E731
         m = multiple_of
-        return [A3QK(ratio=pick(qk_ratio), multiple_of=m, portable=portable),
+        return [A3QK(ratio=pick(qk_ratio), multiple_of=m, portable=portable, update=qk_update),
                 A3OV(ratio=pick(ov_ratio), multiple_of=m, update=ov_update, seq_refit=seq_refit,
                      refit_damping=refit_damping),
                 A3MLP(ratio=pick(mlp_ratio), multiple_of=m, update=mlp_update, seq_refit=seq_refit,
