@@ -116,12 +116,14 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
 
 def with_updates(model, calib, passes, f: T) -> list[tuple[str, T, str]]:
     """(step, T, note) rows of A3 with both least-squares updates (apply from calib=: the layer-by-layer schedule,
-    statistics collected inside) and of the same with the sequential re-fit, each on a copy of the model."""
+    statistics collected inside), of the same with the sequential re-fit and with the QK update, each on a copy."""
     rows = []
-    for step, seq in (("(f) A3 + both updates: apply(calib=), layer by layer, everything included", False),
-                      ("(g) A3 + both updates + the sequential re-fit (seq_refit=True)", True)):
+    for step, seq, qk in (("(f) A3 + both updates: apply(calib=), layer by layer, everything included", False, False),
+                          ("(g) A3 + both updates + the sequential re-fit (seq_refit=True)", True, False),
+                          ("(h) A3 + both updates + the QK update (A3QK(update=True))", False, True)):
         m = copy.deepcopy(model)
-        ps = [replace(p, update=True, seq_refit=seq) if hasattr(p, "seq_refit") else p for p in passes]
+        ps = [replace(p, update=True, seq_refit=seq) if hasattr(p, "seq_refit") else
+              replace(p, update=True) if qk and isinstance(p, a3mod.A3QK) else p for p in passes]
         t, _ = timed(lambda m=m, ps=ps: a3mod.apply(m, ps, calib=calib, progress=False))
         say(step, t)
         rows.append((step, t, f"target <= {TARGET:g}x forward: {'PASS' if t.wall <= TARGET * f.wall else 'FAIL'}"))

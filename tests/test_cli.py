@@ -157,6 +157,7 @@ def test_compress_baselines(tmp_path, model_dir, text_file, method, extra, kind)
     (["--method", "svd-llm", "--ratio", "0.2", "--mlp-update"], "--mlp-update"),
     (["--method", "a3", "--kv-ratio", "0.5", "--mlp-update"], "--mlp-update"),
     (["--method", "a3-mix", "--ratio", "0.2", "--ov-update"], "--ov-update"),
+    (["--method", "svd-llm", "--ratio", "0.2", "--qk-update"], "--qk-update"),
     (["--ratio", "0.2", "--sequential"], "with --stream"),
 ])
 def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
@@ -174,6 +175,9 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     (["--ratio", "0.2", "--mlp-update"], [a3mod.A3QK(ratio=0.2), a3mod.A3OV(ratio=0.2),
                                           a3mod.A3MLP(ratio=0.2, update=True), a3mod.A3Experts(ratio=0.2)]),
     (["--ratio", "0.2", "--ov-update", "--mlp-update"], [a3mod.A3QK(ratio=0.2), a3mod.A3OV(ratio=0.2, update=True),
+                                                         a3mod.A3MLP(ratio=0.2, update=True),
+                                                         a3mod.A3Experts(ratio=0.2)]),
+    (["--ratio", "0.2", "--qk-update", "--mlp-update"], [a3mod.A3QK(ratio=0.2, update=True), a3mod.A3OV(ratio=0.2),
                                                          a3mod.A3MLP(ratio=0.2, update=True),
                                                          a3mod.A3Experts(ratio=0.2)]),
 ])
