@@ -84,7 +84,8 @@ SEQUENTIAL = {
 # refit_seq.py; issue 32 item 3): value = whether the targets also carry the residual-stream drift
 REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift": True,
          "a3-ov-mlp-update-refit-seq-drift-inputs": "inputs",   # + the input transport (refit_seq._Transport)
-         "a3-ov-mlp-update-refit-seq-drift-weighted": "weighted"}   # tokens weighted by 1 / the next norm's scale
+         "a3-ov-mlp-update-refit-seq-drift-weighted": "weighted",   # tokens weighted by 1 / the next norm's scale
+         "a3-qk-ov-mlp-update-refit-seq-drift-inputs": "inputs"}    # the same after A3QK(update=True) too
 
 
 def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list:
@@ -95,7 +96,8 @@ def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list
 
 def _passes(name: str, r: float) -> list:
     """The passes `apply` runs for variant `name` (none for the streamed ones: they collect their own statistics)."""
-    return VARIANTS["a3-ov-mlp-update" if name in REFIT else name](r) if name not in SEQUENTIAL else []
+    base = name.split("-refit-seq")[0] if name in REFIT else name      # a re-fit variant starts from its base
+    return VARIANTS[base](r) if name not in SEQUENTIAL else []
 
 
 def _commit() -> str:
