@@ -27,10 +27,10 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
     (`A3MLP(update=True)`, `A3OV(update=True)`); qk_update fits A3QK's RoPE pairs and query gains to the
-    attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer (`A3QK(portable=
-    True)`: a stock export without padding); seq_refit re-fits both again, layer by layer, on the compressed model's
-    stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; mlp_select "obs" keeps A3MLP's neurons by
-    structured OBS (with mlp_update); alpha, rank_search and probe_* are ASVD's.
+    attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer
+    (`A3QK(portable=True)`: a stock export without padding); seq_refit re-fits both again, layer by layer, on the
+    compressed model's stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; mlp_select "obs" keeps
+    A3MLP's neurons by structured OBS (with mlp_update); alpha, rank_search and probe_* are ASVD's.
     RatioError for a combination that does not make sense, naming it (`names` maps parameter names to how the caller
     spells them, e.g. CLI flags)."""
     n = lambda k: (names or {}).get(k, k)  # noqa: E731
