@@ -269,14 +269,16 @@ def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, caps
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["--ratio", "0.2"], (True, True)),                                            # 128 x 2048 by default
-    (["--ratio", "0.2", "--n-samples", "16", "--calib-seq-len", "512"], (False, False)),   # 8,192 tokens
-    (["--ratio", "0.2", "--n-samples", "128", "--calib-seq-len", "512"], (True, True)),    # 65,536: on
-    (["--ratio", "0.2", "--updates", "off"], (False, False)),
-    (["--ratio", "0.2", "--n-samples", "4", "--updates", "on"], (True, True)),
-    (["--ratio", "0.2", "--mlp-update"], (True, False)),
-    (["--method", "svd-llm", "--ratio", "0.2"], (False, False)),                  # auto: a3 only, no error
-    (["--method", "a3", "--kv-ratio", "0.3"], (False, False)),
+    (["--ratio", "0.2"], (True, True, True)),                                      # 128 x 2048 by default
+    (["--ratio", "0.2", "--n-samples", "16", "--calib-seq-len", "512"], (False, False, False)),   # 8,192 tokens
+    (["--ratio", "0.2", "--n-samples", "128", "--calib-seq-len", "512"], (True, True, True)),    # 65,536: on
+    (["--ratio", "0.2", "--updates", "off"], (False, False, False)),
+    (["--ratio", "0.2", "--updates", "off", "--qk-update"], (False, False, True)),
+    (["--ratio", "0.2", "--n-samples", "4", "--updates", "on"], (True, True, True)),
+    (["--ratio", "0.2", "--mlp-update"], (True, False, False)),
+    (["--ratio", "0.2", "--mlp-update", "--qk-update"], (True, False, True)),
+    (["--method", "svd-llm", "--ratio", "0.2"], (False, False, False)),           # auto: a3 only, no error
+    (["--method", "a3", "--kv-ratio", "0.3"], (False, False, False)),
 ])
 def test_updates_are_on_by_default_with_enough_calibration(argv, want):
     from a3mod.cli.commands import _passes, _updates, build_parser
@@ -285,7 +287,7 @@ def test_updates_are_on_by_default_with_enough_calibration(argv, want):
     passes = _passes(args)
     ups = {type(p).__name__: p.update for p in passes if hasattr(p, "update")}
     assert not ups.pop("A3Experts", False)           # the routed experts' update is the Python API's only
-    assert ups in ({}, {"A3OV": want[1], "A3MLP": want[0]})
+    assert ups in ({}, {"A3OV": want[1], "A3MLP": want[0], "A3QK": want[2]})
 
 
 def test_updates_on_for_another_method_is_refused(capsys, tmp_path, model_dir):

@@ -275,21 +275,20 @@ def _lm_eval(model, tok, tasks, batch_size, limit, num_fewshot, max_length) -> d
 
 FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multiple-of",
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
-         "qk_update": "--qk-update",
+         "qk_update": "--qk-update / --updates on",
          "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping",
          "mlp_select": "--mlp-select"}
 
 
 def _passes(args) -> list:
-    mlp, ov = _updates(args)
+    mlp, ov, qk = _updates(args)
     return recipes.passes(args.method, args.ratio, kv_ratio=args.kv_ratio, across=args.across, qk_ratio=args.qk_ratio,
                           ov_ratio=args.ov_ratio, mlp_ratio=args.mlp_ratio, multiple_of=args.multiple_of,
                           alpha=args.alpha, rank_search=not args.no_rank_search, probe_samples=args.probe_samples,
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
                           seq_refit=getattr(args, "seq_refit", False),
                           refit_damping=_refit_damping(args),
-                          mlp_select=getattr(args, "mlp_select", "cur"), qk_update=getattr(args, "qk_update", False),
-                          names=FLAGS)
+                          mlp_select=getattr(args, "mlp_select", "cur"), qk_update=qk, names=FLAGS)
 
 
 def _refit_damping(args):
@@ -298,17 +297,19 @@ def _refit_damping(args):
     return "heldout" if given is None and getattr(args, "seq_refit", False) else given
 
 
-def _updates(args) -> tuple[bool, bool]:
-    """(MLP update, OV update): --mlp-update / --ov-update as given, else --updates (auto: on for method a3 with
-    --ratio when the calibration holds at least UPDATE_TOKENS tokens)."""
+def _updates(args) -> tuple[bool, bool, bool]:
+    """(MLP update, OV update, QK update): --mlp-update / --ov-update as given (the QK update then only with
+    --qk-update), else --updates for all three (auto: on for method a3 with --ratio when the calibration holds at
+    least UPDATE_TOKENS tokens); --qk-update turns the QK update on in any case."""
+    qk = bool(getattr(args, "qk_update", False))
     if getattr(args, "mlp_update", False) or getattr(args, "ov_update", False):
-        return bool(args.mlp_update), bool(args.ov_update)
+        return bool(args.mlp_update), bool(args.ov_update), qk
     mode = getattr(args, "updates", "off")
     if mode == "auto":
         on = (args.method == "a3" and args.ratio is not None and args.kv_ratio is None
               and args.n_samples * args.calib_seq_len >= UPDATE_TOKENS)
-        return on, on
-    return mode == "on", mode == "on"
+        return on, on, on or qk
+    return mode == "on", mode == "on", mode == "on" or qk
 
 
 def updates_line(args) -> str | None:
@@ -317,8 +318,8 @@ def updates_line(args) -> str | None:
             or args.ratio is None or args.kv_ratio is not None:
         return None
     n = args.n_samples * args.calib_seq_len
-    return (f"least-squares updates: on (--updates auto: {n:,} calibration tokens >= {UPDATE_TOKENS:,}; "
-            f"--updates off for selection alone)" if n >= UPDATE_TOKENS else
+    return (f"least-squares updates: on, with the QK update (--updates auto: {n:,} calibration tokens >= "
+            f"{UPDATE_TOKENS:,}; --updates off for selection alone)" if n >= UPDATE_TOKENS else
             f"least-squares updates: off (--updates auto: {n:,} calibration tokens < {UPDATE_TOKENS:,}, where "
             f"they stop paying; --updates on forces them)")
 
