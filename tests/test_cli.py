@@ -269,12 +269,13 @@ def test_compress_says_when_it_removes_less_than_asked(tmp_path, text_file, caps
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["--ratio", "0.2"], (True, True, True)),                                      # 128 x 2048 by default
+    (["--ratio", "0.2"], (True, True, False)),                                     # 128 x 2048 by default
     (["--ratio", "0.2", "--n-samples", "16", "--calib-seq-len", "512"], (False, False, False)),   # 8,192 tokens
-    (["--ratio", "0.2", "--n-samples", "128", "--calib-seq-len", "512"], (True, True, True)),    # 65,536: on
+    (["--ratio", "0.2", "--n-samples", "128", "--calib-seq-len", "512"], (True, True, False)),   # 65,536: on
     (["--ratio", "0.2", "--updates", "off"], (False, False, False)),
     (["--ratio", "0.2", "--updates", "off", "--qk-update"], (False, False, True)),
-    (["--ratio", "0.2", "--n-samples", "4", "--updates", "on"], (True, True, True)),
+    (["--ratio", "0.2", "--n-samples", "4", "--updates", "on"], (True, True, False)),
+    (["--ratio", "0.2", "--qk-update"], (True, True, True)),
     (["--ratio", "0.2", "--mlp-update"], (True, False, False)),
     (["--ratio", "0.2", "--mlp-update", "--qk-update"], (True, False, True)),
     (["--method", "svd-llm", "--ratio", "0.2"], (False, False, False)),           # auto: a3 only, no error
