@@ -107,14 +107,14 @@ def test_gemma4_keeps_its_attention_and_the_mlps_give_the_ratio(mtype):
 
 def test_a_flipped_rotate_half_is_the_rotation_by_minus_the_angle():
     """NanoChat's rotate_half is (x2, -x1): rope_table "half_flipped" negates sin, which reproduces it exactly."""
-    from a3mod.modules.attention import _half_table, rotate_half
+    from a3mod.modules.attention import half_table, rotate_half
 
     torch.manual_seed(0)
     x, ang = torch.randn(2, 5, 8), torch.rand(2, 5, 4) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     x1, x2 = x.chunk(2, -1)
     want = x * cos + torch.cat((x2, -x1), -1) * sin                   # NanoChat's own formula
-    c, s = _half_table((cos, sin), "half_flipped")
+    c, s = half_table((cos, sin), "half_flipped")
     torch.testing.assert_close(x * c + rotate_half(x) * s, want)
     assert spec_for(tiny_zoo_model("nanochat")).rope_table == "half_flipped"
 

@@ -168,7 +168,8 @@ def test_resume_refuses_other_arguments_unless_restart(tmp_path, monkeypatch):
     out = a3mod.compress_streaming(src, tmp_path / "out", a3mod.a3_passes(0.2), calib, progress=False, restart=True)
     assert json.loads((out / "a3mod.json").read_text())["passes"][0] == {"type": "A3QK", "ratio": 0.2, "rank": None,
                                                                          "multiple_of": None, "version": 1,
-                                                                         "portable": False, "pair_order": None}
+                                                                         "portable": False, "pair_order": None,
+                                                                         "update": False, "damping": 0.01}
 
 
 def test_refuses_whole_model_passes_and_existing_output(tmp_path):

@@ -49,6 +49,8 @@ from ..io.files import atomic_write
 from .scores import score_gram
 from .sums import add, add_gram, finish, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
+from ..modules.attention import ROPE_TABLES, half_table
+from ..pipeline.rewrite import rope_perm, rope_table_index
 from ..paths import dataset_file
 from . import distributed
 from .sources import dataset_text, is_dataset_source
@@ -366,9 +368,6 @@ def scored(view: LayerView) -> bool:
 def _score_hook(view: LayerView, acc: dict[str, Tensor], hs: list):
     """Kind "qkgram": a pre-hook on the attention keeps the rotation the layer is given (position_embeddings);
     returns the function that adds `score_gram` of a batch's pre-RoPE q and k (called where they are captured)."""
-    from ..modules.attention import ROPE_TABLES, half_table
-    from ..pipeline.rewrite import rope_perm, rope_table_index
-
     d, table, rot = view.dims, view.spec.rope_table, view.dims.rot_dim
     perm, index = rope_perm(d.head_dim, rot, d.rope), rope_table_index(rot, table)
     seen: dict = {}

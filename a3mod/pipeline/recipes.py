@@ -20,17 +20,16 @@ LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", 
 def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = None, across: str = "layers",
            qk_ratio: float | None = None, ov_ratio: float | None = None, mlp_ratio: float | None = None,
            multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
-           probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, portable: bool = False,
-           seq_refit: bool = False, refit_damping: float | str | None = None, mlp_select: str = "cur",
-           qk_update: bool = False, names: dict[str, str] | None = None) -> list:
+           probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, qk_update: bool = False,
+           portable: bool = False, seq_refit: bool = False, refit_damping: float | str | None = None,
+           mlp_select: str = "cur", names: dict[str, str] | None = None) -> list:
     """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
     (`A3MLP(update=True)`, `A3OV(update=True)`); qk_update fits A3QK's RoPE pairs and query gains to the
     attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer
-    (`A3QK(portable=True)`: a stock export without padding); seq_refit re-fits both again, layer by layer, on the
-    compressed model's stream (`A3OV/A3MLP(seq_refit=True)`) with damping refit_damping; mlp_select "obs" keeps
-    A3MLP's neurons by structured OBS (with mlp_update); alpha, rank_search and probe_* are ASVD's.
+    (`A3QK(portable=True)`: no padding in a stock export); seq_refit re-fits o/down on the compressed stream (damping
+    refit_damping); mlp_select "obs": A3MLP's structured OBS (with mlp_update); alpha, rank_search, probe_*: ASVD's.
     RatioError for a combination that does not make sense, naming it (`names` maps parameter names to how the caller
     spells them, e.g. CLI flags)."""
     n = lambda k: (names or {}).get(k, k)  # noqa: E731
