@@ -370,6 +370,7 @@ def _score_hook(view: LayerView, acc: dict[str, Tensor], hs: list):
     returns the function that adds `score_gram` of a batch's pre-RoPE q and k (called where they are captured)."""
     d, table, rot = view.dims, view.spec.rope_table, view.dims.rot_dim
     perm, index = rope_perm(d.head_dim, rot, d.rope), rope_table_index(rot, table)
+    window = view.sliding_window(getattr(view.attn, "config", None))     # the rule the rewrite uses
     seen: dict = {}
 
     def on_attn(m, args, kwargs):
@@ -384,8 +385,7 @@ def _score_hook(view: LayerView, acc: dict[str, Tensor], hs: list):
         cos, sin = seen.pop("rot")
         q = q.reshape(*q.shape[:-1], d.heads, d.head_dim)[..., perm]
         k = k.reshape(*k.shape[:-1], d.kv_heads, d.head_dim)[..., perm]
-        add(acc, "qs", score_gram(q, k, cos, sin, view.scaling(), window=getattr(view.attn, "sliding_window", None),
-                                  softcap=view.softcap()))
+        add(acc, "qs", score_gram(q, k, cos, sin, view.scaling(), window=window, softcap=view.softcap()))
 
     hs.append(view.attn.register_forward_pre_hook(on_attn, with_kwargs=True))
     return add_scores

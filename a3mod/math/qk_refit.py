@@ -20,10 +20,11 @@ from torch import Tensor
 from .solvers import ridge_refit
 
 
-def _target(f: int, like: Tensor) -> Tensor:
-    """(F,) 1 on the real features: the full score is their sum."""
-    t = torch.zeros(f, dtype=like.dtype, device=like.device)
-    t[0::2] = 1.0
+def _reals(like: Tensor) -> Tensor:
+    """A tensor like `like` (..., F) with 1 on the real features and 0 on the imaginary ones: over all features the
+    full score's weights, over the kept ones theta0 (plain selection)."""
+    t = torch.zeros_like(like)
+    t[..., 0::2] = 1.0
     return t
 
 
@@ -31,11 +32,11 @@ def pair_system(gram: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The least-squares system of kept `pairs` (..., k) (long) in `gram` (..., F, F): (A (..., 2k, 2k), b (..., 2k),
     c (...)), with E(theta) = c - 2 theta . b + theta^T A theta."""
     feat = torch.stack([2 * pairs, 2 * pairs + 1], -1).flatten(-2)                  # (..., 2k)
-    t = _target(gram.shape[-1], gram)
-    gt = gram @ t                                                                     # (..., F)
+    t = _reals(gram[..., 0, :])                                                       # (..., F)
+    gt = (gram @ t[..., None])[..., 0]                                                # (..., F)
     rows = gram.gather(-2, feat[..., :, None].expand(*feat.shape, gram.shape[-1]))   # (..., 2k, F)
     a = rows.gather(-1, feat[..., None, :].expand(*feat.shape, feat.shape[-1]))     # (..., 2k, 2k)
-    return a, gt.gather(-1, feat), gt @ t
+    return a, gt.gather(-1, feat), (gt * t).sum(-1)
 
 
 def _error(a: Tensor, b: Tensor, c: Tensor, th: Tensor) -> Tensor:
@@ -44,9 +45,7 @@ def _error(a: Tensor, b: Tensor, c: Tensor, th: Tensor) -> Tensor:
 
 def _fit(a: Tensor, b: Tensor, damping: float) -> Tensor:
     """theta of the damped fit, pulled toward theta0 (plain selection): `solvers.ridge_refit`."""
-    th0 = torch.zeros_like(b)
-    th0[..., 0::2] = 1.0
-    return ridge_refit(a, b[..., None], th0[..., None], damping)[..., 0]
+    return ridge_refit(a, b[..., None], _reals(b)[..., None], damping)[..., 0]
 
 
 def pair_gains(gram: Tensor, pairs: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
@@ -56,9 +55,7 @@ def pair_gains(gram: Tensor, pairs: Tensor, damping: float = 0.01) -> tuple[Tens
     both on the undamped Gram: the second never exceeds the first (`ridge_refit`). All pairs kept: gains 1."""
     a, b, c = pair_system(gram, pairs)
     th = _fit(a, b, damping)
-    th0 = torch.zeros_like(th)
-    th0[..., 0::2] = 1.0
-    return torch.stack([th[..., 0::2], -th[..., 1::2]], -1), _error(a, b, c, th0), _error(a, b, c, th)
+    return torch.stack([th[..., 0::2], -th[..., 1::2]], -1), _error(a, b, c, _reals(b)), _error(a, b, c, th)
 
 
 def select_pairs(gram: Tensor, keep: int, damping: float = 0.01) -> Tensor:
