@@ -67,6 +67,11 @@ VARIANTS = {
                                                            ov=dict(update=True, seq_refit=True,
                                                                    refit_damping="heldout"),
                                                            qk=dict(update=True)),
+    # per-layer ranks (Allocate across all components, KV cache no larger than uniform A3's; ranks from A3's own
+    # curves) with both updates, the QK update and the held-out sequential re-fit (Allocate resolved into A3 passes)
+    "a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout": lambda r: [a3mod.Allocate(
+        budget=r, across="all", kv_budget="uniform", mlp_update=True, ov_update=True, qk_update=True, seq_refit=True,
+        refit_damping="heldout")],
     "a3-mlp-update-damp0.001": lambda r: _a3(r, update=True, damping=0.001),
     "a3-mlp-update-damp0.1": lambda r: _a3(r, update=True, damping=0.1),
 }
@@ -220,7 +225,9 @@ PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"
          ("a3-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit"),
          ("a3-ov-mlp-update-seq-refit-heldout", "a3"), ("a3-qk-ov-mlp-update", "a3-ov-mlp-update"),
          ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit-heldout"),
-         ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3"))
+         ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3"),
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"))
 
 
 def paired(done: dict, args) -> str:

@@ -156,7 +156,10 @@ def test_compress_baselines(tmp_path, model_dir, text_file, method, extra, kind)
     (["--method", "asvd", "--ratio", "0.2", "--alpha", "-1"], "alpha=-1"),
     (["--method", "svd-llm", "--ratio", "0.2", "--mlp-update"], "--mlp-update"),
     (["--method", "a3", "--kv-ratio", "0.5", "--mlp-update"], "--mlp-update"),
-    (["--method", "a3-mix", "--ratio", "0.2", "--ov-update"], "--ov-update"),
+    (["--method", "a3-mix", "--ratio", "0.2", "--mlp-update", "--mlp-select", "obs"], "--mlp-select"),
+    (["--method", "a3-mix", "--ratio", "0.2", "--portable"], "--portable"),
+    (["--method", "a3-mix", "--ratio", "0.2", "--kv-budget", "uniform"], "--kv-budget"),
+    (["--method", "a3", "--ratio", "0.2", "--kv-budget", "0.2"], "--kv-budget"),
     (["--method", "svd-llm", "--ratio", "0.2", "--qk-update"], "--qk-update"),
     (["--ratio", "0.2", "--sequential"], "with --stream"),
 ])
@@ -168,8 +171,10 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["--method", "a3-mix", "--ratio", "0.2"], [a3mod.Allocate(budget=0.2)]),
-    (["--method", "a3-mix", "--ratio", "0.3", "--across", "all"], [a3mod.Allocate(budget=0.3, across="all")]),
+    (["--method", "a3-mix", "--ratio", "0.2"], [a3mod.Allocate(budget=0.2, mlp_update=True, ov_update=True)]),
+    (["--method", "a3-mix", "--ratio", "0.2", "--updates", "off"], [a3mod.Allocate(budget=0.2)]),
+    (["--method", "a3-mix", "--ratio", "0.3", "--across", "all", "--n-samples", "8"],
+     [a3mod.Allocate(budget=0.3, across="all")]),
     (["--method", "a3", "--kv-ratio", "0.5"], [a3mod.A3KV(kv_ratio=0.5)]),
     (["--method", "a3-mix", "--kv-ratio", "0.25"], [a3mod.A3KV(kv_ratio=0.25, mixed=True)]),
     (["--ratio", "0.2", "--mlp-update"], [a3mod.A3QK(ratio=0.2), a3mod.A3OV(ratio=0.2),
@@ -180,6 +185,12 @@ def test_compress_method_errors(tmp_path, model_dir, argv, needle, capsys):
     (["--ratio", "0.2", "--qk-update", "--mlp-update"], [a3mod.A3QK(ratio=0.2, update=True), a3mod.A3OV(ratio=0.2),
                                                          a3mod.A3MLP(ratio=0.2, update=True),
                                                          a3mod.A3Experts(ratio=0.2)]),
+    (["--method", "a3-mix", "--ratio", "0.2", "--across", "all", "--kv-budget", "uniform", "--updates", "on",
+      "--qk-update", "--seq-refit"],
+     [a3mod.Allocate(budget=0.2, across="all", kv_budget="uniform", mlp_update=True, ov_update=True, qk_update=True,
+                     seq_refit=True, refit_damping="heldout")]),
+    (["--method", "a3-mix", "--ratio", "0.2", "--across", "all", "--kv-budget", "0.3", "--ov-update"],
+     [a3mod.Allocate(budget=0.2, across="all", kv_budget=0.3, ov_update=True)]),
 ])
 def test_compress_mix_and_kv_passes(argv, want):
     from a3mod.cli.commands import build_parser, _passes

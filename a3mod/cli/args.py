@@ -49,6 +49,19 @@ def _refit_damping(text: str) -> float | str:
     return v
 
 
+def _kv_budget(text: str) -> float | str:
+    """--kv-budget: "uniform" or a fraction in [0, 1)."""
+    if text == "uniform":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither uniform nor a number") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be uniform or a fraction in [0, 1)")
+    return v
+
+
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:
     p.add_argument("--model", default=None,
                    help="HF folder or hub id, a .gguf file or a folder holding one, an a3mod output dir, or a real "
@@ -152,6 +165,10 @@ def _add_method(c) -> None:
     c.add_argument("--across", default="layers", choices=("layers", "all"),
                    help="a3-mix: move ranks between layers only (same count per component as uniform, default) "
                         "or also between QK, OV and MLP")
+    c.add_argument("--kv-budget", type=_kv_budget, default=None, metavar="{uniform,FRACTION}",
+                   help="a3-mix with --across all: remove at least this much of the KV cache as well: uniform (what "
+                        "uniform A3 at --ratio removes: a cache no larger than a3's) or a fraction in [0, 1); by "
+                        "default across all keeps the cache nearly whole (QK/OV units are cheap in parameters)")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd: activation scaling exponent (default 0.5)")
     c.add_argument("--no-rank-search", action="store_true",
                    help="asvd: uniform ranks instead of the perplexity-sensitivity search")
@@ -164,25 +181,30 @@ def _add_method(c) -> None:
                    help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
                         "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
     c.add_argument("--updates", choices=("auto", "on", "off"), default="auto",
-                   help="a3 with --ratio: re-fit the kept MLP neurons' down_proj and o_proj on the kept value dims by "
-                        "least squares (same shapes, no extra GEMM; one layer's float64 Grams in memory at a time). "
+                   help="a3 / a3-mix with --ratio: re-fit the kept MLP neurons' down_proj and o_proj on the kept "
+                        "value dims by least squares (same shapes, no extra GEMM; one layer's float64 Grams in memory "
+                        "at a time). "
                         f"auto (default): on when the calibration holds >= {UPDATE_TOKENS:,} tokens (--n-samples x "
                         "--calib-seq-len), off below, where the MLP update stops paying (measured gains: the README's "
                         "quality table)")
     c.add_argument("--mlp-update", action="store_true",
-                   help="a3: the MLP's least-squares update only (with --ov-update: both; overrides --updates)")
+                   help="a3 / a3-mix: the MLP's least-squares update only (with --ov-update: both; overrides "
+                        "--updates)")
     c.add_argument("--ov-update", action="store_true",
-                   help="a3: o_proj's least-squares update only (with --mlp-update: both; overrides --updates)")
+                   help="a3 / a3-mix: o_proj's least-squares update only (with --mlp-update: both; overrides "
+                        "--updates)")
     c.add_argument("--qk-update", action="store_true",
-                   help="a3: choose the kept RoPE pairs and fit a complex gain per kept query pair to the original "
-                        "model's attention-weighted score error (same shapes and KV cache; one more statistic, "
-                        "computed from every 64th query of each window; layers with full RoPE). Not in --updates: "
+                   help="a3 / a3-mix: choose the kept RoPE pairs and fit a complex gain per kept query pair to the "
+                        "original model's attention-weighted score error (same shapes and KV cache; one more "
+                        "statistic, computed from every 64th query of each window; layers with full RoPE). Not in "
+                        "--updates: "
                         "it pays most at deeper cuts (30%%: -11%% perplexity on both real models) and costs about "
                         "0.3 forward passes more")
     c.add_argument("--seq-refit", action="store_true",
-                   help="a3 with --ratio: after each layer is compressed, re-fit its o_proj and down_proj again on the "
-                        "inputs the compressed model gives them, toward the original model's outputs and residual "
-                        "stream (same shapes; about two more passes of the calibration through each layer; "
+                   help="a3 / a3-mix with --ratio: after each layer is compressed, re-fit its o_proj and down_proj "
+                        "again on the inputs the compressed model gives them, toward the original model's outputs "
+                        "and residual stream (same shapes; about two more passes of the calibration through each "
+                        "layer; "
                         "pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts; results: README, Quality)")
     c.add_argument("--refit-damping", type=_refit_damping, default=None, metavar="{heldout,NUMBER}",
                    help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "

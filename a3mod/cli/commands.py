@@ -277,7 +277,7 @@ FLAGS = {"ratio": "--ratio", "kv_ratio": "--kv-ratio", "multiple_of": "--multipl
          "mlp_update": "--mlp-update / --updates on", "ov_update": "--ov-update / --updates on",
          "qk_update": "--qk-update",
          "portable": "--portable", "seq_refit": "--seq-refit", "refit_damping": "--refit-damping",
-         "mlp_select": "--mlp-select"}
+         "mlp_select": "--mlp-select", "kv_budget": "--kv-budget", "across": "--across"}
 
 
 def _passes(args) -> list:
@@ -288,7 +288,8 @@ def _passes(args) -> list:
                           probe_seq_len=args.probe_seq_len, mlp_update=mlp, ov_update=ov, portable=args.portable,
                           seq_refit=getattr(args, "seq_refit", False),
                           refit_damping=_refit_damping(args),
-                          mlp_select=getattr(args, "mlp_select", "cur"), qk_update=qk, names=FLAGS)
+                          mlp_select=getattr(args, "mlp_select", "cur"), qk_update=qk,
+                          kv_budget=getattr(args, "kv_budget", None), names=FLAGS)
 
 
 def _refit_damping(args):
@@ -299,23 +300,24 @@ def _refit_damping(args):
 
 def _updates(args) -> tuple[bool, bool, bool]:
     """(MLP update, OV update, QK update): --mlp-update / --ov-update as given, else --updates (auto: on for method
-    a3 with --ratio when the calibration holds at least UPDATE_TOKENS tokens); the QK update with --qk-update only
+    a3 or a3-mix with --ratio when the calibration holds at least UPDATE_TOKENS tokens); the QK update with --qk-update
+    only
     (it costs 0.3 forward passes more than both updates: over the 2x budget of the default)."""
     qk = bool(getattr(args, "qk_update", False))
     if getattr(args, "mlp_update", False) or getattr(args, "ov_update", False):
         return bool(args.mlp_update), bool(args.ov_update), qk
     mode = getattr(args, "updates", "off")
     if mode == "auto":
-        on = (args.method == "a3" and args.ratio is not None and args.kv_ratio is None
+        on = (args.method in ("a3", "a3-mix") and args.ratio is not None and args.kv_ratio is None
               and args.n_samples * args.calib_seq_len >= UPDATE_TOKENS)
         return on, on, qk
     return mode == "on", mode == "on", qk
 
 
 def updates_line(args) -> str | None:
-    """What --updates auto decided, for method a3 with --ratio (None otherwise or when given explicitly)."""
-    if getattr(args, "updates", None) != "auto" or args.mlp_update or args.ov_update or args.method != "a3" \
-            or args.ratio is None or args.kv_ratio is not None:
+    """What --updates auto decided, for methods a3 / a3-mix with --ratio (None otherwise or when given explicitly)."""
+    if getattr(args, "updates", None) != "auto" or args.mlp_update or args.ov_update \
+            or args.method not in ("a3", "a3-mix") or args.ratio is None or args.kv_ratio is not None:
         return None
     n = args.n_samples * args.calib_seq_len
     return (f"least-squares updates: on (--updates auto: {n:,} calibration tokens >= {UPDATE_TOKENS:,}; "

@@ -60,11 +60,18 @@ def solve_layer(view, passes, stats) -> tuple[LayerWork, LayerPlan]:
     """Run A3 passes (configs with per-layer handlers) on one layer: its edited work and the plan they chose."""
     work = LayerWork.from_view(view)
     parts = {}
-    for p in passes:
+    for p in layer_configs(passes, view.index):
         sol = run_pass(p, PassContext(work=work, stats=stats.layers[view.index], n=stats.n))
         if sol.part is not None:
             parts[sol.part.comp] = sol.part
     return work, LayerPlan(view.index, parts)
+
+
+def layer_configs(passes, index: int) -> list:
+    """The passes as they apply to layer `index`: per-layer ranks resolved (`_A3Dims.at_layer`), components a
+    per-layer config leaves whole there dropped."""
+    out = [p.at_layer(index) if hasattr(p, "at_layer") else p for p in passes]
+    return [p for p in out if p is not None]
 
 
 def build_layer(model, view, passes, stats, mlp: bool = True):
@@ -118,7 +125,7 @@ def preflight(passes, views) -> None:
     not fit any layer is a RatioError before calibration starts."""
     for v in active(views):
         full = full_dims(v)
-        for p in passes:
+        for p in layer_configs(passes, v.index):
             comp = COMPONENT_OF.get(type(p))
             if comp in full:
                 rope = bool(v.dims.rot_dim) or (comp == "qk" and v.spec.mla)      # MLA: even q/k dims

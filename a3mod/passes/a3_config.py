@@ -33,12 +33,34 @@ class RatioOrRank(PassConfig):
 class _A3Dims(RatioOrRank):
     """multiple_of (with ratio): round the kept dim to a multiple of this as well (8 or 16 suit SIMD and
     tensor-core kernels: odd head dims run slower, see evals/bench_speed.py). Default: whole RoPE pairs for q/k,
-    even v/o heads, multiples of 8 for MLPs of >= 512 neurons."""
+    even v/o heads, multiples of 8 for MLPs of >= 512 neurons.
+    ranks (instead of ratio / rank): the kept dim of every decoder layer, by layer index (None: the component stays
+    whole there), as `Allocate` resolves to (`at_layer` gives one layer's config)."""
     multiple_of: int | None = None
+    ranks: tuple[int | None, ...] | None = None
 
     def __post_init__(self):
-        super().__post_init__()
-        check_multiple(type(self).__name__, self.multiple_of, self.rank)
+        if self.ranks is None:
+            super().__post_init__()
+            check_multiple(type(self).__name__, self.multiple_of, self.rank)
+            return
+        name = type(self).__name__
+        if self.ratio is not None or self.rank is not None or self.multiple_of is not None:
+            raise RatioError(f"{name}: ranks= gives every layer's kept dim; it takes no ratio=, rank= or "
+                             f"multiple_of= (got ratio={self.ratio}, rank={self.rank}, multiple_of={self.multiple_of})")
+        if not isinstance(self.ranks, (list, tuple)) or not self.ranks:
+            raise RatioError(f"{name}: ranks={self.ranks!r} must be a non-empty list of kept dims (or None), one per "
+                             f"decoder layer")
+        object.__setattr__(self, "ranks", tuple(None if r is None else integer(name, "ranks[i]", r, error=RatioError)
+                                                for r in self.ranks))
+
+    def at_layer(self, index: int):
+        """This config for layer `index` alone: itself without `ranks`; with them, rank= that layer's kept dim (None:
+        the component stays whole in that layer)."""
+        if self.ranks is None:
+            return self
+        r = self.ranks[index] if index < len(self.ranks) else None
+        return None if r is None else replace(self, ranks=None, rank=r)
 
 
 @register_pass

@@ -55,14 +55,40 @@ class Allocate(PassConfig):
     kv_budget: float | str | None = None   # across="all": KV cache fraction removed at least, or "uniform"
     mlp_update: bool = False       # re-fit each kept MLP by least squares (A3MLP(update=True)) after allocating
     ov_update: bool = False        # re-fit each o_proj by least squares (A3OV(update=True)) after allocating
+    qk_update: bool = False        # A3QK(update=True): pairs and query gains fitted to the score error
+    seq_refit: bool = False        # A3OV / A3MLP(seq_refit=True): o/down re-fitted on the compressed stream
+    refit_damping: float | str | None = None    # the re-fit's damping (A3OV / A3MLP's refit_damping)
     NEEDS = ("a3",)
 
     def stat_kinds(self) -> tuple[str, ...]:
+        if self.per_layer():
+            return tuple(dict.fromkeys(k for p in self.layer_passes() for k in p.stat_kinds()))
         return ("a3",) + ("hgram",) * self.mlp_update + ("ogram",) * self.ov_update
 
+    def per_layer(self) -> bool:
+        """Whether `apply` resolves this into per-layer A3 passes (`layer_passes` with `ranks`) before it collects any
+        Gram: with the QK update or the sequential re-fit, which run inside A3's layer-scope passes. The ranks then
+        come from A3's own loss curves ("a3" statistics: selection before the updates, which allocated as well as the
+        post-update MLP curves on SmolLM2: 56.46 vs 56.52), so every Gram is collected one layer at a time."""
+        return self.qk_update or self.seq_refit
+
+    def layer_passes(self, ranks: dict[tuple[int, str], int] | None = None, layers: int = 0) -> list:
+        """The A3 passes this allocation runs as: with `ranks` {(layer, component): kept dim} over `layers` decoder
+        layers (absent: the component stays whole there); without, uniform at `budget` with the same options (what
+        the checks before calibration look at)."""
+        def dims(comp: str) -> dict:
+            return (dict(ratio=self.budget) if ranks is None else
+                    dict(ranks=tuple(ranks.get((i, comp)) for i in range(layers))))
+        fit = dict(seq_refit=self.seq_refit, refit_damping=self.refit_damping)
+        return [A3QK(**dims("qk"), update=self.qk_update), A3OV(**dims("ov"), update=self.ov_update, **fit),
+                A3MLP(**dims("mlp"), update=self.mlp_update, **fit), A3Experts(**dims("experts"))]
+
     def __post_init__(self):
-        boolean("Allocate", "mlp_update", self.mlp_update, error=RatioError)
-        boolean("Allocate", "ov_update", self.ov_update, error=RatioError)
+        for name in ("mlp_update", "ov_update", "qk_update", "seq_refit"):
+            boolean("Allocate", name, getattr(self, name), error=RatioError)
+        if self.refit_damping is not None and not self.seq_refit:
+            raise RatioError(f"Allocate: refit_damping={self.refit_damping!r} is the sequential re-fit's damping: "
+                             f"set seq_refit=True too (or leave refit_damping None)")
         mk = fraction("Allocate", "min_keep", self.min_keep, hi_open=False, what="fraction of uniform's units kept")
         choice("Allocate", "normalize", self.normalize, NORMALIZE)
         budget = fraction("Allocate", "budget", self.budget, what="the fraction of parameters removed")
@@ -196,6 +222,17 @@ def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> d
     return left
 
 
+def allocated_ranks(cfg: Allocate, views, stats) -> dict[tuple[int, str], int]:
+    """{(layer, component): kept dim} of allocation `cfg` from `stats` (the MLP curves after the update when
+    cfg.mlp_update and the statistics hold "hgram"; A3's own otherwise)."""
+    cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update and "hgram" in stats.kinds)
+    kv = cfg.kv_budget
+    kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
+                                    else math.ceil(kv * sum(c.units * c.kv for c in cs)))
+    kept = allocate(cs, cfg.across, cfg.min_keep, kv_goal)
+    return {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
+
+
 @handler(Allocate, scope="model")
 def apply_allocate(cfg: Allocate, ctx: PassContext):
     model, views, stats = ctx.model, ctx.views, ctx.stats
@@ -203,12 +240,10 @@ def apply_allocate(cfg: Allocate, ctx: PassContext):
         raise UnsupportedModelError(f"Allocate(kv_budget={cfg.kv_budget!r}): qk-norm layers keep q/k at the full head "
                                     "dim (the K cache cannot shrink), which this KV budget does not model yet; leave "
                                     "kv_budget unset")
-    cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update)
-    kv = cfg.kv_budget
-    kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
-                                    else math.ceil(kv * sum(c.units * c.kv for c in cs)))
-    kept = allocate(cs, cfg.across, cfg.min_keep, kv_goal)
-    ranks = {(c.layer, c.comp): k * c.granule for c, k in zip(cs, kept)}
+    if cfg.per_layer():
+        raise A3ModError("Allocate(qk_update / seq_refit) runs as per-layer A3 passes: give it to a3mod.apply, which "
+                         "resolves it (Allocate.layer_passes)")
+    ranks = allocated_ranks(cfg, views, stats)
     swaps = []
     for v in active(views):
         update = {"mlp": cfg.mlp_update, "ov": cfg.ov_update}

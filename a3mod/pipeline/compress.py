@@ -19,6 +19,7 @@ from ..io.codecs import describe_layer
 from ..modules import LatentKVAttention, LowRankLinear, NarrowLinear, ReducedHeadAttention, ReducedMLP
 from ..passes import pass_to_dict
 from ..passes.a3 import build_layer, preflight
+from ..passes.allocate import Allocate, allocated_ranks
 from ..passes.balance import balance
 from ..passes.base import PassContext, check_passes, needs, pass_list, run_pass, scope_of
 from ..quant import is_quantized, quant_swaps, split_quant
@@ -122,10 +123,15 @@ def check_finite(model: nn.Module) -> None:
 def _compress(job: ApplyJob) -> tuple[list, dict]:
     """The compact modules the compression passes make, swapped in (each logged in `job.undo`), and the model's new
     a3mod_info."""
+    alloc = job.passes[0] if isinstance(job.passes[0], Allocate) and job.passes[0].per_layer() else None
+    if alloc is not None:
+        _check_allocation(job, alloc)
     _check_model(job)
     model, views = job.model, job.views
     orig = [linear_param_count(v.layer) for v in views]
     _check_seq_refit(job)
+    if alloc is not None:
+        job.passes = _allocated(job, alloc)
     job.passes = _resolve_first(job)
     done = _layer_by_layer(job)
     if done is not None:
@@ -218,6 +224,27 @@ def _check_seq_refit(job: ApplyJob) -> None:
         job.model.train(was)
     if problem:
         raise UnsupportedModelError(f"{type(job.model).__name__}: {problem}")
+
+
+def _check_allocation(job: ApplyJob, alloc: Allocate) -> None:
+    """Allocate(qk_update / seq_refit) before any work: its options on uniform stand-ins (the A3 passes it runs as),
+    which every check before calibration then looks at; refused on shared blocks (per-layer ranks would untie them)."""
+    if shared_groups(job.views):
+        raise UnsupportedModelError(f"{type(job.model).__name__}: layers {shared_groups(job.views)} run one shared "
+                                    f"block each; Allocate gives every layer its own ranks and would untie them: use "
+                                    f"uniform A3 (a3mod.a3_passes)")
+    if job.calib is None and job.stats is None:
+        raise CalibrationError("Allocate needs calib= (or stats=) for its ranks")
+    job.passes = alloc.layer_passes()
+
+
+def _allocated(job: ApplyJob, alloc: Allocate) -> list:
+    """Allocate(qk_update / seq_refit) as per-layer A3 passes: the ranks from A3's loss curves ("a3" statistics:
+    those given, or one forward of them alone), so the Grams can still be collected one layer at a time."""
+    small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, {"a3"}, progress=job.progress,
+                                                                 who="Allocate (ranks)")
+    ranks = allocated_ranks(alloc, job.views, small)
+    return alloc.layer_passes(ranks, len(job.views))
 
 
 def _resolve_first(job: ApplyJob) -> list:

@@ -13,6 +13,7 @@ from ..errors import RatioError
 from ..passes import A3KV, A3MLP, A3OV, A3QK, ASVD, SVDLLM, SVDLLM2, A3Experts, Allocate, PlainSVD
 
 METHODS = ("a3", "a3-mix", "asvd", "svd-llm", "svd-llm-v2", "svd")
+MIX_OPTIONS = ("mlp_update", "ov_update", "qk_update", "seq_refit")     # a3 options Allocate (a3-mix) takes too
 LABELS = {"a3": "A3", "a3-mix": "A3-mix", "asvd": "ASVD", "svd-llm": "SVD-LLM", "svd-llm-v2": "SVD-LLM V2",
           "svd": "SVD"}
 
@@ -22,7 +23,8 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
            multiple_of: int | None = None, alpha: float = 0.5, rank_search: bool = True, probe_samples: int = 4,
            probe_seq_len: int = 512, mlp_update: bool = False, ov_update: bool = False, qk_update: bool = False,
            portable: bool = False, seq_refit: bool = False, refit_damping: float | str | None = None,
-           mlp_select: str = "cur", names: dict[str, str] | None = None) -> list:
+           mlp_select: str = "cur", kv_budget: float | str | None = None,
+           names: dict[str, str] | None = None) -> list:
     """The passes of `method` (see METHODS) at `ratio` (fraction of decoder-layer linear parameters removed) or
     `kv_ratio` (fraction of the KV cache removed). qk/ov/mlp_ratio override `ratio` per A3 component; multiple_of
     rounds A3's kept dims; mlp_update / ov_update re-fit A3's MLP down_proj / o_proj by least squares
@@ -30,6 +32,8 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer
     (`A3QK(portable=True)`: no padding in a stock export); seq_refit re-fits o/down on the compressed stream (damping
     refit_damping); mlp_select "obs": A3MLP's structured OBS (with mlp_update); alpha, rank_search, probe_*: ASVD's.
+    Method a3-mix takes the updates and the re-fit too (`Allocate`), and with across="all" kv_budget ("uniform": a
+    KV cache no larger than uniform A3's, or the fraction of it to remove).
     RatioError for a combination that does not make sense, naming it (`names` maps parameter names to how the caller
     spells them, e.g. CLI flags)."""
     n = lambda k: (names or {}).get(k, k)  # noqa: E731
@@ -42,9 +46,13 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("qk_update", qk_update),
                      ("portable", portable),
                      ("mlp_select", mlp_select != "cur"), ("seq_refit", seq_refit)):
-        if on and (method != "a3" or kv_ratio is not None):
-            raise RatioError(f"{n(flag)} is an option of method a3 with {n('ratio')}; not of method {method}"
+        mixed = flag in MIX_OPTIONS and method == "a3-mix"
+        if on and (method != "a3" and not mixed or kv_ratio is not None):
+            raise RatioError(f"{n(flag)} is an option of method a3{' or a3-mix' if flag in MIX_OPTIONS else ''} "
+                             f"with {n('ratio')}; not of method {method}"
                              + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
+    if kv_budget is not None and (method != "a3-mix" or across != "all"):
+        raise RatioError(f"{n('kv_budget')} is an option of method a3-mix with {n('across')} all")
     if refit_damping is not None and not seq_refit:
         raise RatioError(f"{n('refit_damping')} is the damping of {n('seq_refit')}: give both")
     if mlp_select != "cur" and not mlp_update:
@@ -75,5 +83,6 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if overrides:
         raise RatioError(f"qk/ov/mlp ratios are A3 options; method {method} takes only {n('ratio')}")
     if method == "a3-mix":
-        return [Allocate(budget=ratio, across=across)]
+        return [Allocate(budget=ratio, across=across, kv_budget=kv_budget, mlp_update=mlp_update, ov_update=ov_update,
+                         qk_update=qk_update, seq_refit=seq_refit, refit_damping=refit_damping)]
     return [{"svd-llm": SVDLLM, "svd-llm-v2": SVDLLM2, "svd": PlainSVD}[method](ratio=ratio)]
