@@ -180,6 +180,12 @@ def _add_method(c) -> None:
     c.add_argument("--multiple-of", type=POSITIVE, default=None, metavar="N",
                    help="a3: round every kept dim (q/k and v/o head dims, MLP width) to a multiple of N as well, "
                         "e.g. 8 or 16 for SIMD / tensor-core kernels (default: RoPE pairs, even v/o heads, MLP x8)")
+    _add_a3_options(c)
+
+
+def _add_a3_options(c) -> None:
+    """The options of the A3 methods beyond their ratios: the least-squares updates, the QK update, the sequential
+    re-fit, OBS selection, portable RoPE pairs."""
     c.add_argument("--updates", choices=("auto", "on", "off"), default="auto",
                    help="a3 / a3-mix with --ratio: re-fit the kept MLP neurons' down_proj and o_proj on the kept "
                         "value dims by least squares (same shapes, no extra GEMM; one layer's float64 Grams in memory "

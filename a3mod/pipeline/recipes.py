@@ -40,24 +40,9 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     overrides = any(x is not None for x in (qk_ratio, ov_ratio, mlp_ratio))
     if method not in METHODS:
         raise RatioError(f"method {method!r}; allowed: {', '.join(METHODS)}")
-    if multiple_of is not None and (method != "a3" or kv_ratio is not None):
-        raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
-                         f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
-    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("qk_update", qk_update),
-                     ("portable", portable),
-                     ("mlp_select", mlp_select != "cur"), ("seq_refit", seq_refit)):
-        mixed = flag in MIX_OPTIONS and method == "a3-mix"
-        if on and (method != "a3" and not mixed or kv_ratio is not None):
-            raise RatioError(f"{n(flag)} is an option of method a3{' or a3-mix' if flag in MIX_OPTIONS else ''} "
-                             f"with {n('ratio')}; not of method {method}"
-                             + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
-    if kv_budget is not None and (method != "a3-mix" or across != "all"):
-        raise RatioError(f"{n('kv_budget')} is an option of method a3-mix with {n('across')} all")
-    if refit_damping is not None and not seq_refit:
-        raise RatioError(f"{n('refit_damping')} is the damping of {n('seq_refit')}: give both")
-    if mlp_select != "cur" and not mlp_update:
-        raise RatioError(f"{n('mlp_select')} {mlp_select} keeps the neurons the MLP's least-squares update rebuilds "
-                         f"worst: it needs {n('mlp_update')}")
+    _check_a3_options(method, n, kv_ratio=kv_ratio, multiple_of=multiple_of, across=across, kv_budget=kv_budget,
+                      mlp_update=mlp_update, ov_update=ov_update, qk_update=qk_update, portable=portable,
+                      mlp_select=mlp_select, seq_refit=seq_refit, refit_damping=refit_damping)
     if kv_ratio is not None and method not in ("asvd", "a3", "a3-mix"):
         raise RatioError(f"{n('kv_ratio')} is for methods a3, a3-mix or asvd, not {method!r}")
     if method in ("a3", "a3-mix") and kv_ratio is not None:
@@ -86,3 +71,26 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
         return [Allocate(budget=ratio, across=across, kv_budget=kv_budget, mlp_update=mlp_update, ov_update=ov_update,
                          qk_update=qk_update, seq_refit=seq_refit, refit_damping=refit_damping)]
     return [{"svd-llm": SVDLLM, "svd-llm-v2": SVDLLM2, "svd": PlainSVD}[method](ratio=ratio)]
+
+def _check_a3_options(method: str, n, *, kv_ratio, multiple_of, across, kv_budget, mlp_update, ov_update, qk_update,
+                      portable, mlp_select, seq_refit, refit_damping) -> None:
+    """RatioError for an A3 option given to a method (or mode) that does not take it; n(name): how the caller spells
+    a parameter."""
+    if multiple_of is not None and (method != "a3" or kv_ratio is not None):
+        raise RatioError(f"{n('multiple_of')} {multiple_of} rounds the dims of method a3 with {n('ratio')}; not of "
+                         f"method {method}" + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
+    for flag, on in (("mlp_update", mlp_update), ("ov_update", ov_update), ("qk_update", qk_update),
+                     ("portable", portable),
+                     ("mlp_select", mlp_select != "cur"), ("seq_refit", seq_refit)):
+        mixed = flag in MIX_OPTIONS and method == "a3-mix"
+        if on and (method != "a3" and not mixed or kv_ratio is not None):
+            raise RatioError(f"{n(flag)} is an option of method a3{' or a3-mix' if flag in MIX_OPTIONS else ''} "
+                             f"with {n('ratio')}; not of method {method}"
+                             + (f" {n('kv_ratio')}" if kv_ratio is not None else ""))
+    if kv_budget is not None and (method != "a3-mix" or across != "all"):
+        raise RatioError(f"{n('kv_budget')} is an option of method a3-mix with {n('across')} all")
+    if refit_damping is not None and not seq_refit:
+        raise RatioError(f"{n('refit_damping')} is the damping of {n('seq_refit')}: give both")
+    if mlp_select != "cur" and not mlp_update:
+        raise RatioError(f"{n('mlp_select')} {mlp_select} keeps the neurons the MLP's least-squares update rebuilds "
+                         f"worst: it needs {n('mlp_update')}")
