@@ -67,8 +67,17 @@ VARIANTS = {
                                                            ov=dict(update=True, seq_refit=True,
                                                                    refit_damping="heldout"),
                                                            qk=dict(update=True)),
+    # + the QK update's gains re-fitted in the sequential re-fit too (A3QK(seq_refit=True): compressed-stream q/k,
+    # the original scores and attention as targets)
+    "a3-qk-ov-mlp-update-seq-refit-all-heldout": lambda r: _a3(r, update=True, seq_refit=True, refit_damping="heldout",
+                                                               ov=dict(update=True, seq_refit=True,
+                                                                       refit_damping="heldout"),
+                                                               qk=dict(update=True, seq_refit=True,
+                                                                       refit_damping="heldout")),
     # per-layer ranks (Allocate across all components, KV cache no larger than uniform A3's; ranks from A3's own
-    # curves) with both updates, the QK update and the held-out sequential re-fit (Allocate resolved into A3 passes)
+    # curves) with both updates, the QK update and the held-out sequential re-fit of all three (Allocate resolved
+    # into A3 passes). Rows "...-od-heldout" were measured at commit 6a43099 (the re-fit of o/down only,
+    # before A3QK(seq_refit=True) existed), under this variant's name, and renamed
     "a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout": lambda r: [a3mod.Allocate(
         budget=r, across="all", kv_budget="uniform", mlp_update=True, ov_update=True, qk_update=True, seq_refit=True,
         refit_damping="heldout")],
@@ -226,7 +235,11 @@ PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"
          ("a3-ov-mlp-update-seq-refit-heldout", "a3"), ("a3-qk-ov-mlp-update", "a3-ov-mlp-update"),
          ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3-ov-mlp-update-seq-refit-heldout"),
          ("a3-qk-ov-mlp-update-seq-refit-heldout", "a3"),
+         ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-od-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-od-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"))
 
 

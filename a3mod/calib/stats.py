@@ -46,11 +46,10 @@ from ..arch import LayerView, get_path, layer_views
 from .. import validate
 from ..errors import CalibrationError
 from ..io.files import atomic_write
+from .rotary import qkv_hooks, rotary_hook, scored
 from .scores import score_gram
 from .sums import add, add_gram, finish, outer, sq_sum
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
-from ..modules.attention import ROPE_TABLES, half_table
-from ..pipeline.rewrite import rope_perm, rope_table_index
 from ..paths import dataset_file
 from . import distributed
 from .sources import dataset_text, is_dataset_source
@@ -328,26 +327,14 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
         if scores is not None:
             scores(view.query_of(q), k)
 
-    mods = [] if view.spec.mla else view.qkv_modules()
     if view.spec.mla:       # latent attention: each head's position-free q and k dims (a3mod.arch.mla)
         mv = view.mla_view()
         hs.append(mv.q_linear.register_forward_hook(
             lambda m, i, out: add(acc, "q", outer(mv.split_q(out), mv.heads)[0])))
         hs.append(view.attn.kv_b_proj.register_forward_hook(
             lambda m, i, out: add(acc, "k", outer(mv.split_kv(out), mv.heads)[0])))
-    elif len(mods) == 1:
-        hs.append(mods[0].register_forward_hook(lambda m, i, out: on_qkv(*view.split_qkv(out))))
     else:
-        got: dict[int, Tensor] = {}
-
-        def make(j):
-            def hook(m, i, out):
-                got[j] = out
-                if len(got) == 3:
-                    on_qkv(got[0], got[1], got[2])
-                    got.clear()
-            return hook
-        hs += [m.register_forward_hook(make(j)) for j, m in enumerate(mods)]
+        hs += qkv_hooks(view, on_qkv)
 
     def on_o(m, inp):
         oo, o1 = outer(inp[0], d.heads)
@@ -358,36 +345,15 @@ def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
     return hs
 
 
-def scored(view: LayerView) -> bool:
-    """Whether kind "qkgram" covers this layer: fully rotary q/k that A3QK reduces by pair selection (no qk-norm,
-    no latent attention, no partial rotary)."""
-    d = view.dims
-    return view.attn is not None and not view.spec.mla and not view.qk_norm and 0 < d.rot_dim == d.head_dim
-
-
 def _score_hook(view: LayerView, acc: dict[str, Tensor], hs: list):
-    """Kind "qkgram": a pre-hook on the attention keeps the rotation the layer is given (position_embeddings);
-    returns the function that adds `score_gram` of a batch's pre-RoPE q and k (called where they are captured)."""
-    d, table, rot = view.dims, view.spec.rope_table, view.dims.rot_dim
-    perm, index = rope_perm(d.head_dim, rot, d.rope), rope_table_index(rot, table)
+    """Kind "qkgram": returns the function that adds `score_gram` of a batch's q and k (called where they are
+    captured), its rotation kept by a pre-hook on the attention (`rotary.rotary_hook`)."""
+    rotary = rotary_hook(view, hs)
     window = view.sliding_window(getattr(view.attn, "config", None))     # the rule the rewrite uses
-    seen: dict = {}
-
-    def on_attn(m, args, kwargs):
-        pe = kwargs.get("position_embeddings")
-        if pe is None:
-            raise CalibrationError(f"A3QK(update=True): layer {view.index}'s attention was called without "
-                                   f"position_embeddings (the rotation it applies), which the QK update reads")
-        cos, sin = half_table(pe, table) if table in ROPE_TABLES else pe
-        seen["rot"] = tuple(t.reshape(-1, *t.shape[-2:])[..., index.to(t.device)] for t in (cos, sin))
 
     def add_scores(q, k):
-        cos, sin = seen.pop("rot")
-        q = q.reshape(*q.shape[:-1], d.heads, d.head_dim)[..., perm]
-        k = k.reshape(*k.shape[:-1], d.kv_heads, d.head_dim)[..., perm]
+        q, k, cos, sin = rotary(q, k)
         add(acc, "qs", score_gram(q, k, cos, sin, view.scaling(), window=window, softcap=view.softcap()))
-
-    hs.append(view.attn.register_forward_pre_hook(on_attn, with_kwargs=True))
     return add_scores
 
 

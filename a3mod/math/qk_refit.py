@@ -20,7 +20,7 @@ from torch import Tensor
 from .solvers import ridge_refit
 
 
-def _reals(like: Tensor) -> Tensor:
+def theta0(like: Tensor) -> Tensor:
     """A tensor like `like` (..., F) with 1 on the real features and 0 on the imaginary ones: over all features the
     full score's weights, over the kept ones theta0 (plain selection)."""
     t = torch.zeros_like(like)
@@ -32,20 +32,21 @@ def pair_system(gram: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The least-squares system of kept `pairs` (..., k) (long) in `gram` (..., F, F): (A (..., 2k, 2k), b (..., 2k),
     c (...)), with E(theta) = c - 2 theta . b + theta^T A theta."""
     feat = torch.stack([2 * pairs, 2 * pairs + 1], -1).flatten(-2)                  # (..., 2k)
-    t = _reals(gram[..., 0, :])                                                       # (..., F)
+    t = theta0(gram[..., 0, :])                                                       # (..., F)
     gt = (gram @ t[..., None])[..., 0]                                                # (..., F)
     rows = gram.gather(-2, feat[..., :, None].expand(*feat.shape, gram.shape[-1]))   # (..., 2k, F)
     a = rows.gather(-1, feat[..., None, :].expand(*feat.shape, feat.shape[-1]))     # (..., 2k, 2k)
     return a, gt.gather(-1, feat), (gt * t).sum(-1)
 
 
-def _error(a: Tensor, b: Tensor, c: Tensor, th: Tensor) -> Tensor:
+def theta_error(a: Tensor, b: Tensor, c: Tensor, th: Tensor) -> Tensor:
+    """E(theta) = c - 2 theta . b + theta^T A theta (per head)."""
     return c - 2 * (th * b).sum(-1) + (th * (a @ th[..., None])[..., 0]).sum(-1)
 
 
-def _fit(a: Tensor, b: Tensor, damping: float) -> Tensor:
+def fit_theta(a: Tensor, b: Tensor, damping: float) -> Tensor:
     """theta of the damped fit, pulled toward theta0 (plain selection): `solvers.ridge_refit`."""
-    return ridge_refit(a, b[..., None], _reals(b)[..., None], damping)[..., 0]
+    return ridge_refit(a, b[..., None], theta0(b)[..., None], damping)[..., 0]
 
 
 def pair_gains(gram: Tensor, pairs: Tensor, damping: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,8 +55,13 @@ def pair_gains(gram: Tensor, pairs: Tensor, damping: float = 0.01) -> tuple[Tens
     Returns (gains (H, k, 2) as (a, b), c = a + i b; error of plain selection (H,); error with the gains (H,)),
     both on the undamped Gram: the second never exceeds the first (`ridge_refit`). All pairs kept: gains 1."""
     a, b, c = pair_system(gram, pairs)
-    th = _fit(a, b, damping)
-    return torch.stack([th[..., 0::2], -th[..., 1::2]], -1), _error(a, b, c, _reals(b)), _error(a, b, c, th)
+    th = fit_theta(a, b, damping)
+    return gains_of(th), theta_error(a, b, c, theta0(b)), theta_error(a, b, c, th)
+
+
+def gains_of(th: Tensor) -> Tensor:
+    """theta (..., 2k) = [a_p, -b_p]_p -> the complex gains (..., k, 2) as (a, b)."""
+    return torch.stack([th[..., 0::2], -th[..., 1::2]], -1)
 
 
 def select_pairs(gram: Tensor, keep: int, damping: float = 0.01) -> Tensor:
@@ -70,7 +76,7 @@ def select_pairs(gram: Tensor, keep: int, damping: float = 0.01) -> Tensor:
         cand = kept[:, None, :].expand(-1, n, -1)[:, drop].view(hkv, n, n - 1)       # (Hkv, n, n-1)
         pairs = cand[:, :, None, :].expand(-1, -1, g, -1)                            # (Hkv, n, g, n-1)
         a, b, c = pair_system(gram[:, None].expand(-1, n, -1, -1, -1), pairs)
-        err = _error(a, b, c, _fit(a, b, damping)).sum(-1)                          # (Hkv, n)
+        err = theta_error(a, b, c, fit_theta(a, b, damping)).sum(-1)                    # (Hkv, n)
         kept = cand[torch.arange(hkv, device=gram.device), err.argmin(-1)]
     return kept.sort(-1).values
 

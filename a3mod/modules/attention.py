@@ -269,26 +269,9 @@ class ReducedHeadAttention(nn.Module):
         if self.residual:               # BLOOM: attention(x, residual, alibi=..., attention_mask=..., layer_past=...)
             residual, position_embeddings = position_embeddings, None
         B, T, _ = hidden_states.shape
-        H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
-        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)
-        if self.qk_norm == "all":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, H, self.qk_dim).transpose(1, 2)                                 # (B,H,T,r_qk)
-        k = k.view(B, T, Hkv, self.qk_dim).transpose(1, 2)                               # (B,Hkv,T,r_qk)
-        if self.qk_norm == "head" and not self.cfg.qk_norm_after_rope:
-            q, k = self.q_norm(q), self.k_norm(k)
+        H, Hkv = self.num_heads, self.num_key_value_heads
+        q, k = self.rotated_qk(hidden_states, position_embeddings)                       # (B,H|Hkv,T,r_qk)
         v = self.v_proj(hidden_states).view(B, T, Hkv, self.vo_dim).transpose(1, 2)    # (B,Hkv,T,r_vo)
-        if self.rot_dim:
-            if position_embeddings is None:
-                raise ValueError("this attention uses RoPE but was called without position_embeddings (cos, sin)")
-            cos, sin = self._rope_tables(*half_table(position_embeddings, self.rope_table))  # (B,Hkv|1,T,rot)
-            k = self._apply_rope(k, cos, sin)
-            if cos.shape[1] == 1:
-                q = self._apply_rope(q, cos, sin)
-            else:  # each query head uses its KV group's table: (B,Hkv,g,T,r_qk)
-                q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
-        if self.cfg.qk_norm_after_rope:                  # HunYuan: per-head norms on the rotated q/k
-            q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.temperature_scale is not None:       # Llama 4 NoPE layers: position-dependent query scale
             q = self._temperature(q, cache)
         if cache is not None:
@@ -320,6 +303,31 @@ class ReducedHeadAttention(nn.Module):
         if self.training and self.out_dropout:          # skip the no-op call (one dispatch per layer) in eval
             out = nn.functional.dropout(out, self.out_dropout, True)
         return (out if residual is None else out + residual), weights
+
+    def rotated_qk(self, hidden_states: torch.Tensor, position_embeddings=None):
+        """The queries (B,H,T,r_qk) and keys (B,Hkv,T,r_qk) the scores are made of: projected, normed where the
+        model norms them, rotated by each KV group's kept RoPE dims (before any temperature, cache or softcap)."""
+        B, T, _ = hidden_states.shape
+        H, Hkv, g = self.num_heads, self.num_key_value_heads, self.num_key_value_groups
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)                  # (B,T,H*r_qk), (B,T,Hkv*r_qk)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, H, self.qk_dim).transpose(1, 2)                                 # (B,H,T,r_qk)
+        k = k.view(B, T, Hkv, self.qk_dim).transpose(1, 2)                               # (B,Hkv,T,r_qk)
+        if self.qk_norm == "head" and not self.cfg.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rot_dim:
+            if position_embeddings is None:
+                raise ValueError("this attention uses RoPE but was called without position_embeddings (cos, sin)")
+            cos, sin = self._rope_tables(*half_table(position_embeddings, self.rope_table))  # (B,Hkv|1,T,rot)
+            k = self._apply_rope(k, cos, sin)
+            if cos.shape[1] == 1:
+                q = self._apply_rope(q, cos, sin)
+            else:  # each query head uses its KV group's table: (B,Hkv,g,T,r_qk)
+                q = self._apply_rope(q.view(B, Hkv, g, T, -1), cos[:, :, None], sin[:, :, None]).view(B, H, T, -1)
+        if self.cfg.qk_norm_after_rope:                  # HunYuan: per-head norms on the rotated q/k
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def _temperature(self, q: torch.Tensor, cache) -> torch.Tensor:
         """q (B,H,T,r) times log1p(floor((pos + 1) / floor)) * scale + 1 at each token's position (as Llama 4)."""

@@ -79,11 +79,17 @@ class A3QK(_A3Dims):
     and KV cache, exact at full rank, never worse on that objective than plain selection of the same pairs.
     Layers without full RoPE (partial rotary, NoPE, qk-norm, latent attention) keep A3's solution. With
     `pair_order` / portable the pairs are those of the ranking and only the gains are fitted. damping: the ridge
-    pull of the gains toward 1, relative to the Gram's mean diagonal."""
+    pull of the gains toward 1, relative to the Gram's mean diagonal.
+
+    seq_refit (with update): then, layer by layer, fit the kept query pairs' gains again on the queries and keys the
+    *compressed* model gives the layer, toward the *original* model's scores under its attention
+    (`a3mod.pipeline.seq_refit`, docs/method_extensions.md "Sequential QK re-fit"); refit_damping as A3OV's."""
     portable: bool = False
     pair_order: tuple[int, ...] | None = None
     update: bool = False
     damping: float = 0.01
+    seq_refit: bool = False
+    refit_damping: float | str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,6 +97,9 @@ class A3QK(_A3Dims):
         boolean("A3QK", "update", self.update, error=RatioError)
         number("A3QK", "damping", self.damping, lo=0.0, error=RatioError)
         object.__setattr__(self, "damping", float(self.damping))
+        check_refit("A3QK", self)
+        if self.seq_refit and not self.update:
+            raise RatioError("A3QK: seq_refit=True re-fits the query gains of the QK update: set update=True too")
         po = self.pair_order
         if po is not None:
             po = tuple(po) if isinstance(po, (list, tuple)) else po
@@ -110,6 +119,18 @@ class A3QK(_A3Dims):
         if not self.portable or self.pair_order is not None or stats is None:
             return self
         return replace(self, pair_order=tuple(portable_pair_order(views, stats)))
+
+
+def check_refit(name: str, cfg) -> None:
+    """seq_refit a boolean; refit_damping None, a number >= 0 (made a float) or "heldout", and only with seq_refit."""
+    boolean(name, "seq_refit", cfg.seq_refit, error=RatioError)
+    if cfg.refit_damping is not None and cfg.refit_damping != "heldout":
+        number(name, "refit_damping", cfg.refit_damping, lo=0.0, error=RatioError,
+               what='or None (the damping) or "heldout"')
+        object.__setattr__(cfg, "refit_damping", float(cfg.refit_damping))
+    if cfg.refit_damping is not None and not cfg.seq_refit:
+        raise RatioError(f"{name}: refit_damping={cfg.refit_damping!r} is the sequential re-fit's damping: "
+                         f"set seq_refit=True too (or leave refit_damping None)")
 
 
 @dataclass(frozen=True)
@@ -132,16 +153,9 @@ class _A3Refit(_A3Dims):
         super().__post_init__()
         name = type(self).__name__
         boolean(name, "update", self.update, error=RatioError)
-        boolean(name, "seq_refit", self.seq_refit, error=RatioError)
         number(name, "damping", self.damping, lo=0.0, error=RatioError)
         object.__setattr__(self, "damping", float(self.damping))
-        if self.refit_damping is not None and self.refit_damping != "heldout":
-            number(name, "refit_damping", self.refit_damping, lo=0.0, error=RatioError,
-                   what='or None (the damping) or "heldout"')
-            object.__setattr__(self, "refit_damping", float(self.refit_damping))
-        if self.refit_damping is not None and not self.seq_refit:
-            raise RatioError(f"{name}: refit_damping={self.refit_damping!r} is the sequential re-fit's damping: "
-                             f"set seq_refit=True too (or leave refit_damping None)")
+        check_refit(name, self)
 
     def stat_kinds(self) -> tuple[str, ...]:
         return ("a3", self.REFIT_KIND) if self.update else ("a3",)

@@ -115,7 +115,7 @@ def layerwise_swaps(job) -> tuple[list, int]:
         h_c = list(hidden) if damping else None          # the compressed model's stream (sequential re-fit)
         bar = tqdm(views, desc="calibrating + solving", disable=not job.progress, unit="layer")
         for v in bar:
-            targets = seq_refit.Targets(v, hidden, h_c) if damping and not v.left else None
+            targets = seq_refit.Targets(v, hidden, h_c, "qk" in damping) if damping and not v.left else None
             with targets.hooked() if targets else contextlib.nullcontext():
                 nxt, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
             if targets:

@@ -31,10 +31,14 @@ from torch import Tensor, nn
 from ..arch import get_path
 from ..arch.capture import through_layer
 from ..arch.views import find_path
+from ..calib.rotary import qkv_hooks, rotary_hook, scored
+from ..calib.scores import refit_sums, sampled_scores
 from ..calib.sums import GramSum
 from ..errors import CalibrationError, UnsupportedModelError
+from ..math import qk_refit
 from ..math.solvers import ridge_refit
 from ..modules import ReducedHeadAttention, ReducedMLP
+from ..modules.attention import rotate_half
 
 TOLERANCE = 1e-2        # relative: how closely the layer's parts must add up to the residual stream
 KEEP_BYTES = 2 << 30    # down_proj's inputs up to this size are kept, so the layer's outputs need no third pass
@@ -44,9 +48,10 @@ HOLD = 4                # every HOLD-th window is held out (the last window when
 
 
 def dampings(passes) -> dict[str, float | str]:
-    """{"o": damping, "down": damping} for the A3OV / A3MLP passes with seq_refit=True (empty: none asks): their
-    refit_damping, or their damping when it is None; HELDOUT: chosen per layer on held-out windows."""
-    comp = {"A3OV": "o", "A3MLP": "down"}
+    """{"qk": damping, "o": damping, "down": damping} for the A3QK / A3OV / A3MLP passes with seq_refit=True (empty:
+    none asks): their refit_damping, or their damping when it is None; HELDOUT: chosen per layer on held-out
+    windows."""
+    comp = {"A3QK": "qk", "A3OV": "o", "A3MLP": "down"}
     return {comp[type(p).__name__]: p.damping if p.refit_damping is None else p.refit_damping for p in passes
             if type(p).__name__ in comp and getattr(p, "seq_refit", False)}
 
@@ -62,10 +67,11 @@ class Targets:
     a_O + h_O - h_C and the down fit's partial target m_O + mid_O (float32, on the CPU), the residual layout checked.
     Windows arrive in order (one call of the layer each)."""
 
-    def __init__(self, view, h_o: list[Tensor], h_c: list[Tensor]):
+    def __init__(self, view, h_o: list[Tensor], h_c: list[Tensor], qk: bool = False):
         self.view, self.h_o, self.h_c = view, h_o, h_c
         self.att: list[Tensor] = []
         self.mlp: list[Tensor] = []
+        self.scores: list[tuple[Tensor, Tensor]] | None = [] if qk and scored(view) else None
         self._a = self._mid = None
 
     @contextlib.contextmanager
@@ -75,11 +81,27 @@ class Targets:
                  v.down_module().register_forward_hook(self._on_down)]
         if v.attn is not None:
             hooks.append(v.o_module().register_forward_hook(self._on_o))
+        if self.scores is not None:
+            hooks += self._score_hooks()
         try:
             yield self
         finally:
             for h in hooks:
                 h.remove()
+
+    def _score_hooks(self) -> list:
+        """Hooks keeping each window's original scores and attention of the sampled queries (the QK re-fit's
+        targets, `scores.sampled_scores`; float32 on the CPU)."""
+        v, hooks = self.view, []
+        rotary = rotary_hook(v, hooks)
+        window = v.sliding_window(getattr(v.attn, "config", None))
+
+        def on_qkv(q, k, _v):
+            q, k, cos, sin = rotary(v.query_of(q), k)
+            q, k = (x * cos[:, :, None] + rotate_half(x) * sin[:, :, None] for x in (q.float(), k.float()))
+            s, p = sampled_scores(q, k, v.scaling(), window=window, softcap=v.softcap())
+            self.scores.append((s.cpu(), p.cpu()))
+        return hooks + qkv_hooks(v, on_qkv)
 
     def _on_o(self, mod, args, y):
         self._a = y.float()
@@ -245,6 +267,46 @@ class _Fit:
         return before, after, damping
 
 
+class _QKFit:
+    """Sums of the QK re-fit of compressed attention `attn` (`scores.refit_sums`: its kept pairs' queries and keys
+    on h_C toward the original scores and attention of `targets.scores`), apart for the `held` windows; called as
+    a forward pre-hook of the attention (with kwargs), it stops the window's forward there."""
+
+    def __init__(self, attn: ReducedHeadAttention, targets: Targets, scaling: float, held: set[int]):
+        self.attn, self.targets, self.scaling, self.held, self.w = attn, targets, scaling, held, 0
+        self.sums: list[tuple | None] = [None, None]                # (A, b, c) of [the fitted, the held-out] windows
+
+    def __call__(self, mod, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        q, k = mod.rotated_qk(x, kwargs.get("position_embeddings"))                   # (B,H|Hkv,T,r)
+        s, p = (t.to(x.device) for t in self.targets.scores[self.w])
+        new = refit_sums(q.transpose(1, 2), k.transpose(1, 2), s, p, self.scaling)
+        f = self.w in self.held
+        self.sums[f] = new if self.sums[f] is None else tuple(a + b for a, b in zip(self.sums[f], new))
+        raise _Stop
+
+    def solve(self, damping: float | str) -> tuple[float, float, float]:
+        """Fit the kept query pairs' gains on every window and multiply them into q_proj; (relative error before,
+        after, the damping used)."""
+        fit, held = self.sums
+        if damping == HELDOUT:
+            if held is None:
+                raise CalibrationError("refit_damping='heldout' needs at least two calibration windows")
+            errs = [float(qk_refit.theta_error(*held, qk_refit.fit_theta(*fit[:2], d)).sum()) for d in GRID]
+            damping = GRID[min(range(len(GRID)), key=errs.__getitem__)]
+        a, b, c = fit if held is None else tuple(x + y for x, y in zip(fit, held))
+        th = qk_refit.fit_theta(a, b, damping)
+        scale = float(c.sum()) or 1.0
+        before = float(qk_refit.theta_error(a, b, c, qk_refit.theta0(b)).sum()) / scale
+        after = float(qk_refit.theta_error(a, b, c, th).sum()) / scale
+        attn, gains = self.attn, qk_refit.gains_of(th)                                # (H, r/2, 2)
+        for t in (attn.q_proj.weight, attn.q_proj.bias):
+            if t is not None:
+                cols = t.detach().double().reshape(attn.num_heads, attn.qk_dim, -1).mT    # (H, d_in | 1, r)
+                t.data.copy_(qk_refit.gain_rows(cols, gains).mT.reshape(t.shape).to(t.dtype))
+        return before, after, damping
+
+
 class _Stop(Exception):
     """Raised by a fit's hook once it has read its input: the rest of the layer is not run for that window."""
 
@@ -254,8 +316,9 @@ def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False, put=None
     stops where the fit has read its input); the outputs (on the CPU) when keep: returned, or given to put(b, h)."""
     out, handles = [], []
     put = put or (lambda b, y: out.append(y))
-    for mod, pre, fn in hooks:
-        handles.append(mod.register_forward_pre_hook(fn) if pre else mod.register_forward_hook(fn))
+    for mod, pre, fn in hooks:          # pre: True, "kw" (a pre-hook given the keyword arguments too) or False
+        handles.append(mod.register_forward_pre_hook(fn, with_kwargs=pre == "kw") if pre else
+                       mod.register_forward_hook(fn))
     device = next(layer.parameters()).device
     try:
         for b, shape in enumerate(shapes):
@@ -275,10 +338,15 @@ def _through(layer, i, calls, shapes, h_c, hooks, fit=None, keep=False, put=None
 @torch.no_grad()
 def refit_layer(layer: nn.Module, view, calls: dict, shapes: list, h_c, targets: Targets,
                 damping: dict[str, float | str], put=None) -> tuple[list[Tensor], dict[str, tuple]]:
-    """Re-fit compressed `layer`'s o_proj, then its down_proj (the parts in `damping`, see `dampings`) on h_C (h_c[b]:
-    window b's) toward `targets`; returns (h_C after the layer: a list, or [] when given to put(b, h) instead,
-    {part: (relative error before, after, damping used)})."""
+    """Re-fit compressed `layer`'s query gains (full-RoPE layers), its o_proj, then its down_proj (the parts in
+    `damping`, see `dampings`) on h_C (h_c[b]: window b's) toward `targets`; returns (h_C after the layer: a list,
+    or [] when given to put(b, h) instead, {part: (relative error before, after, damping used)})."""
     i, errors, held = view.index, {}, held_out(len(shapes))
+    attn = find_path(layer, view.spec.attn) if view.attn is not None else None
+    if "qk" in damping and targets.scores and isinstance(attn, ReducedHeadAttention) and attn.rot_dim == attn.qk_dim:
+        fit = _QKFit(attn, targets, view.scaling(), held)
+        _through(layer, i, calls, shapes, h_c, [(attn, "kw", fit)], fit)               # up to the scores only
+        errors["qk"] = fit.solve(damping["qk"])
     if "o" in damping and view.attn is not None:
         fit = _Fit(out_linear(layer, view, "o"), lambda w, dev: targets.att[w].to(dev), held=held)
         _through(layer, i, calls, shapes, h_c, [(fit.lin, True, fit)], fit)        # attention only

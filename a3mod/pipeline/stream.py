@@ -312,7 +312,8 @@ def _one_layer(run: StreamRun, i: int) -> None:
     orig = linear_param_count(layer)
     ahead = i + 1 < len(run.layers)
     keep = ahead and not (run.sequential and not view.left)
-    targets = (seq_refit.Targets(view, _Stream(store, i), _Stream(run.comp, i))
+    qk = "qk" in seq_refit.dampings(run.passes)
+    targets = (seq_refit.Targets(view, _Stream(store, i), _Stream(run.comp, i), qk)
                if run.comp is not None and not view.left else None)
     out0 = []                                         # window 0's output: the seq_refit layout check
 
