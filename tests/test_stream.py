@@ -169,7 +169,9 @@ def test_resume_refuses_other_arguments_unless_restart(tmp_path, monkeypatch):
     assert json.loads((out / "a3mod.json").read_text())["passes"][0] == {"type": "A3QK", "ratio": 0.2, "rank": None,
                                                                          "multiple_of": None, "version": 1,
                                                                          "portable": False, "pair_order": None,
-                                                                         "update": False, "damping": 0.01}
+                                                                         "update": False, "damping": 0.01,
+                                                                         "ranks": None, "seq_refit": False,
+                                                                         "refit_damping": None}
 
 
 def test_refuses_whole_model_passes_and_existing_output(tmp_path):
