@@ -75,9 +75,8 @@ VARIANTS = {
                                                                qk=dict(update=True, seq_refit=True,
                                                                        refit_damping="heldout")),
     # per-layer ranks (Allocate across all components, KV cache no larger than uniform A3's; ranks from A3's own
-    # curves) with both updates, the QK update and the held-out sequential re-fit of all three (Allocate resolved
-    # into A3 passes). Rows "...-od-heldout" were measured at commit 6a43099 (the re-fit of o/down only,
-    # before A3QK(seq_refit=True) existed), under this variant's name, and renamed
+    # curves) with both updates, the QK update and the held-out sequential re-fit of o/down (Allocate resolved into
+    # A3 passes)
     "a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout": lambda r: [a3mod.Allocate(
         budget=r, across="all", kv_budget="uniform", mlp_update=True, ov_update=True, qk_update=True, seq_refit=True,
         refit_damping="heldout")],
@@ -238,8 +237,6 @@ PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"
          ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
          ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
-         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-od-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
-         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-od-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"))
 
 

@@ -209,9 +209,9 @@ def _add_a3_options(c) -> None:
     c.add_argument("--seq-refit", action="store_true",
                    help="a3 / a3-mix with --ratio: after each layer is compressed, re-fit its o_proj and down_proj "
                         "again on the inputs the compressed model gives them, toward the original model's outputs "
-                        "and residual stream; with --qk-update also its query gains, toward the original scores "
-                        "(same shapes; about two more passes of the calibration through each layer; pre-norm layers "
-                        "with dense MLPs: Llama, Qwen2, Mistral layouts; results: README, Quality)")
+                        "and residual stream (same shapes; about two more passes of the calibration through each "
+                        "layer; pre-norm layers with dense MLPs: Llama, Qwen2, Mistral layouts; results: README, "
+                        "Quality)")
     c.add_argument("--refit-damping", type=_refit_damping, default=None, metavar="{heldout,NUMBER}",
                    help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "
                         "diagonal: a number >= 0, or heldout (chosen per layer and part on every 4th calibration "

@@ -80,8 +80,7 @@ class Allocate(PassConfig):
             return (dict(ratio=self.budget) if ranks is None else
                     dict(ranks=tuple(ranks.get((i, comp)) for i in range(layers))))
         fit = dict(seq_refit=self.seq_refit, refit_damping=self.refit_damping)
-        qk_fit = dict(seq_refit=self.seq_refit, refit_damping=self.refit_damping) if self.qk_update else {}
-        return [A3QK(**dims("qk"), update=self.qk_update, **qk_fit), A3OV(**dims("ov"), update=self.ov_update, **fit),
+        return [A3QK(**dims("qk"), update=self.qk_update), A3OV(**dims("ov"), update=self.ov_update, **fit),
                 A3MLP(**dims("mlp"), update=self.mlp_update, **fit), A3Experts(**dims("experts"))]
 
     def __post_init__(self):

@@ -59,8 +59,7 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     if method == "a3":
         pick = lambda x: ratio if x is None else x  # noqa: E731
         m = multiple_of
-        return [A3QK(ratio=pick(qk_ratio), multiple_of=m, portable=portable, update=qk_update,
-                     seq_refit=seq_refit and qk_update, refit_damping=refit_damping if qk_update else None),
+        return [A3QK(ratio=pick(qk_ratio), multiple_of=m, portable=portable, update=qk_update),
                 A3OV(ratio=pick(ov_ratio), multiple_of=m, update=ov_update, seq_refit=seq_refit,
                      refit_damping=refit_damping),
                 A3MLP(ratio=pick(mlp_ratio), multiple_of=m, update=mlp_update, seq_refit=seq_refit,
