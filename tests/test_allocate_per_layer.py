@@ -113,7 +113,7 @@ def test_allocate_qk_update_equals_its_per_layer_passes():
     calib = calib_ids(8, 32)
     cfg = a3mod.Allocate(**MIX, qk_update=True)
     m = a3mod.apply(copy.deepcopy(base), [cfg], calib=calib, progress=False)
-    stats = a3mod.collect(base, calib, progress=False)
+    stats = a3mod.collect(base, calib, kinds=("a3", "qkgram"), progress=False)
     ranks = allocated_ranks(cfg, layer_views(base), stats)
     ref = a3mod.apply(copy.deepcopy(base), cfg.layer_passes(ranks, 3), calib=calib, progress=False)
     x = input_ids()
@@ -133,3 +133,17 @@ def test_allocate_per_layer_errors():
         a3mod.apply(copy.deepcopy(base), [a3mod.Allocate(budget=0.2, seq_refit=True)], stats=stats, progress=False)
     with pytest.raises(a3mod.A3ModError, match="layer-scope"):
         a3mod.compress_streaming("x", "y", [a3mod.Allocate(budget=0.2, qk_update=True)], calib_ids())
+
+
+def test_allocate_with_the_qk_update_reads_the_qk_curves_after_it():
+    """Allocate(qk_update=True) allocates from QK's curves after the QK update (greedy removal with fitted gains):
+    its QK ranks are those of `allocated_ranks` on statistics holding "qkgram", and may differ from A3's curves'."""
+    base = tiny_model("llama", kv_heads=2, layers=3)
+    calib = calib_ids(8, 32)
+    cfg = a3mod.Allocate(**MIX, qk_update=True)
+    m = a3mod.apply(copy.deepcopy(base), [cfg], calib=calib, progress=False)
+    stats = a3mod.collect(base, calib, kinds=("a3", "qkgram"), progress=False)
+    ranks = allocated_ranks(cfg, layer_views(base), stats)
+    assert _ranks_of(m)["qk"] == tuple(ranks[i, "qk"] for i in range(3))
+    assert a3mod.report(m).kv_bytes_per_token() <= a3mod.report(
+        a3mod.apply(copy.deepcopy(base), a3mod.a3_passes(0.3), calib=calib, progress=False)).kv_bytes_per_token()

@@ -204,3 +204,20 @@ def test_config_is_checked_and_round_trips():
         a3mod.A3QK(ratio=0.2, update="yes")
     with pytest.raises(RatioError, match="damping"):
         a3mod.A3QK(ratio=0.2, update=True, damping=-1.0)
+
+
+@given(n=st.integers(2, 6), seed=st.integers(0, 10**6), damping=st.sampled_from([0.0, 0.01, 0.3]), data=st.data())
+def test_greedy_curve_is_the_error_of_the_pairs_it_keeps(n, seed, damping, data):
+    """select_pairs(curve=True): the same pairs as without; curve[k] the error (gains fitted) of the pairs the greedy
+    keeps at k, summed over heads; no pair: the whole score's error; every pair: 0."""
+    keep = data.draw(st.integers(1, n))
+    gram = torch.stack([torch.stack([_gram(n, seed + 2 * j + i) for i in range(2)]) for j in range(2)])  # (2, 2, F, F)
+    kept, curve = qk_refit.select_pairs(gram, keep, damping, curve=True)
+    assert torch.equal(kept, qk_refit.select_pairs(gram, keep, damping))
+    assert curve.shape == (n + 1,)
+    err = qk_refit.pair_gains(gram.flatten(0, 1), kept.repeat_interleave(2, 0), damping)[2].sum()
+    torch.testing.assert_close(curve[keep], err) if keep < n else None
+    t = torch.zeros(2 * n, dtype=torch.float64)
+    t[0::2] = 1
+    torch.testing.assert_close(curve[0], (t @ gram @ t).sum())
+    assert curve[n] == 0

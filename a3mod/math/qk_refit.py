@@ -64,21 +64,32 @@ def gains_of(th: Tensor) -> Tensor:
     return torch.stack([th[..., 0::2], -th[..., 1::2]], -1)
 
 
-def select_pairs(gram: Tensor, keep: int, damping: float = 0.01) -> Tensor:
+def select_pairs(gram: Tensor, keep: int, damping: float = 0.01, curve: bool = False):
     """Kept pairs per KV group by greedy removal: gram (Hkv, g, F, F), its query heads' Grams. Each step drops the
     pair whose removal leaves the least error summed over the group's heads after their gains are fitted
-    (`pair_gains`, damped as given). Returns (Hkv, keep) pair indices, ascending."""
+    (`pair_gains`, damped as given). Returns (Hkv, keep) pair indices, ascending; curve=True: also the loss curve
+    (F/2 + 1,) float64, entry k the error summed over every head when the greedy keeps k pairs (the removal run down
+    to none; entry F/2 is 0 up to round-off), which `Allocate` reads."""
     hkv, g, f, _ = gram.shape
     kept = torch.arange(f // 2, device=gram.device).expand(hkv, -1)                 # (Hkv, n)
-    while kept.shape[1] > keep:
+    loss = torch.zeros(f // 2 + 1, dtype=torch.float64, device=gram.device)
+    chosen = kept if keep >= f // 2 else None
+    t = theta0(gram[..., 0, :])
+    loss[0] = ((gram @ t[..., None])[..., 0] * t).sum()                              # no pair: the whole score
+    while kept.shape[1] > (1 if curve else keep):
         n = kept.shape[1]
         drop = ~torch.eye(n, dtype=torch.bool, device=gram.device)                   # row j: all but j
         cand = kept[:, None, :].expand(-1, n, -1)[:, drop].view(hkv, n, n - 1)       # (Hkv, n, n-1)
         pairs = cand[:, :, None, :].expand(-1, -1, g, -1)                            # (Hkv, n, g, n-1)
         a, b, c = pair_system(gram[:, None].expand(-1, n, -1, -1, -1), pairs)
-        err = theta_error(a, b, c, fit_theta(a, b, damping)).sum(-1)                    # (Hkv, n)
-        kept = cand[torch.arange(hkv, device=gram.device), err.argmin(-1)]
-    return kept.sort(-1).values
+        err = theta_error(a, b, c, fit_theta(a, b, damping)).sum(-1)                 # (Hkv, n)
+        best = err.argmin(-1)
+        kept = cand[torch.arange(hkv, device=gram.device), best]
+        loss[n - 1] = err.gather(-1, best[:, None]).sum()
+        if n - 1 == keep:
+            chosen = kept
+    chosen = (kept if chosen is None else chosen).sort(-1).values
+    return (chosen, loss) if curve else chosen
 
 
 def gain_rows(w: Tensor, gains: Tensor) -> Tensor:

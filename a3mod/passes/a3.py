@@ -167,7 +167,8 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r,  # (Hkv, r)
                                            _order(cfg, a.rot_dim))
         if cfg.update and "qs" in st:
-            idx = _qk_update_pairs(cfg, st["qs"], d, r, idx)
+            idx, curve = _qk_update_pairs(cfg, st["qs"], d, r, idx, ctx.curves)
+            loss = loss if curve is None else curve[None]
         qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
         a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
         if cfg.update and "qs" in st:
@@ -187,14 +188,16 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
     return solved("qk", work, loss.sum(0), 1)
 
 
-def _qk_update_pairs(cfg: A3QK, gram: torch.Tensor, d, r: int, idx: torch.Tensor) -> torch.Tensor:
-    """A3QK(update=True): the kept dims (Hkv, r) from the score Gram (H, rot, rot) by greedy removal
-    (`qk_refit.select_pairs`), unless a shared ranking fixed them (`idx` as A3's selection gave it)."""
+def _qk_update_pairs(cfg: A3QK, gram: torch.Tensor, d, r: int, idx: torch.Tensor, curves: bool = False):
+    """A3QK(update=True): (the kept dims (Hkv, r) from the score Gram (H, rot, rot) by greedy removal
+    (`qk_refit.select_pairs`), unless a shared ranking fixed them (`idx` as A3's selection gave it); with `curves`
+    the greedy's loss per number of kept pairs (what Allocate reads), else None)."""
     if cfg.pair_order is not None:
-        return idx
+        return idx, None
     half = gram.shape[-1] // 2
-    kept = qk_refit.select_pairs(gram.view(d.kv_heads, d.groups, *gram.shape[1:]), r // 2, cfg.damping)
-    return torch.cat([kept, kept + half], -1)
+    kept = qk_refit.select_pairs(gram.view(d.kv_heads, d.groups, *gram.shape[1:]), r // 2, cfg.damping, curves)
+    kept, curve = kept if curves else (kept, None)
+    return torch.cat([kept, kept + half], -1), curve
 
 
 def _order(cfg: A3QK, rot: int) -> torch.Tensor | None:

@@ -68,8 +68,9 @@ class Allocate(PassConfig):
     def per_layer(self) -> bool:
         """Whether `apply` resolves this into per-layer A3 passes (`layer_passes` with `ranks`) before it collects any
         Gram: with the QK update or the sequential re-fit, which run inside A3's layer-scope passes. The ranks then
-        come from A3's own loss curves ("a3" statistics: selection before the updates, which allocated as well as the
-        post-update MLP curves on SmolLM2: 56.46 vs 56.52), so every Gram is collected one layer at a time."""
+        come from the small statistics' loss curves: A3's own for OV and the MLP (selection before the updates, which
+        allocated as well as the post-update MLP curves on SmolLM2: 56.46 vs 56.52), with qk_update QK's after the
+        QK update (kind "qkgram"), so every large Gram is collected one layer at a time."""
         return self.qk_update or self.seq_refit
 
     def layer_passes(self, ranks: dict[tuple[int, str], int] | None = None, layers: int = 0) -> list:
@@ -121,9 +122,11 @@ class Curve:
         return self.loss.numel() - 1
 
 
-def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: bool = False) -> list[Curve]:
+def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: bool = False,
+           qk_update: bool = False) -> list[Curve]:
     """Loss curves of every layer and component (one full-rank solve each); mlp_update: the MLP's curves after its
-    least-squares update (A3MLP(update=True))."""
+    least-squares update (A3MLP(update=True)); qk_update: QK's those of the QK update's greedy pair removal with
+    fitted gains (A3QK(update=True), in full-RoPE layers)."""
     out = []
     raised = raised_ratio(views, budget, set(COMPONENTS))     # QK whole under q/k norms: the others give its share
     for v in active(views):
@@ -148,7 +151,8 @@ def curves(views, stats, budget: float, normalize: str = "uniform", mlp_update: 
             else:
                 cost = c.dim_params(d.hidden, d.heads, d.kv_heads, biases, gated=m is not None and m.gate is not None,
                                     attn_gate=getattr(a, "wg", None) is not None and not a.gate_head)
-            cfg = A3MLP(rank=full[comp], update=True) if comp == "mlp" and mlp_update else _PASS[comp](rank=full[comp])
+            update = (comp == "mlp" and mlp_update) or (comp == "qk" and qk_update)
+            cfg = _PASS[comp](rank=full[comp], **({"update": True} if update else {}))
             sol = run_pass(cfg, PassContext(work=work, stats=stats.layers[v.index], n=stats.n, curves=True))
             loss = sol.loss[:: granule // sol.granule].double()                  # per allocation unit
             uni = c.kept(full[comp], budget if comp == "qk" else raised, None, rot) // granule
@@ -224,8 +228,10 @@ def _remove(cs, kept, floor, group, price, goals: dict, until: str = "all") -> d
 
 def allocated_ranks(cfg: Allocate, views, stats) -> dict[tuple[int, str], int]:
     """{(layer, component): kept dim} of allocation `cfg` from `stats` (the MLP curves after the update when
-    cfg.mlp_update and the statistics hold "hgram"; A3's own otherwise)."""
-    cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update and "hgram" in stats.kinds)
+    cfg.mlp_update and the statistics hold "hgram", QK's after the QK update when cfg.qk_update and they hold
+    "qkgram"; A3's own otherwise)."""
+    cs = curves(views, stats, cfg.budget, cfg.normalize, cfg.mlp_update and "hgram" in stats.kinds,
+                cfg.qk_update and "qkgram" in stats.kinds)
     kv = cfg.kv_budget
     kv_goal = 0 if kv is None else (sum((c.units - c.uniform) * c.kv for c in cs) if kv == "uniform"
                                     else math.ceil(kv * sum(c.units * c.kv for c in cs)))

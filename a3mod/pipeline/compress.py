@@ -239,9 +239,11 @@ def _check_allocation(job: ApplyJob, alloc: Allocate) -> None:
 
 
 def _allocated(job: ApplyJob, alloc: Allocate) -> list:
-    """Allocate(qk_update / seq_refit) as per-layer A3 passes: the ranks from A3's loss curves ("a3" statistics:
-    those given, or one forward of them alone), so the Grams can still be collected one layer at a time."""
-    small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, {"a3"}, progress=job.progress,
+    """Allocate(qk_update / seq_refit) as per-layer A3 passes: the ranks from the loss curves of the small statistics
+    ("a3", with qk_update "qkgram" too: QK's curves after the QK update; those given, or one forward of them alone),
+    so the large Grams can still be collected one layer at a time."""
+    kinds = {"a3", "qkgram"} if alloc.qk_update else {"a3"}        # both small: every layer's at once
+    small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, kinds, progress=job.progress,
                                                                  who="Allocate (ranks)")
     ranks = allocated_ranks(alloc, job.views, small)
     return alloc.layer_passes(ranks, len(job.views))
