@@ -75,8 +75,9 @@ VARIANTS = {
                                                                qk=dict(update=True, seq_refit=True,
                                                                        refit_damping="heldout")),
     # per-layer ranks (Allocate across all components, KV cache no larger than uniform A3's; ranks from A3's own
-    # curves) with both updates, the QK update and the held-out sequential re-fit of o/down (Allocate resolved into
-    # A3 passes)
+    # curves; QK's after the QK update) with both updates, the QK update and the held-out sequential re-fit of
+    # o/down (Allocate resolved into A3 passes). The row "...-heldout-a3curves" was measured at commit 6a43099, when
+    # QK's curves were still A3's own (E[q^2] E[k^2]); it is kept under that name
     "a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout": lambda r: [a3mod.Allocate(
         budget=r, across="all", kv_budget="uniform", mlp_update=True, ov_update=True, qk_update=True, seq_refit=True,
         refit_damping="heldout")],
@@ -237,6 +238,7 @@ PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"
          ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
          ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout-a3curves", "a3-qk-ov-mlp-update-seq-refit-heldout"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"))
 
 
