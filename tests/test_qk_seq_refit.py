@@ -15,6 +15,7 @@ from a3mod.math import qk_refit
 from a3mod.passes import pass_from_dict, pass_to_dict
 from a3mod.pipeline import seq_refit
 from conftest import calib_ids, input_ids, logits, tiny_model
+from test_seq_refit import refit_errors
 
 
 def _passes(ratio=0.3, qk_refit_on=True, damping=None):
@@ -99,26 +100,11 @@ def test_gains_behind_the_targets_are_recovered(seed, gains):
             torch.testing.assert_close(got[hh], c, rtol=1e-3, atol=1e-3)
 
 
-def _errors(model, ps, calib) -> list[dict]:
-    errors, real = [], seq_refit.refit_layer
-
-    def spy(*a, **k):
-        h, err = real(*a, **k)
-        errors.append(err)
-        return h, err
-    try:
-        seq_refit.refit_layer = spy
-        a3mod.apply(model, ps, calib=calib, progress=False)
-    finally:
-        seq_refit.refit_layer = real
-    return errors
-
-
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), ratio=st.sampled_from([0.3, 0.5]), damping=st.sampled_from([0.01, "heldout"]))
 def test_each_qk_refit_ends_no_worse_and_the_first_layer_keeps_its_gains(seed, ratio, damping):
     model = tiny_model("llama", seed=seed % 5, kv_heads=2, layers=3)
-    errors = _errors(model, _passes(ratio, damping=damping), calib_ids(16, 32, seed=seed))
+    errors = refit_errors(model, _passes(ratio, damping=damping), calib_ids(16, 32, seed=seed))
     assert [sorted(e) for e in errors] == [["down", "o", "qk"]] * 3
     for e in errors:
         before, after, d = e["qk"]

@@ -116,7 +116,7 @@ def test_full_rank_reproduces_the_original():
     assert (logits(got, ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def _refit_errors(model, ps, calib) -> list[dict]:
+def refit_errors(model, ps, calib) -> list[dict]:
     """apply(model, ps, calib) with every layer's re-fit errors ({part: (before, after, damping)}) recorded."""
     errors = []
     real = seq_refit.refit_layer
@@ -138,7 +138,7 @@ def _refit_errors(model, ps, calib) -> list[dict]:
 @given(seed=st.integers(0, 10_000), ratio=st.sampled_from([0.2, 0.4, 0.6]), update=st.booleans())
 def test_each_refit_ends_no_worse_than_it_started(seed, ratio, update):
     model = tiny_model("llama", seed=seed % 7, kv_heads=2, layers=3)
-    errors = _refit_errors(model, passes(ratio, update=update), calib_ids(12, 16, seed=seed))
+    errors = refit_errors(model, passes(ratio, update=update), calib_ids(12, 16, seed=seed))
     assert [sorted(e) for e in errors] == [["down", "o"]] * 3
     for e in errors:
         for before, after, damping in e.values():
@@ -149,7 +149,7 @@ def test_heldout_damping_is_chosen_per_layer_and_part():
     """refit_damping="heldout": each re-fit reports a damping of GRID (not all the same here), and never ends above
     where it started on the calibration windows."""
     model = tiny_model("llama", kv_heads=2, layers=3)
-    errors = _refit_errors(model, passes(0.5, refit_damping="heldout"), calib_ids(64, 16))
+    errors = refit_errors(model, passes(0.5, refit_damping="heldout"), calib_ids(64, 16))
     chosen = [d for e in errors for _, _, d in e.values()]
     assert len(chosen) == 6 and set(chosen) <= set(seq_refit.GRID) and len(set(chosen)) > 1
     assert all(after <= before * (1 + 1e-9) + 1e-12 for e in errors for before, after, _ in e.values())

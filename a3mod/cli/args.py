@@ -36,30 +36,23 @@ def _int_at_least(lo: int):
 POSITIVE, SEQ_LEN = _int_at_least(1), _int_at_least(2)
 
 
-def _refit_damping(text: str) -> float | str:
-    """--refit-damping: "heldout" or a finite number >= 0."""
-    if text == "heldout":
-        return text
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither heldout nor a number") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be heldout or a finite number >= 0")
-    return v
+def _word_or_number(word: str, ok, allowed: str):
+    """An argparse type: `word` itself, or a number for which ok(v) holds (else "must be {word} or {allowed}")."""
+    def parse(text: str) -> float | str:
+        if text == word:
+            return text
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {word} nor a number") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {word} or {allowed}")
+        return v
+    return parse
 
 
-def _kv_budget(text: str) -> float | str:
-    """--kv-budget: "uniform" or a fraction in [0, 1)."""
-    if text == "uniform":
-        return text
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither uniform nor a number") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be uniform or a fraction in [0, 1)")
-    return v
+_refit_damping = _word_or_number("heldout", lambda v: 0 <= v < float("inf"), "a finite number >= 0")   # --refit-damping
+_kv_budget = _word_or_number("uniform", lambda v: 0 <= v < 1, "a fraction in [0, 1)")                 # --kv-budget
 
 
 def _add_model(p: argparse.ArgumentParser, help_extra: str = "") -> None:

@@ -56,6 +56,11 @@ def dampings(passes) -> dict[str, float | str]:
             if type(p).__name__ in comp and getattr(p, "seq_refit", False)}
 
 
+def least_error(error_at) -> float:
+    """The damping of GRID with the least error_at(damping) (the held-out windows' error of the fit it gives)."""
+    return min(GRID, key=error_at)
+
+
 def held_out(n_windows: int) -> set[int]:
     """The windows held out when the damping is chosen: every HOLD-th, or the last of fewer (none of one)."""
     every = set(range(HOLD - 1, n_windows, HOLD))
@@ -253,8 +258,7 @@ class _Fit:
         (g, c, _, n), held = self._fold(0), self._fold(1)
         if not held[3]:
             raise CalibrationError("refit_damping='heldout' needs at least two calibration windows")
-        errs = [self._error(held, ridge_refit(g / n, c / n, w0, d)) for d in GRID]
-        return GRID[min(range(len(GRID)), key=errs.__getitem__)]
+        return least_error(lambda d: self._error(held, ridge_refit(g / n, c / n, w0, d)))
 
     def solve(self, damping: float | str) -> tuple[float, float, float]:
         """Re-fit lin.weight in place on every window; (relative error before, after, the damping used)."""
@@ -292,8 +296,7 @@ class _QKFit:
         if damping == HELDOUT:
             if held is None:
                 raise CalibrationError("refit_damping='heldout' needs at least two calibration windows")
-            errs = [float(qk_refit.theta_error(*held, qk_refit.fit_theta(*fit[:2], d)).sum()) for d in GRID]
-            damping = GRID[min(range(len(GRID)), key=errs.__getitem__)]
+            damping = least_error(lambda d: float(qk_refit.theta_error(*held, qk_refit.fit_theta(*fit[:2], d)).sum()))
         a, b, c = fit if held is None else tuple(x + y for x, y in zip(fit, held))
         th = qk_refit.fit_theta(a, b, damping)
         scale = float(c.sum()) or 1.0
