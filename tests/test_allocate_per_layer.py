@@ -147,3 +147,18 @@ def test_allocate_with_the_qk_update_reads_the_qk_curves_after_it():
     assert _ranks_of(m)["qk"] == tuple(ranks[i, "qk"] for i in range(3))
     assert a3mod.report(m).kv_bytes_per_token() <= a3mod.report(
         a3mod.apply(copy.deepcopy(base), a3mod.a3_passes(0.3), calib=calib, progress=False)).kv_bytes_per_token()
+
+
+@pytest.mark.parametrize("seq_refit", [False, True])
+def test_allocate_collects_the_score_statistic_once(monkeypatch, seq_refit):
+    """The statistics Allocate collected for its ranks ("a3", "qkgram") are reused by the run that solves the layers
+    (layer by layer with the re-fit, one forward without): the score statistic is summed once per window and layer."""
+    import a3mod.calib.stats as stats_mod
+    calls = []
+    real = stats_mod.score_gram
+    monkeypatch.setattr(stats_mod, "score_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = tiny_model("llama", kv_heads=2, layers=3)
+    calib = calib_ids(8, 32)
+    cfg = a3mod.Allocate(**MIX, qk_update=True, mlp_update=True, seq_refit=seq_refit)
+    a3mod.apply(copy.deepcopy(base), [cfg], calib=calib, progress=False)
+    assert len(calls) == 8 * 3

@@ -136,7 +136,8 @@ def _compress(job: ApplyJob) -> tuple[list, dict]:
     done = _layer_by_layer(job)
     if done is not None:
         return done[0], _info(job, done[1], orig)
-    stats = Stats.ensure(model, job.calib, job.kinds, job.stats, progress=job.progress,
+    stats = Stats.ensure(model, job.calib, job.kinds, job.stats if job.stats is not None else job.collected,
+                         progress=job.progress,
                          who=str([type(p).__name__ for p in job.passes]))
     if stats is not None:
         stats.check(min_tokens=views[0].dims.head_dim + 1)
@@ -245,6 +246,8 @@ def _allocated(job: ApplyJob, alloc: Allocate) -> list:
     kinds = {"a3", "qkgram"} if alloc.qk_update else {"a3"}        # both small: every layer's at once
     small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, kinds, progress=job.progress,
                                                                  who="Allocate (ranks)")
+    if job.stats is None:
+        job.collected = small            # the layer-by-layer run (or the forward of what else is missing) reuses it
     ranks = allocated_ranks(alloc, job.views, small)
     return alloc.layer_passes(ranks, len(job.views))
 

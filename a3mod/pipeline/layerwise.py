@@ -111,13 +111,17 @@ def layerwise_swaps(job) -> tuple[list, int]:
         calls, hidden = _capture(model, layers, windows)
         shapes = [tuple(ids.shape) for ids in windows]
         n, out = int(calib.numel()), []
+        given = job.collected                        # statistics already collected (Allocate's): merged, not redone
+        todo = kinds - given.kinds if given is not None else kinds
         damping = seq_refit.dampings(passes)
         h_c = list(hidden) if damping else None          # the compressed model's stream (sequential re-fit)
         bar = tqdm(views, desc="calibrating + solving", disable=not job.progress, unit="layer")
         for v in bar:
             targets = seq_refit.Targets(v, hidden, h_c, "qk" in damping) if damping and not v.left else None
             with targets.hooked() if targets else contextlib.nullcontext():
-                nxt, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, kinds)
+                nxt, acc = _run_layer(layers[v.index], v, calls, shapes, hidden, todo)
+            if given is not None:
+                acc = {**given.layers[v.index], **acc}
             if targets:
                 targets.check_outputs(nxt)
             for path, new in ([] if v.left else solve_layer(model, views, v, passes, acc, n)):
