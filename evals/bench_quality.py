@@ -12,6 +12,7 @@ calibration draw and one set of statistics. Prints the table of the rows that ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, mod
                     read_jsonl, save_figure, update_readme)
 
 from a3mod.io.files import atomic_write  # noqa: E402
+from loss_select import loss_scores, selection  # noqa: E402
 from refit_seq import refit_sequential  # noqa: E402
 
 VARIANTS = {
@@ -108,6 +110,13 @@ REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift"
          "a3-qk-ov-mlp-update-refit-seq-drift-inputs": "inputs"}    # the same after A3QK(update=True) too
 
 
+# variants whose MLP neurons are chosen by a loss-aware score (evals/loss_select.py: one backward pass of the
+# calibration windows through the original model) instead of A3's CUR score: value = (base variant, score)
+LOSS = {f"{base}-{kind}": (base, kind) for base in ("a3-mlp-update", "a3-qk-ov-mlp-update",
+                                                    "a3-qk-ov-mlp-update-seq-refit-heldout")
+        for kind in ("taylor", "fisher")}
+
+
 def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list:
     """Uniform A3 at ratio r with options of the QK, OV and MLP passes."""
     return [a3mod.A3QK(ratio=r, **(qk or {})), a3mod.A3OV(ratio=r, **(ov or {})), a3mod.A3MLP(ratio=r, **mlp),
@@ -116,7 +125,8 @@ def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list
 
 def _passes(name: str, r: float) -> list:
     """The passes `apply` runs for variant `name` (none for the streamed ones: they collect their own statistics)."""
-    base = name.split("-refit-seq")[0] if name in REFIT else name      # a re-fit variant starts from its base
+    base = (name.split("-refit-seq")[0] if name in REFIT else LOSS[name][0] if name in LOSS
+            else name)                                                 # a re-fit variant starts from its base
     return VARIANTS[base](r) if name not in SEQUENTIAL else []
 
 
@@ -161,7 +171,7 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                "kv_bytes_per_token": a3mod.report(model).kv_bytes_per_token(orig=True), "seconds": 0.0}
         append_jsonl(out, row)
         done[_key(row)] = row
-    stats = None
+    stats = scores = None
     for ratio in args.ratios:
         for name in args.variants:
             key = (name, label, ratio, base["calib"], seed, base["eval"])
@@ -176,13 +186,34 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
             if stats is None and not own:
                 kinds = {k for r in args.ratios for v in args.variants for p in _passes(v, r) for k in p.stat_kinds()}
                 stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
+            select = contextlib.nullcontext()
+            if name in LOSS:
+                scores = _loss_scores(model, calib, args.stats_cache, f"{label}-seed{seed}", scores)
+                select = selection(scores, LOSS[name][1])
             m = copy.deepcopy(model)
             t = time.perf_counter()
-            a3mod.apply(m, passes, stats=None if own else stats, calib=calib, progress=False)   # adds missing kinds
+            with select:
+                a3mod.apply(m, passes, stats=None if own else stats, calib=calib, progress=False)   # adds missing kinds
             if name in REFIT:
                 refit_sequential(model, m, calib, drift=bool(REFIT[name]), inputs=REFIT[name] == "inputs",
                                  weighted=REFIT[name] == "weighted")
             _finish(m, name, ratio, time.perf_counter() - t, base, orig, ppl, out, done, key, label, seed)
+
+
+def _loss_scores(model, calib, cache, tag: str, have):
+    """evals/loss_select.py's scores of this model and draw: `have`, the cached file, or one backward pass (saved)."""
+    if have is not None:
+        return have
+    path = Path(cache) / f"{tag}-{calib.shape[0]}x{calib.shape[1]}-loss-scores.pt" if cache else None
+    if path is not None and path.is_file():
+        return torch.load(path)
+    t = time.perf_counter()
+    scores = loss_scores(model, calib)
+    print(f"loss scores: {time.perf_counter() - t:.0f} s", flush=True)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(scores, path)
+    return scores
 
 
 def _finish(m, name, ratio, seconds, base, orig, ppl, out, done, key, label, seed) -> None:
@@ -277,7 +308,7 @@ def paired(done: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SEQUENTIAL, *REFIT])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *SEQUENTIAL, *REFIT, *LOSS])
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
