@@ -221,3 +221,28 @@ def test_greedy_curve_is_the_error_of_the_pairs_it_keeps(n, seed, damping, data)
     t[0::2] = 1
     torch.testing.assert_close(curve[0], (t @ gram @ t).sum())
     assert curve[n] == 0
+
+
+def test_score_statistic_added_to_statistics_that_hold_a3():
+    """The score statistic collected alone (kind "qkgram" added to statistics that already hold "a3", as
+    `Stats.ensure` does) equals the one collected beside "a3", and apply(stats=a3 only, calib=) runs the QK update as
+    apply(calib=) does. Statistics that claim the kind without its sums are refused, not silently left un-updated."""
+    base = tiny_model("llama", kv_heads=2, layers=2)
+    calib = calib_ids(4, 32)
+    both = a3mod.collect(base, calib, kinds=("a3", "qkgram"), progress=False)
+    alone = a3mod.collect(base, calib, kinds=("qkgram",), progress=False)
+    for a, b in zip(both.layers, alone.layers):
+        assert set(b) == {"qs"}
+        torch.testing.assert_close(a["qs"], b["qs"], rtol=0, atol=0)
+    passes = [a3mod.A3QK(ratio=0.5, update=True)]
+    ref = a3mod.apply(copy.deepcopy(base), passes, calib=calib, progress=False)
+    a3 = a3mod.collect(base, calib, progress=False)
+    got = a3mod.apply(copy.deepcopy(base), passes, stats=a3, calib=calib, progress=False)
+    x = input_ids()
+    assert_close_logits(logits(got, x), logits(ref, x))
+    plain = a3mod.apply(copy.deepcopy(base), [a3mod.A3QK(ratio=0.5)], calib=calib, progress=False)
+    assert not torch.allclose(logits(got, x), logits(plain, x))
+    claims = a3mod.collect(base, calib, progress=False)
+    claims.source["kinds"] = ["a3", "qkgram"]             # the kind recorded, its sums missing
+    with pytest.raises(a3mod.CalibrationError, match="qkgram"):
+        a3mod.apply(copy.deepcopy(base), passes, stats=claims, progress=False)

@@ -309,14 +309,15 @@ def _hooks(view: LayerView, acc: dict[str, Tensor], kinds=("a3",)) -> list:
 
 
 def _attention_hooks(view: LayerView, acc: dict[str, Tensor], kinds) -> list:
-    """The attention's moments: per-head q, k, v and o_proj input ("a3"), the Gram of o_proj's input ("ogram")."""
+    """The attention's moments: per-head q, k, v and o_proj input ("a3"), the Gram of o_proj's input ("ogram"), the
+    score statistic ("qkgram", with or without "a3")."""
     d, hs = view.dims, []
     if "ogram" in kinds:
         hs.append(view.o_module().register_forward_pre_hook(lambda m, inp: add_gram(acc, "oo", inp[0])))
-    if "a3" not in kinds:
-        return hs
-
+    a3 = "a3" in kinds
     scores = _score_hook(view, acc, hs) if "qkgram" in kinds and scored(view) else None
+    if not a3:              # the score statistic alone (e.g. added to statistics that hold "a3" already)
+        return hs + (qkv_hooks(view, lambda q, k, v: scores(view.query_of(q), k)) if scores is not None else [])
 
     def on_qkv(q, k, v):
         add(acc, "q", outer(view.query_of(q), d.heads)[0])     # without the output gate's channels (Qwen3.5)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..arch import active
-from ..errors import RatioError
+from ..errors import CalibrationError, RatioError
 from ..math import qk_refit, solvers
 from ..pipeline.plan import COMPONENTS, LayerPlan, Part
 from ..pipeline.rewrite import LayerWork, MLAWork
@@ -166,12 +166,16 @@ def apply_qk(cfg: A3QK, ctx: PassContext):
         k2 = (st["k"].diagonal(dim1=-2, dim2=-1) / n)[:, p]
         idx, loss = solvers.qk_rope_select(q2, k2, a.rot_dim, "rotate_half", r,  # (Hkv, r)
                                            _order(cfg, a.rot_dim))
-        if cfg.update and "qs" in st:
+        if cfg.update and "qs" not in st:
+            raise CalibrationError(f"layer {work.view.index}: A3QK(update=True) reads the score statistic (kind "
+                                   f"'qkgram'), which these statistics lack (a file from an earlier a3mod that "
+                                   f"recorded the kind without its sums?): collect them again")
+        if cfg.update:
             idx, curve = _qk_update_pairs(cfg, st["qs"], d, r, idx, ctx.curves)
             loss = loss if curve is None else curve[None]
         qidx = idx.repeat_interleave(d.groups, 0)                                     # (H, r)
         a.wq = a.wq.gather(-1, qidx[:, None, :].expand(-1, a.wq.shape[1], -1))
-        if cfg.update and "qs" in st:
+        if cfg.update:
             a.wq = qk_refit.gain_rows(a.wq, qk_refit.pair_gains(st["qs"], qidx[:, : r // 2], cfg.damping)[0])
         a.wk = a.wk.gather(-1, idx[:, None, :].expand(-1, a.wk.shape[1], -1))
         a.rope_index = a.rope_index.gather(-1, idx)
