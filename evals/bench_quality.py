@@ -110,11 +110,19 @@ REFIT = {"a3-ov-mlp-update-refit-seq": False, "a3-ov-mlp-update-refit-seq-drift"
          "a3-qk-ov-mlp-update-refit-seq-drift-inputs": "inputs"}    # the same after A3QK(update=True) too
 
 
-# variants whose MLP neurons are chosen by a loss-aware score (evals/loss_select.py: one backward pass of the
-# calibration windows through the original model) instead of A3's CUR score: value = (base variant, score)
-LOSS = {f"{base}-{kind}": (base, kind) for base in ("a3-mlp-update", "a3-qk-ov-mlp-update",
-                                                    "a3-qk-ov-mlp-update-seq-refit-heldout")
-        for kind in ("taylor", "fisher")}
+# the MLP's loss-aware selection, A3MLP(select="taylor") (rows measured first with the probe evals/loss_select.py,
+# which ranks the neurons identically)
+for _base, _kw in (("a3-mlp-update", dict(update=True)), ("a3-ov-mlp-update", dict(update=True, ov=dict(update=True))),
+                   ("a3-qk-ov-mlp-update", dict(update=True, ov=dict(update=True), qk=dict(update=True))),
+                   ("a3-qk-ov-mlp-update-seq-refit-heldout",
+                    dict(update=True, seq_refit=True, refit_damping="heldout",
+                         ov=dict(update=True, seq_refit=True, refit_damping="heldout"), qk=dict(update=True)))):
+    VARIANTS[f"{_base}-taylor"] = lambda r, kw=_kw: _a3(r, select="taylor", **kw)
+
+# variants whose MLP neurons are chosen by the probe's Fisher score (evals/loss_select.py: one backward pass of the
+# calibration windows through the original model; the stream's directions weighted by E[g g^T]): (base, score)
+LOSS = {f"{base}-fisher": (base, "fisher") for base in ("a3-mlp-update", "a3-qk-ov-mlp-update",
+                                                        "a3-qk-ov-mlp-update-seq-refit-heldout")}
 
 
 def _a3(r: float, ov: dict | None = None, qk: dict | None = None, **mlp) -> list:

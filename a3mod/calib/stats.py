@@ -21,6 +21,8 @@ Optional for the least-squares updates (`A3MLP(update=True)`, `A3OV(update=True)
   qs (H, d_h, d_h)    layers with fully rotary q/k (no qk-norm, no latent attention): per query head, the
                       attention-weighted Gram of its score's per-pair features (`calib.scores.score_gram`;
                       `A3QK(update=True)`)                                                        (kind "qkgram")
+Optional for the loss-aware MLP selection (`A3MLP(select="taylor")`), from a backward pass (`calib.taylor`):
+  ht (d_i,)           sum over tokens of (h * dL/dh)^2 per MLP neuron                             (kind "taylor")
 """
 from __future__ import annotations
 
@@ -49,15 +51,16 @@ from ..io.files import atomic_write
 from .rotary import qkv_hooks, rotary_hook, scored
 from .scores import score_gram
 from .sums import add, add_gram, finish, outer, sq_sum
+from .taylor import taylor_sums
 from ..io.fingerprint import model_fingerprint, tokens_fingerprint
 from ..paths import dataset_file
 from . import distributed
 from .sources import dataset_text, is_dataset_source
 
 STATS_FORMAT = 1
-KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram", "qkgram")
+KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram", "qkgram", "taylor")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo",
-             "ehgram": "eh", "qkgram": "qs"}                # the key (prefix) of each kind
+             "ehgram": "eh", "qkgram": "qs", "taylor": "ht"}              # the key (prefix) of each kind
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -456,7 +459,7 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     """Run `calib` (n, T) token ids through `model` once and return the statistics of every layer.
 
     kinds: any of "a3" (A3 passes), "gram" (SVD-LLM), "absmean" (ASVD), "hgram" / "ogram" / "ehgram" (the MLP / OV /
-    routed experts' updates);
+    routed experts' updates), "qkgram" (the QK update), "taylor" (the loss-aware MLP selection: a backward pass);
     see the module docstring.
     Under torch.distributed (an initialized process group), every rank passes the full `calib`, runs its own
     slice of the windows (`a3mod.calib.distributed.shard`) and the sums are all-reduced: every rank returns the
@@ -472,13 +475,17 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     was_training = model.training
     model.eval()
     body = getattr(model, "base_model", model)      # the decoder stack without lm_head: logits are not needed
+    forward = [k for k in kinds if k != "taylor"]          # "taylor": a backward pass of its own (calib.taylor)
     try:
-        with recording(views, kinds) as accs:
-            for b in tqdm(range(0, calib.shape[0], batch_size), desc="calibrating", disable=not progress,
-                          unit="batch"):
+        with recording(views, forward) as accs:
+            for b in tqdm(range(0, calib.shape[0] if forward else 0, batch_size), desc="calibrating",
+                          disable=not progress, unit="batch"):
                 body(input_ids=calib[b:b + batch_size].to(device), use_cache=False)
     finally:
         model.train(was_training)
+    if "taylor" in kinds:
+        for acc, sums in zip(accs, taylor_sums(model, views, calib, batch_size, progress)):
+            acc.update(sums)
     stats = Stats(distributed.all_reduce_stats(accs, int(calib.numel())), accs, model=fingerprints[0],
                   calib=fingerprints[1], source={"kinds": sorted(kinds)})
     stats.check(min_tokens=max(v.dims.head_dim for v in views) + 1)

@@ -209,9 +209,11 @@ def _add_a3_options(c) -> None:
                    help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "
                         "diagonal: a number >= 0, or heldout (chosen per layer and part on every 4th calibration "
                         "window, then fitted on all; the default with --seq-refit); 0.01 is the updates' damping")
-    c.add_argument("--mlp-select", choices=("cur", "obs"), default="cur",
-                   help="a3 with the MLP update: which neurons are kept: cur (A3's score, default) or obs (structured "
-                        "OBS: greedy removal by the error left after the update; one inverse of each MLP's Gram)")
+    c.add_argument("--mlp-select", choices=("cur", "obs", "taylor"), default="cur",
+                   help="a3: which MLP neurons are kept: cur (A3's score, default), obs (with the MLP update: "
+                        "structured OBS, greedy removal by the error left after the update; one inverse of each MLP's "
+                        "Gram) or taylor (the loss's sensitivity to each neuron, E[(h dL/dh)^2]: one backward pass "
+                        "of the calibration windows through the whole model; not with --stream)")
     c.add_argument("--portable", action="store_true",
                    help="a3: keep the same RoPE pairs in every layer and KV group (ranked by the scores summed over "
                         "all of them), so `a3mod export --format hf` writes a stock checkpoint with no zero padding")

@@ -342,9 +342,12 @@ def apply_mlp(cfg: A3MLP, ctx: PassContext):
 
 
 def _mlp_kept_order(cfg: A3MLP, st: dict, n: int, w_down: torch.Tensor, r: int, curves: bool):
-    """(kept neurons (r,) ascending, the selection's loss curve, every neuron in the order kept): CUR, or structured
-    OBS (its removal goes on to one neuron when the curves are read, so that the order covers every rank)."""
+    """(kept neurons (r,) ascending, the selection's loss curve, every neuron in the order kept): CUR, structured
+    OBS (its removal goes on to one neuron when the curves are read, so that the order covers every rank) or the
+    loss sensitivity (kind "taylor"); the curve is CUR's loss along that order."""
     order, score = solvers.mlp_order(st["h2"] / n, w_down)          # CUR (what mlp_select keeps)
+    if cfg.select == "taylor":
+        order = (st["ht"] / n).argsort(descending=True)
     if cfg.select == "obs":
         order = solvers.mlp_obs_order(w_down, st["hh"] / n, r, cfg.damping, to=0 if curves else r)
     return order[:r].sort().values, solvers.tail_losses(score[order]), order

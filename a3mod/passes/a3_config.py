@@ -184,11 +184,13 @@ class A3MLP(_A3Refit):
     selection alone. It estimates a d_i x d_i Gram, so it needs many tokens (a warning below `REFIT_TOKENS` per
     neuron) and holds that Gram per layer in memory (float64). damping: the ridge pull toward the selected rows,
     times H_KK's mean diagonal.
-    select: which neurons are kept: "cur" (A3's score E[h_i^2] ||W_down[i]||^2) or "obs" (structured OBS with
-    update=True: greedy removal by the error left after the update, `solvers.mlp_obs_order`; H damped as above)."""
+    select: which neurons are kept: "cur" (A3's score E[h_i^2] ||W_down[i]||^2), "obs" (structured OBS with
+    update=True: greedy removal by the error left after the update, `solvers.mlp_obs_order`; H damped as above) or
+    "taylor" (the language-model loss's sensitivity to each neuron, E[(h_i dL/dh_i)^2], from a backward pass of the
+    calibration windows through the whole model: kind "taylor", `calib.taylor`; not in streaming)."""
     select: str = "cur"
     REFIT_KIND = "hgram"
-    SELECTS = ("cur", "obs")
+    SELECTS = ("cur", "obs", "taylor")
 
     def __post_init__(self):
         super().__post_init__()
@@ -197,6 +199,9 @@ class A3MLP(_A3Refit):
         if self.select == "obs" and not self.update:
             raise RatioError("A3MLP: select='obs' keeps the neurons the least-squares update reconstructs worst: "
                              "set update=True too")
+
+    def stat_kinds(self) -> tuple[str, ...]:
+        return super().stat_kinds() + (("taylor",) if self.select == "taylor" else ())
 
 
 @register_pass

@@ -133,6 +133,7 @@ def _compress(job: ApplyJob) -> tuple[list, dict]:
     if alloc is not None:
         job.passes = _allocated(job, alloc)
     job.passes = _resolve_first(job)
+    _whole_model_kinds(job)
     done = _layer_by_layer(job)
     if done is not None:
         return done[0], _info(job, done[1], orig)
@@ -250,6 +251,14 @@ def _allocated(job: ApplyJob, alloc: Allocate) -> list:
         job.collected = small            # the layer-by-layer run (or the forward of what else is missing) reuses it
     ranks = allocated_ranks(alloc, job.views, small)
     return alloc.layer_passes(ranks, len(job.views))
+
+
+def _whole_model_kinds(job: ApplyJob) -> None:
+    """Statistics that need the whole model at once (kind "taylor": a backward pass of the loss) collected first, so
+    the layer-by-layer schedule reuses them (`job.collected`) and collects the rest one layer at a time."""
+    if "taylor" in job.kinds and job.stats is None and job.calib is not None:
+        job.collected = Stats.ensure(job.model, job.calib, {"taylor"}, job.collected, progress=job.progress,
+                                     who="A3MLP(select='taylor')")
 
 
 def _resolve_first(job: ApplyJob) -> list:

@@ -31,7 +31,8 @@ def passes(method: str, ratio: float | None = None, *, kv_ratio: float | None = 
     (`A3MLP(update=True)`, `A3OV(update=True)`); qk_update fits A3QK's RoPE pairs and query gains to the
     attention-weighted score error (`A3QK(update=True)`); portable keeps one set of RoPE pairs in every layer
     (`A3QK(portable=True)`: no padding in a stock export); seq_refit re-fits o/down on the compressed stream (damping
-    refit_damping); mlp_select "obs": A3MLP's structured OBS (with mlp_update); alpha, rank_search, probe_*: ASVD's.
+    refit_damping); mlp_select "obs": A3MLP's structured OBS (with mlp_update), "taylor": its loss-aware selection
+    (a backward pass); alpha, rank_search, probe_*: ASVD's.
     Method a3-mix takes the updates and the re-fit too (`Allocate`), and with across="all" kv_budget ("uniform": a
     KV cache no larger than uniform A3's, or the fraction of it to remove).
     RatioError for a combination that does not make sense, naming it (`names` maps parameter names to how the caller
@@ -91,6 +92,6 @@ def _check_a3_options(method: str, n, *, kv_ratio, multiple_of, across, kv_budge
         raise RatioError(f"{n('kv_budget')} is an option of method a3-mix with {n('across')} all")
     if refit_damping is not None and not seq_refit:
         raise RatioError(f"{n('refit_damping')} is the damping of {n('seq_refit')}: give both")
-    if mlp_select != "cur" and not mlp_update:
+    if mlp_select == "obs" and not mlp_update:
         raise RatioError(f"{n('mlp_select')} {mlp_select} keeps the neurons the MLP's least-squares update rebuilds "
                          f"worst: it needs {n('mlp_update')}")

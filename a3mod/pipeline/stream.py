@@ -189,6 +189,10 @@ def _checked(passes, sequential: bool) -> list:
         raise A3ModError("compress_streaming: sequential=True (statistics from the compressed stream) and seq_refit="
                          "True (A3OV / A3MLP: re-fit toward the original layer on the compressed stream) read the "
                          "original layer differently; choose one")
+    if any("taylor" in p.stat_kinds() for p in passes):
+        raise A3ModError("compress_streaming: A3MLP(select='taylor') reads the loss gradient of a backward pass "
+                         "through the whole model, which streaming never holds (one layer at a time): use "
+                         "a3mod.apply, or select='cur' / 'obs'")
     if (sequential or seq_refit.dampings(passes)) and distributed.rank_world()[1] > 1:
         raise A3ModError("compress_streaming with sequential=True or seq_refit=True runs in one process (each layer "
                          "needs the compressed outputs of the one before it)")
