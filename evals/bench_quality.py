@@ -286,7 +286,12 @@ PAIRS = (("a3-ov-mlp-update", "a3"), ("a3-ov-mlp-update-obs", "a3-ov-mlp-update"
          ("a3-qk-ov-mlp-update-seq-refit-all-heldout", "a3"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3-qk-ov-mlp-update-seq-refit-heldout"),
          ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout-a3curves", "a3-qk-ov-mlp-update-seq-refit-heldout"),
-         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"))
+         ("a3-mix-all-kv-uniform-qk-updates-seq-refit-heldout", "a3"),
+         ("a3-mlp-update-taylor", "a3-mlp-update"), ("a3-mlp-update-fisher", "a3-mlp-update"),
+         ("a3-ov-mlp-update-taylor", "a3-ov-mlp-update"),
+         ("a3-qk-ov-mlp-update-taylor", "a3-qk-ov-mlp-update"), ("a3-qk-ov-mlp-update-fisher", "a3-qk-ov-mlp-update"),
+         ("a3-qk-ov-mlp-update-seq-refit-heldout-taylor", "a3-qk-ov-mlp-update-seq-refit-heldout"),
+         ("a3-qk-ov-mlp-update-seq-refit-heldout-taylor", "a3"))
 
 
 def paired(done: dict, args) -> str:
