@@ -116,13 +116,17 @@ def baselines(model, views, calib, args) -> list[tuple[str, T, str]]:
 
 def with_updates(model, calib, passes, f: T) -> list[tuple[str, T, str]]:
     """(step, T, note) rows of A3 with both least-squares updates (apply from calib=: the layer-by-layer schedule,
-    statistics collected inside), of the same with the sequential re-fit and with the QK update, each on a copy."""
+    statistics collected inside), of the same with the sequential re-fit, with the QK update and with the MLP's
+    loss-aware selection (A3MLP(select="taylor"): a backward pass first), each on a copy."""
     rows = []
-    for step, seq, qk in (("(f) A3 + both updates: apply(calib=), layer by layer, everything included", False, False),
-                          ("(g) A3 + both updates + the sequential re-fit (seq_refit=True)", True, False),
-                          ("(h) A3 + both updates + the QK update (A3QK(update=True))", False, True)):
+    for step, seq, qk, sel in (
+            ("(f) A3 + both updates: apply(calib=), layer by layer, everything included", False, False, "cur"),
+            ("(g) A3 + both updates + the sequential re-fit (seq_refit=True)", True, False, "cur"),
+            ("(h) A3 + both updates + the QK update (A3QK(update=True))", False, True, "cur"),
+            ("(i) A3 + both updates + the loss-aware MLP selection (A3MLP(select='taylor'))", False, False, "taylor")):
         m = copy.deepcopy(model)
-        ps = [replace(p, update=True, seq_refit=seq) if hasattr(p, "seq_refit") else
+        ps = [replace(p, update=True, seq_refit=seq, **({"select": sel} if isinstance(p, a3mod.A3MLP) else {}))
+              if hasattr(p, "seq_refit") else
               replace(p, update=True) if qk and isinstance(p, a3mod.A3QK) else p for p in passes]
         t, _ = timed(lambda m=m, ps=ps: a3mod.apply(m, ps, calib=calib, progress=False))
         say(step, t)
