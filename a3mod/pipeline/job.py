@@ -36,6 +36,6 @@ class Job:
 @dataclass(kw_only=True)
 class ApplyJob(Job):
     stats: Any = None                # a3mod.Stats given by the caller (then nothing is collected)
-    collected: Any = None            # a3mod.Stats apply already collected (Allocate's ranks): not collected again
+    collected: Any = None            # a3mod.Stats apply already collected (Allocate's ranks, "taylor"): reused
     undo: Any = None                 # pipeline.undo.UndoLog: every swap, to put back on an error
     groups: list = field(default_factory=list)      # layers that run one shared block (Zamba2)

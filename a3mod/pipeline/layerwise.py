@@ -111,7 +111,7 @@ def layerwise_swaps(job) -> tuple[list, int]:
         calls, hidden = _capture(model, layers, windows)
         shapes = [tuple(ids.shape) for ids in windows]
         n, out = int(calib.numel()), []
-        given = job.collected                        # statistics already collected (Allocate's): merged, not redone
+        given = job.collected                        # statistics already collected (Allocate, "taylor"): merged
         todo = kinds - given.kinds if given is not None else kinds
         damping = seq_refit.dampings(passes)
         h_c = list(hidden) if damping else None          # the compressed model's stream (sequential re-fit)
