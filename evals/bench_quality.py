@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import io
 import subprocess
 import sys
 import time
@@ -220,7 +221,9 @@ def _loss_scores(model, calib, cache, tag: str, have):
     print(f"loss scores: {time.perf_counter() - t:.0f} s", flush=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(scores, path)
+        buf = io.BytesIO()
+        torch.save(scores, buf)
+        atomic_write(path, buf.getvalue())              # never a half-written cache
     return scores
 
 

@@ -2,19 +2,19 @@
 squared error alone.
 
 A3's MLP selection (CUR) keeps the neurons with the largest E[h_q^2] ||W_down[q]||^2: the expected squared size of
-what neuron q writes into the residual stream, every direction of the stream and every token weighted alike. Two
-loss-aware scores, from one backward pass of the calibration windows through the original model (g_t = dL/dy_t, the
-loss gradient at the MLP's output y = down_proj(h), which is also the residual stream's gradient there):
+what neuron q writes into the residual stream, every direction of the stream and every token weighted alike. The
+per-token loss sensitivity E_t[(h_tq g_tq)^2] measured here first is built into the library as
+`A3MLP(select="taylor")` (a3mod/calib/taylor.py). This probe keeps the other score it was compared with, from one
+backward pass of the calibration windows through the original model (g_t = dL/dy_t, the loss gradient at the MLP's
+output y = down_proj(h), which is also the residual stream's gradient there):
 
-  "taylor":  E_t[(h_tq * (g_t W_down)_q)^2]      the squared first-order loss change of removing neuron q on token t
-             (the empirical Fisher of a mask on q; LLM-Pruner's first-order term, per token)
   "fisher":  E[h_q^2] * W_down[q] F W_down[q]^T, F = E[g g^T]   CUR with the stream's directions weighted by the
              loss's empirical Fisher (d x d per layer) instead of the identity
 
 Only the selection changes: the kept neurons' weights, the least-squares update of down_proj and the sequential
 re-fit are the library's (the update minimises the output error given the kept set, which no output metric changes).
 The scores replace `solvers.mlp_order` while `apply` runs (`selection`), each layer found by its down_proj weights.
-Used by evals/bench_quality.py (variants "...-taylor", "...-fisher").
+Used by evals/bench_quality.py (variants "...-fisher").
 """
 from __future__ import annotations
 
@@ -28,21 +28,15 @@ from a3mod.arch import layer_views
 
 
 def loss_scores(model: nn.Module, calib: torch.Tensor, progress: bool = False) -> dict:
-    """{"taylor": [(d_i,)], "fisher": [(d, d)], "down": [the layer's down_proj weight sum]}, per decoder layer, float64
-    sums over the calibration windows (one window a forward + backward, the loss the mean next-token cross entropy)."""
+    """{"fisher": [(d, d)], "down": [the layer's down_proj weight sum]}, per decoder layer, float64 sums over the
+    calibration windows (one window a forward + backward, the loss the mean next-token cross entropy)."""
     views = layer_views(model)
     downs = [v.down_module() for v in views]
-    taylor = [0.0] * len(downs)
     fisher = [0.0] * len(downs)
-    acts: dict[int, torch.Tensor] = {}
     hooks = []
     for i, lin in enumerate(downs):
-        hooks.append(lin.register_forward_hook(lambda m, a, y, i=i: acts.__setitem__(i, a[0].detach())))
-
         def back(m, gin, gout, i=i):
             g = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()                 # (T, d)
-            h = acts.pop(i).reshape(-1, m.in_features).double()                          # (T, d_i)
-            taylor[i] = taylor[i] + (h * (g @ m.weight.double())).square().sum(0)
             fisher[i] = fisher[i] + g.T @ g
         hooks.append(lin.register_full_backward_hook(back))
     was = [p.requires_grad for p in model.parameters()]
@@ -62,7 +56,7 @@ def loss_scores(model: nn.Module, calib: torch.Tensor, progress: bool = False) -
             h.remove()
         for p, w in zip(model.parameters(), was):
             p.requires_grad_(w)
-    return {"taylor": taylor, "fisher": fisher, "down": [float(d.weight.detach().double().abs().sum()) for d in downs]}
+    return {"fisher": fisher, "down": [float(d.weight.detach().double().abs().sum()) for d in downs]}
 
 
 def _layer_of(scores: dict, w_down: torch.Tensor) -> int:
@@ -72,17 +66,14 @@ def _layer_of(scores: dict, w_down: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def selection(scores: dict, kind: str):
-    """`solvers.mlp_order` ranks every layer's neurons by the loss-aware score `kind` while the block runs."""
+    """`solvers.mlp_order` ranks every layer's neurons by the loss-aware score `kind` ("fisher") while the block
+    runs."""
     real = solvers.mlp_order
 
     def order(h2: torch.Tensor, w_down: torch.Tensor):                 # h2 (d_i,), w_down (d_i, d)
-        i = _layer_of(scores, w_down)
-        if kind == "taylor":
-            score = scores["taylor"][i].to(h2)
-        else:
-            f = scores["fisher"][i].to(w_down.device, torch.float64)
-            w = w_down.double()
-            score = (h2.double() * ((w @ f) * w).sum(-1)).to(h2)
+        f = scores[kind][_layer_of(scores, w_down)].to(w_down.device, torch.float64)
+        w = w_down.double()
+        score = (h2.double() * ((w @ f) * w).sum(-1)).to(h2)
         return score.argsort(descending=True), score
     solvers.mlp_order = order
     try:

@@ -108,13 +108,18 @@ def test_allocate_per_layer_takes_allocates_ranks_and_runs_the_updates(tmp_path)
     torch.testing.assert_close(a3mod.load(tmp_path / "m")(x).logits, m(x).logits)
 
 
-def test_allocate_qk_update_equals_its_per_layer_passes():
-    base = tiny_model("qwen2", kv_heads=2, layers=3)
+def _qk_allocated(family: str):
+    """(model, calib, Allocate(qk_update=True), what apply made of it, `allocated_ranks` on explicit statistics)."""
+    base = tiny_model(family, kv_heads=2, layers=3)
     calib = calib_ids(8, 32)
     cfg = a3mod.Allocate(**MIX, qk_update=True)
     m = a3mod.apply(copy.deepcopy(base), [cfg], calib=calib, progress=False)
     stats = a3mod.collect(base, calib, kinds=("a3", "qkgram"), progress=False)
-    ranks = allocated_ranks(cfg, layer_views(base), stats)
+    return base, calib, cfg, m, allocated_ranks(cfg, layer_views(base), stats)
+
+
+def test_allocate_qk_update_equals_its_per_layer_passes():
+    base, calib, cfg, m, ranks = _qk_allocated("qwen2")
     ref = a3mod.apply(copy.deepcopy(base), cfg.layer_passes(ranks, 3), calib=calib, progress=False)
     x = input_ids()
     torch.testing.assert_close(m(x).logits, ref(x).logits)
@@ -138,12 +143,7 @@ def test_allocate_per_layer_errors():
 def test_allocate_with_the_qk_update_reads_the_qk_curves_after_it():
     """Allocate(qk_update=True) allocates from QK's curves after the QK update (greedy removal with fitted gains):
     its QK ranks are those of `allocated_ranks` on statistics holding "qkgram", and may differ from A3's curves'."""
-    base = tiny_model("llama", kv_heads=2, layers=3)
-    calib = calib_ids(8, 32)
-    cfg = a3mod.Allocate(**MIX, qk_update=True)
-    m = a3mod.apply(copy.deepcopy(base), [cfg], calib=calib, progress=False)
-    stats = a3mod.collect(base, calib, kinds=("a3", "qkgram"), progress=False)
-    ranks = allocated_ranks(cfg, layer_views(base), stats)
+    base, calib, _, m, ranks = _qk_allocated("llama")
     assert _ranks_of(m)["qk"] == tuple(ranks[i, "qk"] for i in range(3))
     assert a3mod.report(m).kv_bytes_per_token() <= a3mod.report(
         a3mod.apply(copy.deepcopy(base), a3mod.a3_passes(0.3), calib=calib, progress=False)).kv_bytes_per_token()

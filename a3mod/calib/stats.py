@@ -61,6 +61,7 @@ STATS_FORMAT = 1
 KINDS = ("a3", "gram", "absmean", "hgram", "ogram", "ehgram", "qkgram", "taylor")
 _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram": "oo",
              "ehgram": "eh", "qkgram": "qs", "taylor": "ht"}              # the key (prefix) of each kind
+WHOLE_MODEL_KINDS = frozenset({"taylor"})    # from a backward pass of the whole model, not from per-layer hooks
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -475,7 +476,7 @@ def collect(model: nn.Module, calib: Tensor, batch_size: int = 1, progress: bool
     was_training = model.training
     model.eval()
     body = getattr(model, "base_model", model)      # the decoder stack without lm_head: logits are not needed
-    forward = [k for k in kinds if k != "taylor"]          # "taylor": a backward pass of its own (calib.taylor)
+    forward = [k for k in kinds if k not in WHOLE_MODEL_KINDS]      # those: a backward pass of their own
     try:
         with recording(views, forward) as accs:
             for b in tqdm(range(0, calib.shape[0] if forward else 0, batch_size), desc="calibrating",

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ..passes import A3MLP
 from ..pipeline import recipes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,7 +210,7 @@ def _add_a3_options(c) -> None:
                    help="with --seq-refit: its ridge pull toward the solved weights, relative to the Gram's mean "
                         "diagonal: a number >= 0, or heldout (chosen per layer and part on every 4th calibration "
                         "window, then fitted on all; the default with --seq-refit); 0.01 is the updates' damping")
-    c.add_argument("--mlp-select", choices=("cur", "obs", "taylor"), default="cur",
+    c.add_argument("--mlp-select", choices=A3MLP.SELECTS, default="cur",
                    help="a3: which MLP neurons are kept: cur (A3's score, default), obs (with the MLP update: "
                         "structured OBS, greedy removal by the error left after the update; one inverse of each MLP's "
                         "Gram) or taylor (the loss's sensitivity to each neuron, E[(h dL/dh)^2]: one backward pass "

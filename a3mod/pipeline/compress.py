@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..arch import active, layer_views, shared_groups
 from ..calib import distributed
-from ..calib.stats import Stats
+from ..calib.stats import WHOLE_MODEL_KINDS, Stats
 from ..errors import A3ModError, CalibrationError, UnsupportedModelError
 from ..io import native
 from ..io.codecs import describe_layer
@@ -254,10 +254,11 @@ def _allocated(job: ApplyJob, alloc: Allocate) -> list:
 
 
 def _whole_model_kinds(job: ApplyJob) -> None:
-    """Statistics that need the whole model at once (kind "taylor": a backward pass of the loss) collected first, so
-    the layer-by-layer schedule reuses them (`job.collected`) and collects the rest one layer at a time."""
-    if "taylor" in job.kinds and job.stats is None and job.calib is not None:
-        job.collected = Stats.ensure(job.model, job.calib, {"taylor"}, job.collected, progress=job.progress,
+    """Statistics that need the whole model at once (`stats.WHOLE_MODEL_KINDS`: a backward pass of the loss) collected
+    first, so the layer-by-layer schedule reuses them (`job.collected`) and collects the rest one layer at a time."""
+    whole = job.kinds & WHOLE_MODEL_KINDS
+    if whole and job.stats is None and job.calib is not None:
+        job.collected = Stats.ensure(job.model, job.calib, whole, job.collected, progress=job.progress,
                                      who="A3MLP(select='taylor')")
 
 

@@ -44,7 +44,7 @@ from transformers import AutoConfig, GenerationConfig
 from ..arch import get_path, layer_views, set_child, shared_groups, spec_for
 from ..arch.capture import layer_calls, through_layer, with_hidden
 from ..calib import distributed
-from ..calib.stats import check_request, check_token_ids
+from ..calib.stats import WHOLE_MODEL_KINDS, check_request, check_token_ids
 from ..errors import A3ModError, CalibrationError, UnsupportedModelError
 from ..io import files, native, tensors
 from ..io.sealed import WEIGHTS, write_sidecar
@@ -189,7 +189,7 @@ def _checked(passes, sequential: bool) -> list:
         raise A3ModError("compress_streaming: sequential=True (statistics from the compressed stream) and seq_refit="
                          "True (A3OV / A3MLP: re-fit toward the original layer on the compressed stream) read the "
                          "original layer differently; choose one")
-    if any("taylor" in p.stat_kinds() for p in passes):
+    if any(WHOLE_MODEL_KINDS & set(p.stat_kinds()) for p in passes):
         raise A3ModError("compress_streaming: A3MLP(select='taylor') reads the loss gradient of a backward pass "
                          "through the whole model, which streaming never holds (one layer at a time): use "
                          "a3mod.apply, or select='cur' / 'obs'")
