@@ -335,8 +335,12 @@ def main() -> None:
                          "asset folder names or paths (default: every model in the assets dir)")
     ap.add_argument("--stats-cache", default=None, help="keep / reuse the calibration statistics in this folder")
     ap.add_argument("--jsonl", default=str(ROOT / "evals" / "results" / "quality.jsonl"))
+    ap.add_argument("--name", default=None,
+                    help="name of the table, plot and README section: evals/results/NAME.md, NAME.png and the "
+                         "README's <!-- NAME-results --> markers (default: the --jsonl file's stem, 'quality'); "
+                         "the full protocol's table is 'quality-full'")
     ap.add_argument("--update-readme", action="store_true",
-                    help="write the table between the README's <!-- quality-results --> markers")
+                    help="write the table between the README's <!-- NAME-results --> markers")
     ap.add_argument("--table-only", action="store_true",
                     help="run nothing: the table, plot and README section from the rows --jsonl already holds")
     args = ap.parse_args()
@@ -354,10 +358,11 @@ def main() -> None:
           f"draw shared by all variants); {machine()}, fp32.\n\n{table(done, args)}\n\n"
           f"Paired on the same draws (each seed's variant against its reference):\n\n{paired(done, args)}\n")
     print(md)
-    atomic_write(out.with_suffix(".md"), md)
-    plot(done, args, out.with_suffix(".png"))
+    name = args.name or out.stem
+    atomic_write(out.with_name(f"{name}.md"), md)
+    plot(done, args, out.with_name(f"{name}.png"))
     if args.update_readme:
-        update_readme(md + f"\n![quality variants](evals/results/{out.with_suffix('.png').name})\n", "quality-results")
+        update_readme(md + f"\n![quality variants](evals/results/{name}.png)\n", f"{name}-results")
 
 
 def plot(done: dict, args, path: Path) -> None:
