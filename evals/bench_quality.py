@@ -29,6 +29,7 @@ from common import (ROOT, append_jsonl, asset_models, cached_stats, machine, mod
                     read_jsonl, save_figure, update_readme)
 
 from a3mod.io.files import atomic_write  # noqa: E402
+from a3mod.calib.stats import WHOLE_MODEL_KINDS  # noqa: E402
 from loss_select import loss_scores, selection  # noqa: E402
 from refit_seq import refit_sequential  # noqa: E402
 
@@ -192,7 +193,8 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
                 continue
             passes = _passes(name, ratio)
             own = any(getattr(p, "seq_refit", False) for p in passes)      # seq_refit: calibrates itself from calib=
-            if stats is None and not own:
+            loss = {k for p in passes for k in p.stat_kinds()} & WHOLE_MODEL_KINDS   # but reuses the loss statistic
+            if stats is None and (not own or loss):
                 kinds = {k for r in args.ratios for v in args.variants for p in _passes(v, r) for k in p.stat_kinds()}
                 stats = cached_stats(model, calib, kinds, args.stats_cache, f"{label}-seed{seed}")
             select = contextlib.nullcontext()
@@ -202,7 +204,8 @@ def run_model(path: Path, seed: int, args, done: dict, out: Path) -> None:
             m = copy.deepcopy(model)
             t = time.perf_counter()
             with select:
-                a3mod.apply(m, passes, stats=None if own else stats, calib=calib, progress=False)   # adds missing kinds
+                given = (stats.only(loss) if loss else None) if own else stats
+                a3mod.apply(m, passes, stats=given, calib=calib, progress=False)   # adds missing kinds
             if name in REFIT:
                 refit_sequential(model, m, calib, drift=bool(REFIT[name]), inputs=REFIT[name] == "inputs",
                                  weighted=REFIT[name] == "weighted")

@@ -102,6 +102,31 @@ def test_taylor_in_the_layer_by_layer_schedule_runs_its_backward_once(monkeypatc
     assert len(calls) == 1
 
 
+def test_the_refit_reuses_a_given_loss_statistic(monkeypatch):
+    """apply(stats=stats.only({"taylor"}), calib=) with seq_refit=True: no backward pass, the same model as from
+    calib= alone, the given statistics left as they were; statistics of other kinds (or another draw) refused."""
+    calls = []
+    real = stats_mod.taylor_sums
+    monkeypatch.setattr(stats_mod, "taylor_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, calib = tiny_model("llama", inter=64), calib_ids(8, 16)
+    passes = [a3mod.A3OV(ratio=0.3, update=True, seq_refit=True),
+              a3mod.A3MLP(ratio=0.3, update=True, seq_refit=True, select="taylor")]
+    alone = a3mod.apply(copy.deepcopy(base), passes, calib=calib, progress=False)
+    full = a3mod.collect(base, calib, kinds=("a3", "taylor"), progress=False)
+    loss = full.only({"taylor"})
+    assert loss.kinds == {"taylor"} and full.kinds >= {"a3", "taylor"} and loss.layers[0]["ht"] is full.layers[0]["ht"]
+    calls.clear()
+    reused = a3mod.apply(copy.deepcopy(base), passes, stats=loss, calib=calib, progress=False)
+    assert calls == [] and loss.kinds == {"taylor"}
+    assert_close_logits(logits(reused, input_ids()), logits(alone, input_ids()), rel=1e-6)
+    with pytest.raises(a3mod.A3ModError, match="may hold only"):
+        a3mod.apply(copy.deepcopy(base), passes, stats=full, calib=calib, progress=False)
+    with pytest.raises(a3mod.CalibrationError, match="other calibration tokens"):
+        a3mod.apply(copy.deepcopy(base), passes, stats=loss, calib=calib_ids(8, 16, seed=5), progress=False)
+    with pytest.raises(a3mod.CalibrationError, match="unknown statistic kinds"):
+        full.only({"fisher"})
+
+
 def test_taylor_config_cli_and_streaming(tmp_path, text_file, capsys):
     p = a3mod.A3MLP(ratio=0.3, select="taylor")
     assert pass_from_dict(pass_to_dict(p)) == p and set(needs(p)) == {"a3", "taylor"}

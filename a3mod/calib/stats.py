@@ -165,6 +165,20 @@ class Stats:
         if "kinds" in self.source or "kinds" in other.source:
             self.source["kinds"] = sorted(self.kinds | other.kinds)
 
+    def only(self, kinds) -> "Stats":
+        """These statistics restricted to `kinds` (a new object whose layer dicts hold the same tensors), e.g.
+        `stats.only({"taylor"})`: the loss statistic, which `apply(stats=..., calib=...)` with seq_refit=True reuses."""
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise CalibrationError(f"unknown statistic kinds {unknown}; allowed: {', '.join(KINDS)}")
+        keys = [_KIND_KEY[k] for k in kinds]
+        keep = lambda n: any(n == p or (p.endswith(".") and n.startswith(p)) for p in keys)      # noqa: E731
+        source = dict(self.source)
+        if isinstance(source.get("kinds"), list):
+            source["kinds"] = sorted(set(source["kinds"]) & set(kinds))
+        return Stats(n=self.n, layers=[{n: t for n, t in layer.items() if keep(n)} for layer in self.layers],
+                     model=self.model, calib=self.calib, source=source)
+
     @classmethod
     def ensure(cls, model: nn.Module, calib: Tensor | None, kinds, stats: "Stats | None" = None, *,
                batch_size: int = 1, progress: bool = True, who: str = "these passes") -> "Stats | None":

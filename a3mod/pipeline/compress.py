@@ -210,7 +210,12 @@ def _check_seq_refit(job: ApplyJob) -> None:
     """A sequential re-fit runs in the layer-by-layer schedule only: refuse, before any work, what rules it out."""
     if not seq_refit.dampings(job.passes):
         return
-    why = ("it needs calib= (the calibration windows), not stats=" if job.stats is not None or job.calib is None
+    if job.stats is not None and job.calib is not None and job.stats.kinds <= WHOLE_MODEL_KINDS:
+        job.stats.check_origin(job.model, job.calib)     # the original model's loss statistic ("taylor"): reused
+        job.stats, job.collected = None, job.stats.only(job.stats.kinds)     # (a copy: merges leave it as it was)
+    why = (f"it needs calib= (the calibration windows), not stats= (beside calib=, stats= may hold only "
+           f"{sorted(WHOLE_MODEL_KINDS)}: stats.only({set(WHOLE_MODEL_KINDS)}))"
+           if job.stats is not None or job.calib is None
            else f"layers {job.groups} run shared blocks (solved from all their uses at once)" if job.groups else
            "it runs in one process (not under torch.distributed)" if distributed.active() else
            f"refit_damping='heldout' holds windows out, and calib has {job.calib.shape[0]} window (at least 2)"
@@ -245,8 +250,8 @@ def _allocated(job: ApplyJob, alloc: Allocate) -> list:
     ("a3", with qk_update "qkgram" too: QK's curves after the QK update; those given, or one forward of them alone),
     so the large Grams can still be collected one layer at a time."""
     kinds = {"a3", "qkgram"} if alloc.qk_update else {"a3"}        # both small: every layer's at once
-    small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, kinds, progress=job.progress,
-                                                                 who="Allocate (ranks)")
+    small = job.stats if job.stats is not None else Stats.ensure(job.model, job.calib, kinds, job.collected,
+                                                                 progress=job.progress, who="Allocate (ranks)")
     if job.stats is None:
         job.collected = small            # the layer-by-layer run (or the forward of what else is missing) reuses it
     ranks = allocated_ranks(alloc, job.views, small)
