@@ -8,7 +8,8 @@ from .version import __version__  # noqa: F401
 from . import evaluation  # noqa: F401  (a3mod.evaluation.evaluate; lm-eval is imported when used)
 from .arch import ARCHS, ArchSpec, supported_types
 from .arch.discover import Discovery, LayerDiscovery, discover
-from .calib.stats import Stats, calibration_data, collect
+from .calib.stats import Stats, collect
+from .calib.text import calibration_data
 from .errors import (
     A3ModError, CalibrationError, CheckpointError, DiscoveryError, ExportError, RatioError, UnsupportedModelError,
 )

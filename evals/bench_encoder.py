@@ -28,7 +28,7 @@ from torch import Tensor
 
 import a3mod
 from a3mod.pipeline import recipes
-from a3mod.calib.stats import read_text
+from a3mod.calib.text import read_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, pip_model, update_readme, write_results

@@ -16,7 +16,8 @@ import transformers
 from ..version import __version__
 from ..calib import distributed
 from ..calib.sources import check_source, is_dataset_source
-from ..calib.stats import text_file, Stats, calibration_data, is_stats_file
+from ..calib.stats import Stats, is_stats_file
+from ..calib.text import calibration_data, text_file
 from ..errors import A3ModError, CalibrationError
 from ..evaluation import evaluate
 from ..evaluation.ppl import eval_tokens, perplexity

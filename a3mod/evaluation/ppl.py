@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..calib.stats import check_token_ids, read_text, vocab_size
+from ..calib.stats import check_token_ids, vocab_size
+from ..calib.text import read_text
 from ..errors import A3ModError
 from ..hf_compat import cache_kwargs
 from ..validate import integer
