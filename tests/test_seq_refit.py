@@ -289,6 +289,29 @@ def test_cli_seq_refit_end_to_end(tmp_path, text_file):
     assert torch.allclose(logits(c, ids), logits(a, ids), rtol=1e-4, atol=1e-5)
 
 
+def test_cli_seq_refit_keeps_the_loss_statistic_in_stats(tmp_path, text_file, monkeypatch):
+    """--seq-refit --mlp-select taylor --stats F: the first run writes the loss statistic to F, the second reuses it
+    (no backward pass) and gives the same model."""
+    import a3mod.calib.stats as stats_mod
+
+    calls = []
+    real = stats_mod.taylor_sums
+    monkeypatch.setattr(stats_mod, "taylor_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = tmp_path / "tiny"
+    tiny_model("llama", kv_heads=2).save_pretrained(src)
+    make_tokenizer().save_pretrained(src)
+    f = tmp_path / "st.safetensors"
+    args = ["compress", "--model", str(src), "--ratio", "0.3", "--calib", text_file, "--n-samples", "8",
+            "--calib-seq-len", "16", "--no-eval", "--updates", "on", "--seq-refit", "--mlp-select", "taylor",
+            "--stats", str(f)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert len(calls) == 1 and a3mod.Stats.load(f).kinds == {"taylor"}
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert len(calls) == 1
+    a, b = a3mod.load(str(tmp_path / "a")), a3mod.load(str(tmp_path / "b"))
+    assert torch.equal(logits(a, input_ids()), logits(b, input_ids()))
+
+
 def test_outputs_from_kept_inputs_equal_a_third_pass(monkeypatch):
     """down_proj's kept inputs give the layer's outputs (mid + down_proj(u)) as a third pass through the layer would."""
     orig = tiny_model("llama", kv_heads=2, layers=3)

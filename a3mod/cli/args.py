@@ -246,7 +246,9 @@ def _add_calib(c) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed of the random calibration windows")
     c.add_argument("--stats", default=None,
                    help="statistics file: loaded if it exists (no calibration), else written after calibrating. A "
-                        "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused")
+                        "file of another model or other calibration tokens (--seed, --n-samples, --calib) is refused. "
+                        "With --seq-refit only the loss statistic of --mlp-select taylor is kept in it and reused (one "
+                        "backward pass saved; the rest is calibrated on the compressed stream)")
     c.add_argument("--recompute-stats", action="store_true",
                    help="with --stats: recollect (and rewrite the file) when it belongs to another model or tokens")
 

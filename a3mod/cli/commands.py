@@ -16,7 +16,7 @@ import transformers
 from ..version import __version__
 from ..calib import distributed
 from ..calib.sources import check_source, is_dataset_source
-from ..calib.stats import Stats, is_stats_file
+from ..calib.stats import WHOLE_MODEL_KINDS, Stats, is_stats_file
 from ..calib.text import calibration_data, text_file
 from ..errors import A3ModError, CalibrationError
 from ..evaluation import evaluate
@@ -68,10 +68,10 @@ def _check_inputs(args) -> tuple:
         raise A3ModError("--keep-other-files keeps your files when --overwrite replaces a checkpoint; give both")
     if args.sequential and not args.stream:
         raise A3ModError("--sequential calibrates layer by layer while streaming: give it with --stream")
-    if getattr(args, "seq_refit", False) and (args.stats or args.sequential):
+    if getattr(args, "seq_refit", False) and (args.sequential or (args.stats and not _loss_kinds(passes))):
         raise A3ModError("--seq-refit calibrates each layer from the windows as it goes: drop " +
-                         ("--stats (a statistics file is not used with it)" if args.stats else
-                          "--sequential (choose one way of reading the compressed stream)"))
+                         ("--stats (with --seq-refit the file keeps only the loss statistic of --mlp-select taylor)"
+                          if not args.sequential else "--sequential (choose one way of reading the compressed stream)"))
     if args.heal_steps and (args.stream or not 0 < args.heal_lr < 1):
         raise A3ModError("--heal-steps needs the whole model in memory (not --stream)" if args.stream else
                          f"--heal-lr {args.heal_lr} is outside (0, 1)")
@@ -94,6 +94,8 @@ def _stats(args, model, calib):
     tokens, else freshly collected (a mismatch is an error unless --recompute-stats)."""
     passes = _passes(args)
     want = {k for p in passes for k in needs(p)}
+    if args.stats and getattr(args, "seq_refit", False):
+        want = _loss_kinds(passes)          # the re-fit calibrates the rest on the compressed stream, layer by layer
     if not args.stats and layerwise.wanted(passes, want, calib, None):
         return None, False          # apply calibrates and solves one layer at a time (one layer's Grams held)
     stats = Stats.load(args.stats) if args.stats and os.path.exists(args.stats) else None
@@ -112,6 +114,19 @@ def _stats(args, model, calib):
                         "seq_len": args.calib_seq_len, "seed": args.seed}
     grew = stats is not None and stats.kinds != had
     return stats, bool(args.stats) and (grew or not os.path.exists(args.stats))
+
+
+def _loss_kinds(passes) -> set[str]:
+    """The kinds among the passes' statistics that a backward pass of the original model collects ("taylor"):
+    the only ones a statistics file gives a sequential re-fit."""
+    return {k for p in passes for k in needs(p)} & WHOLE_MODEL_KINDS
+
+
+def _given(args, stats):
+    """What `apply` is given of the statistics: with --seq-refit, the loss statistic alone (a3mod.Stats.only)."""
+    if stats is not None and getattr(args, "seq_refit", False):
+        return stats.only(stats.kinds & WHOLE_MODEL_KINDS)
+    return stats
 
 
 def cmd_compress(args) -> int:
@@ -149,7 +164,7 @@ def _compress(args, passes, path, out) -> int:
     result["timings_s"]["calibration"] = time.perf_counter() - t          # 0 when apply calibrates layer by layer
     teacher = copy.deepcopy(model) if args.heal_steps else None
     t = time.perf_counter()
-    apply(model, passes, calib=calib, stats=stats)
+    apply(model, passes, calib=calib, stats=_given(args, stats))
     result["timings_s"]["solve_and_rewrite"] = time.perf_counter() - t
     result["calib_tokens"] = model.a3mod_info["calib_tokens"]
     if teacher is not None:
