@@ -59,6 +59,11 @@ _KIND_KEY = {"a3": "q", "gram": "x2.", "absmean": "xa.", "hgram": "hh", "ogram":
 WHOLE_MODEL_KINDS = frozenset({"taylor"})    # from a backward pass of the whole model, not from per-layer hooks
 
 
+def _is_key(name: str, key: str) -> bool:
+    """Whether a layer's statistic `name` is of the kind whose key (or key prefix, ending in ".") is `key`."""
+    return name == key or (key.endswith(".") and name.startswith(key))
+
+
 # ------------------------------------------------------------------------------------------ stats
 @dataclass
 class Stats:
@@ -82,7 +87,7 @@ class Stats:
         """Which statistic kinds (see KINDS) these stats hold (in any layer: a hybrid's first layer may be a mixer,
         an MoE model's first MLP may be routed experts)."""
         keys = {k for layer in self.layers for k in layer}
-        found = {k for k, p in _KIND_KEY.items() if any(n == p or (p.endswith(".") and n.startswith(p)) for n in keys)}
+        found = {k for k, p in _KIND_KEY.items() if any(_is_key(n, p) for n in keys)}
         asked = self.source.get("kinds", ())         # what collect was asked for, even where no layer has that part
         return found | ({k for k in asked if k in KINDS} if isinstance(asked, list) else set())
 
@@ -107,7 +112,7 @@ class Stats:
         if unknown:
             raise CalibrationError(f"unknown statistic kinds {unknown}; allowed: {', '.join(KINDS)}")
         keys = [_KIND_KEY[k] for k in kinds]
-        keep = lambda n: any(n == p or (p.endswith(".") and n.startswith(p)) for p in keys)      # noqa: E731
+        keep = lambda n: any(_is_key(n, p) for p in keys)      # noqa: E731
         source = dict(self.source)
         if isinstance(source.get("kinds"), list):
             source["kinds"] = sorted(set(source["kinds"]) & set(kinds))
